@@ -1,0 +1,37 @@
+/* Addresses: CIDR parsing and matching, host:port parsing, formatting. Pure. */
+#ifndef PORTMUX_NETADDR_H
+#define PORTMUX_NETADDR_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+struct netaddr_cidr {
+    int family;        /* AF_INET or AF_INET6 */
+    uint8_t addr[16];  /* network bytes; 4 used for AF_INET */
+    int prefix;        /* 0..32 or 0..128 */
+};
+
+/* Parses "10.0.0.0/8", "127.0.0.1" (= /32), "::1", "fd00::/8". Host bits beyond the
+ * prefix are ignored. Returns 0, or -1 on anything malformed. */
+int netaddr_cidr_parse(const char *s, struct netaddr_cidr *out);
+
+/* True when sa (AF_INET or AF_INET6) lies inside cidr. An IPv4-mapped IPv6 address
+ * (::ffff:a.b.c.d) matches IPv4 CIDRs. */
+bool netaddr_cidr_match(const struct netaddr_cidr *cidr, const struct sockaddr *sa);
+
+/* True when s is an IPv4 or IPv6 literal. */
+bool netaddr_is_ip_literal(const char *s);
+
+/* True when s is a plausible DNS host name (letters, digits, '-', '.', at most 253). */
+bool netaddr_is_hostname(const char *s);
+
+/* Splits "host:port" or "[v6]:port" into host (without brackets) and port 1..65535.
+ * Returns 0, or -1 when malformed. */
+int netaddr_split_host_port(const char *s, char *host, size_t hostlen, uint16_t *port);
+
+/* Formats sa as "1.2.3.4:80" or "[::1]:80" into buf. Returns buf. */
+const char *netaddr_format(const struct sockaddr *sa, char *buf, size_t buflen);
+
+#endif

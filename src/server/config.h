@@ -1,0 +1,74 @@
+/* Server configuration: YAML (libyaml) -> struct config, with file:line:key errors. */
+#ifndef PORTMUX_CONFIG_H
+#define PORTMUX_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "log.h"
+#include "netaddr.h"
+
+struct config_client {
+    char *name;
+    char *token;
+};
+
+struct config {
+    /* port_range */
+    int port_from;               /* default 10000 */
+    int port_end;                /* default 10100, inclusive */
+    int *blacklist;              /* ports refused for mappings */
+    size_t blacklist_len;
+
+    /* tunnel */
+    bool tunnel_enabled;         /* default true */
+    char *tunnel_listen_addr;    /* default "0.0.0.0" */
+    int tunnel_listen_port;      /* default 9000; 0 = ephemeral (tests) */
+    struct config_client *clients; /* default [{default, change-me}] */
+    size_t clients_len;
+    char *tls_cert_file;         /* "" = TLS off */
+    char *tls_key_file;
+    char *tls_client_ca;         /* "" = no mutual TLS */
+    int heartbeat_interval;      /* seconds, default 10 */
+    int heartbeat_timeout;       /* seconds, default 30 */
+    int connect_timeout;         /* seconds, default 10 */
+    int hello_timeout;           /* seconds, default 10: a Hello must come by then */
+    int max_streams_per_client;  /* default 10000 */
+
+    /* api */
+    char *api_listen_addr;       /* default "127.0.0.1" */
+    int api_listen_port;         /* default 8080; 0 = ephemeral (tests) */
+    char *api_token;             /* "" = no auth */
+    struct netaddr_cidr *allowed_ips; /* empty = any */
+    size_t allowed_ips_len;
+    int api_max_connections;     /* default 256 */
+    int api_connection_timeout;  /* seconds, default 10 (slowloris) */
+
+    /* database */
+    char *db_path;               /* default "./data/mappings.db" */
+
+    /* limits */
+    int max_connections_per_mapping; /* default 10000 */
+
+    /* log */
+    enum log_level log_level;    /* default info */
+};
+
+/* Fills cfg with the defaults of SPEC §5. Strings are heap copies owned by cfg. */
+int config_init_defaults(struct config *cfg);
+
+/* Reads YAML from path over the defaults already in cfg. On error returns -1 and writes
+ * one line "FILE:LINE: KEY: reason" into err. */
+int config_load_file(struct config *cfg, const char *path, char *err, size_t errlen);
+
+/* Same, from memory; name stands for the file name in messages (tests, fuzzing). */
+int config_load_string(struct config *cfg, const char *yaml, size_t len, const char *name,
+                       char *err, size_t errlen);
+
+/* True when port may be mapped: inside the range and not blacklisted. */
+bool config_port_allowed(const struct config *cfg, int port);
+
+/* Frees everything cfg owns (not cfg itself). NULL-safe. */
+void config_free(struct config *cfg);
+
+#endif

@@ -1,0 +1,63 @@
+/* Mapping persistence. The server talks to this interface only, so a PostgreSQL backend
+ * can sit beside SQLite later (store_open picks the backend from the location string). */
+#ifndef PORTMUX_STORE_H
+#define PORTMUX_STORE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#define STORE_HOST_MAX 255
+#define STORE_NAME_MAX 64
+
+enum store_result {
+    STORE_OK = 0,
+    STORE_ERR = -1,        /* I/O or database error; details logged */
+    STORE_NOT_FOUND = -2,
+    STORE_DUPLICATE = -3,  /* port already stored */
+    STORE_TOO_NEW = -4,    /* schema is newer than this binary knows */
+};
+
+struct mapping_record {
+    int64_t id;                           /* assigned by insert */
+    int port;
+    char target_ip[STORE_HOST_MAX + 1];   /* "" when absent in tunnel mode */
+    int target_port;
+    bool use_tunnel;
+    char client[STORE_NAME_MAX + 1];      /* tunnel client name */
+    char name[STORE_NAME_MAX + 1];        /* label, may be "" */
+    int64_t created_at;                   /* unix seconds, assigned by insert */
+};
+
+struct store;
+
+/* Opens (creating when missing, with parent directory) the store at location: a file path
+ * for SQLite. Applies pending migrations in one transaction. On failure returns NULL,
+ * *result says why (STORE_TOO_NEW for a newer schema), err holds a one-line message. */
+struct store *store_open(const char *location, enum store_result *result, char *err,
+                         size_t errlen);
+
+/* Closes the store cleanly. NULL-safe. */
+void store_close(struct store *st);
+
+/* The schema version the store is at after open. */
+int store_schema_version(struct store *st);
+
+/* How many migrations store_open applied (0 on a second start). */
+int store_migrations_applied(struct store *st);
+
+/* Inserts rec (durable when it returns STORE_OK); fills rec->id and rec->created_at. */
+enum store_result store_mapping_insert(struct store *st, struct mapping_record *rec);
+
+/* Replaces the stored mapping on rec->port with rec in one transaction (keeps nothing of
+ * the old row); fills rec->id and rec->created_at. STORE_NOT_FOUND when none is stored. */
+enum store_result store_mapping_replace(struct store *st, struct mapping_record *rec);
+
+/* Deletes the mapping on port. STORE_NOT_FOUND when there is none. */
+enum store_result store_mapping_delete(struct store *st, int port);
+
+/* Calls fn for each stored mapping in port order; stops early when fn returns non-zero. */
+enum store_result store_mapping_foreach(struct store *st,
+                                        int (*fn)(const struct mapping_record *rec, void *arg),
+                                        void *arg);
+
+#endif
