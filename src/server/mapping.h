@@ -1,0 +1,93 @@
+/* The live registry of mappings: one listener per mapping, its status and counters,
+ * create/remove/restore against the store. Owns struct mapping. */
+#ifndef PORTMUX_MAPPING_H
+#define PORTMUX_MAPPING_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/queue.h>
+
+#include <event2/util.h>
+#include <jansson.h>
+
+#include "store.h"
+
+struct server;
+struct mapping;
+
+enum mapping_status { MAPPING_LISTENING, MAPPING_WAITING_FOR_CLIENT, MAPPING_ERROR };
+
+struct mapping_stats {
+    uint64_t active;
+    uint64_t total;
+    uint64_t failed;
+    uint64_t bytes_in;   /* public client -> target */
+    uint64_t bytes_out;  /* target -> public client */
+    uint64_t refused_limit;
+};
+
+/* One live public connection of a mapping, embedded in whatever carries it (a direct
+ * relay or a tunnel stream bridge), so that removing the mapping can close it. */
+struct mapping_conn {
+    TAILQ_ENTRY(mapping_conn) link;
+    struct mapping *mapping;
+    /* Closes the connection at once (mapping removed or server stopping). It must end with
+     * mapping_conn_end() and free its owner; it is never called after mapping_conn_end. */
+    void (*abort)(struct mapping_conn *mc);
+};
+
+struct mapping {
+    struct mapping_record rec;
+    struct server *srv;
+    struct evconnlistener *listener;    /* NULL when status is error */
+    char error[192];                    /* reason, when the listener could not be bound */
+    struct mapping_stats stats;
+    TAILQ_HEAD(, mapping_conn) conns;
+    TAILQ_ENTRY(mapping) link;
+};
+
+/* Counts a new connection (active, total) and links it for abort. */
+void mapping_conn_begin(struct mapping *m, struct mapping_conn *mc,
+                        void (*abort)(struct mapping_conn *mc));
+/* Unlinks it; counts it failed when it never reached its target. */
+void mapping_conn_end(struct mapping_conn *mc, bool failed);
+
+/* Effective target host: rec.target_ip, or 127.0.0.1 in tunnel mode when empty. */
+const char *mapping_target_host(const struct mapping *m);
+
+enum mapping_status mapping_status(const struct mapping *m);
+const char *mapping_status_name(enum mapping_status s);
+
+/* Registry. */
+struct mapping_registry *mapping_registry_new(struct server *srv);
+/* Closes every listener and live connection, frees all. NULL-safe. */
+void mapping_registry_free(struct mapping_registry *reg);
+/* Loads every stored mapping and binds it; a port that cannot be bound stays with status
+ * error. Returns 0, or -1 when the store could not be read. */
+int mapping_registry_restore(struct mapping_registry *reg);
+struct mapping *mapping_registry_find(struct mapping_registry *reg, int port);
+size_t mapping_registry_count(struct mapping_registry *reg);
+/* Iteration for list and metrics, in port order of creation. */
+struct mapping *mapping_registry_first(struct mapping_registry *reg);
+struct mapping *mapping_registry_next(struct mapping *m);
+
+enum mapping_result {
+    MAPPING_OK = 0,
+    MAPPING_E_IN_USE = -1,     /* already mapped, or the OS refused the bind */
+    MAPPING_E_STORE = -2,      /* database error */
+    MAPPING_E_NOT_FOUND = -3,
+};
+
+/* Binds rec.port, then stores rec; on any failure neither remains. A stored mapping on the
+ * same port in status error is retried: on a successful bind it is replaced by rec.
+ * err gets a human reason on failure. *out is the live mapping on success. */
+enum mapping_result mapping_registry_create(struct mapping_registry *reg,
+                                            struct mapping_record *rec,
+                                            struct mapping **out, char *err, size_t errlen);
+/* Deletes from the store, closes the listener and every live connection. */
+enum mapping_result mapping_registry_remove(struct mapping_registry *reg, int port);
+
+/* The mapping as the API shows it (fields, status, error, counters). New reference. */
+json_t *mapping_to_json(const struct mapping *m);
+
+#endif

@@ -1,0 +1,39 @@
+/* The process's one context: the event loop and every module hanging off it. Owned by
+ * main.c; every other module holds a pointer and never frees it. */
+#ifndef PORTMUX_SERVER_H
+#define PORTMUX_SERVER_H
+
+#include <stdint.h>
+#include <time.h>
+
+struct event_base;
+struct evdns_base;
+struct config;
+struct store;
+struct mapping_registry;
+struct tunnel_server;
+struct api;
+
+/* Refusals by a limit, exported in /metrics. */
+struct server_limit_counters {
+    uint64_t mapping_connections;   /* limits.max_connections_per_mapping */
+    uint64_t tunnel_streams;        /* tunnel.max_streams_per_client */
+    uint64_t tunnel_hello_timeout;  /* tunnel.hello_timeout expired */
+    uint64_t tunnel_auth_failed;    /* Hello refused */
+    uint64_t tunnel_protocol_errors;/* tunnel closed for a protocol error */
+    uint64_t api_connections;       /* api.max_connections */
+};
+
+struct server {
+    struct event_base *base;
+    struct evdns_base *dns;
+    struct config *cfg;
+    struct store *store;
+    struct mapping_registry *mappings;
+    struct tunnel_server *tunnel;   /* NULL when tunnel.enabled is false */
+    struct api *api;
+    time_t started_at;              /* wall clock, for uptime and metrics */
+    struct server_limit_counters limits;
+};
+
+#endif

@@ -1,0 +1,35 @@
+/* The server's tunnel endpoint: listener (optionally TLS), Hello authentication, one live
+ * session per client name, and public connections carried as streams. Owns struct
+ * tunnel_server and every session. */
+#ifndef PORTMUX_TUNNEL_SERVER_H
+#define PORTMUX_TUNNEL_SERVER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include <event2/util.h>
+#include <jansson.h>
+
+struct server;
+struct mapping;
+struct tunnel_server;
+
+/* Binds tunnel.listen_addr:listen_port (TLS when configured). NULL + err on failure. */
+struct tunnel_server *tunnel_server_new(struct server *srv, char *err, size_t errlen);
+/* Closes every session and stream, then the listener. NULL-safe. */
+void tunnel_server_free(struct tunnel_server *ts);
+/* The bound port (useful when listen_port is 0). */
+int tunnel_server_port(const struct tunnel_server *ts);
+
+bool tunnel_server_client_connected(const struct tunnel_server *ts, const char *name);
+size_t tunnel_server_client_count(const struct tunnel_server *ts);
+/* {"clients":[{name, remote_addr, connected_at, streams, rtt_ms, bytes_in, bytes_out}],
+ *  "count": n}. New reference. */
+json_t *tunnel_server_clients_json(const struct tunnel_server *ts);
+
+/* Carries an accepted public connection of tunnel mapping m through the tunnel of
+ * m->rec.client. Takes ownership of fd. Accounts it with mapping_conn_begin/end on every
+ * path: no client, refusal, timeout (tunnel.connect_timeout) close fd and count failed. */
+void tunnel_server_forward(struct tunnel_server *ts, struct mapping *m, evutil_socket_t fd);
+
+#endif
