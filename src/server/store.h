@@ -7,7 +7,8 @@
 #include <stdint.h>
 
 #define STORE_HOST_MAX 255
-#define STORE_NAME_MAX 64
+#define STORE_NAME_MAX 64                    /* characters (UTF-8 code points) */
+#define STORE_NAME_BYTES (STORE_NAME_MAX * 4) /* room for 64 code points of UTF-8 */
 
 enum store_result {
     STORE_OK = 0,
@@ -23,8 +24,8 @@ struct mapping_record {
     char target_ip[STORE_HOST_MAX + 1];   /* "" when absent in tunnel mode */
     int target_port;
     bool use_tunnel;
-    char client[STORE_NAME_MAX + 1];      /* tunnel client name */
-    char name[STORE_NAME_MAX + 1];        /* label, may be "" */
+    char client[STORE_NAME_BYTES + 1];    /* tunnel client name */
+    char name[STORE_NAME_BYTES + 1];      /* label, may be "", UTF-8 */
     int64_t created_at;                   /* unix seconds, assigned by insert */
 };
 
