@@ -4,6 +4,7 @@
 #define PORTMUX_STORE_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define STORE_HOST_MAX 255

@@ -1,0 +1,150 @@
+/* The store front: argument checks and dispatch to the backend chosen by the location. */
+#include "store.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "store_backend.h"
+
+struct store {
+    const struct store_backend *backend;
+    void *impl;
+    struct store_open_info info;
+};
+
+void store_set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (!err || errlen == 0)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+static void store_set_result(enum store_result *result, enum store_result value)
+{
+    if (result)
+        *result = value;
+}
+
+static bool store_is_postgres(const char *location)
+{
+    /* Both spellings libpq accepts, so a user's connection string is recognised as such
+     * instead of becoming a file named "postgres:". */
+    return strncmp(location, "postgres://", 11) == 0 ||
+           strncmp(location, "postgresql://", 13) == 0;
+}
+
+struct store *store_open(const char *location, enum store_result *result, char *err,
+                         size_t errlen)
+{
+    store_set_result(result, STORE_ERR);
+    store_set_err(err, errlen, "unknown error");
+    if (!location || !*location) {
+        store_set_err(err, errlen, "no database location given");
+        return NULL;
+    }
+    if (store_is_postgres(location)) {
+        store_set_err(err, errlen, "postgres backend not built");
+        return NULL;
+    }
+    struct store *st = calloc(1, sizeof(*st));
+    if (!st) {
+        store_set_err(err, errlen, "out of memory");
+        return NULL;
+    }
+    /* The backend always gets somewhere to write its result, even when the caller gave none. */
+    enum store_result res = STORE_ERR;
+    st->backend = &store_backend_sqlite;
+    st->impl = st->backend->open(location, &st->info, &res, err, errlen);
+    if (!st->impl) {
+        store_set_result(result, res);
+        free(st);
+        return NULL;
+    }
+    store_set_result(result, STORE_OK);
+    store_set_err(err, errlen, "%s", "");
+    return st;
+}
+
+void store_close(struct store *st)
+{
+    if (!st)
+        return;
+    st->backend->close(st->impl);
+    free(st);
+}
+
+int store_schema_version(struct store *st)
+{
+    return st ? st->info.schema_version : 0;
+}
+
+int store_migrations_applied(struct store *st)
+{
+    return st ? st->info.migrations_applied : 0;
+}
+
+/* True when s is NUL-terminated inside its buffer of size cap. */
+static bool store_str_ok(const char *s, size_t cap)
+{
+    return memchr(s, '\0', cap) != NULL;
+}
+
+/* The rules every backend relies on, checked once here: a record that fails them is a bug
+ * in the caller, so it is logged rather than silently stored or truncated. */
+static bool store_record_ok(const struct mapping_record *rec)
+{
+    if (!rec)
+        return false;
+    if (rec->port < 1 || rec->port > 65535 || rec->target_port < 1 ||
+        rec->target_port > 65535) {
+        log_error("store", "refusing mapping with port %d target_port %d", rec->port,
+                  rec->target_port);
+        return false;
+    }
+    if (!store_str_ok(rec->target_ip, sizeof(rec->target_ip)) ||
+        !store_str_ok(rec->client, sizeof(rec->client)) ||
+        !store_str_ok(rec->name, sizeof(rec->name))) {
+        log_error("store", "refusing mapping on port %d: unterminated string", rec->port);
+        return false;
+    }
+    return true;
+}
+
+enum store_result store_mapping_insert(struct store *st, struct mapping_record *rec)
+{
+    if (!st || !store_record_ok(rec))
+        return STORE_ERR;
+    return st->backend->insert(st->impl, rec);
+}
+
+enum store_result store_mapping_replace(struct store *st, struct mapping_record *rec)
+{
+    if (!st || !store_record_ok(rec))
+        return STORE_ERR;
+    return st->backend->replace(st->impl, rec);
+}
+
+enum store_result store_mapping_delete(struct store *st, int port)
+{
+    if (!st)
+        return STORE_ERR;
+    /* No row can hold such a port (the schema CHECKs it), so there is nothing to delete. */
+    if (port < 1 || port > 65535)
+        return STORE_NOT_FOUND;
+    return st->backend->remove(st->impl, port);
+}
+
+enum store_result store_mapping_foreach(struct store *st,
+                                        int (*fn)(const struct mapping_record *rec, void *arg),
+                                        void *arg)
+{
+    if (!st || !fn)
+        return STORE_ERR;
+    return st->backend->foreach(st->impl, fn, arg);
+}

@@ -1,0 +1,526 @@
+/* SQLite backend of the store: opening, the migrations runner, and the mapping statements.
+ * All statements are prepared once at open; every SQLite error is logged here. */
+#include <errno.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <time.h>
+
+#include "embed.h"
+#include "log.h"
+#include "store.h"
+#include "store_backend.h"
+
+extern const struct embedded_file embedded_migrations[];
+extern const size_t embedded_migrations_count;
+
+/* Long enough to ride out a second process (sqlite3 shell, backup) holding the lock for a
+ * moment; short enough that the event loop is never frozen for long. */
+#define SQ_BUSY_MS 5000
+/* foreach reads this many rows at a time, so callbacks run with no statement open. */
+#define SQ_PAGE_ROWS 64
+
+enum sq_stmt_id { SQ_INSERT, SQ_DELETE, SQ_PAGE, SQ_BEGIN, SQ_COMMIT, SQ_ROLLBACK, SQ_COUNT };
+
+static const char *const sq_sql[SQ_COUNT] = {
+    [SQ_INSERT] = "INSERT INTO mappings (port, target_ip, target_port, use_tunnel, client, "
+                  "name, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    [SQ_DELETE] = "DELETE FROM mappings WHERE port = ?1",
+    [SQ_PAGE] = "SELECT id, port, target_ip, target_port, use_tunnel, client, name, "
+                "created_at FROM mappings WHERE port > ?1 ORDER BY port LIMIT ?2",
+    [SQ_BEGIN] = "BEGIN IMMEDIATE",
+    [SQ_COMMIT] = "COMMIT",
+    [SQ_ROLLBACK] = "ROLLBACK",
+};
+
+struct sq_store {
+    sqlite3 *db;
+    char *path;
+    sqlite3_stmt *stmt[SQ_COUNT];
+};
+
+static void sq_log(struct sq_store *sq, const char *what)
+{
+    log_error("store", "%s: %s (%s, code %d)", what, sqlite3_errmsg(sq->db), sq->path,
+              sqlite3_extended_errcode(sq->db));
+}
+
+/* Logs the connection's last error and puts the same line in err, for open's caller. */
+static void sq_open_error(struct sq_store *sq, const char *what, char *err, size_t errlen)
+{
+    sq_log(sq, what);
+    store_set_err(err, errlen, "database %s: %s: %s", sq->path, what,
+                  sq->db ? sqlite3_errmsg(sq->db) : "out of memory");
+}
+
+/* ---- opening ---------------------------------------------------------------------------- */
+
+/* Creates every missing directory above path, as mkdir -p does. */
+static int sq_make_parent_dirs(const char *path, char *err, size_t errlen)
+{
+    const char *slash = strrchr(path, '/');
+    if (!slash || slash == path)
+        return 0; /* in the working directory or in /: nothing to create */
+    char *dir = strndup(path, (size_t)(slash - path));
+    if (!dir) {
+        store_set_err(err, errlen, "out of memory");
+        return -1;
+    }
+    int rc = 0;
+    for (char *p = dir + 1;; p++) {
+        if (*p != '/' && *p != '\0')
+            continue;
+        char c = *p;
+        *p = '\0';
+        if (mkdir(dir, 0755) != 0 && errno != EEXIST) {
+            store_set_err(err, errlen, "cannot create directory %s: %s", dir, strerror(errno));
+            rc = -1;
+            break;
+        }
+        *p = c;
+        if (c == '\0')
+            break;
+    }
+    struct stat sb;
+    /* mkdir's EEXIST also covers a file in the way; say so instead of SQLite's vaguer error. */
+    if (rc == 0 && (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode))) {
+        store_set_err(err, errlen, "%s is not a directory", dir);
+        rc = -1;
+    }
+    if (rc != 0)
+        log_error("store", "%s", err ? err : "cannot create database directory");
+    free(dir);
+    return rc;
+}
+
+/* The number before the first '_' of a migration's file name, or -1 without one. */
+static int sq_migration_version(const char *name)
+{
+    int v = 0;
+    const char *p = name;
+    for (; *p >= '0' && *p <= '9'; p++) {
+        if (v > 100000000)
+            return -1;
+        v = v * 10 + (*p - '0');
+    }
+    return (p == name || *p != '_') ? -1 : v;
+}
+
+/* Checks the embedded migrations (a build mistake must not reach a user's database) and
+ * returns the newest version in *newest; 0 when there are none. */
+static int sq_newest_migration(int *newest, char *err, size_t errlen)
+{
+    int prev = 0;
+    for (size_t i = 0; i < embedded_migrations_count; i++) {
+        const struct embedded_file *m = &embedded_migrations[i];
+        int v = sq_migration_version(m->path);
+        if (v <= prev) {
+            store_set_err(err, errlen, "embedded migration %s: bad or repeated version",
+                          m->path);
+            log_error("store", "%s", err ? err : "bad embedded migration");
+            return -1;
+        }
+        /* sqlite3_exec stops at a NUL, which would apply half a migration silently. */
+        if (memchr(m->data, '\0', m->len) != NULL) {
+            store_set_err(err, errlen, "embedded migration %s contains a NUL byte", m->path);
+            log_error("store", "%s", err ? err : "bad embedded migration");
+            return -1;
+        }
+        prev = v;
+    }
+    *newest = prev;
+    return 0;
+}
+
+static int sq_read_version(struct sq_store *sq, int *version, char *err, size_t errlen)
+{
+    sqlite3_stmt *stmt = NULL;
+    int rc = sqlite3_prepare_v2(sq->db, "PRAGMA user_version", -1, &stmt, NULL);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_step(stmt);
+    if (rc != SQLITE_ROW) {
+        sq_open_error(sq, "reading the schema version", err, errlen);
+        sqlite3_finalize(stmt);
+        return -1;
+    }
+    *version = sqlite3_column_int(stmt, 0);
+    sqlite3_finalize(stmt);
+    return 0;
+}
+
+/* sqlite3_exec for open-time SQL; logs and fills err on failure. */
+static int sq_exec(struct sq_store *sq, const char *sql, const char *what, char *err,
+                   size_t errlen)
+{
+    if (sqlite3_exec(sq->db, sql, NULL, NULL, NULL) == SQLITE_OK)
+        return 0;
+    sq_open_error(sq, what, err, errlen);
+    return -1;
+}
+
+static int sq_set_pragmas(struct sq_store *sq, char *err, size_t errlen)
+{
+    sqlite3_stmt *stmt = NULL;
+    int rc = sqlite3_prepare_v2(sq->db, "PRAGMA journal_mode=WAL", -1, &stmt, NULL);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_step(stmt);
+    if (rc != SQLITE_ROW) {
+        sq_open_error(sq, "setting WAL mode", err, errlen);
+        sqlite3_finalize(stmt);
+        return -1;
+    }
+    /* Some file systems cannot do WAL and SQLite stays in its old mode: still correct,
+     * only slower, so warn rather than refuse to start. */
+    const char *mode = (const char *)sqlite3_column_text(stmt, 0);
+    if (!mode || strcasecmp(mode, "wal") != 0)
+        log_warn("store", "%s: journal mode is %s, not wal", sq->path, mode ? mode : "?");
+    sqlite3_finalize(stmt);
+    if (sq_exec(sq, "PRAGMA synchronous=NORMAL", "setting synchronous", err, errlen) != 0 ||
+        sq_exec(sq, "PRAGMA foreign_keys=ON", "enabling foreign keys", err, errlen) != 0)
+        return -1;
+    return 0;
+}
+
+/* Runs one migration's SQL; the caller owns the transaction. */
+static int sq_apply_one(struct sq_store *sq, const struct embedded_file *m, char *err,
+                        size_t errlen)
+{
+    char *msg = NULL;
+    if (sqlite3_exec(sq->db, (const char *)m->data, NULL, NULL, &msg) == SQLITE_OK)
+        return 0;
+    log_error("store", "%s: migration %s failed: %s", sq->path, m->path,
+              msg ? msg : sqlite3_errmsg(sq->db));
+    store_set_err(err, errlen, "database %s: migration %s failed: %s", sq->path, m->path,
+                  msg ? msg : sqlite3_errmsg(sq->db));
+    sqlite3_free(msg);
+    return -1;
+}
+
+static void sq_too_new(struct sq_store *sq, int version, int newest, enum store_result *result,
+                       char *err, size_t errlen)
+{
+    store_set_err(err, errlen,
+                  "database %s has schema version %d, this portmux knows up to %d; "
+                  "refusing to start",
+                  sq->path, version, newest);
+    log_error("store", "%s", err ? err : "database schema is newer than this portmux");
+    *result = STORE_TOO_NEW;
+}
+
+/* Applies every pending migration and the new user_version in one transaction, so a
+ * failure anywhere leaves the database exactly as it was. */
+static int sq_migrate(struct sq_store *sq, int newest, struct store_open_info *info,
+                      enum store_result *result, char *err, size_t errlen)
+{
+    int version, applied = 0;
+    if (sq_exec(sq, "BEGIN IMMEDIATE", "starting the migration", err, errlen) != 0)
+        return -1;
+    /* Read again under the write lock: another portmux may have migrated meanwhile. */
+    if (sq_read_version(sq, &version, err, errlen) != 0)
+        goto fail;
+    if (version > newest) {
+        sq_too_new(sq, version, newest, result, err, errlen);
+        goto fail;
+    }
+    for (size_t i = 0; i < embedded_migrations_count; i++) {
+        const struct embedded_file *m = &embedded_migrations[i];
+        if (sq_migration_version(m->path) <= version)
+            continue;
+        if (sq_apply_one(sq, m, err, errlen) != 0)
+            goto fail;
+        applied++;
+    }
+    if (applied > 0) {
+        /* PRAGMA takes no parameters; newest is our own integer, not outside input. */
+        char sql[64];
+        snprintf(sql, sizeof(sql), "PRAGMA user_version = %d", newest);
+        if (sq_exec(sq, sql, "setting the schema version", err, errlen) != 0)
+            goto fail;
+    }
+    if (sq_exec(sq, "COMMIT", "committing the migration", err, errlen) != 0)
+        goto fail;
+    info->schema_version = applied > 0 ? newest : version;
+    info->migrations_applied = applied;
+    if (applied > 0)
+        log_info("store", "%s: applied %d migration(s), schema version %d", sq->path, applied,
+                 newest);
+    return 0;
+fail:
+    if (!sqlite3_get_autocommit(sq->db))
+        sqlite3_exec(sq->db, "ROLLBACK", NULL, NULL, NULL);
+    return -1;
+}
+
+static int sq_prepare_all(struct sq_store *sq, char *err, size_t errlen)
+{
+    for (int i = 0; i < SQ_COUNT; i++) {
+        if (sqlite3_prepare_v3(sq->db, sq_sql[i], -1, SQLITE_PREPARE_PERSISTENT, &sq->stmt[i],
+                               NULL) != SQLITE_OK) {
+            sq_open_error(sq, "preparing statements", err, errlen);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void sq_close(void *impl)
+{
+    struct sq_store *sq = impl;
+    if (!sq)
+        return;
+    for (int i = 0; i < SQ_COUNT; i++)
+        sqlite3_finalize(sq->stmt[i]);
+    /* The last connection to close checkpoints the WAL into the database and removes it. */
+    if (sq->db && sqlite3_close(sq->db) != SQLITE_OK)
+        sq_log(sq, "closing");
+    free(sq->path);
+    free(sq);
+}
+
+/* The schema version is read before any pragma: setting WAL mode writes to the file, and a
+ * database from a newer portmux must be left byte for byte as it was. */
+static void *sq_open(const char *location, struct store_open_info *info,
+                     enum store_result *result, char *err, size_t errlen)
+{
+    int newest, version;
+    if (sq_newest_migration(&newest, err, errlen) != 0)
+        return NULL;
+    struct sq_store *sq = calloc(1, sizeof(*sq));
+    if (!sq || !(sq->path = strdup(location))) {
+        store_set_err(err, errlen, "out of memory");
+        goto fail;
+    }
+    if (sq_make_parent_dirs(location, err, errlen) != 0)
+        goto fail;
+    if (sqlite3_open_v2(location, &sq->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL) !=
+        SQLITE_OK) {
+        sq_open_error(sq, "opening", err, errlen);
+        goto fail;
+    }
+    sqlite3_busy_timeout(sq->db, SQ_BUSY_MS);
+    if (sq_read_version(sq, &version, err, errlen) != 0)
+        goto fail;
+    if (version > newest) {
+        sq_too_new(sq, version, newest, result, err, errlen);
+        goto fail;
+    }
+    if (sq_set_pragmas(sq, err, errlen) != 0 ||
+        sq_migrate(sq, newest, info, result, err, errlen) != 0 ||
+        sq_prepare_all(sq, err, errlen) != 0)
+        goto fail;
+    return sq;
+fail:
+    sq_close(sq);
+    return NULL;
+}
+
+/* ---- statements ------------------------------------------------------------------------- */
+
+/* Steps a statement that returns no rows, then resets it. Returns SQLITE_DONE or the
+ * extended error code; logs any error except `expected`, which the caller turns into a
+ * result of its own (a UNIQUE violation is a duplicate, not a failure). */
+static int sq_run(struct sq_store *sq, enum sq_stmt_id id, const char *what, int expected)
+{
+    int rc = sqlite3_step(sq->stmt[id]);
+    if (rc != SQLITE_DONE) {
+        rc = sqlite3_extended_errcode(sq->db);
+        if (rc != expected)
+            sq_log(sq, what);
+    }
+    sqlite3_reset(sq->stmt[id]);
+    return rc;
+}
+
+static void sq_rollback(struct sq_store *sq)
+{
+    /* Some errors (SQLITE_FULL, SQLITE_IOERR…) already rolled the transaction back. */
+    if (!sqlite3_get_autocommit(sq->db))
+        sq_run(sq, SQ_ROLLBACK, "rollback", 0);
+}
+
+static int sq_bind_record(struct sq_store *sq, const struct mapping_record *rec,
+                          int64_t created_at)
+{
+    sqlite3_stmt *s = sq->stmt[SQ_INSERT];
+    int rc = sqlite3_bind_int(s, 1, rec->port);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_bind_text(s, 2, rec->target_ip, -1, SQLITE_TRANSIENT);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_bind_int(s, 3, rec->target_port);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_bind_int(s, 4, rec->use_tunnel ? 1 : 0);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_bind_text(s, 5, rec->client, -1, SQLITE_TRANSIENT);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_bind_text(s, 6, rec->name, -1, SQLITE_TRANSIENT);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_bind_int64(s, 7, created_at);
+    if (rc != SQLITE_OK)
+        sq_log(sq, "binding a mapping");
+    return rc;
+}
+
+/* Inserts rec; on success returns the new row's id and time without touching rec, so a
+ * caller inside a transaction fills rec only once the commit succeeded. */
+static enum store_result sq_insert_row(struct sq_store *sq, const struct mapping_record *rec,
+                                       int64_t *id, int64_t *created_at)
+{
+    int64_t now = (int64_t)time(NULL);
+    if (sq_bind_record(sq, rec, now) != SQLITE_OK)
+        return STORE_ERR;
+    int rc = sq_run(sq, SQ_INSERT, "inserting a mapping", SQLITE_CONSTRAINT_UNIQUE);
+    if (rc == SQLITE_CONSTRAINT_UNIQUE) {
+        log_debug("store", "port %d is already stored", rec->port);
+        return STORE_DUPLICATE;
+    }
+    if (rc != SQLITE_DONE)
+        return STORE_ERR;
+    *id = sqlite3_last_insert_rowid(sq->db);
+    *created_at = now;
+    return STORE_OK;
+}
+
+static enum store_result sq_insert(void *impl, struct mapping_record *rec)
+{
+    int64_t id, created_at;
+    enum store_result res = sq_insert_row(impl, rec, &id, &created_at);
+    if (res == STORE_OK) {
+        rec->id = id;
+        rec->created_at = created_at;
+    }
+    return res;
+}
+
+static enum store_result sq_delete_port(struct sq_store *sq, int port)
+{
+    if (sqlite3_bind_int(sq->stmt[SQ_DELETE], 1, port) != SQLITE_OK) {
+        sq_log(sq, "binding a port");
+        return STORE_ERR;
+    }
+    if (sq_run(sq, SQ_DELETE, "deleting a mapping", 0) != SQLITE_DONE)
+        return STORE_ERR;
+    return sqlite3_changes(sq->db) == 0 ? STORE_NOT_FOUND : STORE_OK;
+}
+
+static enum store_result sq_remove(void *impl, int port)
+{
+    return sq_delete_port(impl, port);
+}
+
+static enum store_result sq_replace(void *impl, struct mapping_record *rec)
+{
+    struct sq_store *sq = impl;
+    int64_t id, created_at;
+    if (sq_run(sq, SQ_BEGIN, "starting a replace", 0) != SQLITE_DONE)
+        return STORE_ERR;
+    enum store_result res = sq_delete_port(sq, rec->port);
+    if (res == STORE_OK)
+        res = sq_insert_row(sq, rec, &id, &created_at);
+    if (res == STORE_OK && sq_run(sq, SQ_COMMIT, "committing a replace", 0) != SQLITE_DONE)
+        res = STORE_ERR;
+    if (res != STORE_OK) {
+        /* A failed COMMIT (SQLITE_BUSY) leaves the transaction open: close it here. */
+        sq_rollback(sq);
+        return res;
+    }
+    rec->id = id;
+    rec->created_at = created_at;
+    return STORE_OK;
+}
+
+/* Copies a text column into a fixed buffer. A longer value can only come from editing the
+ * database by hand; it is cut at a UTF-8 character boundary and reported. */
+static void sq_copy_text(char *dst, size_t cap, sqlite3_stmt *s, int col, int port)
+{
+    const char *src = (const char *)sqlite3_column_text(s, col);
+    size_t n = src ? (size_t)sqlite3_column_bytes(s, col) : 0;
+    if (n >= cap) {
+        log_warn("store", "port %d: column %s is %zu bytes, cut to %zu", port,
+                 sqlite3_column_name(s, col), n, cap - 1);
+        n = cap - 1;
+        while (n > 0 && ((unsigned char)src[n] & 0xC0) == 0x80)
+            n--;
+    }
+    if (n > 0)
+        memcpy(dst, src, n);
+    dst[n] = '\0';
+}
+
+static void sq_read_row(sqlite3_stmt *s, struct mapping_record *rec)
+{
+    memset(rec, 0, sizeof(*rec));
+    rec->id = sqlite3_column_int64(s, 0);
+    rec->port = sqlite3_column_int(s, 1);
+    sq_copy_text(rec->target_ip, sizeof(rec->target_ip), s, 2, rec->port);
+    rec->target_port = sqlite3_column_int(s, 3);
+    rec->use_tunnel = sqlite3_column_int(s, 4) != 0;
+    sq_copy_text(rec->client, sizeof(rec->client), s, 5, rec->port);
+    sq_copy_text(rec->name, sizeof(rec->name), s, 6, rec->port);
+    rec->created_at = sqlite3_column_int64(s, 7);
+}
+
+/* Reads up to SQ_PAGE_ROWS mappings with a port above `after`; returns how many, or -1. */
+static int sq_read_page(struct sq_store *sq, int after, struct mapping_record *page)
+{
+    sqlite3_stmt *s = sq->stmt[SQ_PAGE];
+    int n = 0, rc = SQLITE_DONE;
+    if (sqlite3_bind_int(s, 1, after) != SQLITE_OK ||
+        sqlite3_bind_int(s, 2, SQ_PAGE_ROWS) != SQLITE_OK) {
+        sq_log(sq, "binding a page");
+        return -1;
+    }
+    while (n < SQ_PAGE_ROWS && (rc = sqlite3_step(s)) == SQLITE_ROW)
+        sq_read_row(s, &page[n++]);
+    if (n < SQ_PAGE_ROWS && rc != SQLITE_DONE) {
+        sq_log(sq, "listing mappings");
+        n = -1;
+    }
+    sqlite3_reset(s);
+    return n;
+}
+
+/* Pages through the table by port instead of holding one statement open across the
+ * callbacks: fn may insert, delete or even list again without disturbing the walk, and no
+ * read transaction stays open to hold back WAL checkpoints. */
+static enum store_result sq_foreach(void *impl, store_foreach_fn fn, void *arg)
+{
+    struct sq_store *sq = impl;
+    struct mapping_record *page = malloc(SQ_PAGE_ROWS * sizeof(*page));
+    enum store_result res = STORE_OK;
+    int after = 0;
+    if (!page) {
+        log_error("store", "listing mappings: out of memory");
+        return STORE_ERR;
+    }
+    for (;;) {
+        int n = sq_read_page(sq, after, page);
+        if (n < 0) {
+            res = STORE_ERR;
+            break;
+        }
+        for (int i = 0; i < n; i++) {
+            if (fn(&page[i], arg) != 0)
+                goto done;
+        }
+        if (n < SQ_PAGE_ROWS)
+            break;
+        after = page[n - 1].port;
+    }
+done:
+    free(page);
+    return res;
+}
+
+const struct store_backend store_backend_sqlite = {
+    .name = "sqlite",
+    .open = sq_open,
+    .close = sq_close,
+    .insert = sq_insert,
+    .replace = sq_replace,
+    .remove = sq_remove,
+    .foreach = sq_foreach,
+};

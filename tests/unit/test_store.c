@@ -1,0 +1,472 @@
+/* Unit test of the store against real SQLite files in a temporary directory. */
+#include <ftw.h>
+#include <limits.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "store.h"
+
+static int passed, failed;
+
+#define CHECK(expr)                                                                \
+    do {                                                                           \
+        if (expr) {                                                                \
+            passed++;                                                              \
+        } else {                                                                   \
+            failed++;                                                              \
+            fprintf(stderr, "FAIL line %d: %s\n", __LINE__, #expr);                \
+        }                                                                          \
+    } while (0)
+
+static char tmpdir[64];
+
+/* tmpdir + "/" + rel into buf. */
+static const char *tpath(char *buf, size_t cap, const char *rel)
+{
+    snprintf(buf, cap, "%s/%s", tmpdir, rel);
+    return buf;
+}
+
+static bool exists(const char *path)
+{
+    struct stat sb;
+    return stat(path, &sb) == 0;
+}
+
+static bool exists_suffix(const char *path, const char *suffix)
+{
+    char buf[PATH_MAX];
+    snprintf(buf, sizeof(buf), "%s%s", path, suffix);
+    return exists(buf);
+}
+
+/* Whole file into a malloc'd buffer; NULL when unreadable. */
+static unsigned char *slurp(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    unsigned char *buf = NULL;
+    if (!f)
+        return NULL;
+    if (fseek(f, 0, SEEK_END) == 0) {
+        long n = ftell(f);
+        rewind(f);
+        buf = n >= 0 ? malloc((size_t)n + 1) : NULL;
+        if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
+            free(buf);
+            buf = NULL;
+        }
+        *len = (size_t)n;
+    }
+    fclose(f);
+    return buf;
+}
+
+/* Runs sql on its own connection (as a second process would) and returns column 0 of the
+ * first row as text in out; returns the SQLite code. */
+static int sql_text(const char *db_path, const char *sql, char *out, size_t cap)
+{
+    sqlite3 *db = NULL;
+    sqlite3_stmt *stmt = NULL;
+    out[0] = '\0';
+    int rc = sqlite3_open_v2(db_path, &db, SQLITE_OPEN_READWRITE, NULL);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_prepare_v2(db, sql, -1, &stmt, NULL);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_step(stmt);
+    if (rc == SQLITE_ROW) {
+        const unsigned char *t = sqlite3_column_text(stmt, 0);
+        snprintf(out, cap, "%s", t ? (const char *)t : "");
+        rc = SQLITE_OK;
+    } else if (rc == SQLITE_DONE) {
+        rc = SQLITE_OK;
+    }
+    sqlite3_finalize(stmt);
+    sqlite3_close(db);
+    return rc;
+}
+
+static int sql_int(const char *db_path, const char *sql)
+{
+    char buf[64];
+    if (sql_text(db_path, sql, buf, sizeof(buf)) != SQLITE_OK)
+        return -1;
+    return atoi(buf);
+}
+
+static int sql_exec(const char *db_path, const char *sql)
+{
+    sqlite3 *db = NULL;
+    int rc = sqlite3_open_v2(db_path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_exec(db, sql, NULL, NULL, NULL);
+    sqlite3_close(db);
+    return rc;
+}
+
+static struct store *open_ok(const char *path)
+{
+    enum store_result res = STORE_ERR;
+    char err[512] = "";
+    struct store *st = store_open(path, &res, err, sizeof(err));
+    if (!st)
+        fprintf(stderr, "open %s failed: %s\n", path, err);
+    CHECK(st != NULL);
+    CHECK(res == STORE_OK);
+    return st;
+}
+
+static struct mapping_record rec_make(int port, const char *ip, int target_port, bool tunnel,
+                                      const char *client, const char *name)
+{
+    struct mapping_record r;
+    memset(&r, 0, sizeof(r));
+    r.port = port;
+    snprintf(r.target_ip, sizeof(r.target_ip), "%s", ip);
+    r.target_port = target_port;
+    r.use_tunnel = tunnel;
+    snprintf(r.client, sizeof(r.client), "%s", client);
+    snprintf(r.name, sizeof(r.name), "%s", name);
+    return r;
+}
+
+static bool rec_equal(const struct mapping_record *a, const struct mapping_record *b)
+{
+    return a->id == b->id && a->port == b->port && strcmp(a->target_ip, b->target_ip) == 0 &&
+           a->target_port == b->target_port && a->use_tunnel == b->use_tunnel &&
+           strcmp(a->client, b->client) == 0 && strcmp(a->name, b->name) == 0 &&
+           a->created_at == b->created_at;
+}
+
+/* foreach collector: copies up to cap rows, counts all, stops after `stop_after` if set. */
+struct collect {
+    struct mapping_record rows[600];
+    int n;
+    int stop_after;
+};
+
+static int collect_fn(const struct mapping_record *rec, void *arg)
+{
+    struct collect *c = arg;
+    if (c->n < (int)(sizeof(c->rows) / sizeof(c->rows[0])))
+        c->rows[c->n] = *rec;
+    c->n++;
+    return c->stop_after > 0 && c->n >= c->stop_after;
+}
+
+static struct collect *collect_all(struct store *st)
+{
+    struct collect *c = calloc(1, sizeof(*c));
+    CHECK(store_mapping_foreach(st, collect_fn, c) == STORE_OK);
+    return c;
+}
+
+static void test_fresh_open(void)
+{
+    char path[PATH_MAX], buf[64];
+    tpath(path, sizeof(path), "fresh.db");
+    struct store *st = open_ok(path);
+    CHECK(store_schema_version(st) == 1);
+    CHECK(store_migrations_applied(st) == 1);
+    CHECK(sql_int(path, "PRAGMA user_version") == 1);
+    CHECK(sql_text(path, "PRAGMA journal_mode", buf, sizeof(buf)) == SQLITE_OK);
+    CHECK(strcmp(buf, "wal") == 0);
+    CHECK(sql_int(path, "SELECT count(*) FROM sqlite_master WHERE name = 'mappings'") == 1);
+    struct collect *c = collect_all(st);
+    CHECK(c->n == 0);
+    free(c);
+    store_close(st);
+}
+
+static void test_crud(void)
+{
+    char path[PATH_MAX];
+    tpath(path, sizeof(path), "crud.db");
+    struct store *st = open_ok(path);
+    int64_t before = (int64_t)time(NULL);
+    struct mapping_record a = rec_make(3000, "10.0.0.3", 22, false, "default", "c");
+    struct mapping_record b = rec_make(1000, "", 80, true, "office", "a");
+    struct mapping_record c = rec_make(2000, "::1", 443, false, "default", "b");
+    CHECK(store_mapping_insert(st, &a) == STORE_OK);
+    CHECK(store_mapping_insert(st, &b) == STORE_OK);
+    CHECK(store_mapping_insert(st, &c) == STORE_OK);
+    CHECK(a.id > 0 && b.id > 0 && c.id > 0 && a.id != b.id && b.id != c.id);
+    CHECK(a.created_at >= before && a.created_at <= (int64_t)time(NULL));
+    /* Committed: a second connection sees the rows while the store is still open. */
+    CHECK(sql_int(path, "SELECT count(*) FROM mappings") == 3);
+
+    struct mapping_record dup = rec_make(2000, "1.2.3.4", 9, false, "x", "dup");
+    dup.id = 77;
+    CHECK(store_mapping_insert(st, &dup) == STORE_DUPLICATE);
+    CHECK(dup.id == 77); /* untouched on failure */
+
+    struct collect *l = collect_all(st);
+    CHECK(l->n == 3);
+    CHECK(l->rows[0].port == 1000 && l->rows[1].port == 2000 && l->rows[2].port == 3000);
+    CHECK(rec_equal(&l->rows[1], &c)); /* the duplicate changed nothing */
+    free(l);
+
+    CHECK(store_mapping_delete(st, 2000) == STORE_OK);
+    CHECK(store_mapping_delete(st, 2000) == STORE_NOT_FOUND);
+    CHECK(store_mapping_delete(st, 0) == STORE_NOT_FOUND);
+    CHECK(store_mapping_delete(st, 70000) == STORE_NOT_FOUND);
+
+    struct mapping_record r = rec_make(1000, "192.168.1.9", 8080, false, "default", "new");
+    CHECK(store_mapping_replace(st, &r) == STORE_OK);
+    CHECK(r.id > 0 && r.created_at >= before);
+    struct mapping_record missing = rec_make(4242, "1.1.1.1", 1, false, "default", "");
+    CHECK(store_mapping_replace(st, &missing) == STORE_NOT_FOUND);
+
+    l = collect_all(st);
+    CHECK(l->n == 2);
+    CHECK(rec_equal(&l->rows[0], &r));
+    CHECK(rec_equal(&l->rows[1], &a));
+    free(l);
+
+    /* The store is usable after a refused replace: its transaction was rolled back. */
+    struct mapping_record d = rec_make(4242, "1.1.1.1", 1, false, "default", "");
+    CHECK(store_mapping_insert(st, &d) == STORE_OK);
+
+    struct collect *stop = calloc(1, sizeof(*stop));
+    stop->stop_after = 1;
+    CHECK(store_mapping_foreach(st, collect_fn, stop) == STORE_OK);
+    CHECK(stop->n == 1 && stop->rows[0].port == 1000);
+    free(stop);
+    store_close(st);
+}
+
+static void test_roundtrip_reopen(void)
+{
+    char path[PATH_MAX], host[STORE_HOST_MAX + 1];
+    tpath(path, sizeof(path), "roundtrip.db");
+    /* 255 characters: labels of 63 and dots, the longest DNS name. */
+    memset(host, 'h', STORE_HOST_MAX);
+    for (int i = 63; i < STORE_HOST_MAX; i += 64)
+        host[i] = '.';
+    host[STORE_HOST_MAX] = '\0';
+    const char *uname = "Caf\xc3\xa9 \xe2\x98\x95 \xe7\xab\xaf\xe5\x8f\xa3 \xf0\x9f\x9a\x80";
+    struct mapping_record in[4] = {
+        rec_make(1, host, 65535, false, "default", uname),
+        rec_make(10022, "2001:db8::1", 22, false, "default", "ssh"),
+        rec_make(10023, "127.0.0.1", 6379, true, "default", "redis"),
+        rec_make(65535, "", 1, true, "b\xc3\xbcro-7", ""),
+    };
+    memset(in[2].name, 'n', STORE_NAME_MAX); /* a name of exactly the maximum length */
+    in[2].name[STORE_NAME_MAX] = '\0';
+
+    struct store *st = open_ok(path);
+    /* Inserted out of port order, so the listing order is the store's doing. */
+    for (int i = 3; i >= 0; i--)
+        CHECK(store_mapping_insert(st, &in[i]) == STORE_OK);
+    store_close(st);
+
+    st = open_ok(path);
+    CHECK(store_migrations_applied(st) == 0);
+    CHECK(store_schema_version(st) == 1);
+    struct collect *c = collect_all(st);
+    CHECK(c->n == 4);
+    /* in[] is already in port order. */
+    for (int i = 0; i < 4 && i < c->n; i++)
+        CHECK(rec_equal(&c->rows[i], &in[i]));
+    CHECK(strlen(c->rows[0].target_ip) == STORE_HOST_MAX);
+    CHECK(strcmp(c->rows[0].name, uname) == 0);
+    CHECK(c->rows[3].use_tunnel && !c->rows[0].use_tunnel);
+    CHECK(strcmp(c->rows[3].client, "b\xc3\xbcro-7") == 0 && c->rows[3].target_ip[0] == 0);
+    free(c);
+    store_close(st);
+    /* A clean close checkpoints and removes the WAL. */
+    CHECK(!exists_suffix(path, "-wal"));
+}
+
+static void test_too_new(void)
+{
+    char path[PATH_MAX], err[512] = "";
+    size_t len_before = 0, len_after = 0;
+    tpath(path, sizeof(path), "future.db");
+    CHECK(sql_exec(path, "CREATE TABLE mappings (x); INSERT INTO mappings VALUES (1);"
+                         "PRAGMA user_version = 99;") == SQLITE_OK);
+    unsigned char *before = slurp(path, &len_before);
+    CHECK(before != NULL && len_before > 0);
+
+    enum store_result res = STORE_OK;
+    struct store *st = store_open(path, &res, err, sizeof(err));
+    CHECK(st == NULL);
+    CHECK(res == STORE_TOO_NEW);
+    CHECK(strstr(err, "schema version 99") != NULL);
+    CHECK(strstr(err, "knows up to 1") != NULL);
+    CHECK(strstr(err, "refusing to start") != NULL);
+    CHECK(strstr(err, path) != NULL);
+
+    unsigned char *after = slurp(path, &len_after);
+    CHECK(after != NULL && len_after == len_before);
+    CHECK(after && before && len_after == len_before &&
+          memcmp(before, after, len_before) == 0);
+    CHECK(!exists_suffix(path, "-wal"));
+    CHECK(!exists_suffix(path, "-shm"));
+    CHECK(!exists_suffix(path, "-journal"));
+    CHECK(sql_int(path, "PRAGMA user_version") == 99);
+    free(before);
+    free(after);
+    store_close(st); /* NULL: must be harmless */
+}
+
+static void test_missing_dir(void)
+{
+    char path[PATH_MAX], dir[PATH_MAX];
+    tpath(dir, sizeof(dir), "a/b/c");
+    tpath(path, sizeof(path), "a/b/c/mappings.db");
+    CHECK(!exists(dir));
+    struct store *st = open_ok(path);
+    CHECK(exists(dir));
+    CHECK(exists(path));
+    store_close(st);
+}
+
+/* A migration that fails leaves the database as it was and names the migration. */
+static void test_failed_migration(void)
+{
+    char path[PATH_MAX], err[512] = "";
+    tpath(path, sizeof(path), "clash.db");
+    CHECK(sql_exec(path, "CREATE TABLE mappings (x); INSERT INTO mappings VALUES (5);") ==
+          SQLITE_OK);
+    enum store_result res = STORE_OK;
+    CHECK(store_open(path, &res, err, sizeof(err)) == NULL);
+    CHECK(res == STORE_ERR);
+    CHECK(strstr(err, "0001_init.sql") != NULL);
+    CHECK(sql_int(path, "PRAGMA user_version") == 0);
+    CHECK(sql_int(path, "SELECT x FROM mappings") == 5);
+}
+
+static void test_bad_input(void)
+{
+    char path[PATH_MAX], err[512] = "";
+    enum store_result res = STORE_OK;
+    CHECK(store_open("postgres://u@db/portmux", &res, err, sizeof(err)) == NULL);
+    CHECK(res == STORE_ERR && strcmp(err, "postgres backend not built") == 0);
+    CHECK(store_open(NULL, NULL, NULL, 0) == NULL);
+    CHECK(store_open("postgres://x", NULL, NULL, 0) == NULL);
+
+    /* A regular file where the directory should be. */
+    tpath(path, sizeof(path), "plainfile");
+    CHECK(sql_exec(path, "CREATE TABLE t (x)") == SQLITE_OK);
+    tpath(path, sizeof(path), "plainfile/sub/m.db");
+    res = STORE_OK;
+    CHECK(store_open(path, &res, err, sizeof(err)) == NULL && res == STORE_ERR);
+
+    /* A file that is not a database is refused, not overwritten. */
+    tpath(path, sizeof(path), "garbage.db");
+    FILE *f = fopen(path, "wb");
+    CHECK(f != NULL);
+    for (int i = 0; f && i < 64; i++)
+        fputs("this is not an sqlite database at all ", f);
+    if (f)
+        fclose(f);
+    res = STORE_OK;
+    CHECK(store_open(path, &res, err, sizeof(err)) == NULL && res == STORE_ERR);
+
+    store_close(NULL);
+    CHECK(store_schema_version(NULL) == 0 && store_migrations_applied(NULL) == 0);
+    struct mapping_record r = rec_make(10, "1.1.1.1", 10, false, "default", "");
+    CHECK(store_mapping_insert(NULL, &r) == STORE_ERR);
+    CHECK(store_mapping_replace(NULL, &r) == STORE_ERR);
+    CHECK(store_mapping_delete(NULL, 10) == STORE_ERR);
+    CHECK(store_mapping_foreach(NULL, collect_fn, NULL) == STORE_ERR);
+
+    tpath(path, sizeof(path), "bad.db");
+    struct store *st = open_ok(path);
+    CHECK(store_mapping_insert(st, NULL) == STORE_ERR);
+    CHECK(store_mapping_foreach(st, NULL, NULL) == STORE_ERR);
+    r.port = 0;
+    CHECK(store_mapping_insert(st, &r) == STORE_ERR);
+    r.port = 65536;
+    CHECK(store_mapping_insert(st, &r) == STORE_ERR);
+    r.port = 10;
+    r.target_port = 0;
+    CHECK(store_mapping_insert(st, &r) == STORE_ERR);
+    r.target_port = 10;
+    memset(r.name, 'x', sizeof(r.name)); /* no terminator */
+    CHECK(store_mapping_insert(st, &r) == STORE_ERR);
+    struct collect *c = collect_all(st);
+    CHECK(c->n == 0);
+    free(c);
+    store_close(st);
+}
+
+/* Deleting from inside foreach: the walk must still see every row exactly once. */
+static int delete_fn(const struct mapping_record *rec, void *arg)
+{
+    void **a = arg;
+    struct store *st = a[0];
+    int *n = a[1];
+    CHECK(store_mapping_delete(st, rec->port) == STORE_OK);
+    (*n)++;
+    return 0;
+}
+
+static void test_many_ops_integrity(void)
+{
+    char path[PATH_MAX], buf[64];
+    tpath(path, sizeof(path), "many.db");
+    struct store *st = open_ok(path);
+    int bad = 0;
+    for (int p = 20000; p < 20500; p++) {
+        struct mapping_record r = rec_make(p, "10.1.2.3", p, p % 2, "default", "bulk");
+        bad += store_mapping_insert(st, &r) != STORE_OK;
+    }
+    for (int p = 20000; p < 20500; p += 2)
+        bad += store_mapping_delete(st, p) != STORE_OK;
+    for (int p = 20001; p < 20500; p += 4) {
+        struct mapping_record r = rec_make(p, "example.com", 1 + p % 100, true, "x", "swap");
+        bad += store_mapping_replace(st, &r) != STORE_OK;
+    }
+    CHECK(bad == 0);
+    struct collect *c = collect_all(st);
+    CHECK(c->n == 250);
+    int ordered = 1;
+    for (int i = 1; i < c->n && i < 600; i++)
+        ordered &= c->rows[i - 1].port < c->rows[i].port;
+    CHECK(ordered);
+    free(c);
+    CHECK(sql_text(path, "PRAGMA integrity_check", buf, sizeof(buf)) == SQLITE_OK);
+    CHECK(strcmp(buf, "ok") == 0);
+
+    int visited = 0;
+    void *args[2] = {st, &visited};
+    CHECK(store_mapping_foreach(st, delete_fn, args) == STORE_OK);
+    CHECK(visited == 250);
+    c = collect_all(st);
+    CHECK(c->n == 0);
+    free(c);
+    store_close(st);
+    CHECK(sql_text(path, "PRAGMA integrity_check", buf, sizeof(buf)) == SQLITE_OK);
+    CHECK(strcmp(buf, "ok") == 0);
+}
+
+static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    return remove(path);
+}
+
+int main(void)
+{
+    snprintf(tmpdir, sizeof(tmpdir), "/tmp/portmux-store-XXXXXX");
+    if (!mkdtemp(tmpdir)) {
+        perror("mkdtemp");
+        return 1;
+    }
+    test_fresh_open();
+    test_crud();
+    test_roundtrip_reopen();
+    test_too_new();
+    test_missing_dir();
+    test_failed_migration();
+    test_bad_input();
+    test_many_ops_integrity();
+    nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
