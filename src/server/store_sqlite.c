@@ -395,8 +395,9 @@ static enum store_result sq_insert(void *impl, struct mapping_record *rec)
     return res;
 }
 
-static enum store_result sq_delete_port(struct sq_store *sq, int port)
+static enum store_result sq_remove(void *impl, int port)
 {
+    struct sq_store *sq = impl;
     if (sqlite3_bind_int(sq->stmt[SQ_DELETE], 1, port) != SQLITE_OK) {
         sq_log(sq, "binding a port");
         return STORE_ERR;
@@ -406,18 +407,13 @@ static enum store_result sq_delete_port(struct sq_store *sq, int port)
     return sqlite3_changes(sq->db) == 0 ? STORE_NOT_FOUND : STORE_OK;
 }
 
-static enum store_result sq_remove(void *impl, int port)
-{
-    return sq_delete_port(impl, port);
-}
-
 static enum store_result sq_replace(void *impl, struct mapping_record *rec)
 {
     struct sq_store *sq = impl;
     int64_t id, created_at;
     if (sq_run(sq, SQ_BEGIN, "starting a replace", 0) != SQLITE_DONE)
         return STORE_ERR;
-    enum store_result res = sq_delete_port(sq, rec->port);
+    enum store_result res = sq_remove(sq, rec->port);
     if (res == STORE_OK)
         res = sq_insert_row(sq, rec, &id, &created_at);
     if (res == STORE_OK && sq_run(sq, SQ_COMMIT, "committing a replace", 0) != SQLITE_DONE)
