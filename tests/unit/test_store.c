@@ -255,8 +255,12 @@ static void test_roundtrip_reopen(void)
         rec_make(10023, "127.0.0.1", 6379, true, "default", "redis"),
         rec_make(65535, "", 1, true, "b\xc3\xbcro-7", ""),
     };
-    memset(in[2].name, 'n', STORE_NAME_MAX); /* a name of exactly the maximum length */
-    in[2].name[STORE_NAME_MAX] = '\0';
+    memset(in[1].name, 'n', STORE_NAME_MAX); /* the longest ASCII name */
+    in[1].name[STORE_NAME_MAX] = '\0';
+    /* The longest name in bytes: 64 four-byte code points fill the buffer exactly. */
+    for (int i = 0; i < STORE_NAME_MAX; i++)
+        memcpy(in[2].name + 4 * i, "\xf0\x9f\x9a\x80", 4);
+    in[2].name[STORE_NAME_BYTES] = '\0';
 
     struct store *st = open_ok(path);
     /* Inserted out of port order, so the listing order is the store's doing. */
@@ -274,6 +278,7 @@ static void test_roundtrip_reopen(void)
         CHECK(rec_equal(&c->rows[i], &in[i]));
     CHECK(strlen(c->rows[0].target_ip) == STORE_HOST_MAX);
     CHECK(strcmp(c->rows[0].name, uname) == 0);
+    CHECK(strlen(c->rows[2].name) == STORE_NAME_BYTES);
     CHECK(c->rows[3].use_tunnel && !c->rows[0].use_tunnel);
     CHECK(strcmp(c->rows[3].client, "b\xc3\xbcro-7") == 0 && c->rows[3].target_ip[0] == 0);
     free(c);
