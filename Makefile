@@ -1,0 +1,46 @@
+# Thin wrapper over CMake/ctest. `make run` and `make test` are the two commands of the
+# README: each installs what is missing (Debian packages), builds, then runs.
+BUILD      ?= build
+ASAN_BUILD ?= build-asan
+FUZZ_BUILD ?= build-fuzz
+JOBS       ?= $(shell nproc)
+CONFIG     ?= $(wildcard config.yaml)
+FUZZ_SECONDS ?= 60
+
+.PHONY: all deps build run test test-unit test-asan fuzz bench clean
+
+all: build
+
+deps:
+	./scripts/install-deps.sh
+
+$(BUILD)/CMakeCache.txt:
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo
+
+build: deps $(BUILD)/CMakeCache.txt
+	cmake --build $(BUILD) -j$(JOBS)
+
+run: build
+	./$(BUILD)/portmux-server $(if $(CONFIG),--config $(CONFIG))
+
+test: build
+	cd $(BUILD) && ctest --output-on-failure --timeout 900
+
+test-unit: build
+	cd $(BUILD) && ctest --output-on-failure -R '^(unit|fuzzreplay)\.'
+
+test-asan: deps
+	cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DPORTMUX_SANITIZE=ON
+	cmake --build $(ASAN_BUILD) -j$(JOBS)
+	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PORTMUX_SANITIZED=1 \
+	  ctest --output-on-failure --timeout 900
+
+fuzz: deps
+	./scripts/fuzz.sh $(FUZZ_BUILD) $(FUZZ_SECONDS)
+
+bench: build
+	./bench/run.sh
+
+clean:
+	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)

@@ -1,0 +1,196 @@
+/* portmux-server: flags, config, wiring of the modules around one event loop, signals. */
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <event2/dns.h>
+#include <event2/event.h>
+
+#include "api.h"
+#include "config.h"
+#include "log.h"
+#include "mapping.h"
+#include "server.h"
+#include "store.h"
+#include "tunnel_server.h"
+
+#define EXIT_CONFIG 2
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: portmux-server [--config FILE] [--log-level LEVEL]\n"
+            "\n"
+            "TCP port-forwarding server with persistent mappings, an HTTP API and a\n"
+            "multiplexed tunnel to portmux-client.\n"
+            "\n"
+            "  -config, --config FILE    YAML config (see config.yaml.example);\n"
+            "                            without it the defaults are used\n"
+            "  --log-level LEVEL         debug|info|warn|error (overrides log.level)\n"
+            "  -help, --help             this text\n"
+            "  --version                 print the version\n");
+}
+
+/* Parses flags and loads the config. Returns 0 to run, 1 to exit 0 (help/version), or
+ * EXIT_CONFIG. */
+static int parse_args(int argc, char **argv, struct config *cfg)
+{
+    static const struct option opts[] = {
+        {"config", required_argument, NULL, 'c'},
+        {"log-level", required_argument, NULL, 'l'},
+        {"help", no_argument, NULL, 'h'},
+        {"version", no_argument, NULL, 'V'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *path = NULL, *level = NULL;
+    int c;
+    while ((c = getopt_long_only(argc, argv, "", opts, NULL)) != -1) {
+        switch (c) {
+        case 'c': path = optarg; break;
+        case 'l': level = optarg; break;
+        case 'h': usage(stdout); return 1;
+        case 'V': printf("portmux-server %s\n", PORTMUX_VERSION); return 1;
+        default: usage(stderr); return EXIT_CONFIG;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "portmux-server: unexpected argument '%s'\n", argv[optind]);
+        return EXIT_CONFIG;
+    }
+    char err[512];
+    if (path && config_load_file(cfg, path, err, sizeof(err)) < 0) {
+        fprintf(stderr, "%s\n", err);
+        return EXIT_CONFIG;
+    }
+    log_set_level(cfg->log_level);
+    if (level) {
+        enum log_level l;
+        if (log_level_parse(level, &l) < 0) {
+            fprintf(stderr, "portmux-server: --log-level: expected debug|info|warn|error\n");
+            return EXIT_CONFIG;
+        }
+        log_set_level(l);
+    }
+    return 0;
+}
+
+static void on_signal(evutil_socket_t sig, short what, void *arg)
+{
+    struct server *srv = arg;
+    log_info("server", "%s received, shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    event_base_loopbreak(srv->base);
+}
+
+static struct evdns_base *dns_new(struct event_base *base)
+{
+    struct evdns_base *dns = evdns_base_new(base, EVDNS_BASE_INITIALIZE_NAMESERVERS);
+    if (dns)
+        return dns;
+    /* No usable resolv.conf: IP literals and /etc/hosts still work. */
+    log_warn("server", "no DNS nameservers configured; host names resolve from /etc/hosts only");
+    dns = evdns_base_new(base, 0);
+    if (dns)
+        evdns_base_load_hosts(dns, NULL);
+    return dns;
+}
+
+/* Opens the store and the listeners. Returns 0, or the exit status. */
+static int server_start(struct server *srv)
+{
+    char err[512];
+    enum store_result sr;
+    srv->store = store_open(srv->cfg->db_path, &sr, err, sizeof(err));
+    if (!srv->store) {
+        log_error("store", "%s", err);
+        return 1;
+    }
+    log_info("store", "database %s at schema version %d (%d migrations applied)",
+             srv->cfg->db_path, store_schema_version(srv->store),
+             store_migrations_applied(srv->store));
+    srv->mappings = mapping_registry_new(srv);
+    if (srv->cfg->tunnel_enabled) {
+        srv->tunnel = tunnel_server_new(srv, err, sizeof(err));
+        if (!srv->tunnel) {
+            log_error("tunnel", "%s", err);
+            return 1;
+        }
+        log_info("tunnel", "listening on %s:%d", srv->cfg->tunnel_listen_addr,
+                 tunnel_server_port(srv->tunnel));
+    }
+    if (!srv->mappings || mapping_registry_restore(srv->mappings) < 0) {
+        log_error("mapping", "cannot restore mappings from the store");
+        return 1;
+    }
+    srv->api = api_new(srv, err, sizeof(err));
+    if (!srv->api) {
+        log_error("api", "%s", err);
+        return 1;
+    }
+    log_info("api", "listening on http://%s:%d (%zu mappings)", srv->cfg->api_listen_addr,
+             api_port(srv->api), mapping_registry_count(srv->mappings));
+    return 0;
+}
+
+/* Order matters: the API first (no new requests), then every connection and listener,
+ * then the tunnels, and the database last so the final state is on disk. */
+static void server_stop(struct server *srv)
+{
+    api_free(srv->api);
+    srv->api = NULL;
+    mapping_registry_free(srv->mappings);
+    srv->mappings = NULL;
+    tunnel_server_free(srv->tunnel);
+    srv->tunnel = NULL;
+    store_close(srv->store);
+    srv->store = NULL;
+}
+
+int main(int argc, char **argv)
+{
+    struct config cfg;
+    struct server srv = {0};
+    int status = EXIT_CONFIG;
+    struct event *sigint = NULL, *sigterm = NULL;
+    setvbuf(stderr, NULL, _IOLBF, 0);
+    if (config_init_defaults(&cfg) < 0)
+        return 1;
+    int r = parse_args(argc, argv, &cfg);
+    if (r != 0) {
+        status = r == 1 ? 0 : r;
+        goto out;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    srv.cfg = &cfg;
+    srv.started_at = time(NULL);
+    srv.base = event_base_new();
+    srv.dns = srv.base ? dns_new(srv.base) : NULL;
+    if (!srv.dns) {
+        status = 1;
+        goto out;
+    }
+    sigint = evsignal_new(srv.base, SIGINT, on_signal, &srv);
+    sigterm = evsignal_new(srv.base, SIGTERM, on_signal, &srv);
+    event_add(sigint, NULL);
+    event_add(sigterm, NULL);
+    status = server_start(&srv);
+    if (status == 0) {
+        log_info("server", "portmux %s ready", PORTMUX_VERSION);
+        event_base_dispatch(srv.base);
+    }
+    server_stop(&srv);
+    if (status == 0)
+        log_info("server", "stopped");
+out:
+    if (sigint)
+        event_free(sigint);
+    if (sigterm)
+        event_free(sigterm);
+    if (srv.dns)
+        evdns_base_free(srv.dns, 0);
+    if (srv.base)
+        event_base_free(srv.base);
+    config_free(&cfg);
+    return status;
+}

@@ -1,0 +1,329 @@
+/* The live registry: one evconnlistener per mapping, counters, and create/remove/restore
+ * kept consistent with the store (bind first, then write; on any failure undo both). */
+#include "mapping.h"
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <event2/listener.h>
+
+#include "config.h"
+#include "forward.h"
+#include "log.h"
+#include "server.h"
+#include "tunnel_server.h"
+
+#define MAPPING_BACKLOG 1024
+
+struct mapping_registry {
+    struct server *srv;
+    TAILQ_HEAD(, mapping) list;
+    size_t count;
+};
+
+void mapping_conn_begin(struct mapping *m, struct mapping_conn *mc,
+                        void (*abort_fn)(struct mapping_conn *mc))
+{
+    mc->mapping = m;
+    mc->abort = abort_fn;
+    TAILQ_INSERT_TAIL(&m->conns, mc, link);
+    m->stats.active++;
+    m->stats.total++;
+}
+
+void mapping_conn_end(struct mapping_conn *mc, bool failed)
+{
+    struct mapping *m = mc->mapping;
+    if (!m)
+        return;
+    TAILQ_REMOVE(&m->conns, mc, link);
+    m->stats.active--;
+    if (failed)
+        m->stats.failed++;
+    mc->mapping = NULL;
+}
+
+const char *mapping_target_host(const struct mapping *m)
+{
+    return m->rec.target_ip[0] ? m->rec.target_ip : "127.0.0.1";
+}
+
+enum mapping_status mapping_status(const struct mapping *m)
+{
+    if (!m->listener)
+        return MAPPING_ERROR;
+    if (m->rec.use_tunnel &&
+        (!m->srv->tunnel || !tunnel_server_client_connected(m->srv->tunnel, m->rec.client)))
+        return MAPPING_WAITING_FOR_CLIENT;
+    return MAPPING_LISTENING;
+}
+
+const char *mapping_status_name(enum mapping_status s)
+{
+    switch (s) {
+    case MAPPING_LISTENING: return "listening";
+    case MAPPING_WAITING_FOR_CLIENT: return "waiting_for_client";
+    case MAPPING_ERROR: return "error";
+    }
+    return "error";
+}
+
+static void mapping_accept_cb(struct evconnlistener *l, evutil_socket_t fd,
+                              struct sockaddr *sa, int socklen, void *arg)
+{
+    struct mapping *m = arg;
+    struct server *srv = m->srv;
+    if (m->stats.active >= (uint64_t)srv->cfg->max_connections_per_mapping) {
+        /* Refused by the limit: closed at once, counted apart from target failures. */
+        m->stats.refused_limit++;
+        srv->limits.mapping_connections++;
+        log_debug("mapping", "port %d: connection refused, %d connections open (limit)",
+                  m->rec.port, srv->cfg->max_connections_per_mapping);
+        evutil_closesocket(fd);
+        return;
+    }
+    if (!m->rec.use_tunnel) {
+        forward_start(m, fd);
+        return;
+    }
+    if (srv->tunnel) {
+        tunnel_server_forward(srv->tunnel, m, fd);
+        return;
+    }
+    /* A stored tunnel mapping while the tunnel is off: count the refusal. */
+    struct mapping_conn mc;
+    mapping_conn_begin(m, &mc, NULL);
+    mapping_conn_end(&mc, true);
+    evutil_closesocket(fd);
+}
+
+static void mapping_accept_error_cb(struct evconnlistener *l, void *arg)
+{
+    struct mapping *m = arg;
+    /* EMFILE and friends: keep the listener, the next accept may succeed. */
+    log_warn("mapping", "port %d: accept failed: %s", m->rec.port,
+             evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+}
+
+/* Binds 0.0.0.0:port ourselves (not evconnlistener_new_bind) to keep the exact errno for
+ * the error status, then hands the socket to an evconnlistener. */
+static struct evconnlistener *mapping_listen(struct mapping *m, char *err, size_t errlen)
+{
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)m->rec.port)};
+    sin.sin_addr.s_addr = htonl(INADDR_ANY);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        goto fail;
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (bind(fd, (struct sockaddr *)&sin, sizeof(sin)) < 0 || listen(fd, MAPPING_BACKLOG) < 0)
+        goto fail;
+    struct evconnlistener *l = evconnlistener_new(m->srv->base, mapping_accept_cb, m,
+                                                  LEV_OPT_CLOSE_ON_FREE, -1, fd);
+    if (!l)
+        goto fail;
+    evconnlistener_set_error_cb(l, mapping_accept_error_cb);
+    return l;
+fail:
+    snprintf(err, errlen, "cannot listen on port %d: %s", m->rec.port, strerror(errno));
+    if (fd >= 0)
+        close(fd);
+    return NULL;
+}
+
+static struct mapping *mapping_new(struct server *srv, const struct mapping_record *rec)
+{
+    struct mapping *m = calloc(1, sizeof(*m));
+    if (!m)
+        return NULL;
+    m->rec = *rec;
+    m->srv = srv;
+    TAILQ_INIT(&m->conns);
+    return m;
+}
+
+/* Closes every live connection; each abort unlinks itself through mapping_conn_end. */
+static void mapping_abort_conns(struct mapping *m)
+{
+    struct mapping_conn *mc;
+    while ((mc = TAILQ_FIRST(&m->conns)) != NULL)
+        mc->abort(mc);
+}
+
+static void mapping_free(struct mapping *m)
+{
+    if (!m)
+        return;
+    if (m->listener)
+        evconnlistener_free(m->listener);
+    m->listener = NULL;
+    mapping_abort_conns(m);
+    free(m);
+}
+
+struct mapping_registry *mapping_registry_new(struct server *srv)
+{
+    struct mapping_registry *reg = calloc(1, sizeof(*reg));
+    if (!reg)
+        return NULL;
+    reg->srv = srv;
+    TAILQ_INIT(&reg->list);
+    return reg;
+}
+
+void mapping_registry_free(struct mapping_registry *reg)
+{
+    if (!reg)
+        return;
+    struct mapping *m;
+    while ((m = TAILQ_FIRST(&reg->list)) != NULL) {
+        TAILQ_REMOVE(&reg->list, m, link);
+        mapping_free(m);
+    }
+    free(reg);
+}
+
+static int mapping_restore_one(const struct mapping_record *rec, void *arg)
+{
+    struct mapping_registry *reg = arg;
+    struct mapping *m = mapping_new(reg->srv, rec);
+    if (!m)
+        return -1;
+    m->listener = mapping_listen(m, m->error, sizeof(m->error));
+    if (m->listener)
+        log_info("mapping", "restored port %d -> %s%s:%d", rec->port,
+                 rec->use_tunnel ? "tunnel " : "", mapping_target_host(m), rec->target_port);
+    else
+        log_error("mapping", "port %d kept with status error: %s", rec->port, m->error);
+    TAILQ_INSERT_TAIL(&reg->list, m, link);
+    reg->count++;
+    return 0;
+}
+
+int mapping_registry_restore(struct mapping_registry *reg)
+{
+    if (store_mapping_foreach(reg->srv->store, mapping_restore_one, reg) != STORE_OK)
+        return -1;
+    return 0;
+}
+
+struct mapping *mapping_registry_find(struct mapping_registry *reg, int port)
+{
+    struct mapping *m;
+    TAILQ_FOREACH(m, &reg->list, link)
+        if (m->rec.port == port)
+            return m;
+    return NULL;
+}
+
+size_t mapping_registry_count(struct mapping_registry *reg) { return reg->count; }
+
+struct mapping *mapping_registry_first(struct mapping_registry *reg)
+{
+    return TAILQ_FIRST(&reg->list);
+}
+
+struct mapping *mapping_registry_next(struct mapping *m) { return TAILQ_NEXT(m, link); }
+
+/* Retry of a mapping kept in status error: on a successful bind the new fields replace it. */
+static enum mapping_result mapping_retry(struct mapping_registry *reg, struct mapping *old,
+                                         struct mapping_record *rec, char *err, size_t errlen)
+{
+    struct mapping probe = *old;
+    probe.rec.port = rec->port;
+    struct evconnlistener *l = mapping_listen(&probe, err, errlen);
+    if (!l) {
+        snprintf(old->error, sizeof(old->error), "%s", err);
+        return MAPPING_E_IN_USE;
+    }
+    if (store_mapping_replace(reg->srv->store, rec) != STORE_OK) {
+        evconnlistener_free(l);
+        snprintf(err, errlen, "database error while storing port %d", rec->port);
+        return MAPPING_E_STORE;
+    }
+    evconnlistener_set_cb(l, mapping_accept_cb, old);
+    old->listener = l;
+    old->rec = *rec;
+    old->error[0] = '\0';
+    return MAPPING_OK;
+}
+
+enum mapping_result mapping_registry_create(struct mapping_registry *reg,
+                                            struct mapping_record *rec,
+                                            struct mapping **out, char *err, size_t errlen)
+{
+    struct mapping *old = mapping_registry_find(reg, rec->port);
+    if (old && old->listener) {
+        snprintf(err, errlen, "port %d is already mapped", rec->port);
+        return MAPPING_E_IN_USE;
+    }
+    if (old) {
+        enum mapping_result r = mapping_retry(reg, old, rec, err, errlen);
+        if (r == MAPPING_OK)
+            *out = old;
+        return r;
+    }
+    struct mapping *m = mapping_new(reg->srv, rec);
+    if (!m) {
+        snprintf(err, errlen, "out of memory");
+        return MAPPING_E_STORE;
+    }
+    m->listener = mapping_listen(m, err, errlen);
+    if (!m->listener) {
+        free(m);
+        return MAPPING_E_IN_USE;
+    }
+    enum store_result sr = store_mapping_insert(reg->srv->store, rec);
+    if (sr != STORE_OK) {
+        mapping_free(m);
+        snprintf(err, errlen, sr == STORE_DUPLICATE ? "port %d is already mapped"
+                                                     : "database error while storing port %d",
+                 rec->port);
+        return sr == STORE_DUPLICATE ? MAPPING_E_IN_USE : MAPPING_E_STORE;
+    }
+    m->rec = *rec;
+    TAILQ_INSERT_TAIL(&reg->list, m, link);
+    reg->count++;
+    *out = m;
+    return MAPPING_OK;
+}
+
+enum mapping_result mapping_registry_remove(struct mapping_registry *reg, int port)
+{
+    struct mapping *m = mapping_registry_find(reg, port);
+    if (!m)
+        return MAPPING_E_NOT_FOUND;
+    enum store_result sr = store_mapping_delete(reg->srv->store, port);
+    if (sr != STORE_OK && sr != STORE_NOT_FOUND)
+        return MAPPING_E_STORE;
+    TAILQ_REMOVE(&reg->list, m, link);
+    reg->count--;
+    mapping_free(m);
+    return MAPPING_OK;
+}
+
+json_t *mapping_to_json(const struct mapping *m)
+{
+    const struct mapping_record *r = &m->rec;
+    enum mapping_status st = mapping_status(m);
+    json_t *o = json_pack("{s:I, s:i, s:s, s:i, s:b, s:s, s:s, s:I, s:s}", "id", (json_int_t)r->id,
+                          "port", r->port, "target_ip", r->target_ip, "target_port",
+                          r->target_port, "use_tunnel", r->use_tunnel, "client", r->client,
+                          "name", r->name, "created_at", (json_int_t)r->created_at, "status",
+                          mapping_status_name(st));
+    if (!o)
+        return NULL;
+    if (st == MAPPING_ERROR)
+        json_object_set_new(o, "error", json_string(m->error));
+    json_object_set_new(o, "active_connections", json_integer((json_int_t)m->stats.active));
+    json_object_set_new(o, "total_connections", json_integer((json_int_t)m->stats.total));
+    json_object_set_new(o, "failed_connections", json_integer((json_int_t)m->stats.failed));
+    json_object_set_new(o, "bytes_in", json_integer((json_int_t)m->stats.bytes_in));
+    json_object_set_new(o, "bytes_out", json_integer((json_int_t)m->stats.bytes_out));
+    return o;
+}

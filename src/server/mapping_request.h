@@ -1,0 +1,43 @@
+/* Validation of API request bodies: JSON text -> mapping record or a precise error.
+ * Pure (no sockets, no store), so it is unit-tested and fuzzed on its own. */
+#ifndef PORTMUX_MAPPING_REQUEST_H
+#define PORTMUX_MAPPING_REQUEST_H
+
+#include <stddef.h>
+
+#include "store.h"
+
+struct config;
+
+/* API error codes of SPEC §3, with their HTTP status. */
+enum api_error {
+    API_OK = 0,
+    API_E_INVALID_JSON,
+    API_E_INVALID_FIELD,
+    API_E_PORT_OUT_OF_RANGE,
+    API_E_TUNNEL_DISABLED,
+    API_E_UNAUTHORIZED,
+    API_E_FORBIDDEN,
+    API_E_NOT_FOUND,
+    API_E_METHOD_NOT_ALLOWED,
+    API_E_PORT_IN_USE,
+    API_E_BODY_TOO_LARGE,
+    API_E_INTERNAL,
+};
+
+/* "invalid_json", ... */
+const char *api_error_code(enum api_error e);
+/* 400, 401, ... */
+unsigned api_error_status(enum api_error e);
+
+/* Parses a create body into rec, applying SPEC §2 defaults and checks against cfg.
+ * On failure returns the error and writes a message naming the field into msg. */
+enum api_error mapping_request_parse_create(const struct config *cfg, const char *body,
+                                            size_t len, struct mapping_record *rec,
+                                            char *msg, size_t msglen);
+
+/* Parses a remove body {"port": n}. */
+enum api_error mapping_request_parse_remove(const char *body, size_t len, int *port,
+                                            char *msg, size_t msglen);
+
+#endif

@@ -1,0 +1,154 @@
+#include "metrics.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+#include <jansson.h>
+
+#include "api.h"
+#include "mapping.h"
+#include "server.h"
+#include "tunnel_server.h"
+
+/* Label values are ours (ports, "direct"/"tunnel") or client names from the config, which
+ * may hold any character: escape as the exposition format asks. */
+static void put_label_value(FILE *f, const char *s)
+{
+    for (; *s; s++) {
+        if (*s == '\\' || *s == '"')
+            fprintf(f, "\\%c", *s);
+        else if (*s == '\n')
+            fputs("\\n", f);
+        else
+            fputc(*s, f);
+    }
+}
+
+static void put_header(FILE *f, const char *name, const char *type, const char *help)
+{
+    fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+struct mapping_metric {
+    const char *name;
+    const char *type;
+    const char *help;
+    size_t offset;  /* into struct mapping_stats */
+};
+
+static const struct mapping_metric mapping_metrics[] = {
+    {"portmux_mapping_active_connections", "gauge", "Open connections through the mapping.",
+     offsetof(struct mapping_stats, active)},
+    {"portmux_mapping_connections_total", "counter", "Connections accepted by the mapping.",
+     offsetof(struct mapping_stats, total)},
+    {"portmux_mapping_failed_connections_total", "counter",
+     "Connections that never reached their target.", offsetof(struct mapping_stats, failed)},
+    {"portmux_mapping_received_bytes_total", "counter",
+     "Bytes from public clients towards the target (bytes_in).",
+     offsetof(struct mapping_stats, bytes_in)},
+    {"portmux_mapping_sent_bytes_total", "counter",
+     "Bytes from the target towards public clients (bytes_out).",
+     offsetof(struct mapping_stats, bytes_out)},
+    {"portmux_mapping_refused_connections_total", "counter",
+     "Connections refused by limits.max_connections_per_mapping.",
+     offsetof(struct mapping_stats, refused_limit)},
+};
+
+static void render_mappings(FILE *f, struct server *srv)
+{
+    for (size_t i = 0; i < sizeof(mapping_metrics) / sizeof(mapping_metrics[0]); i++) {
+        const struct mapping_metric *mm = &mapping_metrics[i];
+        put_header(f, mm->name, mm->type, mm->help);
+        for (struct mapping *m = mapping_registry_first(srv->mappings); m;
+             m = mapping_registry_next(m)) {
+            uint64_t v = *(const uint64_t *)((const char *)&m->stats + mm->offset);
+            fprintf(f, "%s{port=\"%d\",mode=\"%s\",client=\"", mm->name, m->rec.port,
+                    m->rec.use_tunnel ? "tunnel" : "direct");
+            put_label_value(f, m->rec.use_tunnel ? m->rec.client : "");
+            fprintf(f, "\"} %llu\n", (unsigned long long)v);
+        }
+    }
+    put_header(f, "portmux_mappings", "gauge", "Stored mappings.");
+    fprintf(f, "portmux_mappings %zu\n", mapping_registry_count(srv->mappings));
+}
+
+static void render_clients(FILE *f, struct server *srv)
+{
+    put_header(f, "portmux_tunnel_clients_connected", "gauge", "Tunnel clients connected.");
+    fprintf(f, "portmux_tunnel_clients_connected %zu\n",
+            srv->tunnel ? tunnel_server_client_count(srv->tunnel) : 0);
+    if (!srv->tunnel)
+        return;
+    json_t *j = tunnel_server_clients_json(srv->tunnel);
+    json_t *clients = json_object_get(j, "clients");
+    static const struct { const char *key, *name, *type, *help; } cm[] = {
+        {"rtt_ms", "portmux_tunnel_client_rtt_seconds", "gauge", "Last keepalive round trip."},
+        {"streams", "portmux_tunnel_client_streams", "gauge", "Open streams on the tunnel."},
+        {"bytes_in", "portmux_tunnel_client_received_bytes_total", "counter",
+         "Bytes received from the client."},
+        {"bytes_out", "portmux_tunnel_client_sent_bytes_total", "counter",
+         "Bytes sent to the client."},
+    };
+    for (size_t i = 0; i < sizeof(cm) / sizeof(cm[0]); i++) {
+        put_header(f, cm[i].name, cm[i].type, cm[i].help);
+        size_t idx;
+        json_t *c;
+        json_array_foreach(clients, idx, c) {
+            double v = json_number_value(json_object_get(c, cm[i].key));
+            if (i == 0)
+                v /= 1000.0;
+            fprintf(f, "%s{client=\"", cm[i].name);
+            put_label_value(f, json_string_value(json_object_get(c, "name")) ?: "");
+            fprintf(f, i == 0 ? "\"} %.6f\n" : "\"} %.0f\n", v);
+        }
+    }
+    json_decref(j);
+}
+
+static void render_limits(FILE *f, struct server *srv)
+{
+    const struct server_limit_counters *l = &srv->limits;
+    put_header(f, "portmux_limit_refused_total", "counter", "Things refused by a limit.");
+    fprintf(f, "portmux_limit_refused_total{limit=\"max_connections_per_mapping\"} %llu\n",
+            (unsigned long long)l->mapping_connections);
+    fprintf(f, "portmux_limit_refused_total{limit=\"max_streams_per_client\"} %llu\n",
+            (unsigned long long)l->tunnel_streams);
+    fprintf(f, "portmux_limit_refused_total{limit=\"hello_timeout\"} %llu\n",
+            (unsigned long long)l->tunnel_hello_timeout);
+    fprintf(f, "portmux_limit_refused_total{limit=\"api_max_connections\"} %llu\n",
+            (unsigned long long)l->api_connections);
+    put_header(f, "portmux_tunnel_auth_failures_total", "counter", "Hello refused.");
+    fprintf(f, "portmux_tunnel_auth_failures_total %llu\n",
+            (unsigned long long)l->tunnel_auth_failed);
+    put_header(f, "portmux_tunnel_protocol_errors_total", "counter",
+               "Tunnels closed for a protocol error.");
+    fprintf(f, "portmux_tunnel_protocol_errors_total %llu\n",
+            (unsigned long long)l->tunnel_protocol_errors);
+}
+
+static void put_status_count(unsigned status, uint64_t count, void *arg)
+{
+    fprintf(arg, "portmux_api_requests_total{code=\"%u\"} %llu\n", status,
+            (unsigned long long)count);
+}
+
+char *metrics_render(struct server *srv, size_t *len)
+{
+    char *text = NULL;
+    FILE *f = open_memstream(&text, len);
+    if (!f)
+        return NULL;
+    render_mappings(f, srv);
+    render_clients(f, srv);
+    render_limits(f, srv);
+    put_header(f, "portmux_api_requests_total", "counter", "API requests by HTTP status.");
+    if (srv->api)
+        api_foreach_status_count(srv->api, put_status_count, f);
+    put_header(f, "process_start_time_seconds", "gauge", "Start time since the epoch.");
+    fprintf(f, "process_start_time_seconds %lld\n", (long long)srv->started_at);
+    if (fclose(f) != 0) {
+        free(text);
+        return NULL;
+    }
+    return text;
+}
