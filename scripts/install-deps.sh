@@ -9,6 +9,7 @@ PKGS=(
   curl sqlite3 python3 python3-pytest procps util-linux
   openssh-server openssh-client redis-server redis-tools openssl
   clang libclang-rt-14-dev valgrind
+  chromium chromium-driver python3-selenium
 )
 if [ "${PORTMUX_EXTRA_PKGS:-}" != "" ]; then
   # shellcheck disable=SC2206
