@@ -102,13 +102,11 @@ static int server_start(struct server *srv)
     char err[512];
     enum store_result sr;
     srv->store = store_open(srv->cfg->db_path, &sr, err, sizeof(err));
-    if (!srv->store) {
-        log_error("store", "%s", err);
-        return 1;
-    }
-    log_info("store", "database %s at schema version %d (%d migrations applied)",
-             srv->cfg->db_path, store_schema_version(srv->store),
-             store_migrations_applied(srv->store));
+    if (!srv->store)
+        return 1;  /* the store logged why */
+    if (store_migrations_applied(srv->store) == 0)
+        log_info("store", "%s: schema version %d, applied 0 migrations", srv->cfg->db_path,
+                 store_schema_version(srv->store));
     srv->mappings = mapping_registry_new(srv);
     if (srv->cfg->tunnel_enabled) {
         srv->tunnel = tunnel_server_new(srv, err, sizeof(err));
