@@ -38,6 +38,7 @@ struct api {
     struct event *ev_io;
     struct event *ev_timer;
     int port;
+    unsigned open_connections;     /* counted by api_notify_connection */
     uint64_t status_count[API_STATUS_SLOTS];
 };
 
@@ -367,6 +368,30 @@ static void api_run_cb(evutil_socket_t fd, short what, void *arg)
     api_schedule(api);
 }
 
+/* Counting connections ourselves lets the refusal of api.max_connections show in /metrics
+ * (MHD's own limit refuses silently). */
+static void api_notify_connection(void *cls, struct MHD_Connection *conn, void **socket_ctx,
+                                  enum MHD_ConnectionNotificationCode toe)
+{
+    struct api *api = cls;
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED)
+        api->open_connections++;
+    else if (api->open_connections > 0)
+        api->open_connections--;
+}
+
+static enum MHD_Result api_accept_policy(void *cls, const struct sockaddr *addr,
+                                         socklen_t addrlen)
+{
+    struct api *api = cls;
+    if (api->open_connections < (unsigned)api->srv->cfg->api_max_connections)
+        return MHD_YES;
+    api->srv->limits.api_connections++;
+    log_debug("api", "connection refused: %u open (api.max_connections)",
+              api->open_connections);
+    return MHD_NO;
+}
+
 static int api_bind_addr(const char *addr, int port, struct sockaddr_storage *ss,
                          unsigned *flags)
 {
@@ -397,10 +422,12 @@ static int api_start_daemon(struct api *api, char *err, size_t errlen)
         return -1;
     }
     api->mhd = MHD_start_daemon(
-        flags, (uint16_t)cfg->api_listen_port, NULL, NULL, api_access, api,
+        flags, (uint16_t)cfg->api_listen_port, api_accept_policy, api, api_access, api,
         MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
         MHD_OPTION_NOTIFY_COMPLETED, api_completed, api,
-        MHD_OPTION_CONNECTION_LIMIT, (unsigned)cfg->api_max_connections,
+        MHD_OPTION_NOTIFY_CONNECTION, api_notify_connection, api,
+        /* A little above ours, so api_accept_policy is what refuses (and counts). */
+        MHD_OPTION_CONNECTION_LIMIT, (unsigned)cfg->api_max_connections + 4,
         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)cfg->api_connection_timeout,
         MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(128 * 1024),
         MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned)1,

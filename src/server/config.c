@@ -156,7 +156,7 @@ static int syntax_error(struct loader *ld)
     if (p->error == YAML_READER_ERROR)
         return fail_at(ld, reader_error_line(ld), "yaml", "syntax error: %s", problem);
     if (p->context != NULL)
-        return fail_at(ld, p->problem_mark.line + 1, "yaml", "syntax error: %s %s", problem,
+        return fail_at(ld, p->problem_mark.line + 1, "yaml", "syntax error: %s (%s)", problem,
                        p->context);
     return fail_at(ld, p->problem_mark.line + 1, "yaml", "syntax error: %s", problem);
 }
@@ -620,6 +620,12 @@ static int fail_pair(struct loader *ld, enum config_mark a, const char *akey, en
     return fail_at(ld, line ? line : 1, blame_b ? bkey : akey, "%s", reason);
 }
 
+/* The TLS errors blame the key that is set: that is the line the operator has to fix. */
+static int fail_mark(struct loader *ld, enum config_mark m, const char *key, const char *reason)
+{
+    return fail_at(ld, ld->lines[m] ? ld->lines[m] : 1, key, "%s", reason);
+}
+
 static int validate_tls(struct loader *ld)
 {
     const struct config *c = ld->cfg;
@@ -627,14 +633,12 @@ static int validate_tls(struct loader *ld)
     bool key = c->tls_key_file && c->tls_key_file[0];
     bool ca = c->tls_client_ca && c->tls_client_ca[0];
     if (cert && !key)
-        return fail_pair(ld, MARK_KEY, "tunnel.tls.key_file", MARK_CERT, "tunnel.tls.cert_file",
-                         "set without tunnel.tls.key_file");
+        return fail_mark(ld, MARK_CERT, "tunnel.tls.cert_file", "set without tunnel.tls.key_file");
     if (key && !cert)
-        return fail_pair(ld, MARK_CERT, "tunnel.tls.cert_file", MARK_KEY, "tunnel.tls.key_file",
-                         "set without tunnel.tls.cert_file");
+        return fail_mark(ld, MARK_KEY, "tunnel.tls.key_file", "set without tunnel.tls.cert_file");
     if (ca && !cert)
-        return fail_at(ld, ld->lines[MARK_CA] ? ld->lines[MARK_CA] : 1, "tunnel.tls.client_ca",
-                       "mutual TLS needs tunnel.tls.cert_file and key_file");
+        return fail_mark(ld, MARK_CA, "tunnel.tls.client_ca",
+                         "mutual TLS needs tunnel.tls.cert_file and key_file");
     return 0;
 }
 

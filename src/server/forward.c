@@ -108,10 +108,7 @@ static void relay_move(struct forward_conn *fc, enum relay_side from)
     if (n == 0)
         return;
     evbuffer_add_buffer(out, in);
-    if (from == SIDE_PUBLIC)
-        fc->mc.mapping->stats.bytes_in += n;
-    else
-        fc->mc.mapping->stats.bytes_out += n;
+    mapping_conn_add_bytes(&fc->mc, from == SIDE_PUBLIC ? n : 0, from == SIDE_PUBLIC ? 0 : n);
     if (evbuffer_get_length(out) >= RELAY_MAX_OUTPUT) {
         bufferevent_disable(fc->bev[from], EV_READ);
         bufferevent_setwatermark(fc->bev[to], EV_WRITE, RELAY_MAX_OUTPUT / 2, 0);

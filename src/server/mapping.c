@@ -31,9 +31,13 @@ void mapping_conn_begin(struct mapping *m, struct mapping_conn *mc,
 {
     mc->mapping = m;
     mc->abort = abort_fn;
+    mc->bytes_in = mc->bytes_out = 0;
+    clock_gettime(CLOCK_MONOTONIC, &mc->opened);
     TAILQ_INSERT_TAIL(&m->conns, mc, link);
     m->stats.active++;
     m->stats.total++;
+    log_debug("mapping", "port %d: connection opened (%llu active)", m->rec.port,
+              (unsigned long long)m->stats.active);
 }
 
 void mapping_conn_end(struct mapping_conn *mc, bool failed)
@@ -46,6 +50,15 @@ void mapping_conn_end(struct mapping_conn *mc, bool failed)
     if (failed)
         m->stats.failed++;
     mc->mapping = NULL;
+    if (log_get_level() > LOGL_DEBUG)
+        return;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    double secs = (double)(now.tv_sec - mc->opened.tv_sec) +
+                  (double)(now.tv_nsec - mc->opened.tv_nsec) / 1e9;
+    log_debug("mapping", "port %d: connection %s after %.3f s, %llu bytes in, %llu bytes out",
+              m->rec.port, failed ? "failed" : "closed", secs,
+              (unsigned long long)mc->bytes_in, (unsigned long long)mc->bytes_out);
 }
 
 const char *mapping_target_host(const struct mapping *m)

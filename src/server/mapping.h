@@ -6,6 +6,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/queue.h>
+#include <time.h>
 
 #include <event2/util.h>
 #include <jansson.h>
@@ -34,6 +35,9 @@ struct mapping_conn {
     /* Closes the connection at once (mapping removed or server stopping). It must end with
      * mapping_conn_end() and free its owner; it is never called after mapping_conn_end. */
     void (*abort)(struct mapping_conn *mc);
+    uint64_t bytes_in;                  /* this connection's share of the stats */
+    uint64_t bytes_out;
+    struct timespec opened;             /* CLOCK_MONOTONIC, for the close log line */
 };
 
 struct mapping {
@@ -49,8 +53,19 @@ struct mapping {
 /* Counts a new connection (active, total) and links it for abort. */
 void mapping_conn_begin(struct mapping *m, struct mapping_conn *mc,
                         void (*abort)(struct mapping_conn *mc));
-/* Unlinks it; counts it failed when it never reached its target. */
+/* Unlinks it; counts it failed when it never reached its target. Logs (debug) its bytes
+ * and duration. */
 void mapping_conn_end(struct mapping_conn *mc, bool failed);
+/* Counts bytes relayed by the connection, into it and its mapping. */
+static inline void mapping_conn_add_bytes(struct mapping_conn *mc, uint64_t in, uint64_t out);
+
+static inline void mapping_conn_add_bytes(struct mapping_conn *mc, uint64_t in, uint64_t out)
+{
+    mc->bytes_in += in;
+    mc->bytes_out += out;
+    mc->mapping->stats.bytes_in += in;
+    mc->mapping->stats.bytes_out += out;
+}
 
 /* Effective target host: rec.target_ip, or 127.0.0.1 in tunnel mode when empty. */
 const char *mapping_target_host(const struct mapping *m);
