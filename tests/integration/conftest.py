@@ -1,0 +1,899 @@
+"""Shared fixtures for the portmux integration tests.
+
+Everything here drives the real binaries over real sockets on 127.0.0.1:
+
+* ``Server``       -- writes a config (dict -> YAML), runs ``portmux-server``, talks to its
+                      HTTP API, stops/kills/restarts it, reads its RSS and its database.
+* ``Proc``         -- any subprocess with its output captured to a log file (the server,
+                      ``python3 -m http.server``, later ``portmux-client``).
+* ``HttpBackend``  -- ``python3 -m http.server`` serving a temp dir of known files.
+* ``EchoBackend``  -- a selectors-based TCP echo server in a thread (honours half-close,
+                      bounded buffers, many connections).
+* ``StreamBackend``-- per connection: sends a known N-byte stream and sha256s what it
+                      receives, with an optional slow/paused reader (backpressure tests).
+* helpers          -- ``free_port``, ``wait_until``, ``send_stream``/``recv_hash``,
+                      ``PortHolder``, ``sqlite``, ``connect_refused``.
+
+Fixtures: ``server_factory`` (make as many servers as a test needs), ``server`` (one
+started server with the tunnel off), ``http_backend``, ``echo_backend``,
+``stream_backend_factory``. Every process and thread is stopped at teardown, and when
+a test fails the tail of every log it produced is attached to the report.
+
+Rules kept throughout: only 127.0.0.1, every wait is a loop with a deadline, no fixed
+sleep stands in for an assertion.
+"""
+import errno
+import hashlib
+import http.client
+import json
+import os
+import random
+import resource
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+# ---------------------------------------------------------------------------
+# Paths
+
+HERE = Path(__file__).resolve().parent
+SOURCE_DIR = Path(os.environ.get("PORTMUX_SOURCE_DIR", HERE.parent.parent)).resolve()
+
+
+def _default_build_dir():
+    for cand in ("build", "build-it"):
+        if (SOURCE_DIR / cand / "portmux-server").exists():
+            return SOURCE_DIR / cand
+    return SOURCE_DIR / "build"
+
+
+BUILD_DIR = Path(os.environ.get("PORTMUX_BUILD_DIR", _default_build_dir())).resolve()
+SERVER_BIN = BUILD_DIR / "portmux-server"
+CLIENT_BIN = BUILD_DIR / "portmux-client"
+PYTHON = sys.executable or "/usr/bin/python3"
+
+# 500 concurrent relayed connections need ~1000 fds here (client side + echo backend)
+# and as many in the server, which inherits this limit.
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+_want = 65536 if _hard == resource.RLIM_INFINITY else min(_hard, 65536)
+if _soft != resource.RLIM_INFINITY and _soft < _want:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_want, _hard))
+
+# Ignore SIGPIPE is Python's default already (sends raise BrokenPipeError).
+
+# ---------------------------------------------------------------------------
+# Small helpers
+
+_handed_out = set()
+_port_lock = threading.Lock()
+
+
+def _can_bind(port):
+    for addr in ("0.0.0.0", "127.0.0.1"):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind((addr, port))
+        except OSError:
+            return False
+        finally:
+            s.close()
+    return True
+
+
+def free_port():
+    """A TCP port that is free on 127.0.0.1 and 0.0.0.0 right now.
+
+    Drawn at random from 20000-32699, below Linux's ephemeral range (32768+), so it
+    cannot be taken meanwhile by the source port of some outgoing connection (the
+    relay tests open hundreds). Never hands out the same port twice per process."""
+    with _port_lock:
+        rng = random.Random(os.getpid() ^ time.monotonic_ns())
+        for _ in range(2000):
+            port = rng.randrange(20000, 32700)
+            if port in _handed_out:
+                continue
+            if _can_bind(port):
+                _handed_out.add(port)
+                return port
+    raise RuntimeError("no free port found")
+
+
+def free_ports(n):
+    return [free_port() for _ in range(n)]
+
+
+def wait_until(pred, timeout=10.0, interval=0.02, desc="condition"):
+    """Polls pred() until it returns something truthy; returns that value.
+
+    Raises AssertionError naming desc (and the last value seen) at the deadline."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        last = pred()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {desc} (last: {last!r})")
+        time.sleep(interval)
+
+
+def connect_refused(port, host="127.0.0.1", timeout=2.0):
+    """True when a TCP connect to host:port is refused (ECONNREFUSED)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect((host, port))
+    except ConnectionRefusedError:
+        return True
+    except OSError as e:
+        return e.errno == errno.ECONNREFUSED
+    finally:
+        s.close()
+    return False
+
+
+def connect(port, host="127.0.0.1", timeout=10.0):
+    return socket.create_connection((host, port), timeout=timeout)
+
+
+class PortHolder:
+    """Holds a port with a bound, listening socket (another process's port, as the
+    server sees it). Bound on 0.0.0.0 so it conflicts with any bind of the server."""
+
+    def __init__(self, port, addr="0.0.0.0"):
+        self.port = port
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind((addr, port))
+        self.sock.listen(16)
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---- byte streams with checksums ----
+
+_PATTERN = random.Random(0x5EED).randbytes((1 << 20) + 7)  # odd length: chunks never align
+
+
+def send_stream(sock, total, chunk=256 * 1024, on_progress=None, shut=True):
+    """Sends total bytes of a fixed pseudo-random pattern; returns sha256 hex of them.
+
+    on_progress(sent_so_far) is called after every chunk. shutdown(SHUT_WR) at the end
+    when shut."""
+    h = hashlib.sha256()
+    mv = memoryview(_PATTERN)
+    plen = len(_PATTERN)
+    off = 0
+    sent = 0
+    while sent < total:
+        n = min(chunk, total - sent, plen - off)
+        piece = mv[off:off + n]
+        sock.sendall(piece)
+        h.update(piece)
+        sent += n
+        off = (off + n) % plen
+        if on_progress:
+            on_progress(sent)
+    if shut:
+        sock.shutdown(socket.SHUT_WR)
+    return h.hexdigest()
+
+
+def recv_hash(sock, bufsize=256 * 1024, on_progress=None):
+    """Reads to EOF; returns (byte count, sha256 hex)."""
+    h = hashlib.sha256()
+    n = 0
+    while True:
+        data = sock.recv(bufsize)
+        if not data:
+            return n, h.hexdigest()
+        h.update(data)
+        n += len(data)
+        if on_progress:
+            on_progress(n)
+
+
+def recv_all(sock, bufsize=65536):
+    parts = []
+    while True:
+        data = sock.recv(bufsize)
+        if not data:
+            return b"".join(parts)
+        parts.append(data)
+
+
+def stream_sha256(total):
+    """The sha256 that send_stream(total) reports, without a socket."""
+    h = hashlib.sha256()
+    plen = len(_PATTERN)
+    full, rest = divmod(total, plen)
+    for _ in range(full):
+        h.update(_PATTERN)
+    h.update(_PATTERN[:rest])
+    return h.hexdigest()
+
+
+class Worker(threading.Thread):
+    """A thread that keeps its target's result or exception for join_result()."""
+
+    def __init__(self, fn, *args, **kwargs):
+        super().__init__(daemon=True)
+        self._fn, self._args, self._kwargs = fn, args, kwargs
+        self.result = None
+        self.error = None
+
+    def run(self):
+        try:
+            self.result = self._fn(*self._args, **self._kwargs)
+        except BaseException as e:  # noqa: BLE001 -- re-raised in join_result
+            self.error = e
+
+    def join_result(self, timeout):
+        self.join(timeout)
+        if self.is_alive():
+            raise AssertionError(f"worker {self._fn.__name__} still running after {timeout}s")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+# ---------------------------------------------------------------------------
+# Config -> YAML
+
+def _yaml_scalar(v):
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(v)  # JSON is YAML flow style
+    return json.dumps(str(v))  # double-quoted scalar
+
+
+def to_yaml(cfg, indent=0):
+    """A dict as block-style YAML; lists (and lists of dicts) in flow style."""
+    lines = []
+    pad = " " * indent
+    for k, v in cfg.items():
+        if isinstance(v, dict) and v:
+            lines.append(f"{pad}{k}:")
+            lines.append(to_yaml(v, indent + 2))
+        else:
+            lines.append(f"{pad}{k}: {_yaml_scalar(v)}")
+    return "\n".join(lines)
+
+
+def deep_merge(base, over):
+    out = dict(base)
+    for k, v in (over or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Processes
+
+_LIVE_PROCS = []
+
+
+class Proc:
+    """A subprocess whose stdout+stderr go to a log file.
+
+    Register-on-start: every Proc is killed at the end of the test that made it."""
+
+    def __init__(self, args, log_path, env=None, cwd=None, name=None):
+        self.args = [str(a) for a in args]
+        self.log_path = Path(log_path)
+        self.env = env
+        self.cwd = cwd
+        self.name = name or Path(self.args[0]).name
+        self.popen = None
+        self._log = None
+
+    def start(self):
+        assert self.popen is None or self.popen.poll() is not None, "already running"
+        self._log = open(self.log_path, "ab")
+        self._log.write(f"==== start {' '.join(self.args)}\n".encode())
+        self._log.flush()
+        self.popen = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=self._log,
+                                      stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
+        if self not in _LIVE_PROCS:  # a restart keeps its place (and its owner's scope)
+            _LIVE_PROCS.append(self)
+        return self
+
+    @property
+    def pid(self):
+        return self.popen.pid if self.popen else None
+
+    def poll(self):
+        return self.popen.poll() if self.popen else None
+
+    def running(self):
+        return self.popen is not None and self.popen.poll() is None
+
+    def wait(self, timeout):
+        """Exit status, or raises subprocess.TimeoutExpired."""
+        rc = self.popen.wait(timeout=timeout)
+        self._close_log()
+        return rc
+
+    def send_signal(self, sig):
+        if self.running():
+            self.popen.send_signal(sig)
+
+    def kill(self):
+        if self.running():
+            self.popen.kill()
+        if self.popen is not None:
+            try:
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        self._close_log()
+
+    def _close_log(self):
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_text(self):
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, n=60):
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+
+def run_once(args, timeout=10.0, env=None):
+    """Runs a command to completion with separate stdout/stderr; returns CompletedProcess."""
+    return subprocess.run([str(a) for a in args], stdin=subprocess.DEVNULL,
+                          capture_output=True, timeout=timeout, env=env)
+
+
+# ---------------------------------------------------------------------------
+# The server
+
+class ServerStartError(AssertionError):
+    pass
+
+
+class Server:
+    """One portmux-server with its own config, database and log in a private directory.
+
+    Defaults: API on a free port of 127.0.0.1 without token, port_range 1024-65535
+    (tests pick free ports with free_port()), tunnel off, database in the directory,
+    log level debug. ``config`` overrides are deep-merged; ``config_text`` replaces the
+    YAML entirely (then api_port must be given if the API is to be reached).
+    """
+
+    def __init__(self, workdir, config=None, config_text=None, name="server", api_port=None):
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.config_path = self.dir / "config.yaml"
+        self.log_path = self.dir / "server.log"
+        self.db_path = self.dir / "mappings.db"
+        self.api_port = api_port or free_port()
+        base = {
+            "port_range": {"from": 1024, "end": 65535, "blacklist": []},
+            "tunnel": {"enabled": False},
+            "api": {"listen_addr": "127.0.0.1", "listen_port": self.api_port},
+            "database": {"path": str(self.db_path)},
+            "log": {"level": "debug"},
+        }
+        self.config = deep_merge(base, config)
+        tun = self.config.get("tunnel", {})
+        if tun.get("enabled") and "listen_port" not in tun:
+            tun = dict(tun, listen_port=free_port())
+            tun.setdefault("listen_addr", "127.0.0.1")
+            self.config["tunnel"] = tun
+        self.tunnel_port = self.config.get("tunnel", {}).get("listen_port")
+        if "api" in self.config and "listen_port" in self.config["api"]:
+            self.api_port = self.config["api"]["listen_port"]
+        if "database" in self.config and "path" in self.config["database"]:
+            self.db_path = Path(self.config["database"]["path"])
+        self.config_text = config_text
+        self.write_config()
+        self.proc = Proc([SERVER_BIN, "--config", self.config_path], self.log_path,
+                         name=name)
+
+    # ---- lifecycle ----
+
+    def write_config(self):
+        text = self.config_text if self.config_text is not None else to_yaml(self.config)
+        self.config_path.write_text(text + "\n")
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def running(self):
+        return self.proc.running()
+
+    def start(self, timeout=10.0):
+        """Starts the binary and waits for GET /health to answer 200."""
+        self.proc.start()
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            rc = self.proc.poll()
+            if rc is not None:
+                raise ServerStartError(f"{self.name} exited with {rc} during start-up:\n"
+                                       f"{self.proc.log_tail()}")
+            try:
+                status, _, _ = self.api("GET", "/health", timeout=1.0)
+                if status == 200:
+                    return self
+                last = f"status {status}"
+            except (OSError, http.client.HTTPException) as e:
+                last = repr(e)
+            time.sleep(0.02)
+        self.proc.kill()
+        raise ServerStartError(f"{self.name}: /health not 200 within {timeout}s ({last}):\n"
+                               f"{self.proc.log_tail()}")
+
+    def stop(self, sig=signal.SIGTERM, timeout=5.0):
+        """Sends sig and waits for the exit; returns the exit status (kills at timeout)."""
+        if not self.proc.running():
+            return self.proc.poll()
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"{self.name} did not exit within {timeout}s of {sig!r}:\n"
+                                 f"{self.proc.log_tail()}")
+
+    def kill9(self):
+        self.proc.kill()
+        return self.proc.poll()
+
+    def restart(self, sig=signal.SIGTERM):
+        if sig == signal.SIGKILL:
+            self.kill9()
+        else:
+            rc = self.stop(sig)
+            assert rc == 0, f"{self.name} exited {rc} on {sig!r}:\n{self.proc.log_tail()}"
+        return self.start()
+
+    def log_text(self):
+        return self.proc.log_text()
+
+    def log_tail(self, n=60):
+        return self.proc.log_tail(n)
+
+    def rss_kb(self):
+        """Resident set size of the server process in KiB (VmRSS)."""
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS in /proc status")
+
+    # ---- HTTP API ----
+
+    def api(self, method, path, body=None, raw=None, headers=None, timeout=10.0):
+        """One request to the API. body: JSON-encoded; raw: bytes/str sent as is.
+
+        Returns (status, headers, payload): payload is the parsed JSON when the response
+        says application/json and parses, else the text."""
+        hdrs = dict(headers or {})
+        data = None
+        if raw is not None:
+            data = raw.encode() if isinstance(raw, str) else raw
+        elif body is not None:
+            data = json.dumps(body).encode()
+        if data is not None:
+            hdrs.setdefault("Content-Type", "application/json")
+        conn = http.client.HTTPConnection("127.0.0.1", self.api_port, timeout=timeout)
+        try:
+            conn.request(method, path, body=data, headers=hdrs)
+            resp = conn.getresponse()
+            payload = resp.read()
+            ctype = resp.getheader("Content-Type", "")
+            text = payload.decode("utf-8", errors="replace")
+            parsed = text
+            if "json" in ctype:
+                try:
+                    parsed = json.loads(text)
+                except ValueError:
+                    parsed = text
+            return resp.status, resp.headers, parsed
+        finally:
+            conn.close()
+
+    def health(self):
+        status, _, body = self.api("GET", "/health")
+        assert status == 200, (status, body)
+        return body
+
+    def create(self, **fields):
+        """POST /api/mapping/create; returns (status, payload)."""
+        status, _, body = self.api("POST", "/api/mapping/create", body=fields)
+        return status, body
+
+    def create_ok(self, **fields):
+        status, body = self.create(**fields)
+        assert status == 201, f"create {fields} -> {status} {body}"
+        assert body["success"] is True, body
+        return body["data"]
+
+    def remove(self, port):
+        status, _, body = self.api("POST", "/api/mapping/remove", body={"port": port})
+        return status, body
+
+    def list(self):
+        """The mappings as GET /api/mapping/list shows them."""
+        status, _, body = self.api("GET", "/api/mapping/list")
+        assert status == 200, (status, body)
+        return body["data"]["mappings"]
+
+    def mapping(self, port):
+        for m in self.list():
+            if m["port"] == port:
+                return m
+        return None
+
+    # ---- database ----
+
+    def sqlite(self, sql):
+        return sqlite(self.db_path, sql)
+
+
+def sqlite(db_path, sql):
+    """Runs sql with the sqlite3 CLI on db_path; returns rows as lists of strings."""
+    r = subprocess.run(["sqlite3", "-batch", "-bail", "-separator", "\x1f", "-cmd",
+                        ".timeout 5000", str(db_path), sql],
+                       capture_output=True, timeout=20)
+    assert r.returncode == 0, f"sqlite3 {sql!r}: {r.stderr.decode(errors='replace')}"
+    out = r.stdout.decode()
+    return [line.split("\x1f") for line in out.splitlines()]
+
+
+# ---------------------------------------------------------------------------
+# Backends
+
+class HttpBackend:
+    """python3 -m http.server on a free port of 127.0.0.1, serving known files."""
+
+    def __init__(self, workdir):
+        self.dir = Path(workdir) / "www"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.files = {
+            "hello.txt": b"hello through portmux\n",
+            "blob.bin": random.Random(7).randbytes(3 * (1 << 20) + 123),
+        }
+        for name, data in self.files.items():
+            (self.dir / name).write_bytes(data)
+        self.port = free_port()
+        self.proc = Proc([PYTHON, "-m", "http.server", "--bind", "127.0.0.1", str(self.port),
+                          "--directory", str(self.dir)], Path(workdir) / "http_backend.log",
+                         name="http.server")
+
+    def start(self):
+        self.proc.start()
+        wait_until(lambda: self.proc.poll() is not None or not connect_refused(self.port),
+                   timeout=10, desc="http.server to listen")
+        assert self.proc.running(), self.proc.log_tail()
+        return self
+
+    def stop(self):
+        self.proc.kill()
+
+
+class _Backend:
+    """Base of the in-process backends: a listening socket and a thread."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1024)
+        self.port = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self.accepted = 0
+        self.errors = []
+
+    def stop(self):
+        self._stop.set()
+
+
+class EchoBackend(_Backend):
+    """TCP echo on 127.0.0.1, one selector thread for every connection.
+
+    Reading stops while 1 MiB is waiting to be written back (bounded memory); on the
+    peer's FIN the rest is flushed, then the write side is shut (half-close honoured)."""
+
+    LIMIT = 1 << 20
+
+    def __init__(self):
+        super().__init__()
+        self.sock.setblocking(False)
+        self.active = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ, None)
+        conns = {}
+        try:
+            while not self._stop.is_set():
+                for key, ev in sel.select(0.05):
+                    if key.data is None:
+                        self._accept(sel, conns)
+                    else:
+                        self._service(sel, conns, key.fileobj, ev)
+        finally:
+            for c in list(conns):
+                c.close()
+            sel.close()
+            self.sock.close()
+
+    def _accept(self, sel, conns):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            c.setblocking(False)
+            st = {"out": bytearray(), "eof": False}
+            conns[c] = st
+            self.accepted += 1
+            self.active += 1
+            sel.register(c, selectors.EVENT_READ, st)
+
+    def _close(self, sel, conns, c):
+        sel.unregister(c)
+        c.close()
+        del conns[c]
+        self.active -= 1
+
+    def _service(self, sel, conns, c, ev):
+        st = conns[c]
+        try:
+            if ev & selectors.EVENT_READ and not st["eof"]:
+                data = c.recv(256 * 1024)
+                if data:
+                    st["out"] += data
+                else:
+                    st["eof"] = True
+            if st["out"]:
+                try:
+                    n = c.send(st["out"])
+                    del st["out"][:n]
+                except BlockingIOError:
+                    pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as e:
+            self.errors.append(repr(e))
+            self._close(sel, conns, c)
+            return
+        if st["eof"] and not st["out"]:
+            try:
+                c.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self._close(sel, conns, c)
+            return
+        want = 0
+        if not st["eof"] and len(st["out"]) < self.LIMIT:
+            want |= selectors.EVENT_READ
+        if st["out"]:
+            want |= selectors.EVENT_WRITE
+        sel.modify(c, want or selectors.EVENT_READ, st)
+
+    def stop(self):
+        super().stop()
+        self._thread.join(5)
+
+
+class StreamBackend(_Backend):
+    """Per connection: sends ``send_total`` bytes of the pattern (then SHUT_WR) while it
+    reads to EOF hashing what arrives. Results land in ``self.results`` as dicts
+    {sent_sha, recv_count, recv_sha}.
+
+    Reading is throttled while ``slow`` is set (``slow_chunk`` bytes, then
+    ``slow_sleep`` seconds) and stops entirely while ``paused`` is set; ``recv_count``
+    of the live connection is visible in ``self.progress`` for tests that wait on it."""
+
+    def __init__(self, send_total=0, slow=False, paused=False, slow_chunk=16 * 1024,
+                 slow_sleep=0.01):
+        super().__init__()
+        self.send_total = send_total
+        self.slow = threading.Event()
+        self.paused = threading.Event()
+        if slow:
+            self.slow.set()
+        if paused:
+            self.paused.set()
+        self.slow_chunk = slow_chunk
+        self.slow_sleep = slow_sleep
+        self.results = []
+        self.progress = 0
+        self.done = threading.Event()
+        self._conns = []
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self):
+        self.sock.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                c, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            c.settimeout(None)
+            self.accepted += 1
+            self._conns.append(c)
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        res = {"sent_sha": None, "recv_count": 0, "recv_sha": None, "error": None}
+        sender = None
+        if self.send_total:
+            sender = Worker(send_stream, c, self.send_total)
+            sender.start()
+        try:
+            h = hashlib.sha256()
+            n = 0
+            while True:
+                if self._stop.is_set():
+                    break
+                if self.paused.is_set():
+                    time.sleep(0.01)
+                    continue
+                if self.slow.is_set():
+                    data = c.recv(self.slow_chunk)
+                else:
+                    data = c.recv(1 << 20)
+                if not data:
+                    break
+                h.update(data)
+                n += len(data)
+                self.progress = n
+                if self.slow.is_set():
+                    time.sleep(self.slow_sleep)
+            res["recv_count"], res["recv_sha"] = n, h.hexdigest()
+            if sender is not None:
+                res["sent_sha"] = sender.join_result(120)
+        except Exception as e:  # noqa: BLE001 -- reported through results
+            res["error"] = repr(e)
+        finally:
+            c.close()
+            self.results.append(res)
+            self.done.set()
+
+    def stop(self):
+        super().stop()
+        for c in self._conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+        self.sock.close()
+        self._thread.join(5)
+
+
+# ---------------------------------------------------------------------------
+# Fixtures
+
+def pytest_configure(config):
+    if not SERVER_BIN.exists():
+        # Fail loudly rather than skip: a missing binary is a broken build.
+        sys.stderr.write(f"portmux-server not found at {SERVER_BIN}; set PORTMUX_BUILD_DIR\n")
+
+
+@pytest.fixture
+def logs(request):
+    """List of objects with .name and .log_tail() whose logs a failure report shows."""
+    holder = []
+    request.node._portmux_logs = holder
+    return holder
+
+
+@pytest.fixture
+def server_factory(tmp_path, logs):
+    """make(config=None, config_text=None, start=True, name=None) -> Server."""
+    made = []
+
+    def make(config=None, config_text=None, start=True, name=None, api_port=None):
+        name = name or f"server{len(made)}"
+        srv = Server(tmp_path / name, config=config, config_text=config_text, name=name,
+                     api_port=api_port)
+        made.append(srv)
+        logs.append(srv)
+        if start:
+            srv.start()
+        return srv
+
+    yield make
+    for srv in made:
+        srv.kill9()
+
+
+@pytest.fixture
+def server(server_factory):
+    """One started server: tunnel off, port_range 1024-65535, no token."""
+    return server_factory()
+
+
+@pytest.fixture
+def http_backend(tmp_path, logs):
+    b = HttpBackend(tmp_path)
+    logs.append(b.proc)
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def echo_backend():
+    b = EchoBackend()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def stream_backend_factory():
+    made = []
+
+    def make(**kw):
+        b = StreamBackend(**kw)
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reap_procs():
+    """Safety net: no subprocess outlives its test."""
+    start = len(_LIVE_PROCS)
+    yield
+    while len(_LIVE_PROCS) > start:
+        _LIVE_PROCS.pop().kill()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        objs = list(getattr(item, "_portmux_logs", []))
+        for v in getattr(item, "funcargs", {}).values():
+            if isinstance(v, (Server, Proc)) and v not in objs:
+                objs.append(v)
+        for obj in objs:
+            try:
+                tail = obj.log_tail(80)
+            except Exception as e:  # noqa: BLE001
+                tail = f"(log unavailable: {e!r})"
+            rep.sections.append((f"log of {obj.name} ({rep.when})", tail))

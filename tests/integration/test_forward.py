@@ -1,0 +1,285 @@
+"""Direct-mode relay: byte-exact in both directions, many connections at once, half-close,
+backpressure with bounded server memory, failed targets, remove closing live conns."""
+import random
+import selectors
+import socket
+import time
+
+from conftest import (Worker, connect, free_port, recv_all, recv_hash, send_stream,
+                      stream_sha256, wait_until)
+
+MiB = 1 << 20
+
+
+def make_mapping(server, target_port, target_ip="127.0.0.1"):
+    port = free_port()
+    server.create_ok(port=port, target_ip=target_ip, target_port=target_port)
+    return port
+
+
+def test_relay_64mib_each_way_concurrently(server, stream_backend_factory):
+    total = 64 * MiB
+    backend = stream_backend_factory(send_total=total)
+    port = make_mapping(server, backend.port)
+    t0 = time.monotonic()
+    with connect(port, timeout=60) as s:
+        reader = Worker(recv_hash, s)
+        reader.start()
+        sent_sha = send_stream(s, total)
+        got_count, got_sha = reader.join_result(60)
+    assert wait_until(lambda: backend.results, timeout=30, desc="backend to finish")
+    [res] = backend.results
+    assert res["error"] is None, res
+    # public client -> target
+    assert res["recv_count"] == total
+    assert res["recv_sha"] == sent_sha
+    # target -> public client
+    assert got_count == total
+    assert got_sha == res["sent_sha"] == stream_sha256(total)
+    elapsed = time.monotonic() - t0
+    m = wait_until(lambda: (lambda x: x if x["active_connections"] == 0 else None)(
+        server.mapping(port)), timeout=5, desc="connection to end")
+    assert m["bytes_in"] == total and m["bytes_out"] == total, m
+    assert m["total_connections"] == 1 and m["failed_connections"] == 0, m
+    print(f"64 MiB each way in {elapsed:.2f}s")
+
+
+def test_relay_echo_32mib(server, echo_backend):
+    total = 32 * MiB
+    port = make_mapping(server, echo_backend.port)
+    with connect(port, timeout=60) as s:
+        reader = Worker(recv_hash, s)
+        reader.start()
+        sent_sha = send_stream(s, total)
+        count, sha = reader.join_result(60)
+    assert count == total and sha == sent_sha
+
+
+def test_500_concurrent_connections(server, echo_backend):
+    n, size = 500, 64 * 1024
+    port = make_mapping(server, echo_backend.port)
+    payloads = [random.Random(i).randbytes(size) for i in range(n)]
+    socks = []
+    try:
+        for _ in range(n):
+            s = connect(port, timeout=10)
+            socks.append(s)
+        # Every one of them is open at once on the far side too.
+        wait_until(lambda: echo_backend.active >= n, timeout=20,
+                   desc=f"{n} concurrent backend connections (have {echo_backend.active})")
+        sel = selectors.DefaultSelector()
+        state = {}
+        for i, s in enumerate(socks):
+            s.setblocking(False)
+            state[s] = {"i": i, "sent": 0, "got": bytearray(), "eof": False}
+            sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        open_count = n
+        deadline = time.monotonic() + 60
+        while open_count and time.monotonic() < deadline:
+            for key, ev in sel.select(0.5):
+                s = key.fileobj
+                st = state[s]
+                if ev & selectors.EVENT_WRITE and st["sent"] < size:
+                    try:
+                        st["sent"] += s.send(payloads[st["i"]][st["sent"]:st["sent"] + 65536])
+                    except BlockingIOError:
+                        pass
+                    if st["sent"] == size:
+                        s.shutdown(socket.SHUT_WR)
+                        sel.modify(s, selectors.EVENT_READ)
+                if ev & selectors.EVENT_READ:
+                    try:
+                        data = s.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    if data:
+                        st["got"] += data
+                        assert len(st["got"]) <= size, f"conn {st['i']}: too many bytes"
+                    else:
+                        st["eof"] = True
+                        sel.unregister(s)
+                        open_count -= 1
+        sel.close()
+        assert open_count == 0, f"{open_count} connections unfinished after 60s"
+        bad = [st["i"] for st in state.values() if bytes(st["got"]) != payloads[st["i"]]]
+        assert not bad, f"{len(bad)} connections got wrong bytes, e.g. #{bad[:5]}"
+    finally:
+        for s in socks:
+            s.close()
+    m = wait_until(lambda: (lambda x: x if x["active_connections"] == 0 else None)(
+        server.mapping(port)), timeout=10, desc="all connections to end")
+    assert m["total_connections"] == n and m["failed_connections"] == 0, m
+    assert m["bytes_in"] == n * size and m["bytes_out"] == n * size, m
+
+
+class AnswerAfterEofBackend:
+    """Reads the request to EOF, then answers with a known reply and closes."""
+
+    def __init__(self, reply_size):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.port = self.sock.getsockname()[1]
+        self.reply = random.Random(99).randbytes(reply_size)
+        self.request = None
+        self.worker = Worker(self._serve)
+        self.worker.start()
+
+    def _serve(self):
+        self.sock.settimeout(20)
+        c, _ = self.sock.accept()
+        with c:
+            c.settimeout(20)
+            self.request = recv_all(c)  # only returns on the relayed FIN
+            c.sendall(self.reply)
+        self.sock.close()
+
+
+def test_half_close_client_first(server):
+    backend = AnswerAfterEofBackend(reply_size=3 * MiB + 5)
+    port = make_mapping(server, backend.port)
+    request = random.Random(5).randbytes(200 * 1024)
+    with connect(port, timeout=20) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        answer = recv_all(s)  # the whole answer, then EOF
+    backend.worker.join_result(20)
+    assert backend.request == request
+    assert len(answer) == len(backend.reply) and answer == backend.reply
+
+
+def test_half_close_backend_first(server):
+    """The target says its piece and shuts its write side; the client gets EOF but can
+    still send, and everything it sends afterwards arrives."""
+    greeting = b"220 hello, I will only listen now\r\n" * 1000
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(4)
+    lsock.settimeout(20)
+
+    def serve():
+        c, _ = lsock.accept()
+        with c:
+            c.settimeout(20)
+            c.sendall(greeting)
+            c.shutdown(socket.SHUT_WR)
+            return recv_hash(c)
+
+    w = Worker(serve)
+    w.start()
+    try:
+        port = make_mapping(server, lsock.getsockname()[1])
+        with connect(port, timeout=20) as s:
+            assert recv_all(s) == greeting
+            sent_sha = send_stream(s, 4 * MiB)
+            count, sha = w.join_result(20)
+            assert (count, sha) == (4 * MiB, sent_sha)
+            assert s.recv(1) == b""
+    finally:
+        lsock.close()
+
+
+def test_backpressure_bounded_memory(server, stream_backend_factory):
+    """1 GiB into a target that first stops reading, then reads slowly, then fast.
+    The server must hold back the sender instead of buffering: RSS stays < 64 MiB."""
+    total = 1024 * MiB
+    limit_kb = 64 * 1024
+    backend = stream_backend_factory(paused=True, slow_chunk=64 * 1024, slow_sleep=0.005)
+    port = make_mapping(server, backend.port)
+    rss0 = server.rss_kb()
+    sent = [0]
+    samples = []
+
+    def sample_for(seconds):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            samples.append(server.rss_kb())
+            time.sleep(0.02)
+
+    s = connect(port, timeout=60)
+    try:
+        sender = Worker(send_stream, s, total, 1 * MiB,
+                        lambda n: sent.__setitem__(0, n))
+        sender.start()
+        # Phase 1: target not reading. The sender must get stuck well short of 1 GiB.
+        wait_until(lambda: sent[0] > 0, timeout=10, desc="sender to start")
+
+        def stalled():
+            a = sent[0]
+            sample_for(0.5)
+            return sent[0] == a
+
+        wait_until(stalled, timeout=15, desc="sender to be held back by the server")
+        stuck_at = sent[0]
+        assert stuck_at < 256 * MiB, f"{stuck_at >> 20} MiB accepted while target reads nothing"
+        # Phase 2: a slow reader (~ a few MiB/s).
+        backend.slow.set()
+        backend.paused.clear()
+        sample_for(1.5)
+        assert backend.progress > 0, "slow reader got nothing"
+        # Phase 3: full speed to the end.
+        backend.slow.clear()
+        while sender.is_alive():
+            samples.append(server.rss_kb())
+            sender.join(0.05)
+        sent_sha = sender.join_result(60)
+        wait_until(lambda: backend.results, timeout=30, desc="target to reach EOF")
+    finally:
+        s.close()
+    [res] = backend.results
+    assert res["error"] is None, res
+    assert res["recv_count"] == total
+    assert res["recv_sha"] == sent_sha
+    peak = max(samples)
+    print(f"rss start {rss0} kB, peak {peak} kB over {len(samples)} samples, "
+          f"sender held at {stuck_at >> 20} MiB")
+    assert peak < limit_kb, f"server RSS peaked at {peak} kB (start {rss0} kB)"
+
+
+def test_unreachable_target_counts_failed(server):
+    dead = free_port()  # nothing listens there
+    port = make_mapping(server, dead)
+    with connect(port, timeout=10) as s:
+        s.settimeout(10)
+        try:
+            data = s.recv(1)
+        except ConnectionResetError:
+            data = b""
+        assert data == b""
+    m = wait_until(lambda: (lambda x: x if x["failed_connections"] >= 1 and
+                            x["active_connections"] == 0 else None)(server.mapping(port)),
+                   timeout=5, desc="failed connection to be counted")
+    assert m["total_connections"] == 1 and m["failed_connections"] == 1, m
+    assert m["status"] == "listening"
+
+
+def test_remove_closes_live_connections(server, echo_backend):
+    port = make_mapping(server, echo_backend.port)
+    with connect(port, timeout=10) as s:
+        s.sendall(b"ping")
+        got = b""
+        while len(got) < 4:
+            got += s.recv(4 - len(got))
+        assert got == b"ping"
+        status, body = server.remove(port)
+        assert status == 200, body
+        s.settimeout(3)
+        try:
+            data = s.recv(1)
+        except ConnectionResetError:
+            data = b""
+        assert data == b"", "live connection kept open after remove"
+    wait_until(lambda: echo_backend.active == 0, timeout=5,
+               desc="target side closed after remove")
+
+
+def test_hostname_target(server, http_backend):
+    """target_ip may be a host name: 'localhost' resolves to 127.0.0.1 here (and maybe
+    ::1 first, where nothing listens -- the next address must then be tried)."""
+    port = make_mapping(server, http_backend.port, target_ip="localhost")
+    with connect(port, timeout=10) as s:
+        s.sendall(b"GET /hello.txt HTTP/1.0\r\nHost: x\r\n\r\n")
+        s.settimeout(10)
+        resp = recv_all(s)
+    assert resp.startswith(b"HTTP/1.0 200"), resp[:100]
+    assert resp.endswith(http_backend.files["hello.txt"])
