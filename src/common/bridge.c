@@ -1,0 +1,235 @@
+/* One stream <-> one socket, with le-proxy's backpressure and nchan's half-close. */
+#include "bridge.h"
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+
+#include "mux.h"
+
+/* After the peer's Close, what is buffered for the socket gets this long to drain. */
+#define BRIDGE_LINGER_SECONDS 60
+
+struct bridge {
+    struct mux_stream *st;        /* NULL once the stream is gone */
+    struct bufferevent *bev;
+    struct evbuffer_cb_entry *drain_cb;
+    struct event *linger;
+    struct bridge_hooks hooks;
+    void *arg;
+    bool sock_eof;    /* the socket sent FIN: read direction ends */
+    bool shut_sent;   /* ... and ShutWrite went out */
+    bool peer_shut;   /* ShutWrite received: write direction ends */
+    bool sock_shut;   /* ... and shutdown(SHUT_WR) done */
+    bool flushing;    /* stream gone: drain the output, then free */
+    uint64_t to_stream, to_socket;
+};
+
+static void bridge_pump(struct bridge *b);
+
+void bridge_set_nodelay(int fd)
+{
+    int one = 1;
+    if (fd >= 0)
+        (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+}
+
+uint64_t bridge_bytes_to_stream(const struct bridge *b) { return b->to_stream; }
+
+uint64_t bridge_bytes_to_socket(const struct bridge *b) { return b->to_socket; }
+
+static void bridge_release(struct bridge *b)
+{
+    if (b->st) {
+        mux_stream_close(b->st);
+        b->st = NULL;
+    }
+    if (b->drain_cb)
+        evbuffer_remove_cb_entry(bufferevent_get_output(b->bev), b->drain_cb);
+    if (b->linger)
+        event_free(b->linger);
+    bufferevent_free(b->bev);
+    free(b);
+}
+
+void bridge_free(struct bridge *b)
+{
+    if (b)
+        bridge_release(b);
+}
+
+/* Ends the bridge from inside one of its own callbacks: hook first, then free. */
+static void bridge_finish(struct bridge *b, const char *why)
+{
+    if (b->hooks.on_close)
+        b->hooks.on_close(why, b->arg);
+    bridge_release(b);
+}
+
+/* Both directions done: nothing is in flight either way, so Close is plain cleanup. */
+static bool bridge_check_done(struct bridge *b)
+{
+    if (!(b->shut_sent && b->sock_shut))
+        return false;
+    bridge_finish(b, "closed");
+    return true;
+}
+
+/* Passes the peer's FIN on once everything before it reached the socket. */
+static bool bridge_try_shutdown(struct bridge *b)
+{
+    if (!b->peer_shut || b->sock_shut || b->flushing)
+        return false;
+    if (evbuffer_get_length(bufferevent_get_output(b->bev)) > 0)
+        return false;
+    shutdown(bufferevent_getfd(b->bev), SHUT_WR);
+    b->sock_shut = true;
+    return bridge_check_done(b);
+}
+
+static void bridge_pump(struct bridge *b)
+{
+    if (!b->st || b->shut_sent)
+        return;
+    struct evbuffer *in = bufferevent_get_input(b->bev);
+    if (evbuffer_get_length(in) > 0) {
+        int n = mux_stream_write(b->st, in);
+        if (n < 0) {
+            bridge_finish(b, "stream write failed");
+            return;
+        }
+        if (n > 0) {
+            b->to_stream += (uint64_t)n;
+            if (b->hooks.on_bytes)
+                b->hooks.on_bytes((size_t)n, 0, b->arg);
+        }
+    }
+    if (evbuffer_get_length(in) > 0) {
+        /* Window or tunnel output full: on_writable resumes us. */
+        bufferevent_disable(b->bev, EV_READ);
+        return;
+    }
+    if (!b->sock_eof) {
+        bufferevent_enable(b->bev, EV_READ);
+        return;
+    }
+    b->shut_sent = true;
+    if (mux_stream_shut_write(b->st) != MUX_OK) {
+        bridge_finish(b, "stream shut failed");
+        return;
+    }
+    bridge_check_done(b);
+}
+
+static void bridge_read_cb(struct bufferevent *bev, void *arg) { bridge_pump(arg); }
+
+static void bridge_write_cb(struct bufferevent *bev, void *arg)
+{
+    struct bridge *b = arg;
+    if (b->flushing) {
+        if (evbuffer_get_length(bufferevent_get_output(bev)) == 0)
+            bridge_finish(b, "closed by peer");
+        return;
+    }
+    bridge_try_shutdown(b);
+}
+
+static void bridge_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+    struct bridge *b = arg;
+    if (what & BEV_EVENT_EOF) {
+        b->sock_eof = true;
+        if (b->flushing) {
+            bridge_finish(b, "closed by peer");
+            return;
+        }
+        bridge_pump(b);
+        return;
+    }
+    if (what & (BEV_EVENT_ERROR | BEV_EVENT_TIMEOUT))
+        bridge_finish(b, what & BEV_EVENT_TIMEOUT ? "socket timeout" : "socket error");
+}
+
+/* Counts what the socket really took and gives it back to the peer as window. */
+static void bridge_drain_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info,
+                            void *arg)
+{
+    struct bridge *b = arg;
+    if (info->n_deleted == 0)
+        return;
+    b->to_socket += info->n_deleted;
+    if (b->hooks.on_bytes)
+        b->hooks.on_bytes(0, info->n_deleted, b->arg);
+    if (b->st)
+        mux_stream_consumed(b->st, info->n_deleted);
+}
+
+static void bridge_linger_cb(evutil_socket_t fd, short what, void *arg)
+{
+    bridge_finish(arg, "closed by peer (output not drained)");
+}
+
+static void bridge_on_writable(struct mux_stream *st, void *arg) { bridge_pump(arg); }
+
+static void bridge_on_shut(struct mux_stream *st, void *arg)
+{
+    struct bridge *b = arg;
+    b->peer_shut = true;
+    bridge_try_shutdown(b);
+}
+
+static void bridge_on_close(struct mux_stream *st, enum mux_close_reason why, void *arg)
+{
+    struct bridge *b = arg;
+    b->st = NULL;
+    struct evbuffer *out = bufferevent_get_output(b->bev);
+    if (why == MUX_CLOSE_SESSION || evbuffer_get_length(out) == 0) {
+        bridge_finish(b, why == MUX_CLOSE_SESSION ? "tunnel closed" : "closed by peer");
+        return;
+    }
+    /* Deliver what the peer sent before its Close, then close. */
+    b->flushing = true;
+    bufferevent_disable(b->bev, EV_READ);
+    struct timeval tv = {BRIDGE_LINGER_SECONDS, 0};
+    b->linger = evtimer_new(bufferevent_get_base(b->bev), bridge_linger_cb, b);
+    if (!b->linger || evtimer_add(b->linger, &tv) != 0)
+        bridge_finish(b, "closed by peer");
+}
+
+static const struct mux_stream_callbacks bridge_stream_cb = {
+    .on_writable = bridge_on_writable,
+    .on_shut = bridge_on_shut,
+    .on_close = bridge_on_close,
+};
+
+struct bridge *bridge_new(struct mux_stream *st, struct bufferevent *bev,
+                          const struct bridge_hooks *hooks, void *arg)
+{
+    struct bridge *b = calloc(1, sizeof(*b));
+    if (!b)
+        return NULL;
+    b->drain_cb = evbuffer_add_cb(bufferevent_get_output(bev), bridge_drain_cb, b);
+    if (!b->drain_cb) {
+        free(b);
+        return NULL;
+    }
+    b->st = st;
+    b->bev = bev;
+    if (hooks)
+        b->hooks = *hooks;
+    b->arg = arg;
+    bridge_set_nodelay(bufferevent_getfd(bev));
+    /* The output holds at most one window: the peer sends no more until it drains. */
+    bufferevent_setwatermark(bev, EV_WRITE, 0, 0);
+    bufferevent_setcb(bev, bridge_read_cb, bridge_write_cb, bridge_event_cb, b);
+    mux_stream_set_callbacks(st, &bridge_stream_cb, b);
+    mux_stream_set_sink(st, bufferevent_get_output(bev));
+    bufferevent_enable(bev, EV_READ | EV_WRITE);
+    return b;
+}

@@ -1,0 +1,761 @@
+/* The tunnel session: frames in from an evbuffer, frames out to an evbuffer. Streams,
+ * windows and half-close in the manner of OpenSSH's channels; no sockets here. */
+#include "mux.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+#include <time.h>
+
+#include <event2/buffer.h>
+#include <event2/util.h>
+
+#include "frame.h"
+
+#define MUX_INITIAL_BUCKETS 64u
+/* Room for any non-Data frame we encode: a ConnectRequest with a 255-byte host. */
+#define MUX_CTRL_FRAME_MAX (FRAME_HEADER_LEN + 7 + FRAME_MAX_HOST)
+#define MUX_DATA_HEADER_LEN (FRAME_HEADER_LEN + 4)
+
+struct mux_stream {
+    LIST_ENTRY(mux_stream) hash_link;     /* in session->buckets while not finished */
+    TAILQ_ENTRY(mux_stream) blocked_link; /* waiting for room in the session output */
+    TAILQ_ENTRY(mux_stream) gc_link;      /* finished, freed by the next GC pass */
+    struct mux_session *s;
+    uint32_t id;
+    uint32_t send_window;    /* bytes we may still send */
+    uint32_t recv_window;    /* bytes the peer may still send */
+    uint32_t recv_consumed;  /* drained by the application, not yet given back */
+    struct evbuffer *rx;     /* own buffer, used while no sink is set */
+    struct evbuffer *sink;
+    struct mux_stream_callbacks cb;
+    void *arg;
+    bool attached;           /* the application holds a reference */
+    bool opened;             /* ConnectResponse ok went through */
+    bool local_shut, remote_shut;
+    bool close_sent, close_recv;
+    bool blocked;
+    bool finished;
+};
+
+LIST_HEAD(mux_bucket, mux_stream);
+TAILQ_HEAD(mux_stream_list, mux_stream);
+
+struct mux_session {
+    enum mux_role role;
+    struct evbuffer *out;
+    struct mux_session_callbacks cb;
+    void *arg;
+    struct mux_bucket *buckets;
+    size_t nbuckets;
+    size_t nstreams;         /* in the table */
+    size_t app_streams;      /* attached */
+    struct mux_stream_list blocked;
+    struct mux_stream_list gc;
+    uint32_t next_id;
+    int depth;               /* > 0 while inside a call that may run callbacks */
+    bool open;
+    bool freeing;
+    int failed;
+    char err[160];
+    /* KeepAlive: our tokens start with nonce; one outstanding at a time. */
+    uint8_t nonce[4];
+    uint32_t ka_seq;
+    uint8_t ka_token[MUX_KEEPALIVE_TOKEN_LEN];
+    bool ka_pending;
+    uint64_t ka_sent_ns;
+    double rtt_ms;
+};
+
+static uint64_t mux_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static int mux_fail(struct mux_session *s, int rc, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Records the first fatal error; later calls keep it. */
+static int mux_fail(struct mux_session *s, int rc, const char *fmt, ...)
+{
+    if (s->failed)
+        return s->failed;
+    s->failed = rc;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(s->err, sizeof(s->err), fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+/* ---- stream table ---- */
+
+static struct mux_bucket *mux_bucket_of(struct mux_session *s, uint32_t id)
+{
+    /* Fibonacci hashing spreads sequential ids over the table. */
+    uint32_t h = id * 2654435761u;
+    return &s->buckets[h & (s->nbuckets - 1)];
+}
+
+static struct mux_stream *mux_lookup(struct mux_session *s, uint32_t id)
+{
+    struct mux_stream *st;
+    LIST_FOREACH(st, mux_bucket_of(s, id), hash_link) {
+        if (st->id == id)
+            return st;
+    }
+    return NULL;
+}
+
+static int mux_table_grow(struct mux_session *s)
+{
+    size_t old_n = s->nbuckets;
+    struct mux_bucket *old = s->buckets;
+    struct mux_bucket *nb = calloc(old_n * 2, sizeof(*nb));
+    if (!nb)
+        return MUX_E_NOMEM;
+    s->buckets = nb;
+    s->nbuckets = old_n * 2;
+    for (size_t i = 0; i < old_n; i++) {
+        struct mux_stream *st;
+        while ((st = LIST_FIRST(&old[i])) != NULL) {
+            LIST_REMOVE(st, hash_link);
+            LIST_INSERT_HEAD(mux_bucket_of(s, st->id), st, hash_link);
+        }
+    }
+    free(old);
+    return MUX_OK;
+}
+
+static struct mux_stream *mux_stream_new(struct mux_session *s, uint32_t id)
+{
+    if (s->nstreams >= s->nbuckets && mux_table_grow(s) != MUX_OK)
+        return NULL;
+    struct mux_stream *st = calloc(1, sizeof(*st));
+    if (!st)
+        return NULL;
+    st->s = s;
+    st->id = id;
+    st->send_window = MUX_INITIAL_WINDOW;
+    st->recv_window = MUX_INITIAL_WINDOW;
+    st->attached = true;
+    LIST_INSERT_HEAD(mux_bucket_of(s, id), st, hash_link);
+    s->nstreams++;
+    s->app_streams++;
+    return st;
+}
+
+static void mux_unblock(struct mux_stream *st)
+{
+    if (st->blocked) {
+        TAILQ_REMOVE(&st->s->blocked, st, blocked_link);
+        st->blocked = false;
+    }
+}
+
+/* Ends the application's reference (no callbacks). */
+static void mux_detach(struct mux_stream *st)
+{
+    if (!st->attached)
+        return;
+    st->attached = false;
+    memset(&st->cb, 0, sizeof(st->cb));
+    st->arg = NULL;
+    st->s->app_streams--;
+    mux_unblock(st);
+}
+
+/* Close went both ways: out of the table now, freed by the GC pass. */
+static void mux_finish(struct mux_stream *st)
+{
+    struct mux_session *s = st->s;
+    if (st->finished || s->freeing)
+        return;
+    mux_detach(st);
+    st->finished = true;
+    LIST_REMOVE(st, hash_link);
+    s->nstreams--;
+    TAILQ_INSERT_TAIL(&s->gc, st, gc_link);
+}
+
+static void mux_stream_free(struct mux_stream *st)
+{
+    if (st->rx)
+        evbuffer_free(st->rx);
+    free(st);
+}
+
+/* Frees finished streams once no callback can still be using them. */
+static void mux_gc(struct mux_session *s)
+{
+    if (s->depth > 0)
+        return;
+    struct mux_stream *st;
+    while ((st = TAILQ_FIRST(&s->gc)) != NULL) {
+        TAILQ_REMOVE(&s->gc, st, gc_link);
+        mux_stream_free(st);
+    }
+}
+
+/* ---- session ---- */
+
+struct mux_session *mux_session_new(enum mux_role role, struct evbuffer *out,
+                                    const struct mux_session_callbacks *cb, void *arg)
+{
+    struct mux_session *s = calloc(1, sizeof(*s));
+    if (!s)
+        return NULL;
+    s->buckets = calloc(MUX_INITIAL_BUCKETS, sizeof(*s->buckets));
+    if (!s->buckets) {
+        free(s);
+        return NULL;
+    }
+    s->nbuckets = MUX_INITIAL_BUCKETS;
+    s->role = role;
+    s->out = out;
+    if (cb)
+        s->cb = *cb;
+    s->arg = arg;
+    s->next_id = 1;
+    TAILQ_INIT(&s->blocked);
+    TAILQ_INIT(&s->gc);
+    evutil_secure_rng_get_bytes(s->nonce, sizeof(s->nonce));
+    return s;
+}
+
+void mux_session_free(struct mux_session *s)
+{
+    if (!s)
+        return;
+    struct mux_stream *st;
+    /* Move every stream to the GC list first, so callbacks cannot change the table. */
+    for (size_t i = 0; i < s->nbuckets; i++) {
+        while ((st = LIST_FIRST(&s->buckets[i])) != NULL) {
+            LIST_REMOVE(st, hash_link);
+            st->finished = true;
+            TAILQ_INSERT_TAIL(&s->gc, st, gc_link);
+        }
+    }
+    s->freeing = true;
+    TAILQ_FOREACH(st, &s->gc, gc_link) {
+        if (!st->attached)
+            continue;
+        struct mux_stream_callbacks cb = st->cb;
+        void *arg = st->arg;
+        mux_detach(st);
+        if (cb.on_close)
+            cb.on_close(st, MUX_CLOSE_SESSION, arg);
+    }
+    s->depth = 0;
+    mux_gc(s);
+    free(s->buckets);
+    free(s);
+}
+
+void mux_session_set_open(struct mux_session *s) { s->open = true; }
+
+bool mux_session_is_open(const struct mux_session *s) { return s->open; }
+
+const char *mux_session_error(const struct mux_session *s) { return s->err; }
+
+double mux_session_rtt_ms(const struct mux_session *s) { return s->rtt_ms; }
+
+size_t mux_session_stream_count(const struct mux_session *s) { return s->app_streams; }
+
+/* Appends an encoded control frame; n is the encoder's result. */
+static int mux_emit(struct mux_session *s, const uint8_t *buf, int n)
+{
+    if (n < 0)
+        return MUX_E_STATE;
+    if (s->failed || s->freeing)
+        return MUX_E_STATE;
+    if (evbuffer_add(s->out, buf, (size_t)n) != 0)
+        return mux_fail(s, MUX_E_NOMEM, "out of memory");
+    return MUX_OK;
+}
+
+int mux_session_send_json(struct mux_session *s, uint8_t type, const char *json, size_t len)
+{
+    /* Rare (once per session): a heap buffer keeps the codec the only judge of validity. */
+    size_t cap = FRAME_HEADER_LEN + len;
+    uint8_t *buf = malloc(cap);
+    if (!buf)
+        return mux_fail(s, MUX_E_NOMEM, "out of memory");
+    int rc = mux_emit(s, buf, frame_encode_json(buf, cap, type, json, len));
+    free(buf);
+    return rc;
+}
+
+int mux_session_send_keepalive(struct mux_session *s)
+{
+    uint8_t buf[FRAME_HEADER_LEN + MUX_KEEPALIVE_TOKEN_LEN];
+    uint32_t seq = ++s->ka_seq;
+    memcpy(s->ka_token, s->nonce, 4);
+    s->ka_token[4] = (uint8_t)(seq >> 24);
+    s->ka_token[5] = (uint8_t)(seq >> 16);
+    s->ka_token[6] = (uint8_t)(seq >> 8);
+    s->ka_token[7] = (uint8_t)seq;
+    int rc = mux_emit(s, buf, frame_encode_keepalive(buf, sizeof(buf), s->ka_token));
+    if (rc == MUX_OK) {
+        s->ka_pending = true;
+        s->ka_sent_ns = mux_now_ns();
+    }
+    return rc;
+}
+
+void mux_session_output_drained(struct mux_session *s)
+{
+    s->depth++;
+    /* Round robin: a stream that fills the output again goes to the back of the list. */
+    while (!TAILQ_EMPTY(&s->blocked) && !s->failed &&
+           evbuffer_get_length(s->out) < MUX_OUT_SOFT_LIMIT) {
+        struct mux_stream *st = TAILQ_FIRST(&s->blocked);
+        mux_unblock(st);
+        if (st->attached && st->cb.on_writable)
+            st->cb.on_writable(st, st->arg);
+    }
+    s->depth--;
+    mux_gc(s);
+}
+
+/* ---- input ---- */
+
+static int mux_on_keepalive(struct mux_session *s, const struct frame *f)
+{
+    if (f->data_len != MUX_KEEPALIVE_TOKEN_LEN)
+        return MUX_OK;
+    if (memcmp(f->data, s->nonce, 4) == 0) {
+        /* Our own token coming back; a stale one (superseded) is dropped, never echoed,
+         * or two peers would bounce it forever. */
+        if (s->ka_pending && memcmp(f->data, s->ka_token, MUX_KEEPALIVE_TOKEN_LEN) == 0) {
+            s->rtt_ms = (double)(mux_now_ns() - s->ka_sent_ns) / 1e6;
+            s->ka_pending = false;
+        }
+        return MUX_OK;
+    }
+    uint8_t buf[FRAME_HEADER_LEN + MUX_KEEPALIVE_TOKEN_LEN];
+    return mux_emit(s, buf, frame_encode_keepalive(buf, sizeof(buf), f->data));
+}
+
+static int mux_on_json(struct mux_session *s, const struct frame *f)
+{
+    uint8_t want = s->role == MUX_ROLE_SERVER ? FRAME_HELLO : FRAME_HELLO_RESPONSE;
+    if (f->type != want)
+        return mux_fail(s, MUX_E_PROTOCOL, "unexpected %s frame",
+                        f->type == FRAME_HELLO ? "Hello" : "HelloResponse");
+    if (!s->cb.on_json)
+        return MUX_OK;
+    int rc = s->cb.on_json(s, f->type, (const char *)f->data, f->data_len, s->arg);
+    if (rc < 0)
+        return mux_fail(s, MUX_E_PROTOCOL, "bad %s",
+                        f->type == FRAME_HELLO ? "Hello" : "HelloResponse");
+    return rc > 0 ? MUX_STOPPED : MUX_OK;
+}
+
+static int mux_on_connect_request(struct mux_session *s, const struct frame *f)
+{
+    if (s->role != MUX_ROLE_CLIENT)
+        return mux_fail(s, MUX_E_PROTOCOL, "ConnectRequest sent to the server");
+    if (mux_lookup(s, f->conn_id))
+        return mux_fail(s, MUX_E_PROTOCOL, "ConnectRequest for stream %u in use",
+                        (unsigned)f->conn_id);
+    char host[FRAME_MAX_HOST + 1] = "127.0.0.1";
+    if (f->host) {
+        memcpy(host, f->host, f->host_len);
+        host[f->host_len] = '\0';
+    }
+    struct mux_stream *st = mux_stream_new(s, f->conn_id);
+    if (!st)
+        return mux_fail(s, MUX_E_NOMEM, "out of memory");
+    if (s->cb.on_connect_request)
+        s->cb.on_connect_request(s, st, host, f->port, s->arg);
+    else
+        mux_stream_respond(st, FRAME_STATUS_REFUSED);
+    return MUX_OK;
+}
+
+static int mux_on_connect_response(struct mux_session *s, const struct frame *f)
+{
+    if (s->role != MUX_ROLE_SERVER)
+        return mux_fail(s, MUX_E_PROTOCOL, "ConnectResponse sent to the client");
+    struct mux_stream *st = mux_lookup(s, f->conn_id);
+    if (!st || st->opened)
+        return mux_fail(s, MUX_E_PROTOCOL, "unexpected ConnectResponse for stream %u",
+                        (unsigned)f->conn_id);
+    if (f->status == FRAME_STATUS_OK) {
+        if (st->close_sent)
+            return MUX_OK; /* we gave up already; the peer answers our Close */
+        st->opened = true;
+        if (st->cb.on_connect_response)
+            st->cb.on_connect_response(st, f->status, st->arg);
+        return MUX_OK;
+    }
+    /* A refusal ends the stream on both sides without Close frames. */
+    struct mux_stream_callbacks cb = st->cb;
+    void *arg = st->arg;
+    bool attached = st->attached;
+    st->close_sent = st->close_recv = true;
+    mux_finish(st);
+    if (attached && cb.on_connect_response)
+        cb.on_connect_response(st, f->status, arg);
+    return MUX_OK;
+}
+
+static int mux_on_close(struct mux_session *s, const struct frame *f)
+{
+    struct mux_stream *st = mux_lookup(s, f->conn_id);
+    if (!st)
+        return MUX_OK; /* our refusal crossed the peer's Close: tolerated */
+    if (st->close_recv)
+        return mux_fail(s, MUX_E_PROTOCOL, "second Close for stream %u", (unsigned)st->id);
+    st->close_recv = true;
+    if (st->attached) {
+        struct mux_stream_callbacks cb = st->cb;
+        void *arg = st->arg;
+        mux_detach(st);
+        if (cb.on_close)
+            cb.on_close(st, MUX_CLOSE_PEER, arg);
+    }
+    if (!st->close_sent) {
+        uint8_t buf[FRAME_HEADER_LEN + 4];
+        st->close_sent = true;
+        mux_emit(s, buf, frame_encode_close(buf, sizeof(buf), st->id));
+    }
+    mux_finish(st);
+    return MUX_OK;
+}
+
+/* Looks up the stream a WindowUpdate/ShutWrite/Data names; it must be open. */
+static struct mux_stream *mux_open_stream_for(struct mux_session *s, const struct frame *f,
+                                              const char *what)
+{
+    struct mux_stream *st = mux_lookup(s, f->conn_id);
+    if (!st || !st->opened) {
+        mux_fail(s, MUX_E_PROTOCOL, "%s for %s stream %u", what, st ? "unopened" : "unknown",
+                 (unsigned)f->conn_id);
+        return NULL;
+    }
+    return st;
+}
+
+static int mux_on_window_update(struct mux_session *s, const struct frame *f)
+{
+    struct mux_stream *st = mux_open_stream_for(s, f, "WindowUpdate");
+    if (!st)
+        return s->failed;
+    if ((uint64_t)st->send_window + f->increment > MUX_MAX_WINDOW)
+        return mux_fail(s, MUX_E_PROTOCOL, "window overflow on stream %u", (unsigned)st->id);
+    st->send_window += f->increment;
+    if (st->attached && !st->close_sent && st->cb.on_writable)
+        st->cb.on_writable(st, st->arg);
+    return MUX_OK;
+}
+
+static int mux_on_shut_write(struct mux_session *s, const struct frame *f)
+{
+    struct mux_stream *st = mux_open_stream_for(s, f, "ShutWrite");
+    if (!st)
+        return s->failed;
+    if (st->remote_shut)
+        return mux_fail(s, MUX_E_PROTOCOL, "second ShutWrite for stream %u", (unsigned)st->id);
+    st->remote_shut = true;
+    if (st->attached && st->cb.on_shut)
+        st->cb.on_shut(st, st->arg);
+    return MUX_OK;
+}
+
+static int mux_dispatch(struct mux_session *s, const struct frame *f)
+{
+    bool json = f->type == FRAME_HELLO || f->type == FRAME_HELLO_RESPONSE;
+    if (!s->open && !json)
+        return mux_fail(s, MUX_E_PROTOCOL, "frame type %u before Hello", (unsigned)f->type);
+    switch (f->type) {
+    case FRAME_CONNECT_REQUEST:
+        return mux_on_connect_request(s, f);
+    case FRAME_CONNECT_RESPONSE:
+        return mux_on_connect_response(s, f);
+    case FRAME_CLOSE:
+        return mux_on_close(s, f);
+    case FRAME_KEEPALIVE:
+        return mux_on_keepalive(s, f);
+    case FRAME_HELLO:
+    case FRAME_HELLO_RESPONSE:
+        return mux_on_json(s, f);
+    case FRAME_WINDOW_UPDATE:
+        return mux_on_window_update(s, f);
+    case FRAME_SHUT_WRITE:
+        return mux_on_shut_write(s, f);
+    default:
+        return mux_fail(s, MUX_E_FRAME, "unknown type");
+    }
+}
+
+/* Data moves from in to the stream's sink without a copy where the chains allow it. */
+static int mux_input_data(struct mux_session *s, struct evbuffer *in, uint32_t length)
+{
+    uint8_t hdr[MUX_DATA_HEADER_LEN];
+    struct frame f;
+    if (length < 4 || length - 4 > FRAME_MAX_DATA)
+        return mux_fail(s, MUX_E_FRAME, "%s", frame_result_name(FRAME_E_PAYLOAD));
+    evbuffer_copyout(in, hdr, sizeof(hdr));
+    enum frame_result r = frame_payload_decode(FRAME_DATA, hdr + FRAME_HEADER_LEN, 4, &f);
+    if (r != FRAME_OK)
+        return mux_fail(s, MUX_E_FRAME, "%s", frame_result_name(r));
+    if (!s->open)
+        return mux_fail(s, MUX_E_PROTOCOL, "Data before Hello");
+    struct mux_stream *st = mux_open_stream_for(s, &f, "Data");
+    if (!st)
+        return s->failed;
+    size_t n = length - 4;
+    if (st->remote_shut)
+        return mux_fail(s, MUX_E_PROTOCOL, "Data after ShutWrite on stream %u", (unsigned)st->id);
+    if (n > st->recv_window)
+        return mux_fail(s, MUX_E_PROTOCOL, "Data beyond the window on stream %u",
+                        (unsigned)st->id);
+    st->recv_window -= (uint32_t)n;
+    evbuffer_drain(in, sizeof(hdr));
+    if (st->close_sent || !st->attached)
+        return evbuffer_drain(in, n) == 0 ? MUX_OK : mux_fail(s, MUX_E_NOMEM, "drain failed");
+    struct evbuffer *dst = st->sink ? st->sink : st->rx;
+    if (!dst && !(dst = st->rx = evbuffer_new()))
+        return mux_fail(s, MUX_E_NOMEM, "out of memory");
+    if (n && evbuffer_remove_buffer(in, dst, n) != (int)n)
+        return mux_fail(s, MUX_E_NOMEM, "out of memory");
+    if (n && st->cb.on_data)
+        st->cb.on_data(st, n, st->arg);
+    return MUX_OK;
+}
+
+/* Handles the frame at the front of in. 1 = handled, 0 = need more, else MUX_STOPPED or
+ * an error. */
+static int mux_input_one(struct mux_session *s, struct evbuffer *in)
+{
+    uint8_t raw[FRAME_HEADER_LEN];
+    struct frame_header fh;
+    size_t avail = evbuffer_get_length(in);
+    if (avail < FRAME_HEADER_LEN)
+        return 0;
+    evbuffer_copyout(in, raw, sizeof(raw));
+    enum frame_result r = frame_header_decode(raw, &fh);
+    if (r != FRAME_OK)
+        return mux_fail(s, MUX_E_FRAME, "%s", frame_result_name(r));
+    if (avail - FRAME_HEADER_LEN < fh.length)
+        return 0;
+    if (fh.type == FRAME_DATA) {
+        int rc = mux_input_data(s, in, fh.length);
+        return rc == MUX_OK ? 1 : rc;
+    }
+    size_t total = FRAME_HEADER_LEN + (size_t)fh.length;
+    const uint8_t *p = evbuffer_pullup(in, (ev_ssize_t)total);
+    if (!p)
+        return mux_fail(s, MUX_E_NOMEM, "out of memory");
+    struct frame f;
+    r = frame_payload_decode(fh.type, p + FRAME_HEADER_LEN, fh.length, &f);
+    if (r != FRAME_OK)
+        return mux_fail(s, MUX_E_FRAME, "%s", frame_result_name(r));
+    int rc = mux_dispatch(s, &f);
+    evbuffer_drain(in, total);
+    if (rc == MUX_OK)
+        return s->failed ? s->failed : 1;
+    return rc;
+}
+
+int mux_session_input(struct mux_session *s, struct evbuffer *in)
+{
+    if (s->failed)
+        return s->failed;
+    s->depth++;
+    int rc;
+    while ((rc = mux_input_one(s, in)) == 1)
+        ;
+    s->depth--;
+    mux_gc(s);
+    if (rc == 0)
+        return s->failed ? s->failed : MUX_OK;
+    return rc;
+}
+
+/* ---- streams ---- */
+
+static uint32_t mux_alloc_id(struct mux_session *s)
+{
+    /* ids wrap after 2^32 - 1; skip 0 and ids still in the table. */
+    for (size_t tries = 0; tries <= s->nstreams; tries++) {
+        uint32_t id = s->next_id++;
+        if (id == 0)
+            id = s->next_id++;
+        if (!mux_lookup(s, id))
+            return id;
+    }
+    return 0;
+}
+
+struct mux_stream *mux_stream_open(struct mux_session *s, const char *host, uint16_t port,
+                                   const struct mux_stream_callbacks *cb, void *arg)
+{
+    uint8_t buf[MUX_CTRL_FRAME_MAX];
+    if (s->role != MUX_ROLE_SERVER || !s->open || s->failed || s->freeing)
+        return NULL;
+    uint32_t id = mux_alloc_id(s);
+    if (id == 0)
+        return NULL;
+    int n = frame_encode_connect_request(buf, sizeof(buf), id, port, host);
+    if (n < 0)
+        return NULL;
+    struct mux_stream *st = mux_stream_new(s, id);
+    if (!st)
+        return NULL;
+    if (cb)
+        st->cb = *cb;
+    st->arg = arg;
+    if (mux_emit(s, buf, n) != MUX_OK) {
+        st->close_sent = st->close_recv = true;
+        mux_finish(st);
+        mux_gc(s);
+        return NULL;
+    }
+    return st;
+}
+
+int mux_stream_respond(struct mux_stream *st, uint8_t status)
+{
+    struct mux_session *s = st->s;
+    uint8_t buf[FRAME_HEADER_LEN + 5];
+    if (s->role != MUX_ROLE_CLIENT || !st->attached || st->opened || st->close_sent)
+        return MUX_E_STATE;
+    int rc = mux_emit(s, buf, frame_encode_connect_response(buf, sizeof(buf), st->id, status));
+    if (rc == MUX_OK && status == FRAME_STATUS_OK) {
+        st->opened = true;
+        return MUX_OK;
+    }
+    /* A refusal ends the stream here; the peer frees its side on receipt. */
+    st->close_sent = st->close_recv = true;
+    mux_finish(st);
+    mux_gc(s);
+    return rc;
+}
+
+void mux_stream_set_callbacks(struct mux_stream *st, const struct mux_stream_callbacks *cb,
+                              void *arg)
+{
+    if (!st->attached)
+        return;
+    if (cb)
+        st->cb = *cb;
+    else
+        memset(&st->cb, 0, sizeof(st->cb));
+    st->arg = arg;
+}
+
+void mux_stream_set_sink(struct mux_stream *st, struct evbuffer *sink)
+{
+    if (sink && st->rx && evbuffer_get_length(st->rx) > 0)
+        evbuffer_add_buffer(sink, st->rx);
+    st->sink = sink;
+}
+
+struct evbuffer *mux_stream_sink(struct mux_stream *st)
+{
+    if (st->sink)
+        return st->sink;
+    if (!st->rx)
+        st->rx = evbuffer_new();
+    return st->rx;
+}
+
+uint32_t mux_stream_id(const struct mux_stream *st) { return st->id; }
+
+struct mux_session *mux_stream_session(const struct mux_stream *st) { return st->s; }
+
+uint32_t mux_stream_send_window(const struct mux_stream *st) { return st->send_window; }
+
+size_t mux_stream_send_room(const struct mux_stream *st)
+{
+    if (evbuffer_get_length(st->s->out) >= MUX_OUT_SOFT_LIMIT)
+        return 0;
+    return st->send_window;
+}
+
+static bool mux_stream_can_send(const struct mux_stream *st)
+{
+    const struct mux_session *s = st->s;
+    return st->attached && st->opened && !st->local_shut && !st->close_sent && !s->failed &&
+           !s->freeing;
+}
+
+int mux_stream_write(struct mux_stream *st, struct evbuffer *src)
+{
+    struct mux_session *s = st->s;
+    if (!mux_stream_can_send(st))
+        return MUX_E_STATE;
+    size_t total = 0, left;
+    while ((left = evbuffer_get_length(src)) > 0) {
+        size_t room = mux_stream_send_room(st);
+        if (room == 0) {
+            /* Window closed: WindowUpdate wakes us. Output full: the drain does. */
+            if (st->send_window > 0 && !st->blocked) {
+                TAILQ_INSERT_TAIL(&s->blocked, st, blocked_link);
+                st->blocked = true;
+            }
+            break;
+        }
+        size_t n = left < room ? left : room;
+        if (n > FRAME_MAX_DATA)
+            n = FRAME_MAX_DATA;
+        uint8_t hdr[MUX_DATA_HEADER_LEN];
+        frame_encode_data_header(hdr, sizeof(hdr), st->id, n);
+        if (evbuffer_add(s->out, hdr, sizeof(hdr)) != 0 ||
+            evbuffer_remove_buffer(src, s->out, n) != (int)n)
+            return mux_fail(s, MUX_E_NOMEM, "out of memory");
+        st->send_window -= (uint32_t)n;
+        total += n;
+    }
+    return total > (size_t)INT32_MAX ? INT32_MAX : (int)total;
+}
+
+void mux_stream_consumed(struct mux_stream *st, size_t n)
+{
+    /* Never credit more than was received: the window stays <= its initial size. */
+    uint32_t outstanding = MUX_INITIAL_WINDOW - st->recv_window - st->recv_consumed;
+    if (n > outstanding)
+        n = outstanding;
+    st->recv_consumed += (uint32_t)n;
+    if (st->recv_consumed < MUX_INITIAL_WINDOW / 2 || st->close_sent || st->remote_shut)
+        return;
+    uint8_t buf[FRAME_HEADER_LEN + 8];
+    if (mux_emit(st->s, buf, frame_encode_window_update(buf, sizeof(buf), st->id,
+                                                         st->recv_consumed)) == MUX_OK) {
+        st->recv_window += st->recv_consumed;
+        st->recv_consumed = 0;
+    }
+}
+
+int mux_stream_shut_write(struct mux_stream *st)
+{
+    uint8_t buf[FRAME_HEADER_LEN + 4];
+    if (!mux_stream_can_send(st))
+        return MUX_E_STATE;
+    st->local_shut = true;
+    mux_unblock(st);
+    return mux_emit(st->s, buf, frame_encode_shut_write(buf, sizeof(buf), st->id));
+}
+
+void mux_stream_close(struct mux_stream *st)
+{
+    struct mux_session *s = st->s;
+    if (!st->attached || s->freeing)
+        return;
+    mux_detach(st);
+    if (!st->close_sent) {
+        uint8_t buf[FRAME_HEADER_LEN + 4];
+        st->close_sent = true;
+        mux_emit(s, buf, frame_encode_close(buf, sizeof(buf), st->id));
+    }
+    if (st->close_recv)
+        mux_finish(st);
+    mux_gc(s);
+}

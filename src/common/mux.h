@@ -1,0 +1,138 @@
+/* The tunnel session (SPEC §4): streams keyed by conn_id, per-stream windows with
+ * WindowUpdate, half-close (ShutWrite), Close, KeepAlive with RTT. The same code runs on
+ * both sides. I/O-free in the nghttp2 sense: mux_session_input() consumes frames from an
+ * evbuffer, and every frame the session wants to send is appended to the output evbuffer
+ * given at creation, which an adapter drains to the socket.
+ *
+ * Stream lifetime: the session owns every stream. The application's reference ends when
+ * it calls mux_stream_close() or when its on_close callback returns (after that the
+ * pointer must not be used). Both sides send Close exactly once; a stream is freed only
+ * after Close went both ways (or a failed ConnectResponse), in a pass that runs after the
+ * callbacks returned, so a callback never sees its stream freed under it.
+ *
+ * Never free the session from inside one of its callbacks. */
+#ifndef PORTMUX_MUX_H
+#define PORTMUX_MUX_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct evbuffer;
+struct mux_session;
+struct mux_stream;
+
+/* Initial window of every stream in each direction. */
+#define MUX_INITIAL_WINDOW (256u * 1024u)
+/* A window may never grow beyond this (protocol error). */
+#define MUX_MAX_WINDOW (UINT32_C(1) << 31)
+/* Streams stop queueing Data while the session output holds this much (bounded memory). */
+#define MUX_OUT_SOFT_LIMIT (1024u * 1024u)
+#define MUX_KEEPALIVE_TOKEN_LEN 8
+
+enum mux_role { MUX_ROLE_SERVER, MUX_ROLE_CLIENT };
+
+enum mux_result {
+    MUX_OK = 0,
+    MUX_STOPPED = 1,         /* input: a callback asked to stop reading (not an error) */
+    MUX_E_FRAME = -1,        /* undecodable frame (version, type, length, payload) */
+    MUX_E_PROTOCOL = -2,     /* a well-formed frame that breaks the protocol */
+    MUX_E_STATE = -3,        /* call not valid in the stream's state */
+    MUX_E_NOMEM = -4,
+};
+
+enum mux_close_reason {
+    MUX_CLOSE_PEER,          /* the peer sent Close: deliver what is buffered, then close */
+    MUX_CLOSE_SESSION,       /* the session is going away: close at once */
+};
+
+/* Per-stream callbacks; any may be NULL. arg is given with mux_stream_set_callbacks. */
+struct mux_stream_callbacks {
+    /* Server role: the client answered the ConnectRequest. When status is not
+     * FRAME_STATUS_OK the stream is finished once this returns. */
+    void (*on_connect_response)(struct mux_stream *st, uint8_t status, void *arg);
+    /* New Data was appended to the stream's sink. */
+    void (*on_data)(struct mux_stream *st, size_t len, void *arg);
+    /* The stream may be able to send again (window opened or session output drained). */
+    void (*on_writable)(struct mux_stream *st, void *arg);
+    /* The peer sent ShutWrite: no more Data will come. */
+    void (*on_shut)(struct mux_stream *st, void *arg);
+    /* The stream is gone; st is invalid once this returns. */
+    void (*on_close)(struct mux_stream *st, enum mux_close_reason why, void *arg);
+};
+
+struct mux_session_callbacks {
+    /* Client role: the server asks for a stream to host:port (NUL-terminated, default
+     * "127.0.0.1"). Set the stream's callbacks here and answer, now or later, with
+     * mux_stream_respond(). */
+    void (*on_connect_request)(struct mux_session *s, struct mux_stream *st,
+                               const char *host, uint16_t port, void *arg);
+    /* Hello (server role) or HelloResponse (client role). json is not NUL-terminated.
+     * Return 0 to go on, MUX_STOPPED to stop reading input, or < 0 for a protocol error. */
+    int (*on_json)(struct mux_session *s, uint8_t type, const char *json, size_t len,
+                   void *arg);
+};
+
+/* Creates a session appending its frames to out (not owned). Until mux_session_set_open()
+ * only Hello/HelloResponse frames are accepted; anything else is a protocol error. */
+struct mux_session *mux_session_new(enum mux_role role, struct evbuffer *out,
+                                    const struct mux_session_callbacks *cb, void *arg);
+/* Calls on_close(MUX_CLOSE_SESSION) for every stream the application holds, frees all.
+ * NULL-safe. */
+void mux_session_free(struct mux_session *s);
+
+/* Lets stream and KeepAlive frames through (after a successful Hello). */
+void mux_session_set_open(struct mux_session *s);
+bool mux_session_is_open(const struct mux_session *s);
+
+/* Consumes every whole frame at the front of in; a partial frame stays. Returns MUX_OK,
+ * MUX_STOPPED, or a negative error (fatal: close the tunnel; see mux_session_error). */
+int mux_session_input(struct mux_session *s, struct evbuffer *in);
+/* A human reason for the last fatal error ("" when none). */
+const char *mux_session_error(const struct mux_session *s);
+
+/* Appends a Hello or HelloResponse frame. */
+int mux_session_send_json(struct mux_session *s, uint8_t type, const char *json, size_t len);
+/* Appends a KeepAlive with a fresh token; its echo measures the RTT. */
+int mux_session_send_keepalive(struct mux_session *s);
+/* Last measured round-trip time in milliseconds; 0 before the first echo. */
+double mux_session_rtt_ms(const struct mux_session *s);
+/* The adapter drained the output below the soft limit: streams waiting for room get
+ * on_writable, round robin, while there is room. */
+void mux_session_output_drained(struct mux_session *s);
+/* Streams the application holds (not those only waiting for the peer's Close). */
+size_t mux_session_stream_count(const struct mux_session *s);
+
+/* Server role: opens a stream and sends ConnectRequest(host, port). NULL on failure. */
+struct mux_stream *mux_stream_open(struct mux_session *s, const char *host, uint16_t port,
+                                   const struct mux_stream_callbacks *cb, void *arg);
+/* Client role: answers the ConnectRequest. Any status but FRAME_STATUS_OK ends the
+ * stream (the application's reference with it). */
+int mux_stream_respond(struct mux_stream *st, uint8_t status);
+
+void mux_stream_set_callbacks(struct mux_stream *st, const struct mux_stream_callbacks *cb,
+                              void *arg);
+/* Where received Data goes (e.g. a bufferevent's output). Bytes already received move
+ * there at once. NULL = the stream's own buffer. */
+void mux_stream_set_sink(struct mux_stream *st, struct evbuffer *sink);
+struct evbuffer *mux_stream_sink(struct mux_stream *st);
+
+uint32_t mux_stream_id(const struct mux_stream *st);
+struct mux_session *mux_stream_session(const struct mux_stream *st);
+/* Bytes the stream may send right now: min(window, room in the session output). */
+size_t mux_stream_send_room(const struct mux_stream *st);
+uint32_t mux_stream_send_window(const struct mux_stream *st);
+
+/* Moves as much of src as the window and the session output allow into Data frames of
+ * at most FRAME_MAX_DATA bytes. Returns the bytes moved (0 = blocked: on_writable
+ * follows), or MUX_E_STATE when the stream cannot send (not open, shut, closed). */
+int mux_stream_write(struct mux_stream *st, struct evbuffer *src);
+/* The application drained n received bytes; sends WindowUpdate once half the window is
+ * consumed. */
+void mux_stream_consumed(struct mux_stream *st, size_t n);
+/* Half-close: sends ShutWrite; no more writes. */
+int mux_stream_shut_write(struct mux_stream *st);
+/* Sends Close (once) and ends the application's reference. */
+void mux_stream_close(struct mux_stream *st);
+
+#endif

@@ -1,0 +1,570 @@
+/* Unit tests for the tunnel session (src/common/mux.c): two sessions wired back to back
+ * in memory, no sockets. */
+#include "mux.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <event2/buffer.h>
+
+#include "frame.h"
+
+static int passed;
+static int failed;
+
+#define CHECK(expr)                                                                   \
+    do {                                                                              \
+        if (expr) {                                                                   \
+            passed++;                                                                 \
+        } else {                                                                      \
+            failed++;                                                                 \
+            fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #expr);           \
+        }                                                                             \
+    } while (0)
+
+/* What the callbacks saw, per stream end. */
+struct end {
+    struct mux_stream *st;
+    int responses;
+    int status;
+    size_t data;
+    int writable;
+    int shut;
+    int closed;
+    enum mux_close_reason why;
+    bool close_on_shut;      /* calls mux_stream_close from inside on_shut */
+};
+
+struct pair {
+    struct evbuffer *out_srv, *out_cli;
+    struct mux_session *srv, *cli;
+    int hellos, hello_responses;
+    /* Client side: how to answer the next ConnectRequest (-1 = later). */
+    int answer;
+    char last_host[256];
+    uint16_t last_port;
+    struct end cli_ends[8];
+    int ncli;
+};
+
+static void end_on_connect_response(struct mux_stream *st, uint8_t status, void *arg)
+{
+    struct end *e = arg;
+    e->responses++;
+    e->status = status;
+}
+
+static void end_on_data(struct mux_stream *st, size_t len, void *arg)
+{
+    ((struct end *)arg)->data += len;
+}
+
+static void end_on_writable(struct mux_stream *st, void *arg) { ((struct end *)arg)->writable++; }
+
+static void end_on_shut(struct mux_stream *st, void *arg)
+{
+    struct end *e = arg;
+    e->shut++;
+    if (e->close_on_shut) {
+        mux_stream_close(st);
+        e->st = NULL;
+    }
+}
+
+static void end_on_close(struct mux_stream *st, enum mux_close_reason why, void *arg)
+{
+    struct end *e = arg;
+    e->closed++;
+    e->why = why;
+    e->st = NULL;
+}
+
+static const struct mux_stream_callbacks end_cb = {
+    .on_connect_response = end_on_connect_response,
+    .on_data = end_on_data,
+    .on_writable = end_on_writable,
+    .on_shut = end_on_shut,
+    .on_close = end_on_close,
+};
+
+static int srv_on_json(struct mux_session *s, uint8_t type, const char *json, size_t len,
+                       void *arg)
+{
+    struct pair *p = arg;
+    p->hellos++;
+    mux_session_set_open(s);
+    const char ok[] = "{\"ok\":true,\"message\":\"welcome\"}";
+    mux_session_send_json(s, FRAME_HELLO_RESPONSE, ok, sizeof(ok) - 1);
+    return 0;
+}
+
+static int cli_on_json(struct mux_session *s, uint8_t type, const char *json, size_t len,
+                       void *arg)
+{
+    struct pair *p = arg;
+    p->hello_responses++;
+    mux_session_set_open(s);
+    return 0;
+}
+
+static void cli_on_connect_request(struct mux_session *s, struct mux_stream *st,
+                                   const char *host, uint16_t port, void *arg)
+{
+    struct pair *p = arg;
+    snprintf(p->last_host, sizeof(p->last_host), "%s", host);
+    p->last_port = port;
+    struct end *e = &p->cli_ends[p->ncli++ % 8];
+    memset(e, 0, sizeof(*e));
+    e->st = st;
+    mux_stream_set_callbacks(st, &end_cb, e);
+    if (p->answer >= 0) {
+        CHECK(mux_stream_respond(st, (uint8_t)p->answer) == MUX_OK);
+        if (p->answer != FRAME_STATUS_OK)
+            e->st = NULL; /* a refusal ends our reference */
+    }
+}
+
+static const struct mux_session_callbacks srv_cb = {.on_json = srv_on_json};
+static const struct mux_session_callbacks cli_cb = {
+    .on_connect_request = cli_on_connect_request,
+    .on_json = cli_on_json,
+};
+
+/* Moves everything each side queued to the other until both are quiet. */
+static int pump(struct pair *p)
+{
+    for (int i = 0; i < 1000; i++) {
+        if (evbuffer_get_length(p->out_srv) == 0 && evbuffer_get_length(p->out_cli) == 0)
+            return 0;
+        int rc = mux_session_input(p->cli, p->out_srv);
+        if (rc < 0)
+            return rc;
+        mux_session_output_drained(p->srv);
+        rc = mux_session_input(p->srv, p->out_cli);
+        if (rc < 0)
+            return rc;
+        mux_session_output_drained(p->cli);
+    }
+    return 0;
+}
+
+static void pair_init(struct pair *p)
+{
+    memset(p, 0, sizeof(*p));
+    p->out_srv = evbuffer_new();
+    p->out_cli = evbuffer_new();
+    p->srv = mux_session_new(MUX_ROLE_SERVER, p->out_srv, &srv_cb, p);
+    p->cli = mux_session_new(MUX_ROLE_CLIENT, p->out_cli, &cli_cb, p);
+    const char hello[] = "{\"name\":\"default\",\"token\":\"t\",\"version\":\"1\"}";
+    CHECK(mux_session_send_json(p->cli, FRAME_HELLO, hello, sizeof(hello) - 1) == MUX_OK);
+    CHECK(pump(p) == 0);
+    CHECK(p->hellos == 1 && p->hello_responses == 1);
+    CHECK(mux_session_is_open(p->srv) && mux_session_is_open(p->cli));
+}
+
+static void pair_free(struct pair *p)
+{
+    mux_session_free(p->srv);
+    mux_session_free(p->cli);
+    evbuffer_free(p->out_srv);
+    evbuffer_free(p->out_cli);
+}
+
+static struct evbuffer *pattern(size_t n, unsigned seed)
+{
+    struct evbuffer *b = evbuffer_new();
+    uint8_t chunk[4096];
+    for (size_t off = 0; off < n;) {
+        size_t k = n - off < sizeof(chunk) ? n - off : sizeof(chunk);
+        for (size_t i = 0; i < k; i++)
+            chunk[i] = (uint8_t)((off + i) * 31u + seed);
+        evbuffer_add(b, chunk, k);
+        off += k;
+    }
+    return b;
+}
+
+static bool matches_pattern(struct evbuffer *b, size_t n, unsigned seed)
+{
+    if (evbuffer_get_length(b) != n)
+        return false;
+    const uint8_t *p = evbuffer_pullup(b, -1);
+    for (size_t i = 0; i < n; i++) {
+        if (p[i] != (uint8_t)(i * 31u + seed))
+            return false;
+    }
+    return true;
+}
+
+/* Opens a stream from the server and has the client accept it. */
+static struct mux_stream *open_stream(struct pair *p, struct end *se, struct end **ce)
+{
+    memset(se, 0, sizeof(*se));
+    p->answer = FRAME_STATUS_OK;
+    se->st = mux_stream_open(p->srv, "10.0.0.5", 5432, &end_cb, se);
+    CHECK(se->st != NULL);
+    CHECK(pump(p) == 0);
+    CHECK(se->responses == 1 && se->status == FRAME_STATUS_OK);
+    *ce = &p->cli_ends[(p->ncli - 1) % 8];
+    return se->st;
+}
+
+static void test_open_data_close(void)
+{
+    struct pair p;
+    struct end se;
+    struct end *ce;
+    pair_init(&p);
+    struct mux_stream *st = open_stream(&p, &se, &ce);
+    CHECK(strcmp(p.last_host, "10.0.0.5") == 0 && p.last_port == 5432);
+    CHECK(mux_session_stream_count(p.srv) == 1 && mux_session_stream_count(p.cli) == 1);
+
+    struct evbuffer *a = pattern(100000, 1);
+    CHECK(mux_stream_write(st, a) == 100000);
+    CHECK(evbuffer_get_length(a) == 0);
+    CHECK(pump(&p) == 0);
+    CHECK(ce->data == 100000);
+    CHECK(matches_pattern(mux_stream_sink(ce->st), 100000, 1));
+
+    struct evbuffer *b = pattern(7000, 2);
+    CHECK(mux_stream_write(ce->st, b) == 7000);
+    CHECK(pump(&p) == 0);
+    CHECK(se.data == 7000 && matches_pattern(mux_stream_sink(st), 7000, 2));
+
+    /* Half-close: server -> client direction ends; the other still flows. */
+    CHECK(mux_stream_shut_write(st) == MUX_OK);
+    CHECK(mux_stream_write(st, a) == MUX_E_STATE);
+    CHECK(pump(&p) == 0);
+    CHECK(ce->shut == 1 && se.shut == 0);
+    evbuffer_add(b, "xyz", 3);
+    CHECK(mux_stream_write(ce->st, b) == 3);
+    CHECK(pump(&p) == 0);
+    CHECK(se.data == 7003);
+    CHECK(mux_stream_shut_write(ce->st) == MUX_OK);
+    CHECK(pump(&p) == 0);
+    CHECK(se.shut == 1);
+
+    /* Close from the server: the client hears it once and answers; both free it. */
+    mux_stream_close(st);
+    CHECK(mux_session_stream_count(p.srv) == 0);
+    CHECK(pump(&p) == 0);
+    CHECK(ce->closed == 1 && ce->why == MUX_CLOSE_PEER && se.closed == 0);
+    CHECK(mux_session_stream_count(p.cli) == 0);
+    evbuffer_free(a);
+    evbuffer_free(b);
+    pair_free(&p);
+}
+
+static void test_flow_control(void)
+{
+    struct pair p;
+    struct end se1, se2;
+    struct end *ce1, *ce2;
+    pair_init(&p);
+    struct mux_stream *st1 = open_stream(&p, &se1, &ce1);
+    struct mux_stream *st2 = open_stream(&p, &se2, &ce2);
+    struct evbuffer *big = pattern(1 << 20, 3);
+
+    /* Nobody drains stream 1 on the client: the sender stops at one window. */
+    CHECK(mux_stream_write(st1, big) == (int)MUX_INITIAL_WINDOW);
+    CHECK(mux_stream_send_window(st1) == 0);
+    CHECK(mux_stream_write(st1, big) == 0);
+    CHECK(pump(&p) == 0);
+    CHECK(ce1->data == MUX_INITIAL_WINDOW);
+    CHECK(mux_stream_write(st1, big) == 0);
+
+    /* Stream 2 flows while stream 1 is stalled. */
+    struct evbuffer *small = pattern(50000, 4);
+    CHECK(mux_stream_write(st2, small) == 50000);
+    CHECK(pump(&p) == 0);
+    CHECK(ce2->data == 50000);
+
+    /* Consuming less than half the window gives nothing back. */
+    struct evbuffer *sink1 = mux_stream_sink(ce1->st);
+    evbuffer_drain(sink1, 1000);
+    mux_stream_consumed(ce1->st, 1000);
+    CHECK(pump(&p) == 0);
+    CHECK(mux_stream_send_window(st1) == 0 && se1.writable == 0);
+
+    /* Half the window consumed: one WindowUpdate, the sender resumes. */
+    evbuffer_drain(sink1, MUX_INITIAL_WINDOW / 2);
+    mux_stream_consumed(ce1->st, MUX_INITIAL_WINDOW / 2);
+    CHECK(pump(&p) == 0);
+    CHECK(se1.writable == 1);
+    CHECK(mux_stream_send_window(st1) == MUX_INITIAL_WINDOW / 2 + 1000);
+    CHECK(mux_stream_write(st1, big) == (int)(MUX_INITIAL_WINDOW / 2 + 1000));
+    CHECK(pump(&p) == 0);
+
+    /* Over-reporting consumption never grows the window past its initial size. */
+    mux_stream_consumed(ce1->st, 100u << 20);
+    CHECK(pump(&p) == 0);
+    CHECK(mux_stream_send_window(st1) == MUX_INITIAL_WINDOW);
+    evbuffer_free(big);
+    evbuffer_free(small);
+    pair_free(&p);
+}
+
+/* Many streams writing without the output being drained: the session output stays
+ * bounded, and the blocked streams are woken round robin when it drains. */
+static void test_output_bound(void)
+{
+    struct pair p;
+    struct end se[6];
+    struct end *ce;
+    pair_init(&p);
+    struct mux_stream *st[6];
+    for (int i = 0; i < 6; i++)
+        st[i] = open_stream(&p, &se[i], &ce);
+    struct evbuffer *src = pattern(6 * MUX_INITIAL_WINDOW, 5);
+    size_t total = 0;
+    for (int i = 0; i < 6; i++) {
+        int n = mux_stream_write(st[i], src);
+        CHECK(n >= 0);
+        total += (size_t)n;
+    }
+    CHECK(evbuffer_get_length(p.out_srv) < MUX_OUT_SOFT_LIMIT + FRAME_MAX_DATA + 64);
+    CHECK(total < 6 * MUX_INITIAL_WINDOW);
+    /* Drain the output (the peer takes it) and tell the session. */
+    CHECK(mux_session_input(p.cli, p.out_srv) == MUX_OK);
+    mux_session_output_drained(p.srv);
+    int woken = 0;
+    for (int i = 0; i < 6; i++)
+        woken += se[i].writable;
+    CHECK(woken >= 1);
+    evbuffer_free(src);
+    pair_free(&p);
+}
+
+static void test_refusal_and_race(void)
+{
+    struct pair p;
+    struct end se;
+    pair_init(&p);
+    p.answer = FRAME_STATUS_NOT_ALLOWED;
+    memset(&se, 0, sizeof(se));
+    se.st = mux_stream_open(p.srv, NULL, 22, &end_cb, &se);
+    CHECK(se.st != NULL);
+    CHECK(pump(&p) == 0);
+    CHECK(strcmp(p.last_host, "127.0.0.1") == 0 && p.last_port == 22);
+    CHECK(se.responses == 1 && se.status == FRAME_STATUS_NOT_ALLOWED);
+    CHECK(mux_session_stream_count(p.srv) == 0 && mux_session_stream_count(p.cli) == 0);
+
+    /* The server gives up (connect timeout) while the client answers ok: no error. */
+    p.answer = -1;
+    memset(&se, 0, sizeof(se));
+    se.st = mux_stream_open(p.srv, "h", 80, &end_cb, &se);
+    CHECK(mux_session_input(p.cli, p.out_srv) == MUX_OK);
+    struct end *ce = &p.cli_ends[(p.ncli - 1) % 8];
+    CHECK(mux_stream_respond(ce->st, FRAME_STATUS_OK) == MUX_OK);
+    mux_stream_close(se.st);
+    CHECK(pump(&p) == 0);
+    CHECK(se.responses == 0 && ce->closed == 1);
+    CHECK(mux_session_stream_count(p.srv) == 0 && mux_session_stream_count(p.cli) == 0);
+
+    /* Same, but the client refuses while our Close is on its way. */
+    memset(&se, 0, sizeof(se));
+    se.st = mux_stream_open(p.srv, "h", 81, &end_cb, &se);
+    CHECK(mux_session_input(p.cli, p.out_srv) == MUX_OK);
+    ce = &p.cli_ends[(p.ncli - 1) % 8];
+    mux_stream_close(se.st);
+    CHECK(mux_stream_respond(ce->st, FRAME_STATUS_REFUSED) == MUX_OK);
+    CHECK(pump(&p) == 0);
+    CHECK(mux_session_stream_count(p.srv) == 0 && mux_session_stream_count(p.cli) == 0);
+    pair_free(&p);
+}
+
+static void test_close_inside_callback_and_session_free(void)
+{
+    struct pair p;
+    struct end se1, se2;
+    struct end *ce1, *ce2;
+    pair_init(&p);
+    struct mux_stream *st1 = open_stream(&p, &se1, &ce1);
+    open_stream(&p, &se2, &ce2);
+    ce1->close_on_shut = true;
+    CHECK(mux_stream_shut_write(st1) == MUX_OK);
+    CHECK(pump(&p) == 0);
+    CHECK(ce1->shut == 1 && se1.closed == 1 && se1.why == MUX_CLOSE_PEER);
+    CHECK(mux_session_stream_count(p.cli) == 1 && mux_session_stream_count(p.srv) == 1);
+    /* Freeing a session tells the application about every stream it still holds. */
+    mux_session_free(p.srv);
+    p.srv = NULL;
+    CHECK(se2.closed == 1 && se2.why == MUX_CLOSE_SESSION);
+    mux_session_free(p.cli);
+    p.cli = NULL;
+    CHECK(ce2->closed == 1 && ce2->why == MUX_CLOSE_SESSION);
+    pair_free(&p);
+}
+
+static void test_keepalive(void)
+{
+    struct pair p;
+    pair_init(&p);
+    CHECK(mux_session_rtt_ms(p.srv) == 0);
+    CHECK(mux_session_send_keepalive(p.srv) == MUX_OK);
+    CHECK(mux_session_send_keepalive(p.cli) == MUX_OK);
+    CHECK(pump(&p) == 0);
+    CHECK(mux_session_rtt_ms(p.srv) > 0 && mux_session_rtt_ms(p.cli) > 0);
+    /* A stale echo of our own token is dropped, never bounced back. */
+    uint8_t buf[32], stale[32];
+    CHECK(mux_session_send_keepalive(p.srv) == MUX_OK);
+    CHECK(evbuffer_get_length(p.out_srv) == FRAME_HEADER_LEN + 8);
+    evbuffer_remove(p.out_srv, stale, FRAME_HEADER_LEN + 8);
+    CHECK(mux_session_send_keepalive(p.srv) == MUX_OK);
+    evbuffer_drain(p.out_srv, evbuffer_get_length(p.out_srv));
+    evbuffer_add(p.out_cli, stale, FRAME_HEADER_LEN + 8);
+    CHECK(mux_session_input(p.srv, p.out_cli) == MUX_OK);
+    CHECK(evbuffer_get_length(p.out_srv) == 0);
+    /* The peer's token is answered with the same token. */
+    uint8_t peer_tok[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    int k = frame_encode_keepalive(buf, sizeof(buf), peer_tok);
+    evbuffer_add(p.out_cli, buf, (size_t)k);
+    CHECK(mux_session_input(p.srv, p.out_cli) == MUX_OK);
+    CHECK(evbuffer_get_length(p.out_srv) == (size_t)k);
+    CHECK(memcmp(evbuffer_pullup(p.out_srv, -1), buf, (size_t)k) == 0);
+    evbuffer_drain(p.out_srv, (size_t)k);
+    /* An empty KeepAlive is only liveness: no answer. */
+    int n = frame_encode_keepalive(buf, sizeof(buf), NULL);
+    evbuffer_add(p.out_cli, buf, (size_t)n);
+    CHECK(mux_session_input(p.srv, p.out_cli) == MUX_OK);
+    CHECK(evbuffer_get_length(p.out_srv) == 0);
+    pair_free(&p);
+}
+
+/* Feeds raw bytes to a fresh, open client session; returns mux_session_input's result. */
+static int feed(struct pair *p, const uint8_t *bytes, size_t n)
+{
+    evbuffer_add(p->out_srv, bytes, n);
+    return mux_session_input(p->cli, p->out_srv);
+}
+
+static void test_protocol_errors(void)
+{
+    struct pair p;
+    uint8_t buf[FRAME_HEADER_LEN + FRAME_MAX_PAYLOAD];
+    int n;
+
+    pair_init(&p);
+    n = frame_encode_data(buf, sizeof(buf), 99, (const uint8_t *)"x", 1);
+    CHECK(feed(&p, buf, (size_t)n) == MUX_E_PROTOCOL);
+    CHECK(strstr(mux_session_error(p.cli), "unknown") != NULL);
+    /* A failed session stays failed. */
+    CHECK(mux_session_input(p.cli, p.out_srv) == MUX_E_PROTOCOL);
+    pair_free(&p);
+
+    pair_init(&p);
+    const uint8_t bad_version[] = {0x02, 0x05, 0, 0, 0, 0};
+    CHECK(feed(&p, bad_version, sizeof(bad_version)) == MUX_E_FRAME);
+    pair_free(&p);
+
+    pair_init(&p);
+    const uint8_t too_long[] = {0x01, 0x03, 0, 1, 0, 9};
+    CHECK(feed(&p, too_long, sizeof(too_long)) == MUX_E_FRAME);
+    pair_free(&p);
+
+    pair_init(&p);
+    const uint8_t zero_inc[] = {0x01, 0x08, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0};
+    CHECK(feed(&p, zero_inc, sizeof(zero_inc)) == MUX_E_FRAME);
+    pair_free(&p);
+
+    /* Window overflow: increments that take a window past 2^31. */
+    struct end se;
+    struct end *ce;
+    pair_init(&p);
+    struct mux_stream *st = open_stream(&p, &se, &ce);
+    uint32_t id = mux_stream_id(st);
+    n = frame_encode_window_update(buf, sizeof(buf), id, 1u << 30);
+    CHECK(feed(&p, buf, (size_t)n) == MUX_OK);
+    CHECK(feed(&p, buf, (size_t)n) == MUX_E_PROTOCOL);
+    CHECK(strstr(mux_session_error(p.cli), "overflow") != NULL);
+    pair_free(&p);
+
+    /* Data beyond the window. */
+    pair_init(&p);
+    st = open_stream(&p, &se, &ce);
+    id = mux_stream_id(st);
+    static uint8_t chunk[FRAME_MAX_DATA];
+    int rc = MUX_OK;
+    for (int i = 0; i < 5 && rc == MUX_OK; i++) {
+        n = frame_encode_data(buf, sizeof(buf), id, chunk, sizeof(chunk));
+        rc = feed(&p, buf, (size_t)n);
+    }
+    CHECK(rc == MUX_E_PROTOCOL);
+    CHECK(strstr(mux_session_error(p.cli), "window") != NULL);
+    pair_free(&p);
+
+    /* Stream frames before Hello, and a Hello sent to the client. */
+    struct evbuffer *o = evbuffer_new();
+    struct mux_session *s = mux_session_new(MUX_ROLE_SERVER, o, NULL, NULL);
+    struct evbuffer *in = evbuffer_new();
+    n = frame_encode_keepalive(buf, sizeof(buf), NULL);
+    evbuffer_add(in, buf, (size_t)n);
+    CHECK(mux_session_input(s, in) == MUX_E_PROTOCOL);
+    mux_session_free(s);
+    evbuffer_free(in);
+    evbuffer_free(o);
+
+    pair_init(&p);
+    n = frame_encode_json(buf, sizeof(buf), FRAME_HELLO, "{}", 2);
+    CHECK(feed(&p, buf, (size_t)n) == MUX_E_PROTOCOL);
+    pair_free(&p);
+
+    /* ConnectRequest for a conn_id in use; Data after ShutWrite. */
+    pair_init(&p);
+    st = open_stream(&p, &se, &ce);
+    n = frame_encode_connect_request(buf, sizeof(buf), mux_stream_id(st), 80, NULL);
+    CHECK(feed(&p, buf, (size_t)n) == MUX_E_PROTOCOL);
+    pair_free(&p);
+
+    pair_init(&p);
+    st = open_stream(&p, &se, &ce);
+    n = frame_encode_shut_write(buf, sizeof(buf), mux_stream_id(st));
+    CHECK(feed(&p, buf, (size_t)n) == MUX_OK);
+    n = frame_encode_data(buf, sizeof(buf), mux_stream_id(st), (const uint8_t *)"x", 1);
+    CHECK(feed(&p, buf, (size_t)n) == MUX_E_PROTOCOL);
+    pair_free(&p);
+
+    /* A Close for an unknown stream is a tolerated race, not an error. */
+    pair_init(&p);
+    n = frame_encode_close(buf, sizeof(buf), 12345);
+    CHECK(feed(&p, buf, (size_t)n) == MUX_OK);
+    pair_free(&p);
+}
+
+/* Any split of the input decodes the same: feed one byte at a time. */
+static void test_partial_input(void)
+{
+    struct pair p;
+    struct end se;
+    struct end *ce;
+    pair_init(&p);
+    struct mux_stream *st = open_stream(&p, &se, &ce);
+    struct evbuffer *a = pattern(70000, 9);
+    CHECK(mux_stream_write(st, a) == 70000);
+    struct evbuffer *trickle = evbuffer_new();
+    int rc = MUX_OK;
+    while (evbuffer_get_length(p.out_srv) > 0 && rc == MUX_OK) {
+        evbuffer_remove_buffer(p.out_srv, trickle, 1);
+        rc = mux_session_input(p.cli, trickle);
+    }
+    CHECK(rc == MUX_OK && evbuffer_get_length(trickle) == 0);
+    CHECK(ce->data == 70000 && matches_pattern(mux_stream_sink(ce->st), 70000, 9));
+    evbuffer_free(trickle);
+    evbuffer_free(a);
+    pair_free(&p);
+}
+
+int main(void)
+{
+    test_open_data_close();
+    test_flow_control();
+    test_output_bound();
+    test_refusal_and_race();
+    test_close_inside_callback_and_session_free();
+    test_keepalive();
+    test_protocol_errors();
+    test_partial_input();
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
