@@ -558,13 +558,25 @@ class Server:
 
     # ---- database ----
 
-    def sqlite(self, sql):
-        return sqlite(self.db_path, sql)
+    def sqlite(self, sql, readonly=True):
+        return sqlite(self.db_path, sql, readonly=readonly)
+
+    def sanitized(self):
+        """True when the running binary carries AddressSanitizer (RSS limits do not apply)."""
+        try:
+            with open(f"/proc/{self.pid}/maps") as f:
+                maps = f.read()
+        except OSError:
+            return False
+        return "libasan" in maps or "libtsan" in maps
 
 
-def sqlite(db_path, sql):
-    """Runs sql with the sqlite3 CLI on db_path; returns rows as lists of strings."""
-    r = subprocess.run(["sqlite3", "-batch", "-bail", "-separator", "\x1f", "-cmd",
+def sqlite(db_path, sql, readonly=False):
+    """Runs sql with the sqlite3 CLI on db_path; returns rows as lists of strings.
+
+    readonly=True is safe beside a running server (it reads the committed state)."""
+    opts = ["-readonly"] if readonly else []
+    r = subprocess.run(["sqlite3", "-batch", "-bail", *opts, "-separator", "\x1f", "-cmd",
                         ".timeout 5000", str(db_path), sql],
                        capture_output=True, timeout=20)
     assert r.returncode == 0, f"sqlite3 {sql!r}: {r.stderr.decode(errors='replace')}"

@@ -1,8 +1,12 @@
 """HTTP API: shapes of /health, list, create, remove, and every failure row of SPEC §3
 that applies without tunnel or auth, each checked for its envelope and for leaving the
 store unchanged (through the API and through the sqlite3 CLI)."""
+import http.client
 import json
+import re
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -33,7 +37,7 @@ def assert_failure(status, headers, body, want_status, want_error, field=None):
 
 def db_rows(db_path):
     return sqlite(db_path, "SELECT id, port, target_ip, target_port, use_tunnel, client, "
-                           "name, created_at FROM mappings ORDER BY id")
+                           "name, created_at FROM mappings ORDER BY id", readonly=True)
 
 
 # ---------------------------------------------------------------------------
@@ -309,3 +313,77 @@ def test_server_survives_garbage_requests(fsrv):
         assert 400 <= status < 500, (raw[:40], status, body)
     assert fsrv.health()["status"] == "ok"
     assert len(fsrv.list()) == 1
+
+
+# ---------------------------------------------------------------------------
+# More of the contract
+
+
+def test_created_at_is_now(server):
+    data = server.create_ok(port=free_port(), target_ip="127.0.0.1", target_port=9)
+    if isinstance(data["created_at"], int):
+        assert abs(data["created_at"] - time.time()) < 120, data
+    else:
+        assert isinstance(data["created_at"], str) and data["created_at"], data
+
+
+def test_concurrent_creates_same_port(server):
+    """Create is atomic: of 16 simultaneous creates on one port exactly one wins."""
+    port = free_port()
+    with ThreadPoolExecutor(16) as ex:
+        results = list(ex.map(lambda i: server.create(port=port, target_ip="127.0.0.1",
+                                                      target_port=1000 + i), range(16)))
+    codes = sorted(status for status, _ in results)
+    assert codes == [201] + [409] * 15, results
+    [winner] = [body["data"] for status, body in results if status == 201]
+    assert all(body["error"] == "port_in_use" for status, body in results if status == 409)
+    [m] = server.list()
+    assert m["target_port"] == winner["target_port"]
+    assert db_rows(server.db_path) and len(db_rows(server.db_path)) == 1
+
+
+def test_clients_without_tunnel(server):
+    status, headers, body = server.api("GET", "/api/clients")
+    assert status == 200
+    assert_json(headers)
+    assert body["success"] is True and body["data"] == {"clients": [], "count": 0}
+
+
+def test_metrics_exposition(server, http_backend):
+    port = free_port()
+    server.create_ok(port=port, target_ip="127.0.0.1", target_port=http_backend.port)
+    assert curl(f"http://127.0.0.1:{port}/hello.txt") == http_backend.files["hello.txt"]
+    status, headers, text = server.api("GET", "/metrics")
+    assert status == 200
+    ctype = headers.get("Content-Type", "")
+    assert ctype.startswith("text/plain") and "version=0.0.4" in ctype, ctype
+    assert isinstance(text, str) and "# TYPE" in text
+    # Every sample line is NAME[{labels}] VALUE.
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            assert re.match(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? [-+0-9.eE]+(Inf|NaN)?$',
+                             line), line
+    assert f'port="{port}"' in text
+
+
+def test_remove_twice(server):
+    port = free_port()
+    server.create_ok(port=port, target_ip="127.0.0.1", target_port=9)
+    assert server.remove(port)[0] == 200
+    status, headers, body = server.api("POST", "/api/mapping/remove", body={"port": port})
+    assert_failure(status, headers, body, 404, "not_found")
+    # And it can be created again afterwards.
+    assert server.create_ok(port=port, target_ip="127.0.0.1", target_port=9)["port"] == port
+
+
+def test_many_requests_one_connection(server):
+    """HTTP/1.1 keep-alive: several requests on one connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.api_port, timeout=10)
+    try:
+        for _ in range(20):
+            conn.request("GET", "/api/mapping/list")
+            r = conn.getresponse()
+            assert r.status == 200
+            assert json.loads(r.read())["success"] is True
+    finally:
+        conn.close()
