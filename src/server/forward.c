@@ -156,6 +156,7 @@ static void relay_start(struct forward_conn *fc)
     for (int i = 0; i < 2; i++) {
         bufferevent_setcb(fc->bev[i], relay_read_cb, relay_write_cb, relay_event_cb, fc);
         bufferevent_set_max_single_read(fc->bev[i], RELAY_MAX_READ);
+        bufferevent_set_max_single_write(fc->bev[i], RELAY_MAX_READ);
         bufferevent_enable(fc->bev[i], EV_READ | EV_WRITE);
     }
 }
