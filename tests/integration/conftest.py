@@ -15,7 +15,8 @@ Everything here drives the real binaries over real sockets on 127.0.0.1:
                       ``PortHolder``, ``sqlite``, ``connect_refused``.
 
 Fixtures: ``server_factory`` (make as many servers as a test needs), ``server`` (one
-started server with the tunnel off), ``http_backend``, ``echo_backend``,
+started server with the tunnel off), ``proc_factory`` (any other binary, e.g.
+portmux-client, with its log in failure reports), ``http_backend``, ``echo_backend``,
 ``stream_backend_factory``. Every process and thread is stopped at teardown, and when
 a test fails the tail of every log it produced is attached to the report.
 
@@ -28,6 +29,7 @@ import http.client
 import json
 import os
 import random
+import re
 import resource
 import selectors
 import signal
@@ -365,6 +367,16 @@ class Proc:
     def log_tail(self, n=60):
         return "\n".join(self.log_text().splitlines()[-n:])
 
+    def log_mark(self):
+        """A position in the log, for wait_log(after=...)."""
+        return len(self.log_text())
+
+    def wait_log(self, pattern, timeout=10.0, after=0):
+        """Waits for a regex to appear in the log (past offset after); returns the match."""
+        rx = re.compile(pattern)
+        return wait_until(lambda: rx.search(self.log_text(), after), timeout=timeout,
+                          desc=f"{self.name} log to match {pattern!r}")
+
 
 def run_once(args, timeout=10.0, env=None):
     """Runs a command to completion with separate stdout/stderr; returns CompletedProcess."""
@@ -483,6 +495,12 @@ class Server:
 
     def log_tail(self, n=60):
         return self.proc.log_tail(n)
+
+    def log_mark(self):
+        return self.proc.log_mark()
+
+    def wait_log(self, pattern, timeout=10.0, after=0):
+        return self.proc.wait_log(pattern, timeout, after)
 
     def rss_kb(self):
         """Resident set size of the server process in KiB (VmRSS)."""
@@ -853,6 +871,25 @@ def server_factory(tmp_path, logs):
 def server(server_factory):
     """One started server: tunnel off, port_range 1024-65535, no token."""
     return server_factory()
+
+
+@pytest.fixture
+def proc_factory(tmp_path, logs):
+    """make(args, name) -> started Proc whose log is shown when the test fails, e.g.
+    make([CLIENT_BIN, ...], "client"). Killed at teardown."""
+    made = []
+
+    def make(args, name, env=None, start=True):
+        p = Proc(args, tmp_path / f"{name}.log", env=env, name=name)
+        made.append(p)
+        logs.append(p)
+        if start:
+            p.start()
+        return p
+
+    yield make
+    for p in made:
+        p.kill()
 
 
 @pytest.fixture
