@@ -318,3 +318,55 @@ def test_max_connections_per_mapping(server_factory, echo_backend):
     finally:
         for s in held:
             s.close()
+
+
+def test_fin_after_buffered_bytes_client_to_target(server, stream_backend_factory):
+    """The client sends 16 MiB and its FIN while the target is not reading: every byte
+    still reaches the target before the FIN is passed on."""
+    total = 16 * MiB
+    backend = stream_backend_factory(paused=True)
+    port = make_mapping(server, backend.port)
+    with connect(port, timeout=30) as s:
+        sent = [0]
+        sender = Worker(send_stream, s, total, 256 * 1024, lambda n: sent.__setitem__(0, n))
+        sender.start()
+        wait_until(lambda: sent[0] > 0, timeout=10, desc="sender to start")
+        # Let the pipeline fill up (some of it sits in the server), then drain it.
+        before = -1
+        while before != sent[0] and sender.is_alive():
+            before = sent[0]
+            sender.join(0.3)
+        backend.paused.clear()
+        sent_sha = sender.join_result(30)
+        wait_until(lambda: backend.results, timeout=30, desc="target to see EOF")
+    [res] = backend.results
+    assert res["recv_count"] == total and res["recv_sha"] == sent_sha, res
+
+
+def test_target_close_after_burst_delivers_everything(server):
+    """The target writes 8 MiB and closes at once while the client is not reading yet:
+    the client still gets all 8 MiB, then EOF."""
+    total = 8 * MiB
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(4)
+    lsock.settimeout(20)
+
+    def serve():
+        c, _ = lsock.accept()
+        with c:
+            c.settimeout(30)
+            return send_stream(c, total, shut=False)  # then close(), no SHUT_WR first
+
+    w = Worker(serve)
+    w.start()
+    try:
+        port = make_mapping(server, lsock.getsockname()[1])
+        with connect(port, timeout=30) as s:
+            # Give the target time to finish while nobody reads (it may not fit).
+            w.join(3)
+            count, sha = recv_hash(s)
+            sent_sha = w.join_result(30)
+            assert count == total and sha == sent_sha
+    finally:
+        lsock.close()
