@@ -1,6 +1,5 @@
 #include "web.h"
 
-#include <stdbool.h>
 #include <string.h>
 
 #include <microhttpd.h>
@@ -58,11 +57,10 @@ const struct web_asset *web_find(const char *url)
 
 void web_add_headers(struct MHD_Response *resp, const struct web_asset *a)
 {
-    bool html = strncmp(a->content_type, "text/html", 9) == 0;
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, a->content_type);
-    /* The page is tiny; no-cache keeps a console open across an upgrade consistent. */
-    MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL,
-                            html ? "no-cache" : "public, max-age=300");
+    /* The files are tiny; no-cache keeps page, script and style of one version together
+     * right after an upgrade. */
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
     MHD_add_response_header(resp, "Content-Security-Policy", WEB_CSP);
     MHD_add_response_header(resp, "X-Content-Type-Options", "nosniff");
     MHD_add_response_header(resp, "Referrer-Policy", "no-referrer");
