@@ -387,3 +387,12 @@ def test_many_requests_one_connection(server):
             assert json.loads(r.read())["success"] is True
     finally:
         conn.close()
+
+
+def test_create_on_the_api_port(server):
+    """The server's own API port cannot be mapped: the bind fails, 409, nothing stored."""
+    status, headers, body = server.api("POST", "/api/mapping/create", body={
+        "port": server.api_port, "target_ip": "127.0.0.1", "target_port": 9})
+    assert_failure(status, headers, body, 409, "port_in_use")
+    assert server.list() == []
+    assert server.health()["status"] == "ok"
