@@ -530,38 +530,43 @@ static int mux_input_data(struct mux_session *s, struct evbuffer *in, uint32_t l
     return MUX_OK;
 }
 
-/* Handles the frame at the front of in. 1 = handled, 0 = need more, else MUX_STOPPED or
- * an error. */
+/* mux_input_one's results besides errors. */
+enum { MUX_IN_NEED_MORE = 0, MUX_IN_HANDLED = 1, MUX_IN_STOP = 2 };
+
+/* Handles the frame at the front of in: MUX_IN_*, or a negative error. */
 static int mux_input_one(struct mux_session *s, struct evbuffer *in)
 {
     uint8_t raw[FRAME_HEADER_LEN];
     struct frame_header fh;
     size_t avail = evbuffer_get_length(in);
     if (avail < FRAME_HEADER_LEN)
-        return 0;
+        return MUX_IN_NEED_MORE;
     evbuffer_copyout(in, raw, sizeof(raw));
     enum frame_result r = frame_header_decode(raw, &fh);
     if (r != FRAME_OK)
         return mux_fail(s, MUX_E_FRAME, "%s", frame_result_name(r));
     if (avail - FRAME_HEADER_LEN < fh.length)
-        return 0;
+        return MUX_IN_NEED_MORE;
+    int rc;
     if (fh.type == FRAME_DATA) {
-        int rc = mux_input_data(s, in, fh.length);
-        return rc == MUX_OK ? 1 : rc;
+        rc = mux_input_data(s, in, fh.length);
+    } else {
+        size_t total = FRAME_HEADER_LEN + (size_t)fh.length;
+        const uint8_t *p = evbuffer_pullup(in, (ev_ssize_t)total);
+        if (!p)
+            return mux_fail(s, MUX_E_NOMEM, "out of memory");
+        struct frame f;
+        r = frame_payload_decode(fh.type, p + FRAME_HEADER_LEN, fh.length, &f);
+        if (r != FRAME_OK)
+            return mux_fail(s, MUX_E_FRAME, "%s", frame_result_name(r));
+        rc = mux_dispatch(s, &f);
+        evbuffer_drain(in, total);
     }
-    size_t total = FRAME_HEADER_LEN + (size_t)fh.length;
-    const uint8_t *p = evbuffer_pullup(in, (ev_ssize_t)total);
-    if (!p)
-        return mux_fail(s, MUX_E_NOMEM, "out of memory");
-    struct frame f;
-    r = frame_payload_decode(fh.type, p + FRAME_HEADER_LEN, fh.length, &f);
-    if (r != FRAME_OK)
-        return mux_fail(s, MUX_E_FRAME, "%s", frame_result_name(r));
-    int rc = mux_dispatch(s, &f);
-    evbuffer_drain(in, total);
-    if (rc == MUX_OK)
-        return s->failed ? s->failed : 1;
-    return rc;
+    if (s->failed)
+        return s->failed;
+    if (rc < 0)
+        return rc;
+    return rc == MUX_STOPPED ? MUX_IN_STOP : MUX_IN_HANDLED;
 }
 
 int mux_session_input(struct mux_session *s, struct evbuffer *in)
@@ -570,13 +575,15 @@ int mux_session_input(struct mux_session *s, struct evbuffer *in)
         return s->failed;
     s->depth++;
     int rc;
-    while ((rc = mux_input_one(s, in)) == 1)
+    while ((rc = mux_input_one(s, in)) == MUX_IN_HANDLED)
         ;
     s->depth--;
     mux_gc(s);
-    if (rc == 0)
-        return s->failed ? s->failed : MUX_OK;
-    return rc;
+    if (s->failed)
+        return s->failed;
+    if (rc < 0)
+        return rc;
+    return rc == MUX_IN_STOP ? MUX_STOPPED : MUX_OK;
 }
 
 /* ---- streams ---- */

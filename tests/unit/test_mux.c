@@ -40,6 +40,7 @@ struct pair {
     struct evbuffer *out_srv, *out_cli;
     struct mux_session *srv, *cli;
     int hellos, hello_responses;
+    bool refuse;             /* the client treats the HelloResponse as a refusal */
     /* Client side: how to answer the next ConnectRequest (-1 = later). */
     int answer;
     char last_host[256];
@@ -104,6 +105,8 @@ static int cli_on_json(struct mux_session *s, uint8_t type, const char *json, si
 {
     struct pair *p = arg;
     p->hello_responses++;
+    if (p->refuse)
+        return MUX_STOPPED;
     mux_session_set_open(s);
     return 0;
 }
@@ -555,8 +558,30 @@ static void test_partial_input(void)
     pair_free(&p);
 }
 
+/* A callback that stops the input leaves the following frames in place. */
+static void test_stop(void)
+{
+    struct pair p;
+    memset(&p, 0, sizeof(p));
+    p.refuse = true;
+    p.out_srv = evbuffer_new();
+    p.out_cli = evbuffer_new();
+    p.srv = mux_session_new(MUX_ROLE_SERVER, p.out_srv, &srv_cb, &p);
+    p.cli = mux_session_new(MUX_ROLE_CLIENT, p.out_cli, &cli_cb, &p);
+    const char hello[] = "{\"name\":\"x\",\"token\":\"t\"}";
+    CHECK(mux_session_send_json(p.cli, FRAME_HELLO, hello, sizeof(hello) - 1) == MUX_OK);
+    CHECK(mux_session_input(p.srv, p.out_cli) == MUX_OK);
+    CHECK(p.hellos == 1);
+    CHECK(mux_session_send_keepalive(p.srv) == MUX_OK);
+    CHECK(mux_session_input(p.cli, p.out_srv) == MUX_STOPPED);
+    CHECK(p.hello_responses == 1);
+    CHECK(evbuffer_get_length(p.out_srv) == FRAME_HEADER_LEN + 8);
+    pair_free(&p);
+}
+
 int main(void)
 {
+    test_stop();
     test_open_data_close();
     test_flow_control();
     test_output_bound();

@@ -1,0 +1,88 @@
+/* Client-side TLS set-up and error reporting. */
+#include "client_tls.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#include <event2/bufferevent_ssl.h>
+#include <openssl/err.h>
+#include <openssl/x509v3.h>
+
+#include "netaddr.h"
+
+static SSL_CTX *client_tls_fail(SSL_CTX *ctx, char *err, size_t errlen, const char *what,
+                                const char *file)
+{
+    unsigned long e = ERR_peek_last_error();
+    const char *reason = e ? ERR_reason_error_string(e) : NULL;
+    snprintf(err, errlen, "%s %s: %s", what, file, reason ? reason : "failed");
+    ERR_clear_error();
+    SSL_CTX_free(ctx);
+    return NULL;
+}
+
+SSL_CTX *client_tls_ctx_new(const char *ca, const char *cert, const char *key, char *err,
+                            size_t errlen)
+{
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    if (!ctx)
+        return client_tls_fail(ctx, err, errlen, "cannot create TLS context", "");
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION);
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+    if (ca) {
+        if (SSL_CTX_load_verify_locations(ctx, ca, NULL) != 1)
+            return client_tls_fail(ctx, err, errlen, "cannot load --ca", ca);
+    } else if (SSL_CTX_set_default_verify_paths(ctx) != 1) {
+        return client_tls_fail(ctx, err, errlen, "cannot load the system CA store", "");
+    }
+    if (cert && SSL_CTX_use_certificate_chain_file(ctx, cert) != 1)
+        return client_tls_fail(ctx, err, errlen, "cannot load --cert", cert);
+    if (key && SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1)
+        return client_tls_fail(ctx, err, errlen, "cannot load --key", key);
+    if (cert && SSL_CTX_check_private_key(ctx) != 1)
+        return client_tls_fail(ctx, err, errlen, "--key does not match --cert", key);
+    return ctx;
+}
+
+SSL *client_tls_ssl_new(SSL_CTX *ctx, const char *server_name)
+{
+    SSL *ssl = SSL_new(ctx);
+    if (!ssl)
+        return NULL;
+    X509_VERIFY_PARAM *param = SSL_get0_param(ssl);
+    X509_VERIFY_PARAM_set_hostflags(param, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+    int ok;
+    if (netaddr_is_ip_literal(server_name)) {
+        ok = X509_VERIFY_PARAM_set1_ip_asc(param, server_name);
+    } else {
+        ok = X509_VERIFY_PARAM_set1_host(param, server_name, 0) &&
+             SSL_set_tlsext_host_name(ssl, server_name);
+    }
+    if (!ok) {
+        SSL_free(ssl);
+        return NULL;
+    }
+    return ssl;
+}
+
+bool client_tls_failure(struct bufferevent *bev, SSL *ssl, char *buf, size_t len)
+{
+    const char *reason = NULL;
+    unsigned long e;
+    while ((e = bufferevent_get_openssl_error(bev)) != 0) {
+        if (!reason)
+            reason = ERR_reason_error_string(e);
+    }
+    buf[0] = '\0';
+    long vr = ssl ? SSL_get_verify_result(ssl) : X509_V_OK;
+    if (vr != X509_V_OK) {
+        snprintf(buf, len, "certificate verify failed (%s)", X509_verify_cert_error_string(vr));
+        return true;
+    }
+    if (!reason)
+        return false;
+    snprintf(buf, len, "%s", reason);
+    /* The server refused our certificate (or asked for one we lack). */
+    return strstr(reason, "certificate") != NULL || strstr(reason, "unknown ca") != NULL;
+}

@@ -1,0 +1,443 @@
+/* One tunnel session of portmux-client. Every bufferevent here defers its callbacks, so
+ * a connect that fails at once reports from the loop, never from inside our own call. */
+#include "tunnel_client.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
+#include <event2/dns.h>
+#include <event2/event.h>
+#include <jansson.h>
+
+#include "allow.h"
+#include "bridge.h"
+#include "client_tls.h"
+#include "frame.h"
+#include "log.h"
+#include "mux.h"
+
+#define TC_MOD "client"
+/* A session that stayed up this long resets the reconnect backoff. */
+#define TC_HEALTHY_SECONDS 10
+#define TC_OUT_HARD_LIMIT (4u * MUX_OUT_SOFT_LIMIT)
+#define TC_BEV_OPTS (BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS)
+
+struct dial;
+
+struct tclient {
+    struct event_base *base;
+    struct evdns_base *dns;
+    struct tclient_opts opts;
+    tclient_end_cb on_end;
+    void *arg;
+    /* The current session; bev == NULL between attempts. */
+    struct bufferevent *bev;
+    SSL *ssl;                    /* owned by bev */
+    struct mux_session *mux;
+    struct event *deadline;      /* connect + TLS + HelloResponse */
+    struct event *ka_timer;
+    bool connected;              /* TCP (and TLS) up */
+    bool authed;
+    bool ever_authed;
+    bool read_paused;
+    struct timespec authed_at;
+    size_t streams;              /* bridges alive */
+    char refusal[400];
+    TAILQ_HEAD(, dial) dials;
+};
+
+/* A ConnectRequest being dialled. */
+struct dial {
+    TAILQ_ENTRY(dial) link;
+    struct tclient *c;
+    struct mux_stream *st;
+    struct bufferevent *bev;
+    struct event *timer;
+    char target[FRAME_MAX_HOST + 10];
+};
+
+static double tc_elapsed(const struct timespec *since)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)(now.tv_sec - since->tv_sec) + (double)(now.tv_nsec - since->tv_nsec) / 1e9;
+}
+
+/* ---- dials ---- */
+
+static void dial_free(struct dial *d, bool keep_bev)
+{
+    TAILQ_REMOVE(&d->c->dials, d, link);
+    if (d->timer)
+        event_free(d->timer);
+    if (d->bev && !keep_bev)
+        bufferevent_free(d->bev);
+    free(d);
+}
+
+static void dial_bridge_bytes(size_t to_stream, size_t to_socket, void *arg) {}
+
+static void dial_bridge_close(const char *why, void *arg)
+{
+    struct tclient *c = arg;
+    c->streams--;
+}
+
+static const struct bridge_hooks dial_hooks = {
+    .on_bytes = dial_bridge_bytes,
+    .on_close = dial_bridge_close,
+};
+
+static void dial_fail(struct dial *d, uint8_t status, const char *why)
+{
+    log_info(TC_MOD, "stream %u: %s: %s", (unsigned)mux_stream_id(d->st), d->target, why);
+    mux_stream_respond(d->st, status);
+    dial_free(d, false);
+}
+
+static void dial_connected(struct dial *d)
+{
+    struct tclient *c = d->c;
+    struct mux_stream *st = d->st;
+    if (mux_stream_respond(st, FRAME_STATUS_OK) != MUX_OK) {
+        dial_free(d, false);
+        return;
+    }
+    struct bridge *b = bridge_new(st, d->bev, &dial_hooks, c);
+    if (!b) {
+        mux_stream_close(st);
+        dial_free(d, false);
+        return;
+    }
+    log_debug(TC_MOD, "stream %u: connected to %s", (unsigned)mux_stream_id(st), d->target);
+    c->streams++;
+    dial_free(d, true);
+}
+
+static void dial_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+    struct dial *d = arg;
+    char why[160];
+    if (what & BEV_EVENT_CONNECTED) {
+        dial_connected(d);
+        return;
+    }
+    int dns_err = bufferevent_socket_get_dns_error(bev);
+    if (dns_err)
+        snprintf(why, sizeof(why), "cannot resolve: %s", evutil_gai_strerror(dns_err));
+    else
+        snprintf(why, sizeof(why), "%s", evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+    dial_fail(d, FRAME_STATUS_REFUSED, why);
+}
+
+static void dial_timeout_cb(evutil_socket_t fd, short what, void *arg)
+{
+    dial_fail(arg, FRAME_STATUS_TIMEOUT, "connect timed out");
+}
+
+/* The server gave up on the stream, or the session is going away. */
+static void dial_on_close(struct mux_stream *st, enum mux_close_reason why, void *arg)
+{
+    dial_free(arg, false);
+}
+
+static const struct mux_stream_callbacks dial_stream_cb = {.on_close = dial_on_close};
+
+static int dial_start(struct tclient *c, struct mux_stream *st, const char *host,
+                      uint16_t port)
+{
+    struct dial *d = calloc(1, sizeof(*d));
+    if (!d)
+        return -1;
+    d->c = c;
+    d->st = st;
+    snprintf(d->target, sizeof(d->target), strchr(host, ':') ? "[%s]:%u" : "%s:%u", host,
+             (unsigned)port);
+    TAILQ_INSERT_TAIL(&c->dials, d, link);
+    d->bev = bufferevent_socket_new(c->base, -1, TC_BEV_OPTS);
+    d->timer = evtimer_new(c->base, dial_timeout_cb, d);
+    if (!d->bev || !d->timer) {
+        dial_free(d, false);
+        return -1;
+    }
+    mux_stream_set_callbacks(st, &dial_stream_cb, d);
+    bufferevent_setcb(d->bev, NULL, NULL, dial_event_cb, d);
+    struct timeval tv = {c->opts.connect_timeout, 0};
+    evtimer_add(d->timer, &tv);
+    /* Errors, even immediate ones, come back through dial_event_cb (deferred). */
+    if (bufferevent_socket_connect_hostname(d->bev, c->dns, AF_UNSPEC, host, port) != 0) {
+        mux_stream_set_callbacks(st, NULL, NULL);
+        dial_free(d, false);
+        return -1;
+    }
+    return 0;
+}
+
+static void tc_on_connect_request(struct mux_session *mux, struct mux_stream *st,
+                                  const char *host, uint16_t port, void *arg)
+{
+    struct tclient *c = arg;
+    if (!allow_list_match(c->opts.allow, host, port)) {
+        log_warn(TC_MOD, "stream %u: %s%s%s:%u refused: not in --allow",
+                 (unsigned)mux_stream_id(st), strchr(host, ':') ? "[" : "", host,
+                 strchr(host, ':') ? "]" : "", (unsigned)port);
+        mux_stream_respond(st, FRAME_STATUS_NOT_ALLOWED);
+        return;
+    }
+    if (dial_start(c, st, host, port) != 0)
+        mux_stream_respond(st, FRAME_STATUS_REFUSED);
+}
+
+/* ---- session ---- */
+
+/* Frees the session; its streams and dials close through their on_close callbacks. */
+static void tc_close_session(struct tclient *c)
+{
+    mux_session_free(c->mux);
+    c->mux = NULL;
+    if (c->bev)
+        bufferevent_free(c->bev);
+    c->bev = NULL;
+    c->ssl = NULL;
+    event_del(c->deadline);
+    event_del(c->ka_timer);
+    c->connected = c->authed = c->read_paused = false;
+}
+
+/* Ends the current attempt, then reports it. */
+static void tc_end(struct tclient *c, enum tclient_end how, const char *reason)
+{
+    bool healthy = c->authed && tc_elapsed(&c->authed_at) >= TC_HEALTHY_SECONDS;
+    if (how == TCLIENT_LOST && c->authed)
+        log_warn(TC_MOD, "disconnected from server: %s", reason);
+    else if (how == TCLIENT_LOST)
+        log_warn(TC_MOD, "cannot connect to %s:%u: %s", c->opts.host, (unsigned)c->opts.port,
+                 reason);
+    tc_close_session(c);
+    if (c->on_end)
+        c->on_end(how, healthy, c->arg);
+}
+
+static void tc_send_hello(struct tclient *c)
+{
+    json_t *j = json_pack("{s:s, s:s, s:s}", "name", c->opts.name, "token", c->opts.token,
+                          "version", PORTMUX_VERSION);
+    char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    if (text)
+        mux_session_send_json(c->mux, FRAME_HELLO, text, strlen(text));
+    free(text);
+    json_decref(j);
+}
+
+static void tc_authed(struct tclient *c)
+{
+    c->authed = c->ever_authed = true;
+    clock_gettime(CLOCK_MONOTONIC, &c->authed_at);
+    mux_session_set_open(c->mux);
+    event_del(c->deadline);
+    struct timeval idle = {c->opts.heartbeat_timeout, 0};
+    struct timeval every = {c->opts.heartbeat_interval, 0};
+    bufferevent_set_timeouts(c->bev, &idle, NULL);
+    event_add(c->ka_timer, &every);
+    log_info(TC_MOD, "connected to %s:%u as \"%s\"%s", c->opts.host, (unsigned)c->opts.port,
+             c->opts.name, c->opts.ssl ? " (TLS)" : "");
+}
+
+static int tc_on_json(struct mux_session *mux, uint8_t type, const char *json, size_t len,
+                      void *arg)
+{
+    struct tclient *c = arg;
+    json_error_t jerr;
+    int ok = 0;
+    const char *message = "", *error = "";
+    if (c->authed)
+        return -1; /* a second HelloResponse */
+    json_t *root = json_loadb(json, len, JSON_REJECT_DUPLICATES, &jerr);
+    if (!root || json_unpack(root, "{s:b, s?s, s?s}", "ok", &ok, "message", &message,
+                             "error", &error) != 0) {
+        json_decref(root);
+        return -1;
+    }
+    if (ok) {
+        tc_authed(c);
+    } else {
+        snprintf(c->refusal, sizeof(c->refusal), "server refused: %s",
+                 message[0] ? message : "(no reason given)");
+        /* Our own previous session may still look alive to the server: retry then. */
+        if (c->ever_authed && strcmp(error, "already_connected") == 0)
+            c->refusal[0] = '\0';
+    }
+    json_decref(root);
+    return ok ? 0 : MUX_STOPPED;
+}
+
+static const struct mux_session_callbacks tc_mux_cb = {
+    .on_connect_request = tc_on_connect_request,
+    .on_json = tc_on_json,
+};
+
+static void tc_read_cb(struct bufferevent *bev, void *arg)
+{
+    struct tclient *c = arg;
+    int rc = mux_session_input(c->mux, bufferevent_get_input(bev));
+    if (rc < 0) {
+        char reason[200];
+        snprintf(reason, sizeof(reason), "protocol error: %s", mux_session_error(c->mux));
+        tc_end(c, TCLIENT_LOST, reason);
+        return;
+    }
+    if (rc == MUX_STOPPED) {
+        if (c->refusal[0])
+            tc_end(c, TCLIENT_REFUSED, c->refusal);
+        else
+            tc_end(c, TCLIENT_LOST, "server says this client is still connected");
+        return;
+    }
+    if (evbuffer_get_length(bufferevent_get_output(bev)) > TC_OUT_HARD_LIMIT) {
+        bufferevent_disable(bev, EV_READ);
+        c->read_paused = true;
+    }
+}
+
+static void tc_write_cb(struct bufferevent *bev, void *arg)
+{
+    struct tclient *c = arg;
+    if (!c->mux)
+        return;
+    mux_session_output_drained(c->mux);
+    if (c->read_paused) {
+        c->read_paused = false;
+        bufferevent_enable(bev, EV_READ);
+    }
+}
+
+static void tc_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+    struct tclient *c = arg;
+    char reason[300] = "";
+    if (what & BEV_EVENT_CONNECTED) {
+        c->connected = true;
+        bridge_set_nodelay(bufferevent_getfd(bev));
+        tc_send_hello(c);
+        return;
+    }
+    bool cert = c->opts.ssl && client_tls_failure(bev, c->ssl, reason, sizeof(reason));
+    if (reason[0] && c->opts.ssl && !c->authed) {
+        snprintf(c->refusal, sizeof(c->refusal), "TLS handshake failed: %s", reason);
+        tc_end(c, cert ? TCLIENT_REFUSED : TCLIENT_LOST, c->refusal);
+        return;
+    }
+    int dns_err = bufferevent_socket_get_dns_error(bev);
+    if (what & BEV_EVENT_TIMEOUT)
+        snprintf(reason, sizeof(reason), "server silent for %d s", c->opts.heartbeat_timeout);
+    else if (dns_err)
+        snprintf(reason, sizeof(reason), "cannot resolve: %s", evutil_gai_strerror(dns_err));
+    else if (what & BEV_EVENT_EOF)
+        snprintf(reason, sizeof(reason), "connection closed by server");
+    else if (!reason[0])
+        snprintf(reason, sizeof(reason), "%s",
+                 evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+    tc_end(c, TCLIENT_LOST, reason);
+}
+
+static void tc_deadline_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct tclient *c = arg;
+    char reason[96];
+    snprintf(reason, sizeof(reason), "no answer within %d s", c->opts.connect_timeout);
+    tc_end(c, TCLIENT_LOST, reason);
+}
+
+static void tc_keepalive_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct tclient *c = arg;
+    if (c->mux)
+        mux_session_send_keepalive(c->mux);
+}
+
+static struct bufferevent *tc_bev_new(struct tclient *c)
+{
+    if (!c->opts.ssl)
+        return bufferevent_socket_new(c->base, -1, TC_BEV_OPTS);
+    SSL *ssl = client_tls_ssl_new(c->opts.ssl, c->opts.server_name);
+    if (!ssl)
+        return NULL;
+    struct bufferevent *bev = bufferevent_openssl_socket_new(
+        c->base, -1, ssl, BUFFEREVENT_SSL_CONNECTING, TC_BEV_OPTS);
+    if (!bev) {
+        SSL_free(ssl);
+        return NULL;
+    }
+    bufferevent_openssl_set_allow_dirty_shutdown(bev, 1);
+    c->ssl = ssl;
+    return bev;
+}
+
+int tclient_connect(struct tclient *c)
+{
+    if (c->bev)
+        return -1;
+    c->refusal[0] = '\0';
+    c->bev = tc_bev_new(c);
+    if (!c->bev)
+        return -1;
+    c->mux = mux_session_new(MUX_ROLE_CLIENT, bufferevent_get_output(c->bev), &tc_mux_cb, c);
+    if (!c->mux)
+        goto fail;
+    bufferevent_setcb(c->bev, tc_read_cb, tc_write_cb, tc_event_cb, c);
+    bufferevent_setwatermark(c->bev, EV_WRITE, MUX_OUT_SOFT_LIMIT / 2, 0);
+    bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+    struct timeval tv = {c->opts.connect_timeout, 0};
+    evtimer_add(c->deadline, &tv);
+    log_debug(TC_MOD, "connecting to %s:%u", c->opts.host, (unsigned)c->opts.port);
+    if (bufferevent_socket_connect_hostname(c->bev, c->dns, AF_UNSPEC, c->opts.host,
+                                            c->opts.port) != 0)
+        goto fail;
+    return 0;
+fail:
+    tc_close_session(c);
+    return -1;
+}
+
+struct tclient *tclient_new(struct event_base *base, struct evdns_base *dns,
+                            const struct tclient_opts *opts, tclient_end_cb cb, void *arg)
+{
+    struct tclient *c = calloc(1, sizeof(*c));
+    if (!c)
+        return NULL;
+    c->base = base;
+    c->dns = dns;
+    c->opts = *opts;
+    c->on_end = cb;
+    c->arg = arg;
+    TAILQ_INIT(&c->dials);
+    c->deadline = evtimer_new(base, tc_deadline_cb, c);
+    c->ka_timer = event_new(base, -1, EV_PERSIST, tc_keepalive_cb, c);
+    if (!c->deadline || !c->ka_timer) {
+        tclient_free(c);
+        return NULL;
+    }
+    return c;
+}
+
+const char *tclient_refusal(const struct tclient *c) { return c->refusal; }
+
+void tclient_free(struct tclient *c)
+{
+    if (!c)
+        return;
+    if (c->bev)
+        tc_close_session(c);
+    if (c->deadline)
+        event_free(c->deadline);
+    if (c->ka_timer)
+        event_free(c->ka_timer);
+    free(c);
+}

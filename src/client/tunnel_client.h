@@ -1,0 +1,49 @@
+/* The client's side of one tunnel session: connect (TLS optional), Hello, KeepAlive,
+ * and ConnectRequests answered by dialling the target (after the --allow check) and
+ * bridging it to the stream. Reconnecting is the caller's business (main.c). */
+#ifndef PORTMUX_TUNNEL_CLIENT_H
+#define PORTMUX_TUNNEL_CLIENT_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <openssl/ssl.h>
+
+struct event_base;
+struct evdns_base;
+struct allow_list;
+struct tclient;
+
+struct tclient_opts {
+    const char *host;              /* server host name or IP literal */
+    uint16_t port;
+    const char *name;              /* client name sent in Hello */
+    const char *token;
+    SSL_CTX *ssl;                  /* NULL = plaintext; not owned */
+    const char *server_name;       /* name the server certificate must carry */
+    const struct allow_list *allow;/* not owned */
+    int heartbeat_interval;        /* seconds between KeepAlives */
+    int heartbeat_timeout;         /* seconds of silence before the tunnel is dropped */
+    int connect_timeout;           /* seconds for connect + TLS + Hello, and for each dial */
+};
+
+enum tclient_end {
+    TCLIENT_LOST,     /* could not connect, or the tunnel dropped: try again */
+    TCLIENT_REFUSED,  /* Hello refused or a TLS certificate failure: retrying will not help */
+};
+
+/* Called once per tclient_connect() when that attempt ends; the session is already
+ * freed. healthy: the session was authenticated and lasted. */
+typedef void (*tclient_end_cb)(enum tclient_end how, bool healthy, void *arg);
+
+struct tclient *tclient_new(struct event_base *base, struct evdns_base *dns,
+                            const struct tclient_opts *opts, tclient_end_cb cb, void *arg);
+/* Starts one attempt. Returns 0 (the end callback follows, later), or -1 when nothing
+ * could be started (the callback is not called). */
+int tclient_connect(struct tclient *c);
+/* Why the last attempt was refused: "server refused: ..." or "TLS handshake failed: ...". */
+const char *tclient_refusal(const struct tclient *c);
+/* Closes the session (if any) without calling the end callback. NULL-safe. */
+void tclient_free(struct tclient *c);
+
+#endif

@@ -1,0 +1,747 @@
+/* The server's tunnel endpoint: the listener (TLS optional), Hello authentication, one
+ * session per client name, and public connections carried as mux streams through a
+ * bridge. Sessions and streams live in the one event loop; nothing here locks. */
+#include "tunnel_server.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
+#include <event2/event.h>
+#include <event2/listener.h>
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
+#include "bridge.h"
+#include "config.h"
+#include "frame.h"
+#include "log.h"
+#include "mapping.h"
+#include "mux.h"
+#include "netaddr.h"
+#include "server.h"
+
+#define TS_MOD "tunnel"
+/* Stop reading a tunnel whose output grew this far (only control frames go past the
+ * soft limit, so a healthy peer never gets here). */
+#define TS_OUT_HARD_LIMIT (4u * MUX_OUT_SOFT_LIMIT)
+/* A refused or closing tunnel gets this long to flush its last frames. */
+#define TS_CLOSE_GRACE_SECONDS 5
+#define TS_NAME_MAX 64
+
+struct tstream;
+
+struct tsession {
+    TAILQ_ENTRY(tsession) link;
+    struct tunnel_server *ts;
+    struct bufferevent *bev;
+    struct mux_session *mux;
+    struct event *hello_timer;    /* Hello deadline, then the closing grace period */
+    struct event *ka_timer;       /* KeepAlive every heartbeat_interval */
+    char name[TS_NAME_MAX + 1];   /* printable copy, set on successful Hello */
+    char remote[64];
+    time_t connected_at;
+    bool authed;
+    bool closing;                 /* flushing the last frames before close */
+    bool read_paused;
+    uint64_t bytes_in;            /* stream bytes from the client */
+    uint64_t bytes_out;           /* stream bytes to the client */
+    TAILQ_HEAD(, tstream) streams;
+    size_t nstreams;
+};
+
+/* One public connection carried by a session. */
+struct tstream {
+    TAILQ_ENTRY(tstream) link;
+    struct mapping_conn mc;
+    struct tsession *sess;        /* NULL once the session is gone */
+    struct mux_stream *st;        /* while waiting for ConnectResponse */
+    evutil_socket_t fd;           /* ditto; the bridge owns it afterwards */
+    struct event *timer;          /* connect_timeout */
+    struct bridge *bridge;
+};
+
+struct tunnel_server {
+    struct server *srv;
+    struct evconnlistener *listener;
+    SSL_CTX *ssl;
+    int port;
+    TAILQ_HEAD(, tsession) sessions;
+};
+
+static void tsession_close(struct tsession *sess, const char *reason);
+
+/* ---- public streams ---- */
+
+static void tstream_free(struct tstream *t, bool failed)
+{
+    if (t->sess) {
+        TAILQ_REMOVE(&t->sess->streams, t, link);
+        t->sess->nstreams--;
+    }
+    if (t->timer)
+        event_free(t->timer);
+    if (t->fd >= 0)
+        evutil_closesocket(t->fd);
+    mapping_conn_end(&t->mc, failed);
+    free(t);
+}
+
+static void tstream_on_bytes(size_t to_stream, size_t to_socket, void *arg)
+{
+    struct tstream *t = arg;
+    mapping_conn_add_bytes(&t->mc, to_stream, to_socket);
+    if (t->sess) {
+        t->sess->bytes_out += to_stream;
+        t->sess->bytes_in += to_socket;
+    }
+}
+
+static void tstream_on_bridge_close(const char *why, void *arg)
+{
+    struct tstream *t = arg;
+    t->bridge = NULL; /* freed by the bridge right after */
+    tstream_free(t, false);
+}
+
+static const struct bridge_hooks tstream_hooks = {
+    .on_bytes = tstream_on_bytes,
+    .on_close = tstream_on_bridge_close,
+};
+
+static void tstream_connected(struct tstream *t, struct mux_stream *st)
+{
+    struct event_base *base = t->sess->ts->srv->base;
+    struct bufferevent *bev = bufferevent_socket_new(base, t->fd, BEV_OPT_CLOSE_ON_FREE);
+    if (!bev) {
+        mux_stream_close(st);
+        tstream_free(t, true);
+        return;
+    }
+    t->fd = -1;
+    t->st = NULL;
+    event_free(t->timer);
+    t->timer = NULL;
+    t->bridge = bridge_new(st, bev, &tstream_hooks, t);
+    if (!t->bridge) {
+        bufferevent_free(bev);
+        mux_stream_close(st);
+        tstream_free(t, true);
+    }
+}
+
+static void tstream_on_connect_response(struct mux_stream *st, uint8_t status, void *arg)
+{
+    struct tstream *t = arg;
+    if (status == FRAME_STATUS_OK) {
+        tstream_connected(t, st);
+        return;
+    }
+    static const char *const names[] = {"ok", "refused", "not allowed", "timeout"};
+    log_debug(TS_MOD, "client \"%s\": port %d: target %s:%d %s", t->sess->name,
+              t->mc.mapping->rec.port, mapping_target_host(t->mc.mapping),
+              t->mc.mapping->rec.target_port, status < 4 ? names[status] : "failed");
+    t->st = NULL; /* a refusal ends the stream */
+    tstream_free(t, true);
+}
+
+static void tstream_on_stream_close(struct mux_stream *st, enum mux_close_reason why, void *arg)
+{
+    struct tstream *t = arg;
+    t->st = NULL;
+    tstream_free(t, true);
+}
+
+static const struct mux_stream_callbacks tstream_pending_cb = {
+    .on_connect_response = tstream_on_connect_response,
+    .on_close = tstream_on_stream_close,
+};
+
+static void tstream_timeout_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct tstream *t = arg;
+    log_debug(TS_MOD, "client \"%s\": port %d: no ConnectResponse in time", t->sess->name,
+              t->mc.mapping->rec.port);
+    mux_stream_close(t->st);
+    t->st = NULL;
+    tstream_free(t, true);
+}
+
+/* The mapping is removed or the server stops: close at once. */
+static void tstream_abort(struct mapping_conn *mc)
+{
+    struct tstream *t = (struct tstream *)((char *)mc - offsetof(struct tstream, mc));
+    bool reached = t->bridge != NULL;
+    if (t->bridge) {
+        bridge_free(t->bridge);
+        t->bridge = NULL;
+    }
+    if (t->st) {
+        mux_stream_close(t->st);
+        t->st = NULL;
+    }
+    tstream_free(t, !reached);
+}
+
+/* ---- sessions ---- */
+
+static struct tsession *ts_find_client(const struct tunnel_server *ts, const char *name)
+{
+    struct tsession *sess;
+    TAILQ_FOREACH(sess, &ts->sessions, link) {
+        if (sess->authed && !sess->closing && strcmp(sess->name, name) == 0)
+            return sess;
+    }
+    return NULL;
+}
+
+static void tsession_free(struct tsession *sess)
+{
+    struct tunnel_server *ts = sess->ts;
+    TAILQ_REMOVE(&ts->sessions, sess, link);
+    /* Streams still waiting or bridged close through their on_close callbacks. */
+    mux_session_free(sess->mux);
+    struct tstream *t;
+    while ((t = TAILQ_FIRST(&sess->streams)) != NULL) {
+        /* Only bridges delivering the last bytes after a Close remain. */
+        TAILQ_REMOVE(&sess->streams, t, link);
+        t->sess = NULL;
+    }
+    if (sess->hello_timer)
+        event_free(sess->hello_timer);
+    if (sess->ka_timer)
+        event_free(sess->ka_timer);
+    bufferevent_free(sess->bev);
+    free(sess);
+}
+
+static void tsession_close(struct tsession *sess, const char *reason)
+{
+    if (sess->authed)
+        log_info(TS_MOD, "client \"%s\" disconnected: %s", sess->name, reason);
+    else
+        log_debug(TS_MOD, "tunnel from %s closed: %s", sess->remote, reason);
+    tsession_free(sess);
+}
+
+/* Flushes what is queued (a HelloResponse), then closes; never waits long. */
+static void tsession_close_after_flush(struct tsession *sess)
+{
+    struct timeval tv = {TS_CLOSE_GRACE_SECONDS, 0};
+    sess->closing = true;
+    bufferevent_disable(sess->bev, EV_READ);
+    if (evbuffer_get_length(bufferevent_get_output(sess->bev)) == 0) {
+        tsession_free(sess);
+        return;
+    }
+    evtimer_add(sess->hello_timer, &tv);
+}
+
+static void tsession_protocol_error(struct tsession *sess, const char *what)
+{
+    sess->ts->srv->limits.tunnel_protocol_errors++;
+    if (sess->authed)
+        log_warn(TS_MOD, "client \"%s\" disconnected: protocol error: %s", sess->name, what);
+    else
+        log_warn(TS_MOD, "tunnel from %s closed: protocol error: %s", sess->remote, what);
+    tsession_free(sess);
+}
+
+static void tsession_hello_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct tsession *sess = arg;
+    if (sess->closing) {
+        tsession_free(sess);
+        return;
+    }
+    sess->ts->srv->limits.tunnel_hello_timeout++;
+    log_warn(TS_MOD, "tunnel from %s closed: no Hello within %d s", sess->remote,
+             sess->ts->srv->cfg->hello_timeout);
+    tsession_free(sess);
+}
+
+static void tsession_keepalive_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct tsession *sess = arg;
+    mux_session_send_keepalive(sess->mux);
+}
+
+/* ---- Hello ---- */
+
+/* Copies a peer-supplied string for log lines: unprintable bytes become '?'. */
+static void ts_printable(const char *s, char *out, size_t outlen)
+{
+    size_t i = 0;
+    for (; s[i] && i + 1 < outlen; i++)
+        out[i] = (s[i] >= 0x20 && s[i] < 0x7f && s[i] != '"') ? s[i] : '?';
+    out[i] = '\0';
+}
+
+/* Constant-time token check (after a length check) against the configured client. */
+static bool ts_token_ok(const struct config *cfg, const char *name, const char *token)
+{
+    const struct config_client *found = NULL;
+    for (size_t i = 0; i < cfg->clients_len; i++) {
+        if (strcmp(cfg->clients[i].name, name) == 0)
+            found = &cfg->clients[i];
+    }
+    if (!found)
+        return false;
+    size_t len = strlen(token);
+    return strlen(found->token) == len && CRYPTO_memcmp(found->token, token, len) == 0;
+}
+
+static void tsession_respond(struct tsession *sess, bool ok, const char *message,
+                             const char *error)
+{
+    json_t *j = ok ? json_pack("{s:b, s:s}", "ok", 1, "message", message)
+                   : json_pack("{s:b, s:s, s:s}", "ok", 0, "message", message, "error", error);
+    char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    if (text)
+        mux_session_send_json(sess->mux, FRAME_HELLO_RESPONSE, text, strlen(text));
+    free(text);
+    json_decref(j);
+}
+
+/* Refuses the Hello: the answer is flushed, then the tunnel closes. */
+static int tsession_refuse(struct tsession *sess, const char *message, const char *error)
+{
+    tsession_respond(sess, false, message, error);
+    return MUX_STOPPED;
+}
+
+static void tsession_accept(struct tsession *sess, const char *name)
+{
+    const struct config *cfg = sess->ts->srv->cfg;
+    char msg[128];
+    snprintf(sess->name, sizeof(sess->name), "%s", name);
+    sess->authed = true;
+    sess->connected_at = time(NULL);
+    evtimer_del(sess->hello_timer);
+    mux_session_set_open(sess->mux);
+    snprintf(msg, sizeof(msg), "welcome, %s", name);
+    tsession_respond(sess, true, msg, NULL);
+    struct timeval idle = {cfg->heartbeat_timeout > 0 ? cfg->heartbeat_timeout : 30, 0};
+    struct timeval every = {cfg->heartbeat_interval > 0 ? cfg->heartbeat_interval : 10, 0};
+    bufferevent_set_timeouts(sess->bev, &idle, NULL);
+    event_add(sess->ka_timer, &every);
+    log_info(TS_MOD, "client \"%s\" connected from %s", sess->name, sess->remote);
+}
+
+static int tsession_on_hello(struct tsession *sess, json_t *root)
+{
+    struct tunnel_server *ts = sess->ts;
+    const char *name = NULL, *token = NULL, *version = "";
+    char shown[TS_NAME_MAX + 1], msg[192];
+    if (json_unpack(root, "{s:s, s:s, s?s}", "name", &name, "token", &token, "version",
+                    &version) != 0 ||
+        name[0] == '\0' || strlen(name) > TS_NAME_MAX) {
+        ts->srv->limits.tunnel_protocol_errors++;
+        log_warn(TS_MOD, "tunnel from %s closed: protocol error: malformed Hello", sess->remote);
+        return tsession_refuse(sess, "malformed Hello", "bad_hello");
+    }
+    ts_printable(name, shown, sizeof(shown));
+    if (!ts_token_ok(ts->srv->cfg, name, token)) {
+        ts->srv->limits.tunnel_auth_failed++;
+        log_warn(TS_MOD, "tunnel from %s: client \"%s\" refused: unknown name or wrong token",
+                 sess->remote, shown);
+        snprintf(msg, sizeof(msg), "authentication failed for client \"%s\"", shown);
+        return tsession_refuse(sess, msg, "auth_failed");
+    }
+    if (ts_find_client(ts, name)) {
+        ts->srv->limits.tunnel_auth_failed++;
+        log_warn(TS_MOD, "tunnel from %s: client \"%s\" refused: already connected",
+                 sess->remote, shown);
+        snprintf(msg, sizeof(msg), "client \"%s\" is already connected", shown);
+        return tsession_refuse(sess, msg, "already_connected");
+    }
+    tsession_accept(sess, shown);
+    return MUX_OK;
+}
+
+static int tsession_on_json(struct mux_session *mux, uint8_t type, const char *json,
+                            size_t len, void *arg)
+{
+    struct tsession *sess = arg;
+    if (sess->authed)
+        return -1; /* a second Hello */
+    json_error_t jerr;
+    json_t *root = json_loadb(json, len, JSON_REJECT_DUPLICATES, &jerr);
+    if (!root || !json_is_object(root)) {
+        json_decref(root);
+        sess->ts->srv->limits.tunnel_protocol_errors++;
+        log_warn(TS_MOD, "tunnel from %s closed: protocol error: Hello is not a JSON object",
+                 sess->remote);
+        return tsession_refuse(sess, "malformed Hello", "bad_hello");
+    }
+    int rc = tsession_on_hello(sess, root);
+    json_decref(root);
+    return rc;
+}
+
+static const struct mux_session_callbacks tsession_mux_cb = {.on_json = tsession_on_json};
+
+/* ---- session I/O ---- */
+
+static void tsession_read_cb(struct bufferevent *bev, void *arg)
+{
+    struct tsession *sess = arg;
+    if (sess->closing)
+        return;
+    int rc = mux_session_input(sess->mux, bufferevent_get_input(bev));
+    if (rc < 0) {
+        tsession_protocol_error(sess, mux_session_error(sess->mux));
+        return;
+    }
+    if (rc == MUX_STOPPED) {
+        tsession_close_after_flush(sess);
+        return;
+    }
+    if (evbuffer_get_length(bufferevent_get_output(bev)) > TS_OUT_HARD_LIMIT) {
+        /* The peer sends but does not read: stop taking its input until it does. */
+        bufferevent_disable(bev, EV_READ);
+        sess->read_paused = true;
+    }
+}
+
+static void tsession_write_cb(struct bufferevent *bev, void *arg)
+{
+    struct tsession *sess = arg;
+    if (sess->closing) {
+        if (evbuffer_get_length(bufferevent_get_output(bev)) == 0)
+            tsession_free(sess);
+        return;
+    }
+    mux_session_output_drained(sess->mux);
+    if (sess->read_paused) {
+        sess->read_paused = false;
+        bufferevent_enable(bev, EV_READ);
+    }
+}
+
+/* The first OpenSSL reason on bev, or NULL. Drains the error queue. */
+static const char *ts_tls_reason(struct bufferevent *bev)
+{
+    const char *reason = NULL;
+    unsigned long e;
+    while ((e = bufferevent_get_openssl_error(bev)) != 0) {
+        if (!reason)
+            reason = ERR_reason_error_string(e);
+    }
+    return reason;
+}
+
+static void tsession_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+    struct tsession *sess = arg;
+    char reason[160];
+    if (what & BEV_EVENT_CONNECTED)
+        return; /* TLS handshake done */
+    if (sess->closing) {
+        tsession_free(sess);
+        return;
+    }
+    const char *tls = sess->ts->ssl ? ts_tls_reason(bev) : NULL;
+    if (what & BEV_EVENT_TIMEOUT) {
+        snprintf(reason, sizeof(reason), "no data for %d s (heartbeat timeout)",
+                 sess->ts->srv->cfg->heartbeat_timeout);
+    } else if (tls) {
+        snprintf(reason, sizeof(reason), "TLS error: %s", tls);
+        if (!sess->authed) {
+            sess->ts->srv->limits.tunnel_protocol_errors++;
+            log_warn(TS_MOD, "tunnel from %s closed: %s", sess->remote, reason);
+        }
+    } else if (what & BEV_EVENT_EOF) {
+        snprintf(reason, sizeof(reason), "connection closed by peer");
+    } else {
+        snprintf(reason, sizeof(reason), "%s",
+                 evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+    }
+    tsession_close(sess, reason);
+}
+
+static struct bufferevent *ts_bev_new(struct tunnel_server *ts, evutil_socket_t fd)
+{
+    struct event_base *base = ts->srv->base;
+    if (!ts->ssl)
+        return bufferevent_socket_new(base, fd, BEV_OPT_CLOSE_ON_FREE);
+    SSL *ssl = SSL_new(ts->ssl);
+    if (!ssl)
+        return NULL;
+    struct bufferevent *bev = bufferevent_openssl_socket_new(
+        base, fd, ssl, BUFFEREVENT_SSL_ACCEPTING, BEV_OPT_CLOSE_ON_FREE);
+    if (!bev) {
+        SSL_free(ssl);
+        return NULL;
+    }
+    /* A peer that drops the TCP connection without close_notify is an EOF, not an error. */
+    bufferevent_openssl_set_allow_dirty_shutdown(bev, 1);
+    return bev;
+}
+
+static struct tsession *tsession_new(struct tunnel_server *ts, evutil_socket_t fd,
+                                     const struct sockaddr *sa)
+{
+    struct event_base *base = ts->srv->base;
+    struct tsession *sess = calloc(1, sizeof(*sess));
+    if (!sess)
+        return NULL;
+    sess->ts = ts;
+    TAILQ_INIT(&sess->streams);
+    netaddr_format(sa, sess->remote, sizeof(sess->remote));
+    sess->bev = ts_bev_new(ts, fd);
+    if (!sess->bev)
+        goto fail;
+    sess->mux = mux_session_new(MUX_ROLE_SERVER, bufferevent_get_output(sess->bev),
+                                &tsession_mux_cb, sess);
+    sess->hello_timer = evtimer_new(base, tsession_hello_timer_cb, sess);
+    sess->ka_timer = event_new(base, -1, EV_PERSIST, tsession_keepalive_cb, sess);
+    if (!sess->mux || !sess->hello_timer || !sess->ka_timer)
+        goto fail;
+    return sess;
+fail:
+    if (sess->ka_timer)
+        event_free(sess->ka_timer);
+    if (sess->hello_timer)
+        event_free(sess->hello_timer);
+    mux_session_free(sess->mux);
+    if (sess->bev)
+        bufferevent_free(sess->bev);
+    else
+        evutil_closesocket(fd);
+    free(sess);
+    return NULL;
+}
+
+static void ts_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
+                         int socklen, void *arg)
+{
+    struct tunnel_server *ts = arg;
+    bridge_set_nodelay(fd);
+    struct tsession *sess = tsession_new(ts, fd, sa);
+    if (!sess) {
+        log_error(TS_MOD, "out of memory accepting a tunnel connection");
+        return;
+    }
+    int hello = ts->srv->cfg->hello_timeout > 0 ? ts->srv->cfg->hello_timeout : 10;
+    struct timeval tv = {hello, 0};
+    evtimer_add(sess->hello_timer, &tv);
+    bufferevent_setcb(sess->bev, tsession_read_cb, tsession_write_cb, tsession_event_cb, sess);
+    bufferevent_setwatermark(sess->bev, EV_WRITE, MUX_OUT_SOFT_LIMIT / 2, 0);
+    bufferevent_enable(sess->bev, EV_READ | EV_WRITE);
+    TAILQ_INSERT_TAIL(&ts->sessions, sess, link);
+    log_debug(TS_MOD, "tunnel connection from %s", sess->remote);
+}
+
+static void ts_accept_error_cb(struct evconnlistener *l, void *arg)
+{
+    log_warn(TS_MOD, "accept failed: %s", evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+}
+
+/* ---- server ---- */
+
+static SSL_CTX *ts_tls_fail(SSL_CTX *ctx, char *err, size_t errlen, const char *what,
+                            const char *file)
+{
+    unsigned long e = ERR_peek_last_error();
+    const char *reason = e ? ERR_reason_error_string(e) : NULL;
+    snprintf(err, errlen, "tunnel TLS: %s %s: %s", what, file, reason ? reason : "failed");
+    ERR_clear_error();
+    SSL_CTX_free(ctx);
+    return NULL;
+}
+
+static SSL_CTX *ts_tls_new(const struct config *cfg, char *err, size_t errlen)
+{
+    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+    if (!ctx)
+        return ts_tls_fail(ctx, err, errlen, "cannot create context for", cfg->tls_cert_file);
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION);
+    if (SSL_CTX_use_certificate_chain_file(ctx, cfg->tls_cert_file) != 1)
+        return ts_tls_fail(ctx, err, errlen, "cannot load certificate", cfg->tls_cert_file);
+    if (SSL_CTX_use_PrivateKey_file(ctx, cfg->tls_key_file, SSL_FILETYPE_PEM) != 1)
+        return ts_tls_fail(ctx, err, errlen, "cannot load key", cfg->tls_key_file);
+    if (SSL_CTX_check_private_key(ctx) != 1)
+        return ts_tls_fail(ctx, err, errlen, "key does not match certificate", cfg->tls_key_file);
+    if (cfg->tls_client_ca && cfg->tls_client_ca[0]) {
+        STACK_OF(X509_NAME) *names = SSL_load_client_CA_file(cfg->tls_client_ca);
+        if (!names || SSL_CTX_load_verify_locations(ctx, cfg->tls_client_ca, NULL) != 1) {
+            sk_X509_NAME_pop_free(names, X509_NAME_free);
+            return ts_tls_fail(ctx, err, errlen, "cannot load client CA", cfg->tls_client_ca);
+        }
+        SSL_CTX_set_client_CA_list(ctx, names);
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
+    }
+    return ctx;
+}
+
+static int ts_listen(struct tunnel_server *ts, char *err, size_t errlen)
+{
+    const struct config *cfg = ts->srv->cfg;
+    struct sockaddr_storage ss;
+    int sslen = (int)sizeof(ss);
+    char spec[300];
+    const char *addr = cfg->tunnel_listen_addr ? cfg->tunnel_listen_addr : "0.0.0.0";
+    snprintf(spec, sizeof(spec), strchr(addr, ':') ? "[%s]:%d" : "%s:%d", addr,
+             cfg->tunnel_listen_port);
+    if (evutil_parse_sockaddr_port(spec, (struct sockaddr *)&ss, &sslen) != 0) {
+        snprintf(err, errlen, "tunnel.listen_addr %s is not an IP address", addr);
+        return -1;
+    }
+    ts->listener = evconnlistener_new_bind(
+        ts->srv->base, ts_accept_cb, ts,
+        LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, 128,
+        (struct sockaddr *)&ss, sslen);
+    if (!ts->listener) {
+        snprintf(err, errlen, "cannot listen on %s: %s", spec,
+                 evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+        return -1;
+    }
+    evconnlistener_set_error_cb(ts->listener, ts_accept_error_cb);
+    struct sockaddr_storage bound;
+    socklen_t blen = sizeof(bound);
+    ts->port = cfg->tunnel_listen_port;
+    if (getsockname(evconnlistener_get_fd(ts->listener), (struct sockaddr *)&bound, &blen) == 0)
+        ts->port = ntohs(bound.ss_family == AF_INET6
+                             ? ((struct sockaddr_in6 *)&bound)->sin6_port
+                             : ((struct sockaddr_in *)&bound)->sin_port);
+    return 0;
+}
+
+struct tunnel_server *tunnel_server_new(struct server *srv, char *err, size_t errlen)
+{
+    const struct config *cfg = srv->cfg;
+    struct tunnel_server *ts = calloc(1, sizeof(*ts));
+    if (!ts) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    ts->srv = srv;
+    TAILQ_INIT(&ts->sessions);
+    if (cfg->tls_cert_file && cfg->tls_cert_file[0]) {
+        ts->ssl = ts_tls_new(cfg, err, errlen);
+        if (!ts->ssl)
+            goto fail;
+    }
+    if (ts_listen(ts, err, errlen) != 0)
+        goto fail;
+    if (ts->ssl)
+        log_info(TS_MOD, "TLS on%s", cfg->tls_client_ca && cfg->tls_client_ca[0]
+                                         ? ", client certificates required"
+                                         : "");
+    return ts;
+fail:
+    SSL_CTX_free(ts->ssl);
+    free(ts);
+    return NULL;
+}
+
+void tunnel_server_free(struct tunnel_server *ts)
+{
+    if (!ts)
+        return;
+    if (ts->listener)
+        evconnlistener_free(ts->listener);
+    struct tsession *sess;
+    while ((sess = TAILQ_FIRST(&ts->sessions)) != NULL)
+        tsession_close(sess, "server shutting down");
+    SSL_CTX_free(ts->ssl);
+    free(ts);
+}
+
+int tunnel_server_port(const struct tunnel_server *ts) { return ts->port; }
+
+bool tunnel_server_client_connected(const struct tunnel_server *ts, const char *name)
+{
+    return ts_find_client(ts, name && name[0] ? name : "default") != NULL;
+}
+
+size_t tunnel_server_client_count(const struct tunnel_server *ts)
+{
+    size_t n = 0;
+    const struct tsession *sess;
+    TAILQ_FOREACH(sess, &ts->sessions, link) {
+        if (sess->authed && !sess->closing)
+            n++;
+    }
+    return n;
+}
+
+static json_t *tsession_json(const struct tsession *sess)
+{
+    char when[32];
+    struct tm tm;
+    gmtime_r(&sess->connected_at, &tm);
+    strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
+    return json_pack("{s:s, s:s, s:s, s:I, s:f, s:I, s:I}", "name", sess->name, "remote_addr",
+                     sess->remote, "connected_at", when, "streams", (json_int_t)sess->nstreams,
+                     "rtt_ms", mux_session_rtt_ms(sess->mux), "bytes_in",
+                     (json_int_t)sess->bytes_in, "bytes_out", (json_int_t)sess->bytes_out);
+}
+
+json_t *tunnel_server_clients_json(const struct tunnel_server *ts)
+{
+    json_t *arr = json_array();
+    size_t n = 0;
+    const struct tsession *sess;
+    TAILQ_FOREACH(sess, &ts->sessions, link) {
+        if (!sess->authed || sess->closing)
+            continue;
+        json_t *c = tsession_json(sess);
+        if (c && json_array_append_new(arr, c) == 0)
+            n++;
+    }
+    return json_pack("{s:o, s:I}", "clients", arr, "count", (json_int_t)n);
+}
+
+/* ---- public connections ---- */
+
+void tunnel_server_forward(struct tunnel_server *ts, struct mapping *m, evutil_socket_t fd)
+{
+    const struct config *cfg = ts->srv->cfg;
+    struct tstream *t = calloc(1, sizeof(*t));
+    if (!t) {
+        struct mapping_conn mc;
+        mapping_conn_begin(m, &mc, NULL);
+        mapping_conn_end(&mc, true);
+        evutil_closesocket(fd);
+        return;
+    }
+    t->fd = fd;
+    mapping_conn_begin(m, &t->mc, tstream_abort);
+    const char *client = m->rec.client[0] ? m->rec.client : "default";
+    struct tsession *sess = ts_find_client(ts, client);
+    if (!sess) {
+        log_debug(TS_MOD, "port %d: client \"%s\" not connected", m->rec.port, client);
+        tstream_free(t, true);
+        return;
+    }
+    if (cfg->max_streams_per_client > 0 && sess->nstreams >= (size_t)cfg->max_streams_per_client) {
+        ts->srv->limits.tunnel_streams++;
+        log_warn(TS_MOD, "client \"%s\": stream refused, %zu open (limit)", sess->name,
+                 sess->nstreams);
+        tstream_free(t, true);
+        return;
+    }
+    t->timer = evtimer_new(ts->srv->base, tstream_timeout_cb, t);
+    t->st = t->timer ? mux_stream_open(sess->mux, mapping_target_host(m),
+                                       (uint16_t)m->rec.target_port, &tstream_pending_cb, t)
+                     : NULL;
+    if (!t->st) {
+        tstream_free(t, true);
+        return;
+    }
+    t->sess = sess;
+    TAILQ_INSERT_TAIL(&sess->streams, t, link);
+    sess->nstreams++;
+    struct timeval tv = {cfg->connect_timeout > 0 ? cfg->connect_timeout : 10, 0};
+    evtimer_add(t->timer, &tv);
+}
