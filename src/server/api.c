@@ -266,7 +266,7 @@ static bool api_token_ok(struct api *api, struct MHD_Connection *conn)
 
 static const char *api_allow_header(unsigned methods)
 {
-    return methods == M_GET ? "GET" : methods == M_POST ? "POST" : "GET, POST";
+    return methods == M_GET ? "GET, HEAD" : methods == M_POST ? "POST" : "GET, HEAD, POST";
 }
 
 /* First call for a request: every check that needs no body, so refusals never read it.
@@ -283,7 +283,10 @@ static bool api_admit(struct api *api, struct MHD_Connection *conn, const char *
         *r = api_fail(api, conn, API_E_NOT_FOUND, "no such endpoint", NULL);
         return false;
     }
-    unsigned m = strcmp(method, "GET") == 0 ? M_GET : strcmp(method, "POST") == 0 ? M_POST : 0;
+    /* HEAD goes wherever GET does; MHD leaves the body out. */
+    unsigned m = strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0 ? M_GET
+                 : strcmp(method, "POST") == 0                             ? M_POST
+                                                                           : 0;
     if (!(m & route->methods)) {
         *r = api_fail(api, conn, API_E_METHOD_NOT_ALLOWED, "method not allowed",
                       api_allow_header(route->methods));

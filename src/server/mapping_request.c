@@ -112,10 +112,19 @@ static enum api_error check_unknown_fields(json_t *obj, char *msg, size_t msglen
     return API_OK;
 }
 
-static json_t *load_object(const char *body, size_t len, char *msg, size_t msglen)
+/* Returns the body's object, or NULL with *e set: a number beyond 64 bits is well-formed
+ * JSON with a field out of range (invalid_field), anything else invalid_json. */
+static json_t *load_object(const char *body, size_t len, enum api_error *e, char *msg,
+                           size_t msglen)
 {
     json_error_t jerr;
     json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
+    *e = API_E_INVALID_JSON;
+    if (!root && json_error_code(&jerr) == json_error_numeric_overflow) {
+        *e = API_E_INVALID_FIELD;
+        snprintf(msg, msglen, "a number is out of range (%s)", jerr.text);
+        return NULL;
+    }
     if (!root) {
         snprintf(msg, msglen, "body is not valid JSON: %s", jerr.text);
         return NULL;
@@ -187,10 +196,11 @@ enum api_error mapping_request_parse_create(const struct config *cfg, const char
 {
     memset(rec, 0, sizeof(*rec));
     strcpy(rec->client, "default");
-    json_t *obj = load_object(body, len, msg, msglen);
+    enum api_error e;
+    json_t *obj = load_object(body, len, &e, msg, msglen);
     if (!obj)
-        return API_E_INVALID_JSON;
-    enum api_error e = parse_create_fields(cfg, obj, rec, msg, msglen);
+        return e;
+    e = parse_create_fields(cfg, obj, rec, msg, msglen);
     json_decref(obj);
     return e;
 }
@@ -198,10 +208,11 @@ enum api_error mapping_request_parse_create(const struct config *cfg, const char
 enum api_error mapping_request_parse_remove(const char *body, size_t len, int *port,
                                             char *msg, size_t msglen)
 {
-    json_t *obj = load_object(body, len, msg, msglen);
+    enum api_error e;
+    json_t *obj = load_object(body, len, &e, msg, msglen);
     if (!obj)
-        return API_E_INVALID_JSON;
-    enum api_error e = API_OK;
+        return e;
+    e = API_OK;
     const char *key;
     json_t *v;
     json_object_foreach(obj, key, v) {
