@@ -168,6 +168,7 @@ def test_target_refused_and_allow_list(server_factory, http_backend, tmp_path, l
     srv.remove(p_denied)
     srv.create_ok(port=p_denied, target_port=closed_port, use_tunnel=True)
     client.kill()
+    wait_until(lambda: client_count(srv) == 0, timeout=10, desc="server to see the client go")
     client = start_client(tmp_path, logs, srv, TOKEN, log_name="client-2")
     took = closed_within(p_denied, 3.0)
     assert took is not None and took < 1.0, took
@@ -247,3 +248,33 @@ def test_client_exits_0_on_sigterm(server_factory, tmp_path, logs):
     client.send_signal(signal.SIGTERM)
     assert client.wait(5) == 0
     wait_until(lambda: srv.health()["clients"] == 0, timeout=5, desc="server to see it go")
+
+
+def test_silent_peers_dropped_after_heartbeat_timeout(server_factory, http_backend, tmp_path,
+                                                      logs):
+    """A frozen client is dropped by the server, a frozen server by the client, each after
+    its heartbeat_timeout; then the client reconnects by itself."""
+    srv = tunnel_server(server_factory, CLIENTS, heartbeat_interval=1, heartbeat_timeout=3)
+    client = start_client(tmp_path, logs, srv, TOKEN, "--heartbeat-interval", "1",
+                          "--heartbeat-timeout", "3")
+    port = free_port()
+    srv.create_ok(port=port, target_port=http_backend.port)
+    client.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        wait_status(srv, port, "waiting_for_client", timeout=8)
+        assert time.monotonic() - t0 > 1.5
+        srv.wait_log(r'client "default" disconnected: no data for 3 s')
+    finally:
+        client.send_signal(signal.SIGCONT)
+    wait_until(lambda: client_count(srv) == 1, timeout=15, desc="client to come back")
+
+    mark = client.log_mark()
+    srv.proc.send_signal(signal.SIGSTOP)
+    try:
+        client.wait_log(r"disconnected from server: server silent for 3 s", after=mark,
+                        timeout=10)
+    finally:
+        srv.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: client_count(srv) == 1, timeout=15, desc="client to reconnect")
+    assert http_get(port, "/hello.txt")[0] == 200
