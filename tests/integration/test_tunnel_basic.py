@@ -278,3 +278,29 @@ def test_silent_peers_dropped_after_heartbeat_timeout(server_factory, http_backe
         srv.proc.send_signal(signal.SIGCONT)
     wait_until(lambda: client_count(srv) == 1, timeout=15, desc="client to reconnect")
     assert http_get(port, "/hello.txt")[0] == 200
+
+
+def test_max_streams_per_client(server_factory, echo_backend, tmp_path, logs):
+    srv = tunnel_server(server_factory, CLIENTS, max_streams_per_client=2)
+    start_client(tmp_path, logs, srv, TOKEN)
+    port = free_port()
+    srv.create_ok(port=port, target_port=echo_backend.port)
+    held = [connect(port), connect(port)]
+    try:
+        for s in held:  # both streams really open: they echo
+            s.sendall(b"hi")
+            assert s.recv(2) == b"hi"
+        took = closed_within(port, 3.0)
+        assert took is not None and took < 1.0, took
+        m = srv.mapping(port)
+        assert m["failed_connections"] == 1 and m["active_connections"] == 2, m
+        text = srv.api("GET", "/metrics")[2]
+        assert re.search(r'limit="max_streams_per_client"\} 1\b', text), text
+    finally:
+        for s in held:
+            s.close()
+    wait_until(lambda: srv.mapping(port)["active_connections"] == 0, timeout=10,
+               desc="streams to close")
+    with connect(port) as s:
+        s.sendall(b"again")
+        assert s.recv(5) == b"again"
