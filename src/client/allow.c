@@ -119,11 +119,13 @@ int allow_list_add(struct allow_list *list, const char *spec, char *err, size_t 
         const char *comma = strchr(p, ',');
         size_t len = comma ? (size_t)(comma - p) : strlen(p);
         char text[ALLOW_RULE_MAX + 2];
-        snprintf(text, sizeof(text), "%.*s", (int)(len < sizeof(text) - 1 ? len : sizeof(text) - 1), p);
-        if (len >= sizeof(text) - 1 ||
-            allow_rule_parse(text, &rules[list->len + n], reason, sizeof(reason)) != 0) {
+        bool too_long = len >= sizeof(text) - 1;
+        size_t keep = too_long ? sizeof(text) - 1 : len;
+        memcpy(text, p, keep);
+        text[keep] = '\0';
+        if (too_long || allow_rule_parse(text, &rules[list->len + n], reason, sizeof(reason)) != 0) {
             snprintf(err, errlen, "rule '%.*s': %s", (int)(len > 64 ? 64 : len), p,
-                     len >= sizeof(text) - 1 ? "too long" : reason);
+                     too_long ? "too long" : reason);
             return -1;
         }
         n++;

@@ -54,7 +54,8 @@ struct tsession {
     uint64_t bytes_in;            /* stream bytes from the client */
     uint64_t bytes_out;           /* stream bytes to the client */
     TAILQ_HEAD(, tstream) streams;
-    size_t nstreams;
+    size_t nstreams;              /* all, pending included (the limit counts these) */
+    size_t nestablished;          /* connected to their target (what /api/clients shows) */
 };
 
 /* One public connection carried by a session. */
@@ -66,6 +67,7 @@ struct tstream {
     evutil_socket_t fd;           /* ditto; the bridge owns it afterwards */
     struct event *timer;          /* connect_timeout */
     struct bridge *bridge;
+    bool established;             /* counted in sess->nestablished */
 };
 
 struct tunnel_server {
@@ -85,6 +87,8 @@ static void tstream_free(struct tstream *t, bool failed)
     if (t->sess) {
         TAILQ_REMOVE(&t->sess->streams, t, link);
         t->sess->nstreams--;
+        if (t->established)
+            t->sess->nestablished--;
     }
     if (t->timer)
         event_free(t->timer);
@@ -134,7 +138,10 @@ static void tstream_connected(struct tstream *t, struct mux_stream *st)
         bufferevent_free(bev);
         mux_stream_close(st);
         tstream_free(t, true);
+        return;
     }
+    t->established = true;
+    t->sess->nestablished++;
 }
 
 static void tstream_on_connect_response(struct mux_stream *st, uint8_t status, void *arg)
@@ -213,6 +220,7 @@ static void tsession_free(struct tsession *sess)
         /* Only bridges delivering the last bytes after a Close remain. */
         TAILQ_REMOVE(&sess->streams, t, link);
         t->sess = NULL;
+        t->established = false;
     }
     if (sess->hello_timer)
         event_free(sess->hello_timer);
@@ -681,10 +689,12 @@ static json_t *tsession_json(const struct tsession *sess)
     struct tm tm;
     gmtime_r(&sess->connected_at, &tm);
     strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
-    return json_pack("{s:s, s:s, s:s, s:I, s:f, s:I, s:I}", "name", sess->name, "remote_addr",
-                     sess->remote, "connected_at", when, "streams", (json_int_t)sess->nstreams,
-                     "rtt_ms", mux_session_rtt_ms(sess->mux), "bytes_in",
-                     (json_int_t)sess->bytes_in, "bytes_out", (json_int_t)sess->bytes_out);
+    return json_pack("{s:s, s:s, s:s, s:I, s:f, s:I, s:I}", "name", sess->name,
+                     "remote_addr", sess->remote, "connected_at", when,
+                     "streams", (json_int_t)sess->nestablished,
+                     "rtt_ms", mux_session_rtt_ms(sess->mux),
+                     "bytes_in", (json_int_t)sess->bytes_in,
+                     "bytes_out", (json_int_t)sess->bytes_out);
 }
 
 json_t *tunnel_server_clients_json(const struct tunnel_server *ts)
