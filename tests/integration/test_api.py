@@ -207,6 +207,7 @@ CASES = [
     ("port-65536", "POST", "/api/mapping/create", "json", lambda s: _valid(port=65536), 400, "invalid_field", "port"),
     ("port-neg", "POST", "/api/mapping/create", "json", lambda s: _valid(port=-1), 400, "invalid_field", "port"),
     ("port-big", "POST", "/api/mapping/create", "json", lambda s: _valid(port=2**40 + 20001), 400, "invalid_field", "port"),
+    ("port-beyond-64-bits", "POST", "/api/mapping/create", "raw", '{"port": 99999999999999999999, "target_ip": "127.0.0.1", "target_port": 9}', 400, "invalid_field", None),
     ("port-missing", "POST", "/api/mapping/create", "json", lambda s: _without("port"), 400, "invalid_field", "port"),
     ("target_ip-int", "POST", "/api/mapping/create", "json", lambda s: _valid(target_ip=123), 400, "invalid_field", "target_ip"),
     ("target_ip-empty", "POST", "/api/mapping/create", "json", lambda s: _valid(target_ip=""), 400, "invalid_field", "target_ip"),
@@ -396,3 +397,13 @@ def test_create_on_the_api_port(server):
     assert_failure(status, headers, body, 409, "port_in_use")
     assert server.list() == []
     assert server.health()["status"] == "ok"
+
+
+def test_head_health(server):
+    """Health checkers often use HEAD: it goes wherever GET does, without a body."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.api_port, timeout=5)
+    conn.request("HEAD", "/health")
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.read() == b""
+    conn.close()
