@@ -5,12 +5,14 @@
 #include <netinet/tcp.h>
 #include <stdbool.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/socket.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 #include <event2/event.h>
 
+#include "log.h"
 #include "mux.h"
 
 /* After the peer's Close, what is buffered for the socket gets this long to drain. */
@@ -143,6 +145,16 @@ static void bridge_write_cb(struct bufferevent *bev, void *arg)
 static void bridge_event_cb(struct bufferevent *bev, short what, void *arg)
 {
     struct bridge *b = arg;
+    /* libevent can report EOF and an error together (a FIN then a RST seen in one
+     * wake-up): the error wins, or the stream would wait forever on a dead socket. */
+    if (what & (BEV_EVENT_ERROR | BEV_EVENT_TIMEOUT)) {
+        log_debug("bridge", "stream %u: socket %s: %s",
+                  b->st ? (unsigned)mux_stream_id(b->st) : 0u,
+                  what & BEV_EVENT_TIMEOUT ? "timeout" : "error",
+                  evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+        bridge_finish(b, what & BEV_EVENT_TIMEOUT ? "socket timeout" : "socket error");
+        return;
+    }
     if (what & BEV_EVENT_EOF) {
         b->sock_eof = true;
         if (b->flushing) {
@@ -150,10 +162,7 @@ static void bridge_event_cb(struct bufferevent *bev, short what, void *arg)
             return;
         }
         bridge_pump(b);
-        return;
     }
-    if (what & (BEV_EVENT_ERROR | BEV_EVENT_TIMEOUT))
-        bridge_finish(b, what & BEV_EVENT_TIMEOUT ? "socket timeout" : "socket error");
 }
 
 /* Counts what the socket really took and gives it back to the peer as window. */
