@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""Markdown report of a bench run: the forwarder table, the issue's targets as ratios against
+the peers measured in the same run (met / missed), and the control plane.
+
+  report.py --peers results-peers.tsv [--control results-control.tsv] [--machine machine.txt]
+            [--peers-only] [--check portmux-direct,portmux-tunnel]
+
+--check: exit 1 when a listed forwarder (or the control plane, when given) is broken: a
+measurement missing, zero throughput, HTTP errors over 1 % of requests, held connections that
+did not all go through, a failed create/restore/client. Slowness never fails the check."""
+import argparse, csv, math, sys
+
+
+def num(v):
+    try:
+        x = float(v)
+        return None if math.isnan(x) else x
+    except (TypeError, ValueError):
+        return None
+
+
+def load_peers(path):
+    rows = {}
+    try:
+        with open(path) as f:
+            for r in csv.DictReader(f, delimiter="\t"):
+                rows[r["fwd"]] = r  # the last run of a forwarder wins
+    except FileNotFoundError:
+        pass
+    return rows
+
+
+def load_control(path):
+    d = {}
+    if path:
+        try:
+            with open(path) as f:
+                for line in f:
+                    k, _, v = line.rstrip("\n").partition("\t")
+                    d[k] = v
+        except FileNotFoundError:
+            pass
+    return d
+
+
+def nconns(rows):
+    ns = set()
+    for r in rows.values():
+        for k in r:
+            if k and k.startswith("kb_per_conn_rss_"):
+                ns.add(int(k.rsplit("_", 1)[1]))
+    return sorted(ns)
+
+
+def fmt(x, nd=2):
+    if x is None:
+        return "n/a"
+    if abs(x) >= 1000:
+        return f"{x:.0f}"
+    return f"{x:.{nd}f}"
+
+
+def peers_table(rows):
+    ns = nconns(rows)
+    head = ["forwarder", "1-stream Gb/s", "-P8 Gb/s", "-R Gb/s", "CPU s/GB 1 / P8",
+            "close req/s", "close p50/p99 ms", "keep-alive req/s", "ka p50/p99 ms", "RSS idle KB"]
+    head += [f"KB/conn RSS (PSS) @{n}" for n in ns]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        g = lambda k, nd=2: fmt(num(r.get(k)), nd)
+        cells = [name, g("gbps_1"), g("gbps_P8"), g("gbps_R"),
+                 f"{g('cpu_s_per_GB_1')} / {g('cpu_s_per_GB_P8')}", g("close_rps", 0),
+                 f"{g('close_p50ms')} / {g('close_p99ms')}", g("ka_rps", 0),
+                 f"{g('ka_p50ms')} / {g('ka_p99ms')}", g("rss_idle_kb", 0)]
+        for n in ns:
+            ok = r.get(f"conns_ok_{n}", "0")
+            c = f"{g(f'kb_per_conn_rss_{n}')} ({g(f'kb_per_conn_pss_{n}')})"
+            if ok != str(n):
+                c += f" [{ok}/{n} conns]"
+            cells.append(c)
+        errs = [f"{k} {r.get(k)}" for k in ("close_err", "ka_err") if (num(r.get(k)) or 0) > 0]
+        if errs:
+            cells[0] += " (wrk errors: " + ", ".join(errs) + ")"
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def targets(rows, ctl):
+    def v(fwd, col):
+        return num(rows.get(fwd, {}).get(col))
+
+    res = []
+
+    def ratio(desc, fwd, col, ref, refcol, goal, higher=True, unit=""):
+        a, b = v(fwd, col), v(ref, refcol)
+        if a is None or b is None or b == 0:
+            res.append((desc, fmt(a) + unit, f"{ref}: {fmt(b)}{unit}", "n/a", "no data"))
+            return
+        q = a / b
+        met = q >= goal if higher else q <= goal
+        res.append((desc, fmt(a) + unit, f"{ref}: {fmt(b)}{unit}", f"{q:.2f}x",
+                    "met" if met else "MISSED"))
+
+    def absolute(desc, x, limit, unit):
+        if x is None:
+            res.append((desc, "n/a", f"≤ {limit} {unit}", "", "no data"))
+        else:
+            res.append((desc, f"{fmt(x)} {unit}", f"≤ {limit} {unit}", "",
+                        "met" if x <= limit else "MISSED"))
+
+    ns = nconns(rows)
+    D, T, S, H, SSH = "portmux-direct", "portmux-tunnel", "portmux-tls", "haproxy1", "ssh-gcm"
+    ratio("direct 1-stream ≥ 1.0× haproxy1", D, "gbps_1", H, "gbps_1", 1.0, unit=" Gb/s")
+    ratio("direct 8-stream ≥ 1.0× haproxy1", D, "gbps_P8", H, "gbps_P8", 1.0, unit=" Gb/s")
+    ratio("direct CPU s/GB (1 stream) ≤ haproxy1", D, "cpu_s_per_GB_1", H, "cpu_s_per_GB_1", 1.0, False)
+    ratio("direct CPU s/GB (8 streams) ≤ haproxy1", D, "cpu_s_per_GB_P8", H, "cpu_s_per_GB_P8", 1.0, False)
+    ratio("direct Connection: close req/s ≥ 1.0× haproxy1", D, "close_rps", H, "close_rps", 1.0)
+    for n in ns:
+        absolute(f"direct idle memory @{n} conns ≤ 4 KB/conn (RSS)", v(D, f"kb_per_conn_rss_{n}"), 4, "KB")
+    ratio("tunnel 1-stream ≥ 1.5× ssh -R gcm", T, "gbps_1", SSH, "gbps_1", 1.5, unit=" Gb/s")
+    ratio("tunnel 8-stream aggregate ≥ tunnel 1-stream", T, "gbps_P8", T, "gbps_1", 1.0, unit=" Gb/s")
+    ratio("tunnel TLS 1-stream ≥ 1.0× ssh -R gcm", S, "gbps_1", SSH, "gbps_1", 1.0, unit=" Gb/s")
+    ratio("tunnel TLS CPU s/GB (1 stream) ≤ ssh -R gcm", S, "cpu_s_per_GB_1", SSH, "cpu_s_per_GB_1", 1.0, False)
+    ratio("tunnel Connection: close req/s ≥ 2× ssh -R", T, "close_rps", SSH, "close_rps", 2.0)
+    ratio("tunnel Connection: close p99 ≤ 1/3 of ssh -R", T, "close_p99ms", SSH, "close_p99ms", 1 / 3, False, " ms")
+    ratio("tunnel keep-alive p99 ≤ 1/3 of ssh -R", T, "ka_p99ms", SSH, "ka_p99ms", 1 / 3, False, " ms")
+    for n in ns:
+        absolute(f"tunnel idle memory @{n} streams ≤ 8 KB/stream (server+client RSS)",
+                 v(T, f"kb_per_conn_rss_{n}"), 8, "KB")
+    nm = ctl.get("mappings", "1000")
+    absolute(f"create mapping p99 ({nm} creates) ≤ 10 ms", num(ctl.get("create_p99_ms")), 10, "ms")
+    absolute(f"restore {nm} mappings at start-up ≤ 1 s", num(ctl.get("restore_s")), 1, "s")
+    absolute(f"list with {nm} mappings (p50) ≤ 50 ms", num(ctl.get("list_p50_ms")), 50, "ms")
+    out = ["| target | portmux | compared with | ratio | |", "|---|---|---|---|---|"]
+    out += ["| " + " | ".join(r) + " |" for r in res]
+    return "\n".join(out), res
+
+
+def control_table(ctl):
+    if not ctl:
+        return "(no control-plane results)"
+    g = lambda k: ctl.get(k, "n/a")
+    rows = [
+        ("mappings created through the API", f"{g('mappings')} ({g('create_failed')} failed) in {g('create_total_s')} s"),
+        ("create latency p50 / p99 / max", f"{g('create_p50_ms')} / {g('create_p99_ms')} / {g('create_max_ms')} ms"),
+        ("GET /api/mapping/list with all of them, p50 / max", f"{g('list_p50_ms')} / {g('list_max_ms')} ms ({g('list_bytes')} bytes)"),
+        ("start-up restoring them: exec → /health ok", f"{g('restore_health_s')} s (median)"),
+        ("start-up restoring them: exec → all listening", f"{g('restore_s')} s median, {g('restore_max_s')} s max"),
+        ("server RSS: empty / with the mappings / restored", f"{g('rss_empty_kb')} / {g('rss_mappings_kb')} / {g('rss_restored_kb')} KB"),
+        ("tunnel clients connected (each its own session)", f"{g('clients_ok')} of {g('clients')} (/health: {g('clients_health')})"),
+        ("server RSS before / with the clients", f"{g('rss_clients_base_kb')} / {g('rss_clients_kb')} KB"),
+        ("per client (RSS / PSS)", f"{g('kb_per_client_rss')} / {g('kb_per_client_pss')} KB"),
+        ("GET /api/clients with all of them", f"{g('clients_list_ms')} ms"),
+    ]
+    if ctl.get("broken"):
+        rows.append(("BROKEN", ctl["broken"]))
+    return "\n".join(["| control plane | |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
+
+
+def check(rows, ctl, names, with_control):
+    problems = []
+    ns = nconns(rows)
+    for name in names:
+        r = rows.get(name)
+        if not r:
+            problems.append(f"{name}: no results (did it start? see run/fwd.log)")
+            continue
+        for k in ("gbps_1", "gbps_P8", "gbps_R", "close_rps", "ka_rps"):
+            x = num(r.get(k))
+            if not x or x <= 0:
+                problems.append(f"{name}: {k} = {r.get(k)}")
+        d = num(r.get("wrk_d")) or 1
+        for kind in ("close", "ka"):
+            rps, err = num(r.get(f"{kind}_rps")), num(r.get(f"{kind}_err"))
+            if rps and err is not None and err > max(5, 0.01 * rps * d):
+                problems.append(f"{name}: wrk {kind}: {err:.0f} errors of ~{rps * d:.0f} requests")
+        for n in ns:
+            if r.get(f"conns_ok_{n}") != str(n):
+                problems.append(f"{name}: {r.get(f'conns_ok_{n}')}/{n} idle connections went through")
+    if with_control:
+        if not ctl:
+            problems.append("control plane: no results")
+        elif ctl.get("broken"):
+            problems.append("control plane: " + ctl["broken"])
+    return problems
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--peers", required=True)
+    ap.add_argument("--control")
+    ap.add_argument("--machine")
+    ap.add_argument("--peers-only", action="store_true")
+    ap.add_argument("--check")
+    a = ap.parse_args()
+    rows, ctl = load_peers(a.peers), load_control(a.control)
+    if a.peers_only:
+        print(peers_table(rows))
+        return 0
+    if a.machine:
+        try:
+            print(open(a.machine).read().rstrip() + "\n")
+        except FileNotFoundError:
+            pass
+    print("### Forwarders (loopback, medians)\n")
+    print(peers_table(rows) + "\n")
+    print("### Targets (ratios in this run)\n")
+    t, res = targets(rows, ctl)
+    print(t + "\n")
+    met = sum(1 for r in res if r[4] == "met")
+    missed = sum(1 for r in res if r[4] == "MISSED")
+    print(f"{met} met, {missed} missed, {len(res) - met - missed} without data.\n")
+    print("### Control plane\n")
+    print(control_table(ctl))
+    if a.check:
+        probs = check(rows, ctl, [n for n in a.check.split(",") if n], bool(a.control))
+        print()
+        if probs:
+            print("CHECK FAILED (something is broken, not slow):")
+            for p in probs:
+                print(f"  - {p}")
+            return 1
+        print("CHECK OK: every benchmarked path worked (numbers are not judged).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
