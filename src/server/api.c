@@ -13,6 +13,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
+#include <sys/socket.h>
+#include <time.h>
 
 #include <event2/event.h>
 #include <jansson.h>
@@ -39,7 +42,18 @@ struct api {
     struct event *ev_timer;
     int port;
     unsigned open_connections;     /* counted by api_notify_connection */
+    TAILQ_HEAD(, api_conn) conns;  /* every open connection, for the slow-request sweep */
+    struct event *ev_sweep;
     uint64_t status_count[API_STATUS_SLOTS];
+};
+
+/* Per connection. MHD's connection timeout only counts idle time, so a client that
+ * trickles one byte every second would hold its slot for ever; the sweep closes any
+ * connection that has not finished a request within api.connection_timeout. */
+struct api_conn {
+    TAILQ_ENTRY(api_conn) link;
+    struct MHD_Connection *conn;
+    struct timespec progress;      /* connected, or last request completed */
 };
 
 /* Per request, kept by MHD between calls of the access handler. */
@@ -344,6 +358,10 @@ static enum MHD_Result api_access(void *cls, struct MHD_Connection *conn, const 
 static void api_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                           enum MHD_RequestTerminationCode toe)
 {
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    if (ci && ci->socket_context)
+        clock_gettime(CLOCK_MONOTONIC, &((struct api_conn *)ci->socket_context)->progress);
     struct api_request *req = *con_cls;
     if (req) {
         free(req->body);
@@ -377,10 +395,46 @@ static void api_notify_connection(void *cls, struct MHD_Connection *conn, void *
                                   enum MHD_ConnectionNotificationCode toe)
 {
     struct api *api = cls;
-    if (toe == MHD_CONNECTION_NOTIFY_STARTED)
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
         api->open_connections++;
-    else if (api->open_connections > 0)
+        struct api_conn *ac = calloc(1, sizeof(*ac));
+        if (ac) {
+            ac->conn = conn;
+            clock_gettime(CLOCK_MONOTONIC, &ac->progress);
+            TAILQ_INSERT_TAIL(&api->conns, ac, link);
+        }
+        *socket_ctx = ac;
+        return;
+    }
+    if (api->open_connections > 0)
         api->open_connections--;
+    struct api_conn *ac = *socket_ctx;
+    if (ac) {
+        TAILQ_REMOVE(&api->conns, ac, link);
+        free(ac);
+        *socket_ctx = NULL;
+    }
+}
+
+/* Shuts down connections whose request is overdue; MHD then sees the socket closed and
+ * frees them in its own time (we never free them here). */
+static void api_sweep_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct api *api = arg;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    struct api_conn *ac;
+    TAILQ_FOREACH(ac, &api->conns, link) {
+        if (now.tv_sec - ac->progress.tv_sec <= api->srv->cfg->api_connection_timeout)
+            continue;
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(ac->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+        if (ci) {
+            log_debug("api", "closing a connection whose request is overdue");
+            shutdown(ci->connect_fd, SHUT_RDWR);
+        }
+        ac->progress = now;  /* once is enough; MHD closes it on its next run */
+    }
 }
 
 static enum MHD_Result api_accept_policy(void *cls, const struct sockaddr *addr,
@@ -453,6 +507,7 @@ struct api *api_new(struct server *srv, char *err, size_t errlen)
         return NULL;
     }
     api->srv = srv;
+    TAILQ_INIT(&api->conns);
     if (api_start_daemon(api, err, errlen) < 0)
         goto fail;
     const union MHD_DaemonInfo *di = MHD_get_daemon_info(api->mhd, MHD_DAEMON_INFO_EPOLL_FD);
@@ -462,7 +517,10 @@ struct api *api_new(struct server *srv, char *err, size_t errlen)
     }
     api->ev_io = event_new(srv->base, di->epoll_fd, EV_READ | EV_PERSIST, api_run_cb, api);
     api->ev_timer = evtimer_new(srv->base, api_run_cb, api);
-    if (!api->ev_io || !api->ev_timer || event_add(api->ev_io, NULL) < 0) {
+    api->ev_sweep = event_new(srv->base, -1, EV_PERSIST, api_sweep_cb, api);
+    struct timeval one_second = {1, 0};
+    if (!api->ev_io || !api->ev_timer || !api->ev_sweep || event_add(api->ev_io, NULL) < 0 ||
+        event_add(api->ev_sweep, &one_second) < 0) {
         snprintf(err, errlen, "cannot register the API with the event loop");
         goto fail;
     }
@@ -481,6 +539,8 @@ void api_free(struct api *api)
         event_free(api->ev_io);
     if (api->ev_timer)
         event_free(api->ev_timer);
+    if (api->ev_sweep)
+        event_free(api->ev_sweep);
     if (api->mhd)
         MHD_stop_daemon(api->mhd);
     free(api);

@@ -112,6 +112,24 @@ static enum api_error check_unknown_fields(json_t *obj, char *msg, size_t msglen
     return API_OK;
 }
 
+/* Names the field whose integer does not fit 64 bits: parsed again with integers as reals,
+ * it is the one whose value lies beyond them. */
+static const char *overflowing_key(const char *body, size_t len)
+{
+    static char key_copy[65];
+    json_t *root = json_loadb(body, len, JSON_DECODE_INT_AS_REAL, NULL);
+    const char *key, *found = NULL;
+    json_t *v;
+    json_object_foreach(root, key, v) {
+        if (!found && json_is_real(v) &&
+            (json_real_value(v) >= 9.2e18 || json_real_value(v) <= -9.2e18))
+            found = key;
+    }
+    snprintf(key_copy, sizeof(key_copy), "%s", found ? found : "a number");
+    json_decref(root);
+    return key_copy;
+}
+
 /* Returns the body's object, or NULL with *e set: a number beyond 64 bits is well-formed
  * JSON with a field out of range (invalid_field), anything else invalid_json. */
 static json_t *load_object(const char *body, size_t len, enum api_error *e, char *msg,
@@ -122,7 +140,7 @@ static json_t *load_object(const char *body, size_t len, enum api_error *e, char
     *e = API_E_INVALID_JSON;
     if (!root && json_error_code(&jerr) == json_error_numeric_overflow) {
         *e = API_E_INVALID_FIELD;
-        snprintf(msg, msglen, "a number is out of range (%s)", jerr.text);
+        snprintf(msg, msglen, "%s is out of range", overflowing_key(body, len));
         return NULL;
     }
     if (!root) {
