@@ -244,7 +244,8 @@ static void tc_authed(struct tclient *c)
     event_del(c->deadline);
     struct timeval idle = {c->opts.heartbeat_timeout, 0};
     struct timeval every = {c->opts.heartbeat_interval, 0};
-    bufferevent_set_timeouts(c->bev, &idle, NULL);
+    /* Silence either way is death: nothing received, or our output not moving. */
+    bufferevent_set_timeouts(c->bev, &idle, &idle);
     event_add(c->ka_timer, &every);
     log_info(TC_MOD, "connected to %s:%u as \"%s\"%s", c->opts.host, (unsigned)c->opts.port,
              c->opts.name, c->opts.ssl ? " (TLS)" : "");
@@ -336,7 +337,8 @@ static void tc_event_cb(struct bufferevent *bev, short what, void *arg)
     }
     int dns_err = bufferevent_socket_get_dns_error(bev);
     if (what & BEV_EVENT_TIMEOUT)
-        snprintf(reason, sizeof(reason), "server silent for %d s", c->opts.heartbeat_timeout);
+        snprintf(reason, sizeof(reason), "server %s for %d s",
+                 what & BEV_EVENT_WRITING ? "not reading" : "silent", c->opts.heartbeat_timeout);
     else if (dns_err)
         snprintf(reason, sizeof(reason), "cannot resolve: %s", evutil_gai_strerror(dns_err));
     else if (what & BEV_EVENT_EOF)

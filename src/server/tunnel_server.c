@@ -338,7 +338,8 @@ static void tsession_accept(struct tsession *sess, const char *name)
     tsession_respond(sess, true, msg, NULL);
     struct timeval idle = {cfg->heartbeat_timeout > 0 ? cfg->heartbeat_timeout : 30, 0};
     struct timeval every = {cfg->heartbeat_interval > 0 ? cfg->heartbeat_interval : 10, 0};
-    bufferevent_set_timeouts(sess->bev, &idle, NULL);
+    /* Silence either way is death: nothing received, or our output not moving. */
+    bufferevent_set_timeouts(sess->bev, &idle, &idle);
     event_add(sess->ka_timer, &every);
     log_info(TS_MOD, "client \"%s\" connected from %s", sess->name, sess->remote);
 }
@@ -458,7 +459,8 @@ static void tsession_event_cb(struct bufferevent *bev, short what, void *arg)
     }
     const char *tls = sess->ts->ssl ? ts_tls_reason(bev) : NULL;
     if (what & BEV_EVENT_TIMEOUT) {
-        snprintf(reason, sizeof(reason), "no data for %d s (heartbeat timeout)",
+        snprintf(reason, sizeof(reason), "%s for %d s (heartbeat timeout)",
+                 what & BEV_EVENT_WRITING ? "peer not reading" : "no data",
                  sess->ts->srv->cfg->heartbeat_timeout);
     } else if (tls) {
         snprintf(reason, sizeof(reason), "TLS error: %s", tls);
