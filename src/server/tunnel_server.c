@@ -15,7 +15,6 @@
 #include <event2/bufferevent_ssl.h>
 #include <event2/event.h>
 #include <event2/listener.h>
-#include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
@@ -26,6 +25,7 @@
 #include "mapping.h"
 #include "mux.h"
 #include "netaddr.h"
+#include "secret.h"
 #include "server.h"
 
 #define TS_MOD "tunnel"
@@ -302,8 +302,7 @@ static bool ts_token_ok(const struct config *cfg, const char *name, const char *
     }
     if (!found)
         return false;
-    size_t len = strlen(token);
-    return strlen(found->token) == len && CRYPTO_memcmp(found->token, token, len) == 0;
+    return secret_equal(found->token, token, strlen(token));
 }
 
 static void tsession_respond(struct tsession *sess, bool ok, const char *message,
