@@ -1,0 +1,161 @@
+"""Tunnel failures (issue 4): the client killed, frozen or restarted, the server
+restarted, refused Hellos, and targets the client cannot or may not dial. Each must
+close the public connection at once, count it as failed, and recover by itself.
+
+Only 127.0.0.1, free ports, every wait bounded by a deadline."""
+import os
+import re
+import signal
+import subprocess
+import time
+
+from conftest import CLIENT_BIN, free_port, wait_until
+from tunnel_helpers import (client_count, client_info, closed_within, echo_roundtrip,
+                            map_tunnel, metric, start_client, tunnel_env, tunnel_server,
+                            wait_status, wait_streams_drained)
+
+HB = {"heartbeat_interval": 1, "heartbeat_timeout": 3}
+
+
+def assert_echo(port, tag):
+    msg = os.urandom(64 * 1024)
+    got = echo_roundtrip(port, msg, timeout=10)
+    assert got == msg, f"{tag}: echo returned {len(got)} of {len(msg)} bytes"
+
+
+def assert_closed_and_failed(srv, port, tag):
+    """A public connection is closed within 1 s, and failed_connections grows by one."""
+    before = srv.mapping(port)["failed_connections"]
+    t = closed_within(port, 1.0)
+    assert t is not None and t <= 1.0, f"{tag}: public connection still open after 1 s"
+    wait_until(lambda: srv.mapping(port)["failed_connections"] == before + 1, timeout=2,
+               desc=f"{tag}: failed_connections {before} -> {before + 1}")
+    wait_until(lambda: srv.mapping(port)["active_connections"] == 0, timeout=2,
+               desc=f"{tag}: active_connections back to 0")
+
+
+def test_client_killed_then_back_and_server_restart(server_factory, tmp_path, logs,
+                                                    echo_backend):
+    srv, cli = tunnel_env(server_factory, tmp_path, logs, **HB)
+    port = map_tunnel(srv, echo_backend.port)
+    assert_echo(port, "before kill")
+
+    cli.kill()  # SIGKILL
+    t0 = time.monotonic()
+    wait_status(srv, port, "waiting_for_client", timeout=HB["heartbeat_timeout"] + 0.5)
+    assert time.monotonic() - t0 <= HB["heartbeat_timeout"] + 0.5
+    h = srv.health()
+    assert h["tunnel_connected"] is False and h["clients"] == 0, h
+    assert client_count(srv) == 0
+    assert_closed_and_failed(srv, port, "client gone")
+
+    cli.start()
+    wait_until(lambda: client_count(srv) == 1, timeout=10, desc="client back")
+    wait_status(srv, port, "listening", timeout=5)
+    assert_echo(port, "client restarted")
+
+    # Server restart with the same database: the client reconnects by itself and the
+    # restored mapping carries traffic without any API call.
+    mark = cli.log_mark()
+    srv.restart()
+    wait_until(lambda: client_count(srv) == 1, timeout=15, desc="client to reconnect")
+    cli.wait_log(r"reconnecting in \d", timeout=1, after=mark)
+    assert cli.running()
+    wait_status(srv, port, "listening", timeout=5)
+    assert_echo(port, "after server restart")
+    wait_streams_drained(srv, port)
+
+
+def test_frozen_client_dropped_by_heartbeat(server_factory, tmp_path, logs, echo_backend):
+    """SIGSTOP keeps the client's socket open but silent: only the heartbeat can tell."""
+    srv, cli = tunnel_env(server_factory, tmp_path, logs, **HB)
+    port = map_tunnel(srv, echo_backend.port)
+    assert_echo(port, "before freeze")
+    # Heartbeats flow while idle: the tunnel outlives heartbeat_timeout with no traffic.
+    idle_until = time.monotonic() + HB["heartbeat_timeout"] + 1.5
+    while time.monotonic() < idle_until:
+        assert (srv.mapping(port) or {}).get("status") == "listening", srv.mapping(port)
+        time.sleep(0.2)
+    rtt = client_info(srv)["rtt_ms"]
+    assert isinstance(rtt, (int, float)) and rtt >= 0, rtt
+
+    os.kill(cli.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        wait_status(srv, port, "waiting_for_client",
+                    timeout=HB["heartbeat_timeout"] + HB["heartbeat_interval"] + 1)
+        took = time.monotonic() - t0
+        # It went for silence, not at once: at least heartbeat_timeout minus one interval.
+        assert took >= HB["heartbeat_timeout"] - HB["heartbeat_interval"] - 0.5, took
+        srv.wait_log(r'client "default" disconnected', timeout=2)
+        assert_closed_and_failed(srv, port, "client frozen")
+    finally:
+        os.kill(cli.pid, signal.SIGCONT)
+    # Thawed, the client finds its tunnel gone and reconnects on its own.
+    wait_until(lambda: client_count(srv) == 1, timeout=15, desc="client to reconnect")
+    wait_status(srv, port, "listening", timeout=5)
+    assert_echo(port, "after thaw")
+
+
+def run_refused(srv, token, name, timeout=10.0):
+    """Runs the client (reconnect left on) to its exit; returns (rc, stderr, seconds)."""
+    t0 = time.monotonic()
+    r = subprocess.run([str(CLIENT_BIN), "--server", f"127.0.0.1:{srv.tunnel_port}",
+                        "--token", token, "--name", name], stdin=subprocess.DEVNULL,
+                       capture_output=True, timeout=timeout)
+    return r.returncode, r.stderr.decode(errors="replace"), time.monotonic() - t0
+
+
+def test_refused_hello_exits_2_without_retrying(server_factory, tmp_path, logs):
+    srv = tunnel_server(server_factory, [{"name": "default", "token": "right-token"}])
+    fails0 = metric(srv, "portmux_tunnel_auth_failures_total")
+
+    for token, name in (("wrong-token", "default"), ("right-token", "nobody")):
+        rc, err, took = run_refused(srv, token, name)
+        assert rc == 2, (token, name, rc, err)
+        assert re.search(r"refused|token", err, re.I), err
+        assert took < 5, f"{name}/{token}: exit after {took:.1f}s"
+    # One attempt each: no retry loop behind the exit.
+    assert metric(srv, "portmux_tunnel_auth_failures_total") == fails0 + 2
+    assert client_count(srv) == 0
+    assert srv.health()["tunnel_connected"] is False
+
+    # A second client with a live one's name replaces nothing.
+    first = start_client(tmp_path, logs, srv, "right-token")
+    connected_at = client_info(srv)["connected_at"]
+    rc, err, took = run_refused(srv, "right-token", "default")
+    assert rc == 2, (rc, err)
+    assert re.search(r"refused|already", err, re.I), err
+    assert first.running()
+    assert client_info(srv)["connected_at"] == connected_at
+    assert client_count(srv) == 1
+
+
+def test_target_refused_and_not_allowed(server_factory, tmp_path, logs, echo_backend):
+    srv = tunnel_server(server_factory, [{"name": "default", "token": "t1"},
+                                         {"name": "fenced", "token": "t2"}], **HB)
+    start_client(tmp_path, logs, srv, "t1")
+    fenced = start_client(tmp_path, logs, srv, "t2", "--allow", "127.0.0.1:1-100",
+                          name="fenced")
+
+    # Nothing listens on the target: the client's dial is refused.
+    dead = free_port()
+    port = map_tunnel(srv, dead)
+    assert_closed_and_failed(srv, port, "target refused")
+    srv.wait_log(rf"port {port}: target 127\.0\.0\.1:{dead} refused", timeout=2)
+    wait_streams_drained(srv, port)
+
+    # Outside --allow: status 2, and nothing is dialled.
+    assert echo_backend.port > 100
+    port2 = map_tunnel(srv, echo_backend.port, client="fenced")
+    assert_closed_and_failed(srv, port2, "target not allowed")
+    srv.wait_log(rf"port {port2}: target 127\.0\.0\.1:{echo_backend.port} not allowed",
+                 timeout=2)
+    fenced.wait_log(r"refused: not in --allow", timeout=2)
+    assert echo_backend.accepted == 0, "the fenced client dialled a target outside --allow"
+    wait_streams_drained(srv, port2, name="fenced")
+
+    # The same backend through the unfenced client works: the refusal was the rule's.
+    port3 = map_tunnel(srv, echo_backend.port)
+    assert_echo(port3, "unfenced")
+    assert echo_backend.accepted == 1
