@@ -1,21 +1,9 @@
 /* Unit tests for the client's --allow list (src/client/allow.c). allow.c belongs to the
  * client binary, not to a library the tests link, so it is compiled in here. */
+#include "check.h"
 #include "../../src/client/allow.c"
 
 #include <stdio.h>
-
-static int passed;
-static int failed;
-
-#define CHECK(expr)                                                                   \
-    do {                                                                              \
-        if (expr) {                                                                   \
-            passed++;                                                                 \
-        } else {                                                                      \
-            failed++;                                                                 \
-            fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #expr);           \
-        }                                                                             \
-    } while (0)
 
 static bool parses(const char *text)
 {
@@ -106,6 +94,5 @@ int main(void)
     test_parse_good();
     test_parse_bad();
     test_list();
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed ? 1 : 0;
+    return check_summary();
 }

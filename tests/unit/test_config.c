@@ -5,21 +5,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "check.h"
 #include "config.h"
-
-static int passed, failed;
-
-static void check_at(int ok, int line, const char *expr)
-{
-    if (ok) {
-        passed++;
-        return;
-    }
-    failed++;
-    fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, line, expr);
-}
-
-#define CHECK(expr) check_at((expr) ? 1 : 0, __LINE__, #expr)
 
 static int load(struct config *cfg, const char *yaml, char *err, size_t errlen)
 {
@@ -30,29 +17,27 @@ static int load(struct config *cfg, const char *yaml, char *err, size_t errlen)
 
 static void check_defaults(const struct config *c, int line)
 {
-    check_at(c->port_from == 10000 && c->port_end == 10100, line, "port_range defaults");
-    check_at(c->blacklist_len == 0, line, "blacklist empty");
-    check_at(c->tunnel_enabled, line, "tunnel.enabled");
-    check_at(strcmp(c->tunnel_listen_addr, "0.0.0.0") == 0, line, "tunnel.listen_addr");
-    check_at(c->tunnel_listen_port == 9000, line, "tunnel.listen_port");
+    check_at(c->port_from == 10000 && c->port_end == 10100, __FILE__, line, "port_range defaults");
+    check_at(c->blacklist_len == 0, __FILE__, line, "blacklist empty");
+    check_at(c->tunnel_enabled, __FILE__, line, "tunnel.enabled");
+    check_at(strcmp(c->tunnel_listen_addr, "0.0.0.0") == 0, __FILE__, line, "tunnel.listen_addr");
+    check_at(c->tunnel_listen_port == 9000, __FILE__, line, "tunnel.listen_port");
     check_at(c->clients_len == 1 && strcmp(c->clients[0].name, "default") == 0 &&
-                 strcmp(c->clients[0].token, "change-me") == 0,
-             line, "tunnel.clients");
+                 strcmp(c->clients[0].token, "change-me") == 0, __FILE__, line, "tunnel.clients");
     check_at(strcmp(c->tls_cert_file, "") == 0 && strcmp(c->tls_key_file, "") == 0 &&
-                 strcmp(c->tls_client_ca, "") == 0,
-             line, "tunnel.tls");
-    check_at(c->heartbeat_interval == 10 && c->heartbeat_timeout == 30, line, "heartbeat");
-    check_at(c->connect_timeout == 10 && c->hello_timeout == 10, line, "timeouts");
-    check_at(c->max_streams_per_client == 10000, line, "max_streams_per_client");
-    check_at(strcmp(c->api_listen_addr, "127.0.0.1") == 0, line, "api.listen_addr");
-    check_at(c->api_listen_port == 8080, line, "api.listen_port");
-    check_at(strcmp(c->api_token, "") == 0, line, "api.token");
-    check_at(c->allowed_ips_len == 0, line, "api.allowed_ips");
-    check_at(c->api_max_connections == 256, line, "api.max_connections");
-    check_at(c->api_connection_timeout == 10, line, "api.connection_timeout");
-    check_at(strcmp(c->db_path, "./data/mappings.db") == 0, line, "database.path");
-    check_at(c->max_connections_per_mapping == 10000, line, "limits");
-    check_at(c->log_level == LOGL_INFO, line, "log.level");
+                 strcmp(c->tls_client_ca, "") == 0, __FILE__, line, "tunnel.tls");
+    check_at(c->heartbeat_interval == 10 && c->heartbeat_timeout == 30, __FILE__, line, "heartbeat");
+    check_at(c->connect_timeout == 10 && c->hello_timeout == 10, __FILE__, line, "timeouts");
+    check_at(c->max_streams_per_client == 10000, __FILE__, line, "max_streams_per_client");
+    check_at(strcmp(c->api_listen_addr, "127.0.0.1") == 0, __FILE__, line, "api.listen_addr");
+    check_at(c->api_listen_port == 8080, __FILE__, line, "api.listen_port");
+    check_at(strcmp(c->api_token, "") == 0, __FILE__, line, "api.token");
+    check_at(c->allowed_ips_len == 0, __FILE__, line, "api.allowed_ips");
+    check_at(c->api_max_connections == 256, __FILE__, line, "api.max_connections");
+    check_at(c->api_connection_timeout == 10, __FILE__, line, "api.connection_timeout");
+    check_at(strcmp(c->db_path, "./data/mappings.db") == 0, __FILE__, line, "database.path");
+    check_at(c->max_connections_per_mapping == 10000, __FILE__, line, "limits");
+    check_at(c->log_level == LOGL_INFO, __FILE__, line, "log.level");
 }
 
 static void test_defaults(void)
@@ -331,7 +316,7 @@ static void test_errors(void)
         int rc = load(&c, b->yaml, err, sizeof(err));
         int ok = rc == -1 && strncmp(err, b->prefix, strlen(b->prefix)) == 0 &&
                  strchr(err, '\n') == NULL;
-        check_at(ok, b->line, b->prefix);
+        check_at(ok, __FILE__, b->line, b->prefix);
         if (!ok)
             fprintf(stderr, "    rc=%d, got: %s\n", rc, err);
         config_free(&c);
@@ -450,6 +435,5 @@ int main(void)
     test_error_buffers();
     test_files();
     test_example();
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed != 0;
+    return check_summary();
 }

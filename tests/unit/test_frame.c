@@ -1,22 +1,10 @@
 /* Unit tests for the tunnel wire codec (src/common/frame.c, SPEC §4). */
+#include "check.h"
 #include "frame.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int passed;
-static int failed;
-
-#define CHECK(expr)                                                                   \
-    do {                                                                              \
-        if (expr) {                                                                   \
-            passed++;                                                                 \
-        } else {                                                                      \
-            failed++;                                                                 \
-            fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #expr);           \
-        }                                                                             \
-    } while (0)
 
 #define FRAME_BUF_MAX (FRAME_HEADER_LEN + FRAME_MAX_PAYLOAD)
 
@@ -563,6 +551,5 @@ int main(void)
     test_encoder_buffer();
     test_encoder_ranges();
     test_result_names();
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed ? 1 : 0;
+    return check_summary();
 }

@@ -1,5 +1,6 @@
 /* Unit tests for the tunnel session (src/common/mux.c): two sessions wired back to back
  * in memory, no sockets. */
+#include "check.h"
 #include "mux.h"
 
 #include <stdio.h>
@@ -9,19 +10,6 @@
 #include <event2/buffer.h>
 
 #include "frame.h"
-
-static int passed;
-static int failed;
-
-#define CHECK(expr)                                                                   \
-    do {                                                                              \
-        if (expr) {                                                                   \
-            passed++;                                                                 \
-        } else {                                                                      \
-            failed++;                                                                 \
-            fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #expr);           \
-        }                                                                             \
-    } while (0)
 
 /* What the callbacks saw, per stream end. */
 struct end {
@@ -590,6 +578,5 @@ int main(void)
     test_keepalive();
     test_protocol_errors();
     test_partial_input();
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed ? 1 : 0;
+    return check_summary();
 }

@@ -4,19 +4,8 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "check.h"
 #include "netaddr.h"
-
-static int passed, failed;
-
-#define CHECK(expr)                                                      \
-    do {                                                                 \
-        if (expr) {                                                      \
-            passed++;                                                    \
-        } else {                                                         \
-            failed++;                                                    \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #expr); \
-        }                                                                \
-    } while (0)
 
 static struct sockaddr_storage v4(const char *ip, int port)
 {
@@ -217,6 +206,5 @@ int main(void)
     test_literals();
     test_split();
     test_format();
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed != 0;
+    return check_summary();
 }

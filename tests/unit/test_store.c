@@ -9,19 +9,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "check.h"
 #include "store.h"
-
-static int passed, failed;
-
-#define CHECK(expr)                                                                \
-    do {                                                                           \
-        if (expr) {                                                                \
-            passed++;                                                              \
-        } else {                                                                   \
-            failed++;                                                              \
-            fprintf(stderr, "FAIL line %d: %s\n", __LINE__, #expr);                \
-        }                                                                          \
-    } while (0)
 
 static char tmpdir[64];
 
@@ -473,6 +462,5 @@ int main(void)
     test_bad_input();
     test_many_ops_integrity();
     nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed ? 1 : 0;
+    return check_summary();
 }
