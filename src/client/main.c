@@ -16,6 +16,7 @@
 #include "client_tls.h"
 #include "log.h"
 #include "netaddr.h"
+#include "status.h"
 #include "tunnel_client.h"
 
 #define CLIENT_EXIT_OK 0
@@ -39,6 +40,7 @@ struct client_args {
 struct client_main {
     struct event_base *base;
     struct tclient *tc;
+    struct status *view;     /* the live block on a terminal, and the exit summary */
     struct event *retry;
     int attempt;             /* consecutive failed attempts */
     bool no_reconnect;
@@ -70,6 +72,10 @@ static void usage(FILE *out)
             "  -l, --log-level LEVEL     debug|info|warn|error (default info)\n"
             "  -h, --help                this text\n"
             "  -V, --version             print the version\n"
+            "\n"
+            "When stdout is a terminal, a status block at the bottom of the screen shows\n"
+            "the session, RTT and every forwarded target with its streams and bytes; log\n"
+            "lines (stderr) scroll above it. At exit a summary line goes to stdout.\n"
             "\n"
             "Exit status: 0 on SIGINT/SIGTERM, 1 tunnel lost with --no-reconnect,\n"
             "2 usage error, refused by the server, or TLS certificate failure.\n");
@@ -211,6 +217,7 @@ static void schedule_retry(struct client_main *cm)
     double d = backoff_seconds(cm->attempt);
     struct timeval tv = {(time_t)d, (suseconds_t)((d - (double)(time_t)d) * 1e6)};
     log_info("client", "reconnecting in %.1f s (attempt %d)", d, cm->attempt);
+    status_retry(cm->view, d, cm->attempt);
     evtimer_add(cm->retry, &tv);
 }
 
@@ -219,6 +226,7 @@ static void on_tunnel_end(enum tclient_end how, bool healthy, void *arg)
     struct client_main *cm = arg;
     if (how == TCLIENT_REFUSED) {
         fprintf(stderr, "portmux-client: %s\n", tclient_refusal(cm->tc));
+        status_refused(cm->view, tclient_refusal(cm->tc));
         cm->status = CLIENT_EXIT_REFUSED;
         event_base_loopexit(cm->base, NULL);
         return;
@@ -264,18 +272,21 @@ static int run(struct client_args *a, SSL_CTX *ssl)
     if (!cm.base)
         goto out;
     dns = evdns_base_new(cm.base, EVDNS_BASE_INITIALIZE_NAMESERVERS);
+    struct status_opts so = {.server_host = a->host, .server_port = a->port, .name = a->name,
+                             .tls = a->tls, .out_fd = STDOUT_FILENO};
+    cm.view = status_new(cm.base, &so);
     struct tclient_opts o = {
         .host = a->host, .port = a->port, .name = a->name, .token = a->token, .ssl = ssl,
         .server_name = a->server_name, .allow = &a->allow,
         .heartbeat_interval = a->heartbeat_interval, .heartbeat_timeout = a->heartbeat_timeout,
-        .connect_timeout = a->connect_timeout,
+        .connect_timeout = a->connect_timeout, .status = cm.view,
     };
     cm.tc = tclient_new(cm.base, dns, &o, on_tunnel_end, &cm);
     cm.retry = evtimer_new(cm.base, retry_cb, &cm);
     sigint = evsignal_new(cm.base, SIGINT, signal_cb, &cm);
     sigterm = evsignal_new(cm.base, SIGTERM, signal_cb, &cm);
-    if (!cm.tc || !cm.retry || !sigint || !sigterm || event_add(sigint, NULL) != 0 ||
-        event_add(sigterm, NULL) != 0)
+    if (!cm.view || !cm.tc || !cm.retry || !sigint || !sigterm ||
+        event_add(sigint, NULL) != 0 || event_add(sigterm, NULL) != 0)
         goto out;
     if (a->allow.len == 0)
         log_info("client", "no --allow given: any host:port the server asks for is dialled");
@@ -283,8 +294,10 @@ static int run(struct client_args *a, SSL_CTX *ssl)
     evtimer_add(cm.retry, &now);
     cm.attempt = 0;
     event_base_dispatch(cm.base);
+    status_finish(cm.view);
 out:
     tclient_free(cm.tc);
+    status_free(cm.view);
     if (cm.retry)
         event_free(cm.retry);
     if (sigint)

@@ -22,6 +22,7 @@
 #include "frame.h"
 #include "log.h"
 #include "mux.h"
+#include "status.h"
 
 #define TC_MOD "client"
 /* A session that stayed up this long resets the reconnect backoff. */
@@ -60,7 +61,14 @@ struct dial {
     struct mux_stream *st;
     struct bufferevent *bev;
     struct event *timer;
+    struct status_target *shown;  /* the target's row in the status */
     char target[FRAME_MAX_HOST + 10];
+};
+
+/* A dialled target bridged to its stream: what the bridge hooks update. */
+struct served {
+    struct tclient *c;
+    struct status_target *shown;
 };
 
 static double tc_elapsed(const struct timespec *since)
@@ -82,12 +90,19 @@ static void dial_free(struct dial *d, bool keep_bev)
     free(d);
 }
 
-static void dial_bridge_bytes(size_t to_stream, size_t to_socket, void *arg) {}
+/* to_socket came from the public side (in), to_stream goes back to it (out). */
+static void dial_bridge_bytes(size_t to_stream, size_t to_socket, void *arg)
+{
+    struct served *sv = arg;
+    status_target_bytes(sv->shown, to_socket, to_stream);
+}
 
 static void dial_bridge_close(const char *why, void *arg)
 {
-    struct tclient *c = arg;
-    c->streams--;
+    struct served *sv = arg;
+    sv->c->streams--;
+    status_target_closed(sv->shown);
+    free(sv);
 }
 
 static const struct bridge_hooks dial_hooks = {
@@ -98,6 +113,7 @@ static const struct bridge_hooks dial_hooks = {
 static void dial_fail(struct dial *d, uint8_t status, const char *why)
 {
     log_info(TC_MOD, "stream %u: %s: %s", (unsigned)mux_stream_id(d->st), d->target, why);
+    status_target_failed(d->shown, why);
     mux_stream_respond(d->st, status);
     dial_free(d, false);
 }
@@ -110,14 +126,19 @@ static void dial_connected(struct dial *d)
         dial_free(d, false);
         return;
     }
-    struct bridge *b = bridge_new(st, d->bev, &dial_hooks, c);
+    struct served *sv = calloc(1, sizeof(*sv));
+    struct bridge *b = sv ? bridge_new(st, d->bev, &dial_hooks, sv) : NULL;
     if (!b) {
+        free(sv);
         mux_stream_close(st);
         dial_free(d, false);
         return;
     }
+    sv->c = c;
+    sv->shown = d->shown;
     log_debug(TC_MOD, "stream %u: connected to %s", (unsigned)mux_stream_id(st), d->target);
     c->streams++;
+    status_target_opened(d->shown);
     dial_free(d, true);
 }
 
@@ -150,16 +171,16 @@ static void dial_on_close(struct mux_stream *st, enum mux_close_reason why, void
 
 static const struct mux_stream_callbacks dial_stream_cb = {.on_close = dial_on_close};
 
-static int dial_start(struct tclient *c, struct mux_stream *st, const char *host,
-                      uint16_t port)
+static int dial_start(struct tclient *c, struct mux_stream *st, const char *target,
+                      const char *host, uint16_t port)
 {
     struct dial *d = calloc(1, sizeof(*d));
     if (!d)
         return -1;
     d->c = c;
     d->st = st;
-    snprintf(d->target, sizeof(d->target), strchr(host, ':') ? "[%s]:%u" : "%s:%u", host,
-             (unsigned)port);
+    snprintf(d->target, sizeof(d->target), "%s", target);
+    d->shown = status_target_get(c->opts.status, target);
     TAILQ_INSERT_TAIL(&c->dials, d, link);
     d->bev = bufferevent_socket_new(c->base, -1, TC_BEV_OPTS);
     d->timer = evtimer_new(c->base, dial_timeout_cb, d);
@@ -184,14 +205,18 @@ static void tc_on_connect_request(struct mux_session *mux, struct mux_stream *st
                                   const char *host, uint16_t port, void *arg)
 {
     struct tclient *c = arg;
+    char target[FRAME_MAX_HOST + 10];
+    /* Spelt as the server spells the targets it announces in the HelloResponse. */
+    snprintf(target, sizeof(target), strchr(host, ':') ? "[%s]:%u" : "%s:%u", host,
+             (unsigned)port);
     if (!allow_list_match(c->opts.allow, host, port)) {
-        log_warn(TC_MOD, "stream %u: %s%s%s:%u refused: not in --allow",
-                 (unsigned)mux_stream_id(st), strchr(host, ':') ? "[" : "", host,
-                 strchr(host, ':') ? "]" : "", (unsigned)port);
+        log_warn(TC_MOD, "stream %u: %s refused: not in --allow", (unsigned)mux_stream_id(st),
+                 target);
+        status_target_failed(status_target_get(c->opts.status, target), "not in --allow");
         mux_stream_respond(st, FRAME_STATUS_NOT_ALLOWED);
         return;
     }
-    if (dial_start(c, st, host, port) != 0)
+    if (dial_start(c, st, target, host, port) != 0)
         mux_stream_respond(st, FRAME_STATUS_REFUSED);
 }
 
@@ -220,6 +245,8 @@ static void tc_end(struct tclient *c, enum tclient_end how, const char *reason)
     else if (how == TCLIENT_LOST)
         log_warn(TC_MOD, "cannot connect to %s:%u: %s", c->opts.host, (unsigned)c->opts.port,
                  reason);
+    if (how == TCLIENT_LOST)
+        status_lost(c->opts.status, reason);
     tc_close_session(c);
     if (c->on_end)
         c->on_end(how, healthy, c->arg);
@@ -249,6 +276,28 @@ static void tc_authed(struct tclient *c)
     event_add(c->ka_timer, &every);
     log_info(TC_MOD, "connected to %s:%u as \"%s\"%s", c->opts.host, (unsigned)c->opts.port,
              c->opts.name, c->opts.ssl ? " (TLS)" : "");
+    status_connected(c->opts.status);
+}
+
+/* The mappings a HelloResponse announces, for the status. Informational: an entry that
+ * does not look right is skipped; an older server sends none. */
+static void tc_read_mappings(struct tclient *c, json_t *root)
+{
+    json_t *list = json_object_get(root, "mappings"), *m;
+    size_t i;
+    if (!c->opts.status)
+        return;
+    status_mappings_clear(c->opts.status);
+    if (!json_is_array(list))
+        return;
+    json_array_foreach(list, i, m) {
+        json_int_t port = 0;
+        const char *target = NULL;
+        if (json_unpack(m, "{s:I, s:s}", "port", &port, "target", &target) != 0 || port < 1 ||
+            port > 65535 || strlen(target) > STATUS_TARGET_MAX)
+            continue;
+        status_mapping_add(c->opts.status, (int)port, target);
+    }
 }
 
 static int tc_on_json(struct mux_session *mux, uint8_t type, const char *json, size_t len,
@@ -267,6 +316,7 @@ static int tc_on_json(struct mux_session *mux, uint8_t type, const char *json, s
         return -1;
     }
     if (ok) {
+        tc_read_mappings(c, root);
         tc_authed(c);
     } else {
         snprintf(c->refusal, sizeof(c->refusal), "server refused: %s",
@@ -301,6 +351,7 @@ static void tc_read_cb(struct bufferevent *bev, void *arg)
             tc_end(c, TCLIENT_LOST, "server says this client is still connected");
         return;
     }
+    status_set_rtt(c->opts.status, mux_session_rtt_ms(c->mux));
     if (evbuffer_get_length(bufferevent_get_output(bev)) > TC_OUT_HARD_LIMIT) {
         bufferevent_disable(bev, EV_READ);
         c->read_paused = true;
@@ -399,6 +450,7 @@ int tclient_connect(struct tclient *c)
     struct timeval tv = {c->opts.connect_timeout, 0};
     evtimer_add(c->deadline, &tv);
     log_debug(TC_MOD, "connecting to %s:%u", c->opts.host, (unsigned)c->opts.port);
+    status_connecting(c->opts.status);
     if (bufferevent_socket_connect_hostname(c->bev, c->dns, AF_UNSPEC, c->opts.host,
                                             c->opts.port) != 0)
         goto fail;

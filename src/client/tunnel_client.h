@@ -12,6 +12,7 @@
 struct event_base;
 struct evdns_base;
 struct allow_list;
+struct status;
 struct tclient;
 
 struct tclient_opts {
@@ -25,6 +26,8 @@ struct tclient_opts {
     int heartbeat_interval;        /* seconds between KeepAlives */
     int heartbeat_timeout;         /* seconds of silence before the tunnel is dropped */
     int connect_timeout;           /* seconds for connect + TLS + Hello, and for each dial */
+    struct status *status;         /* told of the session and every stream; NULL = none;
+                                    * not owned */
 };
 
 enum tclient_end {

@@ -35,6 +35,8 @@
 /* A refused or closing tunnel gets this long to flush its last frames. */
 #define TS_CLOSE_GRACE_SECONDS 5
 #define TS_NAME_MAX 64
+/* Bytes of JSON the mapping list in a HelloResponse may take (a frame holds 64 KiB). */
+#define TS_HELLO_MAPPINGS_BUDGET (32u * 1024u)
 
 struct tstream;
 
@@ -305,11 +307,9 @@ static bool ts_token_ok(const struct config *cfg, const char *name, const char *
     return secret_equal(found->token, token, strlen(token));
 }
 
-static void tsession_respond(struct tsession *sess, bool ok, const char *message,
-                             const char *error)
+/* Sends j (stolen) as the HelloResponse. */
+static void tsession_respond(struct tsession *sess, json_t *j)
 {
-    json_t *j = ok ? json_pack("{s:b, s:s}", "ok", 1, "message", message)
-                   : json_pack("{s:b, s:s, s:s}", "ok", 0, "message", message, "error", error);
     char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
     if (text)
         mux_session_send_json(sess->mux, FRAME_HELLO_RESPONSE, text, strlen(text));
@@ -320,8 +320,36 @@ static void tsession_respond(struct tsession *sess, bool ok, const char *message
 /* Refuses the Hello: the answer is flushed, then the tunnel closes. */
 static int tsession_refuse(struct tsession *sess, const char *message, const char *error)
 {
-    tsession_respond(sess, false, message, error);
+    tsession_respond(sess, json_pack("{s:b, s:s, s:s}", "ok", 0, "message", message, "error",
+                                     error));
     return MUX_STOPPED;
+}
+
+/* The tunnel mappings the client serves, [{"port":P,"target":"host:port"}], so that it can
+ * show "tcp://server:P -> target". Targets are spelt as the client spells what it dials.
+ * A snapshot: mappings created later are not announced. */
+static json_t *ts_client_mappings_json(const struct tunnel_server *ts, const char *name)
+{
+    json_t *arr = json_array();
+    size_t budget = TS_HELLO_MAPPINGS_BUDGET;
+    struct mapping *m = ts->srv->mappings ? mapping_registry_first(ts->srv->mappings) : NULL;
+    for (; m && arr; m = mapping_registry_next(m)) {
+        const char *client = m->rec.client[0] ? m->rec.client : "default";
+        if (!m->rec.use_tunnel || !m->listener || strcmp(client, name) != 0)
+            continue;
+        char target[FRAME_MAX_HOST + 10];
+        const char *host = mapping_target_host(m);
+        snprintf(target, sizeof(target), strchr(host, ':') ? "[%s]:%d" : "%s:%d", host,
+                 m->rec.target_port);
+        /* Keep the HelloResponse far below one frame, however many mappings there are. */
+        size_t cost = strlen(target) + 32;
+        if (cost > budget)
+            break;
+        budget -= cost;
+        json_array_append_new(arr, json_pack("{s:i, s:s}", "port", m->rec.port, "target",
+                                             target));
+    }
+    return arr;
 }
 
 static void tsession_accept(struct tsession *sess, const char *name)
@@ -334,7 +362,8 @@ static void tsession_accept(struct tsession *sess, const char *name)
     evtimer_del(sess->hello_timer);
     mux_session_set_open(sess->mux);
     snprintf(msg, sizeof(msg), "welcome, %s", name);
-    tsession_respond(sess, true, msg, NULL);
+    tsession_respond(sess, json_pack("{s:b, s:s, s:o*}", "ok", 1, "message", msg, "mappings",
+                                     ts_client_mappings_json(sess->ts, sess->name)));
     struct timeval idle = {cfg->heartbeat_timeout > 0 ? cfg->heartbeat_timeout : 30, 0};
     struct timeval every = {cfg->heartbeat_interval > 0 ? cfg->heartbeat_interval : 10, 0};
     /* Silence either way is death: nothing received, or our output not moving. */
