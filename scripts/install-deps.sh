@@ -6,7 +6,7 @@ set -euo pipefail
 PKGS=(
   build-essential cmake pkg-config
   libevent-dev libmicrohttpd-dev libjansson-dev libsqlite3-dev libyaml-dev libssl-dev
-  curl sqlite3 python3 python3-pytest procps util-linux
+  curl sqlite3 python3 python3-pytest procps util-linux prometheus
   openssh-server openssh-client redis-server redis-tools openssl
   clang libclang-rt-14-dev valgrind
   chromium chromium-driver python3-selenium
