@@ -19,6 +19,7 @@
 #include "allow.h"
 #include "bridge.h"
 #include "client_tls.h"
+#include "sockread.h"
 #include "frame.h"
 #include "log.h"
 #include "mux.h"
@@ -28,6 +29,8 @@
 /* A session that stayed up this long resets the reconnect backoff. */
 #define TC_HEALTHY_SECONDS 10
 #define TC_OUT_HARD_LIMIT (4u * MUX_OUT_SOFT_LIMIT)
+/* Frames taken per read wake-up beyond libevent's 4 KiB (see sockread.h). */
+#define TC_READ_MORE (256u * 1024u)
 #define TC_BEV_OPTS (BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS)
 
 struct dial;
@@ -337,6 +340,8 @@ static const struct mux_session_callbacks tc_mux_cb = {
 static void tc_read_cb(struct bufferevent *bev, void *arg)
 {
     struct tclient *c = arg;
+    if (!c->opts.ssl)
+        sockread_more(bev, TC_READ_MORE);
     int rc = mux_session_input(c->mux, bufferevent_get_input(bev));
     if (rc < 0) {
         char reason[200];
@@ -446,6 +451,7 @@ int tclient_connect(struct tclient *c)
         goto fail;
     bufferevent_setcb(c->bev, tc_read_cb, tc_write_cb, tc_event_cb, c);
     bufferevent_setwatermark(c->bev, EV_WRITE, MUX_OUT_SOFT_LIMIT / 2, 0);
+    sockread_set_large_io(c->bev);
     bufferevent_enable(c->bev, EV_READ | EV_WRITE);
     struct timeval tv = {c->opts.connect_timeout, 0};
     evtimer_add(c->deadline, &tv);

@@ -14,6 +14,7 @@
 
 #include "log.h"
 #include "mux.h"
+#include "sockread.h"
 
 /* After the peer's Close, what is buffered for the socket gets this long to drain. */
 #define BRIDGE_LINGER_SECONDS 60
@@ -129,7 +130,16 @@ static void bridge_pump(struct bridge *b)
     bridge_check_done(b);
 }
 
-static void bridge_read_cb(struct bufferevent *bev, void *arg) { bridge_pump(arg); }
+static void bridge_read_cb(struct bufferevent *bev, void *arg)
+{
+    struct bridge *b = arg;
+    /* Take no more than the stream may send now, so the input stays bounded by the window. */
+    size_t room = b->st ? mux_stream_send_room(b->st) : 0;
+    size_t have = evbuffer_get_length(bufferevent_get_input(bev));
+    if (room > have)
+        sockread_more(bev, room - have);
+    bridge_pump(b);
+}
 
 static void bridge_write_cb(struct bufferevent *bev, void *arg)
 {
@@ -236,6 +246,7 @@ struct bridge *bridge_new(struct mux_stream *st, struct bufferevent *bev,
     bridge_set_nodelay(bufferevent_getfd(bev));
     /* The output holds at most one window: the peer sends no more until it drains. */
     bufferevent_setwatermark(bev, EV_WRITE, 0, 0);
+    sockread_set_large_io(bev);
     bufferevent_setcb(bev, bridge_read_cb, bridge_write_cb, bridge_event_cb, b);
     mux_stream_set_callbacks(st, &bridge_stream_cb, b);
     mux_stream_set_sink(st, bufferevent_get_output(bev));

@@ -27,11 +27,14 @@
 #include "netaddr.h"
 #include "secret.h"
 #include "server.h"
+#include "sockread.h"
 
 #define TS_MOD "tunnel"
 /* Stop reading a tunnel whose output grew this far (only control frames go past the
  * soft limit, so a healthy peer never gets here). */
 #define TS_OUT_HARD_LIMIT (4u * MUX_OUT_SOFT_LIMIT)
+/* Frames taken per read wake-up beyond libevent's 4 KiB (see sockread.h). */
+#define TS_READ_MORE (256u * 1024u)
 /* A refused or closing tunnel gets this long to flush its last frames. */
 #define TS_CLOSE_GRACE_SECONDS 5
 #define TS_NAME_MAX 64
@@ -432,6 +435,8 @@ static void tsession_read_cb(struct bufferevent *bev, void *arg)
     struct tsession *sess = arg;
     if (sess->closing)
         return;
+    if (!sess->ts->ssl)
+        sockread_more(bev, TS_READ_MORE);
     int rc = mux_session_input(sess->mux, bufferevent_get_input(bev));
     if (rc < 0) {
         tsession_protocol_error(sess, mux_session_error(sess->mux));
@@ -573,6 +578,7 @@ static void ts_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct so
     evtimer_add(sess->hello_timer, &tv);
     bufferevent_setcb(sess->bev, tsession_read_cb, tsession_write_cb, tsession_event_cb, sess);
     bufferevent_setwatermark(sess->bev, EV_WRITE, MUX_OUT_SOFT_LIMIT / 2, 0);
+    sockread_set_large_io(sess->bev);
     bufferevent_enable(sess->bev, EV_READ | EV_WRITE);
     TAILQ_INSERT_TAIL(&ts->sessions, sess, link);
     log_debug(TS_MOD, "tunnel connection from %s", sess->remote);

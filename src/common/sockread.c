@@ -1,0 +1,63 @@
+#include "sockread.h"
+
+#include <sys/uio.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+
+/* Chunks stay under glibc's mmap threshold, so they come from the heap's free lists
+ * rather than an mmap/munmap pair each. */
+#define SOCKREAD_CHUNK (64 * 1024)
+#define SOCKREAD_LARGE_IO (256 * 1024)
+
+/* One readv of up to want bytes. Returns the bytes read (0 on EOF, EAGAIN or an error);
+ * *full says whether the kernel may hold more (the read filled all it was offered). */
+static size_t sockread_chunk(int fd, struct evbuffer *in, size_t want, int *full)
+{
+    *full = 0;
+    struct evbuffer_iovec vec[2];
+    int nvec = evbuffer_reserve_space(in, (ev_ssize_t)want, vec, 2);
+    if (nvec <= 0)
+        return 0;
+    struct iovec iov[2];
+    size_t room = 0;
+    for (int i = 0; i < nvec; i++) {
+        iov[i].iov_base = vec[i].iov_base;
+        iov[i].iov_len = vec[i].iov_len;
+        room += vec[i].iov_len;
+    }
+    ssize_t n = readv(fd, iov, nvec);
+    if (n <= 0) {
+        evbuffer_commit_space(in, vec, 0);
+        return 0;
+    }
+    size_t left = (size_t)n;
+    for (int i = 0; i < nvec; i++) {
+        vec[i].iov_len = left < vec[i].iov_len ? left : vec[i].iov_len;
+        left -= vec[i].iov_len;
+    }
+    evbuffer_commit_space(in, vec, nvec);
+    *full = (size_t)n == room;
+    return (size_t)n;
+}
+
+size_t sockread_more(struct bufferevent *bev, size_t limit)
+{
+    int fd = (int)bufferevent_getfd(bev);
+    if (fd < 0)
+        return 0;
+    struct evbuffer *in = bufferevent_get_input(bev);
+    size_t total = 0;
+    int full = 1;
+    while (full && total < limit) {
+        size_t want = limit - total < SOCKREAD_CHUNK ? limit - total : SOCKREAD_CHUNK;
+        total += sockread_chunk(fd, in, want, &full);
+    }
+    return total;
+}
+
+void sockread_set_large_io(struct bufferevent *bev)
+{
+    bufferevent_set_max_single_read(bev, SOCKREAD_LARGE_IO);
+    bufferevent_set_max_single_write(bev, SOCKREAD_LARGE_IO);
+}
