@@ -47,12 +47,16 @@ size_t sockread_more(struct bufferevent *bev, size_t limit)
     if (fd < 0)
         return 0;
     struct evbuffer *in = bufferevent_get_input(bev);
+    /* A socket bufferevent keeps its input's end frozen outside its own read (only it may
+     * add there); we are its read, so lift the freeze for the duration, as it does. */
+    evbuffer_unfreeze(in, 0);
     size_t total = 0;
     int full = 1;
     while (full && total < limit) {
         size_t want = limit - total < SOCKREAD_CHUNK ? limit - total : SOCKREAD_CHUNK;
         total += sockread_chunk(fd, in, want, &full);
     }
+    evbuffer_freeze(in, 0);
     return total;
 }
 
