@@ -28,6 +28,8 @@ struct mux_stream {
     uint32_t send_window;    /* bytes we may still send */
     uint32_t recv_window;    /* bytes the peer may still send */
     uint32_t recv_consumed;  /* drained by the application, not yet given back */
+    uint32_t recv_limit;     /* the window we grant; grows for fast streams */
+    uint64_t recv_update_ms; /* when the last WindowUpdate went out */
     struct evbuffer *rx;     /* own buffer, used while no sink is set */
     struct evbuffer *sink;
     struct mux_stream_callbacks cb;
@@ -142,6 +144,7 @@ static struct mux_stream *mux_stream_new(struct mux_session *s, uint32_t id)
     st->id = id;
     st->send_window = MUX_INITIAL_WINDOW;
     st->recv_window = MUX_INITIAL_WINDOW;
+    st->recv_limit = MUX_INITIAL_WINDOW;
     st->attached = true;
     LIST_INSERT_HEAD(mux_bucket_of(s, id), st, hash_link);
     s->nstreams++;
@@ -724,20 +727,45 @@ int mux_stream_write(struct mux_stream *st, struct evbuffer *src)
     return total > (size_t)INT32_MAX ? INT32_MAX : (int)total;
 }
 
+static uint64_t mux_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* How much larger the next grant may make the window. A fixed 256 KiB window caps one
+ * stream at 256 KiB per round trip; like OpenSSH's channel windows, a stream whose
+ * application drains half a window within MUX_GROW_MS earns a doubled window, up to
+ * MUX_MAX_RECV_LIMIT. A slow or stalled reader never grows it, so memory stays bounded. */
+static uint32_t mux_window_growth(struct mux_stream *st, uint64_t now)
+{
+    if (st->recv_limit >= MUX_MAX_RECV_LIMIT || now - st->recv_update_ms > MUX_GROW_MS)
+        return 0;
+    uint32_t grow = st->recv_limit;
+    return grow > MUX_MAX_RECV_LIMIT - st->recv_limit ? MUX_MAX_RECV_LIMIT - st->recv_limit
+                                                       : grow;
+}
+
 void mux_stream_consumed(struct mux_stream *st, size_t n)
 {
-    /* Never credit more than was received: the window stays <= its initial size. */
-    uint32_t outstanding = MUX_INITIAL_WINDOW - st->recv_window - st->recv_consumed;
+    /* Never credit more than was received: the window stays <= the limit we granted. */
+    uint32_t outstanding = st->recv_limit - st->recv_window - st->recv_consumed;
     if (n > outstanding)
         n = outstanding;
     st->recv_consumed += (uint32_t)n;
-    if (st->recv_consumed < MUX_INITIAL_WINDOW / 2 || st->close_sent || st->remote_shut)
+    if (st->recv_consumed < st->recv_limit / 2 || st->close_sent || st->remote_shut)
         return;
+    uint64_t now = mux_now_ms();
+    uint32_t grow = mux_window_growth(st, now);
+    uint32_t increment = st->recv_consumed + grow;
     uint8_t buf[FRAME_HEADER_LEN + 8];
     if (mux_emit(st->s, buf, frame_encode_window_update(buf, sizeof(buf), st->id,
-                                                         st->recv_consumed)) == MUX_OK) {
-        st->recv_window += st->recv_consumed;
+                                                         increment)) == MUX_OK) {
+        st->recv_window += increment;
+        st->recv_limit += grow;
         st->recv_consumed = 0;
+        st->recv_update_ms = now;
     }
 }
 

@@ -24,6 +24,10 @@ struct mux_stream;
 
 /* Initial window of every stream in each direction. */
 #define MUX_INITIAL_WINDOW (256u * 1024u)
+/* The most a receiver grants one fast stream (window auto-tuning, see mux.c). */
+#define MUX_MAX_RECV_LIMIT (2048u * 1024u)
+/* Half a window drained within this many ms counts as fast. */
+#define MUX_GROW_MS 50u
 /* A window may never grow beyond this (protocol error). */
 #define MUX_MAX_WINDOW (UINT32_C(1) << 31)
 /* Streams stop queueing Data while the session output holds this much (bounded memory). */
