@@ -423,7 +423,7 @@ static int parse_seq(struct loader *ld, item_fn fn, struct vec *v)
 
 static int blacklist_item(struct loader *ld, struct vec *v, size_t index)
 {
-    int port;
+    int port = 0;
     if (scalar_int(ld, 1, 65535, &port) != 0)
         return -1;
     int *slot = vec_push(ld, v);

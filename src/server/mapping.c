@@ -12,6 +12,7 @@
 
 #include <event2/listener.h>
 
+#include "accept_guard.h"
 #include "config.h"
 #include "forward.h"
 #include "log.h"
@@ -118,9 +119,27 @@ static void mapping_accept_cb(struct evconnlistener *l, evutil_socket_t fd,
 static void mapping_accept_error_cb(struct evconnlistener *l, void *arg)
 {
     struct mapping *m = arg;
-    /* EMFILE and friends: keep the listener, the next accept may succeed. */
-    log_warn("mapping", "port %d: accept failed: %s", m->rec.port,
-             evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+    if (m->accept_guard)
+        accept_guard_on_error(m->accept_guard);
+}
+
+/* Attaches a new listener (and its guard) to m. */
+static void mapping_attach_listener(struct mapping *m, struct evconnlistener *l)
+{
+    char what[32];
+    snprintf(what, sizeof(what), "port %d", m->rec.port);
+    m->listener = l;
+    evconnlistener_set_cb(l, mapping_accept_cb, m);
+    m->accept_guard = accept_guard_new(m->srv->base, l, "mapping", what);
+}
+
+static void mapping_detach_listener(struct mapping *m)
+{
+    accept_guard_free(m->accept_guard);
+    m->accept_guard = NULL;
+    if (m->listener)
+        evconnlistener_free(m->listener);
+    m->listener = NULL;
 }
 
 /* Binds 0.0.0.0:port ourselves (not evconnlistener_new_bind) to keep the exact errno for
@@ -172,9 +191,7 @@ static void mapping_free(struct mapping *m)
 {
     if (!m)
         return;
-    if (m->listener)
-        evconnlistener_free(m->listener);
-    m->listener = NULL;
+    mapping_detach_listener(m);
     mapping_abort_conns(m);
     free(m);
 }
@@ -207,7 +224,9 @@ static int mapping_restore_one(const struct mapping_record *rec, void *arg)
     struct mapping *m = mapping_new(reg->srv, rec);
     if (!m)
         return -1;
-    m->listener = mapping_listen(m, m->error, sizeof(m->error));
+    struct evconnlistener *l = mapping_listen(m, m->error, sizeof(m->error));
+    if (l)
+        mapping_attach_listener(m, l);
     if (m->listener)
         log_info("mapping", "restored port %d -> %s%s:%d", rec->port,
                  rec->use_tunnel ? "tunnel " : "", mapping_target_host(m), rec->target_port);
@@ -259,9 +278,8 @@ static enum mapping_result mapping_retry(struct mapping_registry *reg, struct ma
         snprintf(err, errlen, "database error while storing port %d", rec->port);
         return MAPPING_E_STORE;
     }
-    evconnlistener_set_cb(l, mapping_accept_cb, old);
-    old->listener = l;
     old->rec = *rec;
+    mapping_attach_listener(old, l);
     old->error[0] = '\0';
     return MAPPING_OK;
 }
@@ -286,11 +304,12 @@ enum mapping_result mapping_registry_create(struct mapping_registry *reg,
         snprintf(err, errlen, "out of memory");
         return MAPPING_E_STORE;
     }
-    m->listener = mapping_listen(m, err, errlen);
-    if (!m->listener) {
+    struct evconnlistener *l = mapping_listen(m, err, errlen);
+    if (!l) {
         free(m);
         return MAPPING_E_IN_USE;
     }
+    mapping_attach_listener(m, l);
     enum store_result sr = store_mapping_insert(reg->srv->store, rec);
     if (sr != STORE_OK) {
         mapping_free(m);

@@ -44,6 +44,7 @@ struct mapping {
     struct mapping_record rec;
     struct server *srv;
     struct evconnlistener *listener;    /* NULL when status is error */
+    struct accept_guard *accept_guard;  /* with the listener */
     char error[192];                    /* reason, when the listener could not be bound */
     struct mapping_stats stats;
     TAILQ_HEAD(, mapping_conn) conns;

@@ -18,6 +18,7 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
+#include "accept_guard.h"
 #include "bridge.h"
 #include "config.h"
 #include "frame.h"
@@ -78,6 +79,7 @@ struct tstream {
 struct tunnel_server {
     struct server *srv;
     struct evconnlistener *listener;
+    struct accept_guard *accept_guard;
     SSL_CTX *ssl;
     int port;
     TAILQ_HEAD(, tsession) sessions;
@@ -586,7 +588,9 @@ static void ts_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct so
 
 static void ts_accept_error_cb(struct evconnlistener *l, void *arg)
 {
-    log_warn(TS_MOD, "accept failed: %s", evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+    struct tunnel_server *ts = arg;
+    if (ts->accept_guard)
+        accept_guard_on_error(ts->accept_guard);
 }
 
 /* ---- server ---- */
@@ -650,6 +654,7 @@ static int ts_listen(struct tunnel_server *ts, char *err, size_t errlen)
         return -1;
     }
     evconnlistener_set_error_cb(ts->listener, ts_accept_error_cb);
+    ts->accept_guard = accept_guard_new(ts->srv->base, ts->listener, TS_MOD, "tunnel listener");
     struct sockaddr_storage bound;
     socklen_t blen = sizeof(bound);
     ts->port = cfg->tunnel_listen_port;
@@ -692,6 +697,7 @@ void tunnel_server_free(struct tunnel_server *ts)
 {
     if (!ts)
         return;
+    accept_guard_free(ts->accept_guard);
     if (ts->listener)
         evconnlistener_free(ts->listener);
     struct tsession *sess;

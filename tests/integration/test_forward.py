@@ -1,8 +1,10 @@
 """Direct-mode relay: byte-exact in both directions, many connections at once, half-close,
 backpressure with bounded server memory, failed targets, remove closing live conns."""
+import os
 import random
 import selectors
 import socket
+import subprocess
 import time
 
 from conftest import (Worker, connect, free_port, recv_all, recv_hash, send_stream,
@@ -370,3 +372,40 @@ def test_target_close_after_burst_delivers_everything(server):
             assert count == total and sha == sent_sha
     finally:
         lsock.close()
+
+
+def _cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_descriptors_pauses_accept(server, echo_backend):
+    """With no file descriptors left, accept() fails at once and for ever: the listener
+    must pause and log rarely instead of spinning; once descriptors free up it serves."""
+    port = make_mapping(server, echo_backend.port)
+    # No descriptor left at all: every accept() fails with EMFILE.
+    open_fds = len(os.listdir(f"/proc/{server.pid}/fd"))
+    subprocess.run(["prlimit", f"--nofile={open_fds}:{open_fds}", f"--pid={server.pid}"],
+                   check=True)
+    held = []
+    try:
+        for _ in range(60):
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        cpu0 = _cpu_seconds(server.pid)
+        time.sleep(2.0)
+        cpu = _cpu_seconds(server.pid) - cpu0
+        assert cpu < 0.5, f"server burnt {cpu:.2f} s of CPU in 2 s while out of descriptors"
+        lines = [l for l in server.log_text().splitlines() if "accept failed" in l]
+        assert len(lines) <= 6, f"{len(lines)} 'accept failed' lines in 2 s"
+    finally:
+        for s in held:
+            s.close()
+    subprocess.run(["prlimit", "--nofile=4096:4096", f"--pid={server.pid}"], check=True)
+    def echo_ok():
+        try:
+            with connect(port, timeout=3) as s:
+                s.sendall(b"again")
+                return s.recv(5) == b"again"
+        except OSError:
+            return False
+    wait_until(echo_ok, timeout=10, desc="mapping serves again once descriptors are free")
