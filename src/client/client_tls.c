@@ -9,39 +9,29 @@
 #include <openssl/x509v3.h>
 
 #include "netaddr.h"
-
-static SSL_CTX *client_tls_fail(SSL_CTX *ctx, char *err, size_t errlen, const char *what,
-                                const char *file)
-{
-    unsigned long e = ERR_peek_last_error();
-    const char *reason = e ? ERR_reason_error_string(e) : NULL;
-    snprintf(err, errlen, "%s %s: %s", what, file, reason ? reason : "failed");
-    ERR_clear_error();
-    SSL_CTX_free(ctx);
-    return NULL;
-}
+#include "tls_error.h"
 
 SSL_CTX *client_tls_ctx_new(const char *ca, const char *cert, const char *key, char *err,
                             size_t errlen)
 {
     SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
     if (!ctx)
-        return client_tls_fail(ctx, err, errlen, "cannot create TLS context", "");
+        return tls_ctx_fail(ctx, err, errlen, "", "cannot create TLS context", "");
     SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
     SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION);
     SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
     if (ca) {
         if (SSL_CTX_load_verify_locations(ctx, ca, NULL) != 1)
-            return client_tls_fail(ctx, err, errlen, "cannot load --ca", ca);
+            return tls_ctx_fail(ctx, err, errlen, "", "cannot load --ca", ca);
     } else if (SSL_CTX_set_default_verify_paths(ctx) != 1) {
-        return client_tls_fail(ctx, err, errlen, "cannot load the system CA store", "");
+        return tls_ctx_fail(ctx, err, errlen, "", "cannot load the system CA store", "");
     }
     if (cert && SSL_CTX_use_certificate_chain_file(ctx, cert) != 1)
-        return client_tls_fail(ctx, err, errlen, "cannot load --cert", cert);
+        return tls_ctx_fail(ctx, err, errlen, "", "cannot load --cert", cert);
     if (key && SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1)
-        return client_tls_fail(ctx, err, errlen, "cannot load --key", key);
+        return tls_ctx_fail(ctx, err, errlen, "", "cannot load --key", key);
     if (cert && SSL_CTX_check_private_key(ctx) != 1)
-        return client_tls_fail(ctx, err, errlen, "--key does not match --cert", key);
+        return tls_ctx_fail(ctx, err, errlen, "", "--key does not match --cert", key);
     return ctx;
 }
 

@@ -29,6 +29,7 @@
 #include "secret.h"
 #include "server.h"
 #include "sockread.h"
+#include "tls_error.h"
 
 #define TS_MOD "tunnel"
 /* Stop reading a tunnel whose output grew this far (only control frames go past the
@@ -595,35 +596,24 @@ static void ts_accept_error_cb(struct evconnlistener *l, void *arg)
 
 /* ---- server ---- */
 
-static SSL_CTX *ts_tls_fail(SSL_CTX *ctx, char *err, size_t errlen, const char *what,
-                            const char *file)
-{
-    unsigned long e = ERR_peek_last_error();
-    const char *reason = e ? ERR_reason_error_string(e) : NULL;
-    snprintf(err, errlen, "tunnel TLS: %s %s: %s", what, file, reason ? reason : "failed");
-    ERR_clear_error();
-    SSL_CTX_free(ctx);
-    return NULL;
-}
-
 static SSL_CTX *ts_tls_new(const struct config *cfg, char *err, size_t errlen)
 {
     SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
     if (!ctx)
-        return ts_tls_fail(ctx, err, errlen, "cannot create context for", cfg->tls_cert_file);
+        return tls_ctx_fail(ctx, err, errlen, "tunnel TLS: ", "cannot create context for", cfg->tls_cert_file);
     SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
     SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION);
     if (SSL_CTX_use_certificate_chain_file(ctx, cfg->tls_cert_file) != 1)
-        return ts_tls_fail(ctx, err, errlen, "cannot load certificate", cfg->tls_cert_file);
+        return tls_ctx_fail(ctx, err, errlen, "tunnel TLS: ", "cannot load certificate", cfg->tls_cert_file);
     if (SSL_CTX_use_PrivateKey_file(ctx, cfg->tls_key_file, SSL_FILETYPE_PEM) != 1)
-        return ts_tls_fail(ctx, err, errlen, "cannot load key", cfg->tls_key_file);
+        return tls_ctx_fail(ctx, err, errlen, "tunnel TLS: ", "cannot load key", cfg->tls_key_file);
     if (SSL_CTX_check_private_key(ctx) != 1)
-        return ts_tls_fail(ctx, err, errlen, "key does not match certificate", cfg->tls_key_file);
+        return tls_ctx_fail(ctx, err, errlen, "tunnel TLS: ", "key does not match certificate", cfg->tls_key_file);
     if (cfg->tls_client_ca && cfg->tls_client_ca[0]) {
         STACK_OF(X509_NAME) *names = SSL_load_client_CA_file(cfg->tls_client_ca);
         if (!names || SSL_CTX_load_verify_locations(ctx, cfg->tls_client_ca, NULL) != 1) {
             sk_X509_NAME_pop_free(names, X509_NAME_free);
-            return ts_tls_fail(ctx, err, errlen, "cannot load client CA", cfg->tls_client_ca);
+            return tls_ctx_fail(ctx, err, errlen, "tunnel TLS: ", "cannot load client CA", cfg->tls_client_ca);
         }
         SSL_CTX_set_client_CA_list(ctx, names);
         SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
