@@ -14,6 +14,7 @@
 
 #include "allow.h"
 #include "client_tls.h"
+#include "heap_tune.h"
 #include "log.h"
 #include "netaddr.h"
 #include "status.h"
@@ -316,6 +317,7 @@ int main(int argc, char **argv)
     struct client_args a;
     memset(&a, 0, sizeof(a));
     setvbuf(stderr, NULL, _IOLBF, 0);
+    heap_tune_for_relay();
     /* Writes to a closed socket must fail with EPIPE, not kill the process. */
     signal(SIGPIPE, SIG_IGN);
     srandom((unsigned)time(NULL) ^ (unsigned)getpid());

@@ -10,6 +10,7 @@
 
 #include "api.h"
 #include "config.h"
+#include "heap_tune.h"
 #include "log.h"
 #include "mapping.h"
 #include "server.h"
@@ -152,6 +153,7 @@ int main(int argc, char **argv)
     int status = EXIT_CONFIG;
     struct event *sigint = NULL, *sigterm = NULL;
     setvbuf(stderr, NULL, _IOLBF, 0);
+    heap_tune_for_relay();
     if (config_init_defaults(&cfg) < 0)
         return 1;
     int r = parse_args(argc, argv, &cfg);
