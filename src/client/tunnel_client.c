@@ -20,6 +20,7 @@
 #include "bridge.h"
 #include "client_tls.h"
 #include "sockread.h"
+#include "tls_bev.h"
 #include "frame.h"
 #include "log.h"
 #include "mux.h"
@@ -391,7 +392,7 @@ static void tc_event_cb(struct bufferevent *bev, short what, void *arg)
         tc_end(c, cert ? TCLIENT_REFUSED : TCLIENT_LOST, c->refusal);
         return;
     }
-    int dns_err = bufferevent_socket_get_dns_error(bev);
+    int dns_err = bufferevent_socket_get_dns_error(tls_bev_socket(bev));
     if (what & BEV_EVENT_TIMEOUT)
         snprintf(reason, sizeof(reason), "server %s for %d s",
                  what & BEV_EVENT_WRITING ? "not reading" : "silent", c->opts.heartbeat_timeout);
@@ -427,13 +428,11 @@ static struct bufferevent *tc_bev_new(struct tclient *c)
     SSL *ssl = client_tls_ssl_new(c->opts.ssl, c->opts.server_name);
     if (!ssl)
         return NULL;
-    struct bufferevent *bev = bufferevent_openssl_socket_new(
-        c->base, -1, ssl, BUFFEREVENT_SSL_CONNECTING, TC_BEV_OPTS);
+    struct bufferevent *bev = tls_bev_new(c->base, -1, ssl, BUFFEREVENT_SSL_CONNECTING, TC_BEV_OPTS);
     if (!bev) {
         SSL_free(ssl);
         return NULL;
     }
-    bufferevent_openssl_set_allow_dirty_shutdown(bev, 1);
     c->ssl = ssl;
     return bev;
 }
@@ -457,7 +456,7 @@ int tclient_connect(struct tclient *c)
     evtimer_add(c->deadline, &tv);
     log_debug(TC_MOD, "connecting to %s:%u", c->opts.host, (unsigned)c->opts.port);
     status_connecting(c->opts.status);
-    if (bufferevent_socket_connect_hostname(c->bev, c->dns, AF_UNSPEC, c->opts.host,
+    if (bufferevent_socket_connect_hostname(tls_bev_socket(c->bev), c->dns, AF_UNSPEC, c->opts.host,
                                             c->opts.port) != 0)
         goto fail;
     return 0;

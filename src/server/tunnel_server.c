@@ -29,6 +29,7 @@
 #include "secret.h"
 #include "server.h"
 #include "sockread.h"
+#include "tls_bev.h"
 #include "tls_error.h"
 
 #define TS_MOD "tunnel"
@@ -521,14 +522,10 @@ static struct bufferevent *ts_bev_new(struct tunnel_server *ts, evutil_socket_t 
     SSL *ssl = SSL_new(ts->ssl);
     if (!ssl)
         return NULL;
-    struct bufferevent *bev = bufferevent_openssl_socket_new(
-        base, fd, ssl, BUFFEREVENT_SSL_ACCEPTING, BEV_OPT_CLOSE_ON_FREE);
-    if (!bev) {
+    struct bufferevent *bev =
+        tls_bev_new(base, fd, ssl, BUFFEREVENT_SSL_ACCEPTING, BEV_OPT_CLOSE_ON_FREE);
+    if (!bev)
         SSL_free(ssl);
-        return NULL;
-    }
-    /* A peer that drops the TCP connection without close_notify is an EOF, not an error. */
-    bufferevent_openssl_set_allow_dirty_shutdown(bev, 1);
     return bev;
 }
 

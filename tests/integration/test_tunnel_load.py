@@ -1,6 +1,7 @@
 """Tunnel under load (issue 4): 200 concurrent streams byte-exact through one tunnel, and
 fairness -- one stream stalled on a backend that does not read must not slow another
-stream on the same tunnel, nor grow either process's memory.
+stream on the same tunnel, nor grow either process's memory. Both run over the plain
+tunnel and over TLS, whose socket side has its own buffering (src/common/tls_bev.c).
 
 PORTMUX_SANITIZED=1 (the ASan run) scales the stalled volume down and skips the RSS
 bound (ASan's shadow memory is not ours)."""
@@ -11,11 +12,29 @@ import socket
 import threading
 import time
 
+import pytest
+
 from conftest import Worker, connect, send_stream, stream_sha256, wait_until
+from sec_helpers import make_pki
 from tunnel_helpers import client_info, map_tunnel, pid_rss_kb, tunnel_env, wait_streams_drained
 
 SANITIZED = os.environ.get("PORTMUX_SANITIZED") == "1"
 MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(params=["plain", "tls"])
+def tunnel(request, pki, server_factory, tmp_path, logs):
+    """A server and a connected client, the tunnel between them plain or TLS."""
+    if request.param == "plain":
+        return tunnel_env(server_factory, tmp_path, logs)
+    tls = {"cert_file": str(pki["server"]), "key_file": str(pki["server_key"])}
+    return tunnel_env(server_factory, tmp_path, logs, tls=tls,
+                      client_args=("--tls", "--ca", str(pki["ca"])))
 
 
 def _pump(socks, payloads, deadline_s):
@@ -65,8 +84,8 @@ def _pump(socks, payloads, deadline_s):
     return [(x["n"], x["h"].hexdigest()) for x in st]
 
 
-def test_200_concurrent_streams_byte_exact(server_factory, tmp_path, logs, echo_backend):
-    srv, _ = tunnel_env(server_factory, tmp_path, logs)
+def test_200_concurrent_streams_byte_exact(tunnel, echo_backend):
+    srv, _ = tunnel
     port = map_tunnel(srv, echo_backend.port)
     n = 200
     base = os.urandom(MIB + n * 4099)
@@ -97,10 +116,9 @@ def test_200_concurrent_streams_byte_exact(server_factory, tmp_path, logs, echo_
     assert m["bytes_in"] == n * MIB and m["bytes_out"] == n * MIB, m
 
 
-def test_stalled_stream_does_not_block_another(server_factory, tmp_path, logs, echo_backend,
-                                               stream_backend_factory):
+def test_stalled_stream_does_not_block_another(tunnel, echo_backend, stream_backend_factory):
     total = (64 if SANITIZED else 512) * MIB
-    srv, cli = tunnel_env(server_factory, tmp_path, logs)
+    srv, cli = tunnel
     sink = stream_backend_factory(paused=True)  # accepts, does not read
     bulk_port = map_tunnel(srv, sink.port)
     echo_port = map_tunnel(srv, echo_backend.port)
