@@ -24,6 +24,11 @@ bool netaddr_cidr_match(const struct netaddr_cidr *cidr, const struct sockaddr *
 /* True when s is an IPv4 or IPv6 literal. */
 bool netaddr_is_ip_literal(const char *s);
 
+/* Fills *ss and *len with the socket address of IP literal s and port. Returns 0, or -1
+ * when s is not an IPv4 or IPv6 literal (a host name, say). */
+int netaddr_ip_sockaddr(const char *s, uint16_t port, struct sockaddr_storage *ss,
+                        socklen_t *len);
+
 /* True when s is a plausible DNS host name (letters, digits, '-', '.', at most 253). */
 bool netaddr_is_hostname(const char *s);
 

@@ -410,3 +410,85 @@ def test_out_of_descriptors_pauses_accept(server, echo_backend):
         except OSError:
             return False
     wait_until(echo_ok, timeout=10, desc="mapping serves again once descriptors are free")
+
+
+def _recv_exact(sock, n):
+    got = b""
+    while len(got) < n:
+        d = sock.recv(n - len(got))
+        assert d, f"EOF after {got!r}"
+        got += d
+    return got
+
+
+def _listener(backlog):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    s.listen(backlog)
+    return s
+
+
+def test_connect_timeout_to_unanswering_target(server_factory):
+    """A target whose accept queue is full drops the SYN: the dial must give up after
+    tunnel.connect_timeout, close the public side and count the failure."""
+    srv = server_factory(config={"tunnel": {"enabled": False, "connect_timeout": 1}})
+    target = _listener(0)
+    fillers = []
+    try:
+        # Backlog 0 holds one pending connection; further SYNs are dropped.
+        for _ in range(2):
+            f = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            f.setblocking(False)
+            f.connect_ex(target.getsockname())
+            fillers.append(f)
+        time.sleep(0.2)
+        port = make_mapping(srv, target.getsockname()[1])
+        with connect(port, timeout=10) as s:
+            s.settimeout(10)
+            s.sendall(b"hello?")
+            t0 = time.monotonic()
+            try:
+                data = s.recv(1)
+            except ConnectionResetError:
+                data = b""
+            waited = time.monotonic() - t0
+        assert data == b"", data
+        assert 0.5 < waited < 8, f"public side closed after {waited:.1f}s, timeout is 1s"
+        m = wait_until(lambda: (lambda x: x if x["active_connections"] == 0 else None)(
+            srv.mapping(port)), timeout=5, desc="the connection to end")
+        assert m["failed_connections"] == 1, m
+    finally:
+        for f in fillers:
+            f.close()
+        target.close()
+
+
+def test_silent_target_outlives_connect_timeout(server_factory):
+    """A target that accepts but says nothing, behind a client that says nothing, is a
+    live connection: past tunnel.connect_timeout it stays open and still relays."""
+    srv = server_factory(config={"tunnel": {"enabled": False, "connect_timeout": 1}})
+    target = _listener(8)
+    try:
+        port = make_mapping(srv, target.getsockname()[1])
+        with connect(port, timeout=10) as s:
+            s.settimeout(2.5)
+            try:
+                early = s.recv(1)
+            except socket.timeout:
+                early = None
+            assert early is None, f"public side got {early!r} from a silent target"
+            assert srv.mapping(port)["failed_connections"] == 0
+            s.sendall(b"late words")
+            target.settimeout(5)
+            t, _ = target.accept()
+            with t:
+                t.settimeout(5)
+                assert _recv_exact(t, 10) == b"late words"
+                t.sendall(b"reply")
+                s.settimeout(5)
+                assert _recv_exact(s, 5) == b"reply"
+        m = wait_until(lambda: (lambda x: x if x["active_connections"] == 0 else None)(
+            srv.mapping(port)), timeout=5, desc="the connection to end")
+        assert m["failed_connections"] == 0 and m["total_connections"] == 1, m
+    finally:
+        target.close()

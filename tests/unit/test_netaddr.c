@@ -1,4 +1,5 @@
-/* Unit tests for netaddr: CIDR parse/match, host:port splitting, formatting. */
+/* Unit tests for netaddr: CIDR parse/match, IP literals to socket addresses, host:port
+ * splitting, formatting. */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <stdio.h>
@@ -199,8 +200,27 @@ static void test_format(void)
     CHECK(strcmp(netaddr_format((struct sockaddr *)&a, buf, sizeof(buf)), "?") == 0);
 }
 
+static void test_ip_sockaddr(void)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = 0;
+    char buf[64];
+    CHECK(netaddr_ip_sockaddr("10.1.2.3", 5432, &ss, &len) == 0);
+    CHECK(ss.ss_family == AF_INET && len == sizeof(struct sockaddr_in));
+    CHECK(strcmp(netaddr_format((struct sockaddr *)&ss, buf, sizeof(buf)), "10.1.2.3:5432") == 0);
+    CHECK(netaddr_ip_sockaddr("::1", 22, &ss, &len) == 0);
+    CHECK(ss.ss_family == AF_INET6 && len == sizeof(struct sockaddr_in6));
+    CHECK(strcmp(netaddr_format((struct sockaddr *)&ss, buf, sizeof(buf)), "[::1]:22") == 0);
+    /* Host names go through DNS, not here. */
+    CHECK(netaddr_ip_sockaddr("localhost", 22, &ss, &len) == -1);
+    CHECK(netaddr_ip_sockaddr("[::1]", 22, &ss, &len) == -1);
+    CHECK(netaddr_ip_sockaddr("1.2.3", 22, &ss, &len) == -1);
+    CHECK(netaddr_ip_sockaddr(NULL, 22, &ss, &len) == -1);
+}
+
 int main(void)
 {
+    test_ip_sockaddr();
     test_cidr_parse();
     test_cidr_match();
     test_literals();
