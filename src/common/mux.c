@@ -697,6 +697,20 @@ static bool mux_stream_can_send(const struct mux_stream *st)
            !s->freeing;
 }
 
+/* The largest count <= limit that ends where a chain of src ends, so that
+ * evbuffer_remove_buffer() moves chains rather than copying bytes; limit itself when the
+ * first chain is longer. Bulk reads fill chains of just under a frame (sockread.c), so a
+ * bulk stream's frames are usually one chain each. */
+static size_t mux_whole_chains(struct evbuffer *src, size_t limit)
+{
+    struct evbuffer_iovec vec[8];
+    int n = evbuffer_peek(src, (ev_ssize_t)limit, NULL, vec, 8);
+    size_t total = 0;
+    for (int i = 0; i < n && i < 8 && total + vec[i].iov_len <= limit; i++)
+        total += vec[i].iov_len;
+    return total ? total : limit;
+}
+
 int mux_stream_write(struct mux_stream *st, struct evbuffer *src)
 {
     struct mux_session *s = st->s;
@@ -716,6 +730,8 @@ int mux_stream_write(struct mux_stream *st, struct evbuffer *src)
         size_t n = left < room ? left : room;
         if (n > FRAME_MAX_DATA)
             n = FRAME_MAX_DATA;
+        if (n < left)
+            n = mux_whole_chains(src, n);
         uint8_t hdr[MUX_DATA_HEADER_LEN];
         frame_encode_data_header(hdr, sizeof(hdr), st->id, n);
         if (evbuffer_add(s->out, hdr, sizeof(hdr)) != 0 ||

@@ -5,9 +5,10 @@
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 
-/* Chunks stay under glibc's mmap threshold, so they come from the heap's free lists
- * rather than an mmap/munmap pair each. */
-#define SOCKREAD_CHUNK (64 * 1024)
+/* One read fills at most one 64 KiB evbuffer chain (the allocation includes the chain's
+ * own header), so no chain holds more than a tunnel Data frame carries and the mux sends
+ * whole chains without copying (see mux_stream_write). */
+#define SOCKREAD_CHUNK (64 * 1024 - 128)
 #define SOCKREAD_LARGE_IO (256 * 1024)
 
 /* One readv of up to want bytes. Returns the bytes read (0 on EOF, EAGAIN or an error);
