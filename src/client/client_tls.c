@@ -9,6 +9,7 @@
 #include <openssl/x509v3.h>
 
 #include "netaddr.h"
+#include "tls_bev.h"
 #include "tls_error.h"
 
 SSL_CTX *client_tls_ctx_new(const char *ca, const char *cert, const char *key, char *err,
@@ -17,8 +18,8 @@ SSL_CTX *client_tls_ctx_new(const char *ca, const char *cert, const char *key, c
     SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
     if (!ctx)
         return tls_ctx_fail(ctx, err, errlen, "", "cannot create TLS context", "");
-    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
-    SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION);
+    if (tls_bev_ctx_defaults(ctx) != 0)
+        return tls_ctx_fail(ctx, err, errlen, "", "cannot set the TLS ciphers", "");
     SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
     if (ca) {
         if (SSL_CTX_load_verify_locations(ctx, ca, NULL) != 1)

@@ -37,6 +37,24 @@ static void tls_bev_handshake_step(struct bufferevent *sock, void *filter)
     bufferevent_setcb(sock, tls_bev_open_readcb, writecb, eventcb, arg);
 }
 
+#define TLS_BEV_CIPHERSUITES \
+    "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+#define TLS_BEV_CIPHERS                                                                   \
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"                          \
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"                          \
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+
+int tls_bev_ctx_defaults(SSL_CTX *ctx)
+{
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION |
+                                 SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_PRIORITIZE_CHACHA);
+    if (SSL_CTX_set_ciphersuites(ctx, TLS_BEV_CIPHERSUITES) != 1 ||
+        SSL_CTX_set_cipher_list(ctx, TLS_BEV_CIPHERS) != 1)
+        return -1;
+    return 0;
+}
+
 struct bufferevent *tls_bev_new(struct event_base *base, evutil_socket_t fd, SSL *ssl,
                                 enum bufferevent_ssl_state state, int options)
 {

@@ -598,8 +598,8 @@ static SSL_CTX *ts_tls_new(const struct config *cfg, char *err, size_t errlen)
     SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
     if (!ctx)
         return tls_ctx_fail(ctx, err, errlen, "tunnel TLS: ", "cannot create context for", cfg->tls_cert_file);
-    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
-    SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION);
+    if (tls_bev_ctx_defaults(ctx) != 0)
+        return tls_ctx_fail(ctx, err, errlen, "tunnel TLS: ", "cannot set the ciphers for", cfg->tls_cert_file);
     if (SSL_CTX_use_certificate_chain_file(ctx, cfg->tls_cert_file) != 1)
         return tls_ctx_fail(ctx, err, errlen, "tunnel TLS: ", "cannot load certificate", cfg->tls_cert_file);
     if (SSL_CTX_use_PrivateKey_file(ctx, cfg->tls_key_file, SSL_FILETYPE_PEM) != 1)
