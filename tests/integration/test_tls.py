@@ -6,7 +6,8 @@ and curl in front of it.
 Covered: verified end to end (by IP and by --server-name), wrong CA, wrong name, the
 system store by default, plaintext against TLS both ways, mutual TLS (no certificate, a
 certificate from another CA, the right one), a TCP peer that never handshakes, junk on
-the TLS port, and start-up with unusable certificate files."""
+the TLS port, the negotiated cipher (AES-128-GCM first), and start-up with unusable
+certificate files."""
 import hashlib
 import re
 import secrets
@@ -221,6 +222,27 @@ def test_tls_silent_peer_is_dropped(server_factory, pki):
     finally:
         for s in socks:
             s.close()
+    still_serving(srv)
+
+
+@pytest.mark.parametrize("version,offer,want", [
+    ("-tls1_3", [], "TLS_AES_128_GCM_SHA256"),
+    ("-tls1_2", [], "ECDHE-ECDSA-AES128-GCM-SHA256"),
+    # The server's preference wins over a client that lists AES-256 first.
+    ("-tls1_3", ["-ciphersuites", "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256"],
+     "TLS_AES_128_GCM_SHA256"),
+], ids=["tls1.3", "tls1.2", "server-preference"])
+def test_tls_prefers_aes128_gcm(server_factory, pki, version, offer, want):
+    """The tunnel negotiates AES-128-GCM (AES-NI, the cheapest AEAD per byte here) with
+    a client that offers the usual lists, as openssl s_client does."""
+    srv = tls_server(server_factory, pki, secrets.token_hex(8))
+    r = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{srv.tunnel_port}",
+                        "-CAfile", str(pki["ca"]), version, *offer],
+                       input=b"", capture_output=True, timeout=20)
+    out = r.stdout.decode(errors="replace")
+    m = re.search(r"Cipher is (\S+)", out)
+    assert m, f"no cipher in s_client output:\n{out}\n{r.stderr.decode(errors='replace')}"
+    assert m.group(1) == want, out
     still_serving(srv)
 
 
