@@ -19,12 +19,13 @@
 #include "allow.h"
 #include "bridge.h"
 #include "client_tls.h"
-#include "sockread.h"
-#include "tls_bev.h"
 #include "frame.h"
 #include "log.h"
 #include "mux.h"
+#include "netaddr.h"
+#include "sockread.h"
 #include "status.h"
+#include "tls_bev.h"
 
 #define TC_MOD "client"
 /* A session that stayed up this long resets the reconnect backoff. */
@@ -196,8 +197,14 @@ static int dial_start(struct tclient *c, struct mux_stream *st, const char *targ
     bufferevent_setcb(d->bev, NULL, NULL, dial_event_cb, d);
     struct timeval tv = {c->opts.connect_timeout, 0};
     evtimer_add(d->timer, &tv);
-    /* Errors, even immediate ones, come back through dial_event_cb (deferred). */
-    if (bufferevent_socket_connect_hostname(d->bev, c->dns, AF_UNSPEC, host, port) != 0) {
+    /* Errors, even immediate ones, come back through dial_event_cb (deferred). An IP
+     * literal skips the resolver's parsing and address-list allocations. */
+    struct sockaddr_storage sa;
+    socklen_t salen;
+    int rc = netaddr_ip_sockaddr(host, port, &sa, &salen) == 0
+                 ? bufferevent_socket_connect(d->bev, (struct sockaddr *)&sa, (int)salen)
+                 : bufferevent_socket_connect_hostname(d->bev, c->dns, AF_UNSPEC, host, port);
+    if (rc != 0) {
         mux_stream_set_callbacks(st, NULL, NULL);
         dial_free(d, false);
         return -1;
