@@ -14,7 +14,7 @@
 # processes (e.g. tunnel server + client: 'srv ... & sleep 0.2; cli ... & wait'). CPU and memory are
 # summed over that bash process and all its descendants. The harness waits until $PUB listens.
 #
-# Knobs (env): REPS=3 IPERF_T=5 WRK_D=5 WRK_C=50 NCONNS="500 10000" HOLD=5 PUB=24000
+# Knobs (env): REPS=3 (repetitions of each iperf3 and wrk measure; medians) IPERF_T=5 WRK_D=5 WRK_C=50 NCONNS="500 10000" HOLD=5 PUB=24000
 #   ports: IPERF_PORT=24201 HTTP_PORT=24080 HOLD_PORT=24090 SSH_PORT=24022 (all on 127.0.0.1)
 #   portmux: PORTMUX_SERVER PORTMUX_CLIENT PORTMUX_API_PORT=24100 PORTMUX_TUNNEL_PORT=24101
 set -u
@@ -58,7 +58,7 @@ listening() { [ -n "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]; }
 wait_listen() { local i; for i in $(seq $(( $2 * 10 ))); do listening "$1" && return 0; sleep 0.1; done; return 1; }
 median() {
   printf '%s\n' "$@" | grep -v '^NA$' | sort -g |
-    awk '{a[NR]=$1} END{if(NR==0)print "NA"; else if(NR%2)print a[(NR+1)/2]; else printf "%.3g\n",(a[NR/2]+a[NR/2+1])/2}'
+    awk '{a[NR]=$1} END{if(NR==0)print "NA"; else if(NR%2)print a[(NR+1)/2]; else printf "%.6g\n",(a[NR/2]+a[NR/2+1])/2}'
 }
 
 # ---- process helpers (only PIDs we started, and their descendants) ----
@@ -241,6 +241,18 @@ except Exception:
 '
 }
 
+wrk_reps() {  # wrk_reps "close"|"keepalive" -> REPS runs; prints medians "RPS P50MS P99MS" and the summed "ERRS"
+  local i r rs=() p50s=() p99s=() errs=0
+  for i in $(seq $REPS); do
+    r=$(wrk_once "$1"); set -- "$1" $r
+    log "  wrk $1 rep$i: rps p50ms p99ms errors = $2 $3 $4 $5" >&2
+    rs+=("$2"); p50s+=("$3"); p99s+=("$4")
+    [ "$5" != NA ] && errs=$((errs + $5))
+    sleep 1
+  done
+  echo "$(median "${rs[@]}") $(median "${p50s[@]}") $(median "${p99s[@]}") $errs"
+}
+
 bench_one() {
   local name=$1 label=$1 v i r
   [ "$name" = custom ] && label=${FWD_NAME:-custom}
@@ -271,9 +283,8 @@ bench_one() {
   # 2. short requests (wrk -> nginx)
   local wc="NA NA NA NA" wk="NA NA NA NA"
   if start_fwd $name $HTTP_PORT; then
-    log "  wrk Connection: close"; wc=$(wrk_once close); log "  wrk close: rps p50ms p99ms errors = $wc"
-    sleep 1
-    log "  wrk keep-alive";        wk=$(wrk_once keepalive); log "  wrk keep-alive: rps p50ms p99ms errors = $wk"
+    wc=$(wrk_reps close); log "  wrk close (median of $REPS): rps p50ms p99ms errors = $wc"
+    wk=$(wrk_reps keepalive); log "  wrk keep-alive (median of $REPS): rps p50ms p99ms errors = $wk"
     stop_fwd
   fi
   sleep 1
