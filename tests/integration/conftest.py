@@ -867,6 +867,14 @@ def server_factory(tmp_path, logs):
         srv.kill9()
 
 
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """Certificates for TLS tests (sec_helpers.make_pki): the tunnel CA and server leaf,
+    a client CA and leaf, an unrelated CA."""
+    from sec_helpers import make_pki  # sec_helpers imports this module
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
 @pytest.fixture
 def server(server_factory):
     """One started server: tunnel off, port_range 1024-65535, no token."""

@@ -18,17 +18,12 @@ import time
 import pytest
 
 from conftest import CLIENT_BIN, connect, free_port, run_once, wait_until
-from sec_helpers import client_proc, flood, hello, make_pki
+from sec_helpers import client_proc, flood, hello
 
 pytestmark = pytest.mark.skipif(not CLIENT_BIN.exists(),
                                 reason=f"portmux-client not built at {CLIENT_BIN}")
 
 VERIFY_WORDS = re.compile(r"certificate|verify", re.I)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def tls_server(server_factory, pki, token, mtls=False, **tunnel):

@@ -9,9 +9,12 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from conftest import CLIENT_BIN, free_port, wait_until
 from tunnel_helpers import (client_count, client_info, closed_within, echo_roundtrip,
-                            map_tunnel, metric, start_client, tunnel_env, tunnel_server,
+                            map_tunnel, metric, start_client, tunnel_env, tunnel_env_over,
+                            tunnel_server,
                             wait_status, wait_streams_drained)
 
 HB = {"heartbeat_interval": 1, "heartbeat_timeout": 3}
@@ -66,9 +69,12 @@ def test_client_killed_then_back_and_server_restart(server_factory, tmp_path, lo
     wait_streams_drained(srv, port)
 
 
-def test_frozen_client_dropped_by_heartbeat(server_factory, tmp_path, logs, echo_backend):
-    """SIGSTOP keeps the client's socket open but silent: only the heartbeat can tell."""
-    srv, cli = tunnel_env(server_factory, tmp_path, logs, **HB)
+@pytest.mark.parametrize("transport", ["plain", "tls"])
+def test_frozen_client_dropped_by_heartbeat(server_factory, tmp_path, logs, echo_backend, pki,
+                                            transport):
+    """SIGSTOP keeps the client's socket open but silent: only the heartbeat can tell. Over
+    TLS the timeouts live on the OpenSSL filter, not on the socket (src/common/tls_bev.c)."""
+    srv, cli = tunnel_env_over(transport, pki, server_factory, tmp_path, logs, **HB)
     port = map_tunnel(srv, echo_backend.port)
     assert_echo(port, "before freeze")
     # Heartbeats flow while idle: the tunnel outlives heartbeat_timeout with no traffic.

@@ -15,26 +15,16 @@ import time
 import pytest
 
 from conftest import Worker, connect, send_stream, stream_sha256, wait_until
-from sec_helpers import make_pki
-from tunnel_helpers import client_info, map_tunnel, pid_rss_kb, tunnel_env, wait_streams_drained
+from tunnel_helpers import client_info, map_tunnel, pid_rss_kb, tunnel_env_over, wait_streams_drained
 
 SANITIZED = os.environ.get("PORTMUX_SANITIZED") == "1"
 MIB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
 @pytest.fixture(params=["plain", "tls"])
 def tunnel(request, pki, server_factory, tmp_path, logs):
     """A server and a connected client, the tunnel between them plain or TLS."""
-    if request.param == "plain":
-        return tunnel_env(server_factory, tmp_path, logs)
-    tls = {"cert_file": str(pki["server"]), "key_file": str(pki["server_key"])}
-    return tunnel_env(server_factory, tmp_path, logs, tls=tls,
-                      client_args=("--tls", "--ca", str(pki["ca"])))
+    return tunnel_env_over(request.param, pki, server_factory, tmp_path, logs)
 
 
 def _pump(socks, payloads, deadline_s):

@@ -109,6 +109,16 @@ def tunnel_env(server_factory, tmp_path, logs, token="tok-default", client_args=
     return srv, cli
 
 
+def tunnel_env_over(transport, pki, server_factory, tmp_path, logs, **tunnel):
+    """tunnel_env with the tunnel plain ("plain") or TLS ("tls", certificates from the pki
+    fixture, the client verifying the server)."""
+    if transport == "plain":
+        return tunnel_env(server_factory, tmp_path, logs, **tunnel)
+    tls = {"cert_file": str(pki["server"]), "key_file": str(pki["server_key"])}
+    return tunnel_env(server_factory, tmp_path, logs, tls=tls,
+                      client_args=("--tls", "--ca", str(pki["ca"])), **tunnel)
+
+
 def map_tunnel(srv, target_port, timeout=10.0, **fields):
     """Creates a tunnel mapping (public port chosen free) to target_port on the client's
     side and waits until it is listening; returns the public port."""
