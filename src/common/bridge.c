@@ -175,11 +175,16 @@ static void bridge_event_cb(struct bufferevent *bev, short what, void *arg)
     }
 }
 
-/* Counts what the socket really took and gives it back to the peer as window. */
+/* Counts what the socket really took and gives it back to the peer as window. The first
+ * bytes for the socket turn writing on: enabled with an empty output, a socket
+ * bufferevent arms EPOLLOUT, wakes up with nothing to write and disarms it (two epoll_ctl
+ * and a wake-up per stream, measured under Connection: close). */
 static void bridge_drain_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info,
                             void *arg)
 {
     struct bridge *b = arg;
+    if (info->n_added > 0 && !(bufferevent_get_enabled(b->bev) & EV_WRITE))
+        bufferevent_enable(b->bev, EV_WRITE);
     if (info->n_deleted == 0)
         return;
     b->to_socket += info->n_deleted;
@@ -249,7 +254,8 @@ struct bridge *bridge_new(struct mux_stream *st, struct bufferevent *bev,
     sockread_set_large_io(bev);
     bufferevent_setcb(bev, bridge_read_cb, bridge_write_cb, bridge_event_cb, b);
     mux_stream_set_callbacks(st, &bridge_stream_cb, b);
+    bufferevent_disable(bev, EV_WRITE); /* until bytes arrive for it: bridge_drain_cb */
+    bufferevent_enable(bev, EV_READ);
     mux_stream_set_sink(st, bufferevent_get_output(bev));
-    bufferevent_enable(bev, EV_READ | EV_WRITE);
     return b;
 }

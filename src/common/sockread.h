@@ -12,7 +12,8 @@
 struct bufferevent;
 
 /* Reads up to limit more bytes from a plain socket bufferevent (never a TLS one: it would
- * bypass the decryption). Returns the bytes added; 0 when none were waiting. EOF and
+ * bypass the decryption). Returns the bytes added; 0 when none were waiting, or when the
+ * input holds under 4 KiB (libevent's read then emptied the socket already). EOF and
  * errors are left for libevent's own next read to report. */
 size_t sockread_more(struct bufferevent *bev, size_t limit);
 
