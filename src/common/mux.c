@@ -698,9 +698,10 @@ static bool mux_stream_can_send(const struct mux_stream *st)
 }
 
 /* The largest count <= limit that ends where a chain of src ends, so that
- * evbuffer_remove_buffer() moves chains rather than copying bytes; limit itself when the
- * first chain is longer. Bulk reads fill chains of just under a frame (sockread.c), so a
- * bulk stream's frames are usually one chain each. */
+ * evbuffer_remove_buffer() moves chains rather than copying bytes. Bulk reads fill chains
+ * of just under a frame (sockread.c), so a bulk stream's frames are usually one chain
+ * each. When whole chains would fill less than half a frame (one chain longer than limit,
+ * or many small ones), limit itself: a copy of a few KiB beats many small frames. */
 static size_t mux_whole_chains(struct evbuffer *src, size_t limit)
 {
     struct evbuffer_iovec vec[8];
@@ -708,7 +709,7 @@ static size_t mux_whole_chains(struct evbuffer *src, size_t limit)
     size_t total = 0;
     for (int i = 0; i < n && i < 8 && total + vec[i].iov_len <= limit; i++)
         total += vec[i].iov_len;
-    return total ? total : limit;
+    return total >= limit / 2 ? total : limit;
 }
 
 int mux_stream_write(struct mux_stream *st, struct evbuffer *src)

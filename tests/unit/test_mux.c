@@ -261,7 +261,7 @@ static void add_chain(struct evbuffer *dst, size_t off, size_t n, unsigned seed)
 }
 
 /* Data frames end where the sender's chains end, so chains move instead of being copied;
- * a chain longer than a frame is split. Bytes arrive intact either way. */
+ * a chain longer than a frame is split, small chains are packed. Bytes arrive intact. */
 static void test_frames_follow_chains(void)
 {
     struct pair p;
@@ -289,6 +289,18 @@ static void test_frames_follow_chains(void)
     CHECK(nframes == 4);
     CHECK(pump(&p) == 0);
     CHECK(matches_pattern(mux_stream_sink(ce->st), 180000, 4));
+
+    /* Many small chains are packed into full frames, not a frame per few chains (80 KB:
+     * what is left of the 256 KiB window). */
+    for (size_t i = 0; i < 80; i++)
+        add_chain(src, i * 1000, 1000, 5);
+    CHECK(mux_stream_write(st, src) == 80000);
+    /* Two frames, 65536 + 14464 bytes, not ten of eight chains each. */
+    CHECK(evbuffer_get_length(p.out_srv) == 80000 + 2 * (FRAME_HEADER_LEN + 4));
+    CHECK(pump(&p) == 0);
+    struct evbuffer *sink = mux_stream_sink(ce->st);
+    evbuffer_drain(sink, 180000);
+    CHECK(matches_pattern(sink, 80000, 5));
     evbuffer_free(src);
     pair_free(&p);
 }
