@@ -210,6 +210,45 @@ def recv_hash(sock, bufsize=256 * 1024, on_progress=None):
             on_progress(n)
 
 
+def http_request(host, port, method, path, body=None, raw=None, headers=None, timeout=10.0):
+    """One HTTP request to host:port (``::1`` too). body: JSON-encoded; raw: bytes/str sent
+    as is. Returns (status, headers, payload): payload is the parsed JSON when the response
+    says application/json and parses, else the text."""
+    hdrs = dict(headers or {})
+    data = None
+    if raw is not None:
+        data = raw.encode() if isinstance(raw, str) else raw
+    elif body is not None:
+        data = json.dumps(body).encode()
+    if data is not None:
+        hdrs.setdefault("Content-Type", "application/json")
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=data, headers=hdrs)
+        resp = conn.getresponse()
+        text = resp.read().decode("utf-8", errors="replace")
+        parsed = text
+        if "json" in resp.getheader("Content-Type", ""):
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                pass
+        return resp.status, resp.headers, parsed
+    finally:
+        conn.close()
+
+
+def recv_exact(sock, n, timeout=10):
+    """Reads exactly n bytes; fails on EOF before them."""
+    sock.settimeout(timeout)
+    buf = bytearray()
+    while len(buf) < n:
+        c = sock.recv(n - len(buf))
+        assert c, f"EOF after {len(buf)} of {n} bytes: {bytes(buf)!r}"
+        buf += c
+    return bytes(buf)
+
+
 def recv_all(sock, bufsize=65536):
     parts = []
     while True:
@@ -517,30 +556,8 @@ class Server:
 
         Returns (status, headers, payload): payload is the parsed JSON when the response
         says application/json and parses, else the text."""
-        hdrs = dict(headers or {})
-        data = None
-        if raw is not None:
-            data = raw.encode() if isinstance(raw, str) else raw
-        elif body is not None:
-            data = json.dumps(body).encode()
-        if data is not None:
-            hdrs.setdefault("Content-Type", "application/json")
-        conn = http.client.HTTPConnection("127.0.0.1", self.api_port, timeout=timeout)
-        try:
-            conn.request(method, path, body=data, headers=hdrs)
-            resp = conn.getresponse()
-            payload = resp.read()
-            ctype = resp.getheader("Content-Type", "")
-            text = payload.decode("utf-8", errors="replace")
-            parsed = text
-            if "json" in ctype:
-                try:
-                    parsed = json.loads(text)
-                except ValueError:
-                    parsed = text
-            return resp.status, resp.headers, parsed
-        finally:
-            conn.close()
+        return http_request("127.0.0.1", self.api_port, method, path, body=body, raw=raw,
+                            headers=headers, timeout=timeout)
 
     def health(self):
         status, _, body = self.api("GET", "/health")

@@ -3,7 +3,6 @@
 Built on conftest (Server, Proc, free_port, wait_until); nothing here changes the shared
 fixtures. Contents:
 
-* ``http_request``      -- one HTTP request to any host (``::1`` too) with parsed JSON.
 * ``raw_exchange``      -- bytes in, bytes out over one TCP connection, bounded in time;
                            tells a reply from a close and a reset.
 * ``start_server``      -- starts a Server whose /health is not 200 from 127.0.0.1 (token
@@ -33,33 +32,6 @@ from conftest import CLIENT_BIN, Proc, wait_until
 
 # ---------------------------------------------------------------------------
 # HTTP
-
-
-def http_request(host, port, method, path, body=None, raw=None, headers=None, timeout=10.0):
-    """Like Server.api, but to any host. Returns (status, headers, payload)."""
-    hdrs = dict(headers or {})
-    data = None
-    if raw is not None:
-        data = raw.encode() if isinstance(raw, str) else raw
-    elif body is not None:
-        data = json.dumps(body).encode()
-    if data is not None:
-        hdrs.setdefault("Content-Type", "application/json")
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        conn.request(method, path, body=data, headers=hdrs)
-        resp = conn.getresponse()
-        payload = resp.read()
-        text = payload.decode("utf-8", errors="replace")
-        parsed = text
-        if "json" in resp.getheader("Content-Type", ""):
-            try:
-                parsed = json.loads(text)
-            except ValueError:
-                pass
-        return resp.status, resp.headers, parsed
-    finally:
-        conn.close()
 
 
 def bearer(token):

@@ -7,8 +7,8 @@ import socket
 import subprocess
 import time
 
-from conftest import (Worker, connect, free_port, recv_all, recv_hash, send_stream,
-                      stream_sha256, wait_until)
+from conftest import (Worker, connect, free_port, recv_all, recv_exact, recv_hash,
+                      send_stream, stream_sha256, wait_until)
 
 MiB = 1 << 20
 
@@ -412,15 +412,6 @@ def test_out_of_descriptors_pauses_accept(server, echo_backend):
     wait_until(echo_ok, timeout=10, desc="mapping serves again once descriptors are free")
 
 
-def _recv_exact(sock, n):
-    got = b""
-    while len(got) < n:
-        d = sock.recv(n - len(got))
-        assert d, f"EOF after {got!r}"
-        got += d
-    return got
-
-
 def _listener(backlog):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.bind(("127.0.0.1", 0))
@@ -483,10 +474,10 @@ def test_silent_target_outlives_connect_timeout(server_factory):
             t, _ = target.accept()
             with t:
                 t.settimeout(5)
-                assert _recv_exact(t, 10) == b"late words"
+                assert recv_exact(t, 10) == b"late words"
                 t.sendall(b"reply")
                 s.settimeout(5)
-                assert _recv_exact(s, 5) == b"reply"
+                assert recv_exact(s, 5) == b"reply"
         m = wait_until(lambda: (lambda x: x if x["active_connections"] == 0 else None)(
             srv.mapping(port)), timeout=5, desc="the connection to end")
         assert m["failed_connections"] == 0 and m["total_connections"] == 1, m

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from conftest import connect, free_port, wait_until
+from conftest import connect, free_port, http_request, recv_exact, wait_until
 from sec_helpers import (T_HELLO_RESPONSE, assert_envelope_failure, bearer, env_int, flood,
-                         frame, hello, http_complete, http_request, metric, raw_exchange,
+                         frame, hello, http_complete, metric, raw_exchange,
                          read_frame, start_server, vmrss_kb)
 
 
@@ -218,16 +218,6 @@ def test_allowed_ips_ipv6_refuses(server_factory, allowed):
 # 4. Limits
 
 
-def _recv_exact(s, n, timeout=10):
-    s.settimeout(timeout)
-    buf = bytearray()
-    while len(buf) < n:
-        c = s.recv(n - len(buf))
-        assert c, f"EOF after {len(buf)} of {n} bytes"
-        buf += c
-    return bytes(buf)
-
-
 def _closed_without_data(port, timeout=3.0):
     """Connects and returns how the server ended it: must be at once and without a byte."""
     t0 = time.monotonic()
@@ -266,7 +256,7 @@ def test_max_connections_per_mapping_refused_and_counted(server_factory, echo_ba
         for i in range(n):
             s = connect(port)
             s.sendall(b"hello %d\n" % i)
-            assert _recv_exact(s, len(b"hello %d\n" % i)) == b"hello %d\n" % i
+            assert recv_exact(s, len(b"hello %d\n" % i)) == b"hello %d\n" % i
             held.append(s)
         extra = 3
         for _ in range(extra):
@@ -281,7 +271,7 @@ def test_max_connections_per_mapping_refused_and_counted(server_factory, echo_ba
         for i, s in enumerate(held):
             blob = secrets.token_bytes(64 * 1024 + i)
             s.sendall(blob)
-            assert _recv_exact(s, len(blob)) == blob, f"connection {i} corrupted"
+            assert recv_exact(s, len(blob)) == blob, f"connection {i} corrupted"
         # Freeing one slot lets exactly one more in.
         held.pop().close()
         wait_until(lambda: api_as(srv, "GET", "/api/mapping/list", token)[2]["data"]["mappings"][0]
@@ -289,7 +279,7 @@ def test_max_connections_per_mapping_refused_and_counted(server_factory, echo_ba
         s = connect(port)
         held.append(s)
         s.sendall(b"again")
-        assert _recv_exact(s, 5) == b"again"
+        assert recv_exact(s, 5) == b"again"
         _closed_without_data(port)
         assert metric(metrics(), "portmux_limit_refused_total",
                       limit="max_connections_per_mapping") == extra + 1
