@@ -7,24 +7,36 @@ JOBS       ?= $(shell nproc)
 CONFIG     ?= $(wildcard config.yaml)
 FUZZ_SECONDS ?= 60
 
-.PHONY: all deps build run test test-unit test-asan fuzz bench clean
+.PHONY: all deps deps-build check-deps build run test test-unit test-asan fuzz bench clean
 
 all: build
 
+# Packages: scripts/packages/{build,test,bench}.txt. Building and running need the first only.
+deps-build:
+	./scripts/install-deps.sh build
+
 deps:
-	./scripts/install-deps.sh
+	./scripts/install-deps.sh build test
+
+# Every program a test, benchmark or script runs comes from a listed package.
+check-deps:
+	./scripts/install-deps.sh all
+	/usr/bin/python3 scripts/check-deps.py
 
 $(BUILD)/CMakeCache.txt:
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo
 
-build: deps $(BUILD)/CMakeCache.txt
+build: deps-build $(BUILD)/CMakeCache.txt
 	cmake --build $(BUILD) -j$(JOBS)
 
 run: build
 	./$(BUILD)/portmux-server $(if $(CONFIG),--config $(CONFIG))
 
-test: build
-	cd $(BUILD) && ctest --output-on-failure --timeout 900
+# Test files use their own ephemeral ports, so ctest runs several at once.
+CTEST_JOBS ?= 4
+
+test: deps build
+	cd $(BUILD) && ctest --output-on-failure --timeout 900 -j$(CTEST_JOBS)
 
 test-unit: build
 	cd $(BUILD) && ctest --output-on-failure -R '^(unit|fuzzreplay)\.'
@@ -34,7 +46,7 @@ test-asan: deps
 	cmake --build $(ASAN_BUILD) -j$(JOBS)
 	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PORTMUX_SANITIZED=1 \
-	  ctest --output-on-failure --timeout 900
+	  ctest --output-on-failure --timeout 900 -j$(CTEST_JOBS)
 
 fuzz: deps
 	./scripts/fuzz.sh $(FUZZ_BUILD) $(FUZZ_SECONDS)

@@ -62,34 +62,15 @@ FWDS=${FWDS//,/ }
 
 say() { echo "== $*"; }
 
-# ---- 1. tools (Debian), the way scripts/install-deps.sh does it: only what is missing ----
+# ---- 1. tools (Debian): scripts/packages/bench.txt (+ build.txt when it builds) ----
 install_deps() {
-  local pkgs=(python3 curl procps iproute2 util-linux iperf3 wrk nginx openssl)
-  case " $FWDS " in *" haproxy"*) pkgs+=(haproxy) ;; esac
-  case " $FWDS " in *" ssh"*) pkgs+=(openssh-server openssh-client) ;; esac
-  case " $FWDS " in *" socat "*) pkgs+=(socat) ;; esac
-  case " $FWDS " in *" rinetd "*) pkgs+=(rinetd) ;; esac
-  [ $SMOKE = 0 ] && pkgs+=(haproxy openssh-server openssh-client socat rinetd)
-  [ $PROFILE = 1 ] && pkgs+=(linux-perf valgrind)
-  if [ $BUILD = 1 ] && [ ! -x "$BUILD_DIR/portmux-server" ]; then
-    pkgs+=(build-essential cmake pkg-config libevent-dev libmicrohttpd-dev libjansson-dev
-           libsqlite3-dev libyaml-dev libssl-dev)
-  fi
-  local missing=() p
-  for p in "${pkgs[@]}"; do
-    [ "$p" = nginx ] && command -v nginx >/dev/null && continue  # any nginx flavour will do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-  done
-  [ ${#missing[@]} -eq 0 ] && return 0
+  local sets=(bench)
+  [ $BUILD = 1 ] && [ ! -x "$BUILD_DIR/portmux-server" ] && sets+=(build)
   if ! command -v apt-get >/dev/null; then
-    echo "run.sh: missing ${missing[*]} and no apt-get; install them, or pass --no-install" >&2
+    echo "run.sh: no apt-get; install scripts/packages/{${sets[*]}}.txt, or pass --no-install" >&2
     return 1
   fi
-  local sudo=""; [ "$(id -u)" != 0 ] && sudo=sudo
-  say "installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  timeout 900 $sudo apt-get update -q &&
-    timeout 1800 $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+  timeout 2700 "$REPO/scripts/install-deps.sh" "${sets[@]}"
 }
 
 # ---- 2. binaries ----
