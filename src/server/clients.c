@@ -198,8 +198,9 @@ struct clients_registry *clients_registry_new(const struct config *cfg, struct s
         snprintf(err, errlen, "cannot read the tunnel clients from the store");
         goto fail;
     }
-    /* Nothing anywhere: a first start. A random token, never a built-in one. */
-    if (reg->len == 0 && st) {
+    /* Nothing anywhere: a first start. A random token, never a built-in one. Without
+     * the tunnel nobody could use it, so it waits for the first start with the tunnel. */
+    if (reg->len == 0 && st && cfg->tunnel_enabled) {
         char token[CLIENTS_TOKEN_LEN + 1];
         if (clients_create(reg, "default", token, sizeof(token)) != CLIENTS_OK) {
             snprintf(err, errlen, "cannot create the first tunnel client");

@@ -62,8 +62,8 @@ bool clients_name_valid(const char *name);
 int clients_token_generate(char *out, size_t outlen);
 
 /* Loads the config clients and the stored ones (a stored client whose name the config
- * also lists is shadowed by the config, with a warning). When there are none at all,
- * creates "default" with a random token and logs it once at warn. st may be NULL (tests:
+ * also lists is shadowed by the config, with a warning). When there are none at all and
+ * the tunnel is enabled, creates "default" with a random token and logs it once at warn. st may be NULL (tests:
  * config clients only). NULL + err on failure. */
 struct clients_registry *clients_registry_new(const struct config *cfg, struct store *st,
                                               char *err, size_t errlen);

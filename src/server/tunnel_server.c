@@ -58,6 +58,7 @@ struct tsession {
     struct event *ka_timer;       /* KeepAlive every heartbeat_interval */
     char name[TS_NAME_MAX + 1];   /* set on successful Hello (or while probing for it) */
     char remote[64];
+    char source[64];              /* remote without the port: what the Hello limits key on */
     struct sockaddr_storage peer; /* the source address the Hello limits key on */
     /* Takeover (SPEC §4): this session's Hello named a client with a live session, which
      * is being probed with a KeepAlive echo; probe_old is cleared if it goes away. */
@@ -419,7 +420,7 @@ static int tsession_refuse_failed(struct tsession *sess, enum hello_log_kind kin
     if (hello_limit_failure(ts->hello_limit, (const struct sockaddr *)&sess->peer,
                             ts_now_ms()))
         log_warn(TS_MOD, "tunnel: %d failed Hellos from %s within %d s: its Hellos are refused "
-                         "for %d s", HELLO_LIMIT_FAILURES, sess->remote,
+                         "for %d s", HELLO_LIMIT_FAILURES, sess->source,
                  HELLO_LIMIT_WINDOW_MS / 1000, HELLO_LIMIT_BLOCK_MS / 1000);
     ts_peer_warn(sess, kind, "tunnel from %s: %s", sess->remote, why);
     return tsession_refuse(sess, message, error);
@@ -688,6 +689,10 @@ static struct tsession *tsession_new(struct tunnel_server *ts, evutil_socket_t f
     sess->ts = ts;
     TAILQ_INIT(&sess->streams);
     netaddr_format(sa, sess->remote, sizeof(sess->remote));
+    snprintf(sess->source, sizeof(sess->source), "%s", sess->remote);
+    char *colon = strrchr(sess->source, ':');
+    if (colon)
+        *colon = '\0';
     if (sa->sa_family == AF_INET6)
         memcpy(&sess->peer, sa, sizeof(struct sockaddr_in6));
     else if (sa->sa_family == AF_INET)
