@@ -325,7 +325,6 @@ static enum MHD_Result handle_client_create(struct api *api, struct MHD_Connecti
     enum clients_result r = clients_create(api->srv->clients, name, token, sizeof(token));
     if (r != CLIENTS_OK)
         return api_client_fail(api, conn, r, name);
-    log_info("api", "tunnel client created: %s", name);
     return api_ok(api, conn, MHD_HTTP_CREATED, "client created; the token is shown only now",
                   json_pack("{s:s, s:s}", "name", name, "token", token));
 }

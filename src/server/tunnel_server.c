@@ -419,7 +419,7 @@ static int tsession_refuse_failed(struct tsession *sess, enum hello_log_kind kin
     struct tunnel_server *ts = sess->ts;
     if (hello_limit_failure(ts->hello_limit, (const struct sockaddr *)&sess->peer,
                             ts_now_ms()))
-        log_warn(TS_MOD, "tunnel: %d failed Hellos from %s within %d s: its Hellos are refused "
+        log_warn(TS_MOD, "%d failed Hellos from %s within %d s: its Hellos are refused "
                          "for %d s", HELLO_LIMIT_FAILURES, sess->source,
                  HELLO_LIMIT_WINDOW_MS / 1000, HELLO_LIMIT_BLOCK_MS / 1000);
     ts_peer_warn(sess, kind, "tunnel from %s: %s", sess->remote, why);
