@@ -399,8 +399,17 @@ static void tsession_accept(struct tsession *sess, const char *name)
     evtimer_del(sess->hello_timer);
     mux_session_set_open(sess->mux);
     snprintf(msg, sizeof(msg), "welcome, %s", name);
-    tsession_respond(sess, json_pack("{s:b, s:s, s:o*}", "ok", 1, "message", msg, "mappings",
-                                     ts_client_mappings_json(sess->ts, sess->name)));
+    /* What the client's status block shows about itself (SPEC §4a, issue 15). */
+    const struct clients_entry *ce =
+        sess->ts->srv->clients ? clients_find(sess->ts->srv->clients, name) : NULL;
+    json_t *self = ce ? json_pack("{s:s, s:I, s:I}", "source",
+                                  ce->source == CLIENTS_SOURCE_CONFIG ? "config" : "api",
+                                  "takeovers", (json_int_t)ce->takeovers, "refused",
+                                  (json_int_t)ce->refused)
+                      : NULL;
+    tsession_respond(sess, json_pack("{s:b, s:s, s:o*, s:o*}", "ok", 1, "message", msg,
+                                     "mappings", ts_client_mappings_json(sess->ts, sess->name),
+                                     "client", self));
     struct timeval idle = {cfg->heartbeat_timeout > 0 ? cfg->heartbeat_timeout : 30, 0};
     struct timeval every = {cfg->heartbeat_interval > 0 ? cfg->heartbeat_interval : 10, 0};
     /* Silence either way is death: nothing received, or our output not moving. */

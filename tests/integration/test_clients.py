@@ -247,6 +247,8 @@ def test_failed_hellos_are_limited_per_source(server_factory, tmp_path, logs):
     # ...while from another address it works at once: raw, and with the real client.
     ok = hello_answer(srv.tunnel_port, "edge", CFG_TOKEN, source="127.0.0.2")
     assert ok["ok"] is True, ok
+    # What the client's status block shows about itself.
+    assert ok["client"] == {"source": "config", "takeovers": 0, "refused": 0}, ok
     wait_until(lambda: client_count(srv, "edge") == 0, timeout=5, desc="raw session gone")
     cli = client_proc(tmp_path, srv, CFG_TOKEN, name="edge")
     cli.args[cli.args.index("--server") + 1] = f"[::1]:{srv.tunnel_port}"
