@@ -337,3 +337,23 @@ def test_two_live_clients_do_not_flap(server_factory, tmp_path, logs, echo_backe
     assert all_clients(srv)["edge"]["refused"] == 3
     assert len(re.findall(r"WARN tunnel new Hello|WARN tunnel client \"edge\": new Hello",
                           srv.log_text())) == 3
+
+
+def test_client_api_needs_the_api_token(server_factory):
+    api_token = "api-token-" + "7" * 20
+    srv = server_factory(config={"api": {"token": api_token},
+                                 "tunnel": {"enabled": True, "listen_addr": "127.0.0.1"}})
+    for path, method, body in [("/api/clients", "GET", None),
+                               ("/api/client/create", "POST", {"name": "x"}),
+                               ("/api/client/rotate", "POST", {"name": "default"}),
+                               ("/api/client/remove", "POST", {"name": "default"})]:
+        for hdrs in ({}, {"Authorization": "Bearer wrong-" + api_token}):
+            status, _, payload = srv.api(method, path, body=body, headers=hdrs)
+            assert (status, payload.get("error")) == (401, "unauthorized"), (path, payload)
+    auth = {"Authorization": f"Bearer {api_token}"}
+    status, _, payload = srv.api("GET", "/api/clients", headers=auth)
+    assert status == 200 and [c["name"] for c in payload["data"]["clients"]] == ["default"]
+    # The refused calls changed nothing: "default" kept its first token, no "x".
+    token = FIRST_START.search(srv.log_text()).group(1)
+    assert srv.sqlite("SELECT name, token_hash FROM clients") == \
+        [["default", hashlib.sha256(token.encode()).hexdigest()]]
