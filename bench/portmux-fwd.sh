@@ -67,6 +67,8 @@ if [ "$MODE" = tls ]; then
   TLS_YAML="  tls: {cert_file: \"$WORK/tls/server.pem\", key_file: \"$WORK/tls/server.key\"}"
   CLIENT_TLS=(--tls --ca "$WORK/tls/ca.pem" --server-name localhost)
 fi
+# A fresh token per run: the server has no built-in one (SPEC §4).
+TOKEN=$(head -c 24 /dev/urandom | base64 | tr '+/' '-_')
 cat > "$D/config.yaml" <<EOF
 port_range: {from: $PUB, end: $PUB}
 tunnel:
@@ -74,6 +76,7 @@ tunnel:
   listen_addr: 127.0.0.1
   listen_port: $TUN_PORT
   max_streams_per_client: 1000000
+  clients: [{name: default, token: "$TOKEN"}]
 $TLS_YAML
 api:
   listen_addr: 127.0.0.1
@@ -97,7 +100,7 @@ else
   [ -x "$CLIENT" ] || die "no client binary at $CLIENT"
   # The client first: a tunnel mapping listens at once, and a connection accepted while
   # no client is there would fail; so the public port only opens once the client is in.
-  "$CLIENT" --server "127.0.0.1:$TUN_PORT" --token change-me --log-level warn "${CLIENT_TLS[@]}" &
+  "$CLIENT" --server "127.0.0.1:$TUN_PORT" --token "$TOKEN" --log-level warn "${CLIENT_TLS[@]}" &
   CLI_PID=$!
   until_ok 15 client_in || die "client did not connect to the tunnel"
   BODY="{\"port\":$PUB,\"target_port\":$BACKEND}"

@@ -22,6 +22,8 @@
     again: false,
     lastUpdate: null,
     pendingRemove: null,
+    pendingClient: null,  /* {action, name} while the client dialog is open */
+    clientRows: new Map(), /* name -> client row record (see makeClientRow) */
     returnFocus: null,
   };
 
@@ -224,6 +226,8 @@
     state.rows.clear();
     state.history.clear();
     $('clients-body').replaceChildren();
+    state.clientRows.clear();
+    hideTokenQuietly();
     updateEmpty();
   }
 
@@ -462,33 +466,221 @@
 
   /* ---------------------------------------------------------------- clients */
 
-  function clientRow(c) {
+  /* Rows are kept per name and updated in place, so a button the user is about to press
+   * is not replaced under the pointer by the next poll. */
+  function makeClientRow(c) {
     const tr = el('tr');
     tr.dataset.name = String(c.name);
     const name = el('th', 'c-name', String(c.name));
     name.scope = 'row';
     name.dataset.label = 'Name';
-    const cells = [
-      ['Address', String(c.remote_addr || '–'), ''],
-      ['Connected since', fmtSince(c.connected_at), ''],
-      ['Streams', String(c.streams ?? '–'), 'num'],
-      ['RTT', fmtRtt(c.rtt_ms), 'num'],
-      ['In', fmtBytes(c.bytes_in), 'num'],
-      ['Out', fmtBytes(c.bytes_out), 'num'],
-    ].map(([label, text, cls]) => {
-      const td = cell(label, cls);
-      td.textContent = text;
-      return td;
-    });
-    tr.append(name, ...cells);
-    return tr;
+    const cells = {
+      addr: cell('Address', 'c-addr'),
+      since: cell('Connected since', 'c-since'),
+      streams: cell('Streams', 'num'),
+      rtt: cell('RTT', 'num'),
+      bytesIn: cell('In', 'num'),
+      bytesOut: cell('Out', 'num'),
+      state: cell('State', 'c-state'),
+      source: cell('Source', 'c-source'),
+      actions: cell('', 'c-actions'),
+    };
+    const badge = el('span', 'status');
+    cells.state.append(badge);
+    if (c.source === 'api') {
+      const rotate = el('button', 'btn-small rotate', 'Rotate');
+      rotate.type = 'button';
+      rotate.setAttribute('aria-label', 'Rotate the token of client ' + c.name);
+      rotate.addEventListener('click', () => askClient('rotate', String(c.name)));
+      const remove = el('button', 'btn-danger btn-small remove', 'Remove');
+      remove.type = 'button';
+      remove.setAttribute('aria-label', 'Remove client ' + c.name);
+      remove.addEventListener('click', () => askClient('remove', String(c.name)));
+      cells.actions.append(rotate, remove);
+    } else {
+      cells.actions.append(el('span', 'muted', 'config file'));
+    }
+    tr.append(name, ...Object.values(cells));
+    return { tr, cells, badge, source: c.source };
+  }
+
+  function updateClientRow(row, c) {
+    const k = row.cells;
+    setText(k.addr, c.connected ? String(c.remote_addr || '–') : '–');
+    setText(k.since, c.connected ? fmtSince(c.connected_at)
+      : (c.last_seen ? 'last seen ' + fmtSince(c.last_seen) : 'never connected'));
+    setText(k.streams, c.connected ? String(c.streams ?? '–') : '–');
+    setText(k.rtt, c.connected ? fmtRtt(c.rtt_ms) : '–');
+    setText(k.bytesIn, fmtBytes(c.bytes_in || 0));
+    setText(k.bytesOut, fmtBytes(c.bytes_out || 0));
+    setText(row.badge, c.connected ? 'connected' : 'not connected');
+    row.badge.className = 'status ' + (c.connected ? 'status-listening' : 'status-waiting_for_client');
+    setText(k.source, String(c.source || ''));
   }
 
   function renderClients(list) {
     const sorted = list.slice().sort((a, b) => String(a.name).localeCompare(String(b.name)));
-    $('clients-body').replaceChildren(...sorted.map(clientRow));
+    const seen = new Set();
+    const body = $('clients-body');
+    sorted.forEach((c, i) => {
+      const key = String(c.name);
+      seen.add(key);
+      let row = state.clientRows.get(key);
+      if (row && row.source !== c.source) {
+        row.tr.remove();
+        row = null;
+      }
+      if (!row) {
+        row = makeClientRow(c);
+        state.clientRows.set(key, row);
+      }
+      updateClientRow(row, c);
+      if (body.children[i] !== row.tr) body.insertBefore(row.tr, body.children[i] || null);
+    });
+    for (const [key, row] of state.clientRows) {
+      if (!seen.has(key)) {
+        row.tr.remove();
+        state.clientRows.delete(key);
+      }
+    }
     setText($('clients-count'), '(' + list.length + ')');
+    const connected = list.filter((c) => c.connected).length;
+    $('clients-title').dataset.connected = String(connected);
     updateEmpty();
+  }
+
+  /* ---------------------------------------------------------------- client actions */
+
+  function showToken(title, token) {
+    setText($('client-token-title'), title);
+    $('client-token').value = token;
+    setText($('client-token-copy'), 'Copy');
+    $('client-token-box').hidden = false;
+    $('client-token').focus();
+    $('client-token').select();
+  }
+
+  /* A token on screen goes with the data when the API token does. */
+  function hideTokenQuietly() {
+    $('client-token').value = '';
+    $('client-token-box').hidden = true;
+  }
+
+  function hideToken() {
+    $('client-token').value = '';
+    $('client-token-box').hidden = true;
+    $('client-name').focus();
+  }
+
+  async function copyToken() {
+    const input = $('client-token');
+    let ok = false;
+    try {
+      await navigator.clipboard.writeText(input.value);
+      ok = true;
+    } catch (e) {
+      /* no clipboard permission: the selection and the old command still work */
+      input.focus();
+      input.select();
+      try {
+        ok = document.execCommand('copy');
+      } catch (e2) {
+        ok = false;
+      }
+    }
+    setText($('client-token-copy'), ok ? 'Copied' : 'Press Ctrl+C');
+    if (!ok) {
+      input.focus();
+      input.select();
+    }
+  }
+
+  function clientFormError(text) {
+    const e = $('client-form-error');
+    e.textContent = text || '';
+    e.hidden = !text;
+    $('client-name').setAttribute('aria-invalid', text ? 'true' : 'false');
+  }
+
+  async function onClientCreate(ev) {
+    ev.preventDefault();
+    const name = $('client-name').value.trim();
+    const btn = $('client-create');
+    btn.disabled = true;
+    try {
+      const r = await api('POST', '/api/client/create', { name });
+      if (r.status === 401) {
+        handleUnauthorized();
+      } else if (r.status === 201 && r.payload && r.payload.success) {
+        clientFormError('');
+        $('client-name').value = '';
+        showToken('Token of the new client “' + r.payload.data.name + '”', r.payload.data.token);
+        notice('Client ' + r.payload.data.name + ' created.');
+      } else {
+        clientFormError((r.payload && r.payload.message) || 'HTTP ' + r.status);
+        $('client-name').focus();
+      }
+    } catch (e) {
+      clientFormError('Not created: ' + e.message + '.');
+    } finally {
+      btn.disabled = false;
+    }
+    loop();
+  }
+
+  function askClient(action, name) {
+    const dlg = $('client-dialog');
+    state.pendingClient = { action, name };
+    state.returnFocus = document.activeElement;
+    if (action === 'rotate') {
+      setText($('client-dialog-title'), 'Rotate token?');
+      setText($('client-dialog-text'), 'Client ' + name + ' gets a new token, shown once. ' +
+        'The old one keeps working for 5 minutes; the live session stays.');
+      setText($('client-dialog-yes'), 'Rotate');
+    } else {
+      setText($('client-dialog-title'), 'Remove client?');
+      setText($('client-dialog-text'), 'Client ' + name + ' can no longer connect and its ' +
+        'live session is closed now. Its mappings stay, waiting for a client of that name.');
+      setText($('client-dialog-yes'), 'Remove');
+    }
+    dlg.showModal();
+    $('client-dialog-no').focus();
+  }
+
+  function onClientDialogClose() {
+    state.pendingClient = null;
+    const back = state.returnFocus;
+    state.returnFocus = null;
+    if (back && document.contains(back)) back.focus();
+    else $('clients').focus();
+  }
+
+  async function doClientAction() {
+    const pending = state.pendingClient;
+    state.returnFocus = null;
+    $('client-dialog').close();
+    if (!pending) return;
+    const { action, name } = pending;
+    try {
+      const r = await api('POST', '/api/client/' + action, { name });
+      if (r.status === 401) {
+        handleUnauthorized();
+      } else if (r.status === 200 && r.payload && r.payload.success) {
+        if (action === 'rotate') {
+          showToken('New token of client “' + name + '” (the old one works until ' +
+            r.payload.data.old_token_valid_until + ')', r.payload.data.token);
+          notice('Token of client ' + name + ' rotated.');
+        } else {
+          notice('Client ' + name + ' removed.');
+        }
+      } else {
+        notice('Client ' + name + ': ' + action + ' failed: ' +
+          ((r.payload && r.payload.message) || 'HTTP ' + r.status), true);
+      }
+    } catch (e) {
+      notice('Client ' + name + ': ' + action + ' failed: ' + e.message + '.', true);
+    }
+    loop();
   }
 
   /* ---------------------------------------------------------------- create form */
@@ -652,6 +844,12 @@
     $('confirm-dialog').addEventListener('close', onDialogClose);
     $('token-form').addEventListener('submit', onTokenSubmit);
     $('token-change').addEventListener('click', onTokenChange);
+    $('client-form').addEventListener('submit', onClientCreate);
+    $('client-token-copy').addEventListener('click', copyToken);
+    $('client-token-done').addEventListener('click', hideToken);
+    $('client-dialog-yes').addEventListener('click', doClientAction);
+    $('client-dialog-no').addEventListener('click', () => $('client-dialog').close());
+    $('client-dialog').addEventListener('close', onClientDialogClose);
     syncMode();
     updateEmpty();
     loop();

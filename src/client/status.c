@@ -58,6 +58,7 @@ struct status {
     char detail[400];          /* why the session was lost or refused */
     struct timespec started, since, retry_at;
     double rtt_ms;
+    char client_info[96];      /* "source api, takeovers 0, refused 0" or "" */
     TAILQ_HEAD(, status_target) targets;
     size_t ntargets;
     struct status_target *other;
@@ -183,8 +184,12 @@ static void status_rule(const struct status *s, char *out, size_t len)
     char up[32];
     const char *bar = s->utf8 ? "──" : "--";
     status_fmt_duration(status_now() - status_ts(&s->started), up, sizeof(up));
-    snprintf(out, len, "%s portmux-client %s %s server %s%s as \"%s\" %s up %s %s", bar,
-             PORTMUX_VERSION, bar, s->server, s->tls ? " (TLS)" : "", s->name, bar, up, bar);
+    /* A rule longer than the terminal is cut when drawn: truncation here is fine. */
+    if (snprintf(out, len, "%s portmux-client %s %s server %s%s as \"%s\"%s%s%s %s up %s %s",
+                 bar, PORTMUX_VERSION, bar, s->server, s->tls ? " (TLS)" : "", s->name,
+                 s->client_info[0] ? " (" : "", s->client_info, s->client_info[0] ? ")" : "",
+                 bar, up, bar) < 0)
+        out[0] = '\0';
 }
 
 static void status_session_line(const struct status *s, char *out, size_t len)
@@ -554,6 +559,19 @@ void status_set_rtt(struct status *s, double rtt_ms)
 {
     if (s)
         s->rtt_ms = rtt_ms;
+}
+
+void status_set_client(struct status *s, const char *source, long long takeovers,
+                       long long refused)
+{
+    if (!s)
+        return;
+    if (!source || (strcmp(source, "config") != 0 && strcmp(source, "api") != 0)) {
+        s->client_info[0] = '\0';
+        return;
+    }
+    snprintf(s->client_info, sizeof(s->client_info), "source %s, takeovers %lld, refused %lld",
+             source, takeovers, refused);
 }
 
 /* ---- targets ---- */

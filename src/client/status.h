@@ -48,6 +48,12 @@ void status_lost(struct status *s, const char *reason);
 void status_retry(struct status *s, double seconds, int attempt);
 void status_refused(struct status *s, const char *message);
 void status_set_rtt(struct status *s, double rtt_ms);
+/* What the server says about this client in its HelloResponse: where it is managed
+ * ("config" or "api") and, since the server started, how often a silent session of this
+ * name was taken over and how often a Hello with its name was refused because a live
+ * session answered. source NULL = the server did not say (an older server). */
+void status_set_client(struct status *s, const char *source, long long takeovers,
+                       long long refused);
 
 /* The mappings the server announced in its HelloResponse replace the previous ones
  * (shown at the next redraw). */

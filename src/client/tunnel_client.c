@@ -298,6 +298,12 @@ static void tc_read_mappings(struct tclient *c, json_t *root)
     size_t i;
     if (!c->opts.status)
         return;
+    const char *source = NULL;
+    json_int_t takeovers = 0, refused = 0;
+    if (json_unpack(json_object_get(root, "client"), "{s:s, s:I, s:I}", "source", &source,
+                    "takeovers", &takeovers, "refused", &refused) != 0)
+        source = NULL;
+    status_set_client(c->opts.status, source, (long long)takeovers, (long long)refused);
     status_mappings_clear(c->opts.status);
     if (!json_is_array(list))
         return;

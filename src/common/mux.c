@@ -68,6 +68,7 @@ struct mux_session {
     uint8_t ka_token[MUX_KEEPALIVE_TOKEN_LEN];
     bool ka_pending;
     uint64_t ka_sent_ns;
+    uint64_t ka_echoes;      /* echoes of our own tokens received (takeover probe) */
     double rtt_ms;
 };
 
@@ -293,6 +294,8 @@ int mux_session_send_json(struct mux_session *s, uint8_t type, const char *json,
     return rc;
 }
 
+uint64_t mux_session_keepalive_echoes(const struct mux_session *s) { return s->ka_echoes; }
+
 int mux_session_send_keepalive(struct mux_session *s)
 {
     uint8_t buf[FRAME_HEADER_LEN + MUX_KEEPALIVE_TOKEN_LEN];
@@ -337,6 +340,7 @@ static int mux_on_keepalive(struct mux_session *s, const struct frame *f)
         if (s->ka_pending && memcmp(f->data, s->ka_token, MUX_KEEPALIVE_TOKEN_LEN) == 0) {
             s->rtt_ms = (double)(mux_now_ns() - s->ka_sent_ns) / 1e6;
             s->ka_pending = false;
+            s->ka_echoes++;
         }
         return MUX_OK;
     }

@@ -99,6 +99,9 @@ const char *mux_session_error(const struct mux_session *s);
 int mux_session_send_json(struct mux_session *s, uint8_t type, const char *json, size_t len);
 /* Appends a KeepAlive with a fresh token; its echo measures the RTT. */
 int mux_session_send_keepalive(struct mux_session *s);
+/* How many of our KeepAlive tokens the peer has echoed: a count that moved since a
+ * KeepAlive was sent means the peer is alive (the server's takeover probe). */
+uint64_t mux_session_keepalive_echoes(const struct mux_session *s);
 /* Last measured round-trip time in milliseconds; 0 before the first echo. */
 double mux_session_rtt_ms(const struct mux_session *s);
 /* The adapter drained the output below the soft limit: streams waiting for room get

@@ -21,6 +21,7 @@
 #include <jansson.h>
 #include <microhttpd.h>
 
+#include "clients.h"
 #include "config.h"
 #include "log.h"
 #include "mapping.h"
@@ -188,12 +189,176 @@ static enum MHD_Result handle_list(struct api *api, struct MHD_Connection *conn,
     return api_ok(api, conn, MHD_HTTP_OK, "ok", data);
 }
 
+/* ---- tunnel clients (SPEC §4a) ---- */
+
+static void api_time_json(json_t *obj, const char *key, int64_t t)
+{
+    char when[32];
+    struct tm tm;
+    time_t tt = (time_t)t;
+    if (t <= 0 || !gmtime_r(&tt, &tm)) {
+        json_object_set_new(obj, key, json_null());
+        return;
+    }
+    strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
+    json_object_set_new(obj, key, json_string(when));
+}
+
+/* One client as GET /api/clients shows it: live fields from its session, null or 0
+ * when it has none. */
+static json_t *api_client_json(struct api *api, const struct clients_entry *e)
+{
+    json_t *live = tunnel_server_client_json(api->srv->tunnel, e->name);
+    json_t *c = json_pack("{s:s, s:s, s:b, s:I, s:I}", "name", e->name, "source",
+                          e->source == CLIENTS_SOURCE_CONFIG ? "config" : "api", "connected",
+                          live != NULL, "takeovers", (json_int_t)e->takeovers, "refused",
+                          (json_int_t)e->refused);
+    if (!c) {
+        json_decref(live);
+        return NULL;
+    }
+    api_time_json(c, "created_at", e->created_at);
+    api_time_json(c, "last_seen", live ? (int64_t)time(NULL) : e->last_seen);
+    if (live) {
+        static const char *const keys[] = {"remote_addr", "connected_at", "streams",
+                                           "rtt_ms", "bytes_in", "bytes_out"};
+        for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
+            json_object_set(c, keys[i], json_object_get(live, keys[i]));
+        json_decref(live);
+    } else {
+        json_object_set_new(c, "remote_addr", json_null());
+        json_object_set_new(c, "connected_at", json_null());
+        json_object_set_new(c, "streams", json_integer(0));
+        json_object_set_new(c, "rtt_ms", json_null());
+        json_object_set_new(c, "bytes_in", json_integer(0));
+        json_object_set_new(c, "bytes_out", json_integer(0));
+    }
+    return c;
+}
+
 static enum MHD_Result handle_clients(struct api *api, struct MHD_Connection *conn,
                                       const char *url, struct api_request *req)
 {
-    json_t *data = api->srv->tunnel ? tunnel_server_clients_json(api->srv->tunnel)
-                                    : json_pack("{s:[], s:i}", "clients", "count", 0);
+    json_t *arr = json_array();
+    size_t n = clients_count(api->srv->clients);
+    for (size_t i = 0; i < n; i++)
+        json_array_append_new(arr, api_client_json(api, clients_at(api->srv->clients, i)));
+    json_t *data = json_pack("{s:o, s:I}", "clients", arr, "count", (json_int_t)n);
     return api_ok(api, conn, MHD_HTTP_OK, "ok", data);
+}
+
+/* Parses {"name": s} plus the optional integer grace_s (rotate only; grace may be NULL).
+ * The name is copied to name; *grace stays as given when absent. */
+static enum api_error api_client_body(struct api_request *req, char *name, size_t namelen,
+                                      int64_t *grace, char *msg, size_t msglen)
+{
+    json_error_t jerr;
+    json_t *obj = json_loadb(req->body ? req->body : "", req->len, JSON_REJECT_DUPLICATES,
+                             &jerr);
+    enum api_error e = API_OK;
+    if (!obj || !json_is_object(obj)) {
+        snprintf(msg, msglen, "body must be a JSON object");
+        json_decref(obj);
+        return API_E_INVALID_JSON;
+    }
+    const char *key;
+    json_t *v;
+    json_object_foreach(obj, key, v) {
+        if (strcmp(key, "name") != 0 && !(grace && strcmp(key, "grace_s") == 0)) {
+            snprintf(msg, msglen, "unknown field \"%.64s\"", key);
+            e = API_E_INVALID_FIELD;
+            goto out;
+        }
+    }
+    v = json_object_get(obj, "name");
+    const char *s = json_string_value(v);
+    if (!s || strlen(s) != json_string_length(v) || !clients_name_valid(s)) {
+        snprintf(msg, msglen, "name must be 1-64 characters of A-Z a-z 0-9 . _ -");
+        e = API_E_INVALID_FIELD;
+        goto out;
+    }
+    snprintf(name, namelen, "%s", s);
+    v = grace ? json_object_get(obj, "grace_s") : NULL;
+    if (v) {
+        if (!json_is_integer(v) || json_integer_value(v) < 0 ||
+            json_integer_value(v) > CLIENTS_MAX_GRACE_S) {
+            snprintf(msg, msglen, "grace_s must be an integer from 0 to %d",
+                     CLIENTS_MAX_GRACE_S);
+            e = API_E_INVALID_FIELD;
+            goto out;
+        }
+        *grace = json_integer_value(v);
+    }
+out:
+    json_decref(obj);
+    return e;
+}
+
+static enum MHD_Result api_client_fail(struct api *api, struct MHD_Connection *conn,
+                                       enum clients_result r, const char *name)
+{
+    char msg[160];
+    switch (r) {
+    case CLIENTS_EXISTS:
+        snprintf(msg, sizeof(msg), "client \"%s\" exists", name);
+        return api_fail(api, conn, API_E_CLIENT_EXISTS, msg, NULL);
+    case CLIENTS_NOT_FOUND:
+        snprintf(msg, sizeof(msg), "no client \"%s\"", name);
+        return api_fail(api, conn, API_E_NOT_FOUND, msg, NULL);
+    case CLIENTS_CONFIG:
+        snprintf(msg, sizeof(msg), "client \"%s\" is managed by the config file", name);
+        return api_fail(api, conn, API_E_MANAGED_BY_CONFIG, msg, NULL);
+    case CLIENTS_INVALID:
+        return api_fail(api, conn, API_E_INVALID_FIELD, "invalid name or grace_s", NULL);
+    default:
+        return api_fail(api, conn, API_E_INTERNAL, "database error", NULL);
+    }
+}
+
+static enum MHD_Result handle_client_create(struct api *api, struct MHD_Connection *conn,
+                                            const char *url, struct api_request *req)
+{
+    char name[CLIENTS_NAME_MAX + 1], token[CLIENTS_TOKEN_LEN + 1], msg[160];
+    enum api_error e = api_client_body(req, name, sizeof(name), NULL, msg, sizeof(msg));
+    if (e != API_OK)
+        return api_fail(api, conn, e, msg, NULL);
+    enum clients_result r = clients_create(api->srv->clients, name, token, sizeof(token));
+    if (r != CLIENTS_OK)
+        return api_client_fail(api, conn, r, name);
+    return api_ok(api, conn, MHD_HTTP_CREATED, "client created; the token is shown only now",
+                  json_pack("{s:s, s:s}", "name", name, "token", token));
+}
+
+static enum MHD_Result handle_client_rotate(struct api *api, struct MHD_Connection *conn,
+                                            const char *url, struct api_request *req)
+{
+    char name[CLIENTS_NAME_MAX + 1], token[CLIENTS_TOKEN_LEN + 1], msg[160];
+    int64_t grace = CLIENTS_DEFAULT_GRACE_S, until = 0;
+    enum api_error e = api_client_body(req, name, sizeof(name), &grace, msg, sizeof(msg));
+    if (e != API_OK)
+        return api_fail(api, conn, e, msg, NULL);
+    enum clients_result r =
+        clients_rotate(api->srv->clients, name, grace, token, sizeof(token), &until);
+    if (r != CLIENTS_OK)
+        return api_client_fail(api, conn, r, name);
+    json_t *data = json_pack("{s:s, s:s}", "name", name, "token", token);
+    api_time_json(data, "old_token_valid_until", until);
+    return api_ok(api, conn, MHD_HTTP_OK, "token rotated; the new token is shown only now",
+                  data);
+}
+
+static enum MHD_Result handle_client_remove(struct api *api, struct MHD_Connection *conn,
+                                            const char *url, struct api_request *req)
+{
+    char name[CLIENTS_NAME_MAX + 1], msg[160];
+    enum api_error e = api_client_body(req, name, sizeof(name), NULL, msg, sizeof(msg));
+    if (e != API_OK)
+        return api_fail(api, conn, e, msg, NULL);
+    enum clients_result r = clients_remove(api->srv->clients, name);
+    if (r != CLIENTS_OK)
+        return api_client_fail(api, conn, r, name);
+    tunnel_server_client_removed(api->srv->tunnel, name);
+    return api_ok(api, conn, MHD_HTTP_OK, "client removed", json_pack("{s:s}", "name", name));
 }
 
 static enum MHD_Result handle_metrics(struct api *api, struct MHD_Connection *conn,
@@ -230,6 +395,9 @@ static const struct api_route api_routes[] = {
     {"/api/mapping/remove", M_POST, true, handle_remove},
     {"/api/mapping/list", M_GET, true, handle_list},
     {"/api/clients", M_GET, true, handle_clients},
+    {"/api/client/create", M_POST, true, handle_client_create},
+    {"/api/client/rotate", M_POST, true, handle_client_rotate},
+    {"/api/client/remove", M_POST, true, handle_client_remove},
     {"/metrics", M_GET, true, handle_metrics},
     {"/", M_GET, false, handle_console},
     {"/ui/", M_GET, false, handle_console},

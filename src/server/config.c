@@ -20,6 +20,8 @@
 #include <unistd.h>
 #include <yaml.h>
 
+#include "clients.h"
+
 /* Upper bounds that keep seconds*1000 and counts comfortably inside an int. */
 #define CONFIG_MAX_SECONDS 86400
 #define CONFIG_MAX_COUNT 1000000
@@ -474,9 +476,30 @@ static int parse_cidrs(struct loader *ld, const struct field *f, void *base)
 
 /* ---- tunnel.clients ---- */
 
+/* Names follow the one rule of SPEC §4, so a config name can never differ from what a
+ * Hello or the API may spell. */
+static int parse_client_name(struct loader *ld, const struct field *f, void *base)
+{
+    if (parse_str(ld, f, base) != 0)
+        return -1;
+    if (!clients_name_valid(*FIELD_PTR(char *, base, f)))
+        return fail(ld, "must be 1-64 characters of A-Z a-z 0-9 . _ -");
+    return 0;
+}
+
+/* A short token is guessable; "change-me" and friends are refused outright. */
+static int parse_client_token(struct loader *ld, const struct field *f, void *base)
+{
+    if (parse_str(ld, f, base) != 0)
+        return -1;
+    if (strlen(*FIELD_PTR(char *, base, f)) < CLIENTS_TOKEN_MIN_CONFIG)
+        return fail(ld, "must be at least %d characters", CLIENTS_TOKEN_MIN_CONFIG);
+    return 0;
+}
+
 static const struct field client_fields[] = {
-    {"name", parse_nonempty, offsetof(struct config_client, name), 0, 0, NULL, MARK_CLIENT_NAME},
-    {"token", parse_nonempty, offsetof(struct config_client, token), 0, 0, NULL, MARK_NONE},
+    {"name", parse_client_name, offsetof(struct config_client, name), 0, 0, NULL, MARK_CLIENT_NAME},
+    {"token", parse_client_token, offsetof(struct config_client, token), 0, 0, NULL, MARK_NONE},
     {NULL, NULL, 0, 0, 0, NULL, MARK_NONE},
 };
 
@@ -522,7 +545,7 @@ static int client_item(struct loader *ld, struct vec *v, size_t index)
     return 0;
 }
 
-/* The list in the file replaces the default one: listing clients means "exactly these". */
+/* The list in the file replaces what was there: listing clients means "exactly these". */
 static int parse_clients(struct loader *ld, const struct field *f, void *base)
 {
     struct vec v = {.size = sizeof(struct config_client)};
@@ -569,6 +592,7 @@ static const struct field tunnel_fields[] = {
     INT_KEY("connect_timeout", connect_timeout, 1, CONFIG_MAX_SECONDS, MARK_NONE),
     INT_KEY("hello_timeout", hello_timeout, 1, CONFIG_MAX_SECONDS, MARK_NONE),
     INT_KEY("max_streams_per_client", max_streams_per_client, 1, CONFIG_MAX_COUNT, MARK_NONE),
+    INT_KEY("takeover_probe_ms", takeover_probe_ms, 1, CONFIG_MAX_SECONDS, MARK_NONE),
     END_KEYS,
 };
 
@@ -779,17 +803,12 @@ int config_init_defaults(struct config *cfg)
     cfg->connect_timeout = 10;
     cfg->hello_timeout = 10;
     cfg->max_streams_per_client = 10000;
+    cfg->takeover_probe_ms = 2000;
     cfg->api_listen_port = 8080;
     cfg->api_max_connections = 256;
     cfg->api_connection_timeout = 10;
     cfg->max_connections_per_mapping = 10000;
     cfg->log_level = LOGL_INFO;
-    cfg->clients = calloc(1, sizeof(*cfg->clients));
-    if (cfg->clients != NULL) {
-        cfg->clients_len = 1;
-        cfg->clients[0].name = strdup("default");
-        cfg->clients[0].token = strdup("change-me");
-    }
     cfg->tunnel_listen_addr = strdup("0.0.0.0");
     cfg->tls_cert_file = strdup("");
     cfg->tls_key_file = strdup("");
@@ -797,8 +816,7 @@ int config_init_defaults(struct config *cfg)
     cfg->api_listen_addr = strdup("127.0.0.1");
     cfg->api_token = strdup("");
     cfg->db_path = strdup("./data/mappings.db");
-    if (!cfg->clients || !cfg->clients[0].name || !cfg->clients[0].token ||
-        !cfg->tunnel_listen_addr || !cfg->tls_cert_file || !cfg->tls_key_file ||
+    if (!cfg->tunnel_listen_addr || !cfg->tls_cert_file || !cfg->tls_key_file ||
         !cfg->tls_client_ca || !cfg->api_listen_addr || !cfg->api_token || !cfg->db_path) {
         config_free(cfg);
         return -1;

@@ -24,7 +24,7 @@ struct config {
     bool tunnel_enabled;         /* default true */
     char *tunnel_listen_addr;    /* default "0.0.0.0" */
     int tunnel_listen_port;      /* default 9000; 0 = ephemeral (tests) */
-    struct config_client *clients; /* default [{default, change-me}] */
+    struct config_client *clients; /* default none: a first start creates one (clients.h) */
     size_t clients_len;
     char *tls_cert_file;         /* "" = TLS off */
     char *tls_key_file;
@@ -34,6 +34,7 @@ struct config {
     int connect_timeout;         /* seconds, default 10 */
     int hello_timeout;           /* seconds, default 10: a Hello must come by then */
     int max_streams_per_client;  /* default 10000 */
+    int takeover_probe_ms;       /* default 2000: how long a live session has to answer */
 
     /* api */
     char *api_listen_addr;       /* default "127.0.0.1" */

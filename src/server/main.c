@@ -9,6 +9,7 @@
 #include <event2/event.h>
 
 #include "api.h"
+#include "clients.h"
 #include "config.h"
 #include "heap_tune.h"
 #include "log.h"
@@ -108,6 +109,11 @@ static int server_start(struct server *srv)
     if (store_migrations_applied(srv->store) == 0)
         log_info("store", "%s: schema version %d, applied 0 migrations", srv->cfg->db_path,
                  store_schema_version(srv->store));
+    srv->clients = clients_registry_new(srv->cfg, srv->store, err, sizeof(err));
+    if (!srv->clients) {
+        log_error("clients", "%s", err);
+        return 1;
+    }
     srv->mappings = mapping_registry_new(srv);
     if (srv->cfg->tunnel_enabled) {
         srv->tunnel = tunnel_server_new(srv, err, sizeof(err));
@@ -142,6 +148,8 @@ static void server_stop(struct server *srv)
     srv->mappings = NULL;
     tunnel_server_free(srv->tunnel);
     srv->tunnel = NULL;
+    clients_registry_free(srv->clients);
+    srv->clients = NULL;
     store_close(srv->store);
     srv->store = NULL;
 }

@@ -6,6 +6,7 @@
 
 #include <jansson.h>
 
+#include "clients.h"
 #include "config.h"
 #include "netaddr.h"
 
@@ -25,6 +26,8 @@ static const struct {
     [API_E_PORT_IN_USE] = {"port_in_use", 409},
     [API_E_BODY_TOO_LARGE] = {"body_too_large", 413},
     [API_E_INTERNAL] = {"internal_error", 500},
+    [API_E_CLIENT_EXISTS] = {"client_exists", 409},
+    [API_E_MANAGED_BY_CONFIG] = {"managed_by_config", 409},
 };
 
 const char *api_error_code(enum api_error e) { return api_errors[e].code; }
@@ -77,6 +80,22 @@ static enum api_error field_label(json_t *obj, const char *key, bool allow_empty
         return API_E_INVALID_FIELD;
     }
     memcpy(out, s, strlen(s) + 1);
+    return API_OK;
+}
+
+/* A tunnel client's name: the one rule of SPEC §4, as in a Hello and the config. */
+static enum api_error field_client(json_t *obj, struct mapping_record *rec, char *msg,
+                                   size_t msglen)
+{
+    json_t *v = json_object_get(obj, "client");
+    if (!v)
+        return API_OK;
+    const char *s = json_string_value(v);
+    if (!json_is_string(v) || strlen(s) != json_string_length(v) || !clients_name_valid(s)) {
+        snprintf(msg, msglen, "client must be 1-64 characters of A-Z a-z 0-9 . _ -");
+        return API_E_INVALID_FIELD;
+    }
+    memcpy(rec->client, s, strlen(s) + 1);
     return API_OK;
 }
 
@@ -201,8 +220,7 @@ static enum api_error parse_create_fields(const struct config *cfg, json_t *obj,
     rec->target_port = rec->port;
     if ((e = field_target_ip(obj, rec, msg, msglen)) != API_OK ||
         (e = field_int(obj, "target_port", 1, 65535, false, &rec->target_port, msg, msglen)) ||
-        (e = field_label(obj, "client", false, rec->client, sizeof(rec->client), msg,
-                         msglen)) != API_OK ||
+        (e = field_client(obj, rec, msg, msglen)) != API_OK ||
         (e = field_label(obj, "name", true, rec->name, sizeof(rec->name), msg, msglen)))
         return e;
     return resolve_mode(cfg, obj, rec, msg, msglen);

@@ -23,6 +23,8 @@ enum api_error {
     API_E_PORT_IN_USE,
     API_E_BODY_TOO_LARGE,
     API_E_INTERNAL,
+    API_E_CLIENT_EXISTS,       /* §4a */
+    API_E_MANAGED_BY_CONFIG,   /* §4a */
 };
 
 /* "invalid_json", ... */

@@ -6,6 +6,7 @@
 #include <jansson.h>
 
 #include "api.h"
+#include "clients.h"
 #include "mapping.h"
 #include "server.h"
 #include "tunnel_server.h"
@@ -72,8 +73,38 @@ static void render_mappings(FILE *f, struct server *srv)
     fprintf(f, "portmux_mappings %zu\n", mapping_registry_count(srv->mappings));
 }
 
+/* Every known client, connected or not (SPEC §4a), with its source and the takeovers
+ * and refused duplicate Hellos counted since start. */
+static void render_client_registry(FILE *f, struct server *srv)
+{
+    static const struct { const char *name, *type, *help; } fam[] = {
+        {"portmux_tunnel_client_up", "gauge",
+         "1 while the client has a live session; every known client is listed."},
+        {"portmux_tunnel_client_takeovers_total", "counter",
+         "Silent sessions of the client replaced by a new Hello (takeover probe)."},
+        {"portmux_tunnel_client_refused_total", "counter",
+         "Hellos with the client's credentials refused because its live session answered."},
+    };
+    size_t n = srv->clients ? clients_count(srv->clients) : 0;
+    for (size_t k = 0; k < sizeof(fam) / sizeof(fam[0]); k++) {
+        put_header(f, fam[k].name, fam[k].type, fam[k].help);
+        for (size_t i = 0; i < n; i++) {
+            const struct clients_entry *e = clients_at(srv->clients, i);
+            unsigned long long v =
+                k == 0 ? (srv->tunnel && tunnel_server_client_connected(srv->tunnel, e->name))
+                : k == 1 ? e->takeovers
+                         : e->refused;
+            fprintf(f, "%s{client=\"", fam[k].name);
+            put_label_value(f, e->name);
+            fprintf(f, "\",source=\"%s\"} %llu\n",
+                    e->source == CLIENTS_SOURCE_CONFIG ? "config" : "api", v);
+        }
+    }
+}
+
 static void render_clients(FILE *f, struct server *srv)
 {
+    render_client_registry(f, srv);
     put_header(f, "portmux_tunnel_clients_connected", "gauge", "Tunnel clients connected.");
     fprintf(f, "portmux_tunnel_clients_connected %zu\n",
             srv->tunnel ? tunnel_server_client_count(srv->tunnel) : 0);
@@ -117,9 +148,19 @@ static void render_limits(FILE *f, struct server *srv)
             (unsigned long long)l->tunnel_hello_timeout);
     fprintf(f, "portmux_limit_refused_total{limit=\"api_max_connections\"} %llu\n",
             (unsigned long long)l->api_connections);
+    fprintf(f, "portmux_limit_refused_total{limit=\"hello_failures\"} %llu\n",
+            (unsigned long long)l->tunnel_rate_limited);
     put_header(f, "portmux_tunnel_auth_failures_total", "counter", "Hello refused.");
     fprintf(f, "portmux_tunnel_auth_failures_total %llu\n",
             (unsigned long long)l->tunnel_auth_failed);
+    put_header(f, "portmux_tunnel_takeovers_total", "counter",
+               "Silent sessions replaced by a new Hello with the same name.");
+    fprintf(f, "portmux_tunnel_takeovers_total %llu\n",
+            (unsigned long long)l->tunnel_takeovers);
+    put_header(f, "portmux_tunnel_already_connected_total", "counter",
+               "Hellos refused because the live session of their name answered the probe.");
+    fprintf(f, "portmux_tunnel_already_connected_total %llu\n",
+            (unsigned long long)l->tunnel_already_connected);
     put_header(f, "portmux_tunnel_protocol_errors_total", "counter",
                "Tunnels closed for a protocol error.");
     fprintf(f, "portmux_tunnel_protocol_errors_total %llu\n",

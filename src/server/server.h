@@ -13,6 +13,7 @@ struct store;
 struct mapping_registry;
 struct tunnel_server;
 struct api;
+struct clients_registry;
 
 /* Refusals by a limit, exported in /metrics. */
 struct server_limit_counters {
@@ -22,6 +23,9 @@ struct server_limit_counters {
     uint64_t tunnel_auth_failed;    /* Hello refused */
     uint64_t tunnel_protocol_errors;/* tunnel closed for a protocol error */
     uint64_t api_connections;       /* api.max_connections */
+    uint64_t tunnel_rate_limited;   /* Hello refused unchecked: too many failures (§4) */
+    uint64_t tunnel_already_connected; /* Hello refused: the live session answered the probe */
+    uint64_t tunnel_takeovers;      /* silent session replaced by a new Hello */
 };
 
 struct server {
@@ -32,6 +36,7 @@ struct server {
     struct mapping_registry *mappings;
     struct tunnel_server *tunnel;   /* NULL when tunnel.enabled is false */
     struct api *api;
+    struct clients_registry *clients; /* tunnel clients: config + stored (clients.h) */
     time_t started_at;              /* wall clock, for uptime and metrics */
     struct server_limit_counters limits;
 };

@@ -148,3 +148,90 @@ enum store_result store_mapping_foreach(struct store *st,
         return STORE_ERR;
     return st->backend->foreach(st->impl, fn, arg);
 }
+
+/* ---- tunnel clients ---- */
+
+/* Names and hashes come from the client registry, which validated them; anything else is
+ * a bug above the store, refused here like a bad mapping. */
+static bool store_client_name_ok(const char *name)
+{
+    if (!name)
+        return false;
+    size_t n = strnlen(name, STORE_CLIENT_NAME_MAX + 1);
+    if (n == 0 || n > STORE_CLIENT_NAME_MAX)
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        char c = name[i];
+        if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+              c == '.' || c == '_' || c == '-'))
+            return false;
+    }
+    return true;
+}
+
+static bool store_hash_ok(const char *hex, bool may_be_empty)
+{
+    size_t n = strnlen(hex, STORE_HASH_HEX + 1);
+    if (n == 0)
+        return may_be_empty;
+    if (n != STORE_HASH_HEX)
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        if (!((hex[i] >= '0' && hex[i] <= '9') || (hex[i] >= 'a' && hex[i] <= 'f')))
+            return false;
+    }
+    return true;
+}
+
+static bool store_client_ok(const struct client_record *rec)
+{
+    if (!rec || !store_str_ok(rec->name, sizeof(rec->name)) ||
+        !store_str_ok(rec->source, sizeof(rec->source)) || !store_client_name_ok(rec->name) ||
+        !store_hash_ok(rec->token_hash, false) || !store_hash_ok(rec->prev_hash, true)) {
+        log_error("store", "refusing a malformed client record");
+        return false;
+    }
+    return true;
+}
+
+enum store_result store_client_insert(struct store *st, struct client_record *rec)
+{
+    if (!st || !store_client_ok(rec))
+        return STORE_ERR;
+    return st->backend->client_insert(st->impl, rec);
+}
+
+enum store_result store_client_update(struct store *st, const struct client_record *rec)
+{
+    if (!st || !store_client_ok(rec))
+        return STORE_ERR;
+    return st->backend->client_update(st->impl, rec);
+}
+
+enum store_result store_client_delete(struct store *st, const char *name)
+{
+    if (!st)
+        return STORE_ERR;
+    if (!store_client_name_ok(name))
+        return STORE_NOT_FOUND; /* no row can hold such a name */
+    return st->backend->client_delete(st->impl, name);
+}
+
+enum store_result store_client_get(struct store *st, const char *name,
+                                   struct client_record *rec)
+{
+    if (!st || !rec)
+        return STORE_ERR;
+    if (!store_client_name_ok(name))
+        return STORE_NOT_FOUND;
+    return st->backend->client_get(st->impl, name, rec);
+}
+
+enum store_result store_client_foreach(struct store *st,
+                                       int (*fn)(const struct client_record *rec, void *arg),
+                                       void *arg)
+{
+    if (!st || !fn)
+        return STORE_ERR;
+    return st->backend->client_foreach(st->impl, fn, arg);
+}

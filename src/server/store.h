@@ -62,4 +62,41 @@ enum store_result store_mapping_foreach(struct store *st,
                                         int (*fn)(const struct mapping_record *rec, void *arg),
                                         void *arg);
 
+/* ---- tunnel clients (SPEC §4a) ----
+ * Only clients created through the API are stored; the store never sees a token, only
+ * the hash the client registry (clients.h) computes, as lowercase hex. */
+
+#define STORE_CLIENT_NAME_MAX 64   /* [A-Za-z0-9._-], so bytes = characters */
+#define STORE_HASH_HEX 64          /* SHA-256 in hex */
+
+struct client_record {
+    char name[STORE_CLIENT_NAME_MAX + 1];
+    char token_hash[STORE_HASH_HEX + 1];
+    char prev_hash[STORE_HASH_HEX + 1]; /* "" when no rotation is in its grace period */
+    int64_t prev_valid_until;           /* unix seconds; prev_hash is accepted before it */
+    char source[8];                     /* "api" */
+    int64_t created_at;                 /* unix seconds, assigned by insert */
+    int64_t last_seen;                  /* unix seconds of the last Hello or session end */
+};
+
+/* Inserts rec (durable on STORE_OK); fills rec->created_at. STORE_DUPLICATE when the name
+ * is stored already. */
+enum store_result store_client_insert(struct store *st, struct client_record *rec);
+
+/* Updates the hashes, grace period and last_seen of the client named rec->name in one
+ * transaction. STORE_NOT_FOUND when none is stored. */
+enum store_result store_client_update(struct store *st, const struct client_record *rec);
+
+/* Deletes the client named name. STORE_NOT_FOUND when there is none. */
+enum store_result store_client_delete(struct store *st, const char *name);
+
+/* Reads the client named name into *rec. STORE_NOT_FOUND when there is none. */
+enum store_result store_client_get(struct store *st, const char *name,
+                                   struct client_record *rec);
+
+/* Calls fn for each stored client in name order; stops early when fn returns non-zero. */
+enum store_result store_client_foreach(struct store *st,
+                                       int (*fn)(const struct client_record *rec, void *arg),
+                                       void *arg);
+
 #endif

@@ -14,6 +14,7 @@ struct store_open_info {
 };
 
 typedef int (*store_foreach_fn)(const struct mapping_record *rec, void *arg);
+typedef int (*store_client_fn)(const struct client_record *rec, void *arg);
 
 struct store_backend {
     const char *name;
@@ -26,6 +27,12 @@ struct store_backend {
     enum store_result (*replace)(void *impl, struct mapping_record *rec);
     enum store_result (*remove)(void *impl, int port);
     enum store_result (*foreach)(void *impl, store_foreach_fn fn, void *arg);
+    /* Tunnel clients; names and hashes were checked by store.c. */
+    enum store_result (*client_insert)(void *impl, struct client_record *rec);
+    enum store_result (*client_update)(void *impl, const struct client_record *rec);
+    enum store_result (*client_delete)(void *impl, const char *name);
+    enum store_result (*client_get)(void *impl, const char *name, struct client_record *rec);
+    enum store_result (*client_foreach)(void *impl, store_client_fn fn, void *arg);
 };
 
 extern const struct store_backend store_backend_sqlite;

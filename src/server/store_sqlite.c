@@ -37,10 +37,28 @@ static const char *const sq_sql[SQ_COUNT] = {
     [SQ_ROLLBACK] = "ROLLBACK",
 };
 
+/* Tunnel client statements (migration 0002), kept apart from the mapping ones. */
+enum sq_client_stmt_id {
+    SQC_INSERT, SQC_UPDATE, SQC_DELETE, SQC_GET, SQC_PAGE, SQC_COUNT
+};
+
+static const char *const sqc_sql[SQC_COUNT] = {
+    [SQC_INSERT] = "INSERT INTO clients (name, token_hash, prev_hash, prev_valid_until, "
+                   "source, created_at, last_seen) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    [SQC_UPDATE] = "UPDATE clients SET token_hash = ?2, prev_hash = ?3, prev_valid_until = ?4, "
+                   "last_seen = ?5 WHERE name = ?1",
+    [SQC_DELETE] = "DELETE FROM clients WHERE name = ?1",
+    [SQC_GET] = "SELECT name, token_hash, prev_hash, prev_valid_until, source, created_at, "
+                "last_seen FROM clients WHERE name = ?1",
+    [SQC_PAGE] = "SELECT name, token_hash, prev_hash, prev_valid_until, source, created_at, "
+                 "last_seen FROM clients WHERE name > ?1 ORDER BY name LIMIT ?2",
+};
+
 struct sq_store {
     sqlite3 *db;
     char *path;
     sqlite3_stmt *stmt[SQ_COUNT];
+    sqlite3_stmt *cstmt[SQC_COUNT];
 };
 
 static void sq_log(struct sq_store *sq, const char *what)
@@ -264,6 +282,13 @@ static int sq_prepare_all(struct sq_store *sq, char *err, size_t errlen)
             return -1;
         }
     }
+    for (int i = 0; i < SQC_COUNT; i++) {
+        if (sqlite3_prepare_v3(sq->db, sqc_sql[i], -1, SQLITE_PREPARE_PERSISTENT,
+                               &sq->cstmt[i], NULL) != SQLITE_OK) {
+            sq_open_error(sq, "preparing client statements", err, errlen);
+            return -1;
+        }
+    }
     return 0;
 }
 
@@ -274,6 +299,8 @@ static void sq_close(void *impl)
         return;
     for (int i = 0; i < SQ_COUNT; i++)
         sqlite3_finalize(sq->stmt[i]);
+    for (int i = 0; i < SQC_COUNT; i++)
+        sqlite3_finalize(sq->cstmt[i]);
     /* The last connection to close checkpoints the WAL into the database and removes it. */
     if (sq->db && sqlite3_close(sq->db) != SQLITE_OK)
         sq_log(sq, "closing");
@@ -511,6 +538,175 @@ done:
     return res;
 }
 
+/* ---- tunnel clients --------------------------------------------------------------------- */
+
+/* sq_run for a client statement. */
+static int sqc_run(struct sq_store *sq, enum sq_client_stmt_id id, const char *what,
+                   int expected)
+{
+    int rc = sqlite3_step(sq->cstmt[id]);
+    if (rc != SQLITE_DONE) {
+        rc = sqlite3_extended_errcode(sq->db);
+        if (rc != expected)
+            sq_log(sq, what);
+    }
+    sqlite3_reset(sq->cstmt[id]);
+    return rc;
+}
+
+/* Binds the columns INSERT and UPDATE share, name first (?1). */
+static int sqc_bind_common(sqlite3_stmt *s, const struct client_record *rec)
+{
+    int rc = sqlite3_bind_text(s, 1, rec->name, -1, SQLITE_TRANSIENT);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_bind_text(s, 2, rec->token_hash, -1, SQLITE_TRANSIENT);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_bind_text(s, 3, rec->prev_hash, -1, SQLITE_TRANSIENT);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_bind_int64(s, 4, rec->prev_valid_until);
+    return rc;
+}
+
+static enum store_result sqc_insert(void *impl, struct client_record *rec)
+{
+    struct sq_store *sq = impl;
+    sqlite3_stmt *s = sq->cstmt[SQC_INSERT];
+    int64_t now = (int64_t)time(NULL);
+    int rc = sqc_bind_common(s, rec);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_bind_text(s, 5, rec->source[0] ? rec->source : "api", -1,
+                               SQLITE_TRANSIENT);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_bind_int64(s, 6, now);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_bind_int64(s, 7, rec->last_seen);
+    if (rc != SQLITE_OK) {
+        sq_log(sq, "binding a client");
+        return STORE_ERR;
+    }
+    rc = sqc_run(sq, SQC_INSERT, "inserting a client", SQLITE_CONSTRAINT_UNIQUE);
+    if (rc == SQLITE_CONSTRAINT_UNIQUE)
+        return STORE_DUPLICATE;
+    if (rc != SQLITE_DONE)
+        return STORE_ERR;
+    rec->created_at = now;
+    if (!rec->source[0])
+        snprintf(rec->source, sizeof(rec->source), "api");
+    return STORE_OK;
+}
+
+/* One statement is its own transaction in SQLite: the row changes all at once or not. */
+static enum store_result sqc_update(void *impl, const struct client_record *rec)
+{
+    struct sq_store *sq = impl;
+    sqlite3_stmt *s = sq->cstmt[SQC_UPDATE];
+    int rc = sqc_bind_common(s, rec);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_bind_int64(s, 5, rec->last_seen);
+    if (rc != SQLITE_OK) {
+        sq_log(sq, "binding a client");
+        return STORE_ERR;
+    }
+    if (sqc_run(sq, SQC_UPDATE, "updating a client", 0) != SQLITE_DONE)
+        return STORE_ERR;
+    return sqlite3_changes(sq->db) == 0 ? STORE_NOT_FOUND : STORE_OK;
+}
+
+static enum store_result sqc_delete(void *impl, const char *name)
+{
+    struct sq_store *sq = impl;
+    if (sqlite3_bind_text(sq->cstmt[SQC_DELETE], 1, name, -1, SQLITE_TRANSIENT) != SQLITE_OK) {
+        sq_log(sq, "binding a client name");
+        return STORE_ERR;
+    }
+    if (sqc_run(sq, SQC_DELETE, "deleting a client", 0) != SQLITE_DONE)
+        return STORE_ERR;
+    return sqlite3_changes(sq->db) == 0 ? STORE_NOT_FOUND : STORE_OK;
+}
+
+/* Copies a text column; the CHECKs and store.c keep every stored value within cap, so a
+ * longer one (a hand edit) is cut rather than overflowing. */
+static void sqc_copy(char *dst, size_t cap, sqlite3_stmt *s, int col)
+{
+    const char *src = (const char *)sqlite3_column_text(s, col);
+    snprintf(dst, cap, "%s", src ? src : "");
+}
+
+static void sqc_read_row(sqlite3_stmt *s, struct client_record *rec)
+{
+    memset(rec, 0, sizeof(*rec));
+    sqc_copy(rec->name, sizeof(rec->name), s, 0);
+    sqc_copy(rec->token_hash, sizeof(rec->token_hash), s, 1);
+    sqc_copy(rec->prev_hash, sizeof(rec->prev_hash), s, 2);
+    rec->prev_valid_until = sqlite3_column_int64(s, 3);
+    sqc_copy(rec->source, sizeof(rec->source), s, 4);
+    rec->created_at = sqlite3_column_int64(s, 5);
+    rec->last_seen = sqlite3_column_int64(s, 6);
+}
+
+static enum store_result sqc_get(void *impl, const char *name, struct client_record *rec)
+{
+    struct sq_store *sq = impl;
+    sqlite3_stmt *s = sq->cstmt[SQC_GET];
+    if (sqlite3_bind_text(s, 1, name, -1, SQLITE_TRANSIENT) != SQLITE_OK) {
+        sq_log(sq, "binding a client name");
+        return STORE_ERR;
+    }
+    enum store_result res = STORE_NOT_FOUND;
+    int rc = sqlite3_step(s);
+    if (rc == SQLITE_ROW) {
+        sqc_read_row(s, rec);
+        res = STORE_OK;
+    } else if (rc != SQLITE_DONE) {
+        sq_log(sq, "reading a client");
+        res = STORE_ERR;
+    }
+    sqlite3_reset(s);
+    return res;
+}
+
+/* Pages by name, as sq_foreach pages by port, so fn may write to the store. */
+static enum store_result sqc_foreach(void *impl, store_client_fn fn, void *arg)
+{
+    struct sq_store *sq = impl;
+    sqlite3_stmt *s = sq->cstmt[SQC_PAGE];
+    struct client_record *page = malloc(SQ_PAGE_ROWS * sizeof(*page));
+    char after[STORE_CLIENT_NAME_MAX + 1] = "";
+    enum store_result res = STORE_OK;
+    if (!page) {
+        log_error("store", "listing clients: out of memory");
+        return STORE_ERR;
+    }
+    for (;;) {
+        int n = 0, rc = SQLITE_DONE;
+        if (sqlite3_bind_text(s, 1, after, -1, SQLITE_TRANSIENT) != SQLITE_OK ||
+            sqlite3_bind_int(s, 2, SQ_PAGE_ROWS) != SQLITE_OK) {
+            sq_log(sq, "binding a page");
+            res = STORE_ERR;
+            break;
+        }
+        while (n < SQ_PAGE_ROWS && (rc = sqlite3_step(s)) == SQLITE_ROW)
+            sqc_read_row(s, &page[n++]);
+        if (n < SQ_PAGE_ROWS && rc != SQLITE_DONE) {
+            sq_log(sq, "listing clients");
+            res = STORE_ERR;
+        }
+        sqlite3_reset(s);
+        if (res != STORE_OK)
+            break;
+        for (int i = 0; i < n; i++) {
+            if (fn(&page[i], arg) != 0)
+                goto done;
+        }
+        if (n < SQ_PAGE_ROWS)
+            break;
+        snprintf(after, sizeof(after), "%s", page[n - 1].name);
+    }
+done:
+    free(page);
+    return res;
+}
+
 const struct store_backend store_backend_sqlite = {
     .name = "sqlite",
     .open = sq_open,
@@ -519,4 +715,9 @@ const struct store_backend store_backend_sqlite = {
     .replace = sq_replace,
     .remove = sq_remove,
     .foreach = sq_foreach,
+    .client_insert = sqc_insert,
+    .client_update = sqc_update,
+    .client_delete = sqc_delete,
+    .client_get = sqc_get,
+    .client_foreach = sqc_foreach,
 };

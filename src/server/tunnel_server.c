@@ -3,6 +3,7 @@
  * bridge. Sessions and streams live in the one event loop; nothing here locks. */
 #include "tunnel_server.h"
 
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,8 +21,10 @@
 
 #include "accept_guard.h"
 #include "bridge.h"
+#include "clients.h"
 #include "config.h"
 #include "frame.h"
+#include "hello_limit.h"
 #include "log.h"
 #include "mapping.h"
 #include "mux.h"
@@ -53,8 +56,16 @@ struct tsession {
     struct mux_session *mux;
     struct event *hello_timer;    /* Hello deadline, then the closing grace period */
     struct event *ka_timer;       /* KeepAlive every heartbeat_interval */
-    char name[TS_NAME_MAX + 1];   /* printable copy, set on successful Hello */
+    char name[TS_NAME_MAX + 1];   /* set on successful Hello (or while probing for it) */
     char remote[64];
+    char source[64];              /* remote without the port: what the Hello limits key on */
+    struct sockaddr_storage peer; /* the source address the Hello limits key on */
+    /* Takeover (SPEC §4): this session's Hello named a client with a live session, which
+     * is being probed with a KeepAlive echo; probe_old is cleared if it goes away. */
+    struct event *probe_timer;
+    struct tsession *probe_old;
+    uint64_t probe_echoes;        /* probe_old's echo count when the probe was sent */
+    bool probing;
     time_t connected_at;
     bool authed;
     bool closing;                 /* flushing the last frames before close */
@@ -85,9 +96,39 @@ struct tunnel_server {
     SSL_CTX *ssl;
     int port;
     TAILQ_HEAD(, tsession) sessions;
+    struct hello_limit *hello_limit;
 };
 
 static void tsession_close(struct tsession *sess, const char *reason);
+static void tsession_read_cb(struct bufferevent *bev, void *arg);
+
+static int64_t ts_now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* A warning a peer can trigger before it is authenticated: at most one per kind per
+ * source per HELLO_LIMIT_LOG_MS, the next one saying how many were held back. */
+__attribute__((format(printf, 3, 4)))
+static void ts_peer_warn(struct tsession *sess, enum hello_log_kind kind, const char *fmt, ...)
+{
+    uint64_t suppressed = 0;
+    if (!hello_limit_log(sess->ts->hello_limit, (const struct sockaddr *)&sess->peer, kind,
+                         ts_now_ms(), &suppressed))
+        return;
+    char line[384];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof(line), fmt, ap);
+    va_end(ap);
+    if (suppressed)
+        log_warn(TS_MOD, "%s (%llu more like it from this address suppressed)", line,
+                 (unsigned long long)suppressed);
+    else
+        log_warn(TS_MOD, "%s", line);
+}
 
 /* ---- public streams ---- */
 
@@ -222,6 +263,13 @@ static void tsession_free(struct tsession *sess)
 {
     struct tunnel_server *ts = sess->ts;
     TAILQ_REMOVE(&ts->sessions, sess, link);
+    struct tsession *other;
+    TAILQ_FOREACH(other, &ts->sessions, link) {
+        if (other->probe_old == sess)
+            other->probe_old = NULL; /* gone: the prober takes over when its timer fires */
+    }
+    if (sess->authed && !sess->closing && ts->srv->clients)
+        clients_touch(ts->srv->clients, sess->name, (int64_t)time(NULL));
     /* Streams still waiting or bridged close through their on_close callbacks. */
     mux_session_free(sess->mux);
     struct tstream *t;
@@ -235,6 +283,8 @@ static void tsession_free(struct tsession *sess)
         event_free(sess->hello_timer);
     if (sess->ka_timer)
         event_free(sess->ka_timer);
+    if (sess->probe_timer)
+        event_free(sess->probe_timer);
     bufferevent_free(sess->bev);
     free(sess);
 }
@@ -267,7 +317,8 @@ static void tsession_protocol_error(struct tsession *sess, const char *what)
     if (sess->authed)
         log_warn(TS_MOD, "client \"%s\" disconnected: protocol error: %s", sess->name, what);
     else
-        log_warn(TS_MOD, "tunnel from %s closed: protocol error: %s", sess->remote, what);
+        ts_peer_warn(sess, HELLO_LOG_PROTOCOL, "tunnel from %s closed: protocol error: %s",
+                     sess->remote, what);
     tsession_free(sess);
 }
 
@@ -279,8 +330,8 @@ static void tsession_hello_timer_cb(evutil_socket_t fd, short what, void *arg)
         return;
     }
     sess->ts->srv->limits.tunnel_hello_timeout++;
-    log_warn(TS_MOD, "tunnel from %s closed: no Hello within %d s", sess->remote,
-             sess->ts->srv->cfg->hello_timeout);
+    ts_peer_warn(sess, HELLO_LOG_TIMEOUT, "tunnel from %s closed: no Hello within %d s",
+                 sess->remote, sess->ts->srv->cfg->hello_timeout);
     tsession_free(sess);
 }
 
@@ -291,28 +342,6 @@ static void tsession_keepalive_cb(evutil_socket_t fd, short what, void *arg)
 }
 
 /* ---- Hello ---- */
-
-/* Copies a peer-supplied string for log lines: unprintable bytes become '?'. */
-static void ts_printable(const char *s, char *out, size_t outlen)
-{
-    size_t i = 0;
-    for (; s[i] && i + 1 < outlen; i++)
-        out[i] = (s[i] >= 0x20 && s[i] < 0x7f && s[i] != '"') ? s[i] : '?';
-    out[i] = '\0';
-}
-
-/* Constant-time token check (after a length check) against the configured client. */
-static bool ts_token_ok(const struct config *cfg, const char *name, const char *token)
-{
-    const struct config_client *found = NULL;
-    for (size_t i = 0; i < cfg->clients_len; i++) {
-        if (strcmp(cfg->clients[i].name, name) == 0)
-            found = &cfg->clients[i];
-    }
-    if (!found)
-        return false;
-    return secret_equal(found->token, token, strlen(token));
-}
 
 /* Sends j (stolen) as the HelloResponse. */
 static void tsession_respond(struct tsession *sess, json_t *j)
@@ -365,47 +394,169 @@ static void tsession_accept(struct tsession *sess, const char *name)
     char msg[128];
     snprintf(sess->name, sizeof(sess->name), "%s", name);
     sess->authed = true;
+    sess->probing = false;
     sess->connected_at = time(NULL);
     evtimer_del(sess->hello_timer);
     mux_session_set_open(sess->mux);
     snprintf(msg, sizeof(msg), "welcome, %s", name);
-    tsession_respond(sess, json_pack("{s:b, s:s, s:o*}", "ok", 1, "message", msg, "mappings",
-                                     ts_client_mappings_json(sess->ts, sess->name)));
+    /* What the client's status block shows about itself (SPEC §4a, issue 15). */
+    const struct clients_entry *ce =
+        sess->ts->srv->clients ? clients_find(sess->ts->srv->clients, name) : NULL;
+    json_t *self = ce ? json_pack("{s:s, s:I, s:I}", "source",
+                                  ce->source == CLIENTS_SOURCE_CONFIG ? "config" : "api",
+                                  "takeovers", (json_int_t)ce->takeovers, "refused",
+                                  (json_int_t)ce->refused)
+                      : NULL;
+    tsession_respond(sess, json_pack("{s:b, s:s, s:o*, s:o*}", "ok", 1, "message", msg,
+                                     "mappings", ts_client_mappings_json(sess->ts, sess->name),
+                                     "client", self));
     struct timeval idle = {cfg->heartbeat_timeout > 0 ? cfg->heartbeat_timeout : 30, 0};
     struct timeval every = {cfg->heartbeat_interval > 0 ? cfg->heartbeat_interval : 10, 0};
     /* Silence either way is death: nothing received, or our output not moving. */
     bufferevent_set_timeouts(sess->bev, &idle, &idle);
     event_add(sess->ka_timer, &every);
+    if (sess->ts->srv->clients)
+        clients_touch(sess->ts->srv->clients, sess->name, (int64_t)sess->connected_at);
     log_info(TS_MOD, "client \"%s\" connected from %s", sess->name, sess->remote);
+}
+
+/* A Hello refused before its credentials were looked at, or because they were wrong:
+ * counts towards the source's limit. */
+static int tsession_refuse_failed(struct tsession *sess, enum hello_log_kind kind,
+                                  const char *message, const char *error, const char *why)
+{
+    struct tunnel_server *ts = sess->ts;
+    if (hello_limit_failure(ts->hello_limit, (const struct sockaddr *)&sess->peer,
+                            ts_now_ms()))
+        log_warn(TS_MOD, "%d failed Hellos from %s within %d s: its Hellos are refused "
+                         "for %d s", HELLO_LIMIT_FAILURES, sess->source,
+                 HELLO_LIMIT_WINDOW_MS / 1000, HELLO_LIMIT_BLOCK_MS / 1000);
+    ts_peer_warn(sess, kind, "tunnel from %s: %s", sess->remote, why);
+    return tsession_refuse(sess, message, error);
+}
+
+/* The probe's verdict: the old session echoed (it keeps its place) or it did not (it is
+ * closed with its streams and this one takes over). */
+static void tsession_probe_done(evutil_socket_t fd, short what, void *arg)
+{
+    struct tsession *sess = arg;
+    struct tunnel_server *ts = sess->ts;
+    struct tsession *old = sess->probe_old;
+    char msg[192], reason[160];
+    sess->probe_old = NULL;
+    if (old && mux_session_keepalive_echoes(old->mux) != sess->probe_echoes) {
+        ts->srv->limits.tunnel_already_connected++;
+        if (ts->srv->clients)
+            clients_note(ts->srv->clients, sess->name, CLIENTS_EVENT_REFUSED);
+        ts_peer_warn(sess, HELLO_LOG_ALREADY_CONNECTED,
+                     "tunnel from %s: client \"%s\" refused: already connected from %s, "
+                     "which answered the probe", sess->remote, sess->name, old->remote);
+        snprintf(msg, sizeof(msg), "client \"%s\" is already connected", sess->name);
+        sess->probing = false;
+        sess->name[0] = '\0';
+        tsession_refuse(sess, msg, "already_connected");
+        tsession_close_after_flush(sess);
+        return;
+    }
+    if (!old && ts_find_client(ts, sess->name)) {
+        /* The old one left and another Hello took the name meanwhile. */
+        snprintf(msg, sizeof(msg), "client \"%s\" is already connected", sess->name);
+        sess->probing = false;
+        sess->name[0] = '\0';
+        tsession_refuse(sess, msg, "already_connected");
+        tsession_close_after_flush(sess);
+        return;
+    }
+    if (old) {
+        ts->srv->limits.tunnel_takeovers++;
+        if (ts->srv->clients)
+            clients_note(ts->srv->clients, sess->name, CLIENTS_EVENT_TAKEOVER);
+        log_warn(TS_MOD, "client \"%s\": session from %s did not answer within %d ms, "
+                         "taken over by %s", sess->name, old->remote,
+                 ts->srv->cfg->takeover_probe_ms, sess->remote);
+        snprintf(reason, sizeof(reason), "taken over by a new session from %s", sess->remote);
+        tsession_close(old, reason);
+    }
+    char name[TS_NAME_MAX + 1];
+    snprintf(name, sizeof(name), "%s", sess->name);
+    tsession_accept(sess, name);
+    bufferevent_enable(sess->bev, EV_READ);
+    /* Frames that came behind the Hello wait in the input; nothing wakes us for them. */
+    if (evbuffer_get_length(bufferevent_get_input(sess->bev)) > 0)
+        tsession_read_cb(sess->bev, sess);
+}
+
+/* Probes old, the live session of the name this Hello authenticated as (SPEC §4). */
+static int tsession_start_probe(struct tsession *sess, struct tsession *old, const char *name)
+{
+    struct tunnel_server *ts = sess->ts;
+    char msg[192];
+    struct tsession *other;
+    TAILQ_FOREACH(other, &ts->sessions, link) {
+        if (other->probing && other->probe_old == old) {
+            /* One probe at a time: a third machine with the name waits its turn. */
+            ts->srv->limits.tunnel_already_connected++;
+            ts_peer_warn(sess, HELLO_LOG_ALREADY_CONNECTED,
+                         "tunnel from %s: client \"%s\" refused: a takeover is in progress",
+                         sess->remote, name);
+            snprintf(msg, sizeof(msg), "client \"%s\" is already connected", name);
+            return tsession_refuse(sess, msg, "already_connected");
+        }
+    }
+    sess->probe_timer = evtimer_new(ts->srv->base, tsession_probe_done, sess);
+    if (!sess->probe_timer) {
+        snprintf(msg, sizeof(msg), "client \"%s\" is already connected", name);
+        return tsession_refuse(sess, msg, "already_connected");
+    }
+    snprintf(sess->name, sizeof(sess->name), "%s", name);
+    sess->probing = true;
+    sess->probe_old = old;
+    sess->probe_echoes = mux_session_keepalive_echoes(old->mux);
+    mux_session_send_keepalive(old->mux);
+    evtimer_del(sess->hello_timer);
+    int ms = ts->srv->cfg->takeover_probe_ms > 0 ? ts->srv->cfg->takeover_probe_ms : 2000;
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    evtimer_add(sess->probe_timer, &tv);
+    log_warn(TS_MOD, "client \"%s\": new Hello from %s while connected from %s: probing the "
+                     "old session", name, sess->remote, old->remote);
+    return MUX_STOPPED;
 }
 
 static int tsession_on_hello(struct tsession *sess, json_t *root)
 {
     struct tunnel_server *ts = sess->ts;
     const char *name = NULL, *token = NULL, *version = "";
-    char shown[TS_NAME_MAX + 1], msg[192];
+    char shown[TS_NAME_MAX + 1], msg[192], why[192];
+    if (hello_limit_blocked(ts->hello_limit, (const struct sockaddr *)&sess->peer,
+                            ts_now_ms())) {
+        ts->srv->limits.tunnel_rate_limited++;
+        ts_peer_warn(sess, HELLO_LOG_RATE_LIMITED,
+                     "tunnel from %s: Hello refused unchecked: too many failures", sess->remote);
+        return tsession_refuse(sess, "too many failed Hellos from this address; try later",
+                               "rate_limited");
+    }
     if (json_unpack(root, "{s:s, s:s, s?s}", "name", &name, "token", &token, "version",
                     &version) != 0 ||
-        name[0] == '\0' || strlen(name) > TS_NAME_MAX) {
+        !clients_name_valid(name)) {
         ts->srv->limits.tunnel_protocol_errors++;
-        log_warn(TS_MOD, "tunnel from %s closed: protocol error: malformed Hello", sess->remote);
-        return tsession_refuse(sess, "malformed Hello", "bad_hello");
+        return tsession_refuse_failed(sess, HELLO_LOG_BAD_HELLO, "malformed Hello", "bad_hello",
+                                      "closed: protocol error: malformed Hello (a name is "
+                                      "1-64 characters of A-Z a-z 0-9 . _ -)");
     }
-    ts_printable(name, shown, sizeof(shown));
-    if (!ts_token_ok(ts->srv->cfg, name, token)) {
+    /* name is [A-Za-z0-9._-]{1,64} from here on: safe to log and to copy whole. */
+    snprintf(shown, sizeof(shown), "%s", name);
+    json_t *jtoken = json_object_get(root, "token");
+    if (!ts->srv->clients ||
+        !clients_check(ts->srv->clients, name, token, json_string_length(jtoken),
+                       (int64_t)time(NULL))) {
         ts->srv->limits.tunnel_auth_failed++;
-        log_warn(TS_MOD, "tunnel from %s: client \"%s\" refused: unknown name or wrong token",
-                 sess->remote, shown);
+        snprintf(why, sizeof(why), "client \"%s\" refused: unknown name or wrong token", shown);
         snprintf(msg, sizeof(msg), "authentication failed for client \"%s\"", shown);
-        return tsession_refuse(sess, msg, "auth_failed");
+        return tsession_refuse_failed(sess, HELLO_LOG_AUTH_FAILED, msg, "auth_failed", why);
     }
-    if (ts_find_client(ts, name)) {
-        ts->srv->limits.tunnel_auth_failed++;
-        log_warn(TS_MOD, "tunnel from %s: client \"%s\" refused: already connected",
-                 sess->remote, shown);
-        snprintf(msg, sizeof(msg), "client \"%s\" is already connected", shown);
-        return tsession_refuse(sess, msg, "already_connected");
-    }
+    struct tsession *old = ts_find_client(ts, name);
+    if (old)
+        return tsession_start_probe(sess, old, shown);
     tsession_accept(sess, shown);
     return MUX_OK;
 }
@@ -421,8 +572,11 @@ static int tsession_on_json(struct mux_session *mux, uint8_t type, const char *j
     if (!root || !json_is_object(root)) {
         json_decref(root);
         sess->ts->srv->limits.tunnel_protocol_errors++;
-        log_warn(TS_MOD, "tunnel from %s closed: protocol error: Hello is not a JSON object",
-                 sess->remote);
+        hello_limit_failure(sess->ts->hello_limit, (const struct sockaddr *)&sess->peer,
+                            ts_now_ms());
+        ts_peer_warn(sess, HELLO_LOG_BAD_HELLO,
+                     "tunnel from %s closed: protocol error: Hello is not a JSON object",
+                     sess->remote);
         return tsession_refuse(sess, "malformed Hello", "bad_hello");
     }
     int rc = tsession_on_hello(sess, root);
@@ -444,6 +598,11 @@ static void tsession_read_cb(struct bufferevent *bev, void *arg)
     int rc = mux_session_input(sess->mux, bufferevent_get_input(bev));
     if (rc < 0) {
         tsession_protocol_error(sess, mux_session_error(sess->mux));
+        return;
+    }
+    if (rc == MUX_STOPPED && sess->probing) {
+        /* Hold the rest of the input until the takeover probe decides. */
+        bufferevent_disable(bev, EV_READ);
         return;
     }
     if (rc == MUX_STOPPED) {
@@ -503,7 +662,7 @@ static void tsession_event_cb(struct bufferevent *bev, short what, void *arg)
         snprintf(reason, sizeof(reason), "TLS error: %s", tls);
         if (!sess->authed) {
             sess->ts->srv->limits.tunnel_protocol_errors++;
-            log_warn(TS_MOD, "tunnel from %s closed: %s", sess->remote, reason);
+            ts_peer_warn(sess, HELLO_LOG_TLS, "tunnel from %s closed: %s", sess->remote, reason);
         }
     } else if (what & BEV_EVENT_EOF) {
         snprintf(reason, sizeof(reason), "connection closed by peer");
@@ -539,6 +698,14 @@ static struct tsession *tsession_new(struct tunnel_server *ts, evutil_socket_t f
     sess->ts = ts;
     TAILQ_INIT(&sess->streams);
     netaddr_format(sa, sess->remote, sizeof(sess->remote));
+    snprintf(sess->source, sizeof(sess->source), "%s", sess->remote);
+    char *colon = strrchr(sess->source, ':');
+    if (colon)
+        *colon = '\0';
+    if (sa->sa_family == AF_INET6)
+        memcpy(&sess->peer, sa, sizeof(struct sockaddr_in6));
+    else if (sa->sa_family == AF_INET)
+        memcpy(&sess->peer, sa, sizeof(struct sockaddr_in));
     sess->bev = ts_bev_new(ts, fd);
     if (!sess->bev)
         goto fail;
@@ -662,6 +829,12 @@ struct tunnel_server *tunnel_server_new(struct server *srv, char *err, size_t er
     }
     ts->srv = srv;
     TAILQ_INIT(&ts->sessions);
+    ts->hello_limit = hello_limit_new(HELLO_LIMIT_DEFAULT_SOURCES);
+    if (!ts->hello_limit) {
+        snprintf(err, errlen, "out of memory");
+        free(ts);
+        return NULL;
+    }
     if (cfg->tls_cert_file && cfg->tls_cert_file[0]) {
         ts->ssl = ts_tls_new(cfg, err, errlen);
         if (!ts->ssl)
@@ -676,6 +849,7 @@ struct tunnel_server *tunnel_server_new(struct server *srv, char *err, size_t er
     return ts;
 fail:
     SSL_CTX_free(ts->ssl);
+    hello_limit_free(ts->hello_limit);
     free(ts);
     return NULL;
 }
@@ -691,6 +865,7 @@ void tunnel_server_free(struct tunnel_server *ts)
     while ((sess = TAILQ_FIRST(&ts->sessions)) != NULL)
         tsession_close(sess, "server shutting down");
     SSL_CTX_free(ts->ssl);
+    hello_limit_free(ts->hello_limit);
     free(ts);
 }
 
@@ -724,6 +899,34 @@ static json_t *tsession_json(const struct tsession *sess)
                      "rtt_ms", mux_session_rtt_ms(sess->mux),
                      "bytes_in", (json_int_t)sess->bytes_in,
                      "bytes_out", (json_int_t)sess->bytes_out);
+}
+
+json_t *tunnel_server_client_json(const struct tunnel_server *ts, const char *name)
+{
+    const struct tsession *sess = ts ? ts_find_client(ts, name) : NULL;
+    return sess ? tsession_json(sess) : NULL;
+}
+
+void tunnel_server_client_removed(struct tunnel_server *ts, const char *name)
+{
+    if (!ts)
+        return;
+    struct tsession *sess, *next;
+    for (sess = TAILQ_FIRST(&ts->sessions); sess; sess = next) {
+        next = TAILQ_NEXT(sess, link);
+        if (sess->closing || strcmp(sess->name, name) != 0)
+            continue;
+        if (sess->authed) {
+            /* Its mappings stay and wait: tunnel_server_forward finds no session. */
+            tsession_close(sess, "client removed");
+        } else if (sess->probing) {
+            sess->probing = false;
+            sess->probe_old = NULL;
+            evtimer_del(sess->probe_timer);
+            tsession_refuse(sess, "client removed", "auth_failed");
+            tsession_close_after_flush(sess);
+        }
+    }
 }
 
 json_t *tunnel_server_clients_json(const struct tunnel_server *ts)

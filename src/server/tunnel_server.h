@@ -26,6 +26,12 @@ size_t tunnel_server_client_count(const struct tunnel_server *ts);
 /* {"clients":[{name, remote_addr, connected_at, streams, rtt_ms, bytes_in, bytes_out}],
  *  "count": n}. New reference. */
 json_t *tunnel_server_clients_json(const struct tunnel_server *ts);
+/* The live session of client name as {name, remote_addr, connected_at, streams, rtt_ms,
+ * bytes_in, bytes_out}, or NULL when it has none. ts may be NULL. New reference. */
+json_t *tunnel_server_client_json(const struct tunnel_server *ts, const char *name);
+/* The client was removed: its live session (and a Hello waiting on a takeover probe)
+ * closes at once. Its mappings stay, waiting for a client of that name. */
+void tunnel_server_client_removed(struct tunnel_server *ts, const char *name);
 
 /* Carries an accepted public connection of tunnel mapping m through the tunnel of
  * m->rec.client. Takes ownership of fd. Accounts it with mapping_conn_begin/end on every

@@ -84,6 +84,8 @@ def test_block_on_a_terminal(server_factory, echo_backend, proc_factory, tmp_pat
     tty.wait_row(r"^Session     connected for \d+s, RTT \d+\.\d\d ms$")
     header = tty.wait_row(r"portmux-client")
     assert f"server 127.0.0.1:{srv.tunnel_port} as \"default\"" in header, header
+    # What the server says about this client (issue 15): its source and counts.
+    assert '"default" (source config, takeovers 0, refused 0)' in header, header
 
     # The block sits on the last rows; the rows above scroll (the log lines go there).
     raw = tty.raw()

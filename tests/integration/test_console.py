@@ -470,11 +470,17 @@ def test_console_tunnel_mapping_and_clients(server_factory, proc_factory, http_b
     row = mapping_row(drv, port)
     assert row.find_element(By.CSS_SELECTOR, ".c-mode").text == "tunnel"
     assert row.find_element(By.CSS_SELECTOR, ".c-client").text == "edge"
-    assert by_id(drv, "clients-empty").is_displayed()
+    # Every known client is listed (SPEC §4a): the config client, not connected yet.
+    until(drv, lambda d: client_row(d, "edge") is not None, "the config client listed")
+    assert not by_id(drv, "clients-empty").is_displayed()
+    state = client_row(drv, "edge").find_element(By.CSS_SELECTOR, ".c-state").text
+    assert state == "not connected", state
+    assert client_row(drv, "edge").find_element(By.CSS_SELECTOR, ".c-source").text == "config"
 
     proc_factory([CLIENT_BIN, "--server", f"127.0.0.1:{srv.tunnel_port}", "--token", token,
                   "--name", "edge"], "client")
-    until(drv, lambda d: client_row(d, "edge") is not None, "client row")
+    until(drv, lambda d: client_row(d, "edge").find_element(By.CSS_SELECTOR, ".c-state").text
+          == "connected", "client row connected")
     until(drv, lambda d: row_status(d, port) == "listening", "tunnel mapping listening")
     until(drv, lambda d: by_id(d, "h-tunnel").text == "on · connected", "tunnel connected")
     assert by_id(drv, "h-clients").text == "1"
@@ -493,10 +499,96 @@ def test_console_tunnel_mapping_and_clients(server_factory, proc_factory, http_b
     until(drv, counters_match_api, "tunnel mapping counters equal the API's")
 
     def client_bytes_shown(d):
-        shown = [td.text for td in client_row(d, "edge").find_elements(By.CSS_SELECTOR, "td")[4:]]
+        shown = [td.text for td in client_row(d, "edge").find_elements(By.CSS_SELECTOR, "td")[4:6]]
         return all(re.fullmatch(r"[1-9][\d.]* (B|KiB)", t) for t in shown)
     until(drv, client_bytes_shown, "the client's bytes in and out shown in human units")
     shot(drv, "console-tunnel-wide.png")
+
+
+def client_state(drv, name):
+    row = client_row(drv, name)
+    return row.find_element(By.CSS_SELECTOR, ".c-state").text if row else None
+
+
+def hello_ok(port, name, token):
+    """The HelloResponse to one Hello on a fresh tunnel connection (dict)."""
+    import json
+    from sec_helpers import hello, read_frame
+    with connect(port) as s:
+        s.sendall(hello(name, token))
+        fr = read_frame(s)
+    return json.loads(fr[1]) if fr else None
+
+
+def test_console_clients_page(server_factory, proc_factory, browser_factory):
+    """Issue 15: the Clients page lists every client, creates one (token shown once, with a
+    copy button), rotates and removes it."""
+    cfg_token = "config-token-0123456789"
+    srv = server_factory(config={"tunnel": {"enabled": True,
+                                            "clients": [{"name": "cfg", "token": cfg_token}]}})
+    drv = browser_factory()
+    set_viewport(drv, 1400, 900, mobile=False)
+    open_console(drv, srv)
+    until(drv, lambda d: client_state(d, "cfg") == "not connected", "config client listed")
+    row = client_row(drv, "cfg")
+    assert row.find_element(By.CSS_SELECTOR, ".c-source").text == "config"
+    assert row.find_elements(By.CSS_SELECTOR, "button") == [], "buttons on a config client"
+
+    # A bad name: the server's message, next to the form.
+    fill(drv, "client-name", "b\u00fcro")
+    by_id(drv, "client-create").click()
+    until(drv, lambda d: by_id(d, "client-form-error").is_displayed(), "name error shown")
+    assert "1-64 characters" in by_id(drv, "client-form-error").text
+    assert not by_id(drv, "client-token-box").is_displayed()
+
+    # Create: the token appears once, with a copy button.
+    fill(drv, "client-name", "lab")
+    by_id(drv, "client-name").send_keys(Keys.ENTER)
+    until(drv, lambda d: by_id(d, "client-token-box").is_displayed(), "token shown")
+    assert not by_id(drv, "client-form-error").is_displayed()
+    token = by_id(drv, "client-token").get_attribute("value")
+    assert len(token) >= 32 and re.fullmatch(r"[A-Za-z0-9_-]+", token), token
+    assert "lab" in by_id(drv, "client-token-title").text
+    by_id(drv, "client-token-copy").click()
+    until(drv, lambda d: by_id(d, "client-token-copy").text in ("Copied", "Press Ctrl+C"),
+          "copy acknowledged")
+    shot(drv, "console-client-token-wide.png")
+    by_id(drv, "client-token-done").click()
+    assert not by_id(drv, "client-token-box").is_displayed()
+    assert by_id(drv, "client-token").get_attribute("value") == ""
+    until(drv, lambda d: client_state(d, "lab") == "not connected", "new client listed")
+    assert client_row(drv, "lab").find_element(By.CSS_SELECTOR, ".c-source").text == "api"
+
+    # The token shown is the one that works.
+    proc_factory([CLIENT_BIN, "--server", f"127.0.0.1:{srv.tunnel_port}", "--token", token,
+                  "--name", "lab"], "client-lab")
+    until(drv, lambda d: client_state(d, "lab") == "connected", "lab connected")
+
+    # Rotate: a new token shown; the live session stays; the new token authenticates.
+    client_row(drv, "lab").find_element(By.CSS_SELECTOR, "button.rotate").click()
+    until(drv, lambda d: by_id(d, "client-dialog").is_displayed(), "rotate dialog")
+    assert by_id(drv, "client-dialog-title").text == "Rotate token?"
+    by_id(drv, "client-dialog-yes").click()
+    until(drv, lambda d: by_id(d, "client-token-box").is_displayed(), "new token shown")
+    token2 = by_id(drv, "client-token").get_attribute("value")
+    assert token2 != token and len(token2) >= 32, token2
+    assert "old one works until" in by_id(drv, "client-token-title").text
+    assert client_state(drv, "lab") == "connected"
+    assert hello_ok(srv.tunnel_port, "lab", token2)["error"] == "already_connected"
+    assert hello_ok(srv.tunnel_port, "lab", token2 + "x")["error"] == "auth_failed"
+    by_id(drv, "client-token-done").click()
+
+    # Remove: confirmed in a dialog; the row goes and the client's session with it.
+    client_row(drv, "lab").find_element(By.CSS_SELECTOR, "button.remove").click()
+    until(drv, lambda d: by_id(d, "client-dialog").is_displayed(), "remove dialog")
+    assert by_id(drv, "client-dialog-title").text == "Remove client?"
+    by_id(drv, "client-dialog-yes").click()
+    until(drv, lambda d: client_row(d, "lab") is None, "lab row gone")
+    names = [c["name"] for c in srv.api("GET", "/api/clients")[2]["data"]["clients"]]
+    assert names == ["cfg"], names
+    assert srv.health()["clients"] == 0
+    assert page_errors(drv) == []
+    shot(drv, "console-clients-wide.png")
 
 
 # ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ The conventions (also in the README's "The examples are tested"):
 """
 import json
 import re
+import os
 import shlex
 import subprocess
 
@@ -31,10 +32,16 @@ pytestmark = pytest.mark.skipif(not CLIENT_BIN.exists(),
 README = SOURCE_DIR / "README.md"
 PUBLIC_HOST = "portmux.example.com"
 RANGE = (20000, 32699)  # where free_port() draws from: the test servers' port_range
+# The quick start's token, as a reader copies it from the first start's log line into
+# PORTMUX_TOKEN: the test servers' "default" client has it.
+QUICKSTART_TOKEN = re.search(r"^export PORTMUX_TOKEN=(\S+)", README.read_text(), re.M).group(1)
 BASE_CONFIG = {"port_range": {"from": RANGE[0], "end": RANGE[1], "blacklist": []},
                "tunnel": {"enabled": True,
-                          "clients": [{"name": "default", "token": "change-me"}]}}
-DYNAMIC_STRINGS = {"remote_addr", "connected_at", "version"}
+                          "clients": [{"name": "default", "token": QUICKSTART_TOKEN}]}}
+# "source": the README's default client comes from a first start (api), the test's from
+# the config, so that the token is the README's.
+DYNAMIC_STRINGS = {"remote_addr", "connected_at", "version", "last_seen", "created_at",
+                   "old_token_valid_until", "source"}
 EXACT_NUMBERS = {"port", "target_port"}
 
 BLOCK = re.compile(r"(?:<!-- readme-test: (?P<marker>[^\n]*?) -->[ \t]*\n\s*)?"
@@ -231,7 +238,9 @@ def start_client(env, cmd, proc_factory):
     args = shlex.split(env.rewrite(cmd))
     args[0] = str(CLIENT_BIN)
     name = args[args.index("--name") + 1] if "--name" in args else "default"
-    p = proc_factory(args, f"readme-client-{env.name}-{name}")
+    # Without --token the client reads PORTMUX_TOKEN, exported as the quick start says.
+    p = proc_factory(args, f"readme-client-{env.name}-{name}",
+                     env=dict(os.environ, PORTMUX_TOKEN=QUICKSTART_TOKEN))
     wait_until(lambda: p.poll() is not None or client_count(env.srv, name) == 1,
                timeout=15, desc=f"README client {name!r} to connect ({cmd!r})")
     assert p.running(), f"README client exited {p.poll()}: {cmd!r}\n{p.log_tail()}"
@@ -286,7 +295,7 @@ def test_usage_blocks_equal_help():
 def test_every_error_code_has_an_example():
     text = README.read_text()
     table = set(re.findall(r"^\| (\d{3}) \| `([a-z_]+)` \|", text, re.M))
-    assert len(table) == 10, table
+    assert len(table) == 12, table
     shown = set()
     for _, lang, body in blocks(text):
         if lang != "sh":

@@ -46,9 +46,13 @@ def test_http_through_tunnel(server_factory, http_backend, tmp_path, logs):
     status, _, resp = srv.api("GET", "/api/clients")
     assert status == 200, resp
     data = resp["data"]
-    assert data["count"] == 1, data
-    c = data["clients"][0]
-    assert c["name"] == "default", c
+    # Every known client is listed (SPEC §4a), connected or not.
+    assert data["count"] == 2, data
+    by_name = {c["name"]: c for c in data["clients"]}
+    assert by_name["office"]["connected"] is False and by_name["office"]["source"] == "config"
+    assert by_name["office"]["remote_addr"] is None and by_name["office"]["streams"] == 0
+    c = by_name["default"]
+    assert c["connected"] is True and c["source"] == "config", c
     assert re.fullmatch(r"127\.0\.0\.1:\d+", c["remote_addr"]), c
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", c["connected_at"]), c
     assert isinstance(c["streams"], int) and isinstance(c["rtt_ms"], (int, float)), c

@@ -130,10 +130,10 @@ def server_closes(port, data, timeout, pre=None):
 
 def test_garbage_on_tunnel_port_keeps_good_client(server_factory, tmp_path, logs,
                                                   echo_backend):
-    srv = tunnel_server(server_factory, [{"name": "default", "token": "good"},
-                                         {"name": "raw", "token": "rawtok"}],
+    srv = tunnel_server(server_factory, [{"name": "default", "token": "good-token-0123456"},
+                                         {"name": "raw", "token": "raw-token-0123456"}],
                         hello_timeout=2)
-    cli = start_client(tmp_path, logs, srv, "good")
+    cli = start_client(tmp_path, logs, srv, "good-token-0123456")
     connected_at = client_info(srv)["connected_at"]
     port = map_tunnel(srv, echo_backend.port)
     perr0 = metric(srv, "portmux_tunnel_protocol_errors_total")
@@ -164,7 +164,7 @@ def test_garbage_on_tunnel_port_keeps_good_client(server_factory, tmp_path, logs
         rnd = bytes([0x7f]) + random.Random(42).randbytes(4095)  # first byte not a version
         cases = [
             ("random bytes", rnd),
-            ("wrong version", frame(0x06, b'{"name":"default","token":"good"}', version=2)),
+            ("wrong version", frame(0x06, b'{"name":"default","token":"good-token-0123456"}', version=2)),
             ("length over limit", bytes.fromhex("010300100000")),
             ("non-Hello first frame", frame(0x05, b"")),
             ("ConnectRequest first", frame(0x01, struct.pack(">IH", 1, 22))),
@@ -177,7 +177,7 @@ def test_garbage_on_tunnel_port_keeps_good_client(server_factory, tmp_path, logs
 
         # Authenticated first, then a frame over the size limit: that tunnel goes too.
         def auth(s):
-            s.sendall(hello("raw", "rawtok"))
+            s.sendall(hello("raw", "raw-token-0123456"))
             ver, ftype, body = read_frame(s)
             assert (ver, ftype) == (1, 0x07) and b'"ok":true' in body.replace(b" ", b""), body
         t = server_closes(srv.tunnel_port, bytes.fromhex("010300100000"), 3, pre=auth)

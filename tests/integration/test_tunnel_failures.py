@@ -113,10 +113,10 @@ def run_refused(srv, token, name, timeout=10.0):
 
 
 def test_refused_hello_exits_2_without_retrying(server_factory, tmp_path, logs):
-    srv = tunnel_server(server_factory, [{"name": "default", "token": "right-token"}])
+    srv = tunnel_server(server_factory, [{"name": "default", "token": "right-token-0123456"}])
     fails0 = metric(srv, "portmux_tunnel_auth_failures_total")
 
-    for token, name in (("wrong-token", "default"), ("right-token", "nobody")):
+    for token, name in (("wrong-token-0123456", "default"), ("right-token-0123456", "nobody")):
         rc, err, took = run_refused(srv, token, name)
         assert rc == 2, (token, name, rc, err)
         assert re.search(r"refused|token", err, re.I), err
@@ -127,9 +127,9 @@ def test_refused_hello_exits_2_without_retrying(server_factory, tmp_path, logs):
     assert srv.health()["tunnel_connected"] is False
 
     # A second client with a live one's name replaces nothing.
-    first = start_client(tmp_path, logs, srv, "right-token")
+    first = start_client(tmp_path, logs, srv, "right-token-0123456")
     connected_at = client_info(srv)["connected_at"]
-    rc, err, took = run_refused(srv, "right-token", "default")
+    rc, err, took = run_refused(srv, "right-token-0123456", "default")
     assert rc == 2, (rc, err)
     assert re.search(r"refused|already", err, re.I), err
     assert first.running()
@@ -138,10 +138,10 @@ def test_refused_hello_exits_2_without_retrying(server_factory, tmp_path, logs):
 
 
 def test_target_refused_and_not_allowed(server_factory, tmp_path, logs, echo_backend):
-    srv = tunnel_server(server_factory, [{"name": "default", "token": "t1"},
-                                         {"name": "fenced", "token": "t2"}], **HB)
-    start_client(tmp_path, logs, srv, "t1")
-    fenced = start_client(tmp_path, logs, srv, "t2", "--allow", "127.0.0.1:1-100",
+    srv = tunnel_server(server_factory, [{"name": "default", "token": "token-one-0123456"},
+                                         {"name": "fenced", "token": "token-two-0123456"}], **HB)
+    start_client(tmp_path, logs, srv, "token-one-0123456")
+    fenced = start_client(tmp_path, logs, srv, "token-two-0123456", "--allow", "127.0.0.1:1-100",
                           name="fenced")
 
     # Nothing listens on the target: the client's dial is refused.

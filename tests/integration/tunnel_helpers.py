@@ -16,7 +16,7 @@ from conftest import CLIENT_BIN, Proc, connect, wait_until
 def tunnel_config(clients=None, **tunnel):
     """The config overrides for a server with the tunnel on (listen port chosen free)."""
     cfg = {"enabled": True,
-           "clients": clients or [{"name": "default", "token": "tok-default"}]}
+           "clients": clients or [{"name": "default", "token": "tok-default-0123456789"}]}
     cfg.update(tunnel)
     return {"tunnel": cfg}
 
@@ -38,7 +38,7 @@ def client_count(srv, name=None):
     status, _, body = srv.api("GET", "/api/clients")
     assert status == 200, (status, body)
     clients = body["data"]["clients"]
-    return len([c for c in clients if name is None or c["name"] == name])
+    return len([c for c in clients if c["connected"] and (name is None or c["name"] == name)])
 
 
 def start_client(log_dir, logs, srv, token, *extra, name="default", timeout=10.0,
@@ -100,7 +100,7 @@ def wait_status(srv, port, status, timeout=10.0):
 # ---------------------------------------------------------------------------
 # Used by test_tunnel_*.py (real peers, load, failures, protocol edges).
 
-def tunnel_env(server_factory, tmp_path, logs, token="tok-default", client_args=(),
+def tunnel_env(server_factory, tmp_path, logs, token="tok-default-0123456789", client_args=(),
                **tunnel):
     """A started server with the tunnel on and one connected client named "default";
     returns (server, client Proc)."""
@@ -131,7 +131,13 @@ def map_tunnel(srv, target_port, timeout=10.0, **fields):
 
 
 def client_info(srv, name="default"):
-    """The /api/clients entry of name, or None."""
+    """The /api/clients entry of name while it is connected, or None."""
+    c = client_entry(srv, name)
+    return c if c and c["connected"] else None
+
+
+def client_entry(srv, name="default"):
+    """The /api/clients entry of name, connected or not, or None when it is unknown."""
     status, _, body = srv.api("GET", "/api/clients")
     assert status == 200, (status, body)
     for c in body["data"]["clients"]:

@@ -22,8 +22,9 @@ static void check_defaults(const struct config *c, int line)
     check_at(c->tunnel_enabled, __FILE__, line, "tunnel.enabled");
     check_at(strcmp(c->tunnel_listen_addr, "0.0.0.0") == 0, __FILE__, line, "tunnel.listen_addr");
     check_at(c->tunnel_listen_port == 9000, __FILE__, line, "tunnel.listen_port");
-    check_at(c->clients_len == 1 && strcmp(c->clients[0].name, "default") == 0 &&
-                 strcmp(c->clients[0].token, "change-me") == 0, __FILE__, line, "tunnel.clients");
+    /* No built-in client: a first start creates one with a random token (clients.h). */
+    check_at(c->clients_len == 0, __FILE__, line, "tunnel.clients");
+    check_at(c->takeover_probe_ms == 2000, __FILE__, line, "tunnel.takeover_probe_ms");
     check_at(strcmp(c->tls_cert_file, "") == 0 && strcmp(c->tls_key_file, "") == 0 &&
                  strcmp(c->tls_client_ca, "") == 0, __FILE__, line, "tunnel.tls");
     check_at(c->heartbeat_interval == 10 && c->heartbeat_timeout == 30, __FILE__, line, "heartbeat");
@@ -74,8 +75,8 @@ static const char full_yaml[] =
     "  listen_port: 0\n"
     "  clients:\n"
     "    - name: alpha\n"
-    "      token: s3cret\n"
-    "    - {name: beta, token: '12345'}\n"
+    "      token: s3cret-0123456789\n"
+    "    - {name: beta, token: '1234567890123456'}\n"
     "  tls: {cert_file: /etc/pm/cert.pem, key_file: /etc/pm/key.pem, client_ca: /etc/pm/ca.pem}\n"
     "  heartbeat_interval: 5\n"
     "  heartbeat_timeout: 15\n"
@@ -107,8 +108,8 @@ static void check_full(const struct config *c)
     CHECK(strcmp(c->tunnel_listen_addr, "::") == 0);
     CHECK(c->tunnel_listen_port == 0);
     CHECK(c->clients_len == 2);
-    CHECK(strcmp(c->clients[0].name, "alpha") == 0 && strcmp(c->clients[0].token, "s3cret") == 0);
-    CHECK(strcmp(c->clients[1].name, "beta") == 0 && strcmp(c->clients[1].token, "12345") == 0);
+    CHECK(strcmp(c->clients[0].name, "alpha") == 0 && strcmp(c->clients[0].token, "s3cret-0123456789") == 0);
+    CHECK(strcmp(c->clients[1].name, "beta") == 0 && strcmp(c->clients[1].token, "1234567890123456") == 0);
     CHECK(strcmp(c->tls_cert_file, "/etc/pm/cert.pem") == 0);
     CHECK(strcmp(c->tls_key_file, "/etc/pm/key.pem") == 0);
     CHECK(strcmp(c->tls_client_ca, "/etc/pm/ca.pem") == 0);
@@ -142,7 +143,7 @@ static void test_full(void)
     CHECK(!config_port_allowed(&c, 19999));
     CHECK(!config_port_allowed(&c, 20011));
     /* Loading again over a loaded config replaces the lists (and must not leak). */
-    const char *again = "tunnel: {clients: [{name: z, token: t}]}\n"
+    const char *again = "tunnel: {clients: [{name: z, token: tttttttttttttttt}]}\n"
                         "port_range: {blacklist: []}\napi: {allowed_ips: ['::1']}\n";
     CHECK(config_load_string(&c, again, strlen(again), "t2.yaml", err, sizeof(err)) == 0);
     CHECK(c.clients_len == 1 && strcmp(c.clients[0].name, "z") == 0);
@@ -206,7 +207,7 @@ static const struct bad_case bad_cases[] = {
     BAD("foo: 1\n", "t.yaml:1: foo: unknown key"),
     BAD("log: {}\ntunnel:\n  listen_prot: 9\n", "t.yaml:3: tunnel.listen_prot: unknown key"),
     BAD("tunnel:\n  tls:\n    ca: x\n", "t.yaml:3: tunnel.tls.ca: unknown key"),
-    BAD("tunnel:\n  clients:\n    - {name: a, token: b, secret: c}\n",
+    BAD("tunnel:\n  clients:\n    - {name: a, token: bbbbbbbbbbbbbbbb, secret: c}\n",
         "t.yaml:3: tunnel.clients[0].secret: unknown key"),
     /* wrong types */
     BAD("api:\n  listen_port: abc\n", "t.yaml:2: api.listen_port: expected an integer"),
@@ -271,19 +272,33 @@ static const struct bad_case bad_cases[] = {
     /* duplicates */
     BAD("api:\n  listen_port: 1\n  listen_port: 2\n", "t.yaml:3: api.listen_port: duplicate key"),
     BAD("log: {}\nlog: {}\n", "t.yaml:2: log: duplicate key"),
-    BAD("tunnel:\n  clients:\n    - {name: a, token: x, name: b}\n",
+    BAD("tunnel:\n  clients:\n    - {name: a, token: xxxxxxxxxxxxxxxx, name: b}\n",
         "t.yaml:3: tunnel.clients[0].name: duplicate key"),
-    BAD("tunnel:\n  clients:\n    - {name: a, token: x}\n    - {name: a, token: y}\n",
+    BAD("tunnel:\n  clients:\n    - {name: a, token: xxxxxxxxxxxxxxxx}\n    - {name: a, token: yyyyyyyyyyyyyyyy}\n",
         "t.yaml:4: tunnel.clients[1].name: duplicate client name \"a\""),
     /* incomplete clients */
-    BAD("tunnel:\n  clients:\n    - name: a\n      token: x\n    - name: b\n",
+    BAD("tunnel:\n  clients:\n    - name: a\n      token: xxxxxxxxxxxxxxxx\n    - name: b\n",
         "t.yaml:5: tunnel.clients[1].token: missing"),
-    BAD("tunnel:\n  clients:\n    - token: x\n", "t.yaml:3: tunnel.clients[0].name: missing"),
+    BAD("tunnel:\n  clients:\n    - token: xxxxxxxxxxxxxxxx\n", "t.yaml:3: tunnel.clients[0].name: missing"),
     BAD("tunnel: {clients: [{}]}\n", "t.yaml:1: tunnel.clients[0].name: missing"),
     BAD("tunnel: {clients: [{name: a, token: ''}]}\n",
-        "t.yaml:1: tunnel.clients[0].token: must not be empty"),
-    BAD("tunnel: {clients: [{name: , token: x}]}\n",
-        "t.yaml:1: tunnel.clients[0].name: must not be empty"),
+        "t.yaml:1: tunnel.clients[0].token: must be at least 16 characters"),
+    BAD("tunnel: {clients: [{name: , token: xxxxxxxxxxxxxxxx}]}\n",
+        "t.yaml:1: tunnel.clients[0].name: must be 1-64 characters"),
+    /* SPEC §4: no token under 16 characters, the old built-in one included; names are
+     * [A-Za-z0-9._-]{1,64} (issue 14 item 8: "büro" twice). */
+    BAD("tunnel:\n  clients:\n    - {name: default, token: change-me}\n",
+        "t.yaml:3: tunnel.clients[0].token: must be at least 16 characters"),
+    BAD("tunnel:\n  clients:\n    - {name: a, token: 123456789012345}\n",
+        "t.yaml:3: tunnel.clients[0].token: must be at least 16 characters"),
+    BAD("tunnel:\n  clients:\n    - {name: b\u00fcro, token: xxxxxxxxxxxxxxxx}\n",
+        "t.yaml:3: tunnel.clients[0].name: must be 1-64 characters"),
+    BAD("tunnel:\n  clients:\n    - {name: 'a b', token: xxxxxxxxxxxxxxxx}\n",
+        "t.yaml:3: tunnel.clients[0].name: must be 1-64 characters"),
+    BAD("tunnel:\n  clients:\n    - {name: "
+        "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa, token: xxxxxxxxxxxxxxxx}\n",
+        "t.yaml:3: tunnel.clients[0].name: must be 1-64 characters"),
+    BAD("tunnel: {takeover_probe_ms: 0}\n", "t.yaml:1: tunnel.takeover_probe_ms: 0 is"),
     /* TLS halves */
     BAD("tunnel:\n  tls:\n    cert_file: /c.pem\n", "t.yaml:3: tunnel.tls.cert_file: set without"),
     BAD("tunnel:\n  tls:\n    key_file: /k.pem\n", "t.yaml:3: tunnel.tls.key_file: set without"),
@@ -410,7 +425,8 @@ static void test_example(void)
     /* Start from different values so the example must set each key back. */
     const char *skew = "port_range: {from: 1, end: 2, blacklist: [1]}\n"
                        "tunnel: {enabled: false, listen_port: 1, hello_timeout: 99,"
-                       " clients: [{name: x, token: y}], heartbeat_interval: 1,"
+                       " clients: [{name: x, token: yyyyyyyyyyyyyyyy}], heartbeat_interval: 1,"
+                       " takeover_probe_ms: 7,"
                        " heartbeat_timeout: 2, connect_timeout: 99, max_streams_per_client: 9,"
                        " listen_addr: 1.1.1.1, tls: {cert_file: a, key_file: b, client_ca: c}}\n"
                        "api: {listen_addr: '::1', listen_port: 1, token: t, allowed_ips: ['::1'],"

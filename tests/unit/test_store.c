@@ -10,7 +10,12 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "embed.h"
 #include "store.h"
+
+/* The newest schema version: one per embedded migration (0001, 0002, ...). */
+extern const size_t embedded_migrations_count;
+#define NEWEST ((int)embedded_migrations_count)
 
 static char tmpdir[64];
 
@@ -159,9 +164,10 @@ static void test_fresh_open(void)
     char path[PATH_MAX], buf[64];
     tpath(path, sizeof(path), "fresh.db");
     struct store *st = open_ok(path);
-    CHECK(store_schema_version(st) == 1);
-    CHECK(store_migrations_applied(st) == 1);
-    CHECK(sql_int(path, "PRAGMA user_version") == 1);
+    CHECK(NEWEST >= 2);
+    CHECK(store_schema_version(st) == NEWEST);
+    CHECK(store_migrations_applied(st) == NEWEST);
+    CHECK(sql_int(path, "PRAGMA user_version") == NEWEST);
     CHECK(sql_text(path, "PRAGMA journal_mode", buf, sizeof(buf)) == SQLITE_OK);
     CHECK(strcmp(buf, "wal") == 0);
     CHECK(sql_int(path, "SELECT count(*) FROM sqlite_master WHERE name = 'mappings'") == 1);
@@ -259,7 +265,7 @@ static void test_roundtrip_reopen(void)
 
     st = open_ok(path);
     CHECK(store_migrations_applied(st) == 0);
-    CHECK(store_schema_version(st) == 1);
+    CHECK(store_schema_version(st) == NEWEST);
     struct collect *c = collect_all(st);
     CHECK(c->n == 4);
     /* in[] is already in port order. */
@@ -291,7 +297,9 @@ static void test_too_new(void)
     CHECK(st == NULL);
     CHECK(res == STORE_TOO_NEW);
     CHECK(strstr(err, "schema version 99") != NULL);
-    CHECK(strstr(err, "knows up to 1") != NULL);
+    char knows[32];
+    snprintf(knows, sizeof(knows), "knows up to %d", NEWEST);
+    CHECK(strstr(err, knows) != NULL);
     CHECK(strstr(err, "refusing to start") != NULL);
     CHECK(strstr(err, path) != NULL);
 
@@ -446,6 +454,114 @@ static int rm_entry(const char *path, const struct stat *sb, int flag, struct FT
     return remove(path);
 }
 
+/* ---- tunnel clients ---- */
+
+static struct client_record client_make(const char *name, char hash_digit)
+{
+    struct client_record r;
+    memset(&r, 0, sizeof(r));
+    snprintf(r.name, sizeof(r.name), "%s", name);
+    memset(r.token_hash, hash_digit, STORE_HASH_HEX);
+    return r;
+}
+
+struct client_collect {
+    char names[200][STORE_CLIENT_NAME_MAX + 1];
+    int n;
+    int stop_after;
+};
+
+static int client_collect_fn(const struct client_record *rec, void *arg)
+{
+    struct client_collect *c = arg;
+    if (c->n < 200)
+        snprintf(c->names[c->n], sizeof(c->names[0]), "%s", rec->name);
+    c->n++;
+    return c->stop_after > 0 && c->n >= c->stop_after;
+}
+
+static void test_clients(void)
+{
+    char path[PATH_MAX];
+    tpath(path, sizeof(path), "clients.db");
+    struct store *st = open_ok(path);
+    CHECK(sql_int(path, "SELECT count(*) FROM sqlite_master WHERE name = 'clients'") == 1);
+
+    struct client_record a = client_make("office", 'a'), got;
+    time_t before = time(NULL);
+    CHECK(store_client_insert(st, &a) == STORE_OK);
+    CHECK(a.created_at >= before && a.created_at <= time(NULL));
+    CHECK(strcmp(a.source, "api") == 0);
+    struct client_record dup = client_make("office", 'b');
+    CHECK(store_client_insert(st, &dup) == STORE_DUPLICATE);
+
+    CHECK(store_client_get(st, "office", &got) == STORE_OK);
+    CHECK(strcmp(got.name, "office") == 0 && strcmp(got.token_hash, a.token_hash) == 0);
+    CHECK(got.prev_hash[0] == '\0' && got.prev_valid_until == 0 && got.last_seen == 0);
+    CHECK(got.created_at == a.created_at && strcmp(got.source, "api") == 0);
+    CHECK(store_client_get(st, "nobody", &got) == STORE_NOT_FOUND);
+
+    /* A rotation: new hash, the old one with its expiry, and last_seen. */
+    struct client_record rot = got;
+    memcpy(rot.prev_hash, got.token_hash, sizeof(rot.prev_hash));
+    memset(rot.token_hash, 'c', STORE_HASH_HEX);
+    rot.prev_valid_until = 1700000300;
+    rot.last_seen = 1700000000;
+    CHECK(store_client_update(st, &rot) == STORE_OK);
+    struct client_record missing = client_make("ghost", 'd');
+    CHECK(store_client_update(st, &missing) == STORE_NOT_FOUND);
+    store_close(st);
+
+    /* Durable: all of it is there after a reopen. */
+    st = open_ok(path);
+    CHECK(store_client_get(st, "office", &got) == STORE_OK);
+    CHECK(strcmp(got.token_hash, rot.token_hash) == 0 &&
+          strcmp(got.prev_hash, a.token_hash) == 0);
+    CHECK(got.prev_valid_until == 1700000300 && got.last_seen == 1700000000);
+    CHECK(got.created_at == a.created_at);
+
+    /* foreach: name order, across pages, may stop early. */
+    char name[32];
+    for (int i = 149; i >= 0; i--) {
+        snprintf(name, sizeof(name), "c%03d", i);
+        struct client_record r = client_make(name, 'e');
+        CHECK(store_client_insert(st, &r) == STORE_OK);
+    }
+    struct client_collect *c = calloc(1, sizeof(*c));
+    CHECK(store_client_foreach(st, client_collect_fn, c) == STORE_OK);
+    CHECK(c->n == 151);
+    CHECK(strcmp(c->names[0], "c000") == 0 && strcmp(c->names[149], "c149") == 0 &&
+          strcmp(c->names[150], "office") == 0);
+    memset(c, 0, sizeof(*c));
+    c->stop_after = 3;
+    CHECK(store_client_foreach(st, client_collect_fn, c) == STORE_OK && c->n == 3);
+    free(c);
+
+    CHECK(store_client_delete(st, "office") == STORE_OK);
+    CHECK(store_client_delete(st, "office") == STORE_NOT_FOUND);
+    CHECK(store_client_get(st, "office", &got) == STORE_NOT_FOUND);
+
+    /* What the store refuses: bad names, bad hashes, NULLs. */
+    struct client_record bad = client_make("b\xc3\xbcro", 'a');
+    CHECK(store_client_insert(st, &bad) == STORE_ERR);
+    bad = client_make("", 'a');
+    CHECK(store_client_insert(st, &bad) == STORE_ERR);
+    bad = client_make("ok", 'A'); /* hex is lowercase */
+    CHECK(store_client_insert(st, &bad) == STORE_ERR);
+    bad = client_make("ok", 'a');
+    bad.token_hash[10] = '\0';
+    CHECK(store_client_insert(st, &bad) == STORE_ERR);
+    bad = client_make("ok", 'a');
+    memset(bad.prev_hash, 'f', 10);
+    CHECK(store_client_update(st, &bad) == STORE_ERR);
+    CHECK(store_client_insert(NULL, &a) == STORE_ERR && store_client_insert(st, NULL) == STORE_ERR);
+    CHECK(store_client_get(st, "a b", &got) == STORE_NOT_FOUND);
+    CHECK(store_client_delete(st, "a/b") == STORE_NOT_FOUND);
+    CHECK(store_client_foreach(st, NULL, NULL) == STORE_ERR);
+    CHECK(sql_int(path, "SELECT count(*) FROM clients WHERE name = 'ok'") == 0);
+    store_close(st);
+}
+
 int main(void)
 {
     snprintf(tmpdir, sizeof(tmpdir), "/tmp/portmux-store-XXXXXX");
@@ -461,6 +577,7 @@ int main(void)
     test_failed_migration();
     test_bad_input();
     test_many_ops_integrity();
+    test_clients();
     nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
     return check_summary();
 }

@@ -1,0 +1,384 @@
+/* Tunnel clients: config + stored, token hashing and checking, token generation.
+ *
+ * Tokens are hashed with plain SHA-256, unsalted: every token this server generates is 32
+ * random bytes and config tokens must be 16+ characters, so there is no dictionary to
+ * precompute and a slow password hash would buy nothing but CPU per Hello. */
+#include "clients.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+
+#include "config.h"
+#include "log.h"
+
+#define CL_MOD "clients"
+
+struct clients_registry {
+    struct store *store;
+    struct clients_entry *v;
+    size_t len, cap;
+    size_t nconfig;             /* v[0..nconfig) come from the config */
+};
+
+bool clients_name_valid(const char *name)
+{
+    if (!name)
+        return false;
+    size_t n = 0;
+    for (; name[n]; n++) {
+        char c = name[n];
+        if (n >= CLIENTS_NAME_MAX)
+            return false;
+        if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+              c == '.' || c == '_' || c == '-'))
+            return false;
+    }
+    return n > 0;
+}
+
+int clients_token_generate(char *out, size_t outlen)
+{
+    static const char alphabet[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    unsigned char raw[CLIENTS_TOKEN_RANDOM_BYTES];
+    if (outlen < CLIENTS_TOKEN_LEN + 1 || RAND_bytes(raw, sizeof(raw)) != 1)
+        return -1;
+    /* base64url without padding: 6 bits per character, 256 bits -> 43 characters. */
+    size_t o = 0;
+    uint32_t acc = 0;
+    int bits = 0;
+    for (size_t i = 0; i < sizeof(raw); i++) {
+        acc = (acc << 8) | raw[i];
+        bits += 8;
+        while (bits >= 6) {
+            bits -= 6;
+            out[o++] = alphabet[(acc >> bits) & 63];
+        }
+    }
+    if (bits > 0)
+        out[o++] = alphabet[(acc << (6 - bits)) & 63];
+    out[o] = '\0';
+    OPENSSL_cleanse(raw, sizeof(raw));
+    return 0;
+}
+
+static void cl_hash(const char *token, size_t len, unsigned char out[32])
+{
+    unsigned int n = 32;
+    if (EVP_Digest(token, len, out, &n, EVP_sha256(), NULL) != 1) {
+        /* Cannot happen with the built-in provider; a hash no token matches is safe. */
+        log_error(CL_MOD, "SHA-256 failed");
+        RAND_bytes(out, 32);
+    }
+}
+
+static void cl_hex(const unsigned char h[32], char out[STORE_HASH_HEX + 1])
+{
+    for (int i = 0; i < 32; i++)
+        snprintf(out + 2 * i, 3, "%02x", h[i]);
+}
+
+static int cl_unhex(const char *hex, unsigned char out[32])
+{
+    if (strlen(hex) != STORE_HASH_HEX)
+        return -1;
+    for (int i = 0; i < 32; i++) {
+        unsigned int b;
+        if (sscanf(hex + 2 * i, "%2x", &b) != 1)
+            return -1;
+        out[i] = (unsigned char)b;
+    }
+    return 0;
+}
+
+static struct clients_entry *cl_push(struct clients_registry *reg)
+{
+    if (reg->len == reg->cap) {
+        size_t cap = reg->cap ? reg->cap * 2 : 8;
+        struct clients_entry *v = realloc(reg->v, cap * sizeof(*v));
+        if (!v)
+            return NULL;
+        reg->v = v;
+        reg->cap = cap;
+    }
+    struct clients_entry *e = &reg->v[reg->len++];
+    memset(e, 0, sizeof(*e));
+    return e;
+}
+
+/* Moves the last entry to its place among the API clients (name order). */
+static void cl_sort_last(struct clients_registry *reg)
+{
+    size_t i = reg->len - 1;
+    struct clients_entry e = reg->v[i];
+    while (i > reg->nconfig && strcmp(reg->v[i - 1].name, e.name) > 0) {
+        reg->v[i] = reg->v[i - 1];
+        i--;
+    }
+    reg->v[i] = e;
+}
+
+static struct clients_entry *cl_find(const struct clients_registry *reg, const char *name)
+{
+    for (size_t i = 0; i < reg->len; i++) {
+        if (strcmp(reg->v[i].name, name) == 0)
+            return &reg->v[i];
+    }
+    return NULL;
+}
+
+static void cl_to_record(const struct clients_entry *e, struct client_record *rec)
+{
+    memset(rec, 0, sizeof(*rec));
+    snprintf(rec->name, sizeof(rec->name), "%s", e->name);
+    cl_hex(e->hash, rec->token_hash);
+    if (e->has_prev)
+        cl_hex(e->prev_hash, rec->prev_hash);
+    rec->prev_valid_until = e->has_prev ? e->prev_valid_until : 0;
+    snprintf(rec->source, sizeof(rec->source), "api");
+    rec->created_at = e->created_at;
+    rec->last_seen = e->last_seen;
+}
+
+static int cl_load_stored(const struct client_record *rec, void *arg)
+{
+    struct clients_registry *reg = arg;
+    unsigned char h[32], ph[32];
+    bool prev = rec->prev_hash[0] != '\0';
+    if (!clients_name_valid(rec->name) || cl_unhex(rec->token_hash, h) != 0 ||
+        (prev && cl_unhex(rec->prev_hash, ph) != 0)) {
+        log_warn(CL_MOD, "stored client with a malformed row skipped");
+        return 0;
+    }
+    if (cl_find(reg, rec->name)) {
+        log_warn(CL_MOD, "stored client \"%s\" is shadowed by the config's client of that name",
+                 rec->name);
+        return 0;
+    }
+    struct clients_entry *e = cl_push(reg);
+    if (!e)
+        return 1;
+    snprintf(e->name, sizeof(e->name), "%s", rec->name);
+    e->source = CLIENTS_SOURCE_API;
+    memcpy(e->hash, h, 32);
+    if (prev) {
+        memcpy(e->prev_hash, ph, 32);
+        e->has_prev = true;
+        e->prev_valid_until = rec->prev_valid_until;
+    }
+    e->created_at = rec->created_at;
+    e->last_seen = rec->last_seen;
+    cl_sort_last(reg);
+    return 0;
+}
+
+struct clients_registry *clients_registry_new(const struct config *cfg, struct store *st,
+                                              char *err, size_t errlen)
+{
+    struct clients_registry *reg = calloc(1, sizeof(*reg));
+    if (!reg)
+        goto nomem;
+    reg->store = st;
+    for (size_t i = 0; i < cfg->clients_len; i++) {
+        struct clients_entry *e = cl_push(reg);
+        if (!e)
+            goto nomem;
+        snprintf(e->name, sizeof(e->name), "%s", cfg->clients[i].name);
+        e->source = CLIENTS_SOURCE_CONFIG;
+        cl_hash(cfg->clients[i].token, strlen(cfg->clients[i].token), e->hash);
+    }
+    reg->nconfig = reg->len;
+    if (st && store_client_foreach(st, cl_load_stored, reg) != STORE_OK) {
+        snprintf(err, errlen, "cannot read the tunnel clients from the store");
+        goto fail;
+    }
+    /* Nothing anywhere: a first start. A random token, never a built-in one. Without
+     * the tunnel nobody could use it, so it waits for the first start with the tunnel. */
+    if (reg->len == 0 && st && cfg->tunnel_enabled) {
+        char token[CLIENTS_TOKEN_LEN + 1];
+        if (clients_create(reg, "default", token, sizeof(token)) != CLIENTS_OK) {
+            snprintf(err, errlen, "cannot create the first tunnel client");
+            goto fail;
+        }
+        log_warn(CL_MOD, "created tunnel client \"default\" with token %s "
+                         "(shown once; rotate it with POST /api/client/rotate)", token);
+        OPENSSL_cleanse(token, sizeof(token));
+    }
+    return reg;
+nomem:
+    snprintf(err, errlen, "out of memory");
+fail:
+    clients_registry_free(reg);
+    return NULL;
+}
+
+void clients_registry_free(struct clients_registry *reg)
+{
+    if (!reg)
+        return;
+    if (reg->v)
+        OPENSSL_cleanse(reg->v, reg->cap * sizeof(*reg->v));
+    free(reg->v);
+    free(reg);
+}
+
+bool clients_check(const struct clients_registry *reg, const char *name, const char *token,
+                   size_t token_len, int64_t now)
+{
+    unsigned char h[32];
+    cl_hash(token, token_len, h);
+    const struct clients_entry *e = cl_find(reg, name);
+    if (!e)
+        return false;
+    /* Both comparisons always run, so the time says nothing about which one matched. */
+    bool cur = CRYPTO_memcmp(h, e->hash, 32) == 0;
+    bool old = CRYPTO_memcmp(h, e->prev_hash, 32) == 0;
+    return cur || (old && e->has_prev && now < e->prev_valid_until);
+}
+
+const struct clients_entry *clients_find(const struct clients_registry *reg, const char *name)
+{
+    return name ? cl_find(reg, name) : NULL;
+}
+
+size_t clients_count(const struct clients_registry *reg) { return reg->len; }
+
+const struct clients_entry *clients_at(const struct clients_registry *reg, size_t i)
+{
+    return i < reg->len ? &reg->v[i] : NULL;
+}
+
+enum clients_result clients_create(struct clients_registry *reg, const char *name,
+                                   char *token, size_t tokenlen)
+{
+    if (!clients_name_valid(name) || tokenlen < CLIENTS_TOKEN_LEN + 1)
+        return CLIENTS_INVALID;
+    if (cl_find(reg, name))
+        return CLIENTS_EXISTS;
+    if (!reg->store)
+        return CLIENTS_ERR;
+    struct clients_entry e = {0};
+    snprintf(e.name, sizeof(e.name), "%s", name);
+    e.source = CLIENTS_SOURCE_API;
+    if (clients_token_generate(token, tokenlen) != 0) {
+        log_error(CL_MOD, "the random generator failed");
+        return CLIENTS_ERR;
+    }
+    cl_hash(token, strlen(token), e.hash);
+    struct client_record rec;
+    cl_to_record(&e, &rec);
+    enum store_result sr = store_client_insert(reg->store, &rec);
+    if (sr == STORE_DUPLICATE)
+        return CLIENTS_EXISTS; /* another server of a cluster was first */
+    if (sr != STORE_OK)
+        return CLIENTS_ERR;
+    e.created_at = rec.created_at;
+    struct clients_entry *slot = cl_push(reg);
+    if (!slot) {
+        store_client_delete(reg->store, name);
+        return CLIENTS_ERR;
+    }
+    *slot = e;
+    cl_sort_last(reg);
+    log_info(CL_MOD, "tunnel client \"%s\" created", name);
+    return CLIENTS_OK;
+}
+
+/* The API client named name, or why there is none to change. */
+static enum clients_result cl_writable(struct clients_registry *reg, const char *name,
+                                       struct clients_entry **out)
+{
+    if (!clients_name_valid(name))
+        return CLIENTS_INVALID;
+    struct clients_entry *e = cl_find(reg, name);
+    if (!e)
+        return CLIENTS_NOT_FOUND;
+    if (e->source == CLIENTS_SOURCE_CONFIG)
+        return CLIENTS_CONFIG;
+    if (!reg->store)
+        return CLIENTS_ERR;
+    *out = e;
+    return CLIENTS_OK;
+}
+
+enum clients_result clients_rotate(struct clients_registry *reg, const char *name,
+                                   int64_t grace_s, char *token, size_t tokenlen,
+                                   int64_t *valid_until)
+{
+    struct clients_entry *e = NULL;
+    if (grace_s < 0 || grace_s > CLIENTS_MAX_GRACE_S || tokenlen < CLIENTS_TOKEN_LEN + 1)
+        return CLIENTS_INVALID;
+    enum clients_result r = cl_writable(reg, name, &e);
+    if (r != CLIENTS_OK)
+        return r;
+    if (clients_token_generate(token, tokenlen) != 0) {
+        log_error(CL_MOD, "the random generator failed");
+        return CLIENTS_ERR;
+    }
+    /* Changes go to a copy first: the store may refuse, and then nothing changed. */
+    struct clients_entry next = *e;
+    int64_t now = (int64_t)time(NULL);
+    memcpy(next.prev_hash, e->hash, 32);
+    next.has_prev = grace_s > 0;
+    next.prev_valid_until = grace_s > 0 ? now + grace_s : now;
+    if (!next.has_prev)
+        memset(next.prev_hash, 0, sizeof(next.prev_hash));
+    cl_hash(token, strlen(token), next.hash);
+    struct client_record rec;
+    cl_to_record(&next, &rec);
+    if (store_client_update(reg->store, &rec) != STORE_OK)
+        return CLIENTS_ERR;
+    *e = next;
+    *valid_until = next.prev_valid_until;
+    log_info(CL_MOD, "tunnel client \"%s\": token rotated, the old one valid for %lld s", name,
+             (long long)grace_s);
+    return CLIENTS_OK;
+}
+
+enum clients_result clients_remove(struct clients_registry *reg, const char *name)
+{
+    struct clients_entry *e = NULL;
+    enum clients_result r = cl_writable(reg, name, &e);
+    if (r != CLIENTS_OK)
+        return r;
+    enum store_result sr = store_client_delete(reg->store, name);
+    if (sr != STORE_OK && sr != STORE_NOT_FOUND)
+        return CLIENTS_ERR;
+    size_t i = (size_t)(e - reg->v);
+    OPENSSL_cleanse(e, sizeof(*e));
+    memmove(&reg->v[i], &reg->v[i + 1], (reg->len - i - 1) * sizeof(*reg->v));
+    reg->len--;
+    log_info(CL_MOD, "tunnel client \"%s\" removed", name);
+    return CLIENTS_OK;
+}
+
+void clients_touch(struct clients_registry *reg, const char *name, int64_t now)
+{
+    struct clients_entry *e = cl_find(reg, name);
+    if (!e)
+        return;
+    e->last_seen = now;
+    if (e->source != CLIENTS_SOURCE_API || !reg->store)
+        return;
+    struct client_record rec;
+    cl_to_record(e, &rec);
+    /* last_seen is informational: a failed write is logged by the store, nothing more. */
+    store_client_update(reg->store, &rec);
+}
+
+void clients_note(struct clients_registry *reg, const char *name, enum clients_event ev)
+{
+    struct clients_entry *e = cl_find(reg, name);
+    if (!e)
+        return;
+    if (ev == CLIENTS_EVENT_TAKEOVER)
+        e->takeovers++;
+    else
+        e->refused++;
+}

@@ -1,0 +1,96 @@
+/* Tunnel clients (SPEC §4a): who may open a tunnel and with which token. Clients from the
+ * config file (source "config", read-only) and clients created through the API (source
+ * "api", kept in the store). Only SHA-256 hashes of tokens are held, in memory and on
+ * disk; tokens are generated here from OpenSSL's CSPRNG and shown once. */
+#ifndef PORTMUX_CLIENTS_H
+#define PORTMUX_CLIENTS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "store.h"
+
+struct config;
+
+#define CLIENTS_NAME_MAX STORE_CLIENT_NAME_MAX
+/* The shortest token a config file may hold (SPEC §4). */
+#define CLIENTS_TOKEN_MIN_CONFIG 16
+/* Generated tokens: 32 random bytes in unpadded base64url = 43 characters. */
+#define CLIENTS_TOKEN_RANDOM_BYTES 32
+#define CLIENTS_TOKEN_LEN 43
+/* rotate's default grace period for the old token. */
+#define CLIENTS_DEFAULT_GRACE_S 300
+/* The longest grace period rotate accepts (30 days). */
+#define CLIENTS_MAX_GRACE_S (30 * 86400)
+
+enum clients_source { CLIENTS_SOURCE_CONFIG, CLIENTS_SOURCE_API };
+
+enum clients_result {
+    CLIENTS_OK = 0,
+    CLIENTS_ERR = -1,          /* the store failed; nothing changed */
+    CLIENTS_NOT_FOUND = -2,
+    CLIENTS_EXISTS = -3,
+    CLIENTS_CONFIG = -4,       /* managed by the config file: read-only */
+    CLIENTS_INVALID = -5,      /* bad name or argument */
+};
+
+struct clients_entry {
+    char name[CLIENTS_NAME_MAX + 1];
+    enum clients_source source;
+    unsigned char hash[32];
+    unsigned char prev_hash[32];
+    bool has_prev;
+    int64_t prev_valid_until;   /* unix seconds */
+    int64_t created_at;         /* 0 for config clients */
+    int64_t last_seen;          /* 0 = never */
+    /* Since this server started (not stored), for /metrics and the status block. */
+    uint64_t takeovers;         /* a silent session of this client was replaced */
+    uint64_t refused;           /* a Hello with its credentials lost to a live session */
+};
+
+enum clients_event { CLIENTS_EVENT_TAKEOVER, CLIENTS_EVENT_REFUSED };
+
+struct clients_registry;
+
+/* True when name is 1-64 characters of [A-Za-z0-9._-]. */
+bool clients_name_valid(const char *name);
+
+/* Writes a fresh random token (CLIENTS_TOKEN_LEN URL-safe characters + NUL) into out,
+ * which holds at least CLIENTS_TOKEN_LEN + 1 bytes. Returns 0, or -1 when the CSPRNG
+ * fails. */
+int clients_token_generate(char *out, size_t outlen);
+
+/* Loads the config clients and the stored ones (a stored client whose name the config
+ * also lists is shadowed by the config, with a warning). When there are none at all and
+ * the tunnel is enabled, creates "default" with a random token and logs it once at warn. st may be NULL (tests:
+ * config clients only). NULL + err on failure. */
+struct clients_registry *clients_registry_new(const struct config *cfg, struct store *st,
+                                              char *err, size_t errlen);
+void clients_registry_free(struct clients_registry *reg);
+
+/* True when token is the client's current token, or its previous one while the rotation's
+ * grace period lasts (now in unix seconds). Unknown names cost the same hashing. */
+bool clients_check(const struct clients_registry *reg, const char *name, const char *token,
+                   size_t token_len, int64_t now);
+
+const struct clients_entry *clients_find(const struct clients_registry *reg, const char *name);
+size_t clients_count(const struct clients_registry *reg);
+/* The i-th client, config clients first, then stored ones in name order. */
+const struct clients_entry *clients_at(const struct clients_registry *reg, size_t i);
+
+/* Creates an API client; its token (CLIENTS_TOKEN_LEN chars) goes to token. */
+enum clients_result clients_create(struct clients_registry *reg, const char *name,
+                                   char *token, size_t tokenlen);
+/* New token for an API client; the old one stays valid for grace_s seconds (0 = not at
+ * all). *valid_until gets the end of the grace period. */
+enum clients_result clients_rotate(struct clients_registry *reg, const char *name,
+                                   int64_t grace_s, char *token, size_t tokenlen,
+                                   int64_t *valid_until);
+enum clients_result clients_remove(struct clients_registry *reg, const char *name);
+/* Counts a takeover or a refused duplicate Hello for the client. */
+void clients_note(struct clients_registry *reg, const char *name, enum clients_event ev);
+/* Records that the client was seen now (Hello accepted, session ended). */
+void clients_touch(struct clients_registry *reg, const char *name, int64_t now);
+
+#endif
