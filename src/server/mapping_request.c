@@ -25,6 +25,8 @@ static const struct {
     [API_E_PORT_IN_USE] = {"port_in_use", 409},
     [API_E_BODY_TOO_LARGE] = {"body_too_large", 413},
     [API_E_INTERNAL] = {"internal_error", 500},
+    [API_E_CROSS_ORIGIN] = {"cross_origin", 403},
+    [API_E_BAD_HOST] = {"bad_host", 421},
 };
 
 const char *api_error_code(enum api_error e) { return api_errors[e].code; }

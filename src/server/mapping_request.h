@@ -23,6 +23,8 @@ enum api_error {
     API_E_PORT_IN_USE,
     API_E_BODY_TOO_LARGE,
     API_E_INTERNAL,
+    API_E_CROSS_ORIGIN,    /* 403: a foreign Origin or Sec-Fetch-Site: cross-site */
+    API_E_BAD_HOST,        /* 421: a Host the API does not answer to (DNS rebinding) */
 };
 
 /* "invalid_json", ... */
