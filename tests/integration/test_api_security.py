@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (SERVER_BIN, EchoBackend, free_port, http_request, run_once, to_yaml,
+from conftest import (SERVER_BIN, SOURCE_DIR, EchoBackend, free_port, http_request, run_once, to_yaml,
                       wait_until)
 from sec_helpers import (assert_envelope_failure, bearer, http_complete, metric, raw_exchange,
                          start_server)
@@ -117,6 +117,28 @@ def test_raises_open_file_soft_limit(server_factory):
     limits = Path(f"/proc/{srv.pid}/limits").read_text()
     m = re.search(r"^Max open files\s+(\d+)\s+(\d+)", limits, re.M)
     assert m and m.group(1) == "4096" and m.group(2) == "4096", limits
+
+
+def test_shipped_docker_config_needs_the_env_token(tmp_path):
+    """docker/server.yaml (API on 0.0.0.0) starts only with PORTMUX_API_TOKEN; the compose
+    file insists on the variable and the image bakes no token."""
+    docker = SOURCE_DIR / "docker"
+    text = (docker / "server.yaml").read_text()
+    assert re.search(r"^api:\n(?:  .*\n)*?  listen_addr: 0\.0\.0\.0", text, re.M), text
+    # Same file, but a private database and free ports, so nothing else can fail first.
+    text = text.replace("/var/lib/portmux/mappings.db", str(tmp_path / "m.db"))
+    text = text.replace("listen_port: 8080", f"listen_port: {free_port()}")
+    text = text.replace("listen_port: 9000", f"listen_port: {free_port()}")
+    path = tmp_path / "server.yaml"
+    path.write_text(text)
+    env = {k: v for k, v in os.environ.items() if k != "PORTMUX_API_TOKEN"}
+    r = run_once([SERVER_BIN, "--config", path], timeout=10, env=env)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert b"PORTMUX_API_TOKEN" in r.stderr, r.stderr
+    compose = (docker / "docker-compose.yml").read_text()
+    assert re.search(r"PORTMUX_API_TOKEN: \$\{PORTMUX_API_TOKEN:\?", compose), compose
+    assert "PORTMUX_API_TOKEN" not in re.sub(r"(?m)^#.*$", "",
+                                             (docker / "Dockerfile.server").read_text())
 
 
 # ---------------------------------------------------------------------------
