@@ -5,7 +5,11 @@
  * runs in external mode with MHD_USE_EPOLL: its epoll fd is one libevent read event and its
  * timeout one libevent timer, and MHD_run() is called from those callbacks. So every request
  * handler runs on the loop thread and touches the registry directly, without locks; a create
- * (bind + one SQLite transaction) is short enough to run inline. */
+ * (bind + one SQLite transaction) is short enough to run inline.
+ *
+ * MHD has no listen socket of its own: an evconnlistener accepts and hands each connection
+ * over (api_accept_cb says why). What to answer is decided by api_dispatch, which sees no
+ * MHD object, so the fuzz target drives exactly the code a real request does. */
 #include "api.h"
 
 #include <arpa/inet.h>
