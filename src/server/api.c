@@ -5,10 +5,15 @@
  * runs in external mode with MHD_USE_EPOLL: its epoll fd is one libevent read event and its
  * timeout one libevent timer, and MHD_run() is called from those callbacks. So every request
  * handler runs on the loop thread and touches the registry directly, without locks; a create
- * (bind + one SQLite transaction) is short enough to run inline. */
+ * (bind + one SQLite transaction) is short enough to run inline.
+ *
+ * MHD has no listen socket of its own: an evconnlistener accepts and hands each connection
+ * over (api_accept_cb says why). What to answer is decided by api_dispatch, which sees no
+ * MHD object, so the fuzz target drives exactly the code a real request does. */
 #include "api.h"
 
 #include <arpa/inet.h>
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,15 +23,19 @@
 #include <time.h>
 
 #include <event2/event.h>
+#include <event2/listener.h>
 #include <jansson.h>
 #include <microhttpd.h>
 
+#include "accept_guard.h"
+#include "api_guard.h"
 #include "clients.h"
 #include "config.h"
 #include "log.h"
 #include "mapping.h"
 #include "mapping_request.h"
 #include "metrics.h"
+#include "netaddr.h"
 #include "secret.h"
 #include "server.h"
 #include "tunnel_server.h"
@@ -34,10 +43,24 @@
 
 #define API_MAX_BODY (64 * 1024)
 #define API_STATUS_SLOTS 600
+#define API_BACKLOG 128
+/* libmicrohttpd's own messages: at most one line per kind per window, then a count. */
+#define API_MHD_LOG_WINDOW 10
+#define API_MHD_LOG_KINDS 16
+
+/* One kind of MHD message (its format string) and how often it was held back. */
+struct api_mhd_log {
+    const char *fmt;
+    time_t window_start;
+    unsigned long suppressed;
+    char last[160];                /* the last line held back, for the summary */
+};
 
 struct api {
     struct server *srv;
     struct MHD_Daemon *mhd;
+    struct evconnlistener *listener;   /* ours, not MHD's: see api_start_listener */
+    struct accept_guard *accept_guard;
     struct event *ev_io;
     struct event *ev_timer;
     int port;
@@ -45,6 +68,7 @@ struct api {
     TAILQ_HEAD(, api_conn) conns;  /* every open connection, for the slow-request sweep */
     struct event *ev_sweep;
     uint64_t status_count[API_STATUS_SLOTS];
+    struct api_mhd_log mhd_log[API_MHD_LOG_KINDS];
 };
 
 /* Per connection. MHD's connection timeout only counts idle time, so a client that
@@ -65,8 +89,8 @@ struct api_request {
 
 enum api_method { M_GET = 1, M_POST = 2 };
 
-typedef enum MHD_Result (*api_handler)(struct api *api, struct MHD_Connection *conn,
-                                       const char *url, struct api_request *req);
+typedef void (*api_handler)(struct server *srv, const struct api_req *rq,
+                            struct api_reply *out);
 
 struct api_route {
     const char *path;      /* exact path, or a prefix when it ends with '/' */
@@ -75,56 +99,46 @@ struct api_route {
     api_handler handler;
 };
 
-static enum MHD_Result api_queue(struct api *api, struct MHD_Connection *conn, unsigned status,
-                                 const char *type, char *body, size_t len, const char *allow)
+void api_reply_clear(struct api_reply *r)
 {
-    struct MHD_Response *resp =
-        MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
-    if (!resp) {
-        free(body);
-        return MHD_NO;
-    }
-    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, type);
-    MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
-    if (allow)
-        MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, allow);
-    enum MHD_Result r = MHD_queue_response(conn, status, resp);
-    MHD_destroy_response(resp);
-    if (status < API_STATUS_SLOTS)
-        api->status_count[status]++;
-    return r;
+    free(r->body);
+    memset(r, 0, sizeof(*r));
 }
 
-/* Sends json (stolen) with the given status. */
-static enum MHD_Result api_reply_json(struct api *api, struct MHD_Connection *conn,
-                                      unsigned status, json_t *json, const char *allow)
+/* Answers json (stolen) with the given status. */
+static void api_reply_json(struct api_reply *out, unsigned status, json_t *json,
+                           const char *allow)
 {
     char *text = json ? json_dumps(json, JSON_COMPACT) : NULL;
     json_decref(json);
-    if (!text)
-        return MHD_NO;
-    return api_queue(api, conn, status, "application/json", text, strlen(text), allow);
+    api_reply_clear(out);
+    if (!text) {
+        out->close = true;
+        return;
+    }
+    out->status = status;
+    out->type = "application/json";
+    out->body = text;
+    out->len = strlen(text);
+    out->allow = allow;
 }
 
-static enum MHD_Result api_fail(struct api *api, struct MHD_Connection *conn,
-                                enum api_error e, const char *msg, const char *allow)
+static void api_fail(struct api_reply *out, enum api_error e, const char *msg,
+                     const char *allow)
 {
     json_t *j = json_pack("{s:b, s:s, s:s}", "success", 0, "message", msg, "error",
                           api_error_code(e));
-    return api_reply_json(api, conn, api_error_status(e), j, allow);
+    api_reply_json(out, api_error_status(e), j, allow);
 }
 
-static enum MHD_Result api_ok(struct api *api, struct MHD_Connection *conn, unsigned status,
-                              const char *msg, json_t *data)
+static void api_ok(struct api_reply *out, unsigned status, const char *msg, json_t *data)
 {
     json_t *j = json_pack("{s:b, s:s, s:o}", "success", 1, "message", msg, "data", data);
-    return api_reply_json(api, conn, status, j, NULL);
+    api_reply_json(out, status, j, NULL);
 }
 
-static enum MHD_Result handle_health(struct api *api, struct MHD_Connection *conn,
-                                     const char *url, struct api_request *req)
+static void handle_health(struct server *srv, const struct api_req *rq, struct api_reply *out)
 {
-    struct server *srv = api->srv;
     size_t clients = srv->tunnel ? tunnel_server_client_count(srv->tunnel) : 0;
     json_t *j = json_pack("{s:s, s:b, s:b, s:I, s:I, s:s, s:I}", "status", "ok",
                           "tunnel_enabled", srv->cfg->tunnel_enabled, "tunnel_connected",
@@ -132,61 +146,64 @@ static enum MHD_Result handle_health(struct api *api, struct MHD_Connection *con
                           (json_int_t)mapping_registry_count(srv->mappings), "version",
                           PORTMUX_VERSION, "uptime_s",
                           (json_int_t)(time(NULL) - srv->started_at));
-    return api_reply_json(api, conn, MHD_HTTP_OK, j, NULL);
+    api_reply_json(out, MHD_HTTP_OK, j, NULL);
 }
 
-static enum MHD_Result handle_create(struct api *api, struct MHD_Connection *conn,
-                                     const char *url, struct api_request *req)
+static void handle_create(struct server *srv, const struct api_req *rq, struct api_reply *out)
 {
     struct mapping_record rec;
     char msg[256];
-    enum api_error e = mapping_request_parse_create(api->srv->cfg, req->body ? req->body : "",
-                                                    req->len, &rec, msg, sizeof(msg));
-    if (e != API_OK)
-        return api_fail(api, conn, e, msg, NULL);
+    enum api_error e = mapping_request_parse_create(srv->cfg, rq->body ? rq->body : "",
+                                                    rq->len, &rec, msg, sizeof(msg));
+    if (e != API_OK) {
+        api_fail(out, e, msg, NULL);
+        return;
+    }
     struct mapping *m = NULL;
-    enum mapping_result r =
-        mapping_registry_create(api->srv->mappings, &rec, &m, msg, sizeof(msg));
+    enum mapping_result r = mapping_registry_create(srv->mappings, &rec, &m, msg, sizeof(msg));
     if (r != MAPPING_OK) {
         log_warn("api", "create port %d refused: %s", rec.port, msg);
-        return api_fail(api, conn, r == MAPPING_E_IN_USE ? API_E_PORT_IN_USE : API_E_INTERNAL,
-                        msg, NULL);
+        api_fail(out, r == MAPPING_E_IN_USE ? API_E_PORT_IN_USE : API_E_INTERNAL, msg, NULL);
+        return;
     }
     log_info("api", "mapping created: port %d -> %s%s:%d", rec.port,
              rec.use_tunnel ? "tunnel " : "", mapping_target_host(m), rec.target_port);
-    return api_ok(api, conn, MHD_HTTP_CREATED, "mapping created", mapping_to_json(m));
+    api_ok(out, MHD_HTTP_CREATED, "mapping created", mapping_to_json(m));
 }
 
-static enum MHD_Result handle_remove(struct api *api, struct MHD_Connection *conn,
-                                     const char *url, struct api_request *req)
+static void handle_remove(struct server *srv, const struct api_req *rq, struct api_reply *out)
 {
     int port = 0;
     char msg[256];
-    enum api_error e = mapping_request_parse_remove(req->body ? req->body : "", req->len, &port,
+    enum api_error e = mapping_request_parse_remove(rq->body ? rq->body : "", rq->len, &port,
                                                     msg, sizeof(msg));
-    if (e != API_OK)
-        return api_fail(api, conn, e, msg, NULL);
-    enum mapping_result r = mapping_registry_remove(api->srv->mappings, port);
+    if (e != API_OK) {
+        api_fail(out, e, msg, NULL);
+        return;
+    }
+    enum mapping_result r = mapping_registry_remove(srv->mappings, port);
     if (r == MAPPING_E_NOT_FOUND) {
         snprintf(msg, sizeof(msg), "no mapping on port %d", port);
-        return api_fail(api, conn, API_E_NOT_FOUND, msg, NULL);
+        api_fail(out, API_E_NOT_FOUND, msg, NULL);
+        return;
     }
-    if (r != MAPPING_OK)
-        return api_fail(api, conn, API_E_INTERNAL, "database error", NULL);
+    if (r != MAPPING_OK) {
+        api_fail(out, API_E_INTERNAL, "database error", NULL);
+        return;
+    }
     log_info("api", "mapping removed: port %d", port);
-    return api_ok(api, conn, MHD_HTTP_OK, "mapping removed", json_pack("{s:i}", "port", port));
+    api_ok(out, MHD_HTTP_OK, "mapping removed", json_pack("{s:i}", "port", port));
 }
 
-static enum MHD_Result handle_list(struct api *api, struct MHD_Connection *conn,
-                                   const char *url, struct api_request *req)
+static void handle_list(struct server *srv, const struct api_req *rq, struct api_reply *out)
 {
     json_t *arr = json_array();
-    for (struct mapping *m = mapping_registry_first(api->srv->mappings); m;
+    for (struct mapping *m = mapping_registry_first(srv->mappings); m;
          m = mapping_registry_next(m))
         json_array_append_new(arr, mapping_to_json(m));
     json_t *data = json_pack("{s:o, s:I}", "mappings", arr, "count",
-                             (json_int_t)mapping_registry_count(api->srv->mappings));
-    return api_ok(api, conn, MHD_HTTP_OK, "ok", data);
+                             (json_int_t)mapping_registry_count(srv->mappings));
+    api_ok(out, MHD_HTTP_OK, "ok", data);
 }
 
 /* ---- tunnel clients (SPEC §4a) ---- */
@@ -206,9 +223,9 @@ static void api_time_json(json_t *obj, const char *key, int64_t t)
 
 /* One client as GET /api/clients shows it: live fields from its session, null or 0
  * when it has none. */
-static json_t *api_client_json(struct api *api, const struct clients_entry *e)
+static json_t *api_client_json(struct server *srv, const struct clients_entry *e)
 {
-    json_t *live = tunnel_server_client_json(api->srv->tunnel, e->name);
+    json_t *live = tunnel_server_client_json(srv->tunnel, e->name);
     json_t *c = json_pack("{s:s, s:s, s:b, s:I, s:I}", "name", e->name, "source",
                           e->source == CLIENTS_SOURCE_CONFIG ? "config" : "api", "connected",
                           live != NULL, "takeovers", (json_int_t)e->takeovers, "refused",
@@ -236,24 +253,23 @@ static json_t *api_client_json(struct api *api, const struct clients_entry *e)
     return c;
 }
 
-static enum MHD_Result handle_clients(struct api *api, struct MHD_Connection *conn,
-                                      const char *url, struct api_request *req)
+static void handle_clients(struct server *srv, const struct api_req *rq, struct api_reply *out)
 {
     json_t *arr = json_array();
-    size_t n = clients_count(api->srv->clients);
+    size_t n = clients_count(srv->clients);
     for (size_t i = 0; i < n; i++)
-        json_array_append_new(arr, api_client_json(api, clients_at(api->srv->clients, i)));
+        json_array_append_new(arr, api_client_json(srv, clients_at(srv->clients, i)));
     json_t *data = json_pack("{s:o, s:I}", "clients", arr, "count", (json_int_t)n);
-    return api_ok(api, conn, MHD_HTTP_OK, "ok", data);
+    api_ok(out, MHD_HTTP_OK, "ok", data);
 }
 
 /* Parses {"name": s} plus the optional integer grace_s (rotate only; grace may be NULL).
  * The name is copied to name; *grace stays as given when absent. */
-static enum api_error api_client_body(struct api_request *req, char *name, size_t namelen,
+static enum api_error api_client_body(const struct api_req *rq, char *name, size_t namelen,
                                       int64_t *grace, char *msg, size_t msglen)
 {
     json_error_t jerr;
-    json_t *obj = json_loadb(req->body ? req->body : "", req->len, JSON_REJECT_DUPLICATES,
+    json_t *obj = json_loadb(rq->body ? rq->body : "", rq->len, JSON_REJECT_DUPLICATES,
                              &jerr);
     enum api_error e = API_OK;
     if (!obj || !json_is_object(obj)) {
@@ -294,99 +310,113 @@ out:
     return e;
 }
 
-static enum MHD_Result api_client_fail(struct api *api, struct MHD_Connection *conn,
-                                       enum clients_result r, const char *name)
+static void api_client_fail(struct api_reply *out, enum clients_result r, const char *name)
 {
     char msg[160];
     switch (r) {
     case CLIENTS_EXISTS:
         snprintf(msg, sizeof(msg), "client \"%s\" exists", name);
-        return api_fail(api, conn, API_E_CLIENT_EXISTS, msg, NULL);
+        api_fail(out, API_E_CLIENT_EXISTS, msg, NULL);
+        return;
     case CLIENTS_NOT_FOUND:
         snprintf(msg, sizeof(msg), "no client \"%s\"", name);
-        return api_fail(api, conn, API_E_NOT_FOUND, msg, NULL);
+        api_fail(out, API_E_NOT_FOUND, msg, NULL);
+        return;
     case CLIENTS_CONFIG:
         snprintf(msg, sizeof(msg), "client \"%s\" is managed by the config file", name);
-        return api_fail(api, conn, API_E_MANAGED_BY_CONFIG, msg, NULL);
+        api_fail(out, API_E_MANAGED_BY_CONFIG, msg, NULL);
+        return;
     case CLIENTS_INVALID:
-        return api_fail(api, conn, API_E_INVALID_FIELD, "invalid name or grace_s", NULL);
+        api_fail(out, API_E_INVALID_FIELD, "invalid name or grace_s", NULL);
+        return;
     default:
-        return api_fail(api, conn, API_E_INTERNAL, "database error", NULL);
+        api_fail(out, API_E_INTERNAL, "database error", NULL);
+        return;
     }
 }
 
-static enum MHD_Result handle_client_create(struct api *api, struct MHD_Connection *conn,
-                                            const char *url, struct api_request *req)
+static void handle_client_create(struct server *srv, const struct api_req *rq,
+                                 struct api_reply *out)
 {
     char name[CLIENTS_NAME_MAX + 1], token[CLIENTS_TOKEN_LEN + 1], msg[160];
-    enum api_error e = api_client_body(req, name, sizeof(name), NULL, msg, sizeof(msg));
-    if (e != API_OK)
-        return api_fail(api, conn, e, msg, NULL);
-    enum clients_result r = clients_create(api->srv->clients, name, token, sizeof(token));
-    if (r != CLIENTS_OK)
-        return api_client_fail(api, conn, r, name);
-    return api_ok(api, conn, MHD_HTTP_CREATED, "client created; the token is shown only now",
-                  json_pack("{s:s, s:s}", "name", name, "token", token));
+    enum api_error e = api_client_body(rq, name, sizeof(name), NULL, msg, sizeof(msg));
+    if (e != API_OK) {
+        api_fail(out, e, msg, NULL);
+        return;
+    }
+    enum clients_result r = clients_create(srv->clients, name, token, sizeof(token));
+    if (r != CLIENTS_OK) {
+        api_client_fail(out, r, name);
+        return;
+    }
+    api_ok(out, MHD_HTTP_CREATED, "client created; the token is shown only now",
+           json_pack("{s:s, s:s}", "name", name, "token", token));
 }
 
-static enum MHD_Result handle_client_rotate(struct api *api, struct MHD_Connection *conn,
-                                            const char *url, struct api_request *req)
+static void handle_client_rotate(struct server *srv, const struct api_req *rq,
+                                 struct api_reply *out)
 {
     char name[CLIENTS_NAME_MAX + 1], token[CLIENTS_TOKEN_LEN + 1], msg[160];
     int64_t grace = CLIENTS_DEFAULT_GRACE_S, until = 0;
-    enum api_error e = api_client_body(req, name, sizeof(name), &grace, msg, sizeof(msg));
-    if (e != API_OK)
-        return api_fail(api, conn, e, msg, NULL);
+    enum api_error e = api_client_body(rq, name, sizeof(name), &grace, msg, sizeof(msg));
+    if (e != API_OK) {
+        api_fail(out, e, msg, NULL);
+        return;
+    }
     enum clients_result r =
-        clients_rotate(api->srv->clients, name, grace, token, sizeof(token), &until);
-    if (r != CLIENTS_OK)
-        return api_client_fail(api, conn, r, name);
+        clients_rotate(srv->clients, name, grace, token, sizeof(token), &until);
+    if (r != CLIENTS_OK) {
+        api_client_fail(out, r, name);
+        return;
+    }
     json_t *data = json_pack("{s:s, s:s}", "name", name, "token", token);
     api_time_json(data, "old_token_valid_until", until);
-    return api_ok(api, conn, MHD_HTTP_OK, "token rotated; the new token is shown only now",
-                  data);
+    api_ok(out, MHD_HTTP_OK, "token rotated; the new token is shown only now", data);
 }
 
-static enum MHD_Result handle_client_remove(struct api *api, struct MHD_Connection *conn,
-                                            const char *url, struct api_request *req)
+static void handle_client_remove(struct server *srv, const struct api_req *rq,
+                                 struct api_reply *out)
 {
     char name[CLIENTS_NAME_MAX + 1], msg[160];
-    enum api_error e = api_client_body(req, name, sizeof(name), NULL, msg, sizeof(msg));
-    if (e != API_OK)
-        return api_fail(api, conn, e, msg, NULL);
-    enum clients_result r = clients_remove(api->srv->clients, name);
-    if (r != CLIENTS_OK)
-        return api_client_fail(api, conn, r, name);
-    tunnel_server_client_removed(api->srv->tunnel, name);
-    return api_ok(api, conn, MHD_HTTP_OK, "client removed", json_pack("{s:s}", "name", name));
+    enum api_error e = api_client_body(rq, name, sizeof(name), NULL, msg, sizeof(msg));
+    if (e != API_OK) {
+        api_fail(out, e, msg, NULL);
+        return;
+    }
+    enum clients_result r = clients_remove(srv->clients, name);
+    if (r != CLIENTS_OK) {
+        api_client_fail(out, r, name);
+        return;
+    }
+    tunnel_server_client_removed(srv->tunnel, name);
+    api_ok(out, MHD_HTTP_OK, "client removed", json_pack("{s:s}", "name", name));
 }
 
-static enum MHD_Result handle_metrics(struct api *api, struct MHD_Connection *conn,
-                                      const char *url, struct api_request *req)
+static void handle_metrics(struct server *srv, const struct api_req *rq, struct api_reply *out)
 {
     size_t len = 0;
-    char *text = metrics_render(api->srv, &len);
-    if (!text)
-        return api_fail(api, conn, API_E_INTERNAL, "out of memory", NULL);
-    return api_queue(api, conn, MHD_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8", text,
-                     len, NULL);
+    char *text = metrics_render(srv, &len);
+    if (!text) {
+        api_fail(out, API_E_INTERNAL, "out of memory", NULL);
+        return;
+    }
+    api_reply_clear(out);
+    out->status = MHD_HTTP_OK;
+    out->type = "text/plain; version=0.0.4; charset=utf-8";
+    out->body = text;
+    out->len = len;
 }
 
-static enum MHD_Result handle_console(struct api *api, struct MHD_Connection *conn,
-                                      const char *url, struct api_request *req)
+static void handle_console(struct server *srv, const struct api_req *rq, struct api_reply *out)
 {
-    const struct web_asset *a = web_find(url);
-    if (!a)
-        return api_fail(api, conn, API_E_NOT_FOUND, "no such page", NULL);
-    struct MHD_Response *resp = MHD_create_response_from_buffer(
-        a->len, (void *)a->data, MHD_RESPMEM_PERSISTENT);
-    if (!resp)
-        return MHD_NO;
-    web_add_headers(resp, a);
-    enum MHD_Result r = MHD_queue_response(conn, MHD_HTTP_OK, resp);
-    MHD_destroy_response(resp);
-    api->status_count[MHD_HTTP_OK]++;
-    return r;
+    const struct web_asset *a = web_find(rq->url);
+    if (!a) {
+        api_fail(out, API_E_NOT_FOUND, "no such page", NULL);
+        return;
+    }
+    api_reply_clear(out);
+    out->status = MHD_HTTP_OK;
+    out->asset = a;
 }
 
 static const struct api_route api_routes[] = {
@@ -415,27 +445,29 @@ static const struct api_route *api_route_find(const char *url)
     return NULL;
 }
 
-static bool api_peer_allowed(struct api *api, struct MHD_Connection *conn)
+static bool api_peer_allowed(const struct config *cfg, const struct sockaddr *peer)
 {
-    const struct config *cfg = api->srv->cfg;
     if (cfg->allowed_ips_len == 0)
         return true;
-    const union MHD_ConnectionInfo *ci =
-        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
-    if (!ci || !ci->client_addr)
+    if (!peer)
         return false;
     for (size_t i = 0; i < cfg->allowed_ips_len; i++)
-        if (netaddr_cidr_match(&cfg->allowed_ips[i], ci->client_addr))
+        if (netaddr_cidr_match(&cfg->allowed_ips[i], peer))
             return true;
     return false;
 }
 
-static bool api_token_ok(struct api *api, struct MHD_Connection *conn)
+static const char *api_header(const struct api_req *rq, const char *name)
 {
-    const char *token = api->srv->cfg->api_token;
+    return rq->header ? rq->header(rq->header_ctx, name) : NULL;
+}
+
+static bool api_token_ok(const struct config *cfg, const struct api_req *rq)
+{
+    const char *token = cfg->api_token;
     if (!token || !*token)
         return true;
-    const char *h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
+    const char *h = api_header(rq, "Authorization");
     if (!h || strncmp(h, "Bearer ", 7) != 0)
         return false;
     return secret_equal(token, h + 7, strlen(h + 7));
@@ -446,39 +478,123 @@ static const char *api_allow_header(unsigned methods)
     return methods == M_GET ? "GET, HEAD" : methods == M_POST ? "POST" : "GET, HEAD, POST";
 }
 
-/* First call for a request: every check that needs no body, so refusals never read it.
- * Returns true when the request may go on; otherwise *r holds the queued refusal. */
-static bool api_admit(struct api *api, struct MHD_Connection *conn, const char *url,
-                      const char *method, enum MHD_Result *r)
+/* The network filter comes first so a refused peer learns nothing else; then who the
+ * request is for (Host) and who sent it (Origin), before the path or the token can tell
+ * a browser-borne attacker anything. */
+bool api_admit(struct server *srv, const struct api_req *rq, struct api_reply *out)
 {
-    if (!api_peer_allowed(api, conn)) {
-        *r = api_fail(api, conn, API_E_FORBIDDEN, "address not allowed", NULL);
+    const struct config *cfg = srv->cfg;
+    if (!api_peer_allowed(cfg, rq->peer)) {
+        api_fail(out, API_E_FORBIDDEN, "address not allowed", NULL);
         return false;
     }
-    const struct api_route *route = api_route_find(url);
+    const char *host = api_header(rq, "Host");
+    if (!api_guard_host_ok(cfg, host)) {
+        api_fail(out, API_E_BAD_HOST,
+                 "unknown Host: the API answers to loopback addresses, localhost, "
+                 "api.listen_addr and api.allowed_hosts",
+                 NULL);
+        return false;
+    }
+    if (!api_guard_origin_ok(cfg, api_header(rq, "Origin"), host,
+                             api_header(rq, "Sec-Fetch-Site"))) {
+        api_fail(out, API_E_CROSS_ORIGIN, "cross-origin requests are refused", NULL);
+        return false;
+    }
+    const struct api_route *route = api_route_find(rq->url);
     if (!route) {
-        *r = api_fail(api, conn, API_E_NOT_FOUND, "no such endpoint", NULL);
+        api_fail(out, API_E_NOT_FOUND, "no such endpoint", NULL);
         return false;
     }
     /* HEAD goes wherever GET does; MHD leaves the body out. */
-    unsigned m = strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0 ? M_GET
-                 : strcmp(method, "POST") == 0                             ? M_POST
-                                                                           : 0;
+    unsigned m = strcmp(rq->method, "GET") == 0 || strcmp(rq->method, "HEAD") == 0 ? M_GET
+                 : strcmp(rq->method, "POST") == 0                                   ? M_POST
+                                                                                     : 0;
     if (!(m & route->methods)) {
-        *r = api_fail(api, conn, API_E_METHOD_NOT_ALLOWED, "method not allowed",
-                      api_allow_header(route->methods));
+        api_fail(out, API_E_METHOD_NOT_ALLOWED, "method not allowed",
+                 api_allow_header(route->methods));
         return false;
     }
-    if (route->needs_token && !api_token_ok(api, conn)) {
-        *r = api_fail(api, conn, API_E_UNAUTHORIZED, "missing or wrong bearer token", NULL);
+    if (route->needs_token && !api_token_ok(cfg, rq)) {
+        api_fail(out, API_E_UNAUTHORIZED, "missing or wrong bearer token", NULL);
         return false;
     }
-    const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Length");
+    const char *cl = api_header(rq, "Content-Length");
     if (cl && strtoull(cl, NULL, 10) > API_MAX_BODY) {
-        *r = api_fail(api, conn, API_E_BODY_TOO_LARGE, "body over 64 KiB", NULL);
+        api_fail(out, API_E_BODY_TOO_LARGE, "body over 64 KiB", NULL);
         return false;
     }
     return true;
+}
+
+void api_dispatch(struct server *srv, const struct api_req *rq, struct api_reply *out)
+{
+    if (!api_admit(srv, rq, out))
+        return;
+    if (rq->too_large) {
+        api_fail(out, API_E_BODY_TOO_LARGE, "body over 64 KiB", NULL);
+        return;
+    }
+    api_route_find(rq->url)->handler(srv, rq, out);
+}
+
+/* ---- MHD glue ---- */
+
+/* Queues the reply on the connection and frees what it owned. */
+static enum MHD_Result api_send(struct api *api, struct MHD_Connection *conn,
+                                struct api_reply *r)
+{
+    struct MHD_Response *resp = NULL;
+    if (r->close) {
+        api_reply_clear(r);
+        return MHD_NO;
+    }
+    if (r->asset) {
+        resp = MHD_create_response_from_buffer(r->asset->len, (void *)r->asset->data,
+                                               MHD_RESPMEM_PERSISTENT);
+        if (resp)
+            web_add_headers(resp, r->asset);
+    } else {
+        resp = MHD_create_response_from_buffer(r->len, r->body, MHD_RESPMEM_MUST_FREE);
+        if (resp) {
+            r->body = NULL; /* MHD frees it now */
+            MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, r->type);
+            MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+            if (r->allow)
+                MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, r->allow);
+        }
+    }
+    unsigned status = r->status;
+    api_reply_clear(r);
+    if (!resp)
+        return MHD_NO;
+    enum MHD_Result ret = MHD_queue_response(conn, status, resp);
+    MHD_destroy_response(resp);
+    if (status < API_STATUS_SLOTS)
+        api->status_count[status]++;
+    return ret;
+}
+
+static const char *api_mhd_header(void *ctx, const char *name)
+{
+    return MHD_lookup_connection_value(ctx, MHD_HEADER_KIND, name);
+}
+
+static void api_req_from_mhd(struct api_req *rq, struct MHD_Connection *conn, const char *url,
+                             const char *method, const struct api_request *req)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    *rq = (struct api_req){
+        .method = method,
+        .url = url,
+        .peer = ci ? ci->client_addr : NULL,
+        .header = api_mhd_header,
+        .header_ctx = conn,
+        .body = req ? req->body : NULL,
+        .len = req ? req->len : 0,
+        .too_large = req ? req->too_large : false,
+    };
 }
 
 static enum MHD_Result api_access(void *cls, struct MHD_Connection *conn, const char *url,
@@ -488,10 +604,13 @@ static enum MHD_Result api_access(void *cls, struct MHD_Connection *conn, const 
 {
     struct api *api = cls;
     struct api_request *req = *con_cls;
+    struct api_req rq;
+    struct api_reply out = {0};
     if (!req) {
-        enum MHD_Result r = MHD_YES;
-        if (!api_admit(api, conn, url, method, &r))
-            return r;
+        /* First call, headers only: refusals never read the body. */
+        api_req_from_mhd(&rq, conn, url, method, NULL);
+        if (!api_admit(api->srv, &rq, &out))
+            return api_send(api, conn, &out);
         req = calloc(1, sizeof(*req));
         if (!req)
             return MHD_NO;
@@ -513,9 +632,9 @@ static enum MHD_Result api_access(void *cls, struct MHD_Connection *conn, const 
         *upload_data_size = 0;
         return MHD_YES;
     }
-    if (req->too_large)
-        return api_fail(api, conn, API_E_BODY_TOO_LARGE, "body over 64 KiB", NULL);
-    return api_route_find(url)->handler(api, conn, url, req);
+    api_req_from_mhd(&rq, conn, url, method, req);
+    api_dispatch(api->srv, &rq, &out);
+    return api_send(api, conn, &out);
 }
 
 static void api_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
@@ -581,11 +700,14 @@ static void api_notify_connection(void *cls, struct MHD_Connection *conn, void *
 
 /* Shuts down connections whose request is overdue; MHD then sees the socket closed and
  * frees them in its own time (we never free them here). */
+static void api_mhd_log_flush(struct api *api, time_t now);
+
 static void api_sweep_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct api *api = arg;
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
+    api_mhd_log_flush(api, now.tv_sec);
     struct api_conn *ac;
     TAILQ_FOREACH(ac, &api->conns, link) {
         if (now.tv_sec - ac->progress.tv_sec <= api->srv->cfg->api_connection_timeout)
@@ -612,53 +734,152 @@ static enum MHD_Result api_accept_policy(void *cls, const struct sockaddr *addr,
     return MHD_NO;
 }
 
-static int api_bind_addr(const char *addr, int port, struct sockaddr_storage *ss,
-                         unsigned *flags)
+/* ---- libmicrohttpd's messages ---- */
+
+/* Replaces control characters (a peer's bytes can reach MHD's messages) and drops the
+ * trailing newline MHD puts on each. */
+static void api_mhd_log_clean(char *s)
 {
-    memset(ss, 0, sizeof(*ss));
-    struct sockaddr_in *sin = (struct sockaddr_in *)ss;
-    struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)ss;
-    if (inet_pton(AF_INET, addr, &sin->sin_addr) == 1) {
-        sin->sin_family = AF_INET;
-        sin->sin_port = htons((uint16_t)port);
-        return 0;
+    size_t n = strlen(s);
+    while (n > 0 && (s[n - 1] == '\n' || s[n - 1] == '\r'))
+        s[--n] = '\0';
+    for (; *s; s++)
+        if ((unsigned char)*s < 0x20 || *s == 0x7f)
+            *s = '?';
+}
+
+static void api_mhd_log_summary(struct api_mhd_log *k)
+{
+    if (k->suppressed)
+        log_warn("api", "libmicrohttpd: %lu more like \"%s\" in the last %d s", k->suppressed,
+                 k->last, API_MHD_LOG_WINDOW);
+    k->suppressed = 0;
+}
+
+/* Says how many lines of each kind were held back once their window is over. */
+static void api_mhd_log_flush(struct api *api, time_t now)
+{
+    for (size_t i = 0; i < API_MHD_LOG_KINDS; i++) {
+        struct api_mhd_log *k = &api->mhd_log[i];
+        if (k->fmt && k->suppressed && now - k->window_start >= API_MHD_LOG_WINDOW) {
+            api_mhd_log_summary(k);
+            k->window_start = now;
+        }
     }
-    if (inet_pton(AF_INET6, addr, &sin6->sin6_addr) == 1) {
-        sin6->sin6_family = AF_INET6;
-        sin6->sin6_port = htons((uint16_t)port);
-        *flags |= MHD_USE_IPv6;
-        return 0;
+}
+
+/* MHD_OPTION_EXTERNAL_LOGGER. MHD can report the same trouble (out of descriptors, a
+ * peer's bad request) thousands of times a second; each kind — its format string, which
+ * is a literal in MHD — gets at most one line per API_MHD_LOG_WINDOW seconds, and the sweep
+ * reports how many were held back. Kinds beyond the table share its last slot. */
+static void api_mhd_log(void *cls, const char *fmt, va_list ap)
+{
+    struct api *api = cls;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    struct api_mhd_log *k = &api->mhd_log[API_MHD_LOG_KINDS - 1];
+    for (size_t i = 0; i < API_MHD_LOG_KINDS; i++) {
+        if (api->mhd_log[i].fmt == fmt || !api->mhd_log[i].fmt) {
+            k = &api->mhd_log[i];
+            break;
+        }
     }
-    return -1;
+    char line[sizeof(k->last)];
+    vsnprintf(line, sizeof(line), fmt, ap);
+    api_mhd_log_clean(line);
+    if (k->fmt == fmt && now.tv_sec - k->window_start < API_MHD_LOG_WINDOW) {
+        k->suppressed++;
+        memcpy(k->last, line, sizeof(k->last));
+        return;
+    }
+    api_mhd_log_summary(k); /* what this slot held back comes before the new line */
+    k->fmt = fmt;
+    k->window_start = now.tv_sec;
+    k->suppressed = 0;
+    log_warn("api", "libmicrohttpd: %s", line);
+}
+
+/* ---- accepting ---- */
+
+/* Connections are accepted by our evconnlistener and handed to MHD. MHD's own listen
+ * socket, out of descriptors, either busy-waits (no API connection open: the epoll fd stays
+ * readable, so the loop spins and MHD logs a line per turn) or stops polling it until one of
+ * its own connections closes. The guard instead pauses accepting for 100 ms and retries, so
+ * the API answers again as soon as any descriptor is free, without spinning. */
+static void api_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
+                          int salen, void *arg)
+{
+    struct api *api = arg;
+    /* MHD closes fd itself when it refuses it (api_accept_policy, out of memory). */
+    if (MHD_add_connection(api->mhd, fd, sa, (socklen_t)salen) != MHD_YES)
+        log_debug("api", "connection not taken by libmicrohttpd");
+    MHD_run(api->mhd);
+    api_schedule(api);
+}
+
+static void api_accept_error_cb(struct evconnlistener *l, void *arg)
+{
+    struct api *api = arg;
+    accept_guard_on_error(api->accept_guard);
+}
+
+/* Binds without SO_REUSEPORT, so a second server on the same API port fails at start
+ * instead of silently sharing (and splitting) the API's connections. */
+static int api_start_listener(struct api *api, char *err, size_t errlen)
+{
+    const struct config *cfg = api->srv->cfg;
+    struct sockaddr_storage ss;
+    socklen_t sslen = 0;
+    if (netaddr_ip_sockaddr(cfg->api_listen_addr, (uint16_t)cfg->api_listen_port, &ss,
+                            &sslen) < 0) {
+        snprintf(err, errlen, "api.listen_addr %s is not an IP address", cfg->api_listen_addr);
+        return -1;
+    }
+    api->listener = evconnlistener_new_bind(
+        api->srv->base, api_accept_cb, api,
+        LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, API_BACKLOG,
+        (struct sockaddr *)&ss, (int)sslen);
+    if (!api->listener) {
+        int e = EVUTIL_SOCKET_ERROR();
+        snprintf(err, errlen, "cannot listen on %s:%d for the API: %s", cfg->api_listen_addr,
+                 cfg->api_listen_port, strerror(e));
+        return -1;
+    }
+    evconnlistener_set_error_cb(api->listener, api_accept_error_cb);
+    api->accept_guard = accept_guard_new(api->srv->base, api->listener, "api", "API");
+    if (!api->accept_guard) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    struct sockaddr_storage bound;
+    socklen_t blen = sizeof(bound);
+    evutil_socket_t lfd = evconnlistener_get_fd(api->listener);
+    api->port = cfg->api_listen_port;
+    if (getsockname(lfd, (struct sockaddr *)&bound, &blen) == 0)
+        api->port = bound.ss_family == AF_INET6
+                        ? ntohs(((struct sockaddr_in6 *)&bound)->sin6_port)
+                        : ntohs(((struct sockaddr_in *)&bound)->sin_port);
+    return 0;
 }
 
 static int api_start_daemon(struct api *api, char *err, size_t errlen)
 {
     const struct config *cfg = api->srv->cfg;
-    struct sockaddr_storage ss;
-    unsigned flags = MHD_USE_EPOLL | MHD_USE_ERROR_LOG;
-    if (api_bind_addr(cfg->api_listen_addr, cfg->api_listen_port, &ss, &flags) < 0) {
-        snprintf(err, errlen, "api.listen_addr %s is not an IP address", cfg->api_listen_addr);
-        return -1;
-    }
     api->mhd = MHD_start_daemon(
-        flags, (uint16_t)cfg->api_listen_port, api_accept_policy, api, api_access, api,
-        MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
+        MHD_USE_EPOLL | MHD_USE_ERROR_LOG | MHD_USE_NO_LISTEN_SOCKET, 0, api_accept_policy,
+        api, api_access, api,
+        MHD_OPTION_EXTERNAL_LOGGER, api_mhd_log, api,
         MHD_OPTION_NOTIFY_COMPLETED, api_completed, api,
         MHD_OPTION_NOTIFY_CONNECTION, api_notify_connection, api,
         /* A little above ours, so api_accept_policy is what refuses (and counts). */
         MHD_OPTION_CONNECTION_LIMIT, (unsigned)cfg->api_max_connections + 4,
         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)cfg->api_connection_timeout,
         MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(128 * 1024),
-        MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned)1,
         MHD_OPTION_END);
     if (!api->mhd) {
-        snprintf(err, errlen, "cannot start the API on %s:%d (address in use?)",
-                 cfg->api_listen_addr, cfg->api_listen_port);
+        snprintf(err, errlen, "cannot start libmicrohttpd for the API");
         return -1;
     }
-    const union MHD_DaemonInfo *di = MHD_get_daemon_info(api->mhd, MHD_DAEMON_INFO_BIND_PORT);
-    api->port = di ? di->port : cfg->api_listen_port;
     return 0;
 }
 
@@ -671,7 +892,7 @@ struct api *api_new(struct server *srv, char *err, size_t errlen)
     }
     api->srv = srv;
     TAILQ_INIT(&api->conns);
-    if (api_start_daemon(api, err, errlen) < 0)
+    if (api_start_daemon(api, err, errlen) < 0 || api_start_listener(api, err, errlen) < 0)
         goto fail;
     const union MHD_DaemonInfo *di = MHD_get_daemon_info(api->mhd, MHD_DAEMON_INFO_EPOLL_FD);
     if (!di) {
@@ -698,6 +919,10 @@ void api_free(struct api *api)
 {
     if (!api)
         return;
+    /* The listener first: nothing new reaches MHD while it stops. */
+    accept_guard_free(api->accept_guard);
+    if (api->listener)
+        evconnlistener_free(api->listener);
     if (api->ev_io)
         event_free(api->ev_io);
     if (api->ev_timer)

@@ -7,6 +7,7 @@
  * schema itself. */
 #include "config.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -474,6 +475,47 @@ static int parse_cidrs(struct loader *ld, const struct field *f, void *base)
     return 0;
 }
 
+/* A Host name the API answers to: a DNS name or an IP literal, kept in lower case because
+ * the API compares Host headers case-insensitively against it. */
+static int host_item(struct loader *ld, struct vec *v, size_t index)
+{
+    if (!ev_is_scalar(ld) || ev_is_null(ld))
+        return fail(ld, "expected a host name, got %s", ev_kind(ld));
+    const char *s = ev_text(ld);
+    if (strlen(s) != ld->ev.data.scalar.length ||
+        (!netaddr_is_hostname(s) && !netaddr_is_ip_literal(s)))
+        return fail(ld, "not a host name or IP address: \"%.60s\" (no port, no scheme)", s);
+    char **slot = vec_push(ld, v);
+    if (slot == NULL)
+        return -1;
+    *slot = strdup(s);
+    if (*slot == NULL)
+        return fail(ld, "out of memory");
+    for (char *c = *slot; *c; c++)
+        *c = (char)tolower((unsigned char)*c);
+    return 0;
+}
+
+static void hosts_free(char **hosts, size_t len)
+{
+    for (size_t i = 0; i < len; i++)
+        free(hosts[i]);
+    free(hosts);
+}
+
+static int parse_hosts(struct loader *ld, const struct field *f, void *base)
+{
+    struct vec v = {.size = sizeof(char *)};
+    if (parse_seq(ld, host_item, &v) != 0) {
+        hosts_free(v.items, v.len);
+        return -1;
+    }
+    hosts_free(ld->cfg->allowed_hosts, ld->cfg->allowed_hosts_len);
+    ld->cfg->allowed_hosts = v.items;
+    ld->cfg->allowed_hosts_len = v.len;
+    return 0;
+}
+
 /* ---- tunnel.clients ---- */
 
 /* Names follow the one rule of SPEC §4, so a config name can never differ from what a
@@ -601,6 +643,7 @@ static const struct field api_fields[] = {
     INT_KEY("listen_port", api_listen_port, 0, 65535, MARK_NONE),
     KEY("token", parse_str, api_token, MARK_NONE),
     KEY("allowed_ips", parse_cidrs, allowed_ips, MARK_NONE),
+    KEY("allowed_hosts", parse_hosts, allowed_hosts, MARK_NONE),
     INT_KEY("max_connections", api_max_connections, 1, CONFIG_MAX_COUNT, MARK_NONE),
     INT_KEY("connection_timeout", api_connection_timeout, 1, CONFIG_MAX_SECONDS, MARK_NONE),
     END_KEYS,
@@ -848,6 +891,7 @@ void config_free(struct config *cfg)
     free(cfg->api_listen_addr);
     free(cfg->api_token);
     free(cfg->allowed_ips);
+    hosts_free(cfg->allowed_hosts, cfg->allowed_hosts_len);
     free(cfg->db_path);
     /* Zeroed, a freed config is safe to free again. */
     memset(cfg, 0, sizeof(*cfg));

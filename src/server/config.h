@@ -42,6 +42,8 @@ struct config {
     char *api_token;             /* "" = no auth */
     struct netaddr_cidr *allowed_ips; /* empty = any */
     size_t allowed_ips_len;
+    char **allowed_hosts;        /* extra Host names the API answers to (lower case) */
+    size_t allowed_hosts_len;
     int api_max_connections;     /* default 256 */
     int api_connection_timeout;  /* seconds, default 10 (slowloris) */
 

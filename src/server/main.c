@@ -1,15 +1,18 @@
 /* portmux-server: flags, config, wiring of the modules around one event loop, signals. */
+#include <errno.h>
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include <event2/dns.h>
 #include <event2/event.h>
 
 #include "api.h"
 #include "clients.h"
+#include "api_guard.h"
 #include "config.h"
 #include "heap_tune.h"
 #include "log.h"
@@ -76,6 +79,51 @@ static int parse_args(int argc, char **argv, struct config *cfg)
         log_set_level(l);
     }
     return 0;
+}
+
+/* PORTMUX_API_TOKEN keeps the token out of config files (containers, systemd
+ * credentials). An empty value is ignored rather than switching auth off. */
+static int apply_env(struct config *cfg)
+{
+    const char *tok = getenv("PORTMUX_API_TOKEN");
+    if (!tok || !*tok)
+        return 0;
+    char *copy = strdup(tok);
+    if (!copy)
+        return -1;
+    free(cfg->api_token);
+    cfg->api_token = copy;
+    return 0;
+}
+
+/* SPEC §3 "Safe defaults": an API reachable from elsewhere must have a token, or anyone who
+ * can reach the port can point mappings anywhere (the cloud metadata service, say). */
+static int check_safe_defaults(const struct config *cfg)
+{
+    if (api_guard_is_loopback(cfg->api_listen_addr) || cfg->api_token[0] != '\0')
+        return 0;
+    fprintf(stderr,
+            "portmux-server: refusing to start: api.listen_addr %s is not a loopback address "
+            "and no API token is set (set api.token or PORTMUX_API_TOKEN)\n",
+            cfg->api_listen_addr);
+    return EXIT_CONFIG;
+}
+
+/* Descriptors are the server's working stock (two per relayed connection): use all the
+ * hard limit allows rather than the 1024 most shells start with. */
+static void raise_nofile_limit(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= rl.rlim_max)
+        return;
+    rlim_t was = rl.rlim_cur;
+    rl.rlim_cur = rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+        log_warn("server", "cannot raise the open-file limit from %llu: %s",
+                 (unsigned long long)was, strerror(errno));
+    else
+        log_debug("server", "open-file limit raised from %llu to %llu",
+                  (unsigned long long)was, (unsigned long long)rl.rlim_cur);
 }
 
 static void on_signal(evutil_socket_t sig, short what, void *arg)
@@ -169,6 +217,14 @@ int main(int argc, char **argv)
         status = r == 1 ? 0 : r;
         goto out;
     }
+    if (apply_env(&cfg) < 0) {
+        status = 1;
+        goto out;
+    }
+    status = check_safe_defaults(&cfg);
+    if (status != 0)
+        goto out;
+    raise_nofile_limit();
     signal(SIGPIPE, SIG_IGN);
     srv.cfg = &cfg;
     srv.started_at = time(NULL);

@@ -28,6 +28,8 @@ static const struct {
     [API_E_INTERNAL] = {"internal_error", 500},
     [API_E_CLIENT_EXISTS] = {"client_exists", 409},
     [API_E_MANAGED_BY_CONFIG] = {"managed_by_config", 409},
+    [API_E_CROSS_ORIGIN] = {"cross_origin", 403},
+    [API_E_BAD_HOST] = {"bad_host", 421},
 };
 
 const char *api_error_code(enum api_error e) { return api_errors[e].code; }

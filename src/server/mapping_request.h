@@ -25,6 +25,8 @@ enum api_error {
     API_E_INTERNAL,
     API_E_CLIENT_EXISTS,       /* §4a */
     API_E_MANAGED_BY_CONFIG,   /* §4a */
+    API_E_CROSS_ORIGIN,    /* 403: a foreign Origin or Sec-Fetch-Site: cross-site */
+    API_E_BAD_HOST,        /* 421: a Host the API does not answer to (DNS rebinding) */
 };
 
 /* "invalid_json", ... */

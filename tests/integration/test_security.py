@@ -170,14 +170,14 @@ def test_allowed_ips_403_without_reading_body(server_factory):
                          start=False)
     start_server(srv, lambda: srv.api("GET", "/health", timeout=1)[0] == 403)
     for cl in (100_000_000, 65_536, 10):
-        req = (b"POST /api/mapping/create HTTP/1.1\r\nHost: x\r\n"
+        req = (b"POST /api/mapping/create HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % cl)
         r = raw_exchange(srv.api_port, req, timeout=3.0, until=http_complete)
         assert r.status == 403, f"Content-Length {cl}: {r}"
         assert r.elapsed < 2.0, f"Content-Length {cl}: 403 took {r.elapsed:.2f}s"
         assert r.json_body() and r.json_body().get("error") == "forbidden", r
     # Expect: 100-continue must not be answered with 100 either.
-    req = (b"POST /api/mapping/create HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+    req = (b"POST /api/mapping/create HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
            b"Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n")
     r = raw_exchange(srv.api_port, req, timeout=3.0, until=lambda b: b"\r\n\r\n" in b)
     assert r.status == 403, r
@@ -355,7 +355,7 @@ def test_api_slowloris_cannot_starve(server_factory):
         t0 = time.monotonic()
         lorises = _hold_api_slots(srv.api_port, m)
         # One more while they are all open: refused (closed without an answer).
-        r = raw_exchange(srv.api_port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", timeout=5,
+        r = raw_exchange(srv.api_port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", timeout=5,
                          until=http_complete)
         opened = time.monotonic() - t0
         assert opened < timeout, f"setting up took {opened:.1f}s, longer than the timeout"
@@ -475,31 +475,31 @@ def test_random_byte_flood(server_factory):
 MALFORMED = [
     ("garbage line", b"GARBAGE\r\n\r\n", False),
     ("no version", b"GET /health\r\n\r\n", False),
-    ("bad version", b"GET /health HTTP/9.9\r\nHost: x\r\n\r\n", False),
-    ("header without colon", b"GET /health HTTP/1.1\r\nHost: x\r\nNoColonHere\r\n\r\n", False),
+    ("bad version", b"GET /health HTTP/9.9\r\nHost: 127.0.0.1\r\n\r\n", False),
+    ("header without colon", b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nNoColonHere\r\n\r\n", False),
     ("space before colon", b"GET /health HTTP/1.1\r\nHost : x\r\n\r\n", True),
-    ("NUL in path", b"GET /hea\x00lth HTTP/1.1\r\nHost: x\r\n\r\n", False),
-    ("NUL in header", b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", True),
-    ("NUL in method", b"G\x00T /health HTTP/1.1\r\nHost: x\r\n\r\n", False),
+    ("NUL in path", b"GET /hea\x00lth HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", False),
+    ("NUL in header", b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\x00b\r\n\r\n", True),
+    ("NUL in method", b"G\x00T /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", False),
     ("only NULs", b"\x00" * 2048, False),
-    ("bare LF", b"GET /health HTTP/1.1\nHost: x\n\n", True),
-    ("negative length", b"POST /api/mapping/create HTTP/1.1\r\nHost: x\r\n"
+    ("bare LF", b"GET /health HTTP/1.1\nHost: 127.0.0.1\n\n", True),
+    ("negative length", b"POST /api/mapping/create HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                         b"Content-Length: -1\r\n\r\n{}", False),
-    ("huge length", b"POST /api/mapping/create HTTP/1.1\r\nHost: x\r\n"
+    ("huge length", b"POST /api/mapping/create HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                     b"Content-Length: 99999999999999999999999\r\n\r\n{}", False),
-    ("two lengths", b"POST /api/mapping/create HTTP/1.1\r\nHost: x\r\n"
+    ("two lengths", b"POST /api/mapping/create HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                     b"Content-Length: 2\r\nContent-Length: 40\r\n\r\n{}", False),
-    ("bad chunk size", b"POST /api/mapping/create HTTP/1.1\r\nHost: x\r\n"
+    ("bad chunk size", b"POST /api/mapping/create HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", False),
-    ("chunk size overflow", b"POST /api/mapping/create HTTP/1.1\r\nHost: x\r\n"
+    ("chunk size overflow", b"POST /api/mapping/create HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                             b"Transfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\n{}\r\n",
      False),
-    ("1 MiB header", b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"A" * (1 << 20)
+    ("1 MiB header", b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"A" * (1 << 20)
                      + b"\r\n\r\n", False),
-    ("10k headers", b"GET /health HTTP/1.1\r\nHost: x\r\n"
+    ("10k headers", b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                     + b"".join(b"X-%d: y\r\n" % i for i in range(10000)) + b"\r\n", False),
-    ("1 MiB URL", b"GET /" + b"a" * (1 << 20) + b" HTTP/1.1\r\nHost: x\r\n\r\n", False),
-    ("1 MiB query", b"GET /health?" + b"a=b&" * (1 << 18) + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    ("1 MiB URL", b"GET /" + b"a" * (1 << 20) + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", False),
+    ("1 MiB query", b"GET /health?" + b"a=b&" * (1 << 18) + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
      False),
 ]
 
@@ -533,19 +533,19 @@ def test_body_limits_and_chunked(server):
     chunks = b""
     for piece in (body[:-1], pad, body[-1:]):
         chunks += b"%x\r\n" % len(piece) + piece + b"\r\n"
-    req = (b"POST /api/mapping/create HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    req = (b"POST /api/mapping/create HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
            b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n")
     r = raw_exchange(server.api_port, req, timeout=5, until=http_complete)
     assert r.status == 413, r
     assert r.json_body()["error"] == "body_too_large", r
     # A body that stops short of its Content-Length, then EOF: no crash, nothing created.
-    req = (b"POST /api/mapping/create HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    req = (b"POST /api/mapping/create HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
            b"Content-Length: 500\r\n\r\n" + body)
     raw_exchange(server.api_port, req, timeout=3, shut_wr=True)
     # A chunked body under the limit is fine.
     chunks = b"".join(b"%x\r\n" % len(body[i:i + 7]) + body[i:i + 7] + b"\r\n"
                       for i in range(0, len(body), 7))
-    req = (b"POST /api/mapping/create HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    req = (b"POST /api/mapping/create HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
            b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n")
     r = raw_exchange(server.api_port, req, timeout=5, until=http_complete)
     assert r.status == 201, r

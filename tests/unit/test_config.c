@@ -34,6 +34,7 @@ static void check_defaults(const struct config *c, int line)
     check_at(c->api_listen_port == 8080, __FILE__, line, "api.listen_port");
     check_at(strcmp(c->api_token, "") == 0, __FILE__, line, "api.token");
     check_at(c->allowed_ips_len == 0, __FILE__, line, "api.allowed_ips");
+    check_at(c->allowed_hosts_len == 0, __FILE__, line, "api.allowed_hosts");
     check_at(c->api_max_connections == 256, __FILE__, line, "api.max_connections");
     check_at(c->api_connection_timeout == 10, __FILE__, line, "api.connection_timeout");
     check_at(strcmp(c->db_path, "./data/mappings.db") == 0, __FILE__, line, "database.path");
@@ -188,6 +189,12 @@ static void test_values(void)
     CHECK(load(&c, "log: {level: error}\napi: {token: ''}\n", err, sizeof(err)) == 0);
     CHECK(c.log_level == LOGL_ERROR && c.api_token[0] == '\0');
     config_free(&c);
+    /* api.allowed_hosts: names and IP literals, stored in lower case. */
+    CHECK(load(&c, "api: {allowed_hosts: [Portmux.Example.COM, 10.1.2.3, '::1']}\n", err,
+               sizeof(err)) == 0);
+    CHECK(c.allowed_hosts_len == 3 && strcmp(c.allowed_hosts[0], "portmux.example.com") == 0 &&
+          strcmp(c.allowed_hosts[1], "10.1.2.3") == 0 && strcmp(c.allowed_hosts[2], "::1") == 0);
+    config_free(&c);
     /* Integers as YAML writes them: a tab or trailing comment around the value is fine. */
     CHECK(load(&c, "api:\n  listen_port: 0   # ephemeral\n", err, sizeof(err)) == 0);
     CHECK(c.api_listen_port == 0);
@@ -264,6 +271,12 @@ static const struct bad_case bad_cases[] = {
     BAD("api:\n  allowed_ips:\n    - 10.0.0.0/8\n    - nope\n",
         "t.yaml:4: api.allowed_ips[1]: invalid CIDR \"nope\""),
     BAD("api:\n  allowed_ips: [[1]]\n", "t.yaml:2: api.allowed_ips[0]: expected a CIDR"),
+    BAD("api: {allowed_hosts: example.com}\n", "t.yaml:1: api.allowed_hosts: expected a list"),
+    BAD("api:\n  allowed_hosts: [a.example, 'b.example:8080']\n",
+        "t.yaml:2: api.allowed_hosts[1]: not a host name or IP address: \"b.example:8080\""),
+    BAD("api:\n  allowed_hosts: ['http://a.example']\n",
+        "t.yaml:2: api.allowed_hosts[0]: not a host name"),
+    BAD("api:\n  allowed_hosts: [~]\n", "t.yaml:2: api.allowed_hosts[0]: expected a host name"),
     BAD("log:\n  level: verbose\n", "t.yaml:2: log.level: must be one of debug, info, warn, error"),
     BAD("log:\n  level: INFO\n", "t.yaml:2: log.level: must be one of"),
     BAD("api: {listen_addr: 'not an address!'}\n", "t.yaml:1: api.listen_addr: not an IP"),
@@ -430,6 +443,7 @@ static void test_example(void)
                        " heartbeat_timeout: 2, connect_timeout: 99, max_streams_per_client: 9,"
                        " listen_addr: 1.1.1.1, tls: {cert_file: a, key_file: b, client_ca: c}}\n"
                        "api: {listen_addr: '::1', listen_port: 1, token: t, allowed_ips: ['::1'],"
+                       " allowed_hosts: [x.example],"
                        " max_connections: 9, connection_timeout: 99}\n"
                        "database: {path: p}\nlimits: {max_connections_per_mapping: 9}\n"
                        "log: {level: error}\n";
