@@ -98,11 +98,21 @@ static enum MHD_Result api_queue(struct api *api, struct MHD_Connection *conn, u
 static enum MHD_Result api_reply_json(struct api *api, struct MHD_Connection *conn,
                                       unsigned status, json_t *json, const char *allow)
 {
-    char *text = json ? json_dumps(json, JSON_COMPACT) : NULL;
+    /* 15 significant digits print a rounded rtt_ms as 0.192, not 0.19200000000000001. */
+    char *text = json ? json_dumps(json, JSON_COMPACT | JSON_REAL_PRECISION(15)) : NULL;
     json_decref(json);
     if (!text)
         return MHD_NO;
-    return api_queue(api, conn, status, "application/json", text, strlen(text), allow);
+    /* A final newline, so the shell prompt does not land on curl's output. */
+    size_t len = strlen(text);
+    char *nl = realloc(text, len + 2);
+    if (!nl) {
+        free(text);
+        return MHD_NO;
+    }
+    nl[len] = '\n';
+    nl[len + 1] = '\0';
+    return api_queue(api, conn, status, "application/json", nl, len + 1, allow);
 }
 
 static enum MHD_Result api_fail(struct api *api, struct MHD_Connection *conn,

@@ -30,8 +30,10 @@ static void usage(FILE *f)
             "  -config, --config FILE    YAML config (see config.yaml.example);\n"
             "                            without it the defaults are used\n"
             "  --log-level LEVEL         debug|info|warn|error (overrides log.level)\n"
-            "  -help, --help             this text\n"
-            "  --version                 print the version\n");
+            "  -h, -help, --help         this text\n"
+            "  -V, --version             print the version\n"
+            "\n"
+            "Signals: SIGHUP reloads the config file; SIGINT/SIGTERM stop the server.\n");
 }
 
 /* Parses flags and loads the config. Returns 0 to run, 1 to exit 0 (help/version), or
@@ -47,7 +49,7 @@ static int parse_args(int argc, char **argv, struct config *cfg)
     };
     const char *path = NULL, *level = NULL;
     int c;
-    while ((c = getopt_long_only(argc, argv, "", opts, NULL)) != -1) {
+    while ((c = getopt_long_only(argc, argv, "hV", opts, NULL)) != -1) {
         switch (c) {
         case 'c': path = optarg; break;
         case 'l': level = optarg; break;
