@@ -632,6 +632,13 @@ static int fail_mark(struct loader *ld, enum config_mark m, const char *key, con
     return fail_at(ld, ld->lines[m] ? ld->lines[m] : 1, key, "%s", reason);
 }
 
+/* The same about a file: the reason, then the path the key names. */
+static int fail_file(struct loader *ld, enum config_mark m, const char *key, const char *reason,
+                     const char *path)
+{
+    return fail_at(ld, ld->lines[m] ? ld->lines[m] : 1, key, "%s (%.200s)", reason, path);
+}
+
 static int validate_tls(struct loader *ld)
 {
     const struct config *c = ld->cfg;
@@ -659,7 +666,7 @@ static FILE *tls_open(struct loader *ld, enum config_mark m, const char *key, co
 {
     FILE *f = fopen(path, "re");
     if (!f)
-        fail_mark(ld, m, key, strerror(errno));
+        fail_file(ld, m, key, strerror(errno), path);
     return f;
 }
 
@@ -672,7 +679,7 @@ static X509 *tls_read_cert(struct loader *ld, enum config_mark m, const char *ke
     X509 *cert = PEM_read_X509(f, NULL, tls_no_password, NULL);
     fclose(f);
     if (!cert)
-        fail_mark(ld, m, key, "no PEM certificate in the file (malformed or not PEM)");
+        fail_file(ld, m, key, "no PEM certificate in the file (malformed or not PEM)", path);
     return cert;
 }
 
@@ -694,13 +701,14 @@ static int check_tls_files(struct loader *ld)
     pkey = PEM_read_PrivateKey(f, NULL, tls_no_password, NULL);
     fclose(f);
     if (!pkey) {
-        fail_mark(ld, MARK_KEY, "tunnel.tls.key_file",
-                  "no PEM private key in the file (malformed, not PEM, or encrypted)");
+        fail_file(ld, MARK_KEY, "tunnel.tls.key_file",
+                  "no PEM private key in the file (malformed, not PEM, or encrypted)",
+                  c->tls_key_file);
         goto out;
     }
     if (X509_check_private_key(cert, pkey) != 1) {
-        fail_mark(ld, MARK_KEY, "tunnel.tls.key_file",
-                  "the key does not belong to tunnel.tls.cert_file");
+        fail_file(ld, MARK_KEY, "tunnel.tls.key_file",
+                  "the key does not belong to tunnel.tls.cert_file", c->tls_key_file);
         goto out;
     }
     if (c->tls_client_ca[0] &&
