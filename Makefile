@@ -7,7 +7,9 @@ JOBS       ?= $(shell nproc)
 CONFIG     ?= $(wildcard config.yaml)
 FUZZ_SECONDS ?= 60
 
-.PHONY: all deps build run test test-unit test-asan fuzz bench clean
+PREFIX     ?= /usr/local
+
+.PHONY: all deps build run test test-unit test-asan fuzz bench clean install package
 
 all: build
 
@@ -41,6 +43,16 @@ fuzz: deps
 
 bench: build
 	./bench/run.sh
+
+# Binaries, man pages, bash completion, systemd units and the config example under
+# $(PREFIX) (DESTDIR works as usual).
+install: build
+	cmake --install $(BUILD) --prefix $(PREFIX)
+
+# A Debian package (CPack): $(BUILD)/portmux_VERSION_ARCH.deb, installing under /usr with
+# a postinst that creates the portmux system user.
+package: build
+	cd $(BUILD) && cpack -G DEB
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)
