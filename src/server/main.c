@@ -13,6 +13,7 @@
 #include "heap_tune.h"
 #include "log.h"
 #include "mapping.h"
+#include "reload.h"
 #include "server.h"
 #include "store.h"
 #include "tunnel_server.h"
@@ -36,9 +37,17 @@ static void usage(FILE *f)
             "Signals: SIGHUP reloads the config file; SIGINT/SIGTERM stop the server.\n");
 }
 
+/* What SIGHUP needs from the command line: the file to read again, and whether
+ * --log-level pinned the level (it keeps winning over log.level, as at start). */
+struct main_reload {
+    struct server *srv;
+    const char *config_path;
+    bool level_pinned;
+};
+
 /* Parses flags and loads the config. Returns 0 to run, 1 to exit 0 (help/version), or
  * EXIT_CONFIG. */
-static int parse_args(int argc, char **argv, struct config *cfg)
+static int parse_args(int argc, char **argv, struct config *cfg, struct main_reload *rl)
 {
     static const struct option opts[] = {
         {"config", required_argument, NULL, 'c'},
@@ -62,6 +71,8 @@ static int parse_args(int argc, char **argv, struct config *cfg)
         fprintf(stderr, "portmux-server: unexpected argument '%s'\n", argv[optind]);
         return EXIT_CONFIG;
     }
+    rl->config_path = path;
+    rl->level_pinned = level != NULL;
     char err[512];
     if (path && config_load_file(cfg, path, err, sizeof(err)) < 0) {
         fprintf(stderr, "%s\n", err);
@@ -84,6 +95,18 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
     struct server *srv = arg;
     log_info("server", "%s received, shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
     event_base_loopbreak(srv->base);
+}
+
+static void on_sighup(evutil_socket_t sig, short what, void *arg)
+{
+    struct main_reload *rl = arg;
+    if (!rl->config_path) {
+        log_warn("server", "SIGHUP received, but the server runs on the defaults "
+                           "(no --config): nothing to reload");
+        return;
+    }
+    log_info("server", "SIGHUP received, reloading %s", rl->config_path);
+    reload_config(rl->srv, rl->config_path, rl->level_pinned);
 }
 
 static struct evdns_base *dns_new(struct event_base *base)
@@ -153,12 +176,13 @@ int main(int argc, char **argv)
     struct config cfg;
     struct server srv = {0};
     int status = EXIT_CONFIG;
-    struct event *sigint = NULL, *sigterm = NULL;
+    struct event *sigint = NULL, *sigterm = NULL, *sighup = NULL;
+    struct main_reload rl = {.srv = &srv};
     setvbuf(stderr, NULL, _IOLBF, 0);
     heap_tune_for_relay();
     if (config_init_defaults(&cfg) < 0)
         return 1;
-    int r = parse_args(argc, argv, &cfg);
+    int r = parse_args(argc, argv, &cfg, &rl);
     if (r != 0) {
         status = r == 1 ? 0 : r;
         goto out;
@@ -174,8 +198,10 @@ int main(int argc, char **argv)
     }
     sigint = evsignal_new(srv.base, SIGINT, on_signal, &srv);
     sigterm = evsignal_new(srv.base, SIGTERM, on_signal, &srv);
+    sighup = evsignal_new(srv.base, SIGHUP, on_sighup, &rl);
     event_add(sigint, NULL);
     event_add(sigterm, NULL);
+    event_add(sighup, NULL);
     status = server_start(&srv);
     if (status == 0) {
         log_info("server", "portmux %s ready", PORTMUX_VERSION);
@@ -189,6 +215,8 @@ out:
         event_free(sigint);
     if (sigterm)
         event_free(sigterm);
+    if (sighup)
+        event_free(sighup);
     if (srv.dns)
         evdns_base_free(srv.dns, 0);
     if (srv.base)
