@@ -6,7 +6,7 @@
 -- "other kinds of table schema changes"). Every row, id and CHECK is kept; the store runs
 -- this inside its own transaction.
 -- When a migration adds columns to mappings before this one (0003), they are listed here
--- too: this statement must name every column of the table at this version.
+-- too, in the same order: this table must have every column of mappings at this version.
 CREATE TABLE mappings_new (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     port        INTEGER NOT NULL UNIQUE CHECK (port BETWEEN 1 AND 65535),
@@ -17,10 +17,9 @@ CREATE TABLE mappings_new (
     name        TEXT    NOT NULL DEFAULT '',
     created_at  INTEGER NOT NULL
 );
-INSERT INTO mappings_new (id, port, target_ip, target_port, use_tunnel, client, name,
-                          created_at)
-    SELECT id, port, target_ip, target_port, use_tunnel, client, name, created_at
-    FROM mappings;
+-- SELECT * on purpose: a column added before this migration and missing above makes
+-- the copy fail (and the whole migration roll back) instead of being dropped silently.
+INSERT INTO mappings_new SELECT * FROM mappings;
 DROP TABLE mappings;
 ALTER TABLE mappings_new RENAME TO mappings;
 -- Direct mappings have no client (SPEC §2); rows written before said 'default'.
