@@ -5,6 +5,7 @@ package is built from the build tree into a temp dir, inspected with `dpkg-deb -
 unpacked with `dpkg-deb -x`, and its binaries run from the unpacked /usr/bin: a server on
 free loopback ports answers the unpacked portmux-ctl. The systemd units pass
 `systemd-analyze verify` with ExecStart pointed at the unpacked binaries."""
+import os
 import re
 import shutil
 import subprocess
@@ -113,3 +114,18 @@ def test_units_pass_systemd_analyze_verify(deb, tmp_path):
                        timeout=60)
     out = r.stdout.decode() + r.stderr.decode()
     assert r.returncode == 0 and out.strip() == "", out
+
+
+def test_make_install_into_destdir(tmp_path):
+    """What `make install` runs: cmake --install, here into a DESTDIR."""
+    dest = tmp_path / "dest"
+    r = subprocess.run(["cmake", "--install", str(BUILD_DIR), "--prefix", "/opt/pm"],
+                       capture_output=True, timeout=120, env={**os.environ, "DESTDIR": str(dest)})
+    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+    root = dest / "opt/pm"
+    for b in BINARIES:
+        assert run_once([root / "bin" / b, "--version"]).returncode == 0, b
+    unit = (root / "lib/systemd/system/portmux-server.service").read_text()
+    assert "ExecStart=/opt/pm/bin/portmux-server " in unit, unit
+    assert (root / "share/man/man1/portmux-ctl.1").is_file()
+    assert (root / "share/bash-completion/completions/portmux-ctl").is_file()
