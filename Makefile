@@ -7,9 +7,7 @@ JOBS       ?= $(shell nproc)
 CONFIG     ?= $(wildcard config.yaml)
 FUZZ_SECONDS ?= 60
 
-PREFIX     ?= /usr/local
-
-.PHONY: all deps build run test test-unit test-asan fuzz bench clean install package
+.PHONY: all deps build run test test-unit test-asan fuzz bench clean
 
 all: build
 
@@ -46,6 +44,9 @@ bench: build
 
 # Binaries, man pages, bash completion, systemd units and the config example under
 # $(PREFIX) (DESTDIR works as usual).
+PREFIX ?= /usr/local
+
+.PHONY: install package
 install: build
 	cmake --install $(BUILD) --prefix $(PREFIX)
 
