@@ -54,5 +54,18 @@ fuzz: deps
 bench: build
 	./bench/run.sh
 
+# Binaries, man pages, bash completion, systemd units and the config example under
+# $(PREFIX) (DESTDIR works as usual).
+PREFIX ?= /usr/local
+
+.PHONY: install package
+install: build
+	cmake --install $(BUILD) --prefix $(PREFIX)
+
+# A Debian package (CPack): $(BUILD)/portmux_VERSION_ARCH.deb, installing under /usr with
+# a postinst that creates the portmux system user.
+package: build
+	cd $(BUILD) && cpack -G DEB
+
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)

@@ -12,7 +12,8 @@
 # How the binaries get wrapped: the tests find the binaries through PORTMUX_BUILD_DIR, so
 # this script points that at a directory of wrapper scripts named portmux-server and
 # portmux-client. Each wrapper runs the real binary under valgrind as its child and
-# turns its own end into a SIGTERM for that child: a SIGTERM/SIGINT is passed on, and
+# turns its own end into a SIGTERM for that child: a SIGTERM/SIGINT is passed on (and a
+# SIGHUP, the server's reload), and
 # when the wrapper is killed with SIGKILL (what the fixtures do at teardown) the child
 # gets SIGTERM through PR_SET_PDEATHSIG. So every process exits through its normal
 # shutdown path and valgrind writes a complete leak report. (Tests that need a real
@@ -100,6 +101,7 @@ ${PDEATH[*]} valgrind --leak-check=full --errors-for-leak-kinds=definite --error
   "$real" "\$@" &
 child=\$!
 trap 'kill -TERM "\$child" 2>/dev/null' TERM INT
+trap 'kill -HUP "\$child" 2>/dev/null' HUP
 while :; do
   wait "\$child" && rc=0 || rc=\$?
   kill -0 "\$child" 2>/dev/null || exit "\$rc"

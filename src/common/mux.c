@@ -338,7 +338,10 @@ static int mux_on_keepalive(struct mux_session *s, const struct frame *f)
         /* Our own token coming back; a stale one (superseded) is dropped, never echoed,
          * or two peers would bounce it forever. */
         if (s->ka_pending && memcmp(f->data, s->ka_token, MUX_KEEPALIVE_TOKEN_LEN) == 0) {
-            s->rtt_ms = (double)(mux_now_ns() - s->ka_sent_ns) / 1e6;
+            /* Whole microseconds, rounded up: finer is noise (and 0.19198000000000001
+             * is what the API showed), and a sample is never 0, which reads "none yet". */
+            uint64_t us = (mux_now_ns() - s->ka_sent_ns + 999) / 1000;
+            s->rtt_ms = (double)(us > 0 ? us : 1) / 1e3;
             s->ka_pending = false;
             s->ka_echoes++;
         }

@@ -109,17 +109,24 @@ void api_reply_clear(struct api_reply *r)
 static void api_reply_json(struct api_reply *out, unsigned status, json_t *json,
                            const char *allow)
 {
-    char *text = json ? json_dumps(json, JSON_COMPACT) : NULL;
+    /* 15 significant digits print a rounded rtt_ms as 0.192, not 0.19200000000000001. */
+    char *text = json ? json_dumps(json, JSON_COMPACT | JSON_REAL_PRECISION(15)) : NULL;
     json_decref(json);
     api_reply_clear(out);
-    if (!text) {
+    /* A final newline, so the shell prompt does not land on curl's output. */
+    char *nl = text ? realloc(text, strlen(text) + 2) : NULL;
+    if (!nl) {
+        free(text);
         out->close = true;
         return;
     }
+    size_t len = strlen(nl);
+    nl[len] = '\n';
+    nl[len + 1] = '\0';
     out->status = status;
     out->type = "application/json";
-    out->body = text;
-    out->len = strlen(text);
+    out->body = nl;
+    out->len = len + 1;
     out->allow = allow;
 }
 

@@ -23,6 +23,11 @@
 
 #include "clients.h"
 
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+
 /* Upper bounds that keep seconds*1000 and counts comfortably inside an int. */
 #define CONFIG_MAX_SECONDS 86400
 #define CONFIG_MAX_COUNT 1000000
@@ -71,6 +76,7 @@ struct loader {
     char path[256];            /* dotted key path of the value being read */
     size_t path_len;
     size_t lines[MARK_COUNT];  /* 1-based; 0 = not in the file */
+    bool check_files;          /* open the TLS files named (a real config, not a test) */
 };
 
 /* ---- errors and paths ---- */
@@ -693,6 +699,13 @@ static int fail_mark(struct loader *ld, enum config_mark m, const char *key, con
     return fail_at(ld, ld->lines[m] ? ld->lines[m] : 1, key, "%s", reason);
 }
 
+/* The same about a file: the reason, then the path the key names. */
+static int fail_file(struct loader *ld, enum config_mark m, const char *key, const char *reason,
+                     const char *path)
+{
+    return fail_at(ld, ld->lines[m] ? ld->lines[m] : 1, key, "%s (%.200s)", reason, path);
+}
+
 static int validate_tls(struct loader *ld)
 {
     const struct config *c = ld->cfg;
@@ -707,6 +720,74 @@ static int validate_tls(struct loader *ld)
         return fail_mark(ld, MARK_CA, "tunnel.tls.client_ca",
                          "mutual TLS needs tunnel.tls.cert_file and key_file");
     return 0;
+}
+
+/* An encrypted key would make OpenSSL prompt on the terminal: refuse it instead. */
+static int tls_no_password(char *buf, int size, int rwflag, void *u)
+{
+    return 0;
+}
+
+/* Opens a file named by a TLS key; a failure is reported as the shell would (errno). */
+static FILE *tls_open(struct loader *ld, enum config_mark m, const char *key, const char *path)
+{
+    FILE *f = fopen(path, "re");
+    if (!f)
+        fail_file(ld, m, key, strerror(errno), path);
+    return f;
+}
+
+static X509 *tls_read_cert(struct loader *ld, enum config_mark m, const char *key,
+                           const char *path)
+{
+    FILE *f = tls_open(ld, m, key, path);
+    if (!f)
+        return NULL;
+    X509 *cert = PEM_read_X509(f, NULL, tls_no_password, NULL);
+    fclose(f);
+    if (!cert)
+        fail_file(ld, m, key, "no PEM certificate in the file (malformed or not PEM)", path);
+    return cert;
+}
+
+/* The TLS files must exist, be readable and hold what their key says, and the key must
+ * belong to the certificate: a config error at start (exit 2, FILE:LINE: KEY), rather
+ * than an OpenSSL error from deep inside the tunnel's start-up. */
+static int check_tls_files(struct loader *ld)
+{
+    const struct config *c = ld->cfg;
+    EVP_PKEY *pkey = NULL;
+    X509 *ca = NULL;
+    int rc = -1;
+    X509 *cert = tls_read_cert(ld, MARK_CERT, "tunnel.tls.cert_file", c->tls_cert_file);
+    if (!cert)
+        goto out;
+    FILE *f = tls_open(ld, MARK_KEY, "tunnel.tls.key_file", c->tls_key_file);
+    if (!f)
+        goto out;
+    pkey = PEM_read_PrivateKey(f, NULL, tls_no_password, NULL);
+    fclose(f);
+    if (!pkey) {
+        fail_file(ld, MARK_KEY, "tunnel.tls.key_file",
+                  "no PEM private key in the file (malformed, not PEM, or encrypted)",
+                  c->tls_key_file);
+        goto out;
+    }
+    if (X509_check_private_key(cert, pkey) != 1) {
+        fail_file(ld, MARK_KEY, "tunnel.tls.key_file",
+                  "the key does not belong to tunnel.tls.cert_file", c->tls_key_file);
+        goto out;
+    }
+    if (c->tls_client_ca[0] &&
+        !(ca = tls_read_cert(ld, MARK_CA, "tunnel.tls.client_ca", c->tls_client_ca)))
+        goto out;
+    rc = 0;
+out:
+    X509_free(ca);
+    EVP_PKEY_free(pkey);
+    X509_free(cert);
+    ERR_clear_error();
+    return rc;
 }
 
 static int validate(struct loader *ld)
@@ -725,7 +806,11 @@ static int validate(struct loader *ld)
         return fail_pair(ld, MARK_HB_INTERVAL, "tunnel.heartbeat_interval", MARK_HB_TIMEOUT,
                          "tunnel.heartbeat_timeout", reason);
     }
-    return validate_tls(ld);
+    if (validate_tls(ld) != 0)
+        return -1;
+    if (ld->check_files && c->tunnel_enabled && c->tls_cert_file[0])
+        return check_tls_files(ld);
+    return 0;
 }
 
 /* ---- documents ---- */
@@ -753,11 +838,12 @@ static int load_events(struct loader *ld)
     return validate(ld);
 }
 
-int config_load_string(struct config *cfg, const char *yaml, size_t len, const char *name,
-                       char *err, size_t errlen)
+static int config_load_mem(struct config *cfg, const char *yaml, size_t len, const char *name,
+                           bool check_files, char *err, size_t errlen)
 {
     struct loader ld;
     memset(&ld, 0, sizeof(ld));
+    ld.check_files = check_files;
     ld.name = name != NULL ? name : "<string>";
     ld.input = yaml != NULL ? yaml : "";
     ld.input_len = yaml != NULL ? len : 0;
@@ -774,6 +860,12 @@ int config_load_string(struct config *cfg, const char *yaml, size_t len, const c
         yaml_event_delete(&ld.ev);
     yaml_parser_delete(&ld.parser);
     return rc;
+}
+
+int config_load_string(struct config *cfg, const char *yaml, size_t len, const char *name,
+                       char *err, size_t errlen)
+{
+    return config_load_mem(cfg, yaml, len, name, false, err, errlen);
 }
 
 /* Reads the whole file; returns 0, or an errno value. */
@@ -827,7 +919,7 @@ int config_load_file(struct config *cfg, const char *path, char *err, size_t err
         }
         return -1;
     }
-    rc = config_load_string(cfg, buf, len, path, err, errlen);
+    rc = config_load_mem(cfg, buf, len, path, true, err, errlen);
     free(buf);
     return rc;
 }

@@ -61,10 +61,12 @@ struct config {
 int config_init_defaults(struct config *cfg);
 
 /* Reads YAML from path over the defaults already in cfg. On error returns -1 and writes
- * one line "FILE:LINE: KEY: reason" into err. */
+ * one line "FILE:LINE: KEY: reason" into err. With the tunnel on, the TLS files it names
+ * must be readable PEM (certificate, its key, CA). */
 int config_load_file(struct config *cfg, const char *path, char *err, size_t errlen);
 
-/* Same, from memory; name stands for the file name in messages (tests, fuzzing). */
+/* Same, from memory; name stands for the file name in messages (tests, fuzzing). Unlike
+ * config_load_file it does not open the TLS files the config names. */
 int config_load_string(struct config *cfg, const char *yaml, size_t len, const char *name,
                        char *err, size_t errlen);
 

@@ -17,6 +17,7 @@
 #include "heap_tune.h"
 #include "log.h"
 #include "mapping.h"
+#include "reload.h"
 #include "server.h"
 #include "store.h"
 #include "tunnel_server.h"
@@ -34,13 +35,23 @@ static void usage(FILE *f)
             "  -config, --config FILE    YAML config (see config.yaml.example);\n"
             "                            without it the defaults are used\n"
             "  --log-level LEVEL         debug|info|warn|error (overrides log.level)\n"
-            "  -help, --help             this text\n"
-            "  --version                 print the version\n");
+            "  -h, -help, --help         this text\n"
+            "  -V, --version             print the version\n"
+            "\n"
+            "Signals: SIGHUP reloads the config file; SIGINT/SIGTERM stop the server.\n");
 }
+
+/* What SIGHUP needs from the command line: the file to read again, and whether
+ * --log-level pinned the level (it keeps winning over log.level, as at start). */
+struct main_reload {
+    struct server *srv;
+    const char *config_path;
+    bool level_pinned;
+};
 
 /* Parses flags and loads the config. Returns 0 to run, 1 to exit 0 (help/version), or
  * EXIT_CONFIG. */
-static int parse_args(int argc, char **argv, struct config *cfg)
+static int parse_args(int argc, char **argv, struct config *cfg, struct main_reload *rl)
 {
     static const struct option opts[] = {
         {"config", required_argument, NULL, 'c'},
@@ -51,7 +62,7 @@ static int parse_args(int argc, char **argv, struct config *cfg)
     };
     const char *path = NULL, *level = NULL;
     int c;
-    while ((c = getopt_long_only(argc, argv, "", opts, NULL)) != -1) {
+    while ((c = getopt_long_only(argc, argv, "hV", opts, NULL)) != -1) {
         switch (c) {
         case 'c': path = optarg; break;
         case 'l': level = optarg; break;
@@ -64,6 +75,8 @@ static int parse_args(int argc, char **argv, struct config *cfg)
         fprintf(stderr, "portmux-server: unexpected argument '%s'\n", argv[optind]);
         return EXIT_CONFIG;
     }
+    rl->config_path = path;
+    rl->level_pinned = level != NULL;
     char err[512];
     if (path && config_load_file(cfg, path, err, sizeof(err)) < 0) {
         fprintf(stderr, "%s\n", err);
@@ -131,6 +144,18 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
     struct server *srv = arg;
     log_info("server", "%s received, shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
     event_base_loopbreak(srv->base);
+}
+
+static void on_sighup(evutil_socket_t sig, short what, void *arg)
+{
+    struct main_reload *rl = arg;
+    if (!rl->config_path) {
+        log_warn("server", "SIGHUP received, but the server runs on the defaults "
+                           "(no --config): nothing to reload");
+        return;
+    }
+    log_info("server", "SIGHUP received, reloading %s", rl->config_path);
+    reload_config(rl->srv, rl->config_path, rl->level_pinned);
 }
 
 static struct evdns_base *dns_new(struct event_base *base)
@@ -207,12 +232,13 @@ int main(int argc, char **argv)
     struct config cfg;
     struct server srv = {0};
     int status = EXIT_CONFIG;
-    struct event *sigint = NULL, *sigterm = NULL;
+    struct event *sigint = NULL, *sigterm = NULL, *sighup = NULL;
+    struct main_reload rl = {.srv = &srv};
     setvbuf(stderr, NULL, _IOLBF, 0);
     heap_tune_for_relay();
     if (config_init_defaults(&cfg) < 0)
         return 1;
-    int r = parse_args(argc, argv, &cfg);
+    int r = parse_args(argc, argv, &cfg, &rl);
     if (r != 0) {
         status = r == 1 ? 0 : r;
         goto out;
@@ -236,8 +262,10 @@ int main(int argc, char **argv)
     }
     sigint = evsignal_new(srv.base, SIGINT, on_signal, &srv);
     sigterm = evsignal_new(srv.base, SIGTERM, on_signal, &srv);
+    sighup = evsignal_new(srv.base, SIGHUP, on_sighup, &rl);
     event_add(sigint, NULL);
     event_add(sigterm, NULL);
+    event_add(sighup, NULL);
     status = server_start(&srv);
     if (status == 0) {
         log_info("server", "portmux %s ready", PORTMUX_VERSION);
@@ -251,6 +279,8 @@ out:
         event_free(sigint);
     if (sigterm)
         event_free(sigterm);
+    if (sighup)
+        event_free(sighup);
     if (srv.dns)
         evdns_base_free(srv.dns, 0);
     if (srv.base)

@@ -345,7 +345,7 @@ json_t *mapping_to_json(const struct mapping *m)
     enum mapping_status st = mapping_status(m);
     json_t *o = json_pack("{s:I, s:i, s:s, s:i, s:b, s:s, s:s, s:I, s:s}", "id", (json_int_t)r->id,
                           "port", r->port, "target_ip", r->target_ip, "target_port",
-                          r->target_port, "use_tunnel", r->use_tunnel, "client", r->client,
+                          r->target_port, "use_tunnel", r->use_tunnel, "client", r->use_tunnel ? r->client : "",
                           "name", r->name, "created_at", (json_int_t)r->created_at, "status",
                           mapping_status_name(st));
     if (!o)

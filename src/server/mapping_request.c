@@ -192,6 +192,9 @@ static enum api_error resolve_mode(const struct config *cfg, json_t *obj,
         return API_E_INVALID_FIELD;
     }
     rec->use_tunnel = t ? json_is_true(t) : (!rec->target_ip[0] && cfg->tunnel_enabled);
+    /* SPEC §2: a direct mapping has no client; "" in the API, the store and /metrics. */
+    if (!rec->use_tunnel)
+        rec->client[0] = '\0';
     if (!config_port_allowed(cfg, rec->port)) {
         snprintf(msg, msglen, "port %d is outside port_range %d-%d or blacklisted", rec->port,
                  cfg->port_from, cfg->port_end);

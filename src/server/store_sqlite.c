@@ -1,14 +1,17 @@
 /* SQLite backend of the store: opening, the migrations runner, and the mapping statements.
  * All statements are prepared once at open; every SQLite error is logged here. */
 #include <errno.h>
+#include <fcntl.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "embed.h"
 #include "log.h"
@@ -57,6 +60,7 @@ static const char *const sqc_sql[SQC_COUNT] = {
 struct sq_store {
     sqlite3 *db;
     char *path;
+    int lock_fd;                  /* flock'd "<path>.lock": one server per database */
     sqlite3_stmt *stmt[SQ_COUNT];
     sqlite3_stmt *cstmt[SQC_COUNT];
 };
@@ -112,6 +116,41 @@ static int sq_make_parent_dirs(const char *path, char *err, size_t errlen)
     if (rc != 0)
         log_error("store", "%s", err ? err : "cannot create database directory");
     free(dir);
+    return rc;
+}
+
+/* One server per database: a second portmux-server on the same file would restore the
+ * same mappings, fight over their ports and write behind the first one's back. An
+ * exclusive flock on "<path>.lock", taken before SQLite opens (or migrates) anything, is
+ * released by the kernel however the holder dies, so kill -9 never leaves a stale lock. */
+static int sq_lock(struct sq_store *sq, char *err, size_t errlen)
+{
+    if (strcmp(sq->path, ":memory:") == 0)
+        return 0; /* private to this connection anyway */
+    char *lock = NULL;
+    if (asprintf(&lock, "%s.lock", sq->path) < 0) {
+        store_set_err(err, errlen, "out of memory");
+        return -1;
+    }
+    int rc = -1;
+    sq->lock_fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (sq->lock_fd < 0) {
+        store_set_err(err, errlen, "database %s: cannot open the lock file %s: %s", sq->path,
+                      lock, strerror(errno));
+    } else if (flock(sq->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+        if (errno == EWOULDBLOCK)
+            store_set_err(err, errlen,
+                          "database %s is in use by another portmux-server (%s is locked); "
+                          "one server per database", sq->path, lock);
+        else
+            store_set_err(err, errlen, "database %s: cannot lock %s: %s", sq->path, lock,
+                          strerror(errno));
+    } else {
+        rc = 0;
+    }
+    if (rc != 0)
+        log_error("store", "%s", err ? err : "cannot lock the database");
+    free(lock);
     return rc;
 }
 
@@ -304,6 +343,9 @@ static void sq_close(void *impl)
     /* The last connection to close checkpoints the WAL into the database and removes it. */
     if (sq->db && sqlite3_close(sq->db) != SQLITE_OK)
         sq_log(sq, "closing");
+    /* Released only once the database is closed and checkpointed. */
+    if (sq->lock_fd >= 0)
+        close(sq->lock_fd);
     free(sq->path);
     free(sq);
 }
@@ -317,11 +359,13 @@ static void *sq_open(const char *location, struct store_open_info *info,
     if (sq_newest_migration(&newest, err, errlen) != 0)
         return NULL;
     struct sq_store *sq = calloc(1, sizeof(*sq));
+    if (sq)
+        sq->lock_fd = -1;
     if (!sq || !(sq->path = strdup(location))) {
         store_set_err(err, errlen, "out of memory");
         goto fail;
     }
-    if (sq_make_parent_dirs(location, err, errlen) != 0)
+    if (sq_make_parent_dirs(location, err, errlen) != 0 || sq_lock(sq, err, errlen) != 0)
         goto fail;
     if (sqlite3_open_v2(location, &sq->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL) !=
         SQLITE_OK) {

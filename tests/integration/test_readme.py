@@ -16,6 +16,7 @@ The conventions (also in the README's "The examples are tested"):
   there (a sample line up to its value). No expectation: exit 0 and a status below 400.
 """
 import json
+import os
 import re
 import os
 import shlex
@@ -23,13 +24,15 @@ import subprocess
 
 import pytest
 
-from conftest import CLIENT_BIN, SERVER_BIN, SOURCE_DIR, deep_merge, free_port, wait_until
+from conftest import (BUILD_DIR, CLIENT_BIN, SERVER_BIN, SOURCE_DIR, deep_merge, free_port,
+                      wait_until)
 from tunnel_helpers import client_count
 
 pytestmark = pytest.mark.skipif(not CLIENT_BIN.exists(),
                                 reason=f"portmux-client not built at {CLIENT_BIN}")
 
 README = SOURCE_DIR / "README.md"
+CTL_BIN = BUILD_DIR / "portmux-ctl"
 PUBLIC_HOST = "portmux.example.com"
 RANGE = (20000, 32699)  # where free_port() draws from: the test servers' port_range
 # The quick start's token, as a reader copies it from the first start's log line into
@@ -97,6 +100,10 @@ def is_curl(cmd):
 
 def is_client(cmd):
     return cmd.startswith("build/portmux-client ")
+
+
+def is_ctl(cmd):
+    return cmd.startswith("build/portmux-ctl ")
 
 
 def _drop_elisions(s):
@@ -246,12 +253,37 @@ def start_client(env, cmd, proc_factory):
     assert p.running(), f"README client exited {p.poll()}: {cmd!r}\n{p.log_tail()}"
 
 
+def run_ctl(env, cmd, exp, cwd):
+    """A portmux-ctl command, with PORTMUX_API pointing at env's server. `# => exit N`
+    gives the exit status (default 0); each line after it must be in the output, compared
+    with runs of blanks collapsed (table columns widen with the real ports), a trailing
+    `...` eliding the rest of the line."""
+    args = shlex.split(env.rewrite(cmd))
+    args[0] = str(CTL_BIN)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PORTMUX_API")}
+    environ["PORTMUX_API"] = f"http://127.0.0.1:{env.srv.api_port}"
+    r = subprocess.run(args, capture_output=True, timeout=30, cwd=cwd, env=environ)
+    out = r.stdout.decode() + r.stderr.decode()
+    want, lines = 0, []
+    if exp:
+        m = re.fullmatch(r"exit (\d+)", exp[0].strip())
+        assert m, f"a portmux-ctl expectation starts with `exit N`: {exp[0]!r}"
+        want, lines = int(m.group(1)), [env.rewrite(x) for x in exp[1:]]
+    where = f"README command {cmd!r} ran as {args!r}"
+    assert r.returncode == want, f"{where}\nexit {r.returncode}, README says {want}:\n{out}"
+    seen = [" ".join(ln.split()) for ln in out.splitlines()]
+    for line in lines:
+        line = " ".join(line.split())
+        line = line[:-3].rstrip() if line.endswith("...") else line
+        assert any(line in s for s in seen), f"{where}\nno line {line!r} in:\n{out}"
+
+
 # ---------------------------------------------------------------------------
 # Tests
 
 def test_readme_examples_run(server_factory, proc_factory, http_backend, tmp_path):
     servers, env = {}, None
-    ran = {"curl": 0, "client": 0, "expectations": 0}
+    ran = {"curl": 0, "client": 0, "expectations": 0, "ctl": 0}
     for marker, lang, body in blocks(README.read_text()):
         if lang != "sh":
             assert not re.search(r"^\s*curl\s", body, re.M), \
@@ -277,10 +309,15 @@ def test_readme_examples_run(server_factory, proc_factory, http_backend, tmp_pat
                 assert env is not None, f"client before any readme-test server marker: {cmd!r}"
                 start_client(env, cmd, proc_factory)
                 ran["client"] += 1
+            elif is_ctl(cmd):
+                assert env is not None, f"portmux-ctl before any readme-test server: {cmd!r}"
+                run_ctl(env, cmd, exp, tmp_path)
+                ran["ctl"] += 1
             else:
                 assert exp is None, f"an expectation under a command that is not run: {cmd!r}"
     # The README has these many; fewer means the parser lost some.
     assert ran["curl"] >= 25 and ran["client"] >= 4 and ran["expectations"] >= 20, ran
+    assert ran["ctl"] >= 5, ran
 
 
 def test_usage_blocks_equal_help():

@@ -13,9 +13,14 @@
 #include "embed.h"
 #include "store.h"
 
-/* The newest schema version: one per embedded migration (0001, 0002, ...). */
+extern const struct embedded_file embedded_migrations[];
 extern const size_t embedded_migrations_count;
-#define NEWEST ((int)embedded_migrations_count)
+
+/* The schema version a fresh database reaches: the number of the last migration. */
+static int newest_version(void)
+{
+    return atoi(embedded_migrations[embedded_migrations_count - 1].path);
+}
 
 static char tmpdir[64];
 
@@ -164,10 +169,10 @@ static void test_fresh_open(void)
     char path[PATH_MAX], buf[64];
     tpath(path, sizeof(path), "fresh.db");
     struct store *st = open_ok(path);
-    CHECK(NEWEST >= 2);
-    CHECK(store_schema_version(st) == NEWEST);
-    CHECK(store_migrations_applied(st) == NEWEST);
-    CHECK(sql_int(path, "PRAGMA user_version") == NEWEST);
+    CHECK(newest_version() >= 2);
+    CHECK(store_schema_version(st) == newest_version());
+    CHECK(store_migrations_applied(st) == (int)embedded_migrations_count);
+    CHECK(sql_int(path, "PRAGMA user_version") == newest_version());
     CHECK(sql_text(path, "PRAGMA journal_mode", buf, sizeof(buf)) == SQLITE_OK);
     CHECK(strcmp(buf, "wal") == 0);
     CHECK(sql_int(path, "SELECT count(*) FROM sqlite_master WHERE name = 'mappings'") == 1);
@@ -265,7 +270,7 @@ static void test_roundtrip_reopen(void)
 
     st = open_ok(path);
     CHECK(store_migrations_applied(st) == 0);
-    CHECK(store_schema_version(st) == NEWEST);
+    CHECK(store_schema_version(st) == newest_version());
     struct collect *c = collect_all(st);
     CHECK(c->n == 4);
     /* in[] is already in port order. */
@@ -297,8 +302,8 @@ static void test_too_new(void)
     CHECK(st == NULL);
     CHECK(res == STORE_TOO_NEW);
     CHECK(strstr(err, "schema version 99") != NULL);
-    char knows[32];
-    snprintf(knows, sizeof(knows), "knows up to %d", NEWEST);
+    char knows[64];
+    snprintf(knows, sizeof(knows), "knows up to %d", newest_version());
     CHECK(strstr(err, knows) != NULL);
     CHECK(strstr(err, "refusing to start") != NULL);
     CHECK(strstr(err, path) != NULL);
@@ -562,6 +567,55 @@ static void test_clients(void)
     store_close(st);
 }
 
+/* A second open of the same database fails at once and changes nothing; the lock goes
+ * with the first store. */
+static void test_single_instance_lock(void)
+{
+    char path[PATH_MAX], lock[PATH_MAX + 8], err[512] = "";
+    tpath(path, sizeof(path), "locked.db");
+    snprintf(lock, sizeof(lock), "%s.lock", path);
+    struct store *first = open_ok(path);
+    struct mapping_record a = rec_make(4000, "10.0.0.4", 22, false, "", "kept");
+    CHECK(store_mapping_insert(first, &a) == STORE_OK);
+    CHECK(exists(lock));
+    enum store_result res = STORE_OK;
+    struct store *second = store_open(path, &res, err, sizeof(err));
+    CHECK(second == NULL && res == STORE_ERR);
+    CHECK(strstr(err, "in use by another portmux-server") != NULL);
+    CHECK(strstr(err, lock) != NULL);
+    store_close(second);
+    struct collect *c = collect_all(first);
+    CHECK(c->n == 1 && rec_equal(&c->rows[0], &a));
+    free(c);
+    store_close(first);
+    struct store *again = open_ok(path);
+    store_close(again);
+}
+
+/* Ids are never handed out twice, not even the newest one after its remove. */
+static void test_ids_not_reused(void)
+{
+    char path[PATH_MAX];
+    tpath(path, sizeof(path), "ids.db");
+    struct store *st = open_ok(path);
+    struct mapping_record a = rec_make(5000, "10.0.0.5", 22, false, "", "a");
+    struct mapping_record b = rec_make(5001, "10.0.0.5", 23, false, "", "b");
+    CHECK(store_mapping_insert(st, &a) == STORE_OK);
+    CHECK(store_mapping_insert(st, &b) == STORE_OK);
+    CHECK(store_mapping_delete(st, 5001) == STORE_OK);
+    struct mapping_record c = rec_make(5002, "10.0.0.5", 24, false, "", "c");
+    CHECK(store_mapping_insert(st, &c) == STORE_OK);
+    CHECK(c.id > b.id && b.id > a.id);
+    store_close(st);
+    /* The high-water mark is on disk, not in the process. */
+    st = open_ok(path);
+    CHECK(store_mapping_delete(st, 5002) == STORE_OK);
+    struct mapping_record d = rec_make(5003, "10.0.0.5", 25, false, "", "d");
+    CHECK(store_mapping_insert(st, &d) == STORE_OK);
+    CHECK(d.id > c.id);
+    store_close(st);
+}
+
 int main(void)
 {
     snprintf(tmpdir, sizeof(tmpdir), "/tmp/portmux-store-XXXXXX");
@@ -578,6 +632,8 @@ int main(void)
     test_bad_input();
     test_many_ops_integrity();
     test_clients();
+    test_single_instance_lock();
+    test_ids_not_reused();
     nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
     return check_summary();
 }

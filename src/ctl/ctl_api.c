@@ -1,0 +1,60 @@
+/* portmux-ctl: one API call and its outcome (exit status, error line), shared by verbs. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ctl.h"
+#include "ctl_http.h"
+
+int ctl_api(const struct ctl_opts *o, const char *method, const char *path, json_t *body,
+            struct ctl_reply *rep, json_t **data)
+{
+    char err[1400];
+    *data = NULL;
+    int rc = ctl_http_call(o, method, path, body, rep, err, sizeof(err));
+    if (rc != CTL_OK) {
+        fprintf(stderr, "portmux-ctl: %s\n", err);
+        return rc;
+    }
+    json_t *j = rep->json;
+    if (rep->status >= 200 && rep->status < 300 && json_is_object(j)) {
+        json_t *d = json_object_get(j, "data");
+        *data = json_is_true(json_object_get(j, "success")) && d ? d : j;
+        return CTL_OK;
+    }
+    const char *code = json_string_value(json_object_get(j, "error"));
+    const char *msg = json_string_value(json_object_get(j, "message"));
+    if (code) {
+        /* The code first: it is what scripts and the SPEC's error table name. */
+        fprintf(stderr, "portmux-ctl: %s: %s (HTTP %d)\n", code, msg ? msg : "", rep->status);
+    } else {
+        fprintf(stderr, "portmux-ctl: HTTP %d from %s%s: not an answer from the portmux API\n",
+                rep->status, o->api_url, path);
+    }
+    return CTL_REFUSED;
+}
+
+void ctl_print_json(const json_t *data)
+{
+    char *text = json_dumps(data, JSON_INDENT(2) | JSON_REAL_PRECISION(15) | JSON_ENCODE_ANY);
+    if (text) {
+        printf("%s\n", text);
+        free(text);
+    }
+}
+
+int ctl_parse_int(const char *what, const char *s, long long min, long long max,
+                  long long *out)
+{
+    char *end = NULL;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno != 0 || end == s || *end != '\0' || v < min || v > max) {
+        fprintf(stderr, "portmux-ctl: %s: expected an integer %lld..%lld, got '%s'\n", what,
+                min, max, s);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
