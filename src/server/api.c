@@ -148,12 +148,54 @@ static enum MHD_Result handle_create(struct api *api, struct MHD_Connection *con
         mapping_registry_create(api->srv->mappings, &rec, &m, msg, sizeof(msg));
     if (r != MAPPING_OK) {
         log_warn("api", "create port %d refused: %s", rec.port, msg);
-        return api_fail(api, conn, r == MAPPING_E_IN_USE ? API_E_PORT_IN_USE : API_E_INTERNAL,
+        return api_fail(api, conn,
+                        r == MAPPING_E_IN_USE      ? API_E_PORT_IN_USE
+                        : r == MAPPING_E_EXHAUSTED ? API_E_RANGE_EXHAUSTED
+                                                   : API_E_INTERNAL,
                         msg, NULL);
     }
     log_info("api", "mapping created: port %d -> %s%s:%d", rec.port,
              rec.use_tunnel ? "tunnel " : "", mapping_target_host(m), rec.target_port);
     return api_ok(api, conn, MHD_HTTP_CREATED, "mapping created", mapping_to_json(m));
+}
+
+/* Two passes over the body: the first finds the port (404 before any field is judged
+ * against a mapping that does not exist), the second applies the fields onto a copy of
+ * the stored record, which the registry then stores and applies. */
+static enum MHD_Result handle_update(struct api *api, struct MHD_Connection *conn,
+                                     const char *url, struct api_request *req)
+{
+    const char *body = req->body ? req->body : "";
+    char msg[256];
+    int port = 0;
+    enum api_error e = mapping_request_parse_update(api->srv->cfg, body, req->len, &port, NULL,
+                                                    msg, sizeof(msg));
+    if (e != API_OK)
+        return api_fail(api, conn, e, msg, NULL);
+    struct mapping *m = mapping_registry_find(api->srv->mappings, port);
+    if (!m) {
+        snprintf(msg, sizeof(msg), "no mapping on port %d", port);
+        return api_fail(api, conn, API_E_NOT_FOUND, msg, NULL);
+    }
+    struct mapping_record *rec = malloc(sizeof(*rec));
+    if (!rec)
+        return api_fail(api, conn, API_E_INTERNAL, "out of memory", NULL);
+    *rec = m->rec;
+    e = mapping_request_parse_update(api->srv->cfg, body, req->len, &port, rec, msg,
+                                     sizeof(msg));
+    enum mapping_result r = MAPPING_OK;
+    if (e == API_OK)
+        r = mapping_registry_update(api->srv->mappings, rec, &m, msg, sizeof(msg));
+    free(rec);
+    if (e != API_OK)
+        return api_fail(api, conn, e, msg, NULL);
+    if (r != MAPPING_OK) {
+        log_warn("api", "update port %d refused: %s", port, msg);
+        return api_fail(api, conn, r == MAPPING_E_IN_USE ? API_E_PORT_IN_USE : API_E_INTERNAL,
+                        msg, NULL);
+    }
+    log_info("api", "mapping updated: port %d%s", port, m->rec.enabled ? "" : " (disabled)");
+    return api_ok(api, conn, MHD_HTTP_OK, "mapping updated", mapping_to_json(m));
 }
 
 static enum MHD_Result handle_remove(struct api *api, struct MHD_Connection *conn,
@@ -228,6 +270,7 @@ static const struct api_route api_routes[] = {
     {"/health", M_GET, false, handle_health},
     {"/api/mapping/create", M_POST, true, handle_create},
     {"/api/mapping/remove", M_POST, true, handle_remove},
+    {"/api/mapping/update", M_POST, true, handle_update},
     {"/api/mapping/list", M_GET, true, handle_list},
     {"/api/clients", M_GET, true, handle_clients},
     {"/metrics", M_GET, true, handle_metrics},
