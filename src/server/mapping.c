@@ -147,9 +147,13 @@ static void mapping_log_refused(struct mapping *m, const struct sockaddr *sa, co
     }
     char addr[64];
     netaddr_format(sa, addr, sizeof(addr));
-    log_warn("mapping", "port %d: connection from %s refused (%s); %llu more refused "
-             "since the last line", m->rec.port, addr, why,
-             (unsigned long long)m->refused_log_suppressed);
+    if (m->refused_log_suppressed)
+        log_warn("mapping", "port %d: connection from %s refused (%s); %llu more refused "
+                 "since the last line", m->rec.port, addr, why,
+                 (unsigned long long)m->refused_log_suppressed);
+    else
+        log_warn("mapping", "port %d: connection from %s refused (%s)", m->rec.port, addr,
+                 why);
     m->refused_log_at = now;
     m->refused_log_suppressed = 0;
 }
