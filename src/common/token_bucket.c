@@ -2,17 +2,26 @@
 
 #define TB_NS 1000000000ull
 
+/* 128-bit products: rate (up to 10^12) times nanoseconds overflows 64 bits. */
+typedef unsigned __int128 tb_u128;
+
 static void token_bucket_refill(struct token_bucket *tb, uint64_t now_ns)
 {
     if (now_ns <= tb->last_ns)
         return;
     uint64_t dt = now_ns - tb->last_ns;
-    /* Whole seconds and the rest apart, so rate * dt cannot overflow 64 bits. */
-    uint64_t add = (dt / TB_NS) * tb->rate + (dt % TB_NS) * tb->rate / TB_NS;
-    if (add == 0)
-        return; /* keep last_ns, or slow rates would never earn a token */
-    tb->tokens = tb->capacity - tb->tokens < add ? tb->capacity : tb->tokens + add;
-    tb->last_ns = now_ns;
+    tb_u128 add = (tb_u128)dt * tb->rate / TB_NS;
+    uint64_t room = tb->capacity - tb->tokens;
+    if (add > room) {
+        /* Full before now: the time since is not owed to anyone. */
+        tb->tokens = tb->capacity;
+        tb->last_ns = now_ns;
+        return;
+    }
+    /* Advance the clock only by the time the whole tokens took, so the fraction of a
+     * token earned so far is not lost (slow rates would fall behind otherwise). */
+    tb->tokens += (uint64_t)add;
+    tb->last_ns += (uint64_t)(add * TB_NS / tb->rate);
 }
 
 void token_bucket_set_rate(struct token_bucket *tb, uint64_t rate, uint64_t now_ns)
@@ -51,5 +60,5 @@ uint64_t token_bucket_wait_ns(const struct token_bucket *tb, uint64_t want)
     if (tb->tokens >= want)
         return 0;
     uint64_t need = want - tb->tokens;
-    return need / tb->rate * TB_NS + (need % tb->rate) * TB_NS / tb->rate + 1;
+    return (uint64_t)((tb_u128)need * TB_NS / tb->rate) + 1;
 }
