@@ -10,7 +10,18 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "embed.h"
 #include "store.h"
+
+extern const struct embedded_file embedded_migrations[];
+extern const size_t embedded_migrations_count;
+
+/* The schema version a fresh store reaches: the newest embedded migration's number (so the
+ * test follows migrations as they are added). */
+static int newest_schema(void)
+{
+    return atoi(embedded_migrations[embedded_migrations_count - 1].path);
+}
 
 static char tmpdir[64];
 
@@ -118,6 +129,7 @@ static struct mapping_record rec_make(int port, const char *ip, int target_port,
     snprintf(r.target_ip, sizeof(r.target_ip), "%s", ip);
     r.target_port = target_port;
     r.use_tunnel = tunnel;
+    r.enabled = true;
     snprintf(r.client, sizeof(r.client), "%s", client);
     snprintf(r.name, sizeof(r.name), "%s", name);
     return r;
@@ -128,7 +140,9 @@ static bool rec_equal(const struct mapping_record *a, const struct mapping_recor
     return a->id == b->id && a->port == b->port && strcmp(a->target_ip, b->target_ip) == 0 &&
            a->target_port == b->target_port && a->use_tunnel == b->use_tunnel &&
            strcmp(a->client, b->client) == 0 && strcmp(a->name, b->name) == 0 &&
-           a->created_at == b->created_at;
+           a->created_at == b->created_at && strcmp(a->allow_from, b->allow_from) == 0 &&
+           a->proxy_protocol == b->proxy_protocol && a->max_connections == b->max_connections &&
+           a->rate_limit == b->rate_limit && a->enabled == b->enabled;
 }
 
 /* foreach collector: copies up to cap rows, counts all, stops after `stop_after` if set. */
@@ -159,9 +173,9 @@ static void test_fresh_open(void)
     char path[PATH_MAX], buf[64];
     tpath(path, sizeof(path), "fresh.db");
     struct store *st = open_ok(path);
-    CHECK(store_schema_version(st) == 1);
-    CHECK(store_migrations_applied(st) == 1);
-    CHECK(sql_int(path, "PRAGMA user_version") == 1);
+    CHECK(store_schema_version(st) == newest_schema());
+    CHECK(store_migrations_applied(st) == (int)embedded_migrations_count);
+    CHECK(sql_int(path, "PRAGMA user_version") == newest_schema());
     CHECK(sql_text(path, "PRAGMA journal_mode", buf, sizeof(buf)) == SQLITE_OK);
     CHECK(strcmp(buf, "wal") == 0);
     CHECK(sql_int(path, "SELECT count(*) FROM sqlite_master WHERE name = 'mappings'") == 1);
@@ -228,6 +242,48 @@ static void test_crud(void)
     store_close(st);
 }
 
+/* The policy columns of migration 0003: stored, updated in place (id and created_at kept),
+ * and read back after a reopen. */
+static void test_policy_update(void)
+{
+    char path[PATH_MAX];
+    tpath(path, sizeof(path), "policy.db");
+    struct store *st = open_ok(path);
+    struct mapping_record a = rec_make(5000, "10.0.0.5", 22, false, "default", "ssh");
+    a.enabled = true;
+    snprintf(a.allow_from, sizeof(a.allow_from), "10.0.0.0/8,2001:db8::/32");
+    a.proxy_protocol = 2;
+    a.max_connections = 10;
+    a.rate_limit = 1000000000000LL;
+    CHECK(store_mapping_insert(st, &a) == STORE_OK);
+    struct mapping_record u = a;
+    u.allow_from[0] = '\0';
+    u.proxy_protocol = 1;
+    u.max_connections = 0;
+    u.rate_limit = 0;
+    u.enabled = false;
+    u.target_port = 2222;
+    snprintf(u.name, sizeof(u.name), "renamed");
+    CHECK(store_mapping_update(st, &u) == STORE_OK);
+    struct mapping_record missing = rec_make(5001, "1.1.1.1", 1, false, "default", "");
+    CHECK(store_mapping_update(st, &missing) == STORE_NOT_FOUND);
+    struct mapping_record bad = u;
+    bad.proxy_protocol = 3;
+    CHECK(store_mapping_update(st, &bad) == STORE_ERR);
+    bad = u;
+    bad.max_connections = STORE_MAX_CONNECTIONS + 1;
+    CHECK(store_mapping_update(st, &bad) == STORE_ERR);
+    store_close(st);
+    st = open_ok(path);
+    struct collect *c = collect_all(st);
+    CHECK(c->n == 1 && rec_equal(&c->rows[0], &u));
+    CHECK(c->n == 1 && c->rows[0].id == a.id && c->rows[0].created_at == a.created_at);
+    free(c);
+    CHECK(sql_int(path, "SELECT count(*) FROM mappings WHERE proxy_protocol = 'v1' AND "
+                        "enabled = 0 AND target_port = 2222") == 1);
+    store_close(st);
+}
+
 static void test_roundtrip_reopen(void)
 {
     char path[PATH_MAX], host[STORE_HOST_MAX + 1];
@@ -259,7 +315,7 @@ static void test_roundtrip_reopen(void)
 
     st = open_ok(path);
     CHECK(store_migrations_applied(st) == 0);
-    CHECK(store_schema_version(st) == 1);
+    CHECK(store_schema_version(st) == newest_schema());
     struct collect *c = collect_all(st);
     CHECK(c->n == 4);
     /* in[] is already in port order. */
@@ -291,7 +347,9 @@ static void test_too_new(void)
     CHECK(st == NULL);
     CHECK(res == STORE_TOO_NEW);
     CHECK(strstr(err, "schema version 99") != NULL);
-    CHECK(strstr(err, "knows up to 1") != NULL);
+    char knows[32];
+    snprintf(knows, sizeof(knows), "knows up to %d", newest_schema());
+    CHECK(strstr(err, knows) != NULL);
     CHECK(strstr(err, "refusing to start") != NULL);
     CHECK(strstr(err, path) != NULL);
 
@@ -456,6 +514,7 @@ int main(void)
     test_fresh_open();
     test_crud();
     test_roundtrip_reopen();
+    test_policy_update();
     test_too_new();
     test_missing_dir();
     test_failed_migration();
