@@ -202,8 +202,10 @@ static size_t relay_rate_room(struct forward_conn *fc, int d, size_t room)
 {
     struct mapping *m = fc->mc.mapping;
     struct token_bucket *tb = &m->bucket[d];
-    if (!tb->rate)
+    if (!tb->rate) {
+        fc->dir[d].throttled = false; /* the limit may have just been lifted */
         return room;
+    }
     uint64_t share = tb->capacity / (m->stats.active ? m->stats.active : 1);
     if (share < 1)
         share = 1;
