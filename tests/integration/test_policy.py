@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from conftest import (Worker, connect, free_port, recv_exact, recv_hash, send_stream,
-                      stream_sha256, wait_until, PortHolder)
+from conftest import (PortHolder, Worker, connect, free_port, recv_exact, recv_hash,
+                      send_stream, wait_until)
 from sec_helpers import metric
 from tunnel_helpers import map_tunnel, tunnel_env, wait_status
 
@@ -172,11 +172,6 @@ class ProxyTarget:
 
     def close(self):
         self.sock.close()
-
-
-@pytest.fixture
-def tunnel(server_factory, tmp_path, logs):
-    return tunnel_env(server_factory, tmp_path, logs,)
 
 
 # ---- port picked by the server ----
@@ -467,10 +462,16 @@ def test_rate_limit_holds_and_applies_live(server_factory, tmp_path, logs, echo_
     assert free < took, (free, took)
 
 
-def test_rate_limit_shared_by_connections(server, echo_backend):
-    port = free_port()
-    server.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port,
-                     rate_limit=RATE)
+@pytest.mark.parametrize("mode", ["direct", "tunnel"])
+def test_rate_limit_shared_by_connections(server_factory, tmp_path, logs, echo_backend, mode):
+    if mode == "direct":
+        srv = server_factory()
+        port = free_port()
+        srv.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port,
+                      rate_limit=RATE)
+    else:
+        srv, _ = tunnel_env(server_factory, tmp_path, logs)
+        port = map_tunnel(srv, echo_backend.port, rate_limit=RATE)
     t0 = time.monotonic()
     workers = [Worker(_echo_transfer, port, TOTAL // 2) for _ in range(2)]
     for w in workers:
@@ -573,7 +574,7 @@ def test_update_keeps_listener_and_live_targets(server, echo_backend):
     assert data["target_port"] == other.port and data["proxy_protocol"] == "v1"
     assert data["port"] == port and data["status"] == "listening"
     assert echo_ok(live), "a live connection lost its target"
-    with connect(port) as s:
+    with connect(port):
         c, hdr, _ = other.accept_header()
         c.close()
         assert hdr[0] == 1
