@@ -282,6 +282,14 @@ static enum api_error resolve_mode(const struct config *cfg, json_t *obj, bool u
         snprintf(msg, msglen, "target_ip is required in direct mode");
         return API_E_INVALID_FIELD;
     }
+    /* Port omitted: target_port would default to the picked port, and a loopback target
+     * would be this very listener. */
+    if (!rec->use_tunnel && rec->port == 0 && rec->target_port == 0 &&
+        is_loopback_name(rec->target_ip)) {
+        snprintf(msg, msglen, "target_port is required when port is omitted and target_ip "
+                 "is this host");
+        return API_E_INVALID_FIELD;
+    }
     if (!rec->use_tunnel && rec->target_port == rec->port && is_loopback_name(rec->target_ip)) {
         snprintf(msg, msglen, "target_ip:target_port would forward port %d to itself", rec->port);
         return API_E_INVALID_FIELD;

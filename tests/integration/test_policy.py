@@ -188,6 +188,10 @@ def test_port_omitted_gets_lowest_free_port_then_range_exhausted(server_factory,
     # Without target_port, it defaults to the picked port.
     second = srv.create_ok(target_ip="127.0.0.9")
     assert second["port"] == base + 2 and second["target_port"] == base + 2, second
+    # Without target_port a loopback target would be the picked port itself: refused.
+    status, body = srv.create(target_ip="127.0.0.1")
+    assert status == 400 and body["error"] == "invalid_field", body
+    assert body["message"].startswith("target_port"), body
     with PortHolder(base + 3):  # bound by someone else: not bindable, skipped
         status, body = srv.create(target_ip="127.0.0.1", target_port=echo_backend.port)
         assert status == 409 and body["error"] == "range_exhausted", (status, body)
