@@ -8,7 +8,11 @@
   const TIMEOUT_MS = 5000;
   const SPARK_POINTS = 30;
   const TOKEN_KEY = 'portmux.api_token';
-  const FIELDS = ['port', 'target_ip', 'target_port', 'use_tunnel', 'client', 'name'];
+  const FIELDS = ['port', 'target_ip', 'target_port', 'use_tunnel', 'client', 'name',
+    'allow_from', 'proxy_protocol', 'max_connections', 'rate_limit', 'enabled'];
+  /* The fields the edit dialog changes (every §2 field but port, mode and client). */
+  const EDIT_FIELDS = ['target_ip', 'target_port', 'name', 'allow_from', 'proxy_protocol',
+    'max_connections', 'rate_limit'];
   const SVG_NS = 'http://www.w3.org/2000/svg';
 
   const $ = (id) => document.getElementById(id);
@@ -25,6 +29,7 @@
     pendingClient: null,  /* {action, name} while the client dialog is open */
     clientRows: new Map(), /* name -> client row record (see makeClientRow) */
     returnFocus: null,
+    editing: null,        /* the mapping the edit dialog shows */
   };
 
   /* ---------------------------------------------------------------- formatting */
@@ -77,6 +82,21 @@
   function fmtTarget(m) {
     const host = m.target_ip || (m.use_tunnel ? '127.0.0.1' : '');
     return host.includes(':') ? '[' + host + ']:' + m.target_port : host + ':' + m.target_port;
+  }
+
+  function fmtRate(n) {
+    return n > 0 ? fmtBytes(n) + '/s' : '';
+  }
+
+  /* One line for the policy cell: only what differs from the defaults. */
+  function fmtPolicy(m) {
+    const parts = [];
+    const allow = m.allow_from || [];
+    if (allow.length) parts.push('allow ' + allow.join(', '));
+    if (m.proxy_protocol && m.proxy_protocol !== 'none') parts.push('PROXY ' + m.proxy_protocol);
+    if (m.rate_limit > 0) parts.push('≤ ' + fmtRate(m.rate_limit));
+    if (typeof m.max_connections === 'number') parts.push('max ' + m.max_connections + ' conns');
+    return parts.join(' · ');
   }
 
   function statusLabel(s) {
@@ -307,6 +327,8 @@
       client: cell('Client', 'c-client'),
       status: cell('Status', 'c-status'),
       conns: cell('Connections', 'c-conns num'),
+      refused: cell('Refused', 'c-refused num'),
+      policy: cell('Policy', 'c-policy'),
       bytesIn: cell('In', 'c-bytes-in num'),
       bytesOut: cell('Out', 'c-bytes-out num'),
       spark: cell('Traffic', 'c-spark'),
@@ -319,13 +341,20 @@
     c.status.append(badge, err);
     const svg = makeSpark();
     c.spark.append(svg);
+    const edit = el('button', 'btn-small edit', 'Edit');
+    edit.type = 'button';
+    edit.setAttribute('aria-label', 'Edit mapping on port ' + m.port);
+    edit.addEventListener('click', () => openEdit(m.port));
+    const toggle = el('button', 'btn-small toggle', 'Disable');
+    toggle.type = 'button';
+    toggle.addEventListener('click', () => toggleEnabled(m.port));
     const btn = el('button', 'btn-danger btn-small remove', 'Remove');
     btn.type = 'button';
     btn.setAttribute('aria-label', 'Remove mapping on port ' + m.port);
     btn.addEventListener('click', () => askRemove(m.port));
-    c.actions.append(btn);
+    c.actions.append(edit, toggle, btn);
     tr.append(...Object.values(c));
-    return { tr, c, badge, err, svg, id: m.id, text: '' };
+    return { tr, c, badge, err, svg, toggle, id: m.id, text: '', m };
   }
 
   function updateRow(row, m) {
@@ -342,11 +371,18 @@
     setText(c.conns, m.active_connections + ' / ' + m.total_connections + ' / ' + m.failed_connections);
     c.conns.title = m.active_connections + ' active, ' + m.total_connections + ' total, ' +
       m.failed_connections + ' failed';
+    setText(c.refused, String(m.refused_connections ?? 0));
+    setText(c.policy, fmtPolicy(m));
+    row.m = m;
+    row.tr.classList.toggle('is-disabled', m.enabled === false);
+    setText(row.toggle, m.enabled === false ? 'Enable' : 'Disable');
+    row.toggle.setAttribute('aria-label', (m.enabled === false ? 'Enable' : 'Disable') +
+      ' mapping on port ' + m.port);
     setBytes(c.bytesIn, m.bytes_in);
     setBytes(c.bytesOut, m.bytes_out);
     const created = toDate(m.created_at);
     row.tr.title = created ? 'created ' + created.toLocaleString() : '';
-    row.text = [m.port, m.name, m.use_tunnel ? 'tunnel' : 'direct', fmtTarget(m),
+    row.text = [m.port, m.name, m.use_tunnel ? 'tunnel' : 'direct', fmtTarget(m), fmtPolicy(m),
       m.use_tunnel ? m.client : '', statusLabel(m.status), m.status, m.error || '']
       .join(' ').toLowerCase();
   }
@@ -687,7 +723,12 @@
 
   /* Digits become a JSON integer; anything else goes as typed so the server names it. */
   function numberOrRaw(s) {
-    return /^\d{1,9}$/.test(s) ? Number(s) : s;
+    return /^\d{1,15}$/.test(s) ? Number(s) : s;
+  }
+
+  /* One CIDR per line (commas and spaces work too); empty = anyone. */
+  function cidrList(text) {
+    return text.split(/[\s,]+/).filter((x) => x !== '');
   }
 
   function readForm() {
@@ -700,6 +741,12 @@
     body.use_tunnel = tunnel;
     if (tunnel && v('f-client') !== '') body.client = v('f-client');
     if (v('f-name') !== '') body.name = v('f-name');
+    const allow = cidrList(v('f-allow-from'));
+    if (allow.length) body.allow_from = allow;
+    if (v('f-proxy-protocol') !== 'none') body.proxy_protocol = v('f-proxy-protocol');
+    if (v('f-max-connections') !== '') body.max_connections = numberOrRaw(v('f-max-connections'));
+    if (v('f-rate-limit') !== '') body.rate_limit = numberOrRaw(v('f-rate-limit'));
+    if (!$('f-enabled').checked) body.enabled = false;
     return body;
   }
 
@@ -720,7 +767,8 @@
 
   /* Which field an API error is about: its code, else the message's first word. */
   function errorField(payload) {
-    if (payload.error === 'port_out_of_range' || payload.error === 'port_in_use') return 'port';
+    if (payload.error === 'port_out_of_range' || payload.error === 'port_in_use' ||
+      payload.error === 'range_exhausted') return 'port';
     const m = /^([a-z_]+)/.exec(payload.message || '');
     return m && FIELDS.includes(m[1]) ? m[1] : null;
   }
@@ -773,6 +821,119 @@
     } finally {
       submit.disabled = false;
     }
+  }
+
+  /* ---------------------------------------------------------------- edit and toggle */
+
+  function editInput(field) {
+    return $('e-' + field.replace('_', '-'));
+  }
+
+  function clearEditErrors() {
+    for (const f of EDIT_FIELDS) {
+      const e = $('eerr-' + f);
+      e.hidden = true;
+      e.textContent = '';
+      editInput(f).removeAttribute('aria-invalid');
+    }
+    $('edit-error').hidden = true;
+  }
+
+  function openEdit(port) {
+    const row = state.rows.get(String(port));
+    if (!row) return;
+    const m = row.m;
+    state.editing = m.port;
+    state.returnFocus = document.activeElement;
+    clearEditErrors();
+    $('edit-title').textContent = 'Edit mapping on port ' + m.port;
+    $('e-target-ip').value = m.target_ip || '';
+    $('e-target-port').value = String(m.target_port);
+    $('e-name').value = m.name || '';
+    $('e-allow-from').value = (m.allow_from || []).join('\n');
+    $('e-proxy-protocol').value = m.proxy_protocol || 'none';
+    $('e-max-connections').value = String(m.max_connections ?? '');
+    $('e-rate-limit').value = String(m.rate_limit ?? 0);
+    $('edit-dialog').showModal();
+    $('e-target-ip').focus();
+  }
+
+  function readEdit() {
+    const v = (id) => $(id).value.trim();
+    const body = { port: state.editing };
+    if (v('e-target-ip') !== '') body.target_ip = v('e-target-ip');
+    body.target_port = numberOrRaw(v('e-target-port'));
+    body.name = v('e-name');
+    body.allow_from = cidrList(v('e-allow-from'));
+    body.proxy_protocol = v('e-proxy-protocol');
+    if (v('e-max-connections') !== '') body.max_connections = numberOrRaw(v('e-max-connections'));
+    body.rate_limit = v('e-rate-limit') === '' ? 0 : numberOrRaw(v('e-rate-limit'));
+    return body;
+  }
+
+  function showEditError(payload, status) {
+    const p = payload || {};
+    const msg = p.message || 'the server answered HTTP ' + status;
+    const m = /^([a-z_]+)/.exec(p.message || '');
+    const field = m && EDIT_FIELDS.includes(m[1]) ? m[1] : null;
+    if (!field) {
+      $('edit-error').textContent = 'Not saved: ' + msg;
+      $('edit-error').hidden = false;
+      return;
+    }
+    const e = $('eerr-' + field);
+    e.textContent = msg;
+    e.hidden = false;
+    editInput(field).setAttribute('aria-invalid', 'true');
+    editInput(field).focus();
+  }
+
+  async function onEditSave(ev) {
+    ev.preventDefault();
+    clearEditErrors();
+    const body = readEdit();
+    $('edit-save').disabled = true;
+    try {
+      const r = await api('POST', '/api/mapping/update', body);
+      if (r.status === 401) {
+        $('edit-dialog').close();
+        handleUnauthorized();
+      } else if (r.status === 200 && r.payload && r.payload.success) {
+        $('edit-dialog').close();
+        notice('Mapping on port ' + body.port + ' updated.');
+        loop();
+      } else {
+        showEditError(r.payload, r.status);
+      }
+    } catch (e) {
+      $('edit-error').textContent = 'Not saved: ' + e.message + '.';
+      $('edit-error').hidden = false;
+    } finally {
+      $('edit-save').disabled = false;
+    }
+  }
+
+  async function toggleEnabled(port) {
+    const row = state.rows.get(String(port));
+    if (!row) return;
+    const enable = row.m.enabled === false;
+    const what = enable ? 'enabled' : 'disabled';
+    try {
+      const r = await api('POST', '/api/mapping/update', { port, enabled: enable });
+      if (r.status === 401) handleUnauthorized();
+      else if (r.status === 200 && r.payload && r.payload.success) notice('Mapping on port ' + port + ' ' + what + '.');
+      else notice('Port ' + port + ' not ' + what + ': ' + ((r.payload && r.payload.message) || 'HTTP ' + r.status), true);
+    } catch (e) {
+      notice('Port ' + port + ' not ' + what + ': ' + e.message + '.', true);
+    }
+    loop();
+  }
+
+  function onEditClose() {
+    state.editing = null;
+    const back = state.returnFocus;
+    state.returnFocus = null;
+    if (back && document.contains(back)) back.focus();
   }
 
   /* ---------------------------------------------------------------- remove */
@@ -843,6 +1004,9 @@
     $('confirm-no').addEventListener('click', () => $('confirm-dialog').close());
     $('confirm-dialog').addEventListener('close', onDialogClose);
     $('token-form').addEventListener('submit', onTokenSubmit);
+    $('edit-form').addEventListener('submit', onEditSave);
+    $('edit-cancel').addEventListener('click', () => $('edit-dialog').close());
+    $('edit-dialog').addEventListener('close', onEditClose);
     $('token-change').addEventListener('click', onTokenChange);
     $('client-form').addEventListener('submit', onClientCreate);
     $('client-token-copy').addEventListener('click', copyToken);

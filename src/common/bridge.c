@@ -31,6 +31,7 @@ struct bridge {
     bool peer_shut;   /* ShutWrite received: write direction ends */
     bool sock_shut;   /* ... and shutdown(SHUT_WR) done */
     bool flushing;    /* stream gone: drain the output, then free */
+    bool rate_limited;/* in a rate-limit group: only libevent's own (limited) reads */
     uint64_t to_stream, to_socket;
 };
 
@@ -136,7 +137,8 @@ static void bridge_read_cb(struct bufferevent *bev, void *arg)
     /* Take no more than the stream may send now, so the input stays bounded by the window. */
     size_t room = b->st ? mux_stream_send_room(b->st) : 0;
     size_t have = evbuffer_get_length(bufferevent_get_input(bev));
-    if (room > have)
+    /* sockread_more reads past libevent, and so past a rate limit's buckets. */
+    if (room > have && !b->rate_limited)
         sockread_more(bev, room - have);
     bridge_pump(b);
 }
@@ -231,6 +233,16 @@ static const struct mux_stream_callbacks bridge_stream_cb = {
     .on_shut = bridge_on_shut,
     .on_close = bridge_on_close,
 };
+
+int bridge_set_rate_group(struct bridge *b, struct bufferevent_rate_limit_group *g)
+{
+    if (!g) {
+        b->rate_limited = false;
+        return bufferevent_remove_from_rate_limit_group(b->bev);
+    }
+    b->rate_limited = true;
+    return bufferevent_add_to_rate_limit_group(b->bev, g);
+}
 
 struct bridge *bridge_new(struct mux_stream *st, struct bufferevent *bev,
                           const struct bridge_hooks *hooks, void *arg)

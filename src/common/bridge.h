@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 struct bufferevent;
+struct bufferevent_rate_limit_group;
 struct mux_stream;
 struct bridge;
 
@@ -33,6 +34,11 @@ struct bridge *bridge_new(struct mux_stream *st, struct bufferevent *bev,
 
 /* Closes the socket and the stream at once, without calling the hooks. NULL-safe. */
 void bridge_free(struct bridge *b);
+
+/* Puts the socket into rate-limit group g (moving it out of any other), or out of every
+ * group when g is NULL; while in one, the socket is read only as fast as g allows.
+ * Returns 0, or -1 when libevent refused. */
+int bridge_set_rate_group(struct bridge *b, struct bufferevent_rate_limit_group *g);
 
 uint64_t bridge_bytes_to_stream(const struct bridge *b);
 uint64_t bridge_bytes_to_socket(const struct bridge *b);

@@ -66,6 +66,15 @@ int netaddr_cidr_parse(const char *s, struct netaddr_cidr *out)
     return 0;
 }
 
+const char *netaddr_cidr_format(const struct netaddr_cidr *c, char *buf, size_t buflen)
+{
+    char addr[INET6_ADDRSTRLEN];
+    if (!inet_ntop(c->family, c->addr, addr, sizeof(addr)))
+        addr[0] = '\0';
+    snprintf(buf, buflen, "%s/%d", addr, c->prefix);
+    return buf;
+}
+
 /* True when the first prefix bits of a and b agree. */
 static bool prefix_equal(const uint8_t *a, const uint8_t *b, int prefix)
 {

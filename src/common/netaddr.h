@@ -17,6 +17,10 @@ struct netaddr_cidr {
  * prefix are ignored. Returns 0, or -1 on anything malformed. */
 int netaddr_cidr_parse(const char *s, struct netaddr_cidr *out);
 
+/* Formats c canonically ("10.0.0.0/8", "fd00::/8") into buf (50 bytes always suffice).
+ * Returns buf. */
+const char *netaddr_cidr_format(const struct netaddr_cidr *c, char *buf, size_t buflen);
+
 /* True when sa (AF_INET or AF_INET6) lies inside cidr. An IPv4-mapped IPv6 address
  * (::ffff:a.b.c.d) matches IPv4 CIDRs. */
 bool netaddr_cidr_match(const struct netaddr_cidr *cidr, const struct sockaddr *sa);

@@ -80,7 +80,9 @@ static int ctl_client_rotate(const struct ctl_opts *o, int argc, char **argv)
                                          {NULL, 0, NULL, 0}};
     long long grace = -1;
     int c;
-    optind = 0; /* 0, not 1: glibc then forgets the "+" (stop at the first word) of main's parse */
+    /* 0, not 1: glibc re-reads the option string (main parsed with "+"), so options may
+     * follow the NAME. */
+    optind = 0;
     opterr = 0;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         if (c != 'g' || ctl_parse_int("--grace", optarg, 0, 100000000, &grace) != 0) {

@@ -88,9 +88,11 @@ static json_t *ctl_mapping_fields(int argc, char **argv, const char *verb)
 {
     json_t *obj = json_object();
     int c;
-    optind = 0; /* 0, not 1: glibc then forgets the "+" (stop at the first word) of main's parse */
+    /* 0, not 1: glibc re-reads the option string (main parsed with "+"), so options may
+     * follow the PORT. */
+    optind = 0;
     opterr = 0;
-    while (obj && (c = getopt_long(argc, argv, "+", ctl_mapping_opts, NULL)) != -1) {
+    while (obj && (c = getopt_long(argc, argv, "", ctl_mapping_opts, NULL)) != -1) {
         if (c == '?' || c == ':') {
             fprintf(stderr, "portmux-ctl: mapping %s: unknown or incomplete option '%s'\n",
                     verb, argv[optind - 1]);

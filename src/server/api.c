@@ -170,12 +170,60 @@ static void handle_create(struct server *srv, const struct api_req *rq, struct a
     enum mapping_result r = mapping_registry_create(srv->mappings, &rec, &m, msg, sizeof(msg));
     if (r != MAPPING_OK) {
         log_warn("api", "create port %d refused: %s", rec.port, msg);
-        api_fail(out, r == MAPPING_E_IN_USE ? API_E_PORT_IN_USE : API_E_INTERNAL, msg, NULL);
+        api_fail(out,
+                 r == MAPPING_E_IN_USE      ? API_E_PORT_IN_USE
+                 : r == MAPPING_E_EXHAUSTED ? API_E_RANGE_EXHAUSTED
+                                            : API_E_INTERNAL,
+                 msg, NULL);
         return;
     }
     log_info("api", "mapping created: port %d -> %s%s:%d", rec.port,
              rec.use_tunnel ? "tunnel " : "", mapping_target_host(m), rec.target_port);
     api_ok(out, MHD_HTTP_CREATED, "mapping created", mapping_to_json(m));
+}
+
+/* Two passes over the body: the first finds the port (404 before any field is judged
+ * against a mapping that does not exist), the second applies the fields onto a copy of
+ * the stored record, which the registry then stores and applies. */
+static void handle_update(struct server *srv, const struct api_req *rq, struct api_reply *out)
+{
+    const char *body = rq->body ? rq->body : "";
+    char msg[256];
+    int port = 0;
+    enum api_error e = mapping_request_parse_update(srv->cfg, body, rq->len, &port, NULL, msg,
+                                                    sizeof(msg));
+    if (e != API_OK) {
+        api_fail(out, e, msg, NULL);
+        return;
+    }
+    struct mapping *m = mapping_registry_find(srv->mappings, port);
+    if (!m) {
+        snprintf(msg, sizeof(msg), "no mapping on port %d", port);
+        api_fail(out, API_E_NOT_FOUND, msg, NULL);
+        return;
+    }
+    struct mapping_record *rec = malloc(sizeof(*rec));
+    if (!rec) {
+        api_fail(out, API_E_INTERNAL, "out of memory", NULL);
+        return;
+    }
+    *rec = m->rec;
+    e = mapping_request_parse_update(srv->cfg, body, rq->len, &port, rec, msg, sizeof(msg));
+    enum mapping_result r = MAPPING_OK;
+    if (e == API_OK)
+        r = mapping_registry_update(srv->mappings, rec, &m, msg, sizeof(msg));
+    free(rec);
+    if (e != API_OK) {
+        api_fail(out, e, msg, NULL);
+        return;
+    }
+    if (r != MAPPING_OK) {
+        log_warn("api", "update port %d refused: %s", port, msg);
+        api_fail(out, r == MAPPING_E_IN_USE ? API_E_PORT_IN_USE : API_E_INTERNAL, msg, NULL);
+        return;
+    }
+    log_info("api", "mapping updated: port %d%s", port, m->rec.enabled ? "" : " (disabled)");
+    api_ok(out, MHD_HTTP_OK, "mapping updated", mapping_to_json(m));
 }
 
 static void handle_remove(struct server *srv, const struct api_req *rq, struct api_reply *out)
@@ -429,7 +477,9 @@ static void handle_console(struct server *srv, const struct api_req *rq, struct 
 static const struct api_route api_routes[] = {
     {"/health", M_GET, false, handle_health},
     {"/api/mapping/create", M_POST, true, handle_create},
+    {"/api/mapping/update", M_POST, true, handle_update},
     {"/api/mapping/remove", M_POST, true, handle_remove},
+    {"/api/mapping/update", M_POST, true, handle_update},
     {"/api/mapping/list", M_GET, true, handle_list},
     {"/api/clients", M_GET, true, handle_clients},
     {"/api/client/create", M_POST, true, handle_client_create},

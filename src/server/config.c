@@ -324,6 +324,17 @@ static int parse_addr(struct loader *ld, const struct field *f, void *base)
     return 0;
 }
 
+/* An address to bind: a literal, since a name could resolve to several or none. */
+static int parse_ip(struct loader *ld, const struct field *f, void *base)
+{
+    if (parse_str(ld, f, base) != 0)
+        return -1;
+    const char *s = *FIELD_PTR(char *, base, f);
+    if (!netaddr_is_ip_literal(s))
+        return fail(ld, "not an IPv4 or IPv6 address: \"%.60s\"", s);
+    return 0;
+}
+
 static int parse_level(struct loader *ld, const struct field *f, void *base)
 {
     if (!ev_is_scalar(ld) || strlen(ev_text(ld)) != ld->ev.data.scalar.length ||
@@ -660,6 +671,11 @@ static const struct field database_fields[] = {
     END_KEYS,
 };
 
+static const struct field mappings_fields[] = {
+    KEY("bind_addr", parse_ip, mappings_bind_addr, MARK_NONE),
+    END_KEYS,
+};
+
 static const struct field limits_fields[] = {
     INT_KEY("max_connections_per_mapping", max_connections_per_mapping, 1, CONFIG_MAX_COUNT,
             MARK_NONE),
@@ -676,6 +692,7 @@ static const struct field root_fields[] = {
     SECTION("tunnel", tunnel_fields),
     SECTION("api", api_fields),
     SECTION("database", database_fields),
+    SECTION("mappings", mappings_fields),
     SECTION("limits", limits_fields),
     SECTION("log", log_fields),
     END_KEYS,
@@ -951,8 +968,10 @@ int config_init_defaults(struct config *cfg)
     cfg->api_listen_addr = strdup("127.0.0.1");
     cfg->api_token = strdup("");
     cfg->db_path = strdup("./data/mappings.db");
+    cfg->mappings_bind_addr = strdup("0.0.0.0");
     if (!cfg->tunnel_listen_addr || !cfg->tls_cert_file || !cfg->tls_key_file ||
-        !cfg->tls_client_ca || !cfg->api_listen_addr || !cfg->api_token || !cfg->db_path) {
+        !cfg->tls_client_ca || !cfg->api_listen_addr || !cfg->api_token || !cfg->db_path ||
+        !cfg->mappings_bind_addr) {
         config_free(cfg);
         return -1;
     }
@@ -985,6 +1004,7 @@ void config_free(struct config *cfg)
     free(cfg->allowed_ips);
     hosts_free(cfg->allowed_hosts, cfg->allowed_hosts_len);
     free(cfg->db_path);
+    free(cfg->mappings_bind_addr);
     /* Zeroed, a freed config is safe to free again. */
     memset(cfg, 0, sizeof(*cfg));
 }

@@ -50,6 +50,9 @@ struct config {
     /* database */
     char *db_path;               /* default "./data/mappings.db" */
 
+    /* mappings */
+    char *mappings_bind_addr;    /* default "0.0.0.0"; "::" = dual-stack */
+
     /* limits */
     int max_connections_per_mapping; /* default 10000 */
 

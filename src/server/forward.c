@@ -36,12 +36,19 @@
 #include "log.h"
 #include "mapping.h"
 #include "netaddr.h"
+#include "proxy_header.h"
 #include "server.h"
+#include "token_bucket.h"
 
 /* Bytes one direction may hold in flight (in its pipe) before reading pauses. */
 #define RELAY_PIPE_SIZE (256 * 1024)
 /* Empty pipes kept for reuse; more are closed. */
 #define RELAY_POOL_MAX 64
+/* A rate-limited direction waits for at least this many tokens (or the bucket's whole
+ * capacity when smaller) before its next splice, so it moves few large chunks... */
+#define RELAY_RL_CHUNK (16 * 1024)
+/* ... but wakes at least this often, so a rate raised by an update applies at once. */
+#define RELAY_RL_MAX_WAIT_NS (100 * 1000 * 1000ull)
 
 struct relay_pipe {
     int rd, wr;
@@ -57,6 +64,8 @@ struct relay_dir {
     size_t in_pipe;          /* bytes read from the source, not yet written */
     bool eof;                /* the source sent FIN */
     bool shut;               /* the FIN was passed on to the destination */
+    bool throttled;          /* rate_limit: no tokens; rl_timer resumes reading */
+    struct event *rl_timer;  /* created on the first throttle */
 };
 
 /* fd[0] is the public side, fd[1] the target; dir[i] carries bytes read from fd[i]. */
@@ -69,6 +78,9 @@ struct forward_conn {
     struct event *ev_read[2];
     struct event *ev_write[2];
     struct relay_dir dir[2];
+    /* PROXY protocol header, sent to the target before any relayed byte. */
+    unsigned char pp[PROXY_HEADER_MAX];
+    size_t pp_len, pp_sent;
 };
 
 static int relay_pipe_get(struct relay_pipe *p)
@@ -155,6 +167,8 @@ static void forward_free(struct forward_conn *fc, bool failed)
             event_free(fc->ev_read[i]);
         if (fc->ev_write[i])
             event_free(fc->ev_write[i]);
+        if (fc->dir[i].rl_timer)
+            event_free(fc->dir[i].rl_timer);
         relay_pipe_put(&fc->dir[i].pipe, fc->dir[i].in_pipe == 0);
         if (fc->fd[i] >= 0)
             close(fc->fd[i]);
@@ -174,13 +188,41 @@ static void set_nodelay(int fd)
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 }
 
+static uint64_t relay_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* What of room the mapping's rate_limit lets direction d read now: an equal share of the
+ * bucket per live connection, so the connections of one mapping take turns fairly. Sets
+ * dir->throttled when nothing may be read. */
+static size_t relay_rate_room(struct forward_conn *fc, int d, size_t room)
+{
+    struct mapping *m = fc->mc.mapping;
+    struct token_bucket *tb = &m->bucket[d];
+    if (!tb->rate) {
+        fc->dir[d].throttled = false; /* the limit may have just been lifted */
+        return room;
+    }
+    uint64_t share = tb->capacity / (m->stats.active ? m->stats.active : 1);
+    if (share < 1)
+        share = 1;
+    uint64_t allowed = token_bucket_available(tb, room < share ? room : share, relay_now_ns());
+    fc->dir[d].throttled = allowed == 0;
+    return (size_t)allowed;
+}
+
 /* Reads what fd[d] has into the pipe. Returns bytes read, 0 when nothing is to be had now
- * (EAGAIN, EOF, pipe full), -1 on error. */
+ * (EAGAIN, EOF, pipe full, no rate tokens), -1 on error. */
 static ssize_t relay_fill(struct forward_conn *fc, int d)
 {
     struct relay_dir *dir = &fc->dir[d];
     size_t room = (size_t)(relay_pipe_size ? relay_pipe_size : 65536) - dir->in_pipe;
     if (dir->eof || room == 0)
+        return 0;
+    if ((room = relay_rate_room(fc, d, room)) == 0)
         return 0;
     if (dir->pipe.rd < 0 && relay_pipe_get(&dir->pipe) < 0)
         return -1;
@@ -190,6 +232,7 @@ static ssize_t relay_fill(struct forward_conn *fc, int d)
         forward_mark_connected(fc);  /* bytes or a FIN from the target */
     if (n > 0) {
         dir->in_pipe += (size_t)n;
+        token_bucket_take(&fc->mc.mapping->bucket[d], (uint64_t)n);
         mapping_conn_add_bytes(&fc->mc, d == 0 ? (uint64_t)n : 0, d == 0 ? 0 : (uint64_t)n);
         return n;
     }
@@ -200,6 +243,27 @@ static ssize_t relay_fill(struct forward_conn *fc, int d)
     return errno == EAGAIN ? 0 : -1;
 }
 
+/* Sends (the rest of) the PROXY protocol header to the target. Returns 1 when it is all
+ * out, 0 when the target cannot take it yet (writability resumes direction 0), -1 on an
+ * error. */
+static int relay_send_header(struct forward_conn *fc)
+{
+    while (fc->pp_sent < fc->pp_len) {
+        ssize_t n = send(fc->fd[1], fc->pp + fc->pp_sent, fc->pp_len - fc->pp_sent,
+                         MSG_NOSIGNAL);
+        if (n < 0 && (errno == EAGAIN || errno == ENOTCONN)) {
+            event_add(fc->ev_write[1], NULL);
+            return 0;
+        }
+        if (n <= 0)
+            return -1;
+        fc->pp_sent += (size_t)n;
+    }
+    if (!fc->connected)
+        forward_mark_connected(fc);
+    return 1;
+}
+
 /* Writes what the pipe holds to the other side. Returns bytes written, 0 when the
  * destination is full, -1 on error. */
 static ssize_t relay_drain(struct forward_conn *fc, int d)
@@ -207,6 +271,8 @@ static ssize_t relay_drain(struct forward_conn *fc, int d)
     struct relay_dir *dir = &fc->dir[d];
     if (dir->in_pipe == 0)
         return 0;
+    if (d == 0 && fc->pp_sent < fc->pp_len)
+        return 0; /* the header goes first; relay_send_header resumes us */
     ssize_t n = splice(dir->pipe.rd, NULL, fc->fd[!d], NULL, dir->in_pipe,
                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
     if (n > 0) {
@@ -223,6 +289,10 @@ static ssize_t relay_drain(struct forward_conn *fc, int d)
  * -1 when the connection must close. */
 static int relay_pass_fin(struct forward_conn *fc, int d)
 {
+    if (d == 0 && fc->pp_sent < fc->pp_len) {
+        event_add(fc->ev_write[1], NULL);
+        return 0;
+    }
     if (d == 0) {
         int state = forward_target_state(fc);
         if (state <= 0) {
@@ -238,6 +308,45 @@ static int relay_pass_fin(struct forward_conn *fc, int d)
     return 1;
 }
 
+static void relay_step(struct forward_conn *fc, int d);
+
+/* The bucket has tokens again: resume the direction that waited for them. */
+static void relay_rl_resume(struct forward_conn *fc, int d)
+{
+    fc->dir[d].throttled = false;
+    relay_step(fc, d);
+}
+
+static void relay_rl_timer0_cb(evutil_socket_t fd, short what, void *arg)
+{
+    relay_rl_resume(arg, 0);
+}
+
+static void relay_rl_timer1_cb(evutil_socket_t fd, short what, void *arg)
+{
+    relay_rl_resume(arg, 1);
+}
+
+/* Out of rate tokens: stop reading direction d until the bucket holds a chunk again. */
+static int relay_throttle(struct forward_conn *fc, int d)
+{
+    struct relay_dir *dir = &fc->dir[d];
+    event_del(fc->ev_read[d]);
+    if (!dir->rl_timer) {
+        dir->rl_timer = evtimer_new(fc->mc.mapping->srv->base,
+                                    d == 0 ? relay_rl_timer0_cb : relay_rl_timer1_cb, fc);
+        if (!dir->rl_timer)
+            return -1;
+    }
+    uint64_t ns = token_bucket_wait_ns(&fc->mc.mapping->bucket[d], RELAY_RL_CHUNK);
+    if (ns < 1000000)
+        ns = 1000000;
+    if (ns > RELAY_RL_MAX_WAIT_NS)
+        ns = RELAY_RL_MAX_WAIT_NS;
+    struct timeval tv = {(time_t)(ns / 1000000000ull), (suseconds_t)(ns % 1000000000ull / 1000)};
+    return evtimer_add(dir->rl_timer, &tv) < 0 ? -1 : 0;
+}
+
 /* Moves bytes of direction d until the source is dry or the destination is full, then
  * arms the events that will resume it. Returns -1 when the connection must close. */
 static int relay_pump(struct forward_conn *fc, int d)
@@ -245,6 +354,8 @@ static int relay_pump(struct forward_conn *fc, int d)
     struct relay_dir *dir = &fc->dir[d];
     ssize_t in, out;
     bool more;
+    if (d == 0 && fc->pp_sent < fc->pp_len && relay_send_header(fc) < 0)
+        return -1;
     do {
         size_t before = dir->in_pipe;
         if ((in = relay_fill(fc, d)) < 0 || (out = relay_drain(fc, d)) < 0)
@@ -261,6 +372,8 @@ static int relay_pump(struct forward_conn *fc, int d)
         return 0;
     }
     relay_pipe_put(&dir->pipe, true);
+    if (dir->throttled && !dir->eof)
+        return relay_throttle(fc, d);
     if (!dir->eof) {
         event_add(fc->ev_read[d], NULL);
         return 0;
@@ -308,6 +421,10 @@ static int relay_start(struct forward_conn *fc)
             return -1;
         event_add(fc->ev_read[i], NULL);
     }
+    /* The header goes as soon as the target takes it, whether or not the client speaks
+     * first (a PROXY-protocol target waits for it before it says anything). */
+    if (fc->pp_len > 0)
+        event_add(fc->ev_write[1], NULL);
     return 0;
 }
 
@@ -397,6 +514,7 @@ void forward_start(struct mapping *m, evutil_socket_t fd)
     for (int i = 0; i < 2; i++)
         fc->dir[i].pipe.rd = fc->dir[i].pipe.wr = -1;
     mapping_conn_begin(m, &fc->mc, forward_abort);
+    fc->pp_len = (size_t)mapping_conn_proxy_header(&fc->mc, fd, fc->pp);
     set_nodelay(fd);
     /* A target that never answers fails after tunnel.connect_timeout rather than the
      * kernel's two minutes. */

@@ -16,6 +16,7 @@
 #include "config.h"
 #include "forward.h"
 #include "log.h"
+#include "mapping_policy.h"
 #include "server.h"
 #include "tunnel_server.h"
 
@@ -32,7 +33,13 @@ void mapping_conn_begin(struct mapping *m, struct mapping_conn *mc,
 {
     mc->mapping = m;
     mc->abort = abort_fn;
+    mc->policy_changed = NULL;
     mc->bytes_in = mc->bytes_out = 0;
+    memset(&mc->peer, 0, sizeof(mc->peer));
+    if (m->accepting)
+        memcpy(&mc->peer, m->accepting,
+               m->accepting->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+                                                    : sizeof(struct sockaddr_in));
     clock_gettime(CLOCK_MONOTONIC, &mc->opened);
     TAILQ_INSERT_TAIL(&m->conns, mc, link);
     m->stats.active++;
@@ -69,6 +76,8 @@ const char *mapping_target_host(const struct mapping *m)
 
 enum mapping_status mapping_status(const struct mapping *m)
 {
+    if (!m->rec.enabled)
+        return MAPPING_DISABLED;
     if (!m->listener)
         return MAPPING_ERROR;
     if (m->rec.use_tunnel &&
@@ -83,8 +92,18 @@ const char *mapping_status_name(enum mapping_status s)
     case MAPPING_LISTENING: return "listening";
     case MAPPING_WAITING_FOR_CLIENT: return "waiting_for_client";
     case MAPPING_ERROR: return "error";
+    case MAPPING_DISABLED: return "disabled";
     }
     return "error";
+}
+
+/* Refused by allow_from: reset (SO_LINGER 0) rather than closed, so the peer learns
+ * nothing was there and no TIME_WAIT is left behind. */
+static void mapping_reset(evutil_socket_t fd)
+{
+    struct linger lg = {.l_onoff = 1, .l_linger = 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    evutil_closesocket(fd);
 }
 
 static void mapping_accept_cb(struct evconnlistener *l, evutil_socket_t fd,
@@ -92,28 +111,35 @@ static void mapping_accept_cb(struct evconnlistener *l, evutil_socket_t fd,
 {
     struct mapping *m = arg;
     struct server *srv = m->srv;
-    if (m->stats.active >= (uint64_t)srv->cfg->max_connections_per_mapping) {
+    if (!mapping_policy_allows(m, sa)) {
+        m->stats.refused_allow++;
+        mapping_policy_log_refused(m, sa, "not in allow_from");
+        mapping_reset(fd);
+        return;
+    }
+    if (m->stats.active >= (uint64_t)mapping_max_connections(m)) {
         /* Refused by the limit: closed at once, counted apart from target failures. */
         m->stats.refused_limit++;
         srv->limits.mapping_connections++;
         log_debug("mapping", "port %d: connection refused, %d connections open (limit)",
-                  m->rec.port, srv->cfg->max_connections_per_mapping);
+                  m->rec.port, mapping_max_connections(m));
         evutil_closesocket(fd);
         return;
     }
+    /* mapping_conn_begin, called from what follows, records the peer from here. */
+    m->accepting = sa;
     if (!m->rec.use_tunnel) {
         forward_start(m, fd);
-        return;
-    }
-    if (srv->tunnel) {
+    } else if (srv->tunnel) {
         tunnel_server_forward(srv->tunnel, m, fd);
-        return;
+    } else {
+        /* A stored tunnel mapping while the tunnel is off: count the refusal. */
+        struct mapping_conn mc;
+        mapping_conn_begin(m, &mc, NULL);
+        mapping_conn_end(&mc, true);
+        evutil_closesocket(fd);
     }
-    /* A stored tunnel mapping while the tunnel is off: count the refusal. */
-    struct mapping_conn mc;
-    mapping_conn_begin(m, &mc, NULL);
-    mapping_conn_end(&mc, true);
-    evutil_closesocket(fd);
+    m->accepting = NULL;
 }
 
 static void mapping_accept_error_cb(struct evconnlistener *l, void *arg)
@@ -142,18 +168,27 @@ static void mapping_detach_listener(struct mapping *m)
     m->listener = NULL;
 }
 
-/* Binds 0.0.0.0:port ourselves (not evconnlistener_new_bind) to keep the exact errno for
- * the error status, then hands the socket to an evconnlistener. */
+/* Binds mappings.bind_addr:port ourselves (not evconnlistener_new_bind) to keep the exact
+ * errno for the error status, then hands the socket to an evconnlistener. */
 static struct evconnlistener *mapping_listen(struct mapping *m, char *err, size_t errlen)
 {
-    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)m->rec.port)};
-    sin.sin_addr.s_addr = htonl(INADDR_ANY);
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    struct sockaddr_storage ss;
+    socklen_t sslen;
+    int fd = -1;
+    if (netaddr_ip_sockaddr(m->srv->cfg->mappings_bind_addr, (uint16_t)m->rec.port, &ss,
+                            &sslen) < 0) {
+        errno = EINVAL;
+        goto fail;
+    }
+    fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         goto fail;
-    int one = 1;
+    int one = 1, zero = 0;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (bind(fd, (struct sockaddr *)&sin, sizeof(sin)) < 0 || listen(fd, MAPPING_BACKLOG) < 0)
+    /* "::" means both families whatever net.ipv6.bindv6only says; "::1" only IPv6. */
+    if (ss.ss_family == AF_INET6)
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero));
+    if (bind(fd, (struct sockaddr *)&ss, sslen) < 0 || listen(fd, MAPPING_BACKLOG) < 0)
         goto fail;
     struct evconnlistener *l = evconnlistener_new(m->srv->base, mapping_accept_cb, m,
                                                   LEV_OPT_CLOSE_ON_FREE, -1, fd);
@@ -176,6 +211,7 @@ static struct mapping *mapping_new(struct server *srv, const struct mapping_reco
     m->rec = *rec;
     m->srv = srv;
     TAILQ_INIT(&m->conns);
+    mapping_policy_apply(m, false);
     return m;
 }
 
@@ -193,6 +229,7 @@ static void mapping_free(struct mapping *m)
         return;
     mapping_detach_listener(m);
     mapping_abort_conns(m);
+    mapping_policy_free(m);
     free(m);
 }
 
@@ -224,10 +261,13 @@ static int mapping_restore_one(const struct mapping_record *rec, void *arg)
     struct mapping *m = mapping_new(reg->srv, rec);
     if (!m)
         return -1;
-    struct evconnlistener *l = mapping_listen(m, m->error, sizeof(m->error));
+    struct evconnlistener *l = rec->enabled ? mapping_listen(m, m->error, sizeof(m->error))
+                                            : NULL;
     if (l)
         mapping_attach_listener(m, l);
-    if (m->listener)
+    if (!rec->enabled)
+        log_info("mapping", "restored port %d, disabled", rec->port);
+    else if (m->listener)
         log_info("mapping", "restored port %d -> %s%s:%d", rec->port,
                  rec->use_tunnel ? "tunnel " : "", mapping_target_host(m), rec->target_port);
     else
@@ -262,6 +302,15 @@ struct mapping *mapping_registry_first(struct mapping_registry *reg)
 
 struct mapping *mapping_registry_next(struct mapping *m) { return TAILQ_NEXT(m, link); }
 
+/* Attaches l when the mapping is enabled; a disabled one only proved its port free. */
+static void mapping_attach_if_enabled(struct mapping *m, struct evconnlistener *l)
+{
+    if (m->rec.enabled)
+        mapping_attach_listener(m, l);
+    else
+        evconnlistener_free(l);
+}
+
 /* Retry of a mapping kept in status error: on a successful bind the new fields replace it. */
 static enum mapping_result mapping_retry(struct mapping_registry *reg, struct mapping *old,
                                          struct mapping_record *rec, char *err, size_t errlen)
@@ -279,17 +328,41 @@ static enum mapping_result mapping_retry(struct mapping_registry *reg, struct ma
         return MAPPING_E_STORE;
     }
     old->rec = *rec;
-    mapping_attach_listener(old, l);
+    mapping_policy_apply(old, true);
+    mapping_attach_if_enabled(old, l);
     old->error[0] = '\0';
     return MAPPING_OK;
+}
+
+/* Port 0: tries the range from its start, skipping blacklisted and mapped ports, until a
+ * bind succeeds; m->rec.port (and target_port, when it defaulted) become that port. */
+static struct evconnlistener *mapping_listen_any(struct mapping_registry *reg,
+                                                 struct mapping *m, char *err, size_t errlen)
+{
+    const struct config *cfg = reg->srv->cfg;
+    bool default_target = m->rec.target_port == 0;
+    for (int p = cfg->port_from; p <= cfg->port_end; p++) {
+        if (!config_port_allowed(cfg, p) || mapping_registry_find(reg, p))
+            continue;
+        m->rec.port = p;
+        struct evconnlistener *l = mapping_listen(m, err, errlen);
+        if (l) {
+            if (default_target)
+                m->rec.target_port = p;
+            return l;
+        }
+    }
+    snprintf(err, errlen, "no free port left in port_range %d-%d", cfg->port_from,
+             cfg->port_end);
+    return NULL;
 }
 
 enum mapping_result mapping_registry_create(struct mapping_registry *reg,
                                             struct mapping_record *rec,
                                             struct mapping **out, char *err, size_t errlen)
 {
-    struct mapping *old = mapping_registry_find(reg, rec->port);
-    if (old && old->listener) {
+    struct mapping *old = rec->port ? mapping_registry_find(reg, rec->port) : NULL;
+    if (old && (old->listener || !old->rec.enabled)) {
         snprintf(err, errlen, "port %d is already mapped", rec->port);
         return MAPPING_E_IN_USE;
     }
@@ -304,12 +377,15 @@ enum mapping_result mapping_registry_create(struct mapping_registry *reg,
         snprintf(err, errlen, "out of memory");
         return MAPPING_E_STORE;
     }
-    struct evconnlistener *l = mapping_listen(m, err, errlen);
+    struct evconnlistener *l = rec->port ? mapping_listen(m, err, errlen)
+                                         : mapping_listen_any(reg, m, err, errlen);
     if (!l) {
-        free(m);
-        return MAPPING_E_IN_USE;
+        mapping_free(m);
+        return rec->port ? MAPPING_E_IN_USE : MAPPING_E_EXHAUSTED;
     }
-    mapping_attach_listener(m, l);
+    rec->port = m->rec.port;
+    rec->target_port = m->rec.target_port;
+    mapping_attach_if_enabled(m, l);
     enum store_result sr = store_mapping_insert(reg->srv->store, rec);
     if (sr != STORE_OK) {
         mapping_free(m);
@@ -321,6 +397,48 @@ enum mapping_result mapping_registry_create(struct mapping_registry *reg,
     m->rec = *rec;
     TAILQ_INSERT_TAIL(&reg->list, m, link);
     reg->count++;
+    *out = m;
+    return MAPPING_OK;
+}
+
+enum mapping_result mapping_registry_update(struct mapping_registry *reg,
+                                            const struct mapping_record *rec,
+                                            struct mapping **out, char *err, size_t errlen)
+{
+    struct mapping *m = mapping_registry_find(reg, rec->port);
+    if (!m) {
+        snprintf(err, errlen, "no mapping on port %d", rec->port);
+        return MAPPING_E_NOT_FOUND;
+    }
+    struct mapping_record next = *rec;
+    next.id = m->rec.id;
+    next.created_at = m->rec.created_at;
+    /* Enabling: bind before storing, so a port taken meanwhile changes nothing. A mapping
+     * in status error that stays enabled is stored either way and keeps its error. */
+    struct evconnlistener *l = NULL;
+    if (next.enabled && !m->listener) {
+        l = mapping_listen(m, err, errlen);
+        if (!l && !m->rec.enabled)
+            return MAPPING_E_IN_USE;
+        if (!l)
+            snprintf(m->error, sizeof(m->error), "%s", err);
+    }
+    if (store_mapping_update(reg->srv->store, &next) != STORE_OK) {
+        if (l)
+            evconnlistener_free(l);
+        snprintf(err, errlen, "database error while storing port %d", rec->port);
+        return MAPPING_E_STORE;
+    }
+    m->rec = next;
+    if (!next.enabled) {
+        mapping_detach_listener(m);
+        mapping_abort_conns(m);
+    }
+    if (l) {
+        mapping_attach_listener(m, l);
+        m->error[0] = '\0';
+    }
+    mapping_policy_apply(m, true);
     *out = m;
     return MAPPING_OK;
 }
@@ -357,5 +475,22 @@ json_t *mapping_to_json(const struct mapping *m)
     json_object_set_new(o, "failed_connections", json_integer((json_int_t)m->stats.failed));
     json_object_set_new(o, "bytes_in", json_integer((json_int_t)m->stats.bytes_in));
     json_object_set_new(o, "bytes_out", json_integer((json_int_t)m->stats.bytes_out));
+    json_object_set_new(o, "refused_connections",
+                        json_integer((json_int_t)(m->stats.refused_allow +
+                                                  m->stats.refused_limit)));
+    json_t *allow = json_array();
+    for (size_t i = 0; i < m->allow_len; i++) {
+        char text[STORE_CIDR_TEXT + 8];
+        json_array_append_new(allow, json_string(netaddr_cidr_format(&m->allow[i], text,
+                                                                     sizeof(text))));
+    }
+    json_object_set_new(o, "allow_from", allow);
+    json_object_set_new(o, "proxy_protocol",
+                        json_string(r->proxy_protocol == 1   ? "v1"
+                                    : r->proxy_protocol == 2 ? "v2"
+                                                             : "none"));
+    json_object_set_new(o, "max_connections", json_integer(mapping_max_connections(m)));
+    json_object_set_new(o, "rate_limit", json_integer((json_int_t)r->rate_limit));
+    json_object_set_new(o, "enabled", json_boolean(r->enabled));
     return o;
 }

@@ -24,6 +24,7 @@ static const struct {
     [API_E_NOT_FOUND] = {"not_found", 404},
     [API_E_METHOD_NOT_ALLOWED] = {"method_not_allowed", 405},
     [API_E_PORT_IN_USE] = {"port_in_use", 409},
+    [API_E_RANGE_EXHAUSTED] = {"range_exhausted", 409},
     [API_E_BODY_TOO_LARGE] = {"body_too_large", 413},
     [API_E_INTERNAL] = {"internal_error", 500},
     [API_E_CLIENT_EXISTS] = {"client_exists", 409},
@@ -36,8 +37,11 @@ const char *api_error_code(enum api_error e) { return api_errors[e].code; }
 
 unsigned api_error_status(enum api_error e) { return api_errors[e].status; }
 
-static const char *const create_fields[] = {"port", "target_ip", "target_port", "use_tunnel",
-                                            "client", "name", NULL};
+static const char *const create_fields[] = {
+    "port", "target_ip", "target_port", "use_tunnel", "client", "name", "allow_from",
+    "proxy_protocol", "max_connections", "rate_limit", "enabled", NULL};
+
+const char *const mapping_request_proxy_names[3] = {"none", "v1", "v2"};
 
 /* JSON integers only: "22", 22.0, 1e10 and true are refused (SPEC §3). */
 static enum api_error field_int(json_t *obj, const char *key, int min, int max, bool required,
@@ -117,6 +121,98 @@ static enum api_error field_target_ip(json_t *obj, struct mapping_record *rec, c
     return API_OK;
 }
 
+/* allow_from: an array of CIDRs, kept as text joined by ',' in the canonical form the
+ * store keeps; each is parsed here so a bad one is refused with its index. */
+static enum api_error field_allow_from(json_t *obj, struct mapping_record *rec, char *msg,
+                                       size_t msglen)
+{
+    json_t *v = json_object_get(obj, "allow_from");
+    if (!v)
+        return API_OK;
+    if (!json_is_array(v) || json_array_size(v) > STORE_ALLOW_MAX) {
+        snprintf(msg, msglen, "allow_from must be an array of at most %d CIDR strings",
+                 STORE_ALLOW_MAX);
+        return API_E_INVALID_FIELD;
+    }
+    size_t i, used = 0;
+    json_t *item;
+    char text[STORE_ALLOW_BYTES + 1] = "";
+    json_array_foreach(v, i, item) {
+        const char *s = json_string_value(item);
+        struct netaddr_cidr c;
+        if (!s || strlen(s) != json_string_length(item) || strlen(s) >= STORE_CIDR_TEXT ||
+            netaddr_cidr_parse(s, &c) != 0) {
+            snprintf(msg, msglen, "allow_from[%zu] must be a CIDR such as 10.0.0.0/8 or ::1",
+                     i);
+            return API_E_INVALID_FIELD;
+        }
+        char canon[STORE_CIDR_TEXT];
+        used += (size_t)snprintf(text + used, sizeof(text) - used, "%s%s", i ? "," : "",
+                                 netaddr_cidr_format(&c, canon, sizeof(canon)));
+    }
+    memcpy(rec->allow_from, text, used + 1);
+    return API_OK;
+}
+
+static enum api_error field_proxy_protocol(json_t *obj, struct mapping_record *rec, char *msg,
+                                           size_t msglen)
+{
+    json_t *v = json_object_get(obj, "proxy_protocol");
+    if (!v)
+        return API_OK;
+    for (int i = 0; i < 3; i++) {
+        if (json_is_string(v) && strcmp(json_string_value(v), mapping_request_proxy_names[i]) == 0) {
+            rec->proxy_protocol = i;
+            return API_OK;
+        }
+    }
+    snprintf(msg, msglen, "proxy_protocol must be \"none\", \"v1\" or \"v2\"");
+    return API_E_INVALID_FIELD;
+}
+
+static enum api_error field_bool(json_t *obj, const char *key, bool *out, char *msg,
+                                 size_t msglen)
+{
+    json_t *v = json_object_get(obj, key);
+    if (!v)
+        return API_OK;
+    if (!json_is_boolean(v)) {
+        snprintf(msg, msglen, "%s must be true or false", key);
+        return API_E_INVALID_FIELD;
+    }
+    *out = json_is_true(v);
+    return API_OK;
+}
+
+static enum api_error field_rate_limit(json_t *obj, struct mapping_record *rec, char *msg,
+                                       size_t msglen)
+{
+    json_t *v = json_object_get(obj, "rate_limit");
+    if (!v)
+        return API_OK;
+    if (!json_is_integer(v) || json_integer_value(v) < 0 ||
+        json_integer_value(v) > STORE_RATE_LIMIT_MAX) {
+        snprintf(msg, msglen, "rate_limit must be an integer from 0 to %lld (bytes/s)",
+                 STORE_RATE_LIMIT_MAX);
+        return API_E_INVALID_FIELD;
+    }
+    rec->rate_limit = (int64_t)json_integer_value(v);
+    return API_OK;
+}
+
+static enum api_error parse_policy_fields(json_t *obj, struct mapping_record *rec, char *msg,
+                                          size_t msglen)
+{
+    enum api_error e;
+    if ((e = field_allow_from(obj, rec, msg, msglen)) != API_OK ||
+        (e = field_proxy_protocol(obj, rec, msg, msglen)) != API_OK ||
+        (e = field_int(obj, "max_connections", 1, STORE_MAX_CONNECTIONS, false,
+                       &rec->max_connections, msg, msglen)) != API_OK ||
+        (e = field_rate_limit(obj, rec, msg, msglen)) != API_OK)
+        return e;
+    return field_bool(obj, "enabled", &rec->enabled, msg, msglen);
+}
+
 static enum api_error check_unknown_fields(json_t *obj, char *msg, size_t msglen)
 {
     const char *key;
@@ -183,7 +279,7 @@ static bool is_loopback_name(const char *s)
 }
 
 /* Mode and the checks that need the config, after each field was parsed on its own. */
-static enum api_error resolve_mode(const struct config *cfg, json_t *obj,
+static enum api_error resolve_mode(const struct config *cfg, json_t *obj, bool update,
                                    struct mapping_record *rec, char *msg, size_t msglen)
 {
     json_t *t = json_object_get(obj, "use_tunnel");
@@ -191,11 +287,13 @@ static enum api_error resolve_mode(const struct config *cfg, json_t *obj,
         snprintf(msg, msglen, "use_tunnel must be true or false");
         return API_E_INVALID_FIELD;
     }
-    rec->use_tunnel = t ? json_is_true(t) : (!rec->target_ip[0] && cfg->tunnel_enabled);
+    if (t || !update)
+        rec->use_tunnel = t ? json_is_true(t) : (!rec->target_ip[0] && cfg->tunnel_enabled);
     /* SPEC §2: a direct mapping has no client; "" in the API, the store and /metrics. */
     if (!rec->use_tunnel)
         rec->client[0] = '\0';
-    if (!config_port_allowed(cfg, rec->port)) {
+    /* Port 0 on create: the registry picks one inside the range. */
+    if (!update && rec->port != 0 && !config_port_allowed(cfg, rec->port)) {
         snprintf(msg, msglen, "port %d is outside port_range %d-%d or blacklisted", rec->port,
                  cfg->port_from, cfg->port_end);
         return API_E_PORT_OUT_OF_RANGE;
@@ -208,6 +306,14 @@ static enum api_error resolve_mode(const struct config *cfg, json_t *obj,
         snprintf(msg, msglen, "target_ip is required in direct mode");
         return API_E_INVALID_FIELD;
     }
+    /* Port omitted: target_port would default to the picked port, and a loopback target
+     * would be this very listener. */
+    if (!rec->use_tunnel && rec->port == 0 && rec->target_port == 0 &&
+        is_loopback_name(rec->target_ip)) {
+        snprintf(msg, msglen, "target_port is required when port is omitted and target_ip "
+                 "is this host");
+        return API_E_INVALID_FIELD;
+    }
     if (!rec->use_tunnel && rec->target_port == rec->port && is_loopback_name(rec->target_ip)) {
         snprintf(msg, msglen, "target_ip:target_port would forward port %d to itself", rec->port);
         return API_E_INVALID_FIELD;
@@ -215,20 +321,33 @@ static enum api_error resolve_mode(const struct config *cfg, json_t *obj,
     return API_OK;
 }
 
+static enum api_error parse_common_fields(const struct config *cfg, json_t *obj, bool update,
+                                          struct mapping_record *rec, char *msg, size_t msglen);
+
 static enum api_error parse_create_fields(const struct config *cfg, json_t *obj,
                                           struct mapping_record *rec, char *msg, size_t msglen)
 {
     enum api_error e;
     if ((e = check_unknown_fields(obj, msg, msglen)) != API_OK ||
-        (e = field_int(obj, "port", 1, 65535, true, &rec->port, msg, msglen)) != API_OK)
+        (e = field_int(obj, "port", 1, 65535, false, &rec->port, msg, msglen)) != API_OK)
         return e;
-    rec->target_port = rec->port;
+    rec->target_port = rec->port; /* 0 with an omitted port: the registry sets both */
+    return parse_common_fields(cfg, obj, false, rec, msg, msglen);
+}
+
+/* Every field but port, shared by create and update (which starts from the stored
+ * record, so an absent field keeps its value). */
+static enum api_error parse_common_fields(const struct config *cfg, json_t *obj, bool update,
+                                          struct mapping_record *rec, char *msg, size_t msglen)
+{
+    enum api_error e;
     if ((e = field_target_ip(obj, rec, msg, msglen)) != API_OK ||
         (e = field_int(obj, "target_port", 1, 65535, false, &rec->target_port, msg, msglen)) ||
         (e = field_client(obj, rec, msg, msglen)) != API_OK ||
-        (e = field_label(obj, "name", true, rec->name, sizeof(rec->name), msg, msglen)))
+        (e = field_label(obj, "name", true, rec->name, sizeof(rec->name), msg, msglen)) ||
+        (e = parse_policy_fields(obj, rec, msg, msglen)) != API_OK)
         return e;
-    return resolve_mode(cfg, obj, rec, msg, msglen);
+    return resolve_mode(cfg, obj, update, rec, msg, msglen);
 }
 
 enum api_error mapping_request_parse_create(const struct config *cfg, const char *body,
@@ -237,6 +356,7 @@ enum api_error mapping_request_parse_create(const struct config *cfg, const char
 {
     memset(rec, 0, sizeof(*rec));
     strcpy(rec->client, "default");
+    rec->enabled = true;
     enum api_error e;
     json_t *obj = load_object(body, len, &e, msg, msglen);
     if (!obj)
@@ -264,6 +384,27 @@ enum api_error mapping_request_parse_remove(const char *body, size_t len, int *p
     }
     if (e == API_OK)
         e = field_int(obj, "port", 1, 65535, true, port, msg, msglen);
+    json_decref(obj);
+    return e;
+}
+
+enum api_error mapping_request_parse_update(const struct config *cfg, const char *body,
+                                            size_t len, int *port, struct mapping_record *rec,
+                                            char *msg, size_t msglen)
+{
+    enum api_error e;
+    json_t *obj = load_object(body, len, &e, msg, msglen);
+    if (!obj)
+        return e;
+    if ((e = check_unknown_fields(obj, msg, msglen)) == API_OK &&
+        (e = field_int(obj, "port", 1, 65535, true, port, msg, msglen)) == API_OK && rec) {
+        if (rec->port != *port) {
+            snprintf(msg, msglen, "port cannot change");
+            e = API_E_INVALID_FIELD;
+        } else {
+            e = parse_common_fields(cfg, obj, true, rec, msg, msglen);
+        }
+    }
     json_decref(obj);
     return e;
 }

@@ -21,6 +21,7 @@ enum api_error {
     API_E_NOT_FOUND,
     API_E_METHOD_NOT_ALLOWED,
     API_E_PORT_IN_USE,
+    API_E_RANGE_EXHAUSTED,
     API_E_BODY_TOO_LARGE,
     API_E_INTERNAL,
     API_E_CLIENT_EXISTS,       /* §4a */
@@ -38,6 +39,16 @@ unsigned api_error_status(enum api_error e);
  * On failure returns the error and writes a message naming the field into msg. */
 enum api_error mapping_request_parse_create(const struct config *cfg, const char *body,
                                             size_t len, struct mapping_record *rec,
+                                            char *msg, size_t msglen);
+
+/* Names of proxy_protocol values, indexed by mapping_record.proxy_protocol. */
+extern const char *const mapping_request_proxy_names[3];
+
+/* Parses an update body {"port": n, <fields>}. Called first with rec NULL, it only checks
+ * the body and reads *port (to find the mapping); called again with the stored record in
+ * rec, it applies the given fields onto it and validates the result as create does. */
+enum api_error mapping_request_parse_update(const struct config *cfg, const char *body,
+                                            size_t len, int *port, struct mapping_record *rec,
                                             char *msg, size_t msglen);
 
 /* Parses a remove body {"port": n}. */

@@ -69,6 +69,17 @@ static void render_mappings(FILE *f, struct server *srv)
             fprintf(f, "\"} %llu\n", (unsigned long long)v);
         }
     }
+    put_header(f, "portmux_connections_refused_total", "counter",
+               "Public connections refused at accept, by mapping and reason.");
+    for (struct mapping *m = mapping_registry_first(srv->mappings); m;
+         m = mapping_registry_next(m)) {
+        fprintf(f, "portmux_connections_refused_total{port=\"%d\",reason=\"allow_from\"} %llu\n",
+                m->rec.port, (unsigned long long)m->stats.refused_allow);
+        fprintf(f,
+                "portmux_connections_refused_total{port=\"%d\",reason=\"max_connections\"} "
+                "%llu\n",
+                m->rec.port, (unsigned long long)m->stats.refused_limit);
+    }
     put_header(f, "portmux_mappings", "gauge", "Stored mappings.");
     fprintf(f, "portmux_mappings %zu\n", mapping_registry_count(srv->mappings));
 }

@@ -109,8 +109,15 @@ static bool store_record_ok(const struct mapping_record *rec)
     }
     if (!store_str_ok(rec->target_ip, sizeof(rec->target_ip)) ||
         !store_str_ok(rec->client, sizeof(rec->client)) ||
-        !store_str_ok(rec->name, sizeof(rec->name))) {
+        !store_str_ok(rec->name, sizeof(rec->name)) ||
+        !store_str_ok(rec->allow_from, sizeof(rec->allow_from))) {
         log_error("store", "refusing mapping on port %d: unterminated string", rec->port);
+        return false;
+    }
+    if (rec->proxy_protocol < 0 || rec->proxy_protocol > 2 || rec->max_connections < 0 ||
+        rec->max_connections > STORE_MAX_CONNECTIONS || rec->rate_limit < 0 ||
+        rec->rate_limit > STORE_RATE_LIMIT_MAX) {
+        log_error("store", "refusing mapping on port %d: policy out of range", rec->port);
         return false;
     }
     return true;
@@ -128,6 +135,13 @@ enum store_result store_mapping_replace(struct store *st, struct mapping_record 
     if (!st || !store_record_ok(rec))
         return STORE_ERR;
     return st->backend->replace(st->impl, rec);
+}
+
+enum store_result store_mapping_update(struct store *st, const struct mapping_record *rec)
+{
+    if (!st || !store_record_ok(rec))
+        return STORE_ERR;
+    return st->backend->update(st->impl, rec);
 }
 
 enum store_result store_mapping_delete(struct store *st, int port)

@@ -10,6 +10,12 @@
 #define STORE_HOST_MAX 255
 #define STORE_NAME_MAX 64                    /* characters (UTF-8 code points) */
 #define STORE_NAME_BYTES (STORE_NAME_MAX * 4) /* room for 64 code points of UTF-8 */
+#define STORE_ALLOW_MAX 64                   /* CIDRs in one mapping's allow_from */
+#define STORE_CIDR_TEXT 50                   /* "ffff:...:ffff/128" and its NUL fit */
+/* allow_from is stored as its CIDRs joined by ',' (a CIDR never holds one). */
+#define STORE_ALLOW_BYTES (STORE_ALLOW_MAX * STORE_CIDR_TEXT)
+#define STORE_MAX_CONNECTIONS 1000000
+#define STORE_RATE_LIMIT_MAX 1000000000000LL /* bytes/s; 0 = unlimited */
 
 enum store_result {
     STORE_OK = 0,
@@ -28,6 +34,12 @@ struct mapping_record {
     char client[STORE_NAME_BYTES + 1];    /* tunnel client name */
     char name[STORE_NAME_BYTES + 1];      /* label, may be "", UTF-8 */
     int64_t created_at;                   /* unix seconds, assigned by insert */
+    /* Policy (SPEC §2, migration 0003). */
+    char allow_from[STORE_ALLOW_BYTES + 1]; /* CIDRs joined by ','; "" = anyone */
+    int proxy_protocol;                   /* 0 none, 1 v1, 2 v2 */
+    int max_connections;                  /* 0 = limits.max_connections_per_mapping */
+    int64_t rate_limit;                   /* bytes/s per direction; 0 = unlimited */
+    bool enabled;
 };
 
 struct store;
@@ -53,6 +65,10 @@ enum store_result store_mapping_insert(struct store *st, struct mapping_record *
 /* Replaces the stored mapping on rec->port with rec in one transaction (keeps nothing of
  * the old row); fills rec->id and rec->created_at. STORE_NOT_FOUND when none is stored. */
 enum store_result store_mapping_replace(struct store *st, struct mapping_record *rec);
+
+/* Changes every field of the stored mapping on rec->port but id and created_at (one
+ * statement, durable when it returns STORE_OK). STORE_NOT_FOUND when none is stored. */
+enum store_result store_mapping_update(struct store *st, const struct mapping_record *rec);
 
 /* Deletes the mapping on port. STORE_NOT_FOUND when there is none. */
 enum store_result store_mapping_delete(struct store *st, int port);

@@ -25,6 +25,7 @@ struct store_backend {
     void (*close)(void *impl);
     enum store_result (*insert)(void *impl, struct mapping_record *rec);
     enum store_result (*replace)(void *impl, struct mapping_record *rec);
+    enum store_result (*update)(void *impl, const struct mapping_record *rec);
     enum store_result (*remove)(void *impl, int port);
     enum store_result (*foreach)(void *impl, store_foreach_fn fn, void *arg);
     /* Tunnel clients; names and hashes were checked by store.c. */

@@ -27,17 +27,29 @@ extern const size_t embedded_migrations_count;
 /* foreach reads this many rows at a time, so callbacks run with no statement open. */
 #define SQ_PAGE_ROWS 64
 
-enum sq_stmt_id { SQ_INSERT, SQ_DELETE, SQ_PAGE, SQ_BEGIN, SQ_COMMIT, SQ_ROLLBACK, SQ_COUNT };
+enum sq_stmt_id {
+    SQ_INSERT, SQ_DELETE, SQ_PAGE, SQ_BEGIN, SQ_COMMIT, SQ_ROLLBACK, SQ_UPDATE, SQ_COUNT
+};
+
+/* The policy columns' text for proxy_protocol, by record value. */
+static const char *const sq_proxy_names[] = {"none", "v1", "v2"};
 
 static const char *const sq_sql[SQ_COUNT] = {
     [SQ_INSERT] = "INSERT INTO mappings (port, target_ip, target_port, use_tunnel, client, "
-                  "name, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                  "name, created_at, allow_from, proxy_protocol, max_connections, "
+                  "rate_limit, enabled) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, "
+                  "?11, ?12)",
     [SQ_DELETE] = "DELETE FROM mappings WHERE port = ?1",
     [SQ_PAGE] = "SELECT id, port, target_ip, target_port, use_tunnel, client, name, "
-                "created_at FROM mappings WHERE port > ?1 ORDER BY port LIMIT ?2",
+                "created_at, allow_from, proxy_protocol, max_connections, rate_limit, "
+                "enabled FROM mappings WHERE port > ?1 ORDER BY port LIMIT ?2",
     [SQ_BEGIN] = "BEGIN IMMEDIATE",
     [SQ_COMMIT] = "COMMIT",
     [SQ_ROLLBACK] = "ROLLBACK",
+    /* Same parameter numbers as SQ_INSERT, so one binder serves both (?7 unused). */
+    [SQ_UPDATE] = "UPDATE mappings SET target_ip = ?2, target_port = ?3, use_tunnel = ?4, "
+                  "client = ?5, name = ?6, allow_from = ?8, proxy_protocol = ?9, "
+                  "max_connections = ?10, rate_limit = ?11, enabled = ?12 WHERE port = ?1",
 };
 
 /* Tunnel client statements (migration 0002), kept apart from the mapping ones. */
@@ -413,10 +425,10 @@ static void sq_rollback(struct sq_store *sq)
         sq_run(sq, SQ_ROLLBACK, "rollback", 0);
 }
 
-static int sq_bind_record(struct sq_store *sq, const struct mapping_record *rec,
-                          int64_t created_at)
+static int sq_bind_record(struct sq_store *sq, enum sq_stmt_id id,
+                          const struct mapping_record *rec, int64_t created_at)
 {
-    sqlite3_stmt *s = sq->stmt[SQ_INSERT];
+    sqlite3_stmt *s = sq->stmt[id];
     int rc = sqlite3_bind_int(s, 1, rec->port);
     if (rc == SQLITE_OK)
         rc = sqlite3_bind_text(s, 2, rec->target_ip, -1, SQLITE_TRANSIENT);
@@ -428,8 +440,18 @@ static int sq_bind_record(struct sq_store *sq, const struct mapping_record *rec,
         rc = sqlite3_bind_text(s, 5, rec->client, -1, SQLITE_TRANSIENT);
     if (rc == SQLITE_OK)
         rc = sqlite3_bind_text(s, 6, rec->name, -1, SQLITE_TRANSIENT);
-    if (rc == SQLITE_OK)
+    if (rc == SQLITE_OK && id == SQ_INSERT)
         rc = sqlite3_bind_int64(s, 7, created_at);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_bind_text(s, 8, rec->allow_from, -1, SQLITE_TRANSIENT);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_bind_text(s, 9, sq_proxy_names[rec->proxy_protocol], -1, SQLITE_STATIC);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_bind_int(s, 10, rec->max_connections);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_bind_int64(s, 11, rec->rate_limit);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_bind_int(s, 12, rec->enabled ? 1 : 0);
     if (rc != SQLITE_OK)
         sq_log(sq, "binding a mapping");
     return rc;
@@ -441,7 +463,7 @@ static enum store_result sq_insert_row(struct sq_store *sq, const struct mapping
                                        int64_t *id, int64_t *created_at)
 {
     int64_t now = (int64_t)time(NULL);
-    if (sq_bind_record(sq, rec, now) != SQLITE_OK)
+    if (sq_bind_record(sq, SQ_INSERT, rec, now) != SQLITE_OK)
         return STORE_ERR;
     int rc = sq_run(sq, SQ_INSERT, "inserting a mapping", SQLITE_CONSTRAINT_UNIQUE);
     if (rc == SQLITE_CONSTRAINT_UNIQUE) {
@@ -474,6 +496,16 @@ static enum store_result sq_remove(void *impl, int port)
         return STORE_ERR;
     }
     if (sq_run(sq, SQ_DELETE, "deleting a mapping", 0) != SQLITE_DONE)
+        return STORE_ERR;
+    return sqlite3_changes(sq->db) == 0 ? STORE_NOT_FOUND : STORE_OK;
+}
+
+static enum store_result sq_update(void *impl, const struct mapping_record *rec)
+{
+    struct sq_store *sq = impl;
+    if (sq_bind_record(sq, SQ_UPDATE, rec, 0) != SQLITE_OK)
+        return STORE_ERR;
+    if (sq_run(sq, SQ_UPDATE, "updating a mapping", 0) != SQLITE_DONE)
         return STORE_ERR;
     return sqlite3_changes(sq->db) == 0 ? STORE_NOT_FOUND : STORE_OK;
 }
@@ -528,6 +560,14 @@ static void sq_read_row(sqlite3_stmt *s, struct mapping_record *rec)
     sq_copy_text(rec->client, sizeof(rec->client), s, 5, rec->port);
     sq_copy_text(rec->name, sizeof(rec->name), s, 6, rec->port);
     rec->created_at = sqlite3_column_int64(s, 7);
+    sq_copy_text(rec->allow_from, sizeof(rec->allow_from), s, 8, rec->port);
+    const char *pp = (const char *)sqlite3_column_text(s, 9);
+    for (int i = 0; i < 3; i++)
+        if (pp && strcmp(pp, sq_proxy_names[i]) == 0)
+            rec->proxy_protocol = i;
+    rec->max_connections = sqlite3_column_int(s, 10);
+    rec->rate_limit = sqlite3_column_int64(s, 11);
+    rec->enabled = sqlite3_column_int(s, 12) != 0;
 }
 
 /* Reads up to SQ_PAGE_ROWS mappings with a port above `after`; returns how many, or -1. */
@@ -757,6 +797,7 @@ const struct store_backend store_backend_sqlite = {
     .close = sq_close,
     .insert = sq_insert,
     .replace = sq_replace,
+    .update = sq_update,
     .remove = sq_remove,
     .foreach = sq_foreach,
     .client_insert = sqc_insert,

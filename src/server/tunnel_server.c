@@ -22,6 +22,7 @@
 #include "accept_guard.h"
 #include "bridge.h"
 #include "clients.h"
+#include "proxy_header.h"
 #include "config.h"
 #include "frame.h"
 #include "hello_limit.h"
@@ -170,6 +171,42 @@ static const struct bridge_hooks tstream_hooks = {
     .on_close = tstream_on_bridge_close,
 };
 
+/* A mapping update changed rate_limit: the bridged socket joins or leaves its group. */
+static void tstream_policy_changed(struct mapping_conn *mc)
+{
+    struct tstream *t = (struct tstream *)((char *)mc - offsetof(struct tstream, mc));
+    if (t->bridge && bridge_set_rate_group(t->bridge, mc->mapping->rl_group) < 0)
+        log_warn(TS_MOD, "port %d: cannot apply rate_limit to a live stream",
+                 mc->mapping->rec.port);
+}
+
+/* The PROXY protocol header goes as the stream's first Data, before the bridge moves any
+ * public byte, so the client passes it to the target unchanged (it needs no support).
+ * What the tunnel cannot take now waits at the head of the socket's input, where the
+ * bridge sends it first once the stream may send again. */
+static int tstream_send_proxy_header(struct tstream *t, struct mux_stream *st,
+                                     struct bufferevent *bev)
+{
+    unsigned char hdr[PROXY_HEADER_MAX];
+    int n = mapping_conn_proxy_header(&t->mc, bufferevent_getfd(bev), hdr);
+    if (n <= 0)
+        return 0;
+    struct evbuffer *buf = evbuffer_new();
+    int rc = -1;
+    if (buf && evbuffer_add(buf, hdr, (size_t)n) == 0 && mux_stream_write(st, buf) >= 0) {
+        rc = 0;
+        if (evbuffer_get_length(buf) > 0) {
+            /* A socket bufferevent keeps its input's end frozen outside its own reads. */
+            struct evbuffer *in = bufferevent_get_input(bev);
+            evbuffer_unfreeze(in, 0);
+            rc = evbuffer_add_buffer(in, buf);
+            evbuffer_freeze(in, 0);
+        }
+    }
+    evbuffer_free(buf);
+    return rc;
+}
+
 static void tstream_connected(struct tstream *t, struct mux_stream *st)
 {
     struct event_base *base = t->sess->ts->srv->base;
@@ -183,6 +220,14 @@ static void tstream_connected(struct tstream *t, struct mux_stream *st)
     t->st = NULL;
     event_free(t->timer);
     t->timer = NULL;
+    if (tstream_send_proxy_header(t, st, bev) < 0) {
+        log_warn(TS_MOD, "port %d: cannot send the PROXY protocol header",
+                 t->mc.mapping->rec.port);
+        bufferevent_free(bev);
+        mux_stream_close(st);
+        tstream_free(t, true);
+        return;
+    }
     t->bridge = bridge_new(st, bev, &tstream_hooks, t);
     if (!t->bridge) {
         bufferevent_free(bev);
@@ -192,6 +237,9 @@ static void tstream_connected(struct tstream *t, struct mux_stream *st)
     }
     t->established = true;
     t->sess->nestablished++;
+    t->mc.policy_changed = tstream_policy_changed;
+    if (t->mc.mapping->rl_group)
+        tstream_policy_changed(&t->mc);
 }
 
 static void tstream_on_connect_response(struct mux_stream *st, uint8_t status, void *arg)

@@ -208,7 +208,8 @@ CASES = [
     ("port-neg", "POST", "/api/mapping/create", "json", lambda s: _valid(port=-1), 400, "invalid_field", "port"),
     ("port-big", "POST", "/api/mapping/create", "json", lambda s: _valid(port=2**40 + 20001), 400, "invalid_field", "port"),
     ("port-beyond-64-bits", "POST", "/api/mapping/create", "raw", '{"port": 99999999999999999999, "target_ip": "127.0.0.1", "target_port": 9}', 400, "invalid_field", None),
-    ("port-missing", "POST", "/api/mapping/create", "json", lambda s: _without("port"), 400, "invalid_field", "port"),
+    # An omitted port is picked by the server now (SPEC §2, test_policy.py); null is no port.
+    ("port-null", "POST", "/api/mapping/create", "json", lambda s: _valid(port=None), 400, "invalid_field", "port"),
     ("target_ip-int", "POST", "/api/mapping/create", "json", lambda s: _valid(target_ip=123), 400, "invalid_field", "target_ip"),
     ("target_ip-empty", "POST", "/api/mapping/create", "json", lambda s: _valid(target_ip=""), 400, "invalid_field", "target_ip"),
     ("target_ip-bad", "POST", "/api/mapping/create", "json", lambda s: _valid(target_ip="bad host!"), 400, "invalid_field", "target_ip"),

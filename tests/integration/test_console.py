@@ -750,3 +750,77 @@ def assert_no_horizontal_scroll(drv):
     sw, iw = drv.execute_script(
         "return [document.documentElement.scrollWidth, window.innerWidth]")
     assert sw <= iw, f"page is {sw}px wide in a {iw}px window"
+
+
+# ---------------------------------------------------------------------------
+# Mapping policy (issue 16): the create form's new fields, refused counts, disabled state,
+# edit in place and the enable/disable toggle -- each checked against the API.
+
+def test_console_policy_edit_and_toggle(server, http_backend, browser_factory):
+    from selenium.webdriver.support.ui import Select
+    drv = browser_factory()
+    open_console(drv, server)
+    port = free_port()
+    fill(drv, "f-allow-from", "127.0.0.2\n10.0.0.0/8")
+    Select(by_id(drv, "f-proxy-protocol")).select_by_value("v2")
+    fill(drv, "f-max-connections", "5")
+    fill(drv, "f-rate-limit", "1000000")
+    submit_create(drv, port, "127.0.0.1", http_backend.port, name="guarded")
+    until(drv, lambda d: row_status(d, port) == "listening", f"row {port} listening")
+    m = server.mapping(port)
+    assert (m["allow_from"], m["proxy_protocol"], m["max_connections"], m["rate_limit"]) == \
+        (["127.0.0.2/32", "10.0.0.0/8"], "v2", 5, 1000000), m
+    policy = mapping_row(drv, port).find_element(By.CSS_SELECTOR, ".c-policy").text
+    assert "127.0.0.2/32" in policy and "PROXY v2" in policy and "max 5" in policy, policy
+    assert by_id(drv, "f-allow-from").get_attribute("value") == "", "form not reset"
+    assert by_id(drv, "f-enabled").is_selected(), "form reset left Enabled unchecked"
+
+    # A connection from outside allow_from is refused; the table counts it as the API does.
+    try:  # the reset may come while connect() returns, or on the first read
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.settimeout(5)
+            assert s.recv(1) == b""
+    except ConnectionResetError:
+        pass
+
+    def refused_shown(d):
+        td = mapping_row(d, port).find_element(By.CSS_SELECTOR, ".c-refused")
+        return td.text == "1" == str(server.mapping(port)["refused_connections"])
+    until(drv, refused_shown, "refused count 1 in the table")
+
+    # Edit in place: open on the row, change fields, save; the API has them at once.
+    mapping_row(drv, port).find_element(By.CSS_SELECTOR, "button.edit").click()
+    dialog = by_id(drv, "edit-dialog")
+    until(drv, lambda d: dialog.get_attribute("open") is not None, "edit dialog open")
+    assert by_id(drv, "e-allow-from").get_attribute("value") == "127.0.0.2/32\n10.0.0.0/8"
+    assert by_id(drv, "e-max-connections").get_attribute("value") == "5"
+    fill(drv, "e-allow-from", "")
+    Select(by_id(drv, "e-proxy-protocol")).select_by_value("none")
+    fill(drv, "e-rate-limit", "abc")
+    by_id(drv, "edit-save").click()
+    until(drv, lambda d: by_id(d, "eerr-rate_limit").is_displayed(), "rate_limit error shown")
+    assert by_id(drv, "eerr-rate_limit").text.startswith("rate_limit")
+    assert server.mapping(port)["allow_from"] != [], "a refused update changed the mapping"
+    fill(drv, "e-rate-limit", "0")
+    fill(drv, "e-name", "open now")
+    by_id(drv, "edit-save").click()
+    until(drv, lambda d: dialog.get_attribute("open") is None, "edit dialog closed")
+    m = server.mapping(port)
+    assert (m["allow_from"], m["proxy_protocol"], m["rate_limit"], m["name"]) == \
+        ([], "none", 0, "open now"), m
+    resp = http_get_via(port, "/blob.bin")
+    assert resp.endswith(http_backend.files["blob.bin"])
+
+    # Toggle: disabled in the API, shown as such, the port closed; then enabled again.
+    toggle = mapping_row(drv, port).find_element(By.CSS_SELECTOR, "button.toggle")
+    assert toggle.text == "Disable"
+    toggle.click()
+    until(drv, lambda d: row_status(d, port) == "disabled", "row disabled")
+    assert server.mapping(port)["enabled"] is False
+    assert "is-disabled" in mapping_row(drv, port).get_attribute("class")
+    assert connect_refused(port), "a disabled mapping still accepts connections"
+    shot(drv, "policy-disabled.png")
+    mapping_row(drv, port).find_element(By.CSS_SELECTOR, "button.toggle").click()
+    until(drv, lambda d: row_status(d, port) == "listening", "row enabled again")
+    assert server.mapping(port)["enabled"] is True
+    assert http_get_via(port, "/blob.bin").endswith(http_backend.files["blob.bin"])

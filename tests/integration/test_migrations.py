@@ -3,11 +3,12 @@ user_version; a second start applies nothing; a database from a newer portmux (o
 database at all) stops start-up and is left byte for byte as it was."""
 import hashlib
 import re
+import socket
 import time
 
 import pytest
 
-from conftest import SOURCE_DIR, free_port, sqlite
+from conftest import SOURCE_DIR, free_port, recv_exact, sqlite
 
 
 def newest_migration():
@@ -102,3 +103,49 @@ def test_foreign_database_version_0_is_migrated(server_factory):
     assert srv.stop() == 0
     assert sqlite(srv.db_path, "SELECT x FROM notes") == [["kept"]]
     assert sqlite(srv.db_path, "PRAGMA user_version") == [[str(newest_migration())]]
+
+
+def test_schema_1_database_migrates_and_keeps_every_mapping(server_factory, echo_backend):
+    """A database written by the schema before the policy columns (0001 only, as the
+    previous portmux left it) opens, gains the columns with defaults that keep each
+    mapping behaving as before, and loses nothing."""
+    srv = server_factory(start=False)
+    p1, p2, p3 = free_port(), free_port(), free_port()
+    schema1 = (SOURCE_DIR / "migrations" / "0001_init.sql").read_text()
+    # Leading "BEGIN;": the file starts with a comment, which sqlite3 would take for an
+    # option when it opens the argument.
+    sqlite(srv.db_path, "BEGIN;\n" + schema1 + f"""
+        INSERT INTO mappings (port, target_ip, target_port, use_tunnel, client, name,
+                              created_at)
+        VALUES ({p1}, '127.0.0.1', {echo_backend.port}, 0, '', 'echo', 1700000000),
+               ({p2}, '', 22, 1, 'edge1', 'ssh', 1700000001),
+               ({p3}, 'db.internal', 5432, 0, '', '', 1700000002);
+        PRAGMA user_version = 1;
+        COMMIT;""")
+    rows_before = sqlite(srv.db_path, "SELECT id, port, target_ip, target_port, use_tunnel, "
+                                      "client, name, created_at FROM mappings ORDER BY port")
+    srv.config["tunnel"] = {"enabled": True, "listen_port": free_port(),
+                            "listen_addr": "127.0.0.1",
+                            "clients": [{"name": "edge1", "token": "tok-edge1-0123456789"}]}
+    srv.write_config()
+    srv.start()
+    srv.wait_log(r"applied \d+ migration")
+    assert sqlite(srv.db_path, "PRAGMA user_version", readonly=True) == \
+        [[str(newest_migration())]]
+    for col in ("allow_from", "proxy_protocol", "max_connections", "rate_limit", "enabled"):
+        assert col in columns(srv.db_path), f"column {col} missing"
+    assert sqlite(srv.db_path, "SELECT id, port, target_ip, target_port, use_tunnel, client, "
+                               "name, created_at FROM mappings ORDER BY port",
+                  readonly=True) == rows_before
+    listed = {m["port"]: m for m in srv.list()}
+    assert set(listed) == {p1, p2, p3}
+    for m in listed.values():
+        assert (m["allow_from"], m["proxy_protocol"], m["rate_limit"], m["enabled"]) == \
+            ([], "none", 0, True), m
+        assert m["max_connections"] == 10000, m
+    assert listed[p1]["name"] == "echo" and listed[p1]["status"] == "listening"
+    assert listed[p2]["client"] == "edge1" and listed[p2]["status"] == "waiting_for_client"
+    assert listed[p3]["target_ip"] == "db.internal"
+    with socket.create_connection(("127.0.0.1", p1), timeout=5) as s:
+        s.sendall(b"old row\n")
+        assert recv_exact(s, 8) == b"old row\n"

@@ -66,7 +66,10 @@ def test_direct_mapping_has_no_client(server):
     assert server.mapping(port)["client"] == "" and server.mapping(port2)["client"] == ""
     assert server.sqlite(f"SELECT client FROM mappings WHERE port={port}") == [[""]]
     status, text = raw_get(server.api_port, "/metrics")
-    lines = [ln for ln in text.decode().splitlines() if f'port="{port}"' in ln]
+    # The per-mapping series carry a client label (portmux_connections_refused_total has
+    # {port,reason} only, as SPEC §2 names it).
+    lines = [ln for ln in text.decode().splitlines()
+             if f'port="{port}"' in ln and ln.startswith("portmux_mapping_")]
     assert lines and all('client=""' in ln for ln in lines), lines
 
 

@@ -39,6 +39,8 @@ static void check_defaults(const struct config *c, int line)
     check_at(c->api_connection_timeout == 10, __FILE__, line, "api.connection_timeout");
     check_at(strcmp(c->db_path, "./data/mappings.db") == 0, __FILE__, line, "database.path");
     check_at(c->max_connections_per_mapping == 10000, __FILE__, line, "limits");
+    check_at(strcmp(c->mappings_bind_addr, "0.0.0.0") == 0, __FILE__, line,
+             "mappings.bind_addr");
     check_at(c->log_level == LOGL_INFO, __FILE__, line, "log.level");
 }
 
@@ -327,6 +329,10 @@ static const struct bad_case bad_cases[] = {
     BAD("log:\n  level: \"info\n", "t.yaml:3: yaml: syntax error:"),
     BAD("log:\n  level: \xff\n", "t.yaml:2: yaml: syntax error:"),
     BAD("log: {}\n---\nlog: {}\n", "t.yaml:2: yaml: only one YAML document"),
+    BAD("mappings:\n  bind_addr: example.com\n",
+        "t.yaml:2: mappings.bind_addr: not an IPv4 or IPv6 address"),
+    BAD("mappings: {bind_addr: 1}\n", "t.yaml:1: mappings.bind_addr: not an IPv4 or IPv6"),
+    BAD("mappings: {bind: '::'}\n", "t.yaml:1: mappings.bind: unknown key"),
     BAD("api:\n  token: &t x\n  listen_addr: *t\n",
         "t.yaml:3: api.listen_addr: aliases are not supported"),
     /* a top level that is not a mapping */
@@ -334,6 +340,20 @@ static const struct bad_case bad_cases[] = {
     BAD("hello\n", "t.yaml:1: (root): top level must be a mapping, got a string"),
     BAD("\n\n'quoted'\n", "t.yaml:3: (root): top level must be a mapping"),
 };
+
+static void test_bind_addr(void)
+{
+    const char *ok[] = {"mappings: {bind_addr: '::'}\n", "mappings: {bind_addr: 127.0.0.2}\n",
+                        "mappings: {bind_addr: '::1'}\n"};
+    const char *want[] = {"::", "127.0.0.2", "::1"};
+    for (int i = 0; i < 3; i++) {
+        struct config c;
+        char err[256] = "";
+        CHECK(load(&c, ok[i], err, sizeof(err)) == 0);
+        CHECK(c.mappings_bind_addr && strcmp(c.mappings_bind_addr, want[i]) == 0);
+        config_free(&c);
+    }
+}
 
 static void test_errors(void)
 {
@@ -446,6 +466,7 @@ static void test_example(void)
                        " allowed_hosts: [x.example],"
                        " max_connections: 9, connection_timeout: 99}\n"
                        "database: {path: p}\nlimits: {max_connections_per_mapping: 9}\n"
+                       "mappings: {bind_addr: '::'}\n"
                        "log: {level: error}\n";
     CHECK(config_load_string(&c, skew, strlen(skew), "skew", err, sizeof(err)) == 0);
     int rc = config_load_file(&c, path, err, sizeof(err));
@@ -462,6 +483,7 @@ int main(void)
     test_full();
     test_values();
     test_errors();
+    test_bind_addr();
     test_error_buffers();
     test_files();
     test_example();

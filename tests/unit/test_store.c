@@ -128,6 +128,7 @@ static struct mapping_record rec_make(int port, const char *ip, int target_port,
     snprintf(r.target_ip, sizeof(r.target_ip), "%s", ip);
     r.target_port = target_port;
     r.use_tunnel = tunnel;
+    r.enabled = true;
     snprintf(r.client, sizeof(r.client), "%s", client);
     snprintf(r.name, sizeof(r.name), "%s", name);
     return r;
@@ -138,7 +139,9 @@ static bool rec_equal(const struct mapping_record *a, const struct mapping_recor
     return a->id == b->id && a->port == b->port && strcmp(a->target_ip, b->target_ip) == 0 &&
            a->target_port == b->target_port && a->use_tunnel == b->use_tunnel &&
            strcmp(a->client, b->client) == 0 && strcmp(a->name, b->name) == 0 &&
-           a->created_at == b->created_at;
+           a->created_at == b->created_at && strcmp(a->allow_from, b->allow_from) == 0 &&
+           a->proxy_protocol == b->proxy_protocol && a->max_connections == b->max_connections &&
+           a->rate_limit == b->rate_limit && a->enabled == b->enabled;
 }
 
 /* foreach collector: copies up to cap rows, counts all, stops after `stop_after` if set. */
@@ -236,6 +239,48 @@ static void test_crud(void)
     CHECK(store_mapping_foreach(st, collect_fn, stop) == STORE_OK);
     CHECK(stop->n == 1 && stop->rows[0].port == 1000);
     free(stop);
+    store_close(st);
+}
+
+/* The policy columns of migration 0003: stored, updated in place (id and created_at kept),
+ * and read back after a reopen. */
+static void test_policy_update(void)
+{
+    char path[PATH_MAX];
+    tpath(path, sizeof(path), "policy.db");
+    struct store *st = open_ok(path);
+    struct mapping_record a = rec_make(5000, "10.0.0.5", 22, false, "default", "ssh");
+    a.enabled = true;
+    snprintf(a.allow_from, sizeof(a.allow_from), "10.0.0.0/8,2001:db8::/32");
+    a.proxy_protocol = 2;
+    a.max_connections = 10;
+    a.rate_limit = 1000000000000LL;
+    CHECK(store_mapping_insert(st, &a) == STORE_OK);
+    struct mapping_record u = a;
+    u.allow_from[0] = '\0';
+    u.proxy_protocol = 1;
+    u.max_connections = 0;
+    u.rate_limit = 0;
+    u.enabled = false;
+    u.target_port = 2222;
+    snprintf(u.name, sizeof(u.name), "renamed");
+    CHECK(store_mapping_update(st, &u) == STORE_OK);
+    struct mapping_record missing = rec_make(5001, "1.1.1.1", 1, false, "default", "");
+    CHECK(store_mapping_update(st, &missing) == STORE_NOT_FOUND);
+    struct mapping_record bad = u;
+    bad.proxy_protocol = 3;
+    CHECK(store_mapping_update(st, &bad) == STORE_ERR);
+    bad = u;
+    bad.max_connections = STORE_MAX_CONNECTIONS + 1;
+    CHECK(store_mapping_update(st, &bad) == STORE_ERR);
+    store_close(st);
+    st = open_ok(path);
+    struct collect *c = collect_all(st);
+    CHECK(c->n == 1 && rec_equal(&c->rows[0], &u));
+    CHECK(c->n == 1 && c->rows[0].id == a.id && c->rows[0].created_at == a.created_at);
+    free(c);
+    CHECK(sql_int(path, "SELECT count(*) FROM mappings WHERE proxy_protocol = 'v1' AND "
+                        "enabled = 0 AND target_port = 2222") == 1);
     store_close(st);
 }
 
@@ -626,6 +671,7 @@ int main(void)
     test_fresh_open();
     test_crud();
     test_roundtrip_reopen();
+    test_policy_update();
     test_too_new();
     test_missing_dir();
     test_failed_migration();

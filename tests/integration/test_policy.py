@@ -1,0 +1,647 @@
+"""Mapping policy (SPEC §2, §3, §5; issue 16): port picked by the server, allow_from,
+PROXY protocol, max_connections, rate_limit, enabled, POST /api/mapping/update and
+mappings.bind_addr, on the direct path and through the tunnel.
+
+Every peer is real and on loopback (127.0.0.0/8, ::1); every wait has a deadline; the
+rate tests check that a limit holds (a transfer cannot finish faster than the limit
+allows), not how fast anything is."""
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from conftest import (PortHolder, Worker, connect, free_port, recv_exact, recv_hash,
+                      send_stream, wait_until)
+from sec_helpers import metric
+from tunnel_helpers import map_tunnel, tunnel_env, wait_status
+
+V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+# ---- helpers ----
+
+def update(srv, **fields):
+    status, _, body = srv.api("POST", "/api/mapping/update", body=fields)
+    return status, body
+
+
+def update_ok(srv, **fields):
+    status, body = update(srv, **fields)
+    assert status == 200, (fields, status, body)
+    assert body["success"] is True, body
+    return body["data"]
+
+
+def metrics(srv):
+    status, _, text = srv.api("GET", "/metrics")
+    assert status == 200, status
+    return text
+
+
+def connect_from(port, src="127.0.0.1", host="127.0.0.1", timeout=5.0):
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    if src:
+        s.bind((src, 0))
+    s.connect((host, port))
+    return s
+
+
+def reset_at_connect(port, src="127.0.0.1", host="127.0.0.1"):
+    """Connects and returns True when the server resets the connection (the RST may
+    already come while connect() returns)."""
+    try:
+        s = connect_from(port, src=src, host=host)
+    except ConnectionResetError:
+        return True
+    with s:
+        return was_reset(s)
+
+
+def was_reset(sock, timeout=5.0):
+    """True when the peer reset the connection; False when it closed it (FIN) normally."""
+    sock.settimeout(timeout)
+    try:
+        data = sock.recv(1)
+    except ConnectionResetError:
+        return True
+    assert data == b"", f"expected the connection to end, got {data!r}"
+    return False
+
+
+def echo_ok(sock, payload=b"ping\n"):
+    sock.sendall(payload)
+    return recv_exact(sock, len(payload), timeout=5) == payload
+
+
+def ended(sock, timeout=5.0):
+    """True when the connection ends (EOF or reset) within timeout."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+
+
+def free_range(n):
+    """n consecutive ports that are free now (for a port_range of its own)."""
+    for _ in range(200):
+        base = free_port()
+        if base + n > 65535:
+            continue
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.bind(("0.0.0.0", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError("no run of free ports")
+
+
+def parse_proxy_header(data):
+    """Parses a PROXY protocol header at the start of data (haproxy's spec).
+    Returns (version, proto, src, sport, dst, dport, header_length) or None when more
+    bytes are needed."""
+    if data.startswith(V2_SIG):
+        if len(data) < 16:
+            return None
+        ver_cmd, fam, ln = data[12], data[13], struct.unpack("!H", data[14:16])[0]
+        if len(data) < 16 + ln:
+            return None
+        assert ver_cmd == 0x21, hex(ver_cmd)
+        body = data[16:16 + ln]
+        if fam == 0x11:
+            src, dst = socket.inet_ntop(socket.AF_INET, body[0:4]), \
+                socket.inet_ntop(socket.AF_INET, body[4:8])
+            sport, dport = struct.unpack("!HH", body[8:12])
+            proto = "TCP4"
+        elif fam == 0x21:
+            src, dst = socket.inet_ntop(socket.AF_INET6, body[0:16]), \
+                socket.inet_ntop(socket.AF_INET6, body[16:32])
+            sport, dport = struct.unpack("!HH", body[32:36])
+            proto = "TCP6"
+        else:
+            raise AssertionError(f"unexpected v2 family {fam:#x}")
+        return 2, proto, src, sport, dst, dport, 16 + ln
+    if data.startswith(b"PROXY "):
+        end = data.find(b"\r\n")
+        if end < 0:
+            assert len(data) < 108, data
+            return None
+        parts = data[:end].decode().split(" ")
+        assert len(parts) == 6, parts
+        _, proto, src, dst, sport, dport = parts
+        return 1, proto, src, int(sport), dst, int(dport), end + 2
+    if len(data) < 16 and (V2_SIG.startswith(data[:12]) or b"PROXY ".startswith(data[:6])):
+        return None
+    raise AssertionError(f"no PROXY header: {data[:40]!r}")
+
+
+class ProxyTarget:
+    """A target that reads the PROXY header of each connection, then echoes."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(10)
+        self.port = self.sock.getsockname()[1]
+
+    def accept_header(self):
+        c, _ = self.sock.accept()
+        c.settimeout(10)
+        data = b""
+        while True:
+            hdr = parse_proxy_header(data)
+            if hdr:
+                return c, hdr, data[hdr[-1]:]
+            chunk = c.recv(4096)
+            assert chunk, f"EOF inside the header: {data!r}"
+            data += chunk
+
+    def close(self):
+        self.sock.close()
+
+
+# ---- port picked by the server ----
+
+def test_port_omitted_gets_lowest_free_port_then_range_exhausted(server_factory, echo_backend):
+    base = free_range(4)
+    srv = server_factory(config={"port_range": {"from": base, "end": base + 3,
+                                                "blacklist": [base]}})
+    first = srv.create_ok(target_ip="127.0.0.1", target_port=echo_backend.port)
+    assert first["port"] == base + 1, first  # base is blacklisted
+    assert first["target_port"] == echo_backend.port
+    with connect(first["port"]) as s:
+        assert echo_ok(s)
+    # Without target_port, it defaults to the picked port.
+    second = srv.create_ok(target_ip="127.0.0.9")
+    assert second["port"] == base + 2 and second["target_port"] == base + 2, second
+    # Without target_port a loopback target would be the picked port itself: refused.
+    status, body = srv.create(target_ip="127.0.0.1")
+    assert status == 400 and body["error"] == "invalid_field", body
+    assert body["message"].startswith("target_port"), body
+    with PortHolder(base + 3):  # bound by someone else: not bindable, skipped
+        status, body = srv.create(target_ip="127.0.0.1", target_port=echo_backend.port)
+        assert status == 409 and body["error"] == "range_exhausted", (status, body)
+        assert "port_range" in body["message"]
+    third = srv.create_ok(target_ip="127.0.0.1", target_port=echo_backend.port)
+    assert third["port"] == base + 3
+    status, body = srv.create(target_ip="127.0.0.1", target_port=echo_backend.port)
+    assert status == 409 and body["error"] == "range_exhausted"
+    assert len(srv.list()) == 3
+    srv.kill9()
+    srv.start()
+    assert sorted(m["port"] for m in srv.list()) == [base + 1, base + 2, base + 3]
+
+
+# ---- allow_from ----
+
+@pytest.mark.parametrize("mode", ["direct", "tunnel"])
+def test_allow_from_resets_others_and_never_dials(server_factory, tmp_path, logs, mode):
+    backend = socket.socket()
+    backend.bind(("127.0.0.1", 0))
+    backend.listen(16)
+    backend.setblocking(False)
+    bport = backend.getsockname()[1]
+    if mode == "direct":
+        srv = server_factory()
+        port = free_port()
+        srv.create_ok(port=port, target_ip="127.0.0.1", target_port=bport,
+                      allow_from=["127.0.0.2", "10.0.0.0/8"])
+    else:
+        srv, _ = tunnel_env(server_factory, tmp_path, logs)
+        port = map_tunnel(srv, bport, allow_from=["127.0.0.2", "10.0.0.0/8"])
+    m = srv.mapping(port)
+    assert m["allow_from"] == ["127.0.0.2/32", "10.0.0.0/8"], m
+    mark = srv.log_mark()
+    for _ in range(5):
+        assert reset_at_connect(port), "a refused connection must be reset, not closed"
+    with pytest.raises(BlockingIOError):
+        backend.accept()  # nothing was dialled
+    m = srv.mapping(port)
+    assert m["refused_connections"] == 5 and m["total_connections"] == 0, m
+    assert m["failed_connections"] == 0
+    text = metrics(srv)
+    assert metric(text, "portmux_connections_refused_total", port=port,
+                  reason="allow_from") == 5, text
+    # Logged, but rate-limited: one line for the burst.
+    srv.wait_log(r"port %d: connection from 127\.0\.0\.1:\d+ refused" % port, after=mark)
+    assert srv.log_text()[mark:].count("refused (not in allow_from)") == 1
+    # From an allowed address the connection goes through.
+    with connect_from(port, src="127.0.0.2") as s:
+        backend.settimeout(10)
+        c, peer = backend.accept()
+        with c:
+            s.sendall(b"hi")
+            assert recv_exact(c, 2) == b"hi"
+            assert srv.mapping(port)["refused_connections"] == 5
+    backend.close()
+
+
+def test_allow_from_update_applies_to_live_connections(server, echo_backend):
+    port = free_port()
+    server.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+    a = connect_from(port, src="127.0.0.1")
+    b = connect_from(port, src="127.0.0.3")
+    assert echo_ok(a) and echo_ok(b)
+    data = update_ok(server, port=port, allow_from=["127.0.0.3/32"])
+    assert data["allow_from"] == ["127.0.0.3/32"]
+    assert ended(a), "a live connection from outside the new allow_from stays open"
+    assert echo_ok(b), "an allowed live connection was disturbed"
+    assert reset_at_connect(port)
+    update_ok(server, port=port, allow_from=[])
+    with connect_from(port, src="127.0.0.1") as s:
+        assert echo_ok(s)
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("bad", [["10.0.0.0/33"], ["nope"], "10.0.0.0/8", [8], [""],
+                                 ["10.0.0.0/8,10.1.0.0/16"]])
+def test_allow_from_invalid(server, bad):
+    status, body = server.create(port=free_port(), target_ip="127.0.0.1", target_port=9,
+                                 allow_from=bad)
+    assert status == 400 and body["error"] == "invalid_field", body
+    assert "allow_from" in body["message"]
+
+
+# ---- PROXY protocol: own parser ----
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("mode", ["direct", "tunnel"])
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_proxy_protocol_header_first(server_factory, tmp_path, logs, version, mode, family):
+    target = ProxyTarget()
+    bind = {"mappings": {"bind_addr": "::"}}
+    if mode == "direct":
+        srv = server_factory(config=bind)
+        port = free_port()
+        srv.create_ok(port=port, target_ip="127.0.0.1", target_port=target.port,
+                      proxy_protocol=version)
+    else:
+        srv = server_factory(config={**bind, "tunnel": {
+            "enabled": True, "clients": [{"name": "default", "token": "tok-default-0123456789"}]}})
+        from tunnel_helpers import start_client
+        start_client(tmp_path, logs, srv, "tok-default-0123456789")
+        port = map_tunnel(srv, target.port, proxy_protocol=version)
+    host = "::1" if family == "ipv6" else "127.0.0.1"
+    with connect_from(port, src=None, host=host) as s:
+        # Nothing sent yet: the header must come anyway (server-speaks-first targets).
+        c, hdr, rest = target.accept_header()
+        with c:
+            ver, proto, src, sport, dst, dport, _ = hdr
+            assert ver == int(version[1])
+            assert proto == ("TCP6" if family == "ipv6" else "TCP4"), hdr
+            assert (src, sport) == s.getsockname()[:2], (hdr, s.getsockname())
+            assert (dst, dport) == (host, port), hdr
+            assert rest == b""
+            s.sendall(b"hello")
+            assert recv_exact(c, 5) == b"hello"
+            c.sendall(b"back")
+            assert recv_exact(s, 4) == b"back"
+    target.close()
+
+
+# ---- PROXY protocol: real nginx ----
+
+NGINX_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    log_format pp '$proxy_protocol_addr $proxy_protocol_port $request';
+    server {{
+        listen 127.0.0.1:{port} proxy_protocol;
+        access_log {d}/access.log pp;
+        location / {{ return 200 "pp=$proxy_protocol_addr\\n"; }}
+    }}
+}}
+"""
+
+
+@pytest.fixture
+def nginx(tmp_path, proc_factory):
+    d = tmp_path / "nginx"
+    d.mkdir()
+    port = free_port()
+    (d / "nginx.conf").write_text(NGINX_CONF.format(d=d, port=port))
+    p = proc_factory(["/usr/sbin/nginx", "-p", str(d), "-c", str(d / "nginx.conf"),
+                      "-e", str(d / "error.log")], "nginx")
+
+    def up():
+        assert p.running(), (d / "error.log").read_text()
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+    wait_until(up, timeout=10, desc="nginx to listen")
+    return port, d / "access.log"
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("mode", ["direct", "tunnel"])
+def test_proxy_protocol_with_nginx(server_factory, tmp_path, logs, nginx, version, mode):
+    from conftest import http_request
+    nport, access_log = nginx
+    bind = {"mappings": {"bind_addr": "::"}}
+    if mode == "direct":
+        srv = server_factory(config=bind)
+        port = free_port()
+        srv.create_ok(port=port, target_ip="127.0.0.1", target_port=nport,
+                      proxy_protocol=version)
+    else:
+        srv = server_factory(config={**bind, "tunnel": {
+            "enabled": True, "clients": [{"name": "default", "token": "tok-default-0123456789"}]}})
+        from tunnel_helpers import start_client
+        start_client(tmp_path, logs, srv, "tok-default-0123456789")
+        port = map_tunnel(srv, nport, proxy_protocol=version)
+    for host in ("127.0.0.1", "::1"):
+        status, _, body = http_request(host, port, "GET", f"/from-{host}")
+        assert status == 200 and body == f"pp={host}\n", (status, body)
+    wait_until(lambda: access_log.exists() and "/from-::1" in access_log.read_text(),
+               timeout=5, desc="nginx access log")
+    lines = access_log.read_text().splitlines()
+    assert any(ln.startswith("127.0.0.1 ") and "/from-127.0.0.1" in ln for ln in lines), lines
+    assert any(ln.startswith("::1 ") and "/from-::1" in ln for ln in lines), lines
+
+
+# ---- max_connections ----
+
+@pytest.mark.parametrize("mode", ["direct", "tunnel"])
+def test_max_connections_per_mapping(server_factory, tmp_path, logs, echo_backend, mode):
+    if mode == "direct":
+        srv = server_factory()
+        port = free_port()
+        srv.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port,
+                      max_connections=2)
+    else:
+        srv, _ = tunnel_env(server_factory, tmp_path, logs)
+        port = map_tunnel(srv, echo_backend.port, max_connections=2)
+    assert srv.mapping(port)["max_connections"] == 2
+    live = [connect(port), connect(port)]
+    for s in live:
+        assert echo_ok(s)
+    with connect(port) as s:
+        assert ended(s), "a third connection over max_connections stayed open"
+    m = srv.mapping(port)
+    assert m["refused_connections"] == 1 and m["active_connections"] == 2, m
+    assert metric(metrics(srv), "portmux_connections_refused_total", port=port,
+                  reason="max_connections") == 1
+    # Lowered to 1: applies to live connections at once, the newest goes.
+    update_ok(srv, port=port, max_connections=1)
+    assert ended(live[1])
+    assert echo_ok(live[0])
+    wait_until(lambda: srv.mapping(port)["active_connections"] == 1, timeout=5,
+               desc="one connection left")
+    for s in live:
+        s.close()
+
+
+# ---- rate_limit ----
+
+RATE = 1000 * 1000
+TOTAL = 3 * 1000 * 1000
+
+
+def _echo_transfer(port, total):
+    """Sends total bytes through an echo and reads them back; returns seconds taken."""
+    t0 = time.monotonic()
+    with connect(port, timeout=60) as s:
+        s.settimeout(60)
+        reader = Worker(recv_hash, s)
+        reader.start()
+        sent = send_stream(s, total)
+        n, got = reader.join_result(60)
+    assert (n, got) == (total, sent), "bytes lost or changed under the rate limit"
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("mode", ["direct", "tunnel"])
+def test_rate_limit_holds_and_applies_live(server_factory, tmp_path, logs, echo_backend, mode):
+    if mode == "direct":
+        srv = server_factory()
+        port = free_port()
+        srv.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+    else:
+        srv, _ = tunnel_env(server_factory, tmp_path, logs)
+        port = map_tunnel(srv, echo_backend.port)
+    # A connection opened before the limit is set is limited too.
+    with connect(port, timeout=60) as s:
+        assert echo_ok(s)
+        update_ok(srv, port=port, rate_limit=RATE)
+        s.settimeout(60)
+        t0 = time.monotonic()
+        reader = Worker(recv_hash, s)
+        reader.start()
+        sent = send_stream(s, TOTAL)
+        n, got = reader.join_result(60)
+        took = time.monotonic() - t0
+    assert (n, got) == (TOTAL, sent)
+    # 3 MB at 1 MB/s per direction, with at most a quarter second's burst: >= 2.5 s.
+    assert took >= 2.0, f"3 MB took {took:.2f} s at a 1 MB/s limit"
+    # Removing the limit lets a transfer of the same size run free.
+    update_ok(srv, port=port, rate_limit=0)
+    free = _echo_transfer(port, TOTAL)
+    assert free < took, (free, took)
+
+
+@pytest.mark.parametrize("mode", ["direct", "tunnel"])
+def test_rate_limit_shared_by_connections(server_factory, tmp_path, logs, echo_backend, mode):
+    if mode == "direct":
+        srv = server_factory()
+        port = free_port()
+        srv.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port,
+                      rate_limit=RATE)
+    else:
+        srv, _ = tunnel_env(server_factory, tmp_path, logs)
+        port = map_tunnel(srv, echo_backend.port, rate_limit=RATE)
+    t0 = time.monotonic()
+    workers = [Worker(_echo_transfer, port, TOTAL // 2) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join_result(60)
+    took = time.monotonic() - t0
+    # Two connections of 1.5 MB share one 1 MB/s budget: no faster than one of 3 MB.
+    assert took >= 2.0, f"two connections moved 3 MB in {took:.2f} s at 1 MB/s"
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "1000", True, 10 ** 13])
+def test_rate_limit_invalid(server, bad):
+    status, body = server.create(port=free_port(), target_ip="127.0.0.1", target_port=9,
+                                 rate_limit=bad)
+    assert status == 400 and body["error"] == "invalid_field", body
+
+
+# ---- enabled ----
+
+@pytest.mark.parametrize("mode", ["direct", "tunnel"])
+def test_disable_closes_listener_and_connections(server_factory, tmp_path, logs, echo_backend,
+                                                mode):
+    if mode == "direct":
+        srv = server_factory()
+        port = free_port()
+        srv.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+    else:
+        srv, _ = tunnel_env(server_factory, tmp_path, logs)
+        port = map_tunnel(srv, echo_backend.port)
+    s = connect(port)
+    assert echo_ok(s)
+    data = update_ok(srv, port=port, enabled=False)
+    assert data["status"] == "disabled" and data["enabled"] is False
+    assert ended(s)
+    s.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+    # Kept in the store, still disabled after a restart, and its port stays taken.
+    srv.kill9()
+    srv.start()
+    m = srv.mapping(port)
+    assert m["status"] == "disabled", m
+    status, body = srv.create(port=port, target_ip="127.0.0.1", target_port=9)
+    assert status == 409 and body["error"] == "port_in_use"
+    data = update_ok(srv, port=port, enabled=True)
+    assert data["status"] in ("listening", "waiting_for_client")
+    if mode == "tunnel":
+        wait_status(srv, port, "listening")
+    with connect(port) as s:
+        assert echo_ok(s)
+
+
+def test_create_disabled(server):
+    port = free_port()
+    data = server.create_ok(port=port, target_ip="127.0.0.1", target_port=9, enabled=False)
+    assert data["status"] == "disabled"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
+def test_enable_fails_cleanly_when_port_taken(server):
+    port = free_port()
+    server.create_ok(port=port, target_ip="127.0.0.1", target_port=9, enabled=False)
+    with PortHolder(port):
+        status, body = update(server, port=port, enabled=True, name="changed")
+        assert status == 409 and body["error"] == "port_in_use", body
+    m = server.mapping(port)
+    assert m["status"] == "disabled" and m["name"] == "", m  # nothing changed
+
+
+# ---- update ----
+
+def test_update_keeps_listener_and_live_targets(server, echo_backend):
+    other = ProxyTarget()  # a second target, told apart by the header it gets
+    port = free_port()
+    server.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+    live = connect(port)
+    assert echo_ok(live)
+    stop = threading.Event()
+    refused = []
+
+    def knock():  # connects all through the updates: none may be refused
+        while not stop.is_set():
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            except OSError as e:
+                refused.append(e)
+    k = threading.Thread(target=knock, daemon=True)
+    k.start()
+    try:
+        for i in range(5):
+            update_ok(server, port=port, name=f"n{i}")
+    finally:
+        stop.set()
+        k.join(5)
+    assert not refused, refused[:3]
+    data = update_ok(server, port=port, target_port=other.port, proxy_protocol="v1",
+                     name="moved")
+    assert data["target_port"] == other.port and data["proxy_protocol"] == "v1"
+    assert data["port"] == port and data["status"] == "listening"
+    assert echo_ok(live), "a live connection lost its target"
+    with connect(port):
+        c, hdr, _ = other.accept_header()
+        c.close()
+        assert hdr[0] == 1
+    live.close()
+    other.close()
+
+
+def test_update_durable_and_validated(server):
+    port = free_port()
+    created = server.create_ok(port=port, target_ip="127.0.0.1", target_port=9)
+    data = update_ok(server, port=port, allow_from=["192.0.2.0/24", "2001:db8::/32"],
+                     proxy_protocol="v2", max_connections=7, rate_limit=12345, name="x")
+    assert data["id"] == created["id"] and data["created_at"] == created["created_at"]
+    server.kill9()  # durable when answered
+    server.start()
+    m = server.mapping(port)
+    assert m["allow_from"] == ["192.0.2.0/24", "2001:db8::/32"]
+    assert (m["proxy_protocol"], m["max_connections"], m["rate_limit"], m["name"]) == \
+        ("v2", 7, 12345, "x"), m
+    assert m["status"] == "listening"
+    for body, code in [({"port": free_port()}, "not_found"),
+                       ({"name": "no port"}, "invalid_field"),
+                       ({"port": port, "max_connections": 0}, "invalid_field"),
+                       ({"port": port, "proxy_protocol": "v3"}, "invalid_field"),
+                       ({"port": port, "enabled": "no"}, "invalid_field"),
+                       ({"port": port, "bogus": 1}, "invalid_field")]:
+        status, _, b = server.api("POST", "/api/mapping/update", body=body)
+        assert b["error"] == code, (body, status, b)
+        assert status == (404 if code == "not_found" else 400)
+    status, _, b = server.api("POST", "/api/mapping/update", raw="[1]")
+    assert status == 400 and b["error"] == "invalid_json"
+    status, h, b = server.api("GET", "/api/mapping/update")
+    assert status == 405 and h["Allow"] == "POST"
+    assert server.mapping(port)["name"] == "x"
+
+
+# ---- mappings.bind_addr ----
+
+def test_bind_addr_ipv6_only(server_factory, echo_backend):
+    srv = server_factory(config={"mappings": {"bind_addr": "::1"}})
+    port = free_port()
+    srv.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+    with connect_from(port, src=None, host="::1") as s:
+        assert echo_ok(s)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
+def test_bind_addr_ipv4_address(server_factory, echo_backend):
+    srv = server_factory(config={"mappings": {"bind_addr": "127.0.0.2"}})
+    port = free_port()
+    srv.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+    with connect_from(port, src=None, host="127.0.0.2") as s:
+        assert echo_ok(s)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
+def test_bind_addr_dual_stack(server_factory, echo_backend):
+    srv = server_factory(config={"mappings": {"bind_addr": "::"}})
+    port = free_port()
+    srv.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port,
+                  allow_from=["127.0.0.1"])
+    with connect_from(port, src=None, host="127.0.0.1") as s:
+        assert echo_ok(s)  # an IPv4 client on "::" matches an IPv4 allow_from
+    assert reset_at_connect(port, src=None, host="::1")  # ::1 is not in allow_from
