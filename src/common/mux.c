@@ -548,6 +548,11 @@ static int mux_input_one(struct mux_session *s, struct evbuffer *in)
     enum frame_result r = frame_header_decode(raw, &fh);
     if (r != FRAME_OK)
         return mux_fail(s, MUX_E_FRAME, "%s", frame_result_name(r));
+    /* Before Hello only a small JSON frame may come: judge the header alone, so an
+     * unauthenticated peer cannot make us buffer a 64 KiB frame it never finishes. */
+    if (!s->open && fh.length > FRAME_MAX_JSON)
+        return mux_fail(s, MUX_E_PROTOCOL, "frame of %u bytes before Hello (at most %u)",
+                        (unsigned)fh.length, (unsigned)FRAME_MAX_JSON);
     if (avail - FRAME_HEADER_LEN < fh.length)
         return MUX_IN_NEED_MORE;
     int rc;

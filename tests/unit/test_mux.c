@@ -596,6 +596,39 @@ static void test_protocol_errors(void)
     pair_free(&p);
 }
 
+/* Before Hello, a header announcing more than 4 KiB is refused from the header alone:
+ * nothing of the payload needs to arrive (or is buffered). */
+static void test_hello_header_limit(void)
+{
+    struct evbuffer *o = evbuffer_new();
+    struct evbuffer *in = evbuffer_new();
+    struct mux_session *s = mux_session_new(MUX_ROLE_SERVER, o, NULL, NULL);
+    const uint8_t big_hello[] = {0x01, FRAME_HELLO, 0, 0, 0x10, 0x01}; /* 4097 bytes */
+    evbuffer_add(in, big_hello, sizeof(big_hello));
+    CHECK(mux_session_input(s, in) == MUX_E_PROTOCOL);
+    CHECK(strstr(mux_session_error(s), "before Hello") != NULL);
+    mux_session_free(s);
+    evbuffer_drain(in, evbuffer_get_length(in));
+
+    /* A 4096-byte Hello header is fine: the session waits for the payload. */
+    s = mux_session_new(MUX_ROLE_SERVER, o, NULL, NULL);
+    const uint8_t max_hello[] = {0x01, FRAME_HELLO, 0, 0, 0x10, 0x00};
+    evbuffer_add(in, max_hello, sizeof(max_hello));
+    CHECK(mux_session_input(s, in) == MUX_OK);
+    CHECK(evbuffer_get_length(in) == sizeof(max_hello));
+    mux_session_free(s);
+    evbuffer_drain(in, evbuffer_get_length(in));
+
+    /* A 64 KiB Data header before Hello: refused at once too. */
+    s = mux_session_new(MUX_ROLE_SERVER, o, NULL, NULL);
+    const uint8_t big_data[] = {0x01, FRAME_DATA, 0, 1, 0, 4};
+    evbuffer_add(in, big_data, sizeof(big_data));
+    CHECK(mux_session_input(s, in) == MUX_E_PROTOCOL);
+    mux_session_free(s);
+    evbuffer_free(in);
+    evbuffer_free(o);
+}
+
 /* Any split of the input decodes the same: feed one byte at a time. */
 static void test_partial_input(void)
 {
@@ -652,5 +685,6 @@ int main(void)
     test_keepalive();
     test_protocol_errors();
     test_partial_input();
+    test_hello_header_limit();
     return check_summary();
 }
