@@ -290,7 +290,8 @@ static int run(struct client_args *a, SSL_CTX *ssl)
         event_add(sigint, NULL) != 0 || event_add(sigterm, NULL) != 0)
         goto out;
     if (a->allow.len == 0)
-        log_info("client", "no --allow given: any host:port the server asks for is dialled");
+        log_warn("client", "no --allow given: any host:port the server asks for is dialled "
+                           "(restrict it with --allow ADDR[/PREFIX]:PORT[-PORT])");
     struct timeval now = {0, 0};
     evtimer_add(cm.retry, &now);
     cm.attempt = 0;

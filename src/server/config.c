@@ -569,6 +569,8 @@ static const struct field tunnel_fields[] = {
     INT_KEY("connect_timeout", connect_timeout, 1, CONFIG_MAX_SECONDS, MARK_NONE),
     INT_KEY("hello_timeout", hello_timeout, 1, CONFIG_MAX_SECONDS, MARK_NONE),
     INT_KEY("max_streams_per_client", max_streams_per_client, 1, CONFIG_MAX_COUNT, MARK_NONE),
+    INT_KEY("max_pending", tunnel_max_pending, 1, CONFIG_MAX_COUNT, MARK_NONE),
+    INT_KEY("session_buffer_limit", session_buffer_limit, 0, INT_MAX, MARK_NONE),
     END_KEYS,
 };
 
@@ -779,6 +781,8 @@ int config_init_defaults(struct config *cfg)
     cfg->connect_timeout = 10;
     cfg->hello_timeout = 10;
     cfg->max_streams_per_client = 10000;
+    cfg->tunnel_max_pending = 128;
+    cfg->session_buffer_limit = 64 * 1024 * 1024;
     cfg->api_listen_port = 8080;
     cfg->api_max_connections = 256;
     cfg->api_connection_timeout = 10;

@@ -57,6 +57,7 @@ struct tsession {
     char remote[64];
     time_t connected_at;
     bool authed;
+    bool pending;                 /* counted in ts->npending: no successful Hello yet */
     bool closing;                 /* flushing the last frames before close */
     bool read_paused;
     uint64_t bytes_in;            /* stream bytes from the client */
@@ -85,6 +86,9 @@ struct tunnel_server {
     SSL_CTX *ssl;
     int port;
     TAILQ_HEAD(, tsession) sessions;
+    size_t npending;              /* sessions without a successful Hello (max_pending) */
+    time_t pending_logged;        /* last "max_pending reached" line */
+    unsigned long pending_suppressed;
 };
 
 static void tsession_close(struct tsession *sess, const char *reason);
@@ -218,9 +222,19 @@ static struct tsession *ts_find_client(const struct tunnel_server *ts, const cha
     return NULL;
 }
 
+/* The session no longer counts against tunnel.max_pending. */
+static void tsession_unpend(struct tsession *sess)
+{
+    if (sess->pending) {
+        sess->pending = false;
+        sess->ts->npending--;
+    }
+}
+
 static void tsession_free(struct tsession *sess)
 {
     struct tunnel_server *ts = sess->ts;
+    tsession_unpend(sess);
     TAILQ_REMOVE(&ts->sessions, sess, link);
     /* Streams still waiting or bridged close through their on_close callbacks. */
     mux_session_free(sess->mux);
@@ -365,6 +379,7 @@ static void tsession_accept(struct tsession *sess, const char *name)
     char msg[128];
     snprintf(sess->name, sizeof(sess->name), "%s", name);
     sess->authed = true;
+    tsession_unpend(sess);
     sess->connected_at = time(NULL);
     evtimer_del(sess->hello_timer);
     mux_session_set_open(sess->mux);
@@ -567,6 +582,25 @@ static void ts_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct so
                          int socklen, void *arg)
 {
     struct tunnel_server *ts = arg;
+    if (ts->npending >= (size_t)ts->srv->cfg->tunnel_max_pending) {
+        /* Idle connections that never say Hello must not pin descriptors and memory
+         * without bound: the newest is closed at once. */
+        ts->srv->limits.tunnel_pending++;
+        time_t now = time(NULL);
+        if (now - ts->pending_logged >= 10) {
+            char who[64];
+            log_warn(TS_MOD, "tunnel from %s closed at accept: %zu connections waiting for "
+                             "their Hello (tunnel.max_pending)%s",
+                     netaddr_format(sa, who, sizeof(who)), ts->npending,
+                     ts->pending_suppressed ? ", more not logged" : "");
+            ts->pending_logged = now;
+            ts->pending_suppressed = 0;
+        } else {
+            ts->pending_suppressed++;
+        }
+        evutil_closesocket(fd);
+        return;
+    }
     bridge_set_nodelay(fd);
     struct tsession *sess = tsession_new(ts, fd, sa);
     if (!sess) {
@@ -581,6 +615,8 @@ static void ts_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct so
     sockread_set_large_io(sess->bev);
     bufferevent_enable(sess->bev, EV_READ | EV_WRITE);
     TAILQ_INSERT_TAIL(&ts->sessions, sess, link);
+    sess->pending = true;
+    ts->npending++;
     log_debug(TS_MOD, "tunnel connection from %s", sess->remote);
 }
 
