@@ -34,10 +34,12 @@
 /* Frames taken per read wake-up beyond libevent's 4 KiB (see sockread.h). */
 #define TC_READ_MORE (256u * 1024u)
 #define TC_BEV_OPTS (BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS)
-/* ConnectRequests being dialled at once. Each holds a descriptor and a timer until its
- * target answers or connect_timeout passes; a server flooding requests at a black-holed
- * target gets status 1 beyond this instead of taking every descriptor we have. */
-#define TC_MAX_PENDING_DIALS 256
+/* Default for opts.max_pending_dials: ConnectRequests being dialled at once. Each holds a
+ * descriptor and a timer until its target answers or connect_timeout passes; a server
+ * flooding requests at a black-holed target gets status 1 beyond it instead of taking
+ * every descriptor we have. Generous, because a burst of public connections arrives as
+ * one batch of requests before any dial's completion is seen. */
+#define TC_MAX_PENDING_DIALS 1024
 
 struct dial;
 
@@ -236,12 +238,14 @@ static void tc_on_connect_request(struct mux_session *mux, struct mux_stream *st
         mux_stream_respond(st, FRAME_STATUS_NOT_ALLOWED);
         return;
     }
-    if (c->ndials >= TC_MAX_PENDING_DIALS) {
+    size_t cap = c->opts.max_pending_dials > 0 ? (size_t)c->opts.max_pending_dials
+                                               : TC_MAX_PENDING_DIALS;
+    if (c->ndials >= cap) {
         /* The flood is the server's doing: one line per second, with a count. */
         time_t now = time(NULL);
         if (now != c->dial_cap_logged) {
-            log_warn(TC_MOD, "stream %u: %s refused: %d dials already pending%s",
-                     (unsigned)mux_stream_id(st), target, TC_MAX_PENDING_DIALS,
+            log_warn(TC_MOD, "stream %u: %s refused: %zu dials already pending%s",
+                     (unsigned)mux_stream_id(st), target, cap,
                      c->dial_cap_suppressed ? " (more refused, not logged)" : "");
             c->dial_cap_logged = now;
             c->dial_cap_suppressed = 0;

@@ -559,6 +559,8 @@ static struct tsession *tsession_new(struct tunnel_server *ts, evutil_socket_t f
         goto fail;
     sess->mux = mux_session_new(MUX_ROLE_SERVER, bufferevent_get_output(sess->bev),
                                 &tsession_mux_cb, sess);
+    if (sess->mux)
+        mux_session_set_buffer_limit(sess->mux, (size_t)ts->srv->cfg->session_buffer_limit);
     sess->hello_timer = evtimer_new(base, tsession_hello_timer_cb, sess);
     sess->ka_timer = event_new(base, -1, EV_PERSIST, tsession_keepalive_cb, sess);
     if (!sess->mux || !sess->hello_timer || !sess->ka_timer)

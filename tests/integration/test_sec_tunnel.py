@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import CLIENT_BIN, connect, free_port, wait_until
-from sec_helpers import frame, hello, read_frame
+from sec_helpers import env_int, frame, hello, read_frame
 from tunnel_helpers import client_count, map_tunnel, start_client, tunnel_server
 
 TOKEN = "tok-default-0123456789"
@@ -84,8 +84,9 @@ class FakeServer:
 
 def test_client_caps_pending_dials(proc_factory):
     """A server floods ConnectRequests at a target that never answers the SYN: the client
-    dials at most 256 at once and answers the rest with status 1 (refused) at once, rather
-    than holding a descriptor and a timer for each until connect_timeout."""
+    dials at most --max-pending-dials (default 1024; 64 here) at once and answers the rest
+    with status 1 (refused) at once, rather than holding a descriptor and a timer for each
+    until connect_timeout."""
     # A listener whose accept queue is full drops further SYNs: connects to it hang.
     blackhole = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     blackhole.bind(("127.0.0.1", 0))
@@ -101,20 +102,21 @@ def test_client_caps_pending_dials(proc_factory):
     try:
         client = proc_factory([CLIENT_BIN, "--server", f"127.0.0.1:{fake.port}", "--token",
                                TOKEN, "--no-reconnect", "--connect-timeout", "60",
+                               "--max-pending-dials", "64",
                                "--allow", f"127.0.0.1:{bh_port}"], "client")
         fake.accept_hello()
-        n = 400
+        n, cap = 200, 64
         host = b"127.0.0.1"
         burst = b"".join(frame(T_CONNECT_REQUEST, struct.pack(">IHB", i + 1, bh_port, len(host))
                                + host) for i in range(n))
         fake.sock.sendall(burst)
         # Before the cap every one of them waited for connect_timeout (60 s): none came
         # back within the 10 s we wait here.
-        got = fake.responses(n - 256, timeout=10)
+        got = fake.responses(n - cap, timeout=10)
         refused = [cid for cid, status in got.items() if status == 1]
-        assert len(refused) >= n - 256, (len(got), sorted(got.items())[:10])
-        # The first 256 are the ones dialled; the refusals are the later ones.
-        assert min(refused) > 256 - len(fillers) - 2, min(refused)
+        assert len(refused) >= n - cap, (len(got), sorted(got.items())[:10])
+        # The first ones are dialled; the refusals are the later ones.
+        assert min(refused) > cap - len(fillers) - 2, min(refused)
         assert client.running(), client.log_tail()
         log = client.log_text()
         assert "dials already pending" in log
@@ -216,3 +218,110 @@ def test_hello_name_with_newline_not_logged_raw(server_factory):
     wait_until(lambda: "refused" in srv.log_text(), timeout=5, desc="the refusal line")
     for line in srv.log_text().splitlines():
         assert not line.startswith("2026-01-01T00:00:00Z"), line
+
+
+# ---------------------------------------------------------------------------
+# Session buffering: tunnel.session_buffer_limit and the growth rule
+
+
+class PushBackend:
+    """Accepts on 127.0.0.1 and writes to every connection as fast as it takes bytes,
+    from one selector thread; counts what the kernel accepted."""
+
+    CHUNK = b"\x5a" * 65536
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1024)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.sent = 0
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        import selectors
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ, None)
+        try:
+            while not self._stop.is_set():
+                for key, _ in sel.select(0.05):
+                    if key.data is None:
+                        try:
+                            c, _ = self.sock.accept()
+                        except OSError:
+                            continue
+                        c.setblocking(False)
+                        self.accepted += 1
+                        sel.register(c, selectors.EVENT_WRITE, "conn")
+                        continue
+                    try:
+                        self.sent += key.fileobj.send(self.CHUNK)
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        sel.unregister(key.fileobj)
+                        key.fileobj.close()
+        finally:
+            for key in list(sel.get_map().values()):
+                key.fileobj.close()
+            sel.close()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+
+
+def settled(read, quiet=1.0, timeout=60.0):
+    """Waits until read() stops changing for `quiet` seconds (sampled, bounded)."""
+    last = [read(), time.monotonic()]
+
+    def still():
+        v = read()
+        now = time.monotonic()
+        if v != last[0]:
+            last[0], last[1] = v, now
+            return False
+        return now - last[1] >= quiet
+    wait_until(still, timeout=timeout, interval=0.1, desc="the flow to settle")
+    return last[0]
+
+
+def test_session_buffer_bounded(server_factory, tmp_path, logs):
+    """N public connections through one tunnel with a tiny receive buffer that never read,
+    while the backend sends as fast as it can: server RSS grows by at most the initial
+    windows (256 KiB each) plus tunnel.session_buffer_limit, plus slack (see below). The
+    issue measured ~1 MiB per connection (60 of them: 38 -> 103 MiB)."""
+    n = env_int("PORTMUX_SEC_STREAMS", 200)       # the issue's figure: 1000
+    limit = env_int("PORTMUX_SEC_BUFFER_LIMIT", 16 << 20)
+    srv = tunnel_server(server_factory, clients=CLIENTS, session_buffer_limit=limit)
+    start_client(tmp_path, logs, srv, TOKEN)
+    backend = PushBackend()
+    socks = []
+    try:
+        port = map_tunnel(srv, backend.port)
+        base_rss = srv.rss_kb()
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", port))
+            socks.append(s)
+        wait_until(lambda: backend.accepted == n, timeout=30, desc="every stream dialled")
+        # Settled: the backend can push no more and the server's heap stopped growing.
+        sent, _ = settled(lambda: (backend.sent, srv.rss_kb() >> 10), quiet=2.0)
+        grown = srv.rss_kb() - base_rss
+        print(f"backend sent {sent >> 20} MiB for {n} stalled readers; server RSS +{grown} KiB")
+        # Slack: 16 KiB per connection for its bufferevent, bridge, stream, socket buffers
+        # and evbuffer chain headers (measured: ~7 KiB), plus 8 MiB for the allocator's
+        # kept free heap (heap_tune.c) and the tunnel's own input and output buffers.
+        bound = n * 256 + (limit >> 10) + n * 16 + 8 * 1024
+        if not srv.sanitized():
+            assert grown <= bound, f"server RSS grew {grown} KiB, bound {bound} KiB"
+        srv.health()
+    finally:
+        for s in socks:
+            s.close()
+        backend.stop()
