@@ -23,6 +23,7 @@
 
 #include "config.h"
 #include "log.h"
+#include "loop_guard.h"
 #include "mapping.h"
 #include "mapping_request.h"
 #include "metrics.h"
@@ -143,6 +144,8 @@ static enum MHD_Result handle_create(struct api *api, struct MHD_Connection *con
                                                     req->len, &rec, msg, sizeof(msg));
     if (e != API_OK)
         return api_fail(api, conn, e, msg, NULL);
+    if (loop_guard_check_create(api->srv, &rec, msg, sizeof(msg)) != 0)
+        return api_fail(api, conn, API_E_INVALID_FIELD, msg, NULL);
     struct mapping *m = NULL;
     enum mapping_result r =
         mapping_registry_create(api->srv->mappings, &rec, &m, msg, sizeof(msg));
