@@ -325,3 +325,24 @@ def test_session_buffer_bounded(server_factory, tmp_path, logs):
         for s in socks:
             s.close()
         backend.stop()
+
+
+def test_connect_request_host_with_newline_not_logged_raw(proc_factory):
+    """The client logs the host a ConnectRequest names when --allow refuses it; a host
+    with a newline must not start a forged line of its own."""
+    fake = FakeServer()
+    try:
+        client = proc_factory([CLIENT_BIN, "--server", f"127.0.0.1:{fake.port}", "--token",
+                               TOKEN, "--no-reconnect", "--allow", "127.0.0.1:22"], "client")
+        fake.accept_hello()
+        host = b"evil\n2026-01-01T00:00:00Z INFO client forged\x1b[2J"
+        fake.sock.sendall(frame(T_CONNECT_REQUEST, struct.pack(">IHB", 7, 22, len(host)) + host))
+        assert fake.responses(1, timeout=10) == {7: 2}
+        client.wait_log(r"refused: not in --allow", timeout=10)
+        log = client.log_text()
+        assert "evil\\x0a2026-01-01T00:00:00Z INFO client forged\\x1b[2J" in log, log
+        for line in log.splitlines():
+            assert not line.startswith("2026-01-01T00:00:00Z"), line
+        assert "\x1b" not in log
+    finally:
+        fake.close()
