@@ -202,6 +202,23 @@ def test_max_pending(server_factory, tmp_path, logs):
             s.close()
 
 
+def test_max_pending_default_is_128(server_factory):
+    srv = tunnel_server(server_factory, clients=CLIENTS, hello_timeout=60)
+    idle = [connect(srv.tunnel_port) for _ in range(128)]
+    try:
+        extra = [connect(srv.tunnel_port) for _ in range(4)]
+        for s in extra:
+            assert closed_by_peer(s, timeout=5), "a connection beyond 128 pending stayed"
+            s.close()
+        for s in idle[:8] + idle[-8:]:
+            s.settimeout(0.1)
+            with pytest.raises(socket.timeout):
+                s.recv(1)
+    finally:
+        for s in idle:
+            s.close()
+
+
 # ---------------------------------------------------------------------------
 # Peer strings in log lines
 
