@@ -244,9 +244,9 @@ static void tc_on_connect_request(struct mux_session *mux, struct mux_stream *st
         /* The flood is the server's doing: one line per second, with a count. */
         time_t now = time(NULL);
         if (now != c->dial_cap_logged) {
-            log_warn(TC_MOD, "stream %u: %s refused: %zu dials already pending%s",
-                     (unsigned)mux_stream_id(st), target, cap,
-                     c->dial_cap_suppressed ? " (more refused, not logged)" : "");
+            log_warn(TC_MOD, "stream %u: %s refused: %zu dials already pending (%lu more "
+                             "refused since the last such line)",
+                     (unsigned)mux_stream_id(st), target, cap, c->dial_cap_suppressed);
             c->dial_cap_logged = now;
             c->dial_cap_suppressed = 0;
         } else {

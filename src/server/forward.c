@@ -186,9 +186,8 @@ static void forward_refuse_loop(struct forward_conn *fc, const char *target)
     time_t now = time(NULL);
     if (now - loop_logged >= FORWARD_LOOP_LOG_SECONDS || now < loop_logged) {
         log_warn("forward", "port %d: target %.64s:%d is this server itself (a forwarding "
-                            "loop); connection refused%s",
-                 m->rec.port, target, m->rec.target_port,
-                 loop_suppressed ? " (more since the last such line)" : "");
+                            "loop); connection refused (%lu more since the last such line)",
+                 m->rec.port, target, m->rec.target_port, loop_suppressed);
         loop_logged = now;
         loop_suppressed = 0;
     } else {
@@ -461,8 +460,8 @@ void forward_start(struct mapping *m, evutil_socket_t fd)
     /* A mapping stored before loops were refused at create, or one whose name now means
      * this host, must not connect to ourselves (SPEC §2). */
     if (literal ? loop_guard_targets_self(m->srv, (struct sockaddr *)&target, 0)
-                : loop_guard_is_self_name(host) &&
-                      loop_guard_is_server_port(m->srv, m->rec.target_port, 0)) {
+                : loop_guard_is_server_port(m->srv, m->rec.target_port, 0) &&
+                      loop_guard_is_self_name(host)) {
         forward_refuse_loop(fc, host);
         return;
     }

@@ -592,9 +592,10 @@ static void ts_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct so
         if (now - ts->pending_logged >= 10) {
             char who[64];
             log_warn(TS_MOD, "tunnel from %s closed at accept: %zu connections waiting for "
-                             "their Hello (tunnel.max_pending)%s",
+                             "their Hello (tunnel.max_pending); %lu more since the last "
+                             "such line",
                      netaddr_format(sa, who, sizeof(who)), ts->npending,
-                     ts->pending_suppressed ? ", more not logged" : "");
+                     ts->pending_suppressed);
             ts->pending_logged = now;
             ts->pending_suppressed = 0;
         } else {
