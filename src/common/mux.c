@@ -523,7 +523,9 @@ static int mux_move(struct evbuffer *in, struct evbuffer *dst, size_t n)
 {
     while (n > 0) {
         struct evbuffer_iovec v;
-        if (evbuffer_peek(in, -1, NULL, &v, 1) >= 1 && v.iov_len <= n) {
+        /* An empty first chain (left by a read that committed nothing) is copied past,
+         * never "moved" for zero bytes forever. */
+        if (evbuffer_peek(in, -1, NULL, &v, 1) >= 1 && v.iov_len > 0 && v.iov_len <= n) {
             if (evbuffer_remove_buffer(in, dst, v.iov_len) != (int)v.iov_len)
                 return -1;
             n -= v.iov_len;
