@@ -1,4 +1,4 @@
-/* Unit tests for the logger (src/common/log.c): one line per message, whatever the
+/* Unit tests for the logger's escaping (src/common/log.c): one line per message, whatever the
  * message holds. */
 #include "check.h"
 #include "log.h"
