@@ -156,6 +156,14 @@ static bool allow_literal(const char *host, struct sockaddr_storage *ss)
     }
     if (inet_pton(AF_INET6, host, &in6->sin6_addr) == 1) {
         in6->sin6_family = AF_INET6;
+        if (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr)) {
+            /* ::ffff:a.b.c.d dials a.b.c.d: it is an IPv4 target and obeys IPv4 rules. */
+            struct in_addr v4;
+            memcpy(&v4, &in6->sin6_addr.s6_addr[12], 4);
+            memset(ss, 0, sizeof(*ss));
+            in->sin_family = AF_INET;
+            in->sin_addr = v4;
+        }
         return true;
     }
     return false;
@@ -170,6 +178,10 @@ bool allow_list_match(const struct allow_list *list, const char *host, uint16_t 
     for (size_t i = 0; i < list->len; i++) {
         const struct allow_rule *r = &list->rules[i];
         if (port < r->port_lo || port > r->port_hi)
+            continue;
+        /* An IPv6 rule never matches an IPv4 target: [::/0] must not admit 127.0.0.1
+         * through the ::ffff:0:0/96 space that the generic CIDR match maps v4 into. */
+        if (literal && !r->is_host && r->cidr.family != ss.ss_family)
             continue;
         if (literal && !r->is_host && netaddr_cidr_match(&r->cidr, (struct sockaddr *)&ss))
             return true;

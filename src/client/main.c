@@ -36,6 +36,7 @@ struct client_args {
     bool no_reconnect;
     struct allow_list allow;
     int heartbeat_interval, heartbeat_timeout, connect_timeout;
+    int max_pending_dials;
 };
 
 struct client_main {
@@ -70,6 +71,8 @@ static void usage(FILE *out)
             "      --heartbeat-interval S  KeepAlive period (default 10)\n"
             "      --heartbeat-timeout S   drop a silent tunnel after S s (default 30)\n"
             "      --connect-timeout S     connect/Hello and dial timeout (default 10)\n"
+            "      --max-pending-dials N   targets dialled at once; more ConnectRequests are\n"
+            "                            refused (status 1) until some answer (default 1024)\n"
             "  -l, --log-level LEVEL     debug|info|warn|error (default info)\n"
             "  -h, --help                this text\n"
             "  -V, --version             print the version\n"
@@ -94,8 +97,20 @@ static int arg_seconds(const char *flag, const char *v, int *out)
     return 0;
 }
 
+static int arg_count(const char *flag, const char *v, int *out)
+{
+    char *end;
+    long n = strtol(v, &end, 10);
+    if (*v == '\0' || *end != '\0' || n < 1 || n > 1000000) {
+        fprintf(stderr, "portmux-client: %s: expected a count 1..1000000, got '%s'\n", flag, v);
+        return -1;
+    }
+    *out = (int)n;
+    return 0;
+}
+
 enum { OPT_NO_RECONNECT = 256, OPT_TLS, OPT_CA, OPT_CERT, OPT_KEY, OPT_SERVER_NAME,
-       OPT_HB_INTERVAL, OPT_HB_TIMEOUT, OPT_CONNECT_TIMEOUT };
+       OPT_HB_INTERVAL, OPT_HB_TIMEOUT, OPT_CONNECT_TIMEOUT, OPT_MAX_PENDING_DIALS };
 
 static const struct option client_options[] = {
     {"server", required_argument, NULL, 's'},
@@ -114,6 +129,7 @@ static const struct option client_options[] = {
     {"heartbeat-interval", required_argument, NULL, OPT_HB_INTERVAL},
     {"heartbeat-timeout", required_argument, NULL, OPT_HB_TIMEOUT},
     {"connect-timeout", required_argument, NULL, OPT_CONNECT_TIMEOUT},
+    {"max-pending-dials", required_argument, NULL, OPT_MAX_PENDING_DIALS},
     {NULL, 0, NULL, 0},
 };
 
@@ -149,6 +165,8 @@ static int parse_one(int opt, const char *v, struct client_args *a, const char *
     case OPT_HB_INTERVAL: return arg_seconds("--heartbeat-interval", v, &a->heartbeat_interval);
     case OPT_HB_TIMEOUT: return arg_seconds("--heartbeat-timeout", v, &a->heartbeat_timeout);
     case OPT_CONNECT_TIMEOUT: return arg_seconds("--connect-timeout", v, &a->connect_timeout);
+    case OPT_MAX_PENDING_DIALS:
+        return arg_count("--max-pending-dials", v, &a->max_pending_dials);
     default: return -1;
     }
 }
@@ -190,6 +208,7 @@ static int parse_args(int argc, char **argv, struct client_args *a)
     int opt, r;
     a->name = "default";
     a->heartbeat_interval = 10;
+    a->max_pending_dials = 1024;
     a->heartbeat_timeout = 30;
     a->connect_timeout = 10;
     while ((opt = getopt_long(argc, argv, "s:t:n:a:l:hV", client_options, NULL)) != -1) {
@@ -280,7 +299,7 @@ static int run(struct client_args *a, SSL_CTX *ssl)
         .host = a->host, .port = a->port, .name = a->name, .token = a->token, .ssl = ssl,
         .server_name = a->server_name, .allow = &a->allow,
         .heartbeat_interval = a->heartbeat_interval, .heartbeat_timeout = a->heartbeat_timeout,
-        .connect_timeout = a->connect_timeout, .status = cm.view,
+        .connect_timeout = a->connect_timeout, .max_pending_dials = a->max_pending_dials, .status = cm.view,
     };
     cm.tc = tclient_new(cm.base, dns, &o, on_tunnel_end, &cm);
     cm.retry = evtimer_new(cm.base, retry_cb, &cm);
@@ -290,7 +309,8 @@ static int run(struct client_args *a, SSL_CTX *ssl)
         event_add(sigint, NULL) != 0 || event_add(sigterm, NULL) != 0)
         goto out;
     if (a->allow.len == 0)
-        log_info("client", "no --allow given: any host:port the server asks for is dialled");
+        log_warn("client", "no --allow given: any host:port the server asks for is dialled "
+                           "(restrict it with --allow ADDR[/PREFIX]:PORT[-PORT])");
     struct timeval now = {0, 0};
     evtimer_add(cm.retry, &now);
     cm.attempt = 0;

@@ -34,6 +34,12 @@
 /* Frames taken per read wake-up beyond libevent's 4 KiB (see sockread.h). */
 #define TC_READ_MORE (256u * 1024u)
 #define TC_BEV_OPTS (BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS)
+/* Default for opts.max_pending_dials: ConnectRequests being dialled at once. Each holds a
+ * descriptor and a timer until its target answers or connect_timeout passes; a server
+ * flooding requests at a black-holed target gets status 1 beyond it instead of taking
+ * every descriptor we have. Generous, because a burst of public connections arrives as
+ * one batch of requests before any dial's completion is seen. */
+#define TC_MAX_PENDING_DIALS 1024
 
 struct dial;
 
@@ -55,6 +61,9 @@ struct tclient {
     bool read_paused;
     struct timespec authed_at;
     size_t streams;              /* bridges alive */
+    size_t ndials;               /* entries in dials */
+    time_t dial_cap_logged;      /* last "too many pending dials" line (one per second) */
+    unsigned long dial_cap_suppressed;
     char refusal[400];
     TAILQ_HEAD(, dial) dials;
 };
@@ -88,6 +97,7 @@ static double tc_elapsed(const struct timespec *since)
 static void dial_free(struct dial *d, bool keep_bev)
 {
     TAILQ_REMOVE(&d->c->dials, d, link);
+    d->c->ndials--;
     if (d->timer)
         event_free(d->timer);
     if (d->bev && !keep_bev)
@@ -187,6 +197,7 @@ static int dial_start(struct tclient *c, struct mux_stream *st, const char *targ
     snprintf(d->target, sizeof(d->target), "%s", target);
     d->shown = status_target_get(c->opts.status, target);
     TAILQ_INSERT_TAIL(&c->dials, d, link);
+    c->ndials++;
     d->bev = bufferevent_socket_new(c->base, -1, TC_BEV_OPTS);
     d->timer = evtimer_new(c->base, dial_timeout_cb, d);
     if (!d->bev || !d->timer) {
@@ -225,6 +236,23 @@ static void tc_on_connect_request(struct mux_session *mux, struct mux_stream *st
                  target);
         status_target_failed(status_target_get(c->opts.status, target), "not in --allow");
         mux_stream_respond(st, FRAME_STATUS_NOT_ALLOWED);
+        return;
+    }
+    size_t cap = c->opts.max_pending_dials > 0 ? (size_t)c->opts.max_pending_dials
+                                               : TC_MAX_PENDING_DIALS;
+    if (c->ndials >= cap) {
+        /* The flood is the server's doing: one line per second, with a count. */
+        time_t now = time(NULL);
+        if (now != c->dial_cap_logged) {
+            log_warn(TC_MOD, "stream %u: %s refused: %zu dials already pending (%lu more "
+                             "refused since the last such line)",
+                     (unsigned)mux_stream_id(st), target, cap, c->dial_cap_suppressed);
+            c->dial_cap_logged = now;
+            c->dial_cap_suppressed = 0;
+        } else {
+            c->dial_cap_suppressed++;
+        }
+        mux_stream_respond(st, FRAME_STATUS_REFUSED);
         return;
     }
     if (dial_start(c, st, target, host, port) != 0)

@@ -26,6 +26,7 @@ struct tclient_opts {
     int heartbeat_interval;        /* seconds between KeepAlives */
     int heartbeat_timeout;         /* seconds of silence before the tunnel is dropped */
     int connect_timeout;           /* seconds for connect + TLS + Hello, and for each dial */
+    int max_pending_dials;         /* dials at once; more ConnectRequests get status 1 */
     struct status *status;         /* told of the session and every stream; NULL = none;
                                     * not owned */
 };

@@ -201,6 +201,43 @@ static void bridge_linger_cb(evutil_socket_t fd, short what, void *arg)
     bridge_finish(arg, "closed by peer (output not drained)");
 }
 
+static void bridge_block_free(const void *data, size_t len, void *arg) { free((void *)data); }
+
+/* The peer used up the whole window and at least half of it still waits here: the reader
+ * lags, and these bytes will sit. They are kept in one block of exactly their size rather
+ * than in the chains they arrived in: a chain moved whole out of the tunnel's input keeps
+ * the part of its buffer before the payload, and a stalled public reader pinned about 1.5
+ * windows of heap that way. At most once per window (no more Data can come until the
+ * reader drains half of it), so the copy costs at most twice what the reader took. */
+static void bridge_on_data(struct mux_stream *st, size_t len, void *arg)
+{
+    struct bridge *b = arg;
+    if (mux_stream_recv_window(st) != 0)
+        return;
+    struct evbuffer *out = bufferevent_get_output(b->bev);
+    size_t have = evbuffer_get_length(out);
+    if (have < MUX_INITIAL_WINDOW / 2 || evbuffer_peek(out, -1, NULL, NULL, 0) < 2)
+        return;
+    void *block = malloc(have);
+    if (!block)
+        return;
+    /* The bytes only change chains: the drain callback must not count them as consumed.
+     * A socket bufferevent keeps its output's front frozen outside its own write; we
+     * put back exactly what we take, so lift the freeze for the duration. */
+    evbuffer_cb_clear_flags(out, b->drain_cb, EVBUFFER_CB_ENABLED);
+    evbuffer_unfreeze(out, 1);
+    int rc = evbuffer_remove(out, block, have) == (int)have &&
+                     evbuffer_add_reference(out, block, have, bridge_block_free, NULL) == 0
+                 ? 0
+                 : -1;
+    evbuffer_freeze(out, 1);
+    evbuffer_cb_set_flags(out, b->drain_cb, EVBUFFER_CB_ENABLED);
+    if (rc != 0) {
+        free(block);
+        bridge_finish(b, "out of memory");
+    }
+}
+
 static void bridge_on_writable(struct mux_stream *st, void *arg) { bridge_pump(arg); }
 
 static void bridge_on_shut(struct mux_stream *st, void *arg)
@@ -229,6 +266,7 @@ static void bridge_on_close(struct mux_stream *st, enum mux_close_reason why, vo
 }
 
 static const struct mux_stream_callbacks bridge_stream_cb = {
+    .on_data = bridge_on_data,
     .on_writable = bridge_on_writable,
     .on_shut = bridge_on_shut,
     .on_close = bridge_on_close,

@@ -4,8 +4,6 @@
 
 #include <string.h>
 
-/* Hello/HelloResponse JSON bodies are small; a bigger one is an attack, not a greeting. */
-#define FRAME_MAX_JSON 4096
 #define FRAME_MAX_INCREMENT (UINT32_C(1) << 30)
 #define FRAME_KEEPALIVE_TOKEN_LEN 8
 /* conn_id u32 + port u16: a ConnectRequest without the optional host. */

@@ -16,6 +16,8 @@
 #define FRAME_MAX_DATA 65536
 /* Room for a ConnectRequest: conn_id, port, host length, host. */
 #define FRAME_MAX_HOST 255
+/* Hello/HelloResponse JSON bodies are small; a bigger one is an attack, not a greeting. */
+#define FRAME_MAX_JSON 4096
 
 enum frame_type {
     FRAME_CONNECT_REQUEST = 0x01,

@@ -30,6 +30,30 @@ const char *log_level_name(enum log_level level)
     return (unsigned)level < 4 ? log_names[level] : "?";
 }
 
+/* Appends msg[0..mlen) to line from len on, at most up to cap. Control bytes (a peer's
+ * newline, escape sequences) become \xNN, so no peer-supplied string can forge a line
+ * or drive a terminal. Returns the new length. */
+static size_t log_escape(char *line, size_t len, size_t cap, const char *msg, size_t mlen)
+{
+    static const char hex[] = "0123456789abcdef";
+    for (size_t i = 0; i < mlen; i++) {
+        unsigned char c = (unsigned char)msg[i];
+        if (c >= 0x20 && c != 0x7f) {
+            if (len + 1 > cap)
+                break;
+            line[len++] = (char)c;
+            continue;
+        }
+        if (len + 4 > cap)
+            break;
+        line[len++] = '\\';
+        line[len++] = 'x';
+        line[len++] = hex[c >> 4];
+        line[len++] = hex[c & 15];
+    }
+    return len;
+}
+
 void log_msg(enum log_level level, const char *module, const char *fmt, ...)
 {
     if (level < log_threshold)
@@ -41,14 +65,14 @@ void log_msg(enum log_level level, const char *module, const char *fmt, ...)
     gmtime_r(&ts.tv_sec, &tm);
     int n = (int)strftime(line, sizeof(line), "%Y-%m-%dT%H:%M:%SZ ", &tm);
     n += snprintf(line + n, sizeof(line) - (size_t)n, "%s %s ", log_level_name(level), module);
+    char msg[sizeof(line)];
     va_list ap;
     va_start(ap, fmt);
-    int m = vsnprintf(line + n, sizeof(line) - (size_t)n, fmt, ap);
+    int m = vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
     /* A message longer than the line is cut, never split into two lines. */
-    size_t len = (size_t)n + (m < 0 ? 0 : (size_t)m);
-    if (len > sizeof(line) - 2)
-        len = sizeof(line) - 2;
+    size_t len = log_escape(line, (size_t)n, sizeof(line) - 1, msg,
+                            m < 0 ? 0 : (size_t)m < sizeof(msg) ? (size_t)m : sizeof(msg) - 1);
     line[len++] = '\n';
     /* One fwrite per line keeps lines whole when several threads (MHD) log. */
     fwrite(line, 1, len, stderr);

@@ -30,6 +30,7 @@ struct mux_stream {
     uint32_t recv_consumed;  /* drained by the application, not yet given back */
     uint32_t recv_limit;     /* the window we grant; grows for fast streams */
     uint64_t recv_update_ms; /* when the last WindowUpdate went out */
+    unsigned fast_updates;   /* WindowUpdates in a row that found the consumer draining */
     struct evbuffer *rx;     /* own buffer, used while no sink is set */
     struct evbuffer *sink;
     struct mux_stream_callbacks cb;
@@ -56,6 +57,8 @@ struct mux_session {
     size_t app_streams;      /* attached */
     struct mux_stream_list blocked;
     struct mux_stream_list gc;
+    size_t buffer_limit;     /* what all window growth together may reach */
+    size_t grown;            /* sum of (recv_limit - MUX_INITIAL_WINDOW) of live streams */
     uint32_t next_id;
     int depth;               /* > 0 while inside a call that may run callbacks */
     bool open;
@@ -181,6 +184,8 @@ static void mux_finish(struct mux_stream *st)
         return;
     mux_detach(st);
     st->finished = true;
+    /* No more Data comes: its growth goes back to the session's budget. */
+    s->grown -= st->recv_limit - MUX_INITIAL_WINDOW;
     LIST_REMOVE(st, hash_link);
     s->nstreams--;
     TAILQ_INSERT_TAIL(&s->gc, st, gc_link);
@@ -225,11 +230,19 @@ struct mux_session *mux_session_new(enum mux_role role, struct evbuffer *out,
         s->cb = *cb;
     s->arg = arg;
     s->next_id = 1;
+    s->buffer_limit = MUX_SESSION_BUFFER_LIMIT;
     TAILQ_INIT(&s->blocked);
     TAILQ_INIT(&s->gc);
     evutil_secure_rng_get_bytes(s->nonce, sizeof(s->nonce));
     return s;
 }
+
+void mux_session_set_buffer_limit(struct mux_session *s, size_t bytes)
+{
+    s->buffer_limit = bytes;
+}
+
+size_t mux_session_buffer_grown(const struct mux_session *s) { return s->grown; }
 
 void mux_session_free(struct mux_session *s)
 {
@@ -504,6 +517,42 @@ static int mux_dispatch(struct mux_session *s, const struct frame *f)
     }
 }
 
+/* Copies below this go through libevent (into the sink's last chain where it has room). */
+#define MUX_EXACT_MIN 4096u
+
+static void mux_block_free(const void *data, size_t len, void *arg) { free((void *)data); }
+
+/* Moves n bytes from in to dst. Whole chains move without a copy; the rest (the part of a
+ * chain that also holds the next frame) is copied into a block of exactly its size:
+ * libevent would copy it into a chain rounded up to a power of two (a 40 KiB tail takes
+ * 64 KiB, a 65 KiB one 128 KiB), heap that a stalled reader's bytes then pin. */
+static int mux_move(struct evbuffer *in, struct evbuffer *dst, size_t n)
+{
+    while (n > 0) {
+        struct evbuffer_iovec v;
+        /* An empty first chain (left by a read that committed nothing) is copied past,
+         * never "moved" for zero bytes forever. */
+        if (evbuffer_peek(in, -1, NULL, &v, 1) >= 1 && v.iov_len > 0 && v.iov_len <= n) {
+            if (evbuffer_remove_buffer(in, dst, v.iov_len) != (int)v.iov_len)
+                return -1;
+            n -= v.iov_len;
+            continue;
+        }
+        if (n < MUX_EXACT_MIN)
+            return evbuffer_remove_buffer(in, dst, n) == (int)n ? 0 : -1;
+        void *block = malloc(n);
+        if (!block)
+            return -1;
+        if (evbuffer_remove(in, block, n) != (int)n ||
+            evbuffer_add_reference(dst, block, n, mux_block_free, NULL) != 0) {
+            free(block);
+            return -1;
+        }
+        return 0;
+    }
+    return 0;
+}
+
 /* Data moves from in to the stream's sink without a copy where the chains allow it. */
 static int mux_input_data(struct mux_session *s, struct evbuffer *in, uint32_t length)
 {
@@ -533,7 +582,7 @@ static int mux_input_data(struct mux_session *s, struct evbuffer *in, uint32_t l
     struct evbuffer *dst = st->sink ? st->sink : st->rx;
     if (!dst && !(dst = st->rx = evbuffer_new()))
         return mux_fail(s, MUX_E_NOMEM, "out of memory");
-    if (n && evbuffer_remove_buffer(in, dst, n) != (int)n)
+    if (n && mux_move(in, dst, n) != 0)
         return mux_fail(s, MUX_E_NOMEM, "out of memory");
     if (n && st->cb.on_data)
         st->cb.on_data(st, n, st->arg);
@@ -555,6 +604,11 @@ static int mux_input_one(struct mux_session *s, struct evbuffer *in)
     enum frame_result r = frame_header_decode(raw, &fh);
     if (r != FRAME_OK)
         return mux_fail(s, MUX_E_FRAME, "%s", frame_result_name(r));
+    /* Before Hello only a small JSON frame may come: judge the header alone, so an
+     * unauthenticated peer cannot make us buffer a 64 KiB frame it never finishes. */
+    if (!s->open && fh.length > FRAME_MAX_JSON)
+        return mux_fail(s, MUX_E_PROTOCOL, "frame of %u bytes before Hello (at most %u)",
+                        (unsigned)fh.length, (unsigned)FRAME_MAX_JSON);
     if (avail - FRAME_HEADER_LEN < fh.length)
         return MUX_IN_NEED_MORE;
     int rc;
@@ -690,6 +744,8 @@ struct mux_session *mux_stream_session(const struct mux_stream *st) { return st-
 
 uint32_t mux_stream_send_window(const struct mux_stream *st) { return st->send_window; }
 
+uint32_t mux_stream_recv_window(const struct mux_stream *st) { return st->recv_window; }
+
 size_t mux_stream_send_room(const struct mux_stream *st)
 {
     if (evbuffer_get_length(st->s->out) >= MUX_OUT_SOFT_LIMIT)
@@ -760,15 +816,31 @@ static uint64_t mux_now_ms(void)
 
 /* How much larger the next grant may make the window. A fixed 256 KiB window caps one
  * stream at 256 KiB per round trip; like OpenSSH's channel windows, a stream whose
- * application drains half a window within MUX_GROW_MS earns a doubled window, up to
- * MUX_MAX_RECV_LIMIT. A slow or stalled reader never grows it, so memory stays bounded. */
+ * application keeps draining earns a doubled window, up to MUX_MAX_RECV_LIMIT.
+ *
+ * "Keeps draining" is MUX_GROW_STREAK half-window updates in a row, each within
+ * MUX_GROW_MS of the one before and each finding the sink empty (everything handed on).
+ * One fast update proves nothing: a public reader that never reads still has kernel
+ * socket buffers that swallow the first bytes at once; they fill, and the next update
+ * never comes. And all growth of one session together stays within its buffer limit, so
+ * N stalled streams pin at most N initial windows plus that limit. */
 static uint32_t mux_window_growth(struct mux_stream *st, uint64_t now)
 {
-    if (st->recv_limit >= MUX_MAX_RECV_LIMIT || now - st->recv_update_ms > MUX_GROW_MS)
+    struct evbuffer *sink = st->sink ? st->sink : st->rx;
+    bool draining = now - st->recv_update_ms <= MUX_GROW_MS &&
+                    (!sink || evbuffer_get_length(sink) == 0);
+    if (!draining) {
+        st->fast_updates = 0;
         return 0;
-    uint32_t grow = st->recv_limit;
-    return grow > MUX_MAX_RECV_LIMIT - st->recv_limit ? MUX_MAX_RECV_LIMIT - st->recv_limit
-                                                       : grow;
+    }
+    if (++st->fast_updates < MUX_GROW_STREAK || st->recv_limit >= MUX_MAX_RECV_LIMIT)
+        return 0;
+    st->fast_updates = 0;
+    size_t grow = st->recv_limit;
+    if (grow > MUX_MAX_RECV_LIMIT - st->recv_limit)
+        grow = MUX_MAX_RECV_LIMIT - st->recv_limit;
+    size_t room = st->s->buffer_limit > st->s->grown ? st->s->buffer_limit - st->s->grown : 0;
+    return (uint32_t)(grow < room ? grow : room);
 }
 
 void mux_stream_consumed(struct mux_stream *st, size_t n)
@@ -788,6 +860,7 @@ void mux_stream_consumed(struct mux_stream *st, size_t n)
                                                          increment)) == MUX_OK) {
         st->recv_window += increment;
         st->recv_limit += grow;
+        st->s->grown += grow;
         st->recv_consumed = 0;
         st->recv_update_ms = now;
     }

@@ -28,6 +28,10 @@ struct mux_stream;
 #define MUX_MAX_RECV_LIMIT (2048u * 1024u)
 /* Half a window drained within this many ms counts as fast. */
 #define MUX_GROW_MS 50u
+/* Fast half-window updates in a row that earn a stream a doubled window. */
+#define MUX_GROW_STREAK 2u
+/* Default for all window growth of one session together (tunnel.session_buffer_limit). */
+#define MUX_SESSION_BUFFER_LIMIT ((size_t)64 * 1024 * 1024)
 /* A window may never grow beyond this (protocol error). */
 #define MUX_MAX_WINDOW (UINT32_C(1) << 31)
 /* Streams stop queueing Data while the session output holds this much (bounded memory). */
@@ -85,6 +89,12 @@ struct mux_session *mux_session_new(enum mux_role role, struct evbuffer *out,
  * NULL-safe. */
 void mux_session_free(struct mux_session *s);
 
+/* Caps what the windows of all streams together may grow beyond MUX_INITIAL_WINDOW each
+ * (default MUX_SESSION_BUFFER_LIMIT; 0 = no growth). */
+void mux_session_set_buffer_limit(struct mux_session *s, size_t bytes);
+/* Window growth granted so far to the session's live streams, in bytes. */
+size_t mux_session_buffer_grown(const struct mux_session *s);
+
 /* Lets stream and KeepAlive frames through (after a successful Hello). */
 void mux_session_set_open(struct mux_session *s);
 bool mux_session_is_open(const struct mux_session *s);
@@ -129,6 +139,8 @@ struct mux_session *mux_stream_session(const struct mux_stream *st);
 /* Bytes the stream may send right now: min(window, room in the session output). */
 size_t mux_stream_send_room(const struct mux_stream *st);
 uint32_t mux_stream_send_window(const struct mux_stream *st);
+/* Bytes the peer may still send on the stream before our next WindowUpdate. */
+uint32_t mux_stream_recv_window(const struct mux_stream *st);
 
 /* Moves as much of src as the window and the session output allow into Data frames of
  * at most FRAME_MAX_DATA bytes. Returns the bytes moved (0 = blocked: on_writable

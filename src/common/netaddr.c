@@ -5,6 +5,7 @@
 #include <netinet/in.h>
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 
 /* Longest text a CIDR can be: a full IPv6 literal, '/', three digits. Anything longer
  * is malformed, so a fixed buffer of this size never truncates a valid input. */
@@ -116,6 +117,49 @@ bool netaddr_cidr_match(const struct netaddr_cidr *cidr, const struct sockaddr *
     if (memcmp(addr, v4mapped_prefix, 12) != 0)
         return false;
     return prefix_equal(addr + 12, cidr->addr, cidr->prefix);
+}
+
+int netaddr_key(const struct sockaddr *sa, uint8_t out[16])
+{
+    if (sa == NULL)
+        return -1;
+    if (sa->sa_family == AF_INET) {
+        memcpy(out, v4mapped_prefix, 12);
+        memcpy(out + 12, &((const struct sockaddr_in *)sa)->sin_addr, 4);
+        return 0;
+    }
+    if (sa->sa_family == AF_INET6) {
+        memcpy(out, &((const struct sockaddr_in6 *)sa)->sin6_addr, 16);
+        return 0;
+    }
+    return -1;
+}
+
+bool netaddr_is_self_by_definition(const struct sockaddr *sa)
+{
+    static const uint8_t zero[16], loop6[16] = {[15] = 1};
+    uint8_t k[16];
+    if (netaddr_key(sa, k) != 0)
+        return false;
+    if (memcmp(k, zero, 16) == 0 || memcmp(k, loop6, 16) == 0)
+        return true;
+    if (memcmp(k, v4mapped_prefix, 12) != 0)
+        return false;
+    return k[12] == 127 || (k[12] == 0 && k[13] == 0 && k[14] == 0 && k[15] == 0);
+}
+
+bool netaddr_is_localhost_name(const char *name)
+{
+    static const char suffix[] = ".localhost";
+    if (name == NULL)
+        return false;
+    size_t n = strlen(name);
+    if (n > 0 && name[n - 1] == '.')
+        n--;
+    if (n == 9 && strncasecmp(name, "localhost", 9) == 0)
+        return true;
+    return n > sizeof(suffix) - 1 &&
+           strncasecmp(name + n - (sizeof(suffix) - 1), suffix, sizeof(suffix) - 1) == 0;
 }
 
 bool netaddr_is_ip_literal(const char *s)

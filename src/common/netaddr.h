@@ -40,6 +40,19 @@ bool netaddr_is_hostname(const char *s);
  * Returns 0, or -1 when malformed. */
 int netaddr_split_host_port(const char *s, char *host, size_t hostlen, uint16_t *port);
 
+/* The address of sa as 16 bytes, IPv4 as ::ffff:a.b.c.d, so one comparison covers both
+ * spellings of an IPv4 address. Returns 0, or -1 for another family. */
+int netaddr_key(const struct sockaddr *sa, uint8_t out[16]);
+
+/* True when sa is this host by definition, whatever its interfaces: loopback
+ * (127.0.0.0/8, ::1, ::ffff:127.0.0.0/104) or unspecified (0.0.0.0, ::, ::ffff:0.0.0.0,
+ * which connect() takes as this host). */
+bool netaddr_is_self_by_definition(const struct sockaddr *sa);
+
+/* True for "localhost" and names under ".localhost" (RFC 6761), any letter case, with or
+ * without a final dot. */
+bool netaddr_is_localhost_name(const char *name);
+
 /* Formats sa as "1.2.3.4:80" or "[::1]:80" into buf. Returns buf. */
 const char *netaddr_format(const struct sockaddr *sa, char *buf, size_t buflen);
 

@@ -32,6 +32,7 @@
 #include "clients.h"
 #include "config.h"
 #include "log.h"
+#include "loop_guard.h"
 #include "mapping.h"
 #include "mapping_request.h"
 #include "metrics.h"
@@ -164,6 +165,10 @@ static void handle_create(struct server *srv, const struct api_req *rq, struct a
                                                     rq->len, &rec, msg, sizeof(msg));
     if (e != API_OK) {
         api_fail(out, e, msg, NULL);
+        return;
+    }
+    if (loop_guard_check_create(srv, &rec, msg, sizeof(msg)) != 0) {
+        api_fail(out, API_E_INVALID_FIELD, msg, NULL);
         return;
     }
     struct mapping *m = NULL;

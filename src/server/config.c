@@ -652,6 +652,8 @@ static const struct field tunnel_fields[] = {
     INT_KEY("hello_timeout", hello_timeout, 1, CONFIG_MAX_SECONDS, MARK_NONE),
     INT_KEY("max_streams_per_client", max_streams_per_client, 1, CONFIG_MAX_COUNT, MARK_NONE),
     INT_KEY("takeover_probe_ms", takeover_probe_ms, 1, CONFIG_MAX_SECONDS, MARK_NONE),
+    INT_KEY("max_pending", tunnel_max_pending, 1, CONFIG_MAX_COUNT, MARK_NONE),
+    INT_KEY("session_buffer_limit", session_buffer_limit, 0, INT_MAX, MARK_NONE),
     END_KEYS,
 };
 
@@ -956,6 +958,8 @@ int config_init_defaults(struct config *cfg)
     cfg->hello_timeout = 10;
     cfg->max_streams_per_client = 10000;
     cfg->takeover_probe_ms = 2000;
+    cfg->tunnel_max_pending = 128;
+    cfg->session_buffer_limit = 64 * 1024 * 1024;
     cfg->api_listen_port = 8080;
     cfg->api_max_connections = 256;
     cfg->api_connection_timeout = 10;

@@ -35,6 +35,8 @@ struct config {
     int hello_timeout;           /* seconds, default 10: a Hello must come by then */
     int max_streams_per_client;  /* default 10000 */
     int takeover_probe_ms;       /* default 2000: how long a live session has to answer */
+    int tunnel_max_pending;      /* default 128: connections waiting for their Hello */
+    int session_buffer_limit;    /* bytes, default 64 MiB: window growth of one session */
 
     /* api */
     char *api_listen_addr;       /* default "127.0.0.1" */

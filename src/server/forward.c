@@ -7,8 +7,11 @@
  * once: the connection is known to be up when a byte moves to or from the target (or,
  * when none has, by asking the socket), so a Connection: close request costs no extra
  * epoll registration, getsockopt or getpeername for the dial -- on a loopback wrk run it
- * was 25 syscalls per connection with a dialer bufferevent. A host-name target is dialled
- * with a bufferevent (it brings evdns), whose fd is taken over once connected. Backpressure is the pipe itself: when the
+ * was 25 syscalls per connection with a dialer bufferevent. A host-name target is resolved
+ * with evdns first and then dialled the same way, so that the address is known before the
+ * connect: a name that resolves to this server itself on one of its ports is a forwarding
+ * loop, refused before it can accept its own connection (SPEC §2). Backpressure is the
+ * pipe itself: when the
  * destination cannot take more, reading from the source stops until the destination is
  * writable again, so at most RELAY_PIPE_SIZE bytes per direction wait, in the kernel.
  *
@@ -23,17 +26,19 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
-#include <event2/bufferevent.h>
 #include <event2/dns.h>
 #include <event2/event.h>
 
 #include "config.h"
 #include "log.h"
+#include "loop_guard.h"
 #include "mapping.h"
 #include "netaddr.h"
 #include "proxy_header.h"
@@ -49,6 +54,9 @@
 #define RELAY_RL_CHUNK (16 * 1024)
 /* ... but wakes at least this often, so a rate raised by an update applies at once. */
 #define RELAY_RL_MAX_WAIT_NS (100 * 1000 * 1000ull)
+/* A refused forwarding loop is logged at most once per this many seconds: every
+ * connection to such a mapping hits it. */
+#define FORWARD_LOOP_LOG_SECONDS 10
 
 struct relay_pipe {
     int rd, wr;
@@ -58,6 +66,8 @@ struct relay_pipe {
 static struct relay_pipe relay_pool[RELAY_POOL_MAX];
 static int relay_pool_len;
 static int relay_pipe_size = RELAY_PIPE_SIZE;
+static time_t loop_logged;
+static unsigned long loop_suppressed;
 
 struct relay_dir {
     struct relay_pipe pipe;  /* rd == -1 when none is held */
@@ -71,8 +81,9 @@ struct relay_dir {
 /* fd[0] is the public side, fd[1] the target; dir[i] carries bytes read from fd[i]. */
 struct forward_conn {
     struct mapping_conn mc;      /* first: mapping removal aborts through it */
-    struct bufferevent *dialer;  /* host-name target, only while connecting */
-    struct event *connect_timer; /* IP target, until it is known to be connected */
+    struct evdns_getaddrinfo_request *resolving; /* host-name target, while resolving */
+    bool zombie;                 /* freed while resolving: the resolver's callback frees */
+    struct event *connect_timer; /* until the target is known to be connected */
     bool connected;              /* fd[1] reached the target */
     int fd[2];
     struct event *ev_read[2];
@@ -129,7 +140,7 @@ static int forward_target_state(struct forward_conn *fc)
 {
     if (fc->connected)
         return 1;
-    if (fc->dialer || fc->fd[1] < 0)
+    if (fc->fd[1] < 0)
         return 0;
     int err = 0;
     socklen_t len = sizeof(err);
@@ -158,8 +169,6 @@ static void forward_log_dial_failure(struct forward_conn *fc, const char *why)
 static void forward_free(struct forward_conn *fc, bool failed)
 {
     mapping_conn_end(&fc->mc, failed);
-    if (fc->dialer)
-        bufferevent_free(fc->dialer);
     if (fc->connect_timer)
         event_free(fc->connect_timer);
     for (int i = 0; i < 2; i++) {
@@ -173,7 +182,32 @@ static void forward_free(struct forward_conn *fc, bool failed)
         if (fc->fd[i] >= 0)
             close(fc->fd[i]);
     }
+    if (fc->resolving) {
+        /* The resolver calls back once more (cancelled); that call frees fc. */
+        struct evdns_getaddrinfo_request *req = fc->resolving;
+        fc->resolving = NULL;
+        fc->zombie = true;
+        evdns_getaddrinfo_cancel(req);
+        return;
+    }
     free(fc);
+}
+
+/* The target is this server itself: refused before any connect, counted as failed. */
+static void forward_refuse_loop(struct forward_conn *fc, const char *target)
+{
+    struct mapping *m = fc->mc.mapping;
+    time_t now = time(NULL);
+    if (now - loop_logged >= FORWARD_LOOP_LOG_SECONDS || now < loop_logged) {
+        log_warn("forward", "port %d: target %.64s:%d is this server itself (a forwarding "
+                            "loop); connection refused (%lu more since the last such line)",
+                 m->rec.port, target, m->rec.target_port, loop_suppressed);
+        loop_logged = now;
+        loop_suppressed = 0;
+    } else {
+        loop_suppressed++;
+    }
+    forward_free(fc, true);
 }
 
 static void forward_abort(struct mapping_conn *mc)
@@ -428,49 +462,6 @@ static int relay_start(struct forward_conn *fc)
     return 0;
 }
 
-/* Takes the connected socket out of the dialer, which is freed (safe inside its callback:
- * libevent defers the free until the callback returns). */
-static void forward_connected(struct forward_conn *fc)
-{
-    fc->fd[1] = bufferevent_getfd(fc->dialer);
-    bufferevent_setfd(fc->dialer, -1);
-    bufferevent_free(fc->dialer);
-    fc->dialer = NULL;
-    fc->connected = true;
-    set_nodelay(fc->fd[1]);
-    if (relay_start(fc) < 0)
-        forward_free(fc, false);
-}
-
-static void forward_dial_cb(struct bufferevent *bev, short what, void *arg)
-{
-    struct forward_conn *fc = arg;
-    if (what & BEV_EVENT_CONNECTED) {
-        forward_connected(fc);
-        return;
-    }
-    /* Refused, unreachable, unresolvable or timed out: the public side learns it at once. */
-    int dns = bufferevent_socket_get_dns_error(bev);
-    forward_log_dial_failure(fc, dns                          ? evutil_gai_strerror(dns)
-                                 : (what & BEV_EVENT_TIMEOUT) ? "timed out"
-                                 : strerror(EVUTIL_SOCKET_ERROR()));
-    forward_free(fc, true);
-}
-
-static int forward_dial_hostname(struct forward_conn *fc, const struct timeval *timeout)
-{
-    struct mapping *m = fc->mc.mapping;
-    fc->dialer = bufferevent_socket_new(m->srv->base, -1, BEV_OPT_CLOSE_ON_FREE);
-    if (!fc->dialer)
-        return -1;
-    bufferevent_setcb(fc->dialer, NULL, NULL, forward_dial_cb, fc);
-    /* The write timeout covers the connect. Public bytes wait in the kernel until the
-     * target is connected: nothing reads fd[0] before relay_start. */
-    bufferevent_set_timeouts(fc->dialer, NULL, timeout);
-    return bufferevent_socket_connect_hostname(fc->dialer, m->srv->dns, AF_UNSPEC,
-                                               mapping_target_host(m), m->rec.target_port);
-}
-
 /* No byte has moved within the connect timeout: fine if the target is there but silent,
  * a failure if the connect is still pending. */
 static void forward_connect_timeout_cb(evutil_socket_t fd, short what, void *arg)
@@ -483,6 +474,15 @@ static void forward_connect_timeout_cb(evutil_socket_t fd, short what, void *arg
     forward_free(fc, true);
 }
 
+/* Arms the connect timeout (once: a host name's started while it was resolved). */
+static int forward_arm_timeout(struct forward_conn *fc, const struct timeval *timeout)
+{
+    if (fc->connect_timer)
+        return 0;
+    fc->connect_timer = evtimer_new(fc->mc.mapping->srv->base, forward_connect_timeout_cb, fc);
+    return fc->connect_timer && evtimer_add(fc->connect_timer, timeout) == 0 ? 0 : -1;
+}
+
 static int forward_dial_ip(struct forward_conn *fc, const struct sockaddr *sa, socklen_t len,
                            const struct timeval *timeout)
 {
@@ -490,16 +490,68 @@ static int forward_dial_ip(struct forward_conn *fc, const struct sockaddr *sa, s
     if (fc->fd[1] < 0)
         return -1;
     set_nodelay(fc->fd[1]);
-    if (connect(fc->fd[1], sa, len) == 0) {
-        fc->connected = true;
-    } else if (errno != EINPROGRESS) {
+    if (connect(fc->fd[1], sa, len) == 0)
+        forward_mark_connected(fc);
+    else if (errno != EINPROGRESS || forward_arm_timeout(fc, timeout) < 0)
         return -1;
-    } else {
-        fc->connect_timer = evtimer_new(fc->mc.mapping->srv->base, forward_connect_timeout_cb, fc);
-        if (!fc->connect_timer || evtimer_add(fc->connect_timer, timeout) < 0)
-            return -1;
-    }
     return relay_start(fc);
+}
+
+static void forward_resolved_cb(int err, struct evutil_addrinfo *res, void *arg)
+{
+    struct forward_conn *fc = arg;
+    if (fc->zombie) {
+        if (res)
+            evutil_freeaddrinfo(res);
+        free(fc);
+        return;
+    }
+    fc->resolving = NULL;
+    struct mapping *m = fc->mc.mapping;
+    if (err != 0 || !res) {
+        forward_log_dial_failure(fc, err ? evutil_gai_strerror(err) : "no address");
+        if (res)
+            evutil_freeaddrinfo(res);
+        forward_free(fc, true);
+        return;
+    }
+    /* Checked on the address we are about to connect to: a name may resolve to this
+     * server only now, long after the mapping was created. */
+    if (loop_guard_targets_self(m->srv, res->ai_addr, 0)) {
+        evutil_freeaddrinfo(res);
+        forward_refuse_loop(fc, mapping_target_host(m));
+        return;
+    }
+    struct timeval timeout = {m->srv->cfg->connect_timeout, 0};
+    int rc = forward_dial_ip(fc, res->ai_addr, (socklen_t)res->ai_addrlen, &timeout);
+    int saved = errno;
+    evutil_freeaddrinfo(res);
+    if (rc < 0) {
+        forward_log_dial_failure(fc, strerror(saved));
+        forward_free(fc, true);
+    }
+}
+
+/* Resolves, then dials the first address, like bufferevent_socket_connect_hostname. The
+ * timeout covers the resolution too. Returns -1 only when nothing was started; after
+ * that fc may already be gone (an answer from /etc/hosts comes back at once). */
+static int forward_dial_hostname(struct forward_conn *fc, const struct timeval *timeout)
+{
+    struct mapping *m = fc->mc.mapping;
+    if (forward_arm_timeout(fc, timeout) < 0)
+        return -1;
+    char port[8];
+    snprintf(port, sizeof(port), "%d", m->rec.target_port);
+    struct evutil_addrinfo hints;
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_protocol = IPPROTO_TCP;
+    struct evdns_getaddrinfo_request *req = evdns_getaddrinfo(
+        m->srv->dns, mapping_target_host(m), port, &hints, forward_resolved_cb, fc);
+    if (req)
+        fc->resolving = req; /* still pending: fc is alive */
+    return 0;
 }
 
 void forward_start(struct mapping *m, evutil_socket_t fd)
@@ -521,10 +573,18 @@ void forward_start(struct mapping *m, evutil_socket_t fd)
     struct timeval timeout = {m->srv->cfg->connect_timeout, 0};
     struct sockaddr_storage target;
     socklen_t len;
-    int rc = netaddr_ip_sockaddr(mapping_target_host(m), (uint16_t)m->rec.target_port, &target,
-                                 &len) == 0
-                 ? forward_dial_ip(fc, (struct sockaddr *)&target, len, &timeout)
-                 : forward_dial_hostname(fc, &timeout);
+    const char *host = mapping_target_host(m);
+    bool literal = netaddr_ip_sockaddr(host, (uint16_t)m->rec.target_port, &target, &len) == 0;
+    /* A mapping stored before loops were refused at create, or one whose name now means
+     * this host, must not connect to ourselves (SPEC §2). */
+    if (literal ? loop_guard_targets_self(m->srv, (struct sockaddr *)&target, 0)
+                : loop_guard_is_server_port(m->srv, m->rec.target_port, 0) &&
+                      loop_guard_is_self_name(host)) {
+        forward_refuse_loop(fc, host);
+        return;
+    }
+    int rc = literal ? forward_dial_ip(fc, (struct sockaddr *)&target, len, &timeout)
+                     : forward_dial_hostname(fc, &timeout);
     if (rc < 0) {
         /* Refused before starting (no callback ran). */
         forward_log_dial_failure(fc, strerror(errno));

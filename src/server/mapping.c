@@ -7,7 +7,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <event2/listener.h>
@@ -21,6 +23,10 @@
 #include "tunnel_server.h"
 
 #define MAPPING_BACKLOG 1024
+/* Descriptors a public port may never take: they stay for the API, the tunnel, the
+ * database and the target sockets and pipes of connections already accepted. However a
+ * loop or a flood fills the public ports, /health still answers. */
+#define MAPPING_FD_RESERVE 64
 
 struct mapping_registry {
     struct server *srv;
@@ -106,11 +112,37 @@ static void mapping_reset(evutil_socket_t fd)
     evutil_closesocket(fd);
 }
 
+/* True when fd lies in the reserve. Linux hands out the lowest free descriptor, so an
+ * accepted fd this high means only the reserve is left. The limit is read once a second
+ * (it may be raised while we run). */
+static bool mapping_fd_in_reserve(evutil_socket_t fd)
+{
+    static rlim_t soft = RLIM_INFINITY;
+    static time_t read_at;
+    time_t now = time(NULL);
+    if (now != read_at) {
+        struct rlimit rl;
+        if (getrlimit(RLIMIT_NOFILE, &rl) == 0)
+            soft = rl.rlim_cur;
+        read_at = now;
+    }
+    return soft != RLIM_INFINITY && soft > 2 * MAPPING_FD_RESERVE &&
+           (rlim_t)fd >= soft - MAPPING_FD_RESERVE;
+}
+
 static void mapping_accept_cb(struct evconnlistener *l, evutil_socket_t fd,
                               struct sockaddr *sa, int socklen, void *arg)
 {
     struct mapping *m = arg;
     struct server *srv = m->srv;
+    if (mapping_fd_in_reserve(fd)) {
+        m->stats.refused_limit++;
+        srv->limits.descriptors++;
+        log_debug("mapping", "port %d: connection refused, descriptors nearly exhausted",
+                  m->rec.port);
+        evutil_closesocket(fd);
+        return;
+    }
     if (!mapping_policy_allows(m, sa)) {
         m->stats.refused_allow++;
         mapping_policy_log_refused(m, sa, "not in allow_from");

@@ -315,7 +315,10 @@ static enum api_error resolve_mode(const struct config *cfg, json_t *obj, bool u
         return API_E_INVALID_FIELD;
     }
     if (!rec->use_tunnel && rec->target_port == rec->port && is_loopback_name(rec->target_ip)) {
-        snprintf(msg, msglen, "target_ip:target_port would forward port %d to itself", rec->port);
+        snprintf(msg, msglen,
+                 "target_ip %s:%d is this server itself (port %d is one it listens on): "
+                 "a forwarding loop",
+                 rec->target_ip, rec->target_port, rec->port);
         return API_E_INVALID_FIELD;
     }
     return API_OK;

@@ -157,6 +157,10 @@ static void render_limits(FILE *f, struct server *srv)
             (unsigned long long)l->tunnel_streams);
     fprintf(f, "portmux_limit_refused_total{limit=\"hello_timeout\"} %llu\n",
             (unsigned long long)l->tunnel_hello_timeout);
+    fprintf(f, "portmux_limit_refused_total{limit=\"max_pending\"} %llu\n",
+            (unsigned long long)l->tunnel_pending);
+    fprintf(f, "portmux_limit_refused_total{limit=\"descriptor_reserve\"} %llu\n",
+            (unsigned long long)l->descriptors);
     fprintf(f, "portmux_limit_refused_total{limit=\"api_max_connections\"} %llu\n",
             (unsigned long long)l->api_connections);
     fprintf(f, "portmux_limit_refused_total{limit=\"hello_failures\"} %llu\n",

@@ -20,6 +20,8 @@ struct server_limit_counters {
     uint64_t mapping_connections;   /* limits.max_connections_per_mapping */
     uint64_t tunnel_streams;        /* tunnel.max_streams_per_client */
     uint64_t tunnel_hello_timeout;  /* tunnel.hello_timeout expired */
+    uint64_t tunnel_pending;        /* tunnel.max_pending: closed at accept */
+    uint64_t descriptors;           /* public connections refused to keep fds in reserve */
     uint64_t tunnel_auth_failed;    /* Hello refused */
     uint64_t tunnel_protocol_errors;/* tunnel closed for a protocol error */
     uint64_t api_connections;       /* api.max_connections */

@@ -69,6 +69,7 @@ struct tsession {
     bool probing;
     time_t connected_at;
     bool authed;
+    bool pending;                 /* counted in ts->npending: no successful Hello yet */
     bool closing;                 /* flushing the last frames before close */
     bool read_paused;
     uint64_t bytes_in;            /* stream bytes from the client */
@@ -98,6 +99,9 @@ struct tunnel_server {
     int port;
     TAILQ_HEAD(, tsession) sessions;
     struct hello_limit *hello_limit;
+    size_t npending;              /* sessions without a successful Hello (max_pending) */
+    time_t pending_logged;        /* last "max_pending reached" line */
+    unsigned long pending_suppressed;
 };
 
 static void tsession_close(struct tsession *sess, const char *reason);
@@ -307,9 +311,19 @@ static struct tsession *ts_find_client(const struct tunnel_server *ts, const cha
     return NULL;
 }
 
+/* The session no longer counts against tunnel.max_pending. */
+static void tsession_unpend(struct tsession *sess)
+{
+    if (sess->pending) {
+        sess->pending = false;
+        sess->ts->npending--;
+    }
+}
+
 static void tsession_free(struct tsession *sess)
 {
     struct tunnel_server *ts = sess->ts;
+    tsession_unpend(sess);
     TAILQ_REMOVE(&ts->sessions, sess, link);
     struct tsession *other;
     TAILQ_FOREACH(other, &ts->sessions, link) {
@@ -443,6 +457,7 @@ static void tsession_accept(struct tsession *sess, const char *name)
     snprintf(sess->name, sizeof(sess->name), "%s", name);
     sess->authed = true;
     sess->probing = false;
+    tsession_unpend(sess);
     sess->connected_at = time(NULL);
     evtimer_del(sess->hello_timer);
     mux_session_set_open(sess->mux);
@@ -759,6 +774,8 @@ static struct tsession *tsession_new(struct tunnel_server *ts, evutil_socket_t f
         goto fail;
     sess->mux = mux_session_new(MUX_ROLE_SERVER, bufferevent_get_output(sess->bev),
                                 &tsession_mux_cb, sess);
+    if (sess->mux)
+        mux_session_set_buffer_limit(sess->mux, (size_t)ts->srv->cfg->session_buffer_limit);
     sess->hello_timer = evtimer_new(base, tsession_hello_timer_cb, sess);
     sess->ka_timer = event_new(base, -1, EV_PERSIST, tsession_keepalive_cb, sess);
     if (!sess->mux || !sess->hello_timer || !sess->ka_timer)
@@ -782,6 +799,26 @@ static void ts_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct so
                          int socklen, void *arg)
 {
     struct tunnel_server *ts = arg;
+    if (ts->npending >= (size_t)ts->srv->cfg->tunnel_max_pending) {
+        /* Idle connections that never say Hello must not pin descriptors and memory
+         * without bound: the newest is closed at once. */
+        ts->srv->limits.tunnel_pending++;
+        time_t now = time(NULL);
+        if (now - ts->pending_logged >= 10) {
+            char who[64];
+            log_warn(TS_MOD, "tunnel from %s closed at accept: %zu connections waiting for "
+                             "their Hello (tunnel.max_pending); %lu more since the last "
+                             "such line",
+                     netaddr_format(sa, who, sizeof(who)), ts->npending,
+                     ts->pending_suppressed);
+            ts->pending_logged = now;
+            ts->pending_suppressed = 0;
+        } else {
+            ts->pending_suppressed++;
+        }
+        evutil_closesocket(fd);
+        return;
+    }
     bridge_set_nodelay(fd);
     struct tsession *sess = tsession_new(ts, fd, sa);
     if (!sess) {
@@ -796,6 +833,8 @@ static void ts_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct so
     sockread_set_large_io(sess->bev);
     bufferevent_enable(sess->bev, EV_READ | EV_WRITE);
     TAILQ_INSERT_TAIL(&ts->sessions, sess, link);
+    sess->pending = true;
+    ts->npending++;
     log_debug(TS_MOD, "tunnel connection from %s", sess->remote);
 }
 

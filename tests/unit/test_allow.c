@@ -89,8 +89,28 @@ static void test_list(void)
     allow_list_free(NULL);
 }
 
+/* An IPv6 rule never admits an IPv4 target, not even ::/0 or ::ffff:0:0/96. */
+static void test_v6_rule_never_matches_v4(void)
+{
+    struct allow_list l = {0};
+    char err[256];
+    CHECK(allow_list_add(&l, "[::/0]:1-65535,[::ffff:0:0/96]:22", err, sizeof(err)) == 0);
+    CHECK(!allow_list_match(&l, "127.0.0.1", 22));
+    CHECK(!allow_list_match(&l, "10.0.0.1", 80));
+    CHECK(!allow_list_match(&l, "::ffff:127.0.0.1", 22)); /* v4-mapped is an IPv4 target */
+    CHECK(allow_list_match(&l, "::1", 22));
+    CHECK(allow_list_match(&l, "2001:db8::1", 443));
+    allow_list_free(&l);
+    /* And an IPv4 rule still covers the v4-mapped spelling of its addresses. */
+    CHECK(allow_list_add(&l, "0.0.0.0/0:22", err, sizeof(err)) == 0);
+    CHECK(allow_list_match(&l, "::ffff:10.1.2.3", 22));
+    CHECK(!allow_list_match(&l, "::1", 22));
+    allow_list_free(&l);
+}
+
 int main(void)
 {
+    test_v6_rule_never_matches_v4();
     test_parse_good();
     test_parse_bad();
     test_list();

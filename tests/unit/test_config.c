@@ -30,6 +30,9 @@ static void check_defaults(const struct config *c, int line)
     check_at(c->heartbeat_interval == 10 && c->heartbeat_timeout == 30, __FILE__, line, "heartbeat");
     check_at(c->connect_timeout == 10 && c->hello_timeout == 10, __FILE__, line, "timeouts");
     check_at(c->max_streams_per_client == 10000, __FILE__, line, "max_streams_per_client");
+    check_at(c->tunnel_max_pending == 128, __FILE__, line, "tunnel.max_pending");
+    check_at(c->session_buffer_limit == 64 * 1024 * 1024, __FILE__, line,
+             "tunnel.session_buffer_limit");
     check_at(strcmp(c->api_listen_addr, "127.0.0.1") == 0, __FILE__, line, "api.listen_addr");
     check_at(c->api_listen_port == 8080, __FILE__, line, "api.listen_port");
     check_at(strcmp(c->api_token, "") == 0, __FILE__, line, "api.token");
@@ -86,6 +89,8 @@ static const char full_yaml[] =
     "  connect_timeout: 3\n"
     "  hello_timeout: 4\n"
     "  max_streams_per_client: 50\n"
+    "  max_pending: 7\n"
+    "  session_buffer_limit: 0\n"
     "api:\n"
     "  listen_addr: localhost\n"
     "  listen_port: 18080\n"
@@ -119,6 +124,7 @@ static void check_full(const struct config *c)
     CHECK(c->heartbeat_interval == 5 && c->heartbeat_timeout == 15);
     CHECK(c->connect_timeout == 3 && c->hello_timeout == 4);
     CHECK(c->max_streams_per_client == 50);
+    CHECK(c->tunnel_max_pending == 7 && c->session_buffer_limit == 0);
     CHECK(strcmp(c->api_listen_addr, "localhost") == 0 && c->api_listen_port == 18080);
     CHECK(strcmp(c->api_token, "tok en") == 0);
     CHECK(c->allowed_ips_len == 3);
@@ -255,6 +261,8 @@ static const struct bad_case bad_cases[] = {
     BAD("tunnel:\n  connect_timeout: 0\n", "t.yaml:2: tunnel.connect_timeout: 0 is out of"),
     BAD("tunnel:\n  hello_timeout: -5\n", "t.yaml:2: tunnel.hello_timeout: -5 is out of"),
     BAD("tunnel:\n  max_streams_per_client: 0\n", "t.yaml:2: tunnel.max_streams_per_client: 0 is"),
+    BAD("tunnel:\n  max_pending: 0\n", "t.yaml:2: tunnel.max_pending: 0 is out of"),
+    BAD("tunnel:\n  session_buffer_limit: -1\n", "t.yaml:2: tunnel.session_buffer_limit: -1 is"),
     BAD("api:\n  max_connections: 0\n", "t.yaml:2: api.max_connections: 0 is out of"),
     BAD("api:\n  connection_timeout: 0\n", "t.yaml:2: api.connection_timeout: 0 is out of"),
     BAD("limits:\n  max_connections_per_mapping: 0\n",
@@ -461,6 +469,7 @@ static void test_example(void)
                        " clients: [{name: x, token: yyyyyyyyyyyyyyyy}], heartbeat_interval: 1,"
                        " takeover_probe_ms: 7,"
                        " heartbeat_timeout: 2, connect_timeout: 99, max_streams_per_client: 9,"
+                       " max_pending: 9, session_buffer_limit: 9,"
                        " listen_addr: 1.1.1.1, tls: {cert_file: a, key_file: b, client_ca: c}}\n"
                        "api: {listen_addr: '::1', listen_port: 1, token: t, allowed_ips: ['::1'],"
                        " allowed_hosts: [x.example],"

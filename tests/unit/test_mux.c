@@ -3,6 +3,7 @@
 #include "check.h"
 #include "mux.h"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -596,6 +597,136 @@ static void test_protocol_errors(void)
     pair_free(&p);
 }
 
+/* One round of a reader: the server sends what the window allows, the client's
+ * application drains `drain` of it from the sink and reports it. Returns bytes sent. */
+static size_t flow_round(struct pair *p, struct mux_stream *st, struct end *ce,
+                         struct evbuffer *src, size_t drain)
+{
+    size_t sent = (size_t)mux_stream_write(st, src);
+    CHECK(pump(p) == 0);
+    struct evbuffer *sink = mux_stream_sink(ce->st);
+    size_t have = evbuffer_get_length(sink);
+    if (drain > have)
+        drain = have;
+    evbuffer_drain(sink, drain);
+    mux_stream_consumed(ce->st, drain);
+    CHECK(pump(p) == 0);
+    return sent;
+}
+
+static struct evbuffer *endless(void) { return pattern(64u << 20, 1); }
+
+/* Window auto-tuning grows a stream only while its consumer really drains, and a
+ * session's growth stays within its buffer limit. */
+static void test_window_growth_rule(void)
+{
+    struct pair p;
+    struct end se, *ce;
+    struct evbuffer *src = endless();
+
+    /* A reader that keeps draining everything earns a bigger window. */
+    pair_init(&p);
+    struct mux_stream *st = open_stream(&p, &se, &ce);
+    for (int i = 0; i < 16; i++)
+        flow_round(&p, st, ce, src, SIZE_MAX);
+    CHECK(mux_stream_send_window(st) > MUX_INITIAL_WINDOW);
+    CHECK(mux_session_buffer_grown(p.cli) > 0);
+    pair_free(&p);
+
+    /* The kernel swallowing the first bytes of a reader that never reads: one fast
+     * update, then nothing drains. No growth. */
+    pair_init(&p);
+    st = open_stream(&p, &se, &ce);
+    flow_round(&p, st, ce, src, MUX_INITIAL_WINDOW / 2);  /* first update: slow by origin */
+    flow_round(&p, st, ce, src, SIZE_MAX);                /* fast, everything handed on */
+    for (int i = 0; i < 8; i++)
+        flow_round(&p, st, ce, src, 0);                   /* then stuck */
+    CHECK(mux_session_buffer_grown(p.cli) == 0);
+    CHECK(mux_stream_send_window(st) == 0);
+    pair_free(&p);
+
+    /* Fast updates while bytes keep waiting in the sink (the consumer lags) never grow. */
+    pair_init(&p);
+    st = open_stream(&p, &se, &ce);
+    for (int i = 0; i < 16; i++)
+        flow_round(&p, st, ce, src, MUX_INITIAL_WINDOW / 2);
+    CHECK(evbuffer_get_length(mux_stream_sink(ce->st)) > 0);
+    CHECK(mux_session_buffer_grown(p.cli) == 0);
+    pair_free(&p);
+
+    /* Many fast streams: their growth together stops at the session's limit, and a
+     * finished stream gives its growth back. */
+    pair_init(&p);
+    mux_session_set_buffer_limit(p.cli, 3 * MUX_INITIAL_WINDOW);
+    struct end ses[6], *ces[6];
+    struct mux_stream *sts[6];
+    for (int k = 0; k < 6; k++)
+        sts[k] = open_stream(&p, &ses[k], &ces[k]);
+    for (int i = 0; i < 16; i++)
+        for (int k = 0; k < 6; k++)
+            flow_round(&p, sts[k], ces[k], src, SIZE_MAX);
+    CHECK(mux_session_buffer_grown(p.cli) > 0);
+    CHECK(mux_session_buffer_grown(p.cli) <= 3 * MUX_INITIAL_WINDOW);
+    size_t total_windows = 0;
+    for (int k = 0; k < 6; k++)
+        total_windows += mux_stream_send_window(sts[k]);
+    CHECK(total_windows <= 6 * MUX_INITIAL_WINDOW + 3 * MUX_INITIAL_WINDOW);
+    for (int k = 0; k < 6; k++) {
+        mux_stream_close(sts[k]);
+        CHECK(pump(&p) == 0);
+    }
+    for (int k = 0; k < 6; k++)
+        if (ces[k]->st)
+            mux_stream_close(ces[k]->st);
+    CHECK(pump(&p) == 0);
+    CHECK(mux_session_buffer_grown(p.cli) == 0);
+    pair_free(&p);
+
+    /* A limit of 0: no stream ever grows. */
+    pair_init(&p);
+    mux_session_set_buffer_limit(p.cli, 0);
+    st = open_stream(&p, &se, &ce);
+    for (int i = 0; i < 16; i++)
+        flow_round(&p, st, ce, src, SIZE_MAX);
+    CHECK(mux_session_buffer_grown(p.cli) == 0);
+    CHECK(mux_stream_send_window(st) <= MUX_INITIAL_WINDOW);
+    pair_free(&p);
+    evbuffer_free(src);
+}
+
+/* Before Hello, a header announcing more than 4 KiB is refused from the header alone:
+ * nothing of the payload needs to arrive (or is buffered). */
+static void test_hello_header_limit(void)
+{
+    struct evbuffer *o = evbuffer_new();
+    struct evbuffer *in = evbuffer_new();
+    struct mux_session *s = mux_session_new(MUX_ROLE_SERVER, o, NULL, NULL);
+    const uint8_t big_hello[] = {0x01, FRAME_HELLO, 0, 0, 0x10, 0x01}; /* 4097 bytes */
+    evbuffer_add(in, big_hello, sizeof(big_hello));
+    CHECK(mux_session_input(s, in) == MUX_E_PROTOCOL);
+    CHECK(strstr(mux_session_error(s), "before Hello") != NULL);
+    mux_session_free(s);
+    evbuffer_drain(in, evbuffer_get_length(in));
+
+    /* A 4096-byte Hello header is fine: the session waits for the payload. */
+    s = mux_session_new(MUX_ROLE_SERVER, o, NULL, NULL);
+    const uint8_t max_hello[] = {0x01, FRAME_HELLO, 0, 0, 0x10, 0x00};
+    evbuffer_add(in, max_hello, sizeof(max_hello));
+    CHECK(mux_session_input(s, in) == MUX_OK);
+    CHECK(evbuffer_get_length(in) == sizeof(max_hello));
+    mux_session_free(s);
+    evbuffer_drain(in, evbuffer_get_length(in));
+
+    /* A 64 KiB Data header before Hello: refused at once too. */
+    s = mux_session_new(MUX_ROLE_SERVER, o, NULL, NULL);
+    const uint8_t big_data[] = {0x01, FRAME_DATA, 0, 1, 0, 4};
+    evbuffer_add(in, big_data, sizeof(big_data));
+    CHECK(mux_session_input(s, in) == MUX_E_PROTOCOL);
+    mux_session_free(s);
+    evbuffer_free(in);
+    evbuffer_free(o);
+}
+
 /* Any split of the input decodes the same: feed one byte at a time. */
 static void test_partial_input(void)
 {
@@ -652,5 +783,7 @@ int main(void)
     test_keepalive();
     test_protocol_errors();
     test_partial_input();
+    test_hello_header_limit();
+    test_window_growth_rule();
     return check_summary();
 }

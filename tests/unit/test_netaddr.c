@@ -218,8 +218,58 @@ static void test_ip_sockaddr(void)
     CHECK(netaddr_ip_sockaddr(NULL, 22, &ss, &len) == -1);
 }
 
+static bool self_by_definition(const char *ip)
+{
+    struct sockaddr_storage ss;
+    socklen_t len;
+    CHECK(netaddr_ip_sockaddr(ip, 80, &ss, &len) == 0);
+    return netaddr_is_self_by_definition((struct sockaddr *)&ss);
+}
+
+/* The forwarding-loop check's fixed part (SPEC §2 "No forwarding loops"). */
+static void test_self_addresses(void)
+{
+    CHECK(self_by_definition("127.0.0.1"));
+    CHECK(self_by_definition("127.0.0.2"));
+    CHECK(self_by_definition("127.255.255.254"));
+    CHECK(self_by_definition("::1"));
+    CHECK(self_by_definition("::ffff:127.0.0.1"));
+    CHECK(self_by_definition("::ffff:127.9.9.9"));
+    CHECK(self_by_definition("0.0.0.0"));
+    CHECK(self_by_definition("::"));
+    CHECK(self_by_definition("::ffff:0.0.0.0"));
+    CHECK(!self_by_definition("128.0.0.1"));
+    CHECK(!self_by_definition("126.255.255.255"));
+    CHECK(!self_by_definition("10.0.0.1"));
+    CHECK(!self_by_definition("::2"));
+    CHECK(!self_by_definition("::ffff:10.0.0.1"));
+    CHECK(!self_by_definition("::127.0.0.1")); /* v4-compatible, not v4-mapped */
+    CHECK(!self_by_definition("2001:db8::1"));
+    CHECK(!netaddr_is_self_by_definition(NULL));
+
+    CHECK(netaddr_is_localhost_name("localhost"));
+    CHECK(netaddr_is_localhost_name("LOCALHOST"));
+    CHECK(netaddr_is_localhost_name("LocalHost."));
+    CHECK(netaddr_is_localhost_name("app.localhost"));
+    CHECK(netaddr_is_localhost_name("a.b.LOCALHOST"));
+    CHECK(!netaddr_is_localhost_name("localhost.example.com"));
+    CHECK(!netaddr_is_localhost_name("notlocalhost"));
+    CHECK(!netaddr_is_localhost_name(""));
+    CHECK(!netaddr_is_localhost_name(NULL));
+
+    /* One key for both spellings of an IPv4 address. */
+    struct sockaddr_storage a, b;
+    socklen_t len;
+    uint8_t ka[16], kb[16];
+    CHECK(netaddr_ip_sockaddr("192.0.2.7", 1, &a, &len) == 0);
+    CHECK(netaddr_ip_sockaddr("::ffff:192.0.2.7", 2, &b, &len) == 0);
+    CHECK(netaddr_key((struct sockaddr *)&a, ka) == 0 && netaddr_key((struct sockaddr *)&b, kb) == 0);
+    CHECK(memcmp(ka, kb, 16) == 0);
+}
+
 int main(void)
 {
+    test_self_addresses();
     test_ip_sockaddr();
     test_cidr_parse();
     test_cidr_match();
