@@ -16,7 +16,7 @@
 #            6 MiB TCP receive buffer across the WAN) PORTMUX_SERVER PORTMUX_CLIENT
 #            PORTMUX_BUILD_DIR BENCH_WORK (default /tmp/portmux-bench; this writes latency/)
 #
-# The delay line (bench/delayline.c, built here with cc into $BENCH_WORK/latency: it is a
+# The delay line (bench/delayline.c, built here with gcc into $BENCH_WORK/latency: it is a
 # bench tool, not part of the product's build) sits where the WAN is:
 #   tunnel:  iperf3/curl -> portmux-server -> [tunnel port <- delay line <- portmux-client] -> backend
 #   ssh -R:  iperf3/curl -> sshd -> [sshd port <- delay line <- ssh] -> backend
@@ -111,7 +111,7 @@ build_delayline() {
   flags=$(pkg-config --cflags --libs libevent 2>/dev/null) ||
     { echo "latency.sh: pkg-config finds no libevent (scripts/packages/build.txt)" >&2; return 1; }
   # shellcheck disable=SC2086
-  timeout 120 cc -std=c11 -O2 -g -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter \
+  timeout 120 gcc -std=c11 -O2 -g -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter \
     -D_GNU_SOURCE ${DELAYLINE_CFLAGS:-} -o "$DELAYLINE.tmp" "$src" $flags && mv "$DELAYLINE.tmp" "$DELAYLINE"
 }
 start_delay() {  # start_delay LISTENPORT TARGETPORT ONEWAY_MS
@@ -151,8 +151,8 @@ start_portmux() {  # start_portmux NAME MODE API TUNNEL PUB BACKEND [DIAL]
   PUB=$5 BACKEND=$6 PORTMUX_API_PORT=$3 PORTMUX_TUNNEL_PORT=$4 READY_FILE=$ready \
     PORTMUX_FWD_DIR=$RUN/portmux-$name PORTMUX_TUNNEL_DIAL=${7:-127.0.0.1:$4} \
     "$BENCH/portmux-fwd.sh" "$mode" >>"$RUN/portmux-$name.log" 2>&1 </dev/null &
-  local pid=$! i
-  PIDS+=($pid)
+  local i pid=$!
+  PIDS+=("$pid")
   # the client's Hello and the mapping cross the delay line: a few round trips
   for i in $(seq 300); do [ -s "$ready" ] && return 0; [ -e /proc/$pid ] || break; sleep 0.1; done
   log "ERROR: portmux $name not ready (see $RUN/portmux-$name.log)"
@@ -223,7 +223,7 @@ ttfb_once() {  # ttfb_once PORT -> ms to the first byte of the response, or NA (
 tsv_row() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$TSV"; }
 
 bench_rtt() {  # bench_rtt RTT_MS
-  local rtt=$1 d=$(( $1 / 2 )) i p v paths tput_paths ttfb_paths
+  local rtt=$1 d=$(( $1 / 2 )) i p v tput_paths ttfb_paths
   declare -A TP TF
   say "RTT $rtt ms ($d ms each way): starting the paths"
   start_backends || return 1
