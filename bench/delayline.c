@@ -107,7 +107,10 @@ static void dl_log(struct dl *dl, const char *what, int err)
         return;
     }
     dl->log_lines++;
-    fprintf(stderr, "delayline: %s: %s\n", what, err ? strerror(err) : "closed");
+    if (err)
+        fprintf(stderr, "delayline: %s: %s\n", what, strerror(err));
+    else
+        fprintf(stderr, "delayline: %s\n", what);
 }
 
 static void dl_conn_free(struct dl_conn *c);
