@@ -24,9 +24,10 @@
 #   plain:   iperf3/curl -> delay line -> backend
 # Repetitions are interleaved across the paths (plain, tunnel, ssh, plain, ...), so drift
 # on a shared machine lands on all of them; medians are reported with min–max.
-# Exit status: 0 when every portmux path and the delay line worked, 1 when one is broken (no
-# throughput, HTTP errors, a time to first byte shorter than the round trip: the delay line
-# is not delaying), 2 on a set-up error. Never for slowness. Every step has a time limit.
+# Exit status: 0 when every portmux path and the delay line worked, 1 when one is broken (the
+# delay line's self-check fails: an echo through it comes back changed, or sooner than the
+# round trip; no throughput; HTTP errors; a time to first byte shorter than the round trip),
+# 2 on a set-up error. Never for slowness. Every step has a time limit.
 set -u
 BENCH=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$BENCH")
@@ -60,7 +61,9 @@ done
 
 B=${LAT_PORT:-24300}
 IPERF_PORT=$((B + 1)) HTTP_PORT=$((B + 2)) SSH_PORT=$((B + 3))
+ECHO_PORT=$((B + 4))
 DL_PLAIN=$((B + 10)) DL_HTTP=$((B + 11)) DL_TUN_IPERF=$((B + 12)) DL_TUN_HTTP=$((B + 13)) DL_SSH=$((B + 14))
+DL_ECHO=$((B + 15))
 PM_TI_API=$((B + 20)) PM_TI_TUN=$((B + 21)) PM_TI_PUB=$((B + 22))   # tunnel, iperf3 mapping
 PM_TH_API=$((B + 23)) PM_TH_TUN=$((B + 24)) PM_TH_PUB=$((B + 25))   # tunnel, HTTP mapping
 PM_DH_API=$((B + 26)) PM_DH_PUB=$((B + 27)) PM_DH_TUN=$((B + 28))   # direct mapping, HTTP
@@ -219,6 +222,42 @@ ttfb_once() {  # ttfb_once PORT -> ms to the first byte of the response, or NA (
   if [ "${1:-}" = 200 ]; then awk -v s="$2" 'BEGIN{printf "%.2f\n", s * 1000}'; else echo NA; fi
 }
 
+# The delay line itself, before anything is measured through it: 8 MiB echoed through it
+# (bench/hold.py's echo server) come back whole and in order, a 4-byte ping no sooner than the
+# round trip, and the FIN no sooner either.
+delay_selfcheck() {  # delay_selfcheck RTT_MS
+  python3 "$BENCH/hold.py" server $ECHO_PORT >>"$RUN/backend.log" 2>&1 &
+  PIDS+=($!)
+  wait_listen $ECHO_PORT 10 || { log "ERROR: echo server not listening"; return 1; }
+  start_delay $DL_ECHO $ECHO_PORT $(( $1 / 2 )) || return 1
+  timeout 60 python3 -c '
+import os, socket, sys, threading, time
+port, rtt = int(sys.argv[1]), float(sys.argv[2])
+s = socket.create_connection(("127.0.0.1", port), timeout=30)
+t = time.monotonic(); s.sendall(b"ping"); got = b""
+while len(got) < 4:
+    d = s.recv(4 - len(got))
+    if not d: break
+    got += d
+ping = (time.monotonic() - t) * 1000
+blob, back = os.urandom(8 << 20), bytearray()
+def rd():
+    while len(back) < len(blob):
+        d = s.recv(1 << 20)
+        if not d: break
+        back.extend(d)
+th = threading.Thread(target=rd); th.start(); s.sendall(blob); th.join(30)
+s.shutdown(socket.SHUT_WR); t = time.monotonic(); end = s.recv(16); fin = (time.monotonic() - t) * 1000
+errs = []
+if got != b"ping" or ping < rtt: errs.append("ping %r after %.2f ms" % (got, ping))
+if bytes(back) != blob: errs.append("8 MiB echo: %d bytes back, %s" % (len(back), "different" if len(back) == len(blob) else "short"))
+if end != b"" or fin < rtt: errs.append("FIN after %.2f ms (%r)" % (fin, end))
+print("delay line self-check: ping %.2f ms, 8 MiB echo %s, FIN after %.2f ms: %s" % (ping, "intact" if bytes(back) == blob else "BROKEN", fin, "; ".join(errs) or "ok"))
+sys.exit(1 if errs else 0)
+' $DL_ECHO "$1" 2>&1 | tee -a "$LOG"
+  [ "${PIPESTATUS[0]}" = 0 ] || { log "ERROR: the delay line failed its self-check at $1 ms"; return 1; }
+}
+
 # results: one row per RTT, measure and path, with every repetition
 tsv_row() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$TSV"; }
 
@@ -226,6 +265,7 @@ bench_rtt() {  # bench_rtt RTT_MS
   local rtt=$1 d=$(( $1 / 2 )) i p v tput_paths ttfb_paths
   declare -A TP TF
   say "RTT $rtt ms ($d ms each way): starting the paths"
+  delay_selfcheck "$rtt" || return 1
   start_backends || return 1
   start_delay $DL_PLAIN $IPERF_PORT $d || return 1
   start_delay $DL_HTTP $HTTP_PORT $d || return 1
@@ -269,7 +309,7 @@ bench_rtt() {  # bench_rtt RTT_MS
 }
 
 # ---- main ----
-for p in $IPERF_PORT $HTTP_PORT $SSH_PORT $DL_PLAIN $DL_HTTP $DL_TUN_IPERF $DL_TUN_HTTP $DL_SSH \
+for p in $IPERF_PORT $HTTP_PORT $SSH_PORT $ECHO_PORT $DL_ECHO $DL_PLAIN $DL_HTTP $DL_TUN_IPERF $DL_TUN_HTTP $DL_SSH \
     $PM_TI_API $PM_TI_TUN $PM_TI_PUB $PM_TH_API $PM_TH_TUN $PM_TH_PUB $PM_DH_API $PM_DH_PUB $PM_DH_TUN \
     $SSH_IPERF_PUB $SSH_HTTP_PUB; do
   if listening "$p"; then echo "latency.sh: port $p is in use; set LAT_PORT (see --help)" >&2; exit 2; fi

@@ -165,6 +165,7 @@ echo
 python3 "$BENCH/report.py" --peers "$WORK/results-peers.tsv" "${CTL_ARGS[@]}" \
   "${LAT_ARGS[@]}" --machine "$WORK/machine.txt" --check "${CHECK#,}" > "$WORK/results.md"
 rc=$?
+[ $LATENCY = 1 ] && [ "$lat_rc" != 0 ] && rc=1
 cat "$WORK/results.md"
 echo
 echo "(results: $WORK/results.md; raw: $WORK/results-peers.tsv, results-peers.txt, results-control.tsv, latency/)"
