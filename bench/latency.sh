@@ -12,8 +12,8 @@
 #            LAT_REPS=3 (throughput repetitions) LAT_TTFB_N=9 (GETs per path) LAT_PORT=24300
 #            (first of the ports it uses, up to +31) LAT_CAP_MB=64 (bytes the delay line holds
 #            per direction of a connection, MiB: what is in flight on the "WAN" is at most
-#            this, so a path moves at most LAT_CAP_MB / (RTT/2); 3 acts like Linux's default
-#            6 MiB TCP receive buffer across the WAN) PORTMUX_SERVER PORTMUX_CLIENT
+#            this, so a path moves at most LAT_CAP_MB / (RTT/2): 3 acts like a 6 MiB TCP
+#            window across the WAN) PORTMUX_SERVER PORTMUX_CLIENT
 #            PORTMUX_BUILD_DIR BENCH_WORK (default /tmp/portmux-bench; this writes latency/)
 #
 # The delay line (bench/delayline.c, built here with gcc into $BENCH_WORK/latency: it is a
