@@ -14,6 +14,9 @@
 # processes (e.g. tunnel server + client: 'srv ... & sleep 0.2; cli ... & wait'). CPU and memory are
 # summed over that bash process and all its descendants. The harness waits until $PUB listens.
 #
+# Repetitions are interleaved: iperf3 rep 1 through every forwarder (each freshly started), rep 2
+# through every forwarder, ...; then wrk likewise; then idle memory per forwarder. The TSV has the
+# medians and, in the *_reps columns, every repetition (report.py shows min–max beside medians).
 # Knobs (env): REPS=3 (repetitions of each iperf3 and wrk measure; medians) IPERF_T=5 WRK_D=5 WRK_C=50 NCONNS="500 10000" HOLD=5 PUB=24000
 #   ports: IPERF_PORT=24201 HTTP_PORT=24080 HOLD_PORT=24090 SSH_PORT=24022 (all on 127.0.0.1)
 #   portmux: PORTMUX_SERVER PORTMUX_CLIENT PORTMUX_API_PORT=24100 PORTMUX_TUNNEL_PORT=24101
@@ -241,55 +244,58 @@ except Exception:
 '
 }
 
-wrk_reps() {  # wrk_reps "close"|"keepalive" -> REPS runs; prints medians "RPS P50MS P99MS" and the summed "ERRS"
-  local i r rs=() p50s=() p99s=() errs=0
-  for i in $(seq $REPS); do
-    r=$(wrk_once "$1"); set -- "$1" $r
-    log "  wrk $1 rep$i: rps p50ms p99ms errors = $2 $3 $4 $5" >&2
-    rs+=("$2"); p50s+=("$3"); p99s+=("$4")
-    [ "$5" != NA ] && errs=$((errs + $5))
-    sleep 1
-  done
-  echo "$(median "${rs[@]}") $(median "${p50s[@]}") $(median "${p99s[@]}") $errs"
-}
+# Every repetition of a measure goes round all the forwarders (a, b, c, a, b, c, ...) with a
+# fresh start of each, so drift on a shared machine lands on all of them; the medians and
+# each repetition (for the min–max in the table) are kept per forwarder and measure.
+declare -A REPV ERRS
+add_rep() { REPV[$1]="${REPV[$1]:-}${REPV[$1]:+,}$2"; }   # add_rep "LABEL|KEY" VALUE
+rep_median() { local -a xs; IFS=, read -ra xs <<< "${REPV[$1]:-NA}"; median "${xs[@]}"; }
+label_of() { if [ "$1" = custom ]; then echo "${FWD_NAME:-custom}"; else echo "$1"; fi; }
 
-bench_one() {
-  local name=$1 label=$1 v i r
-  [ "$name" = custom ] && label=${FWD_NAME:-custom}
-  log ""
-  log "##### $label  ($(date '+%F %T'))"
-  [ "$name" = custom ] && log "FWD_CMD: $FWD_CMD"
-
-  # 1. bulk throughput + CPU
-  declare -A G C
-  start_iperf
+iperf_rep() {  # iperf_rep NAME REP: the three iperf3 measures through a fresh forwarder
+  local name=$1 rep=$2 label v r flags
+  label=$(label_of "$1")
   if start_fwd $name $IPERF_PORT; then
     for v in 1 P8 R; do
-      local flags=""; [ $v = P8 ] && flags="-P 8"; [ $v = R ] && flags="-R"
-      local gs=() cs=()
-      for i in $(seq $REPS); do
-        r=$(iperf_once "$flags"); set -- $r
-        log "  iperf3 $v rep$i: $1 Gbit/s  fwd_cpu ${2} s/GB  (${3} GB)"
-        gs+=($1); cs+=($2)
-      done
-      G[$v]=$(median "${gs[@]}"); C[$v]=$(median "${cs[@]}")
+      flags=""; [ $v = P8 ] && flags="-P 8"; [ $v = R ] && flags="-R"
+      r=$(iperf_once "$flags"); set -- $r
+      log "  $label iperf3 $v rep$rep: $1 Gbit/s  fwd_cpu ${2} s/GB  (${3} GB)"
+      add_rep "$label|gbps_$v" "$1"; add_rep "$label|cpu_s_per_GB_$v" "$2"
     done
     stop_fwd
   else
-    for v in 1 P8 R; do G[$v]=NA; C[$v]=NA; done
+    for v in 1 P8 R; do add_rep "$label|gbps_$v" NA; add_rep "$label|cpu_s_per_GB_$v" NA; done
   fi
-  stop_iperf
+}
 
-  # 2. short requests (wrk -> nginx)
-  local wc="NA NA NA NA" wk="NA NA NA NA"
+wrk_rep() {  # wrk_rep NAME REP: wrk Connection: close, then keep-alive, through a fresh forwarder
+  local name=$1 rep=$2 label kind k r
+  label=$(label_of "$1")
   if start_fwd $name $HTTP_PORT; then
-    wc=$(wrk_reps close); log "  wrk close (median of $REPS): rps p50ms p99ms errors = $wc"
-    wk=$(wrk_reps keepalive); log "  wrk keep-alive (median of $REPS): rps p50ms p99ms errors = $wk"
+    for kind in close keepalive; do
+      k=$kind; [ $kind = keepalive ] && k=ka
+      r=$(wrk_once $kind); set -- $r
+      log "  $label wrk $kind rep$rep: rps p50ms p99ms errors = $1 $2 $3 $4"
+      add_rep "$label|${k}_rps" "$1"; add_rep "$label|${k}_p50ms" "$2"; add_rep "$label|${k}_p99ms" "$3"
+      [ "$4" != NA ] && ERRS[$label|$k]=$(( ${ERRS[$label|$k]:-0} + $4 ))
+      sleep 1
+    done
     stop_fwd
+  else
+    for k in close ka; do add_rep "$label|${k}_rps" NA; add_rep "$label|${k}_p50ms" NA; add_rep "$label|${k}_p99ms" NA; done
   fi
-  sleep 1
+}
 
-  # 3. memory with N idle connections, for each N in NCONNS (a fresh forwarder each time)
+REP_KEYS="gbps_1 gbps_P8 gbps_R cpu_s_per_GB_1 cpu_s_per_GB_P8 cpu_s_per_GB_R close_rps close_p50ms close_p99ms ka_rps ka_p50ms ka_p99ms"
+
+mem_and_row() {  # mem_and_row NAME: idle memory at each of NCONNS, then the forwarder's TSV row
+  local name=$1 label i k
+  label=$(label_of "$1")
+  log ""
+  log "##### $label: idle memory  ($(date '+%F %T'))"
+  [ "$name" = custom ] && log "FWD_CMD: $FWD_CMD"
+
+  # memory with N idle connections, for each N in NCONNS (a fresh forwarder each time)
   local n memcols=() memhdr=() rss0=NA
   for n in $NCONNS; do
     local m0="NA NA 0" m1="NA NA 0" ok=0 kbc=NA pkbc=NA
@@ -318,18 +324,22 @@ bench_one() {
     sleep 1
   done
 
-  set -- $wc; local wc_r=$1 wc_50=$2 wc_99=$3 wc_e=$4
-  set -- $wk; local wk_r=$1 wk_50=$2 wk_99=$3 wk_e=$4
+  declare -A M
+  for k in $REP_KEYS; do M[$k]=$(rep_median "$label|$k"); done
+  local wc_e=${ERRS[$label|close]:-NA} wk_e=${ERRS[$label|ka]:-NA} repcols=() rephdr=()
+  for k in $REP_KEYS; do rephdr+=("${k}_reps"); repcols+=("${REPV[$label|$k]:-NA}"); done
   if [ ! -f "$TSV" ]; then
     printf '%s\t' fwd gbps_1 gbps_P8 gbps_R cpu_s_per_GB_1 cpu_s_per_GB_P8 cpu_s_per_GB_R \
       close_rps close_p50ms close_p99ms close_err ka_rps ka_p50ms ka_p99ms ka_err rss_idle_kb \
-      "${memhdr[@]}" > "$TSV"
+      "${memhdr[@]}" "${rephdr[@]}" > "$TSV"
     printf 'wrk_d\tdate\n' >> "$TSV"
   fi
-  printf '%s\t' "$label" "${G[1]}" "${G[P8]}" "${G[R]}" "${C[1]}" "${C[P8]}" "${C[R]}" \
-    "$wc_r" "$wc_50" "$wc_99" "$wc_e" "$wk_r" "$wk_50" "$wk_99" "$wk_e" "$rss0" "${memcols[@]}" "$WRK_D" >> "$TSV"
+  printf '%s\t' "$label" "${M[gbps_1]}" "${M[gbps_P8]}" "${M[gbps_R]}" "${M[cpu_s_per_GB_1]}" \
+    "${M[cpu_s_per_GB_P8]}" "${M[cpu_s_per_GB_R]}" "${M[close_rps]}" "${M[close_p50ms]}" \
+    "${M[close_p99ms]}" "$wc_e" "${M[ka_rps]}" "${M[ka_p50ms]}" "${M[ka_p99ms]}" "$wk_e" "$rss0" \
+    "${memcols[@]}" "${repcols[@]}" "$WRK_D" >> "$TSV"
   date '+%F %T' >> "$TSV"
-  log "  SUMMARY $label: iperf 1/P8/R = ${G[1]}/${G[P8]}/${G[R]} Gbit/s, cpu ${C[1]}/${C[P8]}/${C[R]} s/GB; close $wc_r rps p50 $wc_50 p99 $wc_99 ms; keepalive $wk_r rps p50 $wk_50 p99 $wk_99 ms; mem ${memcols[*]}"
+  log "  SUMMARY $label: iperf 1/P8/R = ${M[gbps_1]}/${M[gbps_P8]}/${M[gbps_R]} Gbit/s, cpu ${M[cpu_s_per_GB_1]}/${M[cpu_s_per_GB_P8]}/${M[cpu_s_per_GB_R]} s/GB; close ${M[close_rps]} rps p50 ${M[close_p50ms]} p99 ${M[close_p99ms]} ms; keepalive ${M[ka_rps]} rps p50 ${M[ka_p50ms]} p99 ${M[ka_p99ms]} ms; mem ${memcols[*]}"
 }
 
 # ---- main ----
@@ -340,4 +350,16 @@ for p in $PUB $IPERF_PORT $HTTP_PORT $HOLD_PORT $SSH_PORT $PORTMUX_API_PORT $POR
 done
 log "=== peers.sh $(date '+%F %T') host=$(uname -r) cpus=$(nproc) REPS=$REPS IPERF_T=$IPERF_T WRK_D=$WRK_D WRK_C=$WRK_C NCONNS=$NCONNS HOLD=$HOLD load: $(cut -d' ' -f1-3 /proc/loadavg)"
 start_backends
-for f in "${FWDS[@]}"; do bench_one "$f"; sleep 2; done
+start_iperf
+for i in $(seq $REPS); do
+  log ""
+  log "##### iperf3 rep $i/$REPS: ${FWDS[*]}  ($(date '+%F %T'))"
+  for f in "${FWDS[@]}"; do iperf_rep "$f" $i; sleep 1; done
+done
+stop_iperf
+for i in $(seq $REPS); do
+  log ""
+  log "##### wrk rep $i/$REPS: ${FWDS[*]}  ($(date '+%F %T'))"
+  for f in "${FWDS[@]}"; do wrk_rep "$f" $i; done
+done
+for f in "${FWDS[@]}"; do mem_and_row "$f"; sleep 2; done

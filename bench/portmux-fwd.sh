@@ -12,7 +12,9 @@
 #
 # Env: PUB BACKEND (required); PORTMUX_SERVER PORTMUX_CLIENT (binaries, default
 # ./build/portmux-{server,client}); BENCH_WORK (default /tmp/portmux-bench);
-# PORTMUX_API_PORT (18090) PORTMUX_TUNNEL_PORT (18091); READY_FILE.
+# PORTMUX_API_PORT (18090) PORTMUX_TUNNEL_PORT (18091); READY_FILE; PORTMUX_TUNNEL_DIAL
+# (HOST:PORT the client dials, default 127.0.0.1:$PORTMUX_TUNNEL_PORT: bench/latency.sh puts
+# a delay line there); PORTMUX_FWD_DIR (config and database, default $BENCH_WORK/run/portmux-MODE).
 set -u
 MODE=${1:?usage: portmux-fwd.sh direct|tunnel|tls}
 BENCH=$(cd "$(dirname "$0")" && pwd)
@@ -22,7 +24,7 @@ CLIENT=${PORTMUX_CLIENT:-$REPO/build/portmux-client}
 WORK=${BENCH_WORK:-${TMPDIR:-/tmp}/portmux-bench}
 API_PORT=${PORTMUX_API_PORT:-18090}
 TUN_PORT=${PORTMUX_TUNNEL_PORT:-18091}
-D=$WORK/run/portmux-$MODE
+D=${PORTMUX_FWD_DIR:-$WORK/run/portmux-$MODE}
 API=http://127.0.0.1:$API_PORT
 : "${PUB:?PUB not set}" "${BACKEND:?BACKEND not set}"
 
@@ -100,7 +102,7 @@ else
   [ -x "$CLIENT" ] || die "no client binary at $CLIENT"
   # The client first: a tunnel mapping listens at once, and a connection accepted while
   # no client is there would fail; so the public port only opens once the client is in.
-  "$CLIENT" --server "127.0.0.1:$TUN_PORT" --token "$TOKEN" --log-level warn "${CLIENT_TLS[@]}" &
+  "$CLIENT" --server "${PORTMUX_TUNNEL_DIAL:-127.0.0.1:$TUN_PORT}" --token "$TOKEN" --log-level warn "${CLIENT_TLS[@]}" &
   CLI_PID=$!
   until_ok 15 client_in || die "client did not connect to the tunnel"
   BODY="{\"port\":$PUB,\"target_port\":$BACKEND}"

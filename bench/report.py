@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
-"""Markdown report of a bench run: the forwarder table, the issue's targets as ratios against
-the peers measured in the same run (met / missed), and the control plane.
+"""Markdown report of a bench run: the forwarder table (medians, and min–max over the
+repetitions beside each), the issue's targets as ratios against the peers measured in the same
+run (met / missed), the control plane, and the latency bench (bench/latency.sh).
 
-  report.py --peers results-peers.tsv [--control results-control.tsv] [--machine machine.txt]
+  report.py [--peers results-peers.tsv] [--control results-control.tsv] [--machine machine.txt]
             [--peers-only] [--check portmux-direct,portmux-tunnel]
+            [--latency results-latency.tsv] [--check-latency]
 
 --check: exit 1 when a listed forwarder (or the control plane, when given) is broken: a
 measurement missing, zero throughput, HTTP errors over 1 % of requests, held connections that
-did not all go through, a failed create/restore/client. Slowness never fails the check."""
+did not all go through, a failed create/restore/client. --check-latency: exit 1 when a portmux
+path of the latency bench is broken (no throughput, a GET that failed) or the delay line does
+not delay (a time to first byte shorter than the round trip). Slowness never fails a check."""
 import argparse, csv, math, sys
 
 
@@ -60,6 +64,20 @@ def fmt(x, nd=2):
     return f"{x:.{nd}f}"
 
 
+def reps(v):
+    """The numbers of a comma-separated list of repetitions (NA left out)."""
+    return [x for x in (num(p) for p in (v or "").split(",")) if x is not None]
+
+
+def spread(r, key, nd=2):
+    """A median cell with the repetitions' min–max beside it (peers.sh writes KEY_reps)."""
+    cell = fmt(num(r.get(key)), nd)
+    xs = reps(r.get(key + "_reps"))
+    if len(xs) > 1 and cell != "n/a":
+        cell += f" ({fmt(min(xs), nd)}–{fmt(max(xs), nd)})"
+    return cell
+
+
 def peers_table(rows):
     ns = nconns(rows)
     head = ["forwarder", "1-stream Gb/s", "-P8 Gb/s", "-R Gb/s", "CPU s/GB 1 / P8",
@@ -68,10 +86,11 @@ def peers_table(rows):
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
         g = lambda k, nd=2: fmt(num(r.get(k)), nd)
-        cells = [name, g("gbps_1"), g("gbps_P8"), g("gbps_R"),
-                 f"{g('cpu_s_per_GB_1')} / {g('cpu_s_per_GB_P8')}", g("close_rps", 0),
-                 f"{g('close_p50ms')} / {g('close_p99ms')}", g("ka_rps", 0),
-                 f"{g('ka_p50ms')} / {g('ka_p99ms')}", g("rss_idle_kb", 0)]
+        m = lambda k, nd=2: spread(r, k, nd)
+        cells = [name, m("gbps_1"), m("gbps_P8"), m("gbps_R"),
+                 f"{m('cpu_s_per_GB_1')} / {m('cpu_s_per_GB_P8')}", m("close_rps", 0),
+                 f"{m('close_p50ms')} / {m('close_p99ms')}", m("ka_rps", 0),
+                 f"{m('ka_p50ms')} / {m('ka_p99ms')}", g("rss_idle_kb", 0)]
         for n in ns:
             ok = r.get(f"conns_ok_{n}", "0")
             c = f"{g(f'kb_per_conn_rss_{n}')} ({g(f'kb_per_conn_pss_{n}')})"
@@ -185,15 +204,117 @@ def check(rows, ctl, names, with_control):
     return problems
 
 
+LAT_PATHS = {"plain": "plain TCP", "direct": "direct mapping", "tunnel": "tunnel", "ssh": "ssh -R"}
+
+
+def load_latency(path):
+    """{rtt_ms: {(measure, path): [values]}} from latency.sh's TSV (NA kept as None)."""
+    out = {}
+    try:
+        with open(path) as f:
+            for r in csv.DictReader(f, delimiter="\t"):
+                rtt = int(r["rtt_ms"])
+                vals = [num(v) for v in r["values"].split(",")]
+                out.setdefault(rtt, {})[(r["measure"], r["path"])] = vals
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def med(vals):
+    xs = sorted(x for x in vals if x is not None)
+    if not xs:
+        return None
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def lat_cell(vals, nd):
+    if vals is None:
+        return "n/a"
+    xs = [x for x in vals if x is not None]
+    cell = fmt(med(vals), nd)
+    if len(xs) > 1:
+        cell += f" ({fmt(min(xs), nd)}–{fmt(max(xs), nd)})"
+    if len(xs) < len(vals):
+        cell += f" [{len(vals) - len(xs)} failed]"
+    return cell
+
+
+def latency_report(lat):
+    """The latency table (medians, min–max) and its goals: one tunnel stream ≥ 90 % of plain
+    TCP through the same delay line; tunnel time to first byte ≤ direct + 1 RTT."""
+    head = ["RTT", "plain TCP Mb/s", "tunnel Mb/s", "ssh -R Mb/s", "tunnel / plain (goal ≥ 90 %)",
+            "TTFB plain ms", "TTFB direct ms", "TTFB tunnel ms", "TTFB ssh -R ms",
+            "tunnel − direct (goal ≤ 1 RTT)"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    goals = []
+    for rtt in sorted(lat):
+        d = lat[rtt]
+        tp = lambda p: d.get(("tput_mbps", p))
+        tf = lambda p: d.get(("ttfb_ms", p))
+        plain, tun = med(tp("plain") or []), med(tp("tunnel") or [])
+        ratio = "n/a"
+        if plain and tun is not None:
+            q = tun / plain
+            met = q >= 0.9
+            ratio = f"{100 * q:.0f} % {'met' if met else 'MISSED'}"
+            goals.append((f"tunnel 1-stream ≥ 90 % of plain TCP @{rtt} ms", f"{fmt(tun, 1)} Mb/s",
+                          f"plain: {fmt(plain, 1)} Mb/s", f"{100 * q:.0f} %", "met" if met else "MISSED"))
+        else:
+            goals.append((f"tunnel 1-stream ≥ 90 % of plain TCP @{rtt} ms", "n/a", "n/a", "", "no data"))
+        direct, ttun = med(tf("direct") or []), med(tf("tunnel") or [])
+        diff = "n/a"
+        if direct is not None and ttun is not None:
+            extra = ttun - direct
+            met = extra <= rtt
+            diff = f"{fmt(extra, 1)} ms = {extra / rtt:.2f} RTT {'met' if met else 'MISSED'}"
+            goals.append((f"tunnel TTFB ≤ direct + 1 RTT @{rtt} ms", f"{fmt(ttun, 1)} ms",
+                          f"direct: {fmt(direct, 1)} ms", f"+{extra / rtt:.2f} RTT", "met" if met else "MISSED"))
+        else:
+            goals.append((f"tunnel TTFB ≤ direct + 1 RTT @{rtt} ms", "n/a", "n/a", "", "no data"))
+        out.append("| " + " | ".join([f"{rtt} ms", lat_cell(tp("plain"), 0), lat_cell(tp("tunnel"), 0),
+                                      lat_cell(tp("ssh"), 0), ratio, lat_cell(tf("plain"), 1),
+                                      lat_cell(tf("direct"), 1), lat_cell(tf("tunnel"), 1),
+                                      lat_cell(tf("ssh"), 1), diff]) + " |")
+    g = ["| goal | portmux | compared with | ratio | |", "|---|---|---|---|---|"]
+    g += ["| " + " | ".join(r) + " |" for r in goals]
+    return "\n".join(out), "\n".join(g), goals
+
+
+def check_latency(lat):
+    problems = []
+    if not lat:
+        return ["latency: no results"]
+    for rtt, d in sorted(lat.items()):
+        for measure, path in (("tput_mbps", "plain"), ("tput_mbps", "tunnel"), ("ttfb_ms", "plain"),
+                              ("ttfb_ms", "direct"), ("ttfb_ms", "tunnel")):
+            vals = d.get((measure, path))
+            what = f"latency @{rtt} ms: {LAT_PATHS[path]} {'throughput' if measure == 'tput_mbps' else 'GET'}"
+            if vals is None:
+                problems.append(f"{what}: no results (did it start? see latency/run/)")
+            elif any(v is None for v in vals) or (measure == "tput_mbps" and not all(vals)):
+                problems.append(f"{what}: {sum(1 for v in vals if not v)} of {len(vals)} failed")
+            elif measure == "ttfb_ms" and min(vals) < rtt - 0.05:
+                # each byte is held RTT/2 each way: a shorter answer means it was not held
+                problems.append(f"{what}: first byte after {min(vals)} ms, under the {rtt} ms round "
+                                f"trip: the delay line is not delaying")
+    return problems
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--peers", required=True)
+    ap.add_argument("--peers")
     ap.add_argument("--control")
     ap.add_argument("--machine")
     ap.add_argument("--peers-only", action="store_true")
     ap.add_argument("--check")
+    ap.add_argument("--latency")
+    ap.add_argument("--check-latency", action="store_true")
     a = ap.parse_args()
-    rows, ctl = load_peers(a.peers), load_control(a.control)
+    if not a.peers and not a.latency:
+        ap.error("--peers or --latency is needed")
+    rows, ctl = load_peers(a.peers) if a.peers else {}, load_control(a.control)
     if a.peers_only:
         print(peers_table(rows))
         return 0
@@ -202,7 +323,33 @@ def main():
             print(open(a.machine).read().rstrip() + "\n")
         except FileNotFoundError:
             pass
-    print("### Forwarders (loopback, medians)\n")
+    rc = 0
+    if a.peers:
+        rc = peers_report(a, rows, ctl)
+    if a.latency:
+        lat = load_latency(a.latency)
+        table, goals, res = latency_report(lat)
+        print("\n### Latency: one stream and a new connection across a delay line (medians, min–max)\n")
+        print(table + "\n")
+        print(goals + "\n")
+        met = sum(1 for r in res if r[4] == "met")
+        missed = sum(1 for r in res if r[4] == "MISSED")
+        print(f"{met} met, {missed} missed, {len(res) - met - missed} without data.")
+        if a.check_latency:
+            probs = check_latency(lat)
+            print()
+            if probs:
+                print("LATENCY CHECK FAILED (something is broken, not slow):")
+                for p in probs:
+                    print(f"  - {p}")
+                rc = 1
+            else:
+                print("LATENCY CHECK OK: the delay line delays and every portmux path worked.")
+    return rc
+
+
+def peers_report(a, rows, ctl):
+    print("### Forwarders (loopback, medians; min–max of the repetitions in brackets)\n")
     print(peers_table(rows) + "\n")
     print("### Targets (ratios in this run)\n")
     t, res = targets(rows, ctl)

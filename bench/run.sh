@@ -3,17 +3,21 @@
 #
 #   bench/run.sh               full run: portmux direct, tunnel, tunnel over TLS, haproxy
 #                              (nbthread 1), ssh -R (aes128-gcm) and no forwarder, in the same
-#                              run; then the control plane; prints one table with the ratios
+#                              run; then the control plane; then the latency bench
+#                              (bench/latency.sh: tunnel, ssh -R and plain TCP across a delay
+#                              line at 20 and 100 ms RTT); prints one table with the ratios
 #   bench/run.sh --smoke       a few seconds: portmux direct + tunnel only, 1 rep, 1 s iperf3,
-#                              1 s wrk, 50 idle conns, 50 mappings, 20 tunnel clients; exit 1
-#                              only if something is broken (never for slowness) — for CI
+#                              1 s wrk, 50 idle conns, 50 mappings, 20 tunnel clients, latency
+#                              at 20 ms only (latency.sh --smoke); exit 1 only if something is
+#                              broken (never for slowness) — for CI
 #   options: --no-install (do not apt-get) --no-build (use the binaries as they are)
-#            --fwd a,b,c (forwarders; see peers.sh) --no-control --profile (perf afterwards)
+#            --fwd a,b,c (forwarders; see peers.sh) --no-control --no-latency
+#            --profile (perf afterwards)
 #   env:     PORTMUX_BUILD_DIR (default ./build, what `make bench` builds), BENCH_WORK
 #            (default /tmp/portmux-bench: configs, logs, results — nothing is written in the
 #            checkout), REPS IPERF_T WRK_D WRK_C NCONNS HOLD (see peers.sh), CP_MAPPINGS
-#            CP_CLIENTS CP_REPS, BENCH_ARGS (options when called without any, e.g. through
-#            `make bench BENCH_ARGS=--smoke`)
+#            CP_CLIENTS CP_REPS, LAT_* (see latency.sh --help), BENCH_ARGS (options when
+#            called without any, e.g. through `make bench BENCH_ARGS=--smoke`)
 #
 # Exit status: 0 when every measured portmux path worked, 1 when one is broken (a forwarder
 # that does not start, no throughput, HTTP errors, idle connections that do not go through, a
@@ -23,13 +27,14 @@ BENCH=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$BENCH")
 [ $# -eq 0 ] && [ -n "${BENCH_ARGS:-}" ] && set -- $BENCH_ARGS
 
-SMOKE=0 INSTALL=1 BUILD=1 CONTROL=1 PROFILE=0 FWD_LIST=""
+SMOKE=0 INSTALL=1 BUILD=1 CONTROL=1 LATENCY=1 PROFILE=0 FWD_LIST=""
 while [ $# -gt 0 ]; do
   case $1 in
     --smoke) SMOKE=1 ;;
     --no-install) INSTALL=0 ;;
     --no-build) BUILD=0 ;;
     --no-control) CONTROL=0 ;;
+    --no-latency) LATENCY=0 ;;
     --profile) PROFILE=1 ;;
     --fwd) FWD_LIST=${2:?--fwd needs a list}; shift ;;
     --fwd=*) FWD_LIST=${1#--fwd=} ;;
@@ -65,7 +70,8 @@ say() { echo "== $*"; }
 # ---- 1. tools (Debian): scripts/packages/bench.txt (+ build.txt when it builds) ----
 install_deps() {
   local sets=(bench)
-  [ $BUILD = 1 ] && [ ! -x "$BUILD_DIR/portmux-server" ] && sets+=(build)
+  # build.txt also brings gcc and libevent's headers for latency.sh's delay line
+  [ $BUILD = 1 ] && { [ ! -x "$BUILD_DIR/portmux-server" ] || ! command -v gcc >/dev/null; } && sets+=(build)
   if ! command -v apt-get >/dev/null; then
     echo "run.sh: no apt-get; install scripts/packages/{${sets[*]}}.txt, or pass --no-install" >&2
     return 1
@@ -115,7 +121,8 @@ if [ ! -x "$SERVER" ]; then echo "run.sh: no server binary at $SERVER (make buil
 [ -x "$PORTMUX_CLIENT" ] || echo "run.sh: no client binary at $PORTMUX_CLIENT: tunnel rows will be empty" >&2
 
 ulimit -Hn 65536 2>/dev/null; ulimit -n 65536 2>/dev/null || ulimit -n 20000 2>/dev/null
-rm -f "$WORK"/results-peers.tsv "$WORK"/results-peers.txt "$WORK"/results-control.tsv "$WORK"/results.md
+rm -f "$WORK"/results-peers.tsv "$WORK"/results-peers.txt "$WORK"/results-control.tsv "$WORK"/results.md \
+  "$WORK"/latency/results-latency.tsv
 machine_info
 T0=$SECONDS
 
@@ -137,17 +144,31 @@ if [ $CONTROL = 1 ]; then
   CTL_ARGS=(--control "$WORK/results-control.tsv")
 fi
 
-# ---- 5. the table ----
+# ---- 5. latency: the tunnel across a delay line ----
+LAT_ARGS=()
+if [ $LATENCY = 1 ]; then
+  say "latency: tunnel, ssh -R and plain TCP across a delay line; log: $WORK/results-latency.txt"
+  lat_opts=(); [ $SMOKE = 1 ] && lat_opts=(--smoke)
+  timeout -k 10 1500 "$BENCH/latency.sh" "${lat_opts[@]}" > "$WORK/results-latency.txt" 2>&1
+  lat_rc=$?
+  grep -E '^== |ERROR' "$WORK/results-latency.txt"
+  [ "$lat_rc" = 0 ] || echo "run.sh: latency.sh exited $lat_rc (see $WORK/results-latency.txt)" >&2
+  sed -n 's/^- portmux: [^;]*; knobs: /- latency knobs: /p' "$WORK/latency/machine.txt" >> "$WORK/machine.txt" 2>/dev/null
+  LAT_ARGS=(--latency "$WORK/latency/results-latency.tsv" --check-latency)
+fi
+
+# ---- 6. the table ----
 CHECK=""
 for f in $FWDS; do case $f in portmux-*) CHECK="$CHECK,$f" ;; esac; done
 echo "- load average at the end: $(cut -d' ' -f1-3 /proc/loadavg); measurements took $((SECONDS - T0)) s" >> "$WORK/machine.txt"
 echo
 python3 "$BENCH/report.py" --peers "$WORK/results-peers.tsv" "${CTL_ARGS[@]}" \
-  --machine "$WORK/machine.txt" --check "${CHECK#,}" > "$WORK/results.md"
+  "${LAT_ARGS[@]}" --machine "$WORK/machine.txt" --check "${CHECK#,}" > "$WORK/results.md"
 rc=$?
+[ $LATENCY = 1 ] && [ "$lat_rc" != 0 ] && rc=1
 cat "$WORK/results.md"
 echo
-echo "(results: $WORK/results.md; raw: $WORK/results-peers.tsv, results-peers.txt, results-control.tsv)"
+echo "(results: $WORK/results.md; raw: $WORK/results-peers.tsv, results-peers.txt, results-control.tsv, latency/)"
 
 if [ $PROFILE = 1 ]; then
   say "profile (perf) of portmux direct and tunnel under iperf3"
