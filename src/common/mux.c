@@ -337,7 +337,7 @@ int mux_session_send_keepalive(struct mux_session *s)
     int rc = mux_emit(s, buf, frame_encode_keepalive(buf, sizeof(buf), s->ka_token));
     if (rc == MUX_OK) {
         s->ka_pending = true;
-        s->ka_sent_ns = mux_now_ns();
+        s->ka_sent_ns = s->clock_us ? s->clock_us(s->clock_arg) * 1000u : mux_now_ns();
     }
     return rc;
 }
@@ -369,7 +369,8 @@ static int mux_on_keepalive(struct mux_session *s, const struct frame *f)
         if (s->ka_pending && memcmp(f->data, s->ka_token, MUX_KEEPALIVE_TOKEN_LEN) == 0) {
             /* Whole microseconds, rounded up: finer is noise (and 0.19198000000000001
              * is what the API showed), and a sample is never 0, which reads "none yet". */
-            uint64_t us = (mux_now_ns() - s->ka_sent_ns + 999) / 1000;
+            uint64_t now = s->clock_us ? s->clock_us(s->clock_arg) * 1000u : mux_now_ns();
+            uint64_t us = (now - s->ka_sent_ns + 999) / 1000;
             s->rtt_ms = (double)(us > 0 ? us : 1) / 1e3;
             s->ka_pending = false;
             s->ka_echoes++;
@@ -542,11 +543,25 @@ static uint64_t mux_clock_us(struct mux_session *s)
     return s->clock_us ? s->clock_us(s->clock_arg) : mux_now_ns() / 1000u;
 }
 
+/* The shortest window round seen, or the KeepAlive round trip when that is shorter (a
+ * stream that never used its whole window has only long rounds to show). */
+static uint64_t mux_rtt_estimate_us(const struct mux_session *s)
+{
+    uint64_t est = s->round_min_us;
+    if (s->rtt_ms > 0) {
+        uint64_t ka = (uint64_t)(s->rtt_ms * 1000.0);
+        if (ka < est)
+            est = ka;
+    }
+    return est;
+}
+
 /* The peer has now sent everything our WindowUpdate at round_start_us allowed. A peer
  * that sends whenever it has credit does so one round trip after the update (the update
  * crosses, the Data crosses back): that round is the shortest, about the round trip.
  * A peer with credit to spare takes longer (its sender, not the window, sets the pace).
- * So a round within twice the shortest says the window held the stream back. */
+ * So a round within twice the shortest (or twice the KeepAlive round trip, once the
+ * heartbeat measured one) says the window held the stream back. */
 static void mux_round_end(struct mux_stream *st)
 {
     struct mux_session *s = st->s;
@@ -556,7 +571,7 @@ static void mux_round_end(struct mux_stream *st)
         s->round_min_us = d;
         s->round_seen = true;
     }
-    if (d <= 2 * s->round_min_us + MUX_ROUND_SLACK_US)
+    if (d <= 2 * mux_rtt_estimate_us(s) + MUX_ROUND_SLACK_US)
         st->starved = true;
 }
 

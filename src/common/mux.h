@@ -92,8 +92,8 @@ void mux_session_free(struct mux_session *s);
 /* Caps what the windows of all streams together may grow beyond MUX_INITIAL_WINDOW each
  * (default MUX_SESSION_BUFFER_LIMIT; 0 = no growth). */
 void mux_session_set_buffer_limit(struct mux_session *s, size_t bytes);
-/* Where window auto-tuning reads the time, in microseconds (tests model a round trip);
- * NULL = CLOCK_MONOTONIC. */
+/* Where window auto-tuning and the KeepAlive round trip read the time, in microseconds
+ * (tests model a round trip); NULL = CLOCK_MONOTONIC. */
 void mux_session_set_clock(struct mux_session *s, uint64_t (*now_us)(void *arg), void *arg);
 /* Window growth granted so far to the session's live streams, in bytes. */
 size_t mux_session_buffer_grown(const struct mux_session *s);

@@ -827,6 +827,31 @@ static void test_window_autotune(void)
     CHECK(mux_session_buffer_grown(p.cli) == settled);
     pair_free(&p);
 
+    /* The same sender once a KeepAlive measured the round trip (20 ms): its rounds of
+     * eight round trips never pass for window-limited, not even the first. */
+    evbuffer_free(src);
+    src = endless();
+    pair_init(&p);
+    wan_clock(&p);
+    CHECK(mux_session_send_keepalive(p.cli) == MUX_OK);
+    CHECK(mux_session_input(p.srv, p.out_cli) == MUX_OK);
+    p.now_us += 20000;
+    CHECK(mux_session_input(p.cli, p.out_srv) == MUX_OK);
+    CHECK(mux_session_rtt_ms(p.cli) == 20.0);
+    st = open_stream(&p, &se, &ce);
+    for (int i = 0; i < 80; i++) {
+        struct evbuffer *little = pattern(32768, 2);
+        CHECK(wan_round(&p, st, ce, little, 65536, true) == 32768);
+        evbuffer_free(little);
+    }
+    CHECK(mux_session_buffer_grown(p.cli) == 0);
+    /* ... while a bulk sender on the same session still grows. */
+    struct mux_stream *bulk = open_stream(&p, &se2, &ce2);
+    for (int i = 0; i < 6; i++)
+        wan_round(&p, bulk, ce2, src, 65536, true);
+    CHECK(mux_session_buffer_grown(p.cli) > 0);
+    pair_free(&p);
+
     /* Credit goes back once the sink is empty, not only at half a window: a burst drained
      * as 60 % then 40 % is credited in full (the 40 % used to wait for the next burst),
      * and the half-window update in the middle of the burst does not stop the growth. */
