@@ -29,7 +29,7 @@ struct mux_stream {
     uint32_t recv_window;    /* bytes the peer may still send */
     uint32_t recv_consumed;  /* drained by the application, not yet given back */
     uint32_t recv_limit;     /* the window we grant; grows for fast streams */
-    unsigned grow_streak;    /* WindowUpdates that found the window used up and drained */
+    unsigned grow_streak;    /* WindowUpdates that found the peer starved, sink empty */
     uint64_t rx_total;       /* Data bytes received on the stream */
     uint64_t round_mark;     /* a window round ends when rx_total reaches this */
     uint64_t round_start_us; /* when that round's WindowUpdate went out */

@@ -27,8 +27,9 @@ struct mux_stream;
 /* The most a receiver grants one stream (window auto-tuning, see mux.c); the session's
  * buffer limit bounds it first (it stays below MUX_MAX_WINDOW whatever that limit). */
 #define MUX_MAX_RECV_LIMIT (UINT32_C(1) << 30)
-/* WindowUpdates in a row that found the window used up and the consumer drained before a
- * stream's window first doubles (after that, each further one doubles it again). */
+/* WindowUpdates in a row that found the last window round paced by the window (about one
+ * round trip) and the consumer drained, before a stream's window first doubles (after
+ * that, each further one doubles it again). */
 #define MUX_GROW_STREAK 2u
 /* Default for all window growth of one session together (tunnel.session_buffer_limit). */
 #define MUX_SESSION_BUFFER_LIMIT ((size_t)64 * 1024 * 1024)
