@@ -29,8 +29,13 @@ struct mux_stream {
     uint32_t recv_window;    /* bytes the peer may still send */
     uint32_t recv_consumed;  /* drained by the application, not yet given back */
     uint32_t recv_limit;     /* the window we grant; grows for fast streams */
-    uint64_t recv_update_ms; /* when the last WindowUpdate went out */
-    unsigned fast_updates;   /* WindowUpdates in a row that found the consumer draining */
+    unsigned grow_streak;    /* WindowUpdates that found the peer starved, sink empty */
+    uint64_t rx_total;       /* Data bytes received on the stream */
+    uint64_t round_mark;     /* a window round ends when rx_total reaches this */
+    uint64_t round_start_us; /* when that round's WindowUpdate went out */
+    bool round_open;         /* a window round is being timed */
+    bool starved;            /* the last timed round took about one round trip: the
+                                window, not the sender, set the pace */
     struct evbuffer *rx;     /* own buffer, used while no sink is set */
     struct evbuffer *sink;
     struct mux_stream_callbacks cb;
@@ -73,6 +78,11 @@ struct mux_session {
     uint64_t ka_sent_ns;
     uint64_t ka_echoes;      /* echoes of our own tokens received (takeover probe) */
     double rtt_ms;
+    /* Window auto-tuning: the shortest window round seen (about the round trip). */
+    uint64_t round_min_us;
+    bool round_seen;
+    uint64_t (*clock_us)(void *arg);
+    void *clock_arg;
 };
 
 static uint64_t mux_now_ns(void)
@@ -237,6 +247,12 @@ struct mux_session *mux_session_new(enum mux_role role, struct evbuffer *out,
     return s;
 }
 
+void mux_session_set_clock(struct mux_session *s, uint64_t (*now_us)(void *arg), void *arg)
+{
+    s->clock_us = now_us;
+    s->clock_arg = arg;
+}
+
 void mux_session_set_buffer_limit(struct mux_session *s, size_t bytes)
 {
     s->buffer_limit = bytes;
@@ -321,7 +337,7 @@ int mux_session_send_keepalive(struct mux_session *s)
     int rc = mux_emit(s, buf, frame_encode_keepalive(buf, sizeof(buf), s->ka_token));
     if (rc == MUX_OK) {
         s->ka_pending = true;
-        s->ka_sent_ns = mux_now_ns();
+        s->ka_sent_ns = s->clock_us ? s->clock_us(s->clock_arg) * 1000u : mux_now_ns();
     }
     return rc;
 }
@@ -353,7 +369,8 @@ static int mux_on_keepalive(struct mux_session *s, const struct frame *f)
         if (s->ka_pending && memcmp(f->data, s->ka_token, MUX_KEEPALIVE_TOKEN_LEN) == 0) {
             /* Whole microseconds, rounded up: finer is noise (and 0.19198000000000001
              * is what the API showed), and a sample is never 0, which reads "none yet". */
-            uint64_t us = (mux_now_ns() - s->ka_sent_ns + 999) / 1000;
+            uint64_t now = s->clock_us ? s->clock_us(s->clock_arg) * 1000u : mux_now_ns();
+            uint64_t us = (now - s->ka_sent_ns + 999) / 1000;
             s->rtt_ms = (double)(us > 0 ? us : 1) / 1e3;
             s->ka_pending = false;
             s->ka_echoes++;
@@ -517,6 +534,47 @@ static int mux_dispatch(struct mux_session *s, const struct frame *f)
     }
 }
 
+/* A window round within twice the shortest one (plus this, for loopback's jitter of
+ * microseconds) counts as paced by the window. */
+#define MUX_ROUND_SLACK_US 1000u
+
+static uint64_t mux_clock_us(struct mux_session *s)
+{
+    return s->clock_us ? s->clock_us(s->clock_arg) : mux_now_ns() / 1000u;
+}
+
+/* The shortest window round seen, or the KeepAlive round trip when that is shorter (a
+ * stream that never used its whole window has only long rounds to show). */
+static uint64_t mux_rtt_estimate_us(const struct mux_session *s)
+{
+    uint64_t est = s->round_min_us;
+    if (s->rtt_ms > 0) {
+        uint64_t ka = (uint64_t)(s->rtt_ms * 1000.0);
+        if (ka < est)
+            est = ka;
+    }
+    return est;
+}
+
+/* The peer has now sent everything our WindowUpdate at round_start_us allowed. A peer
+ * that sends whenever it has credit does so one round trip after the update (the update
+ * crosses, the Data crosses back): that round is the shortest, about the round trip.
+ * A peer with credit to spare takes longer (its sender, not the window, sets the pace).
+ * So a round within twice the shortest (or twice the KeepAlive round trip, once the
+ * heartbeat measured one) says the window held the stream back. */
+static void mux_round_end(struct mux_stream *st)
+{
+    struct mux_session *s = st->s;
+    uint64_t d = mux_clock_us(s) - st->round_start_us;
+    st->round_open = false;
+    if (!s->round_seen || d < s->round_min_us) {
+        s->round_min_us = d;
+        s->round_seen = true;
+    }
+    if (d <= 2 * mux_rtt_estimate_us(s) + MUX_ROUND_SLACK_US)
+        st->starved = true;
+}
+
 /* Copies below this go through libevent (into the sink's last chain where it has room). */
 #define MUX_EXACT_MIN 4096u
 
@@ -576,6 +634,9 @@ static int mux_input_data(struct mux_session *s, struct evbuffer *in, uint32_t l
         return mux_fail(s, MUX_E_PROTOCOL, "Data beyond the window on stream %u",
                         (unsigned)st->id);
     st->recv_window -= (uint32_t)n;
+    st->rx_total += n;
+    if (st->round_open && st->rx_total >= st->round_mark)
+        mux_round_end(st);
     evbuffer_drain(in, sizeof(hdr));
     if (st->close_sent || !st->attached)
         return evbuffer_drain(in, n) == 0 ? MUX_OK : mux_fail(s, MUX_E_NOMEM, "drain failed");
@@ -807,35 +868,43 @@ int mux_stream_write(struct mux_stream *st, struct evbuffer *src)
     return total > (size_t)INT32_MAX ? INT32_MAX : (int)total;
 }
 
-static uint64_t mux_now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 /* How much larger the next grant may make the window. A fixed 256 KiB window caps one
- * stream at 256 KiB per round trip; like OpenSSH's channel windows, a stream whose
- * application keeps draining earns a doubled window, up to MUX_MAX_RECV_LIMIT.
+ * stream at 256 KiB per round trip: across a WAN, one stream needs a window of its rate
+ * times the round trip (4 Gb/s x 100 ms = 50 MB). A WindowUpdate that finds
  *
- * "Keeps draining" is MUX_GROW_STREAK half-window updates in a row, each within
- * MUX_GROW_MS of the one before and each finding the sink empty (everything handed on).
- * One fast update proves nothing: a public reader that never reads still has kernel
- * socket buffers that swallow the first bytes at once; they fill, and the next update
- * never comes. And all growth of one session together stays within its buffer limit, so
- * N stalled streams pin at most N initial windows plus that limit. */
-static uint32_t mux_window_growth(struct mux_stream *st, uint64_t now)
+ *  - the peer starved: the last timed window round (mux_round_end) took about one round
+ *    trip, so the window, not the sender, set the pace; and
+ *  - the sink empty: the consumer handed on everything that arrived, so it keeps up and a
+ *    bigger window will not just park bytes here,
+ *
+ * is one round where more window would have moved more. Rounds are timed one at a time,
+ * so growth happens at most about once per round trip, like TCP's receive-window
+ * auto-tuning, and stops by itself once the window exceeds about twice rate x round trip
+ * (a round then takes longer than two round trips), or once the consumer, not the window,
+ * is the bottleneck (the sink no longer empties before the next data arrives).
+ *
+ * One such update proves nothing: a public reader that never reads still has kernel socket
+ * buffers that swallow the first bytes at once; they fill, and the next update never
+ * comes. So the window first doubles after MUX_GROW_STREAK of them, then with each further
+ * one (doubling: a 256 KiB window reaches 64 MiB in ten rounds). An update that finds more
+ * than half the window still waiting in the sink (the consumer lags) resets the streak;
+ * one with less waiting neither counts nor resets, and leaves the observation to the next
+ * one (a burst may be half handed on when half a window has been consumed). All growth of
+ * one session together stays within its buffer limit, so N stalled streams pin at most N
+ * initial windows plus that limit; within it, one stream may take it all. */
+static uint32_t mux_window_growth(struct mux_stream *st, size_t waiting)
 {
-    struct evbuffer *sink = st->sink ? st->sink : st->rx;
-    bool draining = now - st->recv_update_ms <= MUX_GROW_MS &&
-                    (!sink || evbuffer_get_length(sink) == 0);
-    if (!draining) {
-        st->fast_updates = 0;
+    if (waiting > 0) {
+        if (waiting > st->recv_limit / 2)
+            st->grow_streak = 0;
         return 0;
     }
-    if (++st->fast_updates < MUX_GROW_STREAK || st->recv_limit >= MUX_MAX_RECV_LIMIT)
+    if (!st->starved)
         return 0;
-    st->fast_updates = 0;
+    if (st->grow_streak < MUX_GROW_STREAK)
+        st->grow_streak++;
+    if (st->grow_streak < MUX_GROW_STREAK || st->recv_limit >= MUX_MAX_RECV_LIMIT)
+        return 0;
     size_t grow = st->recv_limit;
     if (grow > MUX_MAX_RECV_LIMIT - st->recv_limit)
         grow = MUX_MAX_RECV_LIMIT - st->recv_limit;
@@ -850,10 +919,18 @@ void mux_stream_consumed(struct mux_stream *st, size_t n)
     if (n > outstanding)
         n = outstanding;
     st->recv_consumed += (uint32_t)n;
-    if (st->recv_consumed < st->recv_limit / 2 || st->close_sent || st->remote_shut)
+    if (st->close_sent || st->remote_shut)
         return;
-    uint64_t now = mux_now_ms();
-    uint32_t grow = mux_window_growth(st, now);
+    /* Credit goes back at half the window, or at a quarter once the sink is empty: data
+     * comes in one burst per round trip, and a consumer that drained the burst past the
+     * half-window mark would otherwise keep the rest of it uncredited until the next
+     * burst, leaving up to half the window idle every round. */
+    struct evbuffer *sink = st->sink ? st->sink : st->rx;
+    size_t waiting = sink ? evbuffer_get_length(sink) : 0;
+    if (st->recv_consumed < st->recv_limit / 2 &&
+        (waiting > 0 || st->recv_consumed < st->recv_limit / 4))
+        return;
+    uint32_t grow = mux_window_growth(st, waiting);
     uint32_t increment = st->recv_consumed + grow;
     uint8_t buf[FRAME_HEADER_LEN + 8];
     if (mux_emit(st->s, buf, frame_encode_window_update(buf, sizeof(buf), st->id,
@@ -862,7 +939,15 @@ void mux_stream_consumed(struct mux_stream *st, size_t n)
         st->recv_limit += grow;
         st->s->grown += grow;
         st->recv_consumed = 0;
-        st->recv_update_ms = now;
+        if (!st->round_open) {
+            st->round_open = true;
+            st->round_mark = st->rx_total + st->recv_window;
+            st->round_start_us = mux_clock_us(st->s);
+        }
+        /* Only an update that judged the round (sink empty) consumes the observation:
+         * a half-window one in the middle of a burst leaves it for the burst's end. */
+        if (waiting == 0)
+            st->starved = false;
     }
 }
 

@@ -24,11 +24,12 @@ struct mux_stream;
 
 /* Initial window of every stream in each direction. */
 #define MUX_INITIAL_WINDOW (256u * 1024u)
-/* The most a receiver grants one fast stream (window auto-tuning, see mux.c). */
-#define MUX_MAX_RECV_LIMIT (2048u * 1024u)
-/* Half a window drained within this many ms counts as fast. */
-#define MUX_GROW_MS 50u
-/* Fast half-window updates in a row that earn a stream a doubled window. */
+/* The most a receiver grants one stream (window auto-tuning, see mux.c); the session's
+ * buffer limit bounds it first (it stays below MUX_MAX_WINDOW whatever that limit). */
+#define MUX_MAX_RECV_LIMIT (UINT32_C(1) << 30)
+/* WindowUpdates in a row that found the last window round paced by the window (about one
+ * round trip) and the consumer drained, before a stream's window first doubles (after
+ * that, each further one doubles it again). */
 #define MUX_GROW_STREAK 2u
 /* Default for all window growth of one session together (tunnel.session_buffer_limit). */
 #define MUX_SESSION_BUFFER_LIMIT ((size_t)64 * 1024 * 1024)
@@ -92,6 +93,9 @@ void mux_session_free(struct mux_session *s);
 /* Caps what the windows of all streams together may grow beyond MUX_INITIAL_WINDOW each
  * (default MUX_SESSION_BUFFER_LIMIT; 0 = no growth). */
 void mux_session_set_buffer_limit(struct mux_session *s, size_t bytes);
+/* Where window auto-tuning and the KeepAlive round trip read the time, in microseconds
+ * (tests model a round trip); NULL = CLOCK_MONOTONIC. */
+void mux_session_set_clock(struct mux_session *s, uint64_t (*now_us)(void *arg), void *arg);
 /* Window growth granted so far to the session's live streams, in bytes. */
 size_t mux_session_buffer_grown(const struct mux_session *s);
 
@@ -147,7 +151,7 @@ uint32_t mux_stream_recv_window(const struct mux_stream *st);
  * follows), or MUX_E_STATE when the stream cannot send (not open, shut, closed). */
 int mux_stream_write(struct mux_stream *st, struct evbuffer *src);
 /* The application drained n received bytes; sends WindowUpdate once half the window is
- * consumed. */
+ * consumed, or a quarter of it when the sink is empty (everything received handed on). */
 void mux_stream_consumed(struct mux_stream *st, size_t n);
 /* Half-close: sends ShutWrite; no more writes. */
 int mux_stream_shut_write(struct mux_stream *st);

@@ -36,7 +36,13 @@ struct pair {
     uint16_t last_port;
     struct end cli_ends[8];
     int ncli;
+    uint64_t now_us;         /* the clients' clock when wan_clock() is set */
 };
+
+static uint64_t pair_clock(void *arg) { return ((struct pair *)arg)->now_us; }
+
+/* The client's window auto-tuning reads p->now_us, which wan_round advances. */
+static void wan_clock(struct pair *p) { mux_session_set_clock(p->cli, pair_clock, p); }
 
 static void end_on_connect_response(struct mux_stream *st, uint8_t status, void *arg)
 {
@@ -352,7 +358,8 @@ static void test_flow_control(void)
     CHECK(pump(&p) == 0);
     CHECK(mux_stream_send_window(st1) == MUX_INITIAL_WINDOW ||
           mux_stream_send_window(st1) == 2 * MUX_INITIAL_WINDOW);
-    /* However fast the reader, the window never passes MUX_MAX_RECV_LIMIT. */
+    /* However fast the reader, the window never passes the initial window plus the
+     * session's buffer limit. */
     for (int round = 0; round < 12; round++) {
         size_t sent = (size_t)mux_stream_write(st1, big);
         CHECK(pump(&p) == 0);
@@ -364,7 +371,7 @@ static void test_flow_control(void)
         evbuffer_free(more);
     }
     CHECK(mux_stream_send_window(st1) >= MUX_INITIAL_WINDOW &&
-          mux_stream_send_window(st1) <= MUX_MAX_RECV_LIMIT);
+          mux_stream_send_window(st1) <= MUX_INITIAL_WINDOW + MUX_SESSION_BUFFER_LIMIT);
     evbuffer_free(big);
     evbuffer_free(small);
     pair_free(&p);
@@ -694,6 +701,215 @@ static void test_window_growth_rule(void)
     evbuffer_free(src);
 }
 
+/* One window round across a 20 ms round trip: the server sends until its window is used up (or
+ * src runs dry), the frames reach the client in pieces of `piece` bytes, after each of
+ * which the consumer drains everything when `drain` (a fast reader) or nothing, and only
+ * then do the client's WindowUpdates travel back. Returns the bytes sent. */
+static size_t wan_round(struct pair *p, struct mux_stream *st, struct end *ce,
+                        struct evbuffer *src, size_t piece, bool drain)
+{
+    struct evbuffer *wire = evbuffer_new();
+    p->now_us += 20000; /* the last round's credit crossed, this round's Data crosses back */
+    size_t sent = 0;
+    for (int i = 0; i < 100000; i++) {
+        int n = mux_stream_write(st, src);
+        CHECK(n >= 0);
+        if (n <= 0)
+            break;
+        sent += (size_t)n;
+        while (evbuffer_get_length(p->out_srv) > 0) {
+            evbuffer_remove_buffer(p->out_srv, wire, piece);
+            CHECK(mux_session_input(p->cli, wire) == MUX_OK);
+            struct evbuffer *sink = mux_stream_sink(ce->st);
+            size_t have = evbuffer_get_length(sink);
+            if (drain && have > 0) {
+                evbuffer_drain(sink, have);
+                mux_stream_consumed(ce->st, have);
+            }
+        }
+        CHECK(evbuffer_get_length(wire) == 0);
+        mux_session_output_drained(p->srv);
+        if (mux_stream_send_window(st) == 0 || evbuffer_get_length(src) == 0)
+            break;
+    }
+    evbuffer_free(wire);
+    CHECK(pump(p) == 0);
+    return sent;
+}
+
+/* Window auto-tuning across a round trip (issue 19): a fast consumer's window doubles
+ * about once per window round, up to the session's budget (past the old 2 MiB cap); a
+ * stalled consumer's never grows; a sender with credit to spare never grows it; the
+ * budget bounds the sum of all streams' growth, and one that ends gives its share back. */
+static void test_window_autotune(void)
+{
+    const size_t budget = 8u << 20;
+    struct pair p;
+    struct end se, se2, *ce, *ce2;
+    struct evbuffer *src = endless();
+
+    /* Fast consumer, data in 64 KiB pieces, each drained at once (many empty-sink
+     * WindowUpdates per round, and what the last pieces leave below a quarter window
+     * waits for the next round): the window at most doubles per round (rounds are timed
+     * one at a time: about every other round), the first time after two, and ends at exactly the initial window plus the budget. */
+    pair_init(&p);
+    wan_clock(&p);
+    mux_session_set_buffer_limit(p.cli, budget);
+    struct mux_stream *st = open_stream(&p, &se, &ce);
+    size_t limit = MUX_INITIAL_WINDOW, rounds = 0, moved = 0;
+    while (limit < MUX_INITIAL_WINDOW + budget && rounds < 30) {
+        moved = wan_round(&p, st, ce, src, 65536, true);
+        CHECK(moved + limit / 4 >= limit);      /* about the whole window every round */
+        size_t next = MUX_INITIAL_WINDOW + mux_session_buffer_grown(p.cli);
+        CHECK(next >= limit && next <= 2 * limit);
+        if (rounds == 0)
+            CHECK(next == limit);               /* one round proves nothing */
+        limit = next;
+        rounds++;
+    }
+    CHECK(limit == MUX_INITIAL_WINDOW + budget);
+    CHECK(rounds <= 14);
+    for (int i = 0; i < 3; i++) {
+        moved = wan_round(&p, st, ce, src, 65536, true);
+        CHECK(moved + limit / 4 >= limit && moved <= limit);
+    }
+    CHECK(mux_stream_send_window(st) <= MUX_INITIAL_WINDOW + budget);
+    CHECK(mux_session_buffer_grown(p.cli) == budget);
+    pair_free(&p);
+
+    /* The default budget lets one stream pass the old 2 MiB cap. */
+    evbuffer_free(src);
+    src = endless();
+    pair_init(&p);
+    wan_clock(&p);
+    st = open_stream(&p, &se, &ce);
+    for (int i = 0; i < 16; i++)
+        wan_round(&p, st, ce, src, 1u << 20, true);
+    CHECK(mux_stream_send_window(st) > (4u << 20));
+    CHECK(mux_stream_send_window(st) <= MUX_INITIAL_WINDOW + MUX_SESSION_BUFFER_LIMIT);
+    pair_free(&p);
+
+    /* A stalled consumer: the first window arrives and sits; nothing is ever credited. */
+    evbuffer_free(src);
+    src = endless();
+    pair_init(&p);
+    wan_clock(&p);
+    mux_session_set_buffer_limit(p.cli, budget);
+    st = open_stream(&p, &se, &ce);
+    for (int i = 0; i < 6; i++)
+        wan_round(&p, st, ce, src, 65536, false);
+    CHECK(mux_stream_send_window(st) == 0);
+    CHECK(evbuffer_get_length(mux_stream_sink(ce->st)) == MUX_INITIAL_WINDOW);
+    CHECK(mux_session_buffer_grown(p.cli) == 0);
+    pair_free(&p);
+
+    /* A sender with credit to spare (32 KiB per 20 ms round trip): a window takes eight
+     * round trips to be used, the window is not what limits it. The first timed round is
+     * the shortest seen, so it passes for the round trip: at most two doublings (its own,
+     * and the one at twice it), then never again, however fast the consumer. */
+    evbuffer_free(src);
+    src = endless();
+    pair_init(&p);
+    wan_clock(&p);
+    st = open_stream(&p, &se, &ce);
+    for (int i = 0; i < 40; i++) {
+        struct evbuffer *little = pattern(32768, 2);
+        CHECK(wan_round(&p, st, ce, little, 65536, true) == 32768);
+        evbuffer_free(little);
+    }
+    CHECK(mux_session_buffer_grown(p.cli) <= 3 * MUX_INITIAL_WINDOW);
+    size_t settled = mux_session_buffer_grown(p.cli);
+    for (int i = 0; i < 80; i++) {
+        struct evbuffer *little = pattern(32768, 2);
+        CHECK(wan_round(&p, st, ce, little, 65536, true) == 32768);
+        evbuffer_free(little);
+    }
+    CHECK(mux_session_buffer_grown(p.cli) == settled);
+    pair_free(&p);
+
+    /* The same sender once a KeepAlive measured the round trip (20 ms): its rounds of
+     * eight round trips never pass for window-limited, not even the first. */
+    evbuffer_free(src);
+    src = endless();
+    pair_init(&p);
+    wan_clock(&p);
+    CHECK(mux_session_send_keepalive(p.cli) == MUX_OK);
+    CHECK(mux_session_input(p.srv, p.out_cli) == MUX_OK);
+    p.now_us += 20000;
+    CHECK(mux_session_input(p.cli, p.out_srv) == MUX_OK);
+    CHECK(mux_session_rtt_ms(p.cli) == 20.0);
+    st = open_stream(&p, &se, &ce);
+    for (int i = 0; i < 80; i++) {
+        struct evbuffer *little = pattern(32768, 2);
+        CHECK(wan_round(&p, st, ce, little, 65536, true) == 32768);
+        evbuffer_free(little);
+    }
+    CHECK(mux_session_buffer_grown(p.cli) == 0);
+    /* ... while a bulk sender on the same session still grows. */
+    struct mux_stream *bulk = open_stream(&p, &se2, &ce2);
+    for (int i = 0; i < 6; i++)
+        wan_round(&p, bulk, ce2, src, 65536, true);
+    CHECK(mux_session_buffer_grown(p.cli) > 0);
+    pair_free(&p);
+
+    /* Credit goes back once the sink is empty, not only at half a window: a burst drained
+     * as 60 % then 40 % is credited in full (the 40 % used to wait for the next burst),
+     * and the half-window update in the middle of the burst does not stop the growth. */
+    evbuffer_free(src);
+    src = endless();
+    pair_init(&p);
+    wan_clock(&p);
+    st = open_stream(&p, &se, &ce);
+    for (int round = 0; round < 6; round++) {
+        size_t w = mux_stream_send_window(st);
+        CHECK(wan_round(&p, st, ce, src, 1u << 30, false) == w);
+        struct evbuffer *sink = mux_stream_sink(ce->st);
+        size_t first = w * 6 / 10;
+        evbuffer_drain(sink, first);
+        mux_stream_consumed(ce->st, first);
+        evbuffer_drain(sink, w - first);
+        mux_stream_consumed(ce->st, w - first);
+        CHECK(pump(&p) == 0);
+        CHECK(mux_stream_send_window(st) == w || mux_stream_send_window(st) == 2 * w);
+        if (round < 2)
+            CHECK(mux_stream_send_window(st) == w);
+    }
+    CHECK(mux_stream_send_window(st) >= 4 * MUX_INITIAL_WINDOW);
+    pair_free(&p);
+
+    /* Two fast streams share the budget: their growth together never passes it, and
+     * once one ends the other grows into its share. */
+    evbuffer_free(src);
+    src = endless();
+    pair_init(&p);
+    wan_clock(&p);
+    mux_session_set_buffer_limit(p.cli, budget);
+    st = open_stream(&p, &se, &ce);
+    struct mux_stream *st2 = open_stream(&p, &se2, &ce2);
+    for (int i = 0; i < 24; i++) {
+        wan_round(&p, st, ce, src, 65536, true);
+        wan_round(&p, st2, ce2, src, 65536, true);
+        CHECK(mux_session_buffer_grown(p.cli) <= budget);
+        CHECK(mux_stream_send_window(st) + mux_stream_send_window(st2) <=
+              2 * MUX_INITIAL_WINDOW + budget);
+    }
+    CHECK(mux_session_buffer_grown(p.cli) == budget);
+    CHECK(mux_stream_send_window(st2) < MUX_INITIAL_WINDOW + budget);
+    mux_stream_close(st);
+    CHECK(pump(&p) == 0);
+    CHECK(ce->st == NULL);
+    CHECK(mux_session_buffer_grown(p.cli) < budget);
+    evbuffer_free(src);
+    src = endless();
+    for (int i = 0; i < 24; i++)
+        wan_round(&p, st2, ce2, src, 65536, true);
+    CHECK(mux_session_buffer_grown(p.cli) == budget);   /* all of it now st2's */
+    CHECK(mux_stream_send_window(st2) <= MUX_INITIAL_WINDOW + budget);
+    CHECK(mux_stream_send_window(st2) >= (MUX_INITIAL_WINDOW + budget) * 3 / 4);
+    pair_free(&p);
+    evbuffer_free(src);
+}
+
 /* Before Hello, a header announcing more than 4 KiB is refused from the header alone:
  * nothing of the payload needs to arrive (or is buffered). */
 static void test_hello_header_limit(void)
@@ -785,5 +1001,6 @@ int main(void)
     test_partial_input();
     test_hello_header_limit();
     test_window_growth_rule();
+    test_window_autotune();
     return check_summary();
 }
