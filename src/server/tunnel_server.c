@@ -29,19 +29,14 @@
 #include "log.h"
 #include "mapping.h"
 #include "mux.h"
+#include "mux_conn.h"
 #include "netaddr.h"
 #include "secret.h"
 #include "server.h"
-#include "sockread.h"
 #include "tls_bev.h"
 #include "tls_error.h"
 
 #define TS_MOD "tunnel"
-/* Stop reading a tunnel whose output grew this far (only control frames go past the
- * soft limit, so a healthy peer never gets here). */
-#define TS_OUT_HARD_LIMIT (4u * MUX_OUT_SOFT_LIMIT)
-/* Frames taken per read wake-up beyond libevent's 4 KiB (see sockread.h). */
-#define TS_READ_MORE (256u * 1024u)
 /* A refused or closing tunnel gets this long to flush its last frames. */
 #define TS_CLOSE_GRACE_SECONDS 5
 #define TS_NAME_MAX 64
@@ -53,10 +48,9 @@ struct tstream;
 struct tsession {
     TAILQ_ENTRY(tsession) link;
     struct tunnel_server *ts;
-    struct bufferevent *bev;
-    struct mux_session *mux;
+    struct mux_conn *conn;        /* the socket, TLS, the mux session, KeepAlive */
+    struct mux_session *mux;      /* mux_conn_mux(conn) */
     struct event *hello_timer;    /* Hello deadline, then the closing grace period */
-    struct event *ka_timer;       /* KeepAlive every heartbeat_interval */
     char name[TS_NAME_MAX + 1];   /* set on successful Hello (or while probing for it) */
     char remote[64];
     char source[64];              /* remote without the port: what the Hello limits key on */
@@ -70,8 +64,6 @@ struct tsession {
     time_t connected_at;
     bool authed;
     bool pending;                 /* counted in ts->npending: no successful Hello yet */
-    bool closing;                 /* flushing the last frames before close */
-    bool read_paused;
     uint64_t bytes_in;            /* stream bytes from the client */
     uint64_t bytes_out;           /* stream bytes to the client */
     TAILQ_HEAD(, tstream) streams;
@@ -105,7 +97,6 @@ struct tunnel_server {
 };
 
 static void tsession_close(struct tsession *sess, const char *reason);
-static void tsession_read_cb(struct bufferevent *bev, void *arg);
 
 static int64_t ts_now_ms(void)
 {
@@ -305,7 +296,7 @@ static struct tsession *ts_find_client(const struct tunnel_server *ts, const cha
 {
     struct tsession *sess;
     TAILQ_FOREACH(sess, &ts->sessions, link) {
-        if (sess->authed && !sess->closing && strcmp(sess->name, name) == 0)
+        if (sess->authed && !mux_conn_closing(sess->conn) && strcmp(sess->name, name) == 0)
             return sess;
     }
     return NULL;
@@ -330,10 +321,10 @@ static void tsession_free(struct tsession *sess)
         if (other->probe_old == sess)
             other->probe_old = NULL; /* gone: the prober takes over when its timer fires */
     }
-    if (sess->authed && !sess->closing && ts->srv->clients)
+    if (sess->authed && !mux_conn_closing(sess->conn) && ts->srv->clients)
         clients_touch(ts->srv->clients, sess->name, (int64_t)time(NULL));
     /* Streams still waiting or bridged close through their on_close callbacks. */
-    mux_session_free(sess->mux);
+    mux_conn_free(sess->conn);
     struct tstream *t;
     while ((t = TAILQ_FIRST(&sess->streams)) != NULL) {
         /* Only bridges delivering the last bytes after a Close remain. */
@@ -343,11 +334,8 @@ static void tsession_free(struct tsession *sess)
     }
     if (sess->hello_timer)
         event_free(sess->hello_timer);
-    if (sess->ka_timer)
-        event_free(sess->ka_timer);
     if (sess->probe_timer)
         event_free(sess->probe_timer);
-    bufferevent_free(sess->bev);
     free(sess);
 }
 
@@ -364,9 +352,7 @@ static void tsession_close(struct tsession *sess, const char *reason)
 static void tsession_close_after_flush(struct tsession *sess)
 {
     struct timeval tv = {TS_CLOSE_GRACE_SECONDS, 0};
-    sess->closing = true;
-    bufferevent_disable(sess->bev, EV_READ);
-    if (evbuffer_get_length(bufferevent_get_output(sess->bev)) == 0) {
+    if (mux_conn_close_after_flush(sess->conn)) {
         tsession_free(sess);
         return;
     }
@@ -387,7 +373,7 @@ static void tsession_protocol_error(struct tsession *sess, const char *what)
 static void tsession_hello_timer_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct tsession *sess = arg;
-    if (sess->closing) {
+    if (mux_conn_closing(sess->conn)) {
         tsession_free(sess);
         return;
     }
@@ -397,22 +383,12 @@ static void tsession_hello_timer_cb(evutil_socket_t fd, short what, void *arg)
     tsession_free(sess);
 }
 
-static void tsession_keepalive_cb(evutil_socket_t fd, short what, void *arg)
-{
-    struct tsession *sess = arg;
-    mux_session_send_keepalive(sess->mux);
-}
-
 /* ---- Hello ---- */
 
 /* Sends j (stolen) as the HelloResponse. */
 static void tsession_respond(struct tsession *sess, json_t *j)
 {
-    char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
-    if (text)
-        mux_session_send_json(sess->mux, FRAME_HELLO_RESPONSE, text, strlen(text));
-    free(text);
-    json_decref(j);
+    mux_conn_send_json(sess->conn, FRAME_HELLO_RESPONSE, j);
 }
 
 /* Refuses the Hello: the answer is flushed, then the tunnel closes. */
@@ -473,11 +449,9 @@ static void tsession_accept(struct tsession *sess, const char *name)
     tsession_respond(sess, json_pack("{s:b, s:s, s:o*, s:o*}", "ok", 1, "message", msg,
                                      "mappings", ts_client_mappings_json(sess->ts, sess->name),
                                      "client", self));
-    struct timeval idle = {cfg->heartbeat_timeout > 0 ? cfg->heartbeat_timeout : 30, 0};
-    struct timeval every = {cfg->heartbeat_interval > 0 ? cfg->heartbeat_interval : 10, 0};
-    /* Silence either way is death: nothing received, or our output not moving. */
-    bufferevent_set_timeouts(sess->bev, &idle, &idle);
-    event_add(sess->ka_timer, &every);
+    mux_conn_start_keepalive(sess->conn,
+                             cfg->heartbeat_interval > 0 ? cfg->heartbeat_interval : 10,
+                             cfg->heartbeat_timeout > 0 ? cfg->heartbeat_timeout : 30);
     if (sess->ts->srv->clients)
         clients_touch(sess->ts->srv->clients, sess->name, (int64_t)sess->connected_at);
     log_info(TS_MOD, "client \"%s\" connected from %s", sess->name, sess->remote);
@@ -543,10 +517,8 @@ static void tsession_probe_done(evutil_socket_t fd, short what, void *arg)
     char name[TS_NAME_MAX + 1];
     snprintf(name, sizeof(name), "%s", sess->name);
     tsession_accept(sess, name);
-    bufferevent_enable(sess->bev, EV_READ);
     /* Frames that came behind the Hello wait in the input; nothing wakes us for them. */
-    if (evbuffer_get_length(bufferevent_get_input(sess->bev)) > 0)
-        tsession_read_cb(sess->bev, sess);
+    mux_conn_resume_read(sess->conn);
 }
 
 /* Probes old, the live session of the name this Hello authenticated as (SPEC §4). */
@@ -651,47 +623,22 @@ static const struct mux_session_callbacks tsession_mux_cb = {.on_json = tsession
 
 /* ---- session I/O ---- */
 
-static void tsession_read_cb(struct bufferevent *bev, void *arg)
+/* The mux stopped reading: a protocol error, a Hello refused (flush the answer, then
+ * close), or a takeover probe under way (hold the rest of the input until it decides). */
+static void tsession_on_stop(struct mux_conn *conn, int rc, void *arg)
 {
     struct tsession *sess = arg;
-    if (sess->closing)
-        return;
-    if (!sess->ts->ssl)
-        sockread_more(bev, TS_READ_MORE);
-    int rc = mux_session_input(sess->mux, bufferevent_get_input(bev));
-    if (rc < 0) {
+    if (rc < 0)
         tsession_protocol_error(sess, mux_session_error(sess->mux));
-        return;
-    }
-    if (rc == MUX_STOPPED && sess->probing) {
-        /* Hold the rest of the input until the takeover probe decides. */
-        bufferevent_disable(bev, EV_READ);
-        return;
-    }
-    if (rc == MUX_STOPPED) {
+    else if (sess->probing)
+        mux_conn_hold_read(conn);
+    else
         tsession_close_after_flush(sess);
-        return;
-    }
-    if (evbuffer_get_length(bufferevent_get_output(bev)) > TS_OUT_HARD_LIMIT) {
-        /* The peer sends but does not read: stop taking its input until it does. */
-        bufferevent_disable(bev, EV_READ);
-        sess->read_paused = true;
-    }
 }
 
-static void tsession_write_cb(struct bufferevent *bev, void *arg)
+static void tsession_on_flushed(struct mux_conn *conn, void *arg)
 {
-    struct tsession *sess = arg;
-    if (sess->closing) {
-        if (evbuffer_get_length(bufferevent_get_output(bev)) == 0)
-            tsession_free(sess);
-        return;
-    }
-    mux_session_output_drained(sess->mux);
-    if (sess->read_paused) {
-        sess->read_paused = false;
-        bufferevent_enable(bev, EV_READ);
-    }
+    tsession_free(arg);
 }
 
 /* The first OpenSSL reason on bev, or NULL. Drains the error queue. */
@@ -706,13 +653,14 @@ static const char *ts_tls_reason(struct bufferevent *bev)
     return reason;
 }
 
-static void tsession_event_cb(struct bufferevent *bev, short what, void *arg)
+static void tsession_on_event(struct mux_conn *conn, short what, void *arg)
 {
     struct tsession *sess = arg;
+    struct bufferevent *bev = mux_conn_bev(conn);
     char reason[160];
     if (what & BEV_EVENT_CONNECTED)
         return; /* TLS handshake done */
-    if (sess->closing) {
+    if (mux_conn_closing(sess->conn)) {
         tsession_free(sess);
         return;
     }
@@ -736,28 +684,21 @@ static void tsession_event_cb(struct bufferevent *bev, short what, void *arg)
     tsession_close(sess, reason);
 }
 
-static struct bufferevent *ts_bev_new(struct tunnel_server *ts, evutil_socket_t fd)
-{
-    struct event_base *base = ts->srv->base;
-    if (!ts->ssl)
-        return bufferevent_socket_new(base, fd, BEV_OPT_CLOSE_ON_FREE);
-    SSL *ssl = SSL_new(ts->ssl);
-    if (!ssl)
-        return NULL;
-    struct bufferevent *bev =
-        tls_bev_new(base, fd, ssl, BUFFEREVENT_SSL_ACCEPTING, BEV_OPT_CLOSE_ON_FREE);
-    if (!bev)
-        SSL_free(ssl);
-    return bev;
-}
+static const struct mux_conn_hooks tsession_conn_hooks = {
+    .on_stop = tsession_on_stop,
+    .on_event = tsession_on_event,
+    .on_flushed = tsession_on_flushed,
+};
 
 static struct tsession *tsession_new(struct tunnel_server *ts, evutil_socket_t fd,
                                      const struct sockaddr *sa)
 {
     struct event_base *base = ts->srv->base;
     struct tsession *sess = calloc(1, sizeof(*sess));
-    if (!sess)
+    if (!sess) {
+        evutil_closesocket(fd);
         return NULL;
+    }
     sess->ts = ts;
     TAILQ_INIT(&sess->streams);
     netaddr_format(sa, sess->remote, sizeof(sess->remote));
@@ -769,27 +710,23 @@ static struct tsession *tsession_new(struct tunnel_server *ts, evutil_socket_t f
         memcpy(&sess->peer, sa, sizeof(struct sockaddr_in6));
     else if (sa->sa_family == AF_INET)
         memcpy(&sess->peer, sa, sizeof(struct sockaddr_in));
-    sess->bev = ts_bev_new(ts, fd);
-    if (!sess->bev)
+    SSL *ssl = NULL;
+    if (ts->ssl && !(ssl = SSL_new(ts->ssl)))
         goto fail;
-    sess->mux = mux_session_new(MUX_ROLE_SERVER, bufferevent_get_output(sess->bev),
-                                &tsession_mux_cb, sess);
-    if (sess->mux)
-        mux_session_set_buffer_limit(sess->mux, (size_t)ts->srv->cfg->session_buffer_limit);
+    sess->conn = mux_conn_new(base, fd, ssl, BUFFEREVENT_SSL_ACCEPTING, 0, MUX_ROLE_SERVER,
+                              &tsession_mux_cb, &tsession_conn_hooks, sess);
+    fd = -1; /* the conn's now, or closed */
+    if (!sess->conn)
+        goto fail;
+    sess->mux = mux_conn_mux(sess->conn);
+    mux_session_set_buffer_limit(sess->mux, (size_t)ts->srv->cfg->session_buffer_limit);
     sess->hello_timer = evtimer_new(base, tsession_hello_timer_cb, sess);
-    sess->ka_timer = event_new(base, -1, EV_PERSIST, tsession_keepalive_cb, sess);
-    if (!sess->mux || !sess->hello_timer || !sess->ka_timer)
+    if (!sess->hello_timer)
         goto fail;
     return sess;
 fail:
-    if (sess->ka_timer)
-        event_free(sess->ka_timer);
-    if (sess->hello_timer)
-        event_free(sess->hello_timer);
-    mux_session_free(sess->mux);
-    if (sess->bev)
-        bufferevent_free(sess->bev);
-    else
+    mux_conn_free(sess->conn);
+    if (fd >= 0)
         evutil_closesocket(fd);
     free(sess);
     return NULL;
@@ -828,10 +765,6 @@ static void ts_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct so
     int hello = ts->srv->cfg->hello_timeout > 0 ? ts->srv->cfg->hello_timeout : 10;
     struct timeval tv = {hello, 0};
     evtimer_add(sess->hello_timer, &tv);
-    bufferevent_setcb(sess->bev, tsession_read_cb, tsession_write_cb, tsession_event_cb, sess);
-    bufferevent_setwatermark(sess->bev, EV_WRITE, MUX_OUT_SOFT_LIMIT / 2, 0);
-    sockread_set_large_io(sess->bev);
-    bufferevent_enable(sess->bev, EV_READ | EV_WRITE);
     TAILQ_INSERT_TAIL(&ts->sessions, sess, link);
     sess->pending = true;
     ts->npending++;
@@ -968,7 +901,7 @@ size_t tunnel_server_client_count(const struct tunnel_server *ts)
     size_t n = 0;
     const struct tsession *sess;
     TAILQ_FOREACH(sess, &ts->sessions, link) {
-        if (sess->authed && !sess->closing)
+        if (sess->authed && !mux_conn_closing(sess->conn))
             n++;
     }
     return n;
@@ -1001,7 +934,7 @@ void tunnel_server_client_removed(struct tunnel_server *ts, const char *name)
     struct tsession *sess, *next;
     for (sess = TAILQ_FIRST(&ts->sessions); sess; sess = next) {
         next = TAILQ_NEXT(sess, link);
-        if (sess->closing || strcmp(sess->name, name) != 0)
+        if (mux_conn_closing(sess->conn) || strcmp(sess->name, name) != 0)
             continue;
         if (sess->authed) {
             /* Its mappings stay and wait: tunnel_server_forward finds no session. */
@@ -1022,7 +955,7 @@ json_t *tunnel_server_clients_json(const struct tunnel_server *ts)
     size_t n = 0;
     const struct tsession *sess;
     TAILQ_FOREACH(sess, &ts->sessions, link) {
-        if (!sess->authed || sess->closing)
+        if (!sess->authed || mux_conn_closing(sess->conn))
             continue;
         json_t *c = tsession_json(sess);
         if (c && json_array_append_new(arr, c) == 0)
