@@ -35,6 +35,7 @@
 #include "server.h"
 #include "tls_bev.h"
 #include "tls_error.h"
+#include "tunnel_stream.h"
 
 #define TS_MOD "tunnel"
 /* A refused or closing tunnel gets this long to flush its last frames. */
@@ -42,8 +43,6 @@
 #define TS_NAME_MAX 64
 /* Bytes of JSON the mapping list in a HelloResponse may take (a frame holds 64 KiB). */
 #define TS_HELLO_MAPPINGS_BUDGET (32u * 1024u)
-
-struct tstream;
 
 struct tsession {
     TAILQ_ENTRY(tsession) link;
@@ -64,23 +63,7 @@ struct tsession {
     time_t connected_at;
     bool authed;
     bool pending;                 /* counted in ts->npending: no successful Hello yet */
-    uint64_t bytes_in;            /* stream bytes from the client */
-    uint64_t bytes_out;           /* stream bytes to the client */
-    TAILQ_HEAD(, tstream) streams;
-    size_t nstreams;              /* all, pending included (the limit counts these) */
-    size_t nestablished;          /* connected to their target (what /api/clients shows) */
-};
-
-/* One public connection carried by a session. */
-struct tstream {
-    TAILQ_ENTRY(tstream) link;
-    struct mapping_conn mc;
-    struct tsession *sess;        /* NULL once the session is gone */
-    struct mux_stream *st;        /* while waiting for ConnectResponse */
-    evutil_socket_t fd;           /* ditto; the bridge owns it afterwards */
-    struct event *timer;          /* connect_timeout */
-    struct bridge *bridge;
-    bool established;             /* counted in sess->nestablished */
+    struct tunnel_stream_set streams; /* public connections and their counters */
 };
 
 struct tunnel_server {
@@ -126,170 +109,6 @@ static void ts_peer_warn(struct tsession *sess, enum hello_log_kind kind, const 
         log_warn(TS_MOD, "%s", line);
 }
 
-/* ---- public streams ---- */
-
-static void tstream_free(struct tstream *t, bool failed)
-{
-    if (t->sess) {
-        TAILQ_REMOVE(&t->sess->streams, t, link);
-        t->sess->nstreams--;
-        if (t->established)
-            t->sess->nestablished--;
-    }
-    if (t->timer)
-        event_free(t->timer);
-    if (t->fd >= 0)
-        evutil_closesocket(t->fd);
-    mapping_conn_end(&t->mc, failed);
-    free(t);
-}
-
-static void tstream_on_bytes(size_t to_stream, size_t to_socket, void *arg)
-{
-    struct tstream *t = arg;
-    mapping_conn_add_bytes(&t->mc, to_stream, to_socket);
-    if (t->sess) {
-        t->sess->bytes_out += to_stream;
-        t->sess->bytes_in += to_socket;
-    }
-}
-
-static void tstream_on_bridge_close(const char *why, void *arg)
-{
-    struct tstream *t = arg;
-    t->bridge = NULL; /* freed by the bridge right after */
-    tstream_free(t, false);
-}
-
-static const struct bridge_hooks tstream_hooks = {
-    .on_bytes = tstream_on_bytes,
-    .on_close = tstream_on_bridge_close,
-};
-
-/* A mapping update changed rate_limit: the bridged socket joins or leaves its group. */
-static void tstream_policy_changed(struct mapping_conn *mc)
-{
-    struct tstream *t = (struct tstream *)((char *)mc - offsetof(struct tstream, mc));
-    if (t->bridge && bridge_set_rate_group(t->bridge, mc->mapping->rl_group) < 0)
-        log_warn(TS_MOD, "port %d: cannot apply rate_limit to a live stream",
-                 mc->mapping->rec.port);
-}
-
-/* The PROXY protocol header goes as the stream's first Data, before the bridge moves any
- * public byte, so the client passes it to the target unchanged (it needs no support).
- * What the tunnel cannot take now waits at the head of the socket's input, where the
- * bridge sends it first once the stream may send again. */
-static int tstream_send_proxy_header(struct tstream *t, struct mux_stream *st,
-                                     struct bufferevent *bev)
-{
-    unsigned char hdr[PROXY_HEADER_MAX];
-    int n = mapping_conn_proxy_header(&t->mc, bufferevent_getfd(bev), hdr);
-    if (n <= 0)
-        return 0;
-    struct evbuffer *buf = evbuffer_new();
-    int rc = -1;
-    if (buf && evbuffer_add(buf, hdr, (size_t)n) == 0 && mux_stream_write(st, buf) >= 0) {
-        rc = 0;
-        if (evbuffer_get_length(buf) > 0) {
-            /* A socket bufferevent keeps its input's end frozen outside its own reads. */
-            struct evbuffer *in = bufferevent_get_input(bev);
-            evbuffer_unfreeze(in, 0);
-            rc = evbuffer_add_buffer(in, buf);
-            evbuffer_freeze(in, 0);
-        }
-    }
-    evbuffer_free(buf);
-    return rc;
-}
-
-static void tstream_connected(struct tstream *t, struct mux_stream *st)
-{
-    struct event_base *base = t->sess->ts->srv->base;
-    struct bufferevent *bev = bufferevent_socket_new(base, t->fd, BEV_OPT_CLOSE_ON_FREE);
-    if (!bev) {
-        mux_stream_close(st);
-        tstream_free(t, true);
-        return;
-    }
-    t->fd = -1;
-    t->st = NULL;
-    event_free(t->timer);
-    t->timer = NULL;
-    if (tstream_send_proxy_header(t, st, bev) < 0) {
-        log_warn(TS_MOD, "port %d: cannot send the PROXY protocol header",
-                 t->mc.mapping->rec.port);
-        bufferevent_free(bev);
-        mux_stream_close(st);
-        tstream_free(t, true);
-        return;
-    }
-    t->bridge = bridge_new(st, bev, &tstream_hooks, t);
-    if (!t->bridge) {
-        bufferevent_free(bev);
-        mux_stream_close(st);
-        tstream_free(t, true);
-        return;
-    }
-    t->established = true;
-    t->sess->nestablished++;
-    t->mc.policy_changed = tstream_policy_changed;
-    if (t->mc.mapping->rl_group)
-        tstream_policy_changed(&t->mc);
-}
-
-static void tstream_on_connect_response(struct mux_stream *st, uint8_t status, void *arg)
-{
-    struct tstream *t = arg;
-    if (status == FRAME_STATUS_OK) {
-        tstream_connected(t, st);
-        return;
-    }
-    static const char *const names[] = {"ok", "refused", "not allowed", "timeout"};
-    log_debug(TS_MOD, "client \"%s\": port %d: target %s:%d %s", t->sess->name,
-              t->mc.mapping->rec.port, mapping_target_host(t->mc.mapping),
-              t->mc.mapping->rec.target_port, status < 4 ? names[status] : "failed");
-    t->st = NULL; /* a refusal ends the stream */
-    tstream_free(t, true);
-}
-
-static void tstream_on_stream_close(struct mux_stream *st, enum mux_close_reason why, void *arg)
-{
-    struct tstream *t = arg;
-    t->st = NULL;
-    tstream_free(t, true);
-}
-
-static const struct mux_stream_callbacks tstream_pending_cb = {
-    .on_connect_response = tstream_on_connect_response,
-    .on_close = tstream_on_stream_close,
-};
-
-static void tstream_timeout_cb(evutil_socket_t fd, short what, void *arg)
-{
-    struct tstream *t = arg;
-    log_debug(TS_MOD, "client \"%s\": port %d: no ConnectResponse in time", t->sess->name,
-              t->mc.mapping->rec.port);
-    mux_stream_close(t->st);
-    t->st = NULL;
-    tstream_free(t, true);
-}
-
-/* The mapping is removed or the server stops: close at once. */
-static void tstream_abort(struct mapping_conn *mc)
-{
-    struct tstream *t = (struct tstream *)((char *)mc - offsetof(struct tstream, mc));
-    bool reached = t->bridge != NULL;
-    if (t->bridge) {
-        bridge_free(t->bridge);
-        t->bridge = NULL;
-    }
-    if (t->st) {
-        mux_stream_close(t->st);
-        t->st = NULL;
-    }
-    tstream_free(t, !reached);
-}
-
 /* ---- sessions ---- */
 
 static struct tsession *ts_find_client(const struct tunnel_server *ts, const char *name)
@@ -325,13 +144,7 @@ static void tsession_free(struct tsession *sess)
         clients_touch(ts->srv->clients, sess->name, (int64_t)time(NULL));
     /* Streams still waiting or bridged close through their on_close callbacks. */
     mux_conn_free(sess->conn);
-    struct tstream *t;
-    while ((t = TAILQ_FIRST(&sess->streams)) != NULL) {
-        /* Only bridges delivering the last bytes after a Close remain. */
-        TAILQ_REMOVE(&sess->streams, t, link);
-        t->sess = NULL;
-        t->established = false;
-    }
+    tunnel_stream_set_detach(&sess->streams);
     if (sess->hello_timer)
         event_free(sess->hello_timer);
     if (sess->probe_timer)
@@ -700,7 +513,7 @@ static struct tsession *tsession_new(struct tunnel_server *ts, evutil_socket_t f
         return NULL;
     }
     sess->ts = ts;
-    TAILQ_INIT(&sess->streams);
+    tunnel_stream_set_init(&sess->streams, sess->name);
     netaddr_format(sa, sess->remote, sizeof(sess->remote));
     snprintf(sess->source, sizeof(sess->source), "%s", sess->remote);
     char *colon = strrchr(sess->source, ':');
@@ -915,10 +728,10 @@ static json_t *tsession_json(const struct tsession *sess)
     strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
     return json_pack("{s:s, s:s, s:s, s:I, s:f, s:I, s:I}", "name", sess->name,
                      "remote_addr", sess->remote, "connected_at", when,
-                     "streams", (json_int_t)sess->nestablished,
+                     "streams", (json_int_t)sess->streams.nestablished,
                      "rtt_ms", mux_session_rtt_ms(sess->mux),
-                     "bytes_in", (json_int_t)sess->bytes_in,
-                     "bytes_out", (json_int_t)sess->bytes_out);
+                     "bytes_in", (json_int_t)sess->streams.bytes_in,
+                     "bytes_out", (json_int_t)sess->streams.bytes_out);
 }
 
 json_t *tunnel_server_client_json(const struct tunnel_server *ts, const char *name)
@@ -969,41 +782,19 @@ json_t *tunnel_server_clients_json(const struct tunnel_server *ts)
 void tunnel_server_forward(struct tunnel_server *ts, struct mapping *m, evutil_socket_t fd)
 {
     const struct config *cfg = ts->srv->cfg;
-    struct tstream *t = calloc(1, sizeof(*t));
-    if (!t) {
-        struct mapping_conn mc;
-        mapping_conn_begin(m, &mc, NULL);
-        mapping_conn_end(&mc, true);
-        evutil_closesocket(fd);
-        return;
-    }
-    t->fd = fd;
-    mapping_conn_begin(m, &t->mc, tstream_abort);
     const char *client = m->rec.client[0] ? m->rec.client : "default";
     struct tsession *sess = ts_find_client(ts, client);
     if (!sess) {
         log_debug(TS_MOD, "port %d: client \"%s\" not connected", m->rec.port, client);
-        tstream_free(t, true);
+        tunnel_stream_refuse(m, fd);
         return;
     }
-    if (cfg->max_streams_per_client > 0 && sess->nstreams >= (size_t)cfg->max_streams_per_client) {
+    size_t open = sess->streams.nstreams;
+    if (cfg->max_streams_per_client > 0 && open >= (size_t)cfg->max_streams_per_client) {
         ts->srv->limits.tunnel_streams++;
-        log_warn(TS_MOD, "client \"%s\": stream refused, %zu open (limit)", sess->name,
-                 sess->nstreams);
-        tstream_free(t, true);
+        log_warn(TS_MOD, "client \"%s\": stream refused, %zu open (limit)", sess->name, open);
+        tunnel_stream_refuse(m, fd);
         return;
     }
-    t->timer = evtimer_new(ts->srv->base, tstream_timeout_cb, t);
-    t->st = t->timer ? mux_stream_open(sess->mux, mapping_target_host(m),
-                                       (uint16_t)m->rec.target_port, &tstream_pending_cb, t)
-                     : NULL;
-    if (!t->st) {
-        tstream_free(t, true);
-        return;
-    }
-    t->sess = sess;
-    TAILQ_INSERT_TAIL(&sess->streams, t, link);
-    sess->nstreams++;
-    struct timeval tv = {cfg->connect_timeout > 0 ? cfg->connect_timeout : 10, 0};
-    evtimer_add(t->timer, &tv);
+    tunnel_stream_open(&sess->streams, sess->mux, ts->srv->base, m, fd, cfg->connect_timeout);
 }
