@@ -118,6 +118,7 @@ static void dial_bridge_close(const char *why, void *arg)
 static const struct bridge_hooks dial_hooks = {
     .on_bytes = dial_bridge_bytes,
     .on_close = dial_bridge_close,
+    .log_module = TC_MOD,
 };
 
 static void dial_fail(struct dial *d, uint8_t status, const char *why)

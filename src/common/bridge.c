@@ -41,7 +41,8 @@ static void bridge_pump(struct bridge *b);
 static void bridge_set_dir(struct bridge *b, enum relay_dir_state *dir,
                            enum relay_dir_state next)
 {
-    relay_dir_set(dir, next, "bridge", b->st ? (unsigned long)mux_stream_id(b->st) : 0ul,
+    relay_dir_set(dir, next, b->hooks.log_module ? b->hooks.log_module : "bridge", "stream",
+                  b->st ? (unsigned long)mux_stream_id(b->st) : 0ul,
                   dir == &b->up ? "socket->stream" : "stream->socket");
 }
 

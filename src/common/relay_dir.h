@@ -13,9 +13,9 @@ enum relay_dir_state {
 };
 
 /* Moves *state forward to next (never back: a repeated or older state is ignored) and
- * logs "<relay> <id> <dir>: <old> -> <new>" at debug. */
-void relay_dir_set(enum relay_dir_state *state, enum relay_dir_state next, const char *relay,
-                   unsigned long id, const char *dir);
+ * logs "<kind> <id> <dir>: <old> -> <new>" at debug under log module mod. */
+void relay_dir_set(enum relay_dir_state *state, enum relay_dir_state next, const char *mod,
+                   const char *kind, unsigned long id, const char *dir);
 
 const char *relay_dir_state_name(enum relay_dir_state s);
 

@@ -87,7 +87,8 @@ static void relay_pipe_put(struct relay_pipe *p, bool empty)
 
 static void splice_relay_set_dir(struct splice_relay *r, int d, enum relay_dir_state next)
 {
-    relay_dir_set(&r->dir[d].state, next, "splice", (unsigned long)r->fd[0],
+    relay_dir_set(&r->dir[d].state, next, r->hooks.log_module ? r->hooks.log_module : "splice",
+                  "relay fd", (unsigned long)r->fd[0],
                   d == 0 ? "public->target" : "target->public");
 }
 

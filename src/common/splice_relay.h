@@ -39,6 +39,9 @@ struct splice_relay_hooks {
      * errno). reached: the target had been connected. The relay and both sockets are
      * freed right after this returns. Not called by splice_relay_free(). */
     void (*on_close)(int err, bool reached, void *arg);
+    /* The log module the owner's lines go under (half-close transitions, at debug);
+     * NULL: "splice". */
+    const char *log_module;
 };
 
 /* Relays fd0 (public) and fd1 (target; connected says whether its connect completed).

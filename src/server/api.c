@@ -455,7 +455,9 @@ static void handle_client_remove(struct server *srv, const struct api_req *rq,
 static void handle_metrics(struct server *srv, const struct api_req *rq, struct api_reply *out)
 {
     size_t len = 0;
-    char *text = metrics_render(srv, &len);
+    /* The API's own counters go to metrics as plain numbers: metrics.c includes no api.h. */
+    char *text = srv->api ? metrics_render(srv, srv->api->status_count, API_STATUS_SLOTS, &len)
+                          : metrics_render(srv, NULL, 0, &len);
     if (!text) {
         api_fail(out, API_E_INTERNAL, "out of memory", NULL);
         return;
@@ -921,6 +923,7 @@ static int api_start_listener(struct api *api, char *err, size_t errlen)
         api->port = bound.ss_family == AF_INET6
                         ? ntohs(((struct sockaddr_in6 *)&bound)->sin6_port)
                         : ntohs(((struct sockaddr_in *)&bound)->sin_port);
+    api->srv->api_port = api->port; /* for loop_guard, which must not include api.h */
     return 0;
 }
 
@@ -997,11 +1000,3 @@ void api_free(struct api *api)
 }
 
 int api_port(const struct api *api) { return api->port; }
-
-void api_foreach_status_count(const struct api *api,
-                              void (*fn)(unsigned status, uint64_t count, void *arg), void *arg)
-{
-    for (unsigned s = 0; s < API_STATUS_SLOTS; s++)
-        if (api->status_count[s])
-            fn(s, api->status_count[s], arg);
-}

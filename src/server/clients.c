@@ -14,6 +14,7 @@
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 
+#include "client_name.h"
 #include "config.h"
 #include "log.h"
 
@@ -26,21 +27,7 @@ struct clients_registry {
     size_t nconfig;             /* v[0..nconfig) come from the config */
 };
 
-bool clients_name_valid(const char *name)
-{
-    if (!name)
-        return false;
-    size_t n = 0;
-    for (; name[n]; n++) {
-        char c = name[n];
-        if (n >= CLIENTS_NAME_MAX)
-            return false;
-        if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
-              c == '.' || c == '_' || c == '-'))
-            return false;
-    }
-    return n > 0;
-}
+bool clients_name_valid(const char *name) { return client_name_valid(name); }
 
 int clients_token_generate(char *out, size_t outlen)
 {

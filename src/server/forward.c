@@ -182,6 +182,7 @@ static const struct splice_relay_hooks forward_relay_hooks = {
     .read_wait_ns = forward_read_wait_ns,
     .on_connected = forward_connected,
     .on_close = forward_on_close,
+    .log_module = "forward",
 };
 
 /* No byte has moved within the connect timeout: fine if the target is there but silent,

@@ -16,11 +16,9 @@
 
 #include "accept_guard.h"
 #include "config.h"
-#include "forward.h"
 #include "log.h"
 #include "mapping_policy.h"
 #include "server.h"
-#include "tunnel_server.h"
 
 #define MAPPING_BACKLOG 1024
 /* Descriptors a public port may never take: they stay for the API, the tunnel, the
@@ -28,11 +26,66 @@
  * loop or a flood fills the public ports, /health still answers. */
 #define MAPPING_FD_RESERVE 64
 
+/* A tunnel client with a live session, as the tunnel told us (no polling). */
+struct mapping_client_up {
+    TAILQ_ENTRY(mapping_client_up) link;
+    unsigned sessions;            /* up notices not yet matched by a down */
+    char name[];
+};
+
 struct mapping_registry {
     struct server *srv;
     TAILQ_HEAD(, mapping) list;
     size_t count;
+    struct mapping_handlers handlers;   /* where accepted connections go (main.c) */
+    TAILQ_HEAD(, mapping_client_up) up; /* clients connected now */
 };
+
+static struct mapping_client_up *mapping_find_up(const struct mapping_registry *reg,
+                                                 const char *name)
+{
+    struct mapping_client_up *u;
+    TAILQ_FOREACH(u, &reg->up, link) {
+        if (strcmp(u->name, name) == 0)
+            return u;
+    }
+    return NULL;
+}
+
+void mapping_registry_set_handlers(struct mapping_registry *reg,
+                                   const struct mapping_handlers *h)
+{
+    reg->handlers = *h;
+}
+
+void mapping_registry_client_up(struct mapping_registry *reg, const char *name)
+{
+    struct mapping_client_up *u = mapping_find_up(reg, name);
+    if (!u) {
+        size_t len = strlen(name);
+        if (!(u = calloc(1, sizeof(*u) + len + 1))) {
+            log_error("mapping", "out of memory noting client \"%s\" as connected", name);
+            return;
+        }
+        memcpy(u->name, name, len + 1);
+        TAILQ_INSERT_TAIL(&reg->up, u, link);
+    }
+    u->sessions++;
+}
+
+void mapping_registry_client_down(struct mapping_registry *reg, const char *name)
+{
+    struct mapping_client_up *u = mapping_find_up(reg, name);
+    if (u && --u->sessions == 0) {
+        TAILQ_REMOVE(&reg->up, u, link);
+        free(u);
+    }
+}
+
+bool mapping_registry_client_is_up(const struct mapping_registry *reg, const char *name)
+{
+    return mapping_find_up(reg, name && name[0] ? name : "default") != NULL;
+}
 
 void mapping_conn_begin(struct mapping *m, struct mapping_conn *mc,
                         void (*abort_fn)(struct mapping_conn *mc))
@@ -87,7 +140,7 @@ enum mapping_status mapping_status(const struct mapping *m)
     if (!m->listener)
         return MAPPING_ERROR;
     if (m->rec.use_tunnel &&
-        (!m->srv->tunnel || !tunnel_server_client_connected(m->srv->tunnel, m->rec.client)))
+        (!m->srv->mappings || !mapping_registry_client_is_up(m->srv->mappings, m->rec.client)))
         return MAPPING_WAITING_FOR_CLIENT;
     return MAPPING_LISTENING;
 }
@@ -160,10 +213,11 @@ static void mapping_accept_cb(struct evconnlistener *l, evutil_socket_t fd,
     }
     /* mapping_conn_begin, called from what follows, records the peer from here. */
     m->accepting = sa;
-    if (!m->rec.use_tunnel) {
-        forward_start(m, fd);
-    } else if (srv->tunnel) {
-        tunnel_server_forward(srv->tunnel, m, fd);
+    const struct mapping_handlers *h = &srv->mappings->handlers;
+    if (!m->rec.use_tunnel && h->direct) {
+        h->direct(m, fd);
+    } else if (m->rec.use_tunnel && h->tunnel) {
+        h->tunnel(h->tunnel_ctx, m, fd);
     } else {
         /* A stored tunnel mapping while the tunnel is off: count the refusal. */
         struct mapping_conn mc;
@@ -272,6 +326,7 @@ struct mapping_registry *mapping_registry_new(struct server *srv)
         return NULL;
     reg->srv = srv;
     TAILQ_INIT(&reg->list);
+    TAILQ_INIT(&reg->up);
     return reg;
 }
 
@@ -283,6 +338,11 @@ void mapping_registry_free(struct mapping_registry *reg)
     while ((m = TAILQ_FIRST(&reg->list)) != NULL) {
         TAILQ_REMOVE(&reg->list, m, link);
         mapping_free(m);
+    }
+    struct mapping_client_up *u;
+    while ((u = TAILQ_FIRST(&reg->up)) != NULL) {
+        TAILQ_REMOVE(&reg->up, u, link);
+        free(u);
     }
     free(reg);
 }

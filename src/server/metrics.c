@@ -5,7 +5,6 @@
 
 #include <jansson.h>
 
-#include "api.h"
 #include "clients.h"
 #include "mapping.h"
 #include "server.h"
@@ -182,13 +181,8 @@ static void render_limits(FILE *f, struct server *srv)
             (unsigned long long)l->tunnel_protocol_errors);
 }
 
-static void put_status_count(unsigned status, uint64_t count, void *arg)
-{
-    fprintf(arg, "portmux_api_requests_total{code=\"%u\"} %llu\n", status,
-            (unsigned long long)count);
-}
-
-char *metrics_render(struct server *srv, size_t *len)
+char *metrics_render(struct server *srv, const uint64_t *api_status_count, size_t slots,
+                     size_t *len)
 {
     char *text = NULL;
     FILE *f = open_memstream(&text, len);
@@ -198,8 +192,10 @@ char *metrics_render(struct server *srv, size_t *len)
     render_clients(f, srv);
     render_limits(f, srv);
     put_header(f, "portmux_api_requests_total", "counter", "API requests by HTTP status.");
-    if (srv->api)
-        api_foreach_status_count(srv->api, put_status_count, f);
+    for (size_t s = 0; api_status_count && s < slots; s++)
+        if (api_status_count[s])
+            fprintf(f, "portmux_api_requests_total{code=\"%zu\"} %llu\n", s,
+                    (unsigned long long)api_status_count[s]);
     put_header(f, "process_start_time_seconds", "gauge", "Start time since the epoch.");
     fprintf(f, "process_start_time_seconds %lld\n", (long long)srv->started_at);
     if (fclose(f) != 0) {

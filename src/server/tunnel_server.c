@@ -140,6 +140,8 @@ static void tsession_free(struct tsession *sess)
         if (other->probe_old == sess)
             other->probe_old = NULL; /* gone: the prober takes over when its timer fires */
     }
+    if (sess->authed && !mux_conn_closing(sess->conn) && ts->srv->mappings)
+        mapping_registry_client_down(ts->srv->mappings, sess->name);
     if (sess->authed && !mux_conn_closing(sess->conn) && ts->srv->clients)
         clients_touch(ts->srv->clients, sess->name, (int64_t)time(NULL));
     /* Streams still waiting or bridged close through their on_close callbacks. */
@@ -267,6 +269,8 @@ static void tsession_accept(struct tsession *sess, const char *name)
                              cfg->heartbeat_timeout > 0 ? cfg->heartbeat_timeout : 30);
     if (sess->ts->srv->clients)
         clients_touch(sess->ts->srv->clients, sess->name, (int64_t)sess->connected_at);
+    if (sess->ts->srv->mappings)
+        mapping_registry_client_up(sess->ts->srv->mappings, sess->name);
     log_info(TS_MOD, "client \"%s\" connected from %s", sess->name, sess->remote);
 }
 

@@ -94,6 +94,7 @@ static void tstream_on_bridge_close(const char *why, void *arg)
 static const struct bridge_hooks tstream_hooks = {
     .on_bytes = tstream_on_bytes,
     .on_close = tstream_on_bridge_close,
+    .log_module = TSTREAM_MOD,
 };
 
 /* A mapping update changed rate_limit: the bridged socket joins or leaves its group. */
