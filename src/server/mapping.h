@@ -9,7 +9,6 @@
 #include <time.h>
 
 #include <event2/util.h>
-#include <jansson.h>
 #include <sys/socket.h>
 
 #include "mapping_policy.h"
@@ -104,7 +103,6 @@ enum mapping_result mapping_registry_update(struct mapping_registry *reg,
 /* Deletes from the store, closes the listener and every live connection. */
 enum mapping_result mapping_registry_remove(struct mapping_registry *reg, int port);
 
-/* The mapping as the API shows it (fields, status, error, counters). New reference. */
-json_t *mapping_to_json(const struct mapping *m);
+/* The mapping as the API shows it: api_json_mapping() in api_json.h. */
 
 #endif

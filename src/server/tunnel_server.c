@@ -724,24 +724,40 @@ size_t tunnel_server_client_count(const struct tunnel_server *ts)
     return n;
 }
 
-static json_t *tsession_json(const struct tsession *sess)
+static void tsession_info(const struct tsession *sess, struct tunnel_client_info *out)
 {
-    char when[32];
-    struct tm tm;
-    gmtime_r(&sess->connected_at, &tm);
-    strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
-    return json_pack("{s:s, s:s, s:s, s:I, s:f, s:I, s:I}", "name", sess->name,
-                     "remote_addr", sess->remote, "connected_at", when,
-                     "streams", (json_int_t)sess->streams.nestablished,
-                     "rtt_ms", mux_session_rtt_ms(sess->mux),
-                     "bytes_in", (json_int_t)sess->streams.bytes_in,
-                     "bytes_out", (json_int_t)sess->streams.bytes_out);
+    out->name = sess->name;
+    out->remote_addr = sess->remote;
+    out->connected_at = sess->connected_at;
+    out->streams = sess->streams.nestablished;
+    out->rtt_ms = mux_session_rtt_ms(sess->mux);
+    out->bytes_in = sess->streams.bytes_in;
+    out->bytes_out = sess->streams.bytes_out;
 }
 
-json_t *tunnel_server_client_json(const struct tunnel_server *ts, const char *name)
+bool tunnel_server_client_info(const struct tunnel_server *ts, const char *name,
+                               struct tunnel_client_info *out)
 {
     const struct tsession *sess = ts ? ts_find_client(ts, name) : NULL;
-    return sess ? tsession_json(sess) : NULL;
+    if (sess)
+        tsession_info(sess, out);
+    return sess != NULL;
+}
+
+size_t tunnel_server_clients_foreach(const struct tunnel_server *ts, tunnel_client_fn fn,
+                                     void *arg)
+{
+    size_t n = 0;
+    const struct tsession *sess;
+    TAILQ_FOREACH(sess, &ts->sessions, link) {
+        if (!sess->authed || mux_conn_closing(sess->conn))
+            continue;
+        struct tunnel_client_info info;
+        tsession_info(sess, &info);
+        fn(&info, arg);
+        n++;
+    }
+    return n;
 }
 
 void tunnel_server_client_removed(struct tunnel_server *ts, const char *name)
@@ -764,21 +780,6 @@ void tunnel_server_client_removed(struct tunnel_server *ts, const char *name)
             tsession_close_after_flush(sess);
         }
     }
-}
-
-json_t *tunnel_server_clients_json(const struct tunnel_server *ts)
-{
-    json_t *arr = json_array();
-    size_t n = 0;
-    const struct tsession *sess;
-    TAILQ_FOREACH(sess, &ts->sessions, link) {
-        if (!sess->authed || mux_conn_closing(sess->conn))
-            continue;
-        json_t *c = tsession_json(sess);
-        if (c && json_array_append_new(arr, c) == 0)
-            n++;
-    }
-    return json_pack("{s:o, s:I}", "clients", arr, "count", (json_int_t)n);
 }
 
 /* ---- public connections ---- */
