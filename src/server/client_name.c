@@ -2,6 +2,11 @@
 
 #include <stddef.h>
 
+const char *client_name_or_default(const char *name)
+{
+    return name && name[0] ? name : CLIENT_NAME_DEFAULT;
+}
+
 bool client_name_valid(const char *name)
 {
     if (!name)

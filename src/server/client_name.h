@@ -10,7 +10,15 @@
 /* Tokens written in the config file must be at least this long (the API makes its own). */
 #define CLIENT_TOKEN_MIN_CONFIG 16
 
+/* The client a tunnel mapping names when it names none, and the first client a fresh
+ * server creates. */
+#define CLIENT_NAME_DEFAULT "default"
+
 /* True when name is a valid client name (NULL is not). */
 bool client_name_valid(const char *name);
+
+/* name, or CLIENT_NAME_DEFAULT when it is NULL or "": the one place the default applies
+ * to a mapping's client. */
+const char *client_name_or_default(const char *name);
 
 #endif

@@ -189,7 +189,7 @@ struct clients_registry *clients_registry_new(const struct config *cfg, struct s
      * the tunnel nobody could use it, so it waits for the first start with the tunnel. */
     if (reg->len == 0 && st && cfg->tunnel_enabled) {
         char token[CLIENTS_TOKEN_LEN + 1];
-        if (clients_create(reg, "default", token, sizeof(token)) != CLIENTS_OK) {
+        if (clients_create(reg, CLIENT_NAME_DEFAULT, token, sizeof(token)) != CLIENTS_OK) {
             snprintf(err, errlen, "cannot create the first tunnel client");
             goto fail;
         }

@@ -15,6 +15,7 @@
 #include <event2/listener.h>
 
 #include "accept_guard.h"
+#include "client_name.h"
 #include "config.h"
 #include "log.h"
 #include "mapping_policy.h"
@@ -84,7 +85,7 @@ void mapping_registry_client_down(struct mapping_registry *reg, const char *name
 
 bool mapping_registry_client_is_up(const struct mapping_registry *reg, const char *name)
 {
-    return mapping_find_up(reg, name && name[0] ? name : "default") != NULL;
+    return mapping_find_up(reg, client_name_or_default(name)) != NULL;
 }
 
 void mapping_conn_begin(struct mapping *m, struct mapping_conn *mc,

@@ -21,6 +21,7 @@
 
 #include "accept_guard.h"
 #include "bridge.h"
+#include "client_name.h"
 #include "clients.h"
 #include "proxy_header.h"
 #include "config.h"
@@ -223,7 +224,7 @@ static json_t *ts_client_mappings_json(const struct tunnel_server *ts, const cha
     size_t budget = TS_HELLO_MAPPINGS_BUDGET;
     struct mapping *m = ts->srv->mappings ? mapping_registry_first(ts->srv->mappings) : NULL;
     for (; m && arr; m = mapping_registry_next(m)) {
-        const char *client = m->rec.client[0] ? m->rec.client : "default";
+        const char *client = client_name_or_default(m->rec.client);
         if (!m->rec.use_tunnel || !m->listener || strcmp(client, name) != 0)
             continue;
         char target[FRAME_MAX_HOST + 10];
@@ -626,19 +627,19 @@ static int ts_listen(struct tunnel_server *ts, char *err, size_t errlen)
 {
     const struct config *cfg = ts->srv->cfg;
     struct sockaddr_storage ss;
-    int sslen = (int)sizeof(ss);
+    socklen_t sslen;
     char spec[300];
     const char *addr = cfg->tunnel_listen_addr ? cfg->tunnel_listen_addr : "0.0.0.0";
     snprintf(spec, sizeof(spec), strchr(addr, ':') ? "[%s]:%d" : "%s:%d", addr,
              cfg->tunnel_listen_port);
-    if (evutil_parse_sockaddr_port(spec, (struct sockaddr *)&ss, &sslen) != 0) {
+    if (netaddr_ip_sockaddr(addr, (uint16_t)cfg->tunnel_listen_port, &ss, &sslen) != 0) {
         snprintf(err, errlen, "tunnel.listen_addr %s is not an IP address", addr);
         return -1;
     }
     ts->listener = evconnlistener_new_bind(
         ts->srv->base, ts_accept_cb, ts,
         LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, 128,
-        (struct sockaddr *)&ss, sslen);
+        (struct sockaddr *)&ss, (int)sslen);
     if (!ts->listener) {
         snprintf(err, errlen, "cannot listen on %s: %s", spec,
                  evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
@@ -710,7 +711,7 @@ int tunnel_server_port(const struct tunnel_server *ts) { return ts->port; }
 
 bool tunnel_server_client_connected(const struct tunnel_server *ts, const char *name)
 {
-    return ts_find_client(ts, name && name[0] ? name : "default") != NULL;
+    return ts_find_client(ts, client_name_or_default(name)) != NULL;
 }
 
 size_t tunnel_server_client_count(const struct tunnel_server *ts)
@@ -787,7 +788,7 @@ void tunnel_server_client_removed(struct tunnel_server *ts, const char *name)
 void tunnel_server_forward(struct tunnel_server *ts, struct mapping *m, evutil_socket_t fd)
 {
     const struct config *cfg = ts->srv->cfg;
-    const char *client = m->rec.client[0] ? m->rec.client : "default";
+    const char *client = client_name_or_default(m->rec.client);
     struct tsession *sess = ts_find_client(ts, client);
     if (!sess) {
         log_debug(TS_MOD, "port %d: client \"%s\" not connected", m->rec.port, client);
