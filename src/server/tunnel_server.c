@@ -1,6 +1,7 @@
-/* The server's tunnel endpoint: the listener (TLS optional), Hello authentication, one
- * session per client name, and public connections carried as mux streams through a
- * bridge. Sessions and streams live in the one event loop; nothing here locks. */
+/* The server's tunnel endpoint: the listener (TLS optional), Hello authentication and
+ * takeover, one session per client name. A session's socket, TLS and KeepAlive are a
+ * mux_conn (mux_conn.c); its public connections are tunnel streams (tunnel_stream.c).
+ * Sessions and streams live in the one event loop; nothing here locks. */
 #include "tunnel_server.h"
 
 #include <stdarg.h>
@@ -16,6 +17,7 @@
 #include <event2/bufferevent_ssl.h>
 #include <event2/event.h>
 #include <event2/listener.h>
+#include <jansson.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
@@ -23,7 +25,6 @@
 #include "bridge.h"
 #include "client_name.h"
 #include "clients.h"
-#include "proxy_header.h"
 #include "config.h"
 #include "frame.h"
 #include "hello_limit.h"
