@@ -6,7 +6,8 @@
   control.py clients --port PORT --n N --ready FILE [--hold 120]
 
 bench:
-  1. starts a server (fresh database, tunnel.clients = c0..c{N-1} with tokens t0..,
+  1. starts a server (fresh database, tunnel.clients = c0..c{N-1} with tokens
+     bench-token-0000.. (config tokens are 16+ characters),
      log level warn) and creates --mappings direct mappings one by one through the API
      (one keep-alive HTTP connection): latency per create, p50/p99/max;
   2. GET /api/mapping/list with all of them, --reps x 10 times: p50/max;
@@ -16,13 +17,18 @@ bench:
   4. connects --clients tunnel clients (the `clients` mode below, a separate process), each
      its own session, and measures the server's RSS/PSS before and with all of them in.
 clients:
-  N tunnel sessions speaking the wire protocol (SPEC §4): Hello {"name":"cI","token":"tI",
+  N tunnel sessions speaking the wire protocol (SPEC §4): Hello {"name":"cI","token":"bench-token-000I",
   "version":"bench"} -> HelloResponse {"ok":true}; then they hold, echo every KeepAlive the
   server sends and send an empty KeepAlive every 10 s. Writes the number of accepted sessions
   to --ready, holds until SIGTERM or --hold seconds.
 Results: "key<TAB>value" lines in --out. Exit status 1 when something did not work (a create
 failed, the list or the restore is incomplete, clients were refused), 0 otherwise."""
 import argparse, asyncio, http.client, json, os, resource, signal, struct, subprocess, sys, time
+
+
+def bench_token(i):
+    """Client cI's token: config tokens must be at least 16 characters (SPEC §4a)."""
+    return f"bench-token-{i:04d}"
 
 
 def raise_nofile(want):
@@ -51,7 +57,7 @@ T_KEEPALIVE, T_HELLO, T_HELLO_RESP = 0x05, 0x06, 0x07
 async def one_client(port, i, sem, state):
     async with sem:
         r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
-        hello = json.dumps({"name": f"c{i}", "token": f"t{i}", "version": "bench"}).encode()
+        hello = json.dumps({"name": f"c{i}", "token": bench_token(i), "version": "bench"}).encode()
         w.write(FRAME.pack(1, T_HELLO, len(hello)) + hello)
         await w.drain()
         ver, typ, n = FRAME.unpack(await asyncio.wait_for(r.readexactly(6), 10))
@@ -216,7 +222,7 @@ class Bench:
             "  clients:",
         ]
         for i in range(max(1, a.clients)):
-            lines.append(f"    - {{name: c{i}, token: t{i}}}")
+            lines.append(f"    - {{name: c{i}, token: {bench_token(i)}}}")
         lines += ["api:", "  listen_addr: 127.0.0.1", f"  listen_port: {a.api_port}",
                   "  max_connections: 1024",
                   "database:", f"  path: {self.d}/mappings.db",

@@ -22,17 +22,14 @@
 #include "frame.h"
 #include "log.h"
 #include "mux.h"
+#include "mux_conn.h"
 #include "netaddr.h"
-#include "sockread.h"
 #include "status.h"
 #include "tls_bev.h"
 
 #define TC_MOD "client"
 /* A session that stayed up this long resets the reconnect backoff. */
 #define TC_HEALTHY_SECONDS 10
-#define TC_OUT_HARD_LIMIT (4u * MUX_OUT_SOFT_LIMIT)
-/* Frames taken per read wake-up beyond libevent's 4 KiB (see sockread.h). */
-#define TC_READ_MORE (256u * 1024u)
 #define TC_BEV_OPTS (BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS)
 /* Default for opts.max_pending_dials: ConnectRequests being dialled at once. Each holds a
  * descriptor and a timer until its target answers or connect_timeout passes; a server
@@ -49,16 +46,14 @@ struct tclient {
     struct tclient_opts opts;
     tclient_end_cb on_end;
     void *arg;
-    /* The current session; bev == NULL between attempts. */
-    struct bufferevent *bev;
-    SSL *ssl;                    /* owned by bev */
-    struct mux_session *mux;
+    /* The current session; conn == NULL between attempts. */
+    struct mux_conn *conn;
+    SSL *ssl;                    /* owned by conn */
+    struct mux_session *mux;     /* mux_conn_mux(conn) */
     struct event *deadline;      /* connect + TLS + HelloResponse */
-    struct event *ka_timer;
     bool connected;              /* TCP (and TLS) up */
     bool authed;
     bool ever_authed;
-    bool read_paused;
     struct timespec authed_at;
     size_t streams;              /* bridges alive */
     size_t ndials;               /* entries in dials */
@@ -123,6 +118,7 @@ static void dial_bridge_close(const char *why, void *arg)
 static const struct bridge_hooks dial_hooks = {
     .on_bytes = dial_bridge_bytes,
     .on_close = dial_bridge_close,
+    .log_module = TC_MOD,
 };
 
 static void dial_fail(struct dial *d, uint8_t status, const char *why)
@@ -264,15 +260,12 @@ static void tc_on_connect_request(struct mux_session *mux, struct mux_stream *st
 /* Frees the session; its streams and dials close through their on_close callbacks. */
 static void tc_close_session(struct tclient *c)
 {
-    mux_session_free(c->mux);
+    mux_conn_free(c->conn);
+    c->conn = NULL;
     c->mux = NULL;
-    if (c->bev)
-        bufferevent_free(c->bev);
-    c->bev = NULL;
     c->ssl = NULL;
     event_del(c->deadline);
-    event_del(c->ka_timer);
-    c->connected = c->authed = c->read_paused = false;
+    c->connected = c->authed = false;
 }
 
 /* Ends the current attempt, then reports it. */
@@ -295,11 +288,7 @@ static void tc_send_hello(struct tclient *c)
 {
     json_t *j = json_pack("{s:s, s:s, s:s}", "name", c->opts.name, "token", c->opts.token,
                           "version", PORTMUX_VERSION);
-    char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
-    if (text)
-        mux_session_send_json(c->mux, FRAME_HELLO, text, strlen(text));
-    free(text);
-    json_decref(j);
+    mux_conn_send_json(c->conn, FRAME_HELLO, j);
 }
 
 static void tc_authed(struct tclient *c)
@@ -308,11 +297,7 @@ static void tc_authed(struct tclient *c)
     clock_gettime(CLOCK_MONOTONIC, &c->authed_at);
     mux_session_set_open(c->mux);
     event_del(c->deadline);
-    struct timeval idle = {c->opts.heartbeat_timeout, 0};
-    struct timeval every = {c->opts.heartbeat_interval, 0};
-    /* Silence either way is death: nothing received, or our output not moving. */
-    bufferevent_set_timeouts(c->bev, &idle, &idle);
-    event_add(c->ka_timer, &every);
+    mux_conn_start_keepalive(c->conn, c->opts.heartbeat_interval, c->opts.heartbeat_timeout);
     log_info(TC_MOD, "connected to %s:%u as \"%s\"%s", c->opts.host, (unsigned)c->opts.port,
              c->opts.name, c->opts.ssl ? " (TLS)" : "");
     status_connected(c->opts.status);
@@ -379,47 +364,31 @@ static const struct mux_session_callbacks tc_mux_cb = {
     .on_json = tc_on_json,
 };
 
-static void tc_read_cb(struct bufferevent *bev, void *arg)
+/* The mux stopped reading: a protocol error, or the HelloResponse said no. */
+static void tc_on_stop(struct mux_conn *conn, int rc, void *arg)
 {
     struct tclient *c = arg;
-    if (!c->opts.ssl)
-        sockread_more(bev, TC_READ_MORE);
-    int rc = mux_session_input(c->mux, bufferevent_get_input(bev));
     if (rc < 0) {
         char reason[200];
         snprintf(reason, sizeof(reason), "protocol error: %s", mux_session_error(c->mux));
         tc_end(c, TCLIENT_LOST, reason);
-        return;
+    } else if (c->refusal[0]) {
+        tc_end(c, TCLIENT_REFUSED, c->refusal);
+    } else {
+        tc_end(c, TCLIENT_LOST, "server says this client is still connected");
     }
-    if (rc == MUX_STOPPED) {
-        if (c->refusal[0])
-            tc_end(c, TCLIENT_REFUSED, c->refusal);
-        else
-            tc_end(c, TCLIENT_LOST, "server says this client is still connected");
-        return;
-    }
+}
+
+static void tc_on_input(struct mux_conn *conn, void *arg)
+{
+    struct tclient *c = arg;
     status_set_rtt(c->opts.status, mux_session_rtt_ms(c->mux));
-    if (evbuffer_get_length(bufferevent_get_output(bev)) > TC_OUT_HARD_LIMIT) {
-        bufferevent_disable(bev, EV_READ);
-        c->read_paused = true;
-    }
 }
 
-static void tc_write_cb(struct bufferevent *bev, void *arg)
+static void tc_on_event(struct mux_conn *conn, short what, void *arg)
 {
     struct tclient *c = arg;
-    if (!c->mux)
-        return;
-    mux_session_output_drained(c->mux);
-    if (c->read_paused) {
-        c->read_paused = false;
-        bufferevent_enable(bev, EV_READ);
-    }
-}
-
-static void tc_event_cb(struct bufferevent *bev, short what, void *arg)
-{
-    struct tclient *c = arg;
+    struct bufferevent *bev = mux_conn_bev(conn);
     char reason[300] = "";
     if (what & BEV_EVENT_CONNECTED) {
         c->connected = true;
@@ -455,50 +424,31 @@ static void tc_deadline_cb(evutil_socket_t fd, short what, void *arg)
     tc_end(c, TCLIENT_LOST, reason);
 }
 
-static void tc_keepalive_cb(evutil_socket_t fd, short what, void *arg)
-{
-    struct tclient *c = arg;
-    if (c->mux)
-        mux_session_send_keepalive(c->mux);
-}
-
-static struct bufferevent *tc_bev_new(struct tclient *c)
-{
-    if (!c->opts.ssl)
-        return bufferevent_socket_new(c->base, -1, TC_BEV_OPTS);
-    SSL *ssl = client_tls_ssl_new(c->opts.ssl, c->opts.server_name);
-    if (!ssl)
-        return NULL;
-    struct bufferevent *bev = tls_bev_new(c->base, -1, ssl, BUFFEREVENT_SSL_CONNECTING, TC_BEV_OPTS);
-    if (!bev) {
-        SSL_free(ssl);
-        return NULL;
-    }
-    c->ssl = ssl;
-    return bev;
-}
+static const struct mux_conn_hooks tc_conn_hooks = {
+    .on_stop = tc_on_stop,
+    .on_input = tc_on_input,
+    .on_event = tc_on_event,
+};
 
 int tclient_connect(struct tclient *c)
 {
-    if (c->bev)
+    if (c->conn)
         return -1;
     c->refusal[0] = '\0';
-    c->bev = tc_bev_new(c);
-    if (!c->bev)
+    SSL *ssl = NULL;
+    if (c->opts.ssl && !(ssl = client_tls_ssl_new(c->opts.ssl, c->opts.server_name)))
         return -1;
-    c->mux = mux_session_new(MUX_ROLE_CLIENT, bufferevent_get_output(c->bev), &tc_mux_cb, c);
-    if (!c->mux)
-        goto fail;
-    bufferevent_setcb(c->bev, tc_read_cb, tc_write_cb, tc_event_cb, c);
-    bufferevent_setwatermark(c->bev, EV_WRITE, MUX_OUT_SOFT_LIMIT / 2, 0);
-    sockread_set_large_io(c->bev);
-    bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+    c->conn = mux_conn_new(c->base, -1, ssl, BUFFEREVENT_SSL_CONNECTING, TC_BEV_OPTS,
+                           MUX_ROLE_CLIENT, &tc_mux_cb, &tc_conn_hooks, c);
+    if (!c->conn)
+        return -1;
+    c->ssl = ssl;
+    c->mux = mux_conn_mux(c->conn);
     struct timeval tv = {c->opts.connect_timeout, 0};
     evtimer_add(c->deadline, &tv);
     log_debug(TC_MOD, "connecting to %s:%u", c->opts.host, (unsigned)c->opts.port);
     status_connecting(c->opts.status);
-    if (bufferevent_socket_connect_hostname(tls_bev_socket(c->bev), c->dns, AF_UNSPEC, c->opts.host,
-                                            c->opts.port) != 0)
+    if (mux_conn_connect_hostname(c->conn, c->dns, c->opts.host, c->opts.port) != 0)
         goto fail;
     return 0;
 fail:
@@ -519,8 +469,7 @@ struct tclient *tclient_new(struct event_base *base, struct evdns_base *dns,
     c->arg = arg;
     TAILQ_INIT(&c->dials);
     c->deadline = evtimer_new(base, tc_deadline_cb, c);
-    c->ka_timer = event_new(base, -1, EV_PERSIST, tc_keepalive_cb, c);
-    if (!c->deadline || !c->ka_timer) {
+    if (!c->deadline) {
         tclient_free(c);
         return NULL;
     }
@@ -533,11 +482,9 @@ void tclient_free(struct tclient *c)
 {
     if (!c)
         return;
-    if (c->bev)
+    if (c->conn)
         tc_close_session(c);
     if (c->deadline)
         event_free(c->deadline);
-    if (c->ka_timer)
-        event_free(c->ka_timer);
     free(c);
 }

@@ -14,6 +14,7 @@
 
 #include "log.h"
 #include "mux.h"
+#include "relay_dir.h"
 #include "sockread.h"
 
 /* After the peer's Close, what is buffered for the socket gets this long to drain. */
@@ -26,16 +27,24 @@ struct bridge {
     struct event *linger;
     struct bridge_hooks hooks;
     void *arg;
-    bool sock_eof;    /* the socket sent FIN: read direction ends */
-    bool shut_sent;   /* ... and ShutWrite went out */
-    bool peer_shut;   /* ShutWrite received: write direction ends */
-    bool sock_shut;   /* ... and shutdown(SHUT_WR) done */
+    enum relay_dir_state up;   /* socket -> stream: eof = the socket's FIN, fin_sent =
+                                * ShutWrite went out */
+    enum relay_dir_state down; /* stream -> socket: eof = ShutWrite received, fin_sent =
+                                * shutdown(SHUT_WR) done */
     bool flushing;    /* stream gone: drain the output, then free */
     bool rate_limited;/* in a rate-limit group: only libevent's own (limited) reads */
     uint64_t to_stream, to_socket;
 };
 
 static void bridge_pump(struct bridge *b);
+
+static void bridge_set_dir(struct bridge *b, enum relay_dir_state *dir,
+                           enum relay_dir_state next)
+{
+    relay_dir_set(dir, next, b->hooks.log_module ? b->hooks.log_module : "bridge", "stream",
+                  b->st ? (unsigned long)mux_stream_id(b->st) : 0ul,
+                  dir == &b->up ? "socket->stream" : "stream->socket");
+}
 
 void bridge_set_nodelay(int fd)
 {
@@ -79,7 +88,7 @@ static void bridge_finish(struct bridge *b, const char *why)
 /* Both directions done: nothing is in flight either way, so Close is plain cleanup. */
 static bool bridge_check_done(struct bridge *b)
 {
-    if (!(b->shut_sent && b->sock_shut))
+    if (b->up != RELAY_DIR_FIN_SENT || b->down != RELAY_DIR_FIN_SENT)
         return false;
     bridge_finish(b, "closed");
     return true;
@@ -88,18 +97,18 @@ static bool bridge_check_done(struct bridge *b)
 /* Passes the peer's FIN on once everything before it reached the socket. */
 static bool bridge_try_shutdown(struct bridge *b)
 {
-    if (!b->peer_shut || b->sock_shut || b->flushing)
+    if (b->down != RELAY_DIR_EOF || b->flushing)
         return false;
     if (evbuffer_get_length(bufferevent_get_output(b->bev)) > 0)
         return false;
     shutdown(bufferevent_getfd(b->bev), SHUT_WR);
-    b->sock_shut = true;
+    bridge_set_dir(b, &b->down, RELAY_DIR_FIN_SENT);
     return bridge_check_done(b);
 }
 
 static void bridge_pump(struct bridge *b)
 {
-    if (!b->st || b->shut_sent)
+    if (!b->st || b->up == RELAY_DIR_FIN_SENT)
         return;
     struct evbuffer *in = bufferevent_get_input(b->bev);
     if (evbuffer_get_length(in) > 0) {
@@ -119,11 +128,11 @@ static void bridge_pump(struct bridge *b)
         bufferevent_disable(b->bev, EV_READ);
         return;
     }
-    if (!b->sock_eof) {
+    if (b->up == RELAY_DIR_OPEN) {
         bufferevent_enable(b->bev, EV_READ);
         return;
     }
-    b->shut_sent = true;
+    bridge_set_dir(b, &b->up, RELAY_DIR_FIN_SENT);
     if (mux_stream_shut_write(b->st) != MUX_OK) {
         bridge_finish(b, "stream shut failed");
         return;
@@ -168,7 +177,7 @@ static void bridge_event_cb(struct bufferevent *bev, short what, void *arg)
         return;
     }
     if (what & BEV_EVENT_EOF) {
-        b->sock_eof = true;
+        bridge_set_dir(b, &b->up, RELAY_DIR_EOF);
         if (b->flushing) {
             bridge_finish(b, "closed by peer");
             return;
@@ -180,7 +189,7 @@ static void bridge_event_cb(struct bufferevent *bev, short what, void *arg)
 /* Counts what the socket really took and gives it back to the peer as window. The first
  * bytes for the socket turn writing on: enabled with an empty output, a socket
  * bufferevent arms EPOLLOUT, wakes up with nothing to write and disarms it (two epoll_ctl
- * and a wake-up per stream, measured under Connection: close). */
+ * and a wake-up per stream; bench/RESULTS.md, "Measurements behind the code"). */
 static void bridge_drain_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info,
                             void *arg)
 {
@@ -243,7 +252,7 @@ static void bridge_on_writable(struct mux_stream *st, void *arg) { bridge_pump(a
 static void bridge_on_shut(struct mux_stream *st, void *arg)
 {
     struct bridge *b = arg;
-    b->peer_shut = true;
+    bridge_set_dir(b, &b->down, RELAY_DIR_EOF);
     bridge_try_shutdown(b);
 }
 

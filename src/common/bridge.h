@@ -24,6 +24,9 @@ struct bridge_hooks {
     /* The bridge finished by itself (both directions done, an error, the stream gone) and
      * is freed right after this returns. Not called by bridge_free(). */
     void (*on_close)(const char *why, void *arg);
+    /* The log module the owner's lines go under (half-close transitions, at debug);
+     * NULL: "bridge". */
+    const char *log_module;
 };
 
 /* Joins an opened stream (ConnectResponse ok) and a connected socket bufferevent. Takes

@@ -8,10 +8,10 @@
 
 /* Bulk relaying allocates and frees 64-128 KiB evbuffer chains all the time. With glibc's
  * defaults the top of the heap is handed back to the kernel whenever ~256 KiB of it is
- * free, and the next chains fault fresh zeroed pages in again: perf showed page faults and
- * clear_page as the largest costs of a tunnel stream, and the tunnel ran at under half its
- * speed. Keeping up to 8 MiB of free heap (a few windows' worth) removes that churn and
- * still bounds what an idle process holds after a burst. A fixed mmap threshold keeps the
+ * free, and the next chains fault fresh zeroed pages in again (page faults and clearing
+ * pages on every window; bench/RESULTS.md, "Measurements behind the code"). Keeping up to
+ * 8 MiB of free heap (a few windows' worth) removes that churn and still bounds what an
+ * idle process holds after a burst. A fixed mmap threshold keeps the
  * 128 KiB chains on the heap from the first one (the dynamic threshold only rises after
  * the first mmapped chain is freed) and stops glibc from moving the trim threshold. */
 #define HEAP_TRIM_THRESHOLD (8 * 1024 * 1024)

@@ -10,6 +10,17 @@
  * after Close went both ways (or a failed ConnectResponse), in a pass that runs after the
  * callbacks returned, so a callback never sees its stream freed under it.
  *
+ * Error model: fatal only, as in SSH. Every error the peer can cause -- an undecodable
+ * frame, a frame that breaks the protocol for one stream (Data, WindowUpdate or
+ * ShutWrite for a stream that is not open, a second Close or ShutWrite, an unexpected
+ * ConnectResponse, a window grown past its limit) -- makes mux_session_input() return a negative MUX_E_* and the whole tunnel is
+ * dropped by its owner (mux_conn.c's on_stop hook), with every stream on it. There is no
+ * per-stream reset: a peer that breaks one stream's rules is not trusted with the others.
+ * Per-stream outcomes that are not errors travel as frames: a refused ConnectResponse,
+ * Close, ShutWrite (a Close for a stream already gone is tolerated: the two Closes
+ * crossed). Calls the application makes in the wrong state (writing a closed
+ * stream) return MUX_E_STATE and harm nothing.
+ *
  * Never free the session from inside one of its callbacks. */
 #ifndef PORTMUX_MUX_H
 #define PORTMUX_MUX_H

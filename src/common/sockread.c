@@ -4,12 +4,26 @@
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
+#include <event2/event.h>
+
+#define SOCKREAD_LARGE_IO (256 * 1024)
+
+#if LIBEVENT_VERSION_NUMBER >= 0x02020000
+/* libevent reads large chunks itself once told (evbuffer_set_max_read). */
+size_t sockread_more(struct bufferevent *bev, size_t limit) { return 0; }
+
+void sockread_set_large_io(struct bufferevent *bev)
+{
+    bufferevent_set_max_single_read(bev, SOCKREAD_LARGE_IO);
+    bufferevent_set_max_single_write(bev, SOCKREAD_LARGE_IO);
+    evbuffer_set_max_read(bufferevent_get_input(bev), SOCKREAD_LARGE_IO);
+}
+#else /* libevent 2.1: the workaround */
 
 /* One read fills at most one 64 KiB evbuffer chain (the allocation includes the chain's
  * own header), so no chain holds more than a tunnel Data frame carries and the mux sends
  * whole chains without copying (see mux_stream_write). */
 #define SOCKREAD_CHUNK (64 * 1024 - 128)
-#define SOCKREAD_LARGE_IO (256 * 1024)
 /* What libevent 2.1's own read takes at most per wake-up (EVBUFFER_MAX_READ). */
 #define SOCKREAD_LIBEVENT_MAX_READ 4096
 
@@ -73,3 +87,4 @@ void sockread_set_large_io(struct bufferevent *bev)
     bufferevent_set_max_single_read(bev, SOCKREAD_LARGE_IO);
     bufferevent_set_max_single_write(bev, SOCKREAD_LARGE_IO);
 }
+#endif

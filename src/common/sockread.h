@@ -1,8 +1,13 @@
-/* Large reads for socket bufferevents. libevent 2.1 reads at most 4 KiB per wake-up
- * (EVBUFFER_MAX_READ in buffer.c), which costs an epoll round and a syscall per 4 KiB on a
- * bulk stream; profiles of the tunnel showed it as the first cost. Called from a read
- * callback, sockread_more() takes what else is already waiting in the kernel in large
- * readv() calls, straight into the bufferevent's input. */
+/* Large reads for socket bufferevents.
+ *
+ * A libevent 2.1 workaround (LIBEVENT_VERSION_NUMBER < 2.2): libevent 2.1 reads at most
+ * 4 KiB per wake-up (EVBUFFER_MAX_READ in buffer.c), which costs an epoll round and a
+ * syscall per 4 KiB on a bulk stream. Called from a read callback, sockread_more() takes
+ * what else is already waiting in the kernel in large readv() calls, straight into the
+ * bufferevent's input -- which means lifting the freeze libevent keeps on that input
+ * outside its own reads. libevent 2.2 has evbuffer_set_max_read() for exactly this:
+ * built against it, sockread_set_large_io() raises that limit and sockread_more() does
+ * nothing. Remove the 2.1 half when 2.1 is no longer a target. */
 #ifndef PORTMUX_SOCKREAD_H
 #define PORTMUX_SOCKREAD_H
 

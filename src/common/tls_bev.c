@@ -2,15 +2,22 @@
 
 #include "sockread.h"
 
-/* What one wake-up of the socket side takes before OpenSSL opens it. */
-#define TLS_BEV_READ_MORE (256u * 1024u)
 /* Sealed records waiting for the socket: OpenSSL seals no more above HIGH, and resumes
  * below LOW, so the tunnel's own output limits still see the backlog. */
 #define TLS_BEV_SEALED_LOW (128u * 1024u)
 #define TLS_BEV_SEALED_HIGH (512u * 1024u)
 
-/* libevent's callbacks for a filter's socket side: the same functions for every TLS
- * bufferevent, so one copy of each serves all (the loop is single-threaded). */
+#if LIBEVENT_VERSION_NUMBER < 0x02020000
+/* A libevent 2.1 workaround (see sockread.h): the filter's socket side must be read with
+ * sockread_more() before OpenSSL opens what arrived, so its read callback -- libevent's
+ * own, private to bufferevent_openssl.c -- is wrapped. libevent installs one callback
+ * while the handshake runs and another once it is done; they are the same functions for
+ * every TLS bufferevent, so one saved copy of each serves all (the loop is
+ * single-threaded). With libevent 2.2, sockread_set_large_io() on the socket side sets
+ * evbuffer_set_max_read() instead and none of this is compiled. */
+#define TLS_BEV_WRAP_READS 1
+/* What one wake-up of the socket side takes before OpenSSL opens it. */
+#define TLS_BEV_READ_MORE (256u * 1024u)
 static bufferevent_data_cb tls_bev_handshakecb; /* while the handshake runs */
 static bufferevent_data_cb tls_bev_readcb;      /* once it is done */
 
@@ -36,6 +43,7 @@ static void tls_bev_handshake_step(struct bufferevent *sock, void *filter)
     tls_bev_readcb = readcb;
     bufferevent_setcb(sock, tls_bev_open_readcb, writecb, eventcb, arg);
 }
+#endif
 
 #define TLS_BEV_CIPHERSUITES \
     "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
@@ -67,10 +75,12 @@ struct bufferevent *tls_bev_new(struct event_base *base, evutil_socket_t fd, SSL
         bufferevent_free(sock);
         return NULL;
     }
+#ifdef TLS_BEV_WRAP_READS
     bufferevent_event_cb eventcb;
     void *filter;
     bufferevent_getcb(sock, &tls_bev_handshakecb, NULL, &eventcb, &filter);
     bufferevent_setcb(sock, tls_bev_handshake_step, tls_bev_handshake_step, eventcb, filter);
+#endif
     sockread_set_large_io(sock);
     bufferevent_setwatermark(sock, EV_WRITE, TLS_BEV_SEALED_LOW, TLS_BEV_SEALED_HIGH);
     /* A peer that drops the TCP connection without close_notify is an EOF, not an error. */

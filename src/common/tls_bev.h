@@ -1,8 +1,8 @@
 /* TLS bufferevents that move bulk data in large chunks.
  *
  * bufferevent_openssl_socket_new() does one SSL_read per wake-up and one write(2) per TLS
- * record: a tunnel stream over TLS cost an epoll round, two read(2)s and a write(2) for
- * every 16 KiB record (strace: 62,642 writes and 125,101 reads per GB). Here OpenSSL runs
+ * record: an epoll round, two read(2)s and a write(2) for every 16 KiB record (the count
+ * is in bench/RESULTS.md, "Measurements behind the code"). Here OpenSSL runs
  * as a filter on a socket bufferevent instead: records are sealed into the socket
  * bufferevent's output and leave in one writev of up to 256 KiB, and the socket side is
  * read with sockread_more() before OpenSSL opens what arrived. */

@@ -29,6 +29,7 @@
 
 #include "accept_guard.h"
 #include "api_guard.h"
+#include "api_json.h"
 #include "clients.h"
 #include "config.h"
 #include "log.h"
@@ -184,7 +185,7 @@ static void handle_create(struct server *srv, const struct api_req *rq, struct a
     }
     log_info("api", "mapping created: port %d -> %s%s:%d", rec.port,
              rec.use_tunnel ? "tunnel " : "", mapping_target_host(m), rec.target_port);
-    api_ok(out, MHD_HTTP_CREATED, "mapping created", mapping_to_json(m));
+    api_ok(out, MHD_HTTP_CREATED, "mapping created", api_json_mapping(m));
 }
 
 /* Two passes over the body: the first finds the port (404 before any field is judged
@@ -228,7 +229,7 @@ static void handle_update(struct server *srv, const struct api_req *rq, struct a
         return;
     }
     log_info("api", "mapping updated: port %d%s", port, m->rec.enabled ? "" : " (disabled)");
-    api_ok(out, MHD_HTTP_OK, "mapping updated", mapping_to_json(m));
+    api_ok(out, MHD_HTTP_OK, "mapping updated", api_json_mapping(m));
 }
 
 static void handle_remove(struct server *srv, const struct api_req *rq, struct api_reply *out)
@@ -260,7 +261,7 @@ static void handle_list(struct server *srv, const struct api_req *rq, struct api
     json_t *arr = json_array();
     for (struct mapping *m = mapping_registry_first(srv->mappings); m;
          m = mapping_registry_next(m))
-        json_array_append_new(arr, mapping_to_json(m));
+        json_array_append_new(arr, api_json_mapping(m));
     json_t *data = json_pack("{s:o, s:I}", "mappings", arr, "count",
                              (json_int_t)mapping_registry_count(srv->mappings));
     api_ok(out, MHD_HTTP_OK, "ok", data);
@@ -285,7 +286,10 @@ static void api_time_json(json_t *obj, const char *key, int64_t t)
  * when it has none. */
 static json_t *api_client_json(struct server *srv, const struct clients_entry *e)
 {
-    json_t *live = tunnel_server_client_json(srv->tunnel, e->name);
+    struct tunnel_client_info info;
+    json_t *live = tunnel_server_client_info(srv->tunnel, e->name, &info)
+                       ? api_json_tunnel_client(&info)
+                       : NULL;
     json_t *c = json_pack("{s:s, s:s, s:b, s:I, s:I}", "name", e->name, "source",
                           e->source == CLIENTS_SOURCE_CONFIG ? "config" : "api", "connected",
                           live != NULL, "takeovers", (json_int_t)e->takeovers, "refused",
@@ -455,7 +459,9 @@ static void handle_client_remove(struct server *srv, const struct api_req *rq,
 static void handle_metrics(struct server *srv, const struct api_req *rq, struct api_reply *out)
 {
     size_t len = 0;
-    char *text = metrics_render(srv, &len);
+    /* The API's own counters go to metrics as plain numbers: metrics.c includes no api.h. */
+    char *text = srv->api ? metrics_render(srv, srv->api->status_count, API_STATUS_SLOTS, &len)
+                          : metrics_render(srv, NULL, 0, &len);
     if (!text) {
         api_fail(out, API_E_INTERNAL, "out of memory", NULL);
         return;
@@ -921,6 +927,7 @@ static int api_start_listener(struct api *api, char *err, size_t errlen)
         api->port = bound.ss_family == AF_INET6
                         ? ntohs(((struct sockaddr_in6 *)&bound)->sin6_port)
                         : ntohs(((struct sockaddr_in *)&bound)->sin_port);
+    api->srv->api_port = api->port; /* for loop_guard, which must not include api.h */
     return 0;
 }
 
@@ -997,11 +1004,3 @@ void api_free(struct api *api)
 }
 
 int api_port(const struct api *api) { return api->port; }
-
-void api_foreach_status_count(const struct api *api,
-                              void (*fn)(unsigned status, uint64_t count, void *arg), void *arg)
-{
-    for (unsigned s = 0; s < API_STATUS_SLOTS; s++)
-        if (api->status_count[s])
-            fn(s, api->status_count[s], arg);
-}

@@ -18,9 +18,6 @@ void api_free(struct api *api);
 /* The bound port (useful when listen_port is 0). */
 int api_port(const struct api *api);
 
-/* Requests answered per HTTP status, for /metrics: calls fn for each status seen. */
-void api_foreach_status_count(const struct api *api,
-                              void (*fn)(unsigned status, uint64_t count, void *arg), void *arg);
 
 /* One request as api_dispatch sees it. No MHD object: the MHD glue and the fuzz target
  * (tests/fuzz/fuzz_api_request.c) go through exactly the same decisions. */

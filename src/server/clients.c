@@ -14,6 +14,7 @@
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 
+#include "client_name.h"
 #include "config.h"
 #include "log.h"
 
@@ -26,21 +27,7 @@ struct clients_registry {
     size_t nconfig;             /* v[0..nconfig) come from the config */
 };
 
-bool clients_name_valid(const char *name)
-{
-    if (!name)
-        return false;
-    size_t n = 0;
-    for (; name[n]; n++) {
-        char c = name[n];
-        if (n >= CLIENTS_NAME_MAX)
-            return false;
-        if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
-              c == '.' || c == '_' || c == '-'))
-            return false;
-    }
-    return n > 0;
-}
+bool clients_name_valid(const char *name) { return client_name_valid(name); }
 
 int clients_token_generate(char *out, size_t outlen)
 {
@@ -202,7 +189,7 @@ struct clients_registry *clients_registry_new(const struct config *cfg, struct s
      * the tunnel nobody could use it, so it waits for the first start with the tunnel. */
     if (reg->len == 0 && st && cfg->tunnel_enabled) {
         char token[CLIENTS_TOKEN_LEN + 1];
-        if (clients_create(reg, "default", token, sizeof(token)) != CLIENTS_OK) {
+        if (clients_create(reg, CLIENT_NAME_DEFAULT, token, sizeof(token)) != CLIENTS_OK) {
             snprintf(err, errlen, "cannot create the first tunnel client");
             goto fail;
         }

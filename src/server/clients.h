@@ -9,13 +9,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "client_name.h"
 #include "store.h"
 
 struct config;
 
 #define CLIENTS_NAME_MAX STORE_CLIENT_NAME_MAX
 /* The shortest token a config file may hold (SPEC §4). */
-#define CLIENTS_TOKEN_MIN_CONFIG 16
+#define CLIENTS_TOKEN_MIN_CONFIG CLIENT_TOKEN_MIN_CONFIG
 /* Generated tokens: 32 random bytes in unpadded base64url = 43 characters. */
 #define CLIENTS_TOKEN_RANDOM_BYTES 32
 #define CLIENTS_TOKEN_LEN 43

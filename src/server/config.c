@@ -21,7 +21,7 @@
 #include <unistd.h>
 #include <yaml.h>
 
-#include "clients.h"
+#include "client_name.h"
 
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -541,7 +541,7 @@ static int parse_client_name(struct loader *ld, const struct field *f, void *bas
 {
     if (parse_str(ld, f, base) != 0)
         return -1;
-    if (!clients_name_valid(*FIELD_PTR(char *, base, f)))
+    if (!client_name_valid(*FIELD_PTR(char *, base, f)))
         return fail(ld, "must be 1-64 characters of A-Z a-z 0-9 . _ -");
     return 0;
 }
@@ -551,8 +551,8 @@ static int parse_client_token(struct loader *ld, const struct field *f, void *ba
 {
     if (parse_str(ld, f, base) != 0)
         return -1;
-    if (strlen(*FIELD_PTR(char *, base, f)) < CLIENTS_TOKEN_MIN_CONFIG)
-        return fail(ld, "must be at least %d characters", CLIENTS_TOKEN_MIN_CONFIG);
+    if (strlen(*FIELD_PTR(char *, base, f)) < CLIENT_TOKEN_MIN_CONFIG)
+        return fail(ld, "must be at least %d characters", CLIENT_TOKEN_MIN_CONFIG);
     return 0;
 }
 

@@ -14,7 +14,6 @@
 #include <event2/dns.h>
 #include <event2/util.h>
 
-#include "api.h"
 #include "config.h"
 #include "mapping.h"
 #include "netaddr.h"
@@ -89,7 +88,7 @@ bool loop_guard_is_server_port(struct server *srv, int port, int extra_port)
         return false;
     if (port == extra_port)
         return true;
-    if (port == (srv->api ? api_port(srv->api) : srv->cfg->api_listen_port))
+    if (port == (srv->api_port ? srv->api_port : srv->cfg->api_listen_port))
         return true;
     if (srv->tunnel && port == tunnel_server_port(srv->tunnel))
         return true;

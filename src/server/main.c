@@ -21,6 +21,7 @@
 #include "server.h"
 #include "store.h"
 #include "tunnel_server.h"
+#include "forward.h"
 
 #define EXIT_CONFIG 2
 
@@ -172,6 +173,12 @@ static struct evdns_base *dns_new(struct event_base *base)
 }
 
 /* Opens the store and the listeners. Returns 0, or the exit status. */
+/* The registry's tunnel handler (mapping_handlers.tunnel_ctx is the tunnel server). */
+static void main_tunnel_forward(void *ctx, struct mapping *m, evutil_socket_t fd)
+{
+    tunnel_server_forward(ctx, m, fd);
+}
+
 static int server_start(struct server *srv)
 {
     char err[512];
@@ -196,6 +203,15 @@ static int server_start(struct server *srv)
         }
         log_info("tunnel", "listening on %s:%d", srv->cfg->tunnel_listen_addr,
                  tunnel_server_port(srv->tunnel));
+    }
+    if (srv->mappings) {
+        /* The registry reaches the relays only through these: it includes neither. */
+        const struct mapping_handlers h = {
+            .direct = forward_start,
+            .tunnel = srv->tunnel ? main_tunnel_forward : NULL,
+            .tunnel_ctx = srv->tunnel,
+        };
+        mapping_registry_set_handlers(srv->mappings, &h);
     }
     if (!srv->mappings || mapping_registry_restore(srv->mappings) < 0) {
         log_error("mapping", "cannot restore mappings from the store");

@@ -15,12 +15,11 @@
 #include <event2/listener.h>
 
 #include "accept_guard.h"
+#include "client_name.h"
 #include "config.h"
-#include "forward.h"
 #include "log.h"
 #include "mapping_policy.h"
 #include "server.h"
-#include "tunnel_server.h"
 
 #define MAPPING_BACKLOG 1024
 /* Descriptors a public port may never take: they stay for the API, the tunnel, the
@@ -28,11 +27,66 @@
  * loop or a flood fills the public ports, /health still answers. */
 #define MAPPING_FD_RESERVE 64
 
+/* A tunnel client with a live session, as the tunnel told us (no polling). */
+struct mapping_client_up {
+    TAILQ_ENTRY(mapping_client_up) link;
+    unsigned sessions;            /* up notices not yet matched by a down */
+    char name[];
+};
+
 struct mapping_registry {
     struct server *srv;
     TAILQ_HEAD(, mapping) list;
     size_t count;
+    struct mapping_handlers handlers;   /* where accepted connections go (main.c) */
+    TAILQ_HEAD(, mapping_client_up) up; /* clients connected now */
 };
+
+static struct mapping_client_up *mapping_find_up(const struct mapping_registry *reg,
+                                                 const char *name)
+{
+    struct mapping_client_up *u;
+    TAILQ_FOREACH(u, &reg->up, link) {
+        if (strcmp(u->name, name) == 0)
+            return u;
+    }
+    return NULL;
+}
+
+void mapping_registry_set_handlers(struct mapping_registry *reg,
+                                   const struct mapping_handlers *h)
+{
+    reg->handlers = *h;
+}
+
+void mapping_registry_client_up(struct mapping_registry *reg, const char *name)
+{
+    struct mapping_client_up *u = mapping_find_up(reg, name);
+    if (!u) {
+        size_t len = strlen(name);
+        if (!(u = calloc(1, sizeof(*u) + len + 1))) {
+            log_error("mapping", "out of memory noting client \"%s\" as connected", name);
+            return;
+        }
+        memcpy(u->name, name, len + 1);
+        TAILQ_INSERT_TAIL(&reg->up, u, link);
+    }
+    u->sessions++;
+}
+
+void mapping_registry_client_down(struct mapping_registry *reg, const char *name)
+{
+    struct mapping_client_up *u = mapping_find_up(reg, name);
+    if (u && --u->sessions == 0) {
+        TAILQ_REMOVE(&reg->up, u, link);
+        free(u);
+    }
+}
+
+bool mapping_registry_client_is_up(const struct mapping_registry *reg, const char *name)
+{
+    return mapping_find_up(reg, client_name_or_default(name)) != NULL;
+}
 
 void mapping_conn_begin(struct mapping *m, struct mapping_conn *mc,
                         void (*abort_fn)(struct mapping_conn *mc))
@@ -87,7 +141,7 @@ enum mapping_status mapping_status(const struct mapping *m)
     if (!m->listener)
         return MAPPING_ERROR;
     if (m->rec.use_tunnel &&
-        (!m->srv->tunnel || !tunnel_server_client_connected(m->srv->tunnel, m->rec.client)))
+        (!m->srv->mappings || !mapping_registry_client_is_up(m->srv->mappings, m->rec.client)))
         return MAPPING_WAITING_FOR_CLIENT;
     return MAPPING_LISTENING;
 }
@@ -160,10 +214,11 @@ static void mapping_accept_cb(struct evconnlistener *l, evutil_socket_t fd,
     }
     /* mapping_conn_begin, called from what follows, records the peer from here. */
     m->accepting = sa;
-    if (!m->rec.use_tunnel) {
-        forward_start(m, fd);
-    } else if (srv->tunnel) {
-        tunnel_server_forward(srv->tunnel, m, fd);
+    const struct mapping_handlers *h = &srv->mappings->handlers;
+    if (!m->rec.use_tunnel && h->direct) {
+        h->direct(m, fd);
+    } else if (m->rec.use_tunnel && h->tunnel) {
+        h->tunnel(h->tunnel_ctx, m, fd);
     } else {
         /* A stored tunnel mapping while the tunnel is off: count the refusal. */
         struct mapping_conn mc;
@@ -272,6 +327,7 @@ struct mapping_registry *mapping_registry_new(struct server *srv)
         return NULL;
     reg->srv = srv;
     TAILQ_INIT(&reg->list);
+    TAILQ_INIT(&reg->up);
     return reg;
 }
 
@@ -283,6 +339,11 @@ void mapping_registry_free(struct mapping_registry *reg)
     while ((m = TAILQ_FIRST(&reg->list)) != NULL) {
         TAILQ_REMOVE(&reg->list, m, link);
         mapping_free(m);
+    }
+    struct mapping_client_up *u;
+    while ((u = TAILQ_FIRST(&reg->up)) != NULL) {
+        TAILQ_REMOVE(&reg->up, u, link);
+        free(u);
     }
     free(reg);
 }
@@ -487,42 +548,4 @@ enum mapping_result mapping_registry_remove(struct mapping_registry *reg, int po
     reg->count--;
     mapping_free(m);
     return MAPPING_OK;
-}
-
-json_t *mapping_to_json(const struct mapping *m)
-{
-    const struct mapping_record *r = &m->rec;
-    enum mapping_status st = mapping_status(m);
-    json_t *o = json_pack("{s:I, s:i, s:s, s:i, s:b, s:s, s:s, s:I, s:s}", "id", (json_int_t)r->id,
-                          "port", r->port, "target_ip", r->target_ip, "target_port",
-                          r->target_port, "use_tunnel", r->use_tunnel, "client", r->use_tunnel ? r->client : "",
-                          "name", r->name, "created_at", (json_int_t)r->created_at, "status",
-                          mapping_status_name(st));
-    if (!o)
-        return NULL;
-    if (st == MAPPING_ERROR)
-        json_object_set_new(o, "error", json_string(m->error));
-    json_object_set_new(o, "active_connections", json_integer((json_int_t)m->stats.active));
-    json_object_set_new(o, "total_connections", json_integer((json_int_t)m->stats.total));
-    json_object_set_new(o, "failed_connections", json_integer((json_int_t)m->stats.failed));
-    json_object_set_new(o, "bytes_in", json_integer((json_int_t)m->stats.bytes_in));
-    json_object_set_new(o, "bytes_out", json_integer((json_int_t)m->stats.bytes_out));
-    json_object_set_new(o, "refused_connections",
-                        json_integer((json_int_t)(m->stats.refused_allow +
-                                                  m->stats.refused_limit)));
-    json_t *allow = json_array();
-    for (size_t i = 0; i < m->allow_len; i++) {
-        char text[STORE_CIDR_TEXT + 8];
-        json_array_append_new(allow, json_string(netaddr_cidr_format(&m->allow[i], text,
-                                                                     sizeof(text))));
-    }
-    json_object_set_new(o, "allow_from", allow);
-    json_object_set_new(o, "proxy_protocol",
-                        json_string(r->proxy_protocol == 1   ? "v1"
-                                    : r->proxy_protocol == 2 ? "v2"
-                                                             : "none"));
-    json_object_set_new(o, "max_connections", json_integer(mapping_max_connections(m)));
-    json_object_set_new(o, "rate_limit", json_integer((json_int_t)r->rate_limit));
-    json_object_set_new(o, "enabled", json_boolean(r->enabled));
-    return o;
 }

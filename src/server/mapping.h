@@ -9,65 +9,23 @@
 #include <time.h>
 
 #include <event2/util.h>
-#include <jansson.h>
 #include <sys/socket.h>
 
+#include "mapping_policy.h"
+#include "mapping_types.h"
 #include "netaddr.h"
 #include "store.h"
 #include "token_bucket.h"
 
-struct server;
-struct mapping;
-struct bufferevent_rate_limit_group;
+struct mapping_registry;
 
-enum mapping_status {
-    MAPPING_LISTENING, MAPPING_WAITING_FOR_CLIENT, MAPPING_ERROR, MAPPING_DISABLED
-};
-
-struct mapping_stats {
-    uint64_t active;
-    uint64_t total;
-    uint64_t failed;
-    uint64_t bytes_in;   /* public client -> target */
-    uint64_t bytes_out;  /* target -> public client */
-    uint64_t refused_limit;  /* over max_connections */
-    uint64_t refused_allow;  /* source not in allow_from */
-};
-
-/* One live public connection of a mapping, embedded in whatever carries it (a direct
- * relay or a tunnel stream bridge), so that removing the mapping can close it. */
-struct mapping_conn {
-    TAILQ_ENTRY(mapping_conn) link;
-    struct mapping *mapping;
-    /* Closes the connection at once (mapping removed or server stopping). It must end with
-     * mapping_conn_end() and free its owner; it is never called after mapping_conn_end. */
-    void (*abort)(struct mapping_conn *mc);
-    /* Optional, set by the owner after begin: the mapping's policy changed (update), so
-     * a connection that holds policy state of its own (a rate-limit group) takes it up. */
-    void (*policy_changed)(struct mapping_conn *mc);
-    uint64_t bytes_in;                  /* this connection's share of the stats */
-    uint64_t bytes_out;
-    struct timespec opened;             /* CLOCK_MONOTONIC, for the close log line */
-    struct sockaddr_storage peer;       /* the public client (family 0 when unknown) */
-};
-
-struct mapping {
-    struct mapping_record rec;
-    struct server *srv;
-    struct evconnlistener *listener;    /* NULL when status is error */
-    struct accept_guard *accept_guard;  /* with the listener */
-    char error[192];                    /* reason, when the listener could not be bound */
-    struct mapping_stats stats;
-    /* Policy, parsed from rec by mapping_apply_policy. */
-    struct netaddr_cidr allow[STORE_ALLOW_MAX];
-    size_t allow_len;                   /* 0 = anyone */
-    struct token_bucket bucket[2];      /* rate_limit: [0] public->target, [1] back */
-    struct bufferevent_rate_limit_group *rl_group; /* rate_limit for bufferevents */
-    const struct sockaddr *accepting;   /* the peer, during the accept callback only */
-    time_t refused_log_at;              /* refusal log lines: one per 10 s ... */
-    uint64_t refused_log_suppressed;    /* ... and how many were left out */
-    TAILQ_HEAD(mapping_conn_list, mapping_conn) conns;
-    TAILQ_ENTRY(mapping) link;
+/* Where the registry sends an accepted public connection (fd owned by the handler):
+ * direct mode to forward.c, tunnel mode to the tunnel. Set by main.c, so the registry
+ * includes neither relay. */
+struct mapping_handlers {
+    void (*direct)(struct mapping *m, evutil_socket_t fd);
+    void (*tunnel)(void *ctx, struct mapping *m, evutil_socket_t fd); /* NULL: tunnel off */
+    void *tunnel_ctx;
 };
 
 /* Counts a new connection (active, total) and links it for abort. Inside the mapping's
@@ -88,13 +46,7 @@ static inline void mapping_conn_add_bytes(struct mapping_conn *mc, uint64_t in, 
     mc->mapping->stats.bytes_out += out;
 }
 
-/* The mapping's connection limit: rec.max_connections, or the config's default. */
-int mapping_max_connections(const struct mapping *m);
-
-/* The PROXY protocol header (rec.proxy_protocol) for connection mc accepted on socket fd
- * (whose local address is the header's destination) into buf of PROXY_HEADER_MAX bytes.
- * Returns its length, 0 when the mapping sends none. */
-int mapping_conn_proxy_header(const struct mapping_conn *mc, int fd, unsigned char *buf);
+/* mapping_max_connections and mapping_conn_proxy_header: see mapping_policy.h. */
 
 /* Effective target host: rec.target_ip, or 127.0.0.1 in tunnel mode when empty. */
 const char *mapping_target_host(const struct mapping *m);
@@ -106,6 +58,15 @@ const char *mapping_status_name(enum mapping_status s);
 struct mapping_registry *mapping_registry_new(struct server *srv);
 /* Closes every listener and live connection, frees all. NULL-safe. */
 void mapping_registry_free(struct mapping_registry *reg);
+/* Sets where accepted connections go (copied). Until then, every one is refused. */
+void mapping_registry_set_handlers(struct mapping_registry *reg,
+                                   const struct mapping_handlers *h);
+/* The tunnel tells the registry that client name's session is up (Hello accepted) or
+ * gone; mapping_status() answers from this, without asking the tunnel. */
+void mapping_registry_client_up(struct mapping_registry *reg, const char *name);
+void mapping_registry_client_down(struct mapping_registry *reg, const char *name);
+/* Whether client name ("" = "default") has a live session. */
+bool mapping_registry_client_is_up(const struct mapping_registry *reg, const char *name);
 /* Loads every stored mapping and binds it; a port that cannot be bound stays with status
  * error. Returns 0, or -1 when the store could not be read. */
 int mapping_registry_restore(struct mapping_registry *reg);
@@ -142,7 +103,6 @@ enum mapping_result mapping_registry_update(struct mapping_registry *reg,
 /* Deletes from the store, closes the listener and every live connection. */
 enum mapping_result mapping_registry_remove(struct mapping_registry *reg, int port);
 
-/* The mapping as the API shows it (fields, status, error, counters). New reference. */
-json_t *mapping_to_json(const struct mapping *m);
+/* The mapping as the API shows it: api_json_mapping() in api_json.h. */
 
 #endif

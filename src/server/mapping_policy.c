@@ -10,7 +10,7 @@
 
 #include "config.h"
 #include "log.h"
-#include "mapping.h"
+#include "mapping_types.h"
 #include "proxy_header.h"
 #include "server.h"
 

@@ -358,7 +358,7 @@ enum api_error mapping_request_parse_create(const struct config *cfg, const char
                                             char *msg, size_t msglen)
 {
     memset(rec, 0, sizeof(*rec));
-    strcpy(rec->client, "default");
+    strcpy(rec->client, CLIENT_NAME_DEFAULT);
     rec->enabled = true;
     enum api_error e;
     json_t *obj = load_object(body, len, &e, msg, msglen);

@@ -3,9 +3,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include <jansson.h>
-
-#include "api.h"
 #include "clients.h"
 #include "mapping.h"
 #include "server.h"
@@ -113,6 +110,27 @@ static void render_client_registry(FILE *f, struct server *srv)
     }
 }
 
+/* One family of the per-client series, printed from the tunnel's plain struct. */
+struct metrics_client_family {
+    FILE *f;
+    const char *name;
+    size_t which;                 /* 0 rtt, 1 streams, 2 bytes in, 3 bytes out */
+};
+
+static void put_client_value(const struct tunnel_client_info *c, void *arg)
+{
+    const struct metrics_client_family *fam = arg;
+    fprintf(fam->f, "%s{client=\"", fam->name);
+    put_label_value(fam->f, c->name);
+    if (fam->which == 0)
+        fprintf(fam->f, "\"} %.6f\n", c->rtt_ms / 1000.0);
+    else
+        fprintf(fam->f, "\"} %llu\n",
+                (unsigned long long)(fam->which == 1   ? (uint64_t)c->streams
+                                     : fam->which == 2 ? c->bytes_in
+                                                       : c->bytes_out));
+}
+
 static void render_clients(FILE *f, struct server *srv)
 {
     render_client_registry(f, srv);
@@ -121,30 +139,18 @@ static void render_clients(FILE *f, struct server *srv)
             srv->tunnel ? tunnel_server_client_count(srv->tunnel) : 0);
     if (!srv->tunnel)
         return;
-    json_t *j = tunnel_server_clients_json(srv->tunnel);
-    json_t *clients = json_object_get(j, "clients");
-    static const struct { const char *key, *name, *type, *help; } cm[] = {
-        {"rtt_ms", "portmux_tunnel_client_rtt_seconds", "gauge", "Last keepalive round trip."},
-        {"streams", "portmux_tunnel_client_streams", "gauge", "Open streams on the tunnel."},
-        {"bytes_in", "portmux_tunnel_client_received_bytes_total", "counter",
+    static const struct { const char *name, *type, *help; } cm[] = {
+        {"portmux_tunnel_client_rtt_seconds", "gauge", "Last keepalive round trip."},
+        {"portmux_tunnel_client_streams", "gauge", "Open streams on the tunnel."},
+        {"portmux_tunnel_client_received_bytes_total", "counter",
          "Bytes received from the client."},
-        {"bytes_out", "portmux_tunnel_client_sent_bytes_total", "counter",
-         "Bytes sent to the client."},
+        {"portmux_tunnel_client_sent_bytes_total", "counter", "Bytes sent to the client."},
     };
     for (size_t i = 0; i < sizeof(cm) / sizeof(cm[0]); i++) {
         put_header(f, cm[i].name, cm[i].type, cm[i].help);
-        size_t idx;
-        json_t *c;
-        json_array_foreach(clients, idx, c) {
-            double v = json_number_value(json_object_get(c, cm[i].key));
-            if (i == 0)
-                v /= 1000.0;
-            fprintf(f, "%s{client=\"", cm[i].name);
-            put_label_value(f, json_string_value(json_object_get(c, "name")) ?: "");
-            fprintf(f, i == 0 ? "\"} %.6f\n" : "\"} %.0f\n", v);
-        }
+        struct metrics_client_family fam = {f, cm[i].name, i};
+        tunnel_server_clients_foreach(srv->tunnel, put_client_value, &fam);
     }
-    json_decref(j);
 }
 
 static void render_limits(FILE *f, struct server *srv)
@@ -182,13 +188,8 @@ static void render_limits(FILE *f, struct server *srv)
             (unsigned long long)l->tunnel_protocol_errors);
 }
 
-static void put_status_count(unsigned status, uint64_t count, void *arg)
-{
-    fprintf(arg, "portmux_api_requests_total{code=\"%u\"} %llu\n", status,
-            (unsigned long long)count);
-}
-
-char *metrics_render(struct server *srv, size_t *len)
+char *metrics_render(struct server *srv, const uint64_t *api_status_count, size_t slots,
+                     size_t *len)
 {
     char *text = NULL;
     FILE *f = open_memstream(&text, len);
@@ -198,8 +199,10 @@ char *metrics_render(struct server *srv, size_t *len)
     render_clients(f, srv);
     render_limits(f, srv);
     put_header(f, "portmux_api_requests_total", "counter", "API requests by HTTP status.");
-    if (srv->api)
-        api_foreach_status_count(srv->api, put_status_count, f);
+    for (size_t s = 0; api_status_count && s < slots; s++)
+        if (api_status_count[s])
+            fprintf(f, "portmux_api_requests_total{code=\"%zu\"} %llu\n", s,
+                    (unsigned long long)api_status_count[s]);
     put_header(f, "process_start_time_seconds", "gauge", "Start time since the epoch.");
     fprintf(f, "process_start_time_seconds %lld\n", (long long)srv->started_at);
     if (fclose(f) != 0) {

@@ -3,10 +3,14 @@
 #define PORTMUX_METRICS_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 struct server;
 
-/* Renders every metric; returns a malloc'd text (caller frees) and its length. */
-char *metrics_render(struct server *srv, size_t *len);
+/* Renders every metric; returns a malloc'd text (caller frees) and its length.
+ * api_status_count[s] (slots entries; NULL when there is no API) is how many requests
+ * the API answered with HTTP status s. */
+char *metrics_render(struct server *srv, const uint64_t *api_status_count, size_t slots,
+                     size_t *len);
 
 #endif

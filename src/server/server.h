@@ -39,6 +39,7 @@ struct server {
     struct tunnel_server *tunnel;   /* NULL when tunnel.enabled is false */
     struct api *api;
     struct clients_registry *clients; /* tunnel clients: config + stored (clients.h) */
+    int api_port;                   /* the API's bound port, set by api_new (0 before) */
     time_t started_at;              /* wall clock, for uptime and metrics */
     struct server_limit_counters limits;
 };

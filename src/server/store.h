@@ -7,40 +7,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define STORE_HOST_MAX 255
-#define STORE_NAME_MAX 64                    /* characters (UTF-8 code points) */
-#define STORE_NAME_BYTES (STORE_NAME_MAX * 4) /* room for 64 code points of UTF-8 */
-#define STORE_ALLOW_MAX 64                   /* CIDRs in one mapping's allow_from */
-#define STORE_CIDR_TEXT 50                   /* "ffff:...:ffff/128" and its NUL fit */
-/* allow_from is stored as its CIDRs joined by ',' (a CIDR never holds one). */
-#define STORE_ALLOW_BYTES (STORE_ALLOW_MAX * STORE_CIDR_TEXT)
-#define STORE_MAX_CONNECTIONS 1000000
-#define STORE_RATE_LIMIT_MAX 1000000000000LL /* bytes/s; 0 = unlimited */
-
-enum store_result {
-    STORE_OK = 0,
-    STORE_ERR = -1,        /* I/O or database error; details logged */
-    STORE_NOT_FOUND = -2,
-    STORE_DUPLICATE = -3,  /* port already stored */
-    STORE_TOO_NEW = -4,    /* schema is newer than this binary knows */
-};
-
-struct mapping_record {
-    int64_t id;                           /* assigned by insert */
-    int port;
-    char target_ip[STORE_HOST_MAX + 1];   /* "" when absent in tunnel mode */
-    int target_port;
-    bool use_tunnel;
-    char client[STORE_NAME_BYTES + 1];    /* tunnel client name */
-    char name[STORE_NAME_BYTES + 1];      /* label, may be "", UTF-8 */
-    int64_t created_at;                   /* unix seconds, assigned by insert */
-    /* Policy (SPEC §2, migration 0003). */
-    char allow_from[STORE_ALLOW_BYTES + 1]; /* CIDRs joined by ','; "" = anyone */
-    int proxy_protocol;                   /* 0 none, 1 v1, 2 v2 */
-    int max_connections;                  /* 0 = limits.max_connections_per_mapping */
-    int64_t rate_limit;                   /* bytes/s per direction; 0 = unlimited */
-    bool enabled;
-};
+/* The records, limits and result codes (types only, shared with store_backend.h). */
+#include "store_types.h"
 
 struct store;
 
@@ -81,19 +49,6 @@ enum store_result store_mapping_foreach(struct store *st,
 /* ---- tunnel clients (SPEC §4a) ----
  * Only clients created through the API are stored; the store never sees a token, only
  * the hash the client registry (clients.h) computes, as lowercase hex. */
-
-#define STORE_CLIENT_NAME_MAX 64   /* [A-Za-z0-9._-], so bytes = characters */
-#define STORE_HASH_HEX 64          /* SHA-256 in hex */
-
-struct client_record {
-    char name[STORE_CLIENT_NAME_MAX + 1];
-    char token_hash[STORE_HASH_HEX + 1];
-    char prev_hash[STORE_HASH_HEX + 1]; /* "" when no rotation is in its grace period */
-    int64_t prev_valid_until;           /* unix seconds; prev_hash is accepted before it */
-    char source[8];                     /* "api" */
-    int64_t created_at;                 /* unix seconds, assigned by insert */
-    int64_t last_seen;                  /* unix seconds of the last Hello or session end */
-};
 
 /* Inserts rec (durable on STORE_OK); fills rec->created_at. STORE_DUPLICATE when the name
  * is stored already. */

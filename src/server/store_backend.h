@@ -5,7 +5,7 @@
 
 #include <stddef.h>
 
-#include "store.h"
+#include "store_types.h"
 
 /* What a backend reports about the schema once it is open. */
 struct store_open_info {

@@ -1,6 +1,7 @@
-/* The server's tunnel endpoint: the listener (TLS optional), Hello authentication, one
- * session per client name, and public connections carried as mux streams through a
- * bridge. Sessions and streams live in the one event loop; nothing here locks. */
+/* The server's tunnel endpoint: the listener (TLS optional), Hello authentication and
+ * takeover, one session per client name. A session's socket, TLS and KeepAlive are a
+ * mux_conn (mux_conn.c); its public connections are tunnel streams (tunnel_stream.c).
+ * Sessions and streams live in the one event loop; nothing here locks. */
 #include "tunnel_server.h"
 
 #include <stdarg.h>
@@ -16,47 +17,41 @@
 #include <event2/bufferevent_ssl.h>
 #include <event2/event.h>
 #include <event2/listener.h>
+#include <jansson.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
 #include "accept_guard.h"
 #include "bridge.h"
+#include "client_name.h"
 #include "clients.h"
-#include "proxy_header.h"
 #include "config.h"
 #include "frame.h"
 #include "hello_limit.h"
 #include "log.h"
 #include "mapping.h"
 #include "mux.h"
+#include "mux_conn.h"
 #include "netaddr.h"
 #include "secret.h"
 #include "server.h"
-#include "sockread.h"
 #include "tls_bev.h"
 #include "tls_error.h"
+#include "tunnel_stream.h"
 
 #define TS_MOD "tunnel"
-/* Stop reading a tunnel whose output grew this far (only control frames go past the
- * soft limit, so a healthy peer never gets here). */
-#define TS_OUT_HARD_LIMIT (4u * MUX_OUT_SOFT_LIMIT)
-/* Frames taken per read wake-up beyond libevent's 4 KiB (see sockread.h). */
-#define TS_READ_MORE (256u * 1024u)
 /* A refused or closing tunnel gets this long to flush its last frames. */
 #define TS_CLOSE_GRACE_SECONDS 5
 #define TS_NAME_MAX 64
 /* Bytes of JSON the mapping list in a HelloResponse may take (a frame holds 64 KiB). */
 #define TS_HELLO_MAPPINGS_BUDGET (32u * 1024u)
 
-struct tstream;
-
 struct tsession {
     TAILQ_ENTRY(tsession) link;
     struct tunnel_server *ts;
-    struct bufferevent *bev;
-    struct mux_session *mux;
+    struct mux_conn *conn;        /* the socket, TLS, the mux session, KeepAlive */
+    struct mux_session *mux;      /* mux_conn_mux(conn) */
     struct event *hello_timer;    /* Hello deadline, then the closing grace period */
-    struct event *ka_timer;       /* KeepAlive every heartbeat_interval */
     char name[TS_NAME_MAX + 1];   /* set on successful Hello (or while probing for it) */
     char remote[64];
     char source[64];              /* remote without the port: what the Hello limits key on */
@@ -70,25 +65,7 @@ struct tsession {
     time_t connected_at;
     bool authed;
     bool pending;                 /* counted in ts->npending: no successful Hello yet */
-    bool closing;                 /* flushing the last frames before close */
-    bool read_paused;
-    uint64_t bytes_in;            /* stream bytes from the client */
-    uint64_t bytes_out;           /* stream bytes to the client */
-    TAILQ_HEAD(, tstream) streams;
-    size_t nstreams;              /* all, pending included (the limit counts these) */
-    size_t nestablished;          /* connected to their target (what /api/clients shows) */
-};
-
-/* One public connection carried by a session. */
-struct tstream {
-    TAILQ_ENTRY(tstream) link;
-    struct mapping_conn mc;
-    struct tsession *sess;        /* NULL once the session is gone */
-    struct mux_stream *st;        /* while waiting for ConnectResponse */
-    evutil_socket_t fd;           /* ditto; the bridge owns it afterwards */
-    struct event *timer;          /* connect_timeout */
-    struct bridge *bridge;
-    bool established;             /* counted in sess->nestablished */
+    struct tunnel_stream_set streams; /* public connections and their counters */
 };
 
 struct tunnel_server {
@@ -105,7 +82,6 @@ struct tunnel_server {
 };
 
 static void tsession_close(struct tsession *sess, const char *reason);
-static void tsession_read_cb(struct bufferevent *bev, void *arg);
 
 static int64_t ts_now_ms(void)
 {
@@ -135,177 +111,13 @@ static void ts_peer_warn(struct tsession *sess, enum hello_log_kind kind, const 
         log_warn(TS_MOD, "%s", line);
 }
 
-/* ---- public streams ---- */
-
-static void tstream_free(struct tstream *t, bool failed)
-{
-    if (t->sess) {
-        TAILQ_REMOVE(&t->sess->streams, t, link);
-        t->sess->nstreams--;
-        if (t->established)
-            t->sess->nestablished--;
-    }
-    if (t->timer)
-        event_free(t->timer);
-    if (t->fd >= 0)
-        evutil_closesocket(t->fd);
-    mapping_conn_end(&t->mc, failed);
-    free(t);
-}
-
-static void tstream_on_bytes(size_t to_stream, size_t to_socket, void *arg)
-{
-    struct tstream *t = arg;
-    mapping_conn_add_bytes(&t->mc, to_stream, to_socket);
-    if (t->sess) {
-        t->sess->bytes_out += to_stream;
-        t->sess->bytes_in += to_socket;
-    }
-}
-
-static void tstream_on_bridge_close(const char *why, void *arg)
-{
-    struct tstream *t = arg;
-    t->bridge = NULL; /* freed by the bridge right after */
-    tstream_free(t, false);
-}
-
-static const struct bridge_hooks tstream_hooks = {
-    .on_bytes = tstream_on_bytes,
-    .on_close = tstream_on_bridge_close,
-};
-
-/* A mapping update changed rate_limit: the bridged socket joins or leaves its group. */
-static void tstream_policy_changed(struct mapping_conn *mc)
-{
-    struct tstream *t = (struct tstream *)((char *)mc - offsetof(struct tstream, mc));
-    if (t->bridge && bridge_set_rate_group(t->bridge, mc->mapping->rl_group) < 0)
-        log_warn(TS_MOD, "port %d: cannot apply rate_limit to a live stream",
-                 mc->mapping->rec.port);
-}
-
-/* The PROXY protocol header goes as the stream's first Data, before the bridge moves any
- * public byte, so the client passes it to the target unchanged (it needs no support).
- * What the tunnel cannot take now waits at the head of the socket's input, where the
- * bridge sends it first once the stream may send again. */
-static int tstream_send_proxy_header(struct tstream *t, struct mux_stream *st,
-                                     struct bufferevent *bev)
-{
-    unsigned char hdr[PROXY_HEADER_MAX];
-    int n = mapping_conn_proxy_header(&t->mc, bufferevent_getfd(bev), hdr);
-    if (n <= 0)
-        return 0;
-    struct evbuffer *buf = evbuffer_new();
-    int rc = -1;
-    if (buf && evbuffer_add(buf, hdr, (size_t)n) == 0 && mux_stream_write(st, buf) >= 0) {
-        rc = 0;
-        if (evbuffer_get_length(buf) > 0) {
-            /* A socket bufferevent keeps its input's end frozen outside its own reads. */
-            struct evbuffer *in = bufferevent_get_input(bev);
-            evbuffer_unfreeze(in, 0);
-            rc = evbuffer_add_buffer(in, buf);
-            evbuffer_freeze(in, 0);
-        }
-    }
-    evbuffer_free(buf);
-    return rc;
-}
-
-static void tstream_connected(struct tstream *t, struct mux_stream *st)
-{
-    struct event_base *base = t->sess->ts->srv->base;
-    struct bufferevent *bev = bufferevent_socket_new(base, t->fd, BEV_OPT_CLOSE_ON_FREE);
-    if (!bev) {
-        mux_stream_close(st);
-        tstream_free(t, true);
-        return;
-    }
-    t->fd = -1;
-    t->st = NULL;
-    event_free(t->timer);
-    t->timer = NULL;
-    if (tstream_send_proxy_header(t, st, bev) < 0) {
-        log_warn(TS_MOD, "port %d: cannot send the PROXY protocol header",
-                 t->mc.mapping->rec.port);
-        bufferevent_free(bev);
-        mux_stream_close(st);
-        tstream_free(t, true);
-        return;
-    }
-    t->bridge = bridge_new(st, bev, &tstream_hooks, t);
-    if (!t->bridge) {
-        bufferevent_free(bev);
-        mux_stream_close(st);
-        tstream_free(t, true);
-        return;
-    }
-    t->established = true;
-    t->sess->nestablished++;
-    t->mc.policy_changed = tstream_policy_changed;
-    if (t->mc.mapping->rl_group)
-        tstream_policy_changed(&t->mc);
-}
-
-static void tstream_on_connect_response(struct mux_stream *st, uint8_t status, void *arg)
-{
-    struct tstream *t = arg;
-    if (status == FRAME_STATUS_OK) {
-        tstream_connected(t, st);
-        return;
-    }
-    static const char *const names[] = {"ok", "refused", "not allowed", "timeout"};
-    log_debug(TS_MOD, "client \"%s\": port %d: target %s:%d %s", t->sess->name,
-              t->mc.mapping->rec.port, mapping_target_host(t->mc.mapping),
-              t->mc.mapping->rec.target_port, status < 4 ? names[status] : "failed");
-    t->st = NULL; /* a refusal ends the stream */
-    tstream_free(t, true);
-}
-
-static void tstream_on_stream_close(struct mux_stream *st, enum mux_close_reason why, void *arg)
-{
-    struct tstream *t = arg;
-    t->st = NULL;
-    tstream_free(t, true);
-}
-
-static const struct mux_stream_callbacks tstream_pending_cb = {
-    .on_connect_response = tstream_on_connect_response,
-    .on_close = tstream_on_stream_close,
-};
-
-static void tstream_timeout_cb(evutil_socket_t fd, short what, void *arg)
-{
-    struct tstream *t = arg;
-    log_debug(TS_MOD, "client \"%s\": port %d: no ConnectResponse in time", t->sess->name,
-              t->mc.mapping->rec.port);
-    mux_stream_close(t->st);
-    t->st = NULL;
-    tstream_free(t, true);
-}
-
-/* The mapping is removed or the server stops: close at once. */
-static void tstream_abort(struct mapping_conn *mc)
-{
-    struct tstream *t = (struct tstream *)((char *)mc - offsetof(struct tstream, mc));
-    bool reached = t->bridge != NULL;
-    if (t->bridge) {
-        bridge_free(t->bridge);
-        t->bridge = NULL;
-    }
-    if (t->st) {
-        mux_stream_close(t->st);
-        t->st = NULL;
-    }
-    tstream_free(t, !reached);
-}
-
 /* ---- sessions ---- */
 
 static struct tsession *ts_find_client(const struct tunnel_server *ts, const char *name)
 {
     struct tsession *sess;
     TAILQ_FOREACH(sess, &ts->sessions, link) {
-        if (sess->authed && !sess->closing && strcmp(sess->name, name) == 0)
+        if (sess->authed && !mux_conn_closing(sess->conn) && strcmp(sess->name, name) == 0)
             return sess;
     }
     return NULL;
@@ -330,24 +142,17 @@ static void tsession_free(struct tsession *sess)
         if (other->probe_old == sess)
             other->probe_old = NULL; /* gone: the prober takes over when its timer fires */
     }
-    if (sess->authed && !sess->closing && ts->srv->clients)
+    if (sess->authed && !mux_conn_closing(sess->conn) && ts->srv->mappings)
+        mapping_registry_client_down(ts->srv->mappings, sess->name);
+    if (sess->authed && !mux_conn_closing(sess->conn) && ts->srv->clients)
         clients_touch(ts->srv->clients, sess->name, (int64_t)time(NULL));
     /* Streams still waiting or bridged close through their on_close callbacks. */
-    mux_session_free(sess->mux);
-    struct tstream *t;
-    while ((t = TAILQ_FIRST(&sess->streams)) != NULL) {
-        /* Only bridges delivering the last bytes after a Close remain. */
-        TAILQ_REMOVE(&sess->streams, t, link);
-        t->sess = NULL;
-        t->established = false;
-    }
+    mux_conn_free(sess->conn);
+    tunnel_stream_set_detach(&sess->streams);
     if (sess->hello_timer)
         event_free(sess->hello_timer);
-    if (sess->ka_timer)
-        event_free(sess->ka_timer);
     if (sess->probe_timer)
         event_free(sess->probe_timer);
-    bufferevent_free(sess->bev);
     free(sess);
 }
 
@@ -364,9 +169,7 @@ static void tsession_close(struct tsession *sess, const char *reason)
 static void tsession_close_after_flush(struct tsession *sess)
 {
     struct timeval tv = {TS_CLOSE_GRACE_SECONDS, 0};
-    sess->closing = true;
-    bufferevent_disable(sess->bev, EV_READ);
-    if (evbuffer_get_length(bufferevent_get_output(sess->bev)) == 0) {
+    if (mux_conn_close_after_flush(sess->conn)) {
         tsession_free(sess);
         return;
     }
@@ -387,7 +190,7 @@ static void tsession_protocol_error(struct tsession *sess, const char *what)
 static void tsession_hello_timer_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct tsession *sess = arg;
-    if (sess->closing) {
+    if (mux_conn_closing(sess->conn)) {
         tsession_free(sess);
         return;
     }
@@ -397,22 +200,12 @@ static void tsession_hello_timer_cb(evutil_socket_t fd, short what, void *arg)
     tsession_free(sess);
 }
 
-static void tsession_keepalive_cb(evutil_socket_t fd, short what, void *arg)
-{
-    struct tsession *sess = arg;
-    mux_session_send_keepalive(sess->mux);
-}
-
 /* ---- Hello ---- */
 
 /* Sends j (stolen) as the HelloResponse. */
 static void tsession_respond(struct tsession *sess, json_t *j)
 {
-    char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
-    if (text)
-        mux_session_send_json(sess->mux, FRAME_HELLO_RESPONSE, text, strlen(text));
-    free(text);
-    json_decref(j);
+    mux_conn_send_json(sess->conn, FRAME_HELLO_RESPONSE, j);
 }
 
 /* Refuses the Hello: the answer is flushed, then the tunnel closes. */
@@ -432,7 +225,7 @@ static json_t *ts_client_mappings_json(const struct tunnel_server *ts, const cha
     size_t budget = TS_HELLO_MAPPINGS_BUDGET;
     struct mapping *m = ts->srv->mappings ? mapping_registry_first(ts->srv->mappings) : NULL;
     for (; m && arr; m = mapping_registry_next(m)) {
-        const char *client = m->rec.client[0] ? m->rec.client : "default";
+        const char *client = client_name_or_default(m->rec.client);
         if (!m->rec.use_tunnel || !m->listener || strcmp(client, name) != 0)
             continue;
         char target[FRAME_MAX_HOST + 10];
@@ -473,13 +266,13 @@ static void tsession_accept(struct tsession *sess, const char *name)
     tsession_respond(sess, json_pack("{s:b, s:s, s:o*, s:o*}", "ok", 1, "message", msg,
                                      "mappings", ts_client_mappings_json(sess->ts, sess->name),
                                      "client", self));
-    struct timeval idle = {cfg->heartbeat_timeout > 0 ? cfg->heartbeat_timeout : 30, 0};
-    struct timeval every = {cfg->heartbeat_interval > 0 ? cfg->heartbeat_interval : 10, 0};
-    /* Silence either way is death: nothing received, or our output not moving. */
-    bufferevent_set_timeouts(sess->bev, &idle, &idle);
-    event_add(sess->ka_timer, &every);
+    mux_conn_start_keepalive(sess->conn,
+                             cfg->heartbeat_interval > 0 ? cfg->heartbeat_interval : 10,
+                             cfg->heartbeat_timeout > 0 ? cfg->heartbeat_timeout : 30);
     if (sess->ts->srv->clients)
         clients_touch(sess->ts->srv->clients, sess->name, (int64_t)sess->connected_at);
+    if (sess->ts->srv->mappings)
+        mapping_registry_client_up(sess->ts->srv->mappings, sess->name);
     log_info(TS_MOD, "client \"%s\" connected from %s", sess->name, sess->remote);
 }
 
@@ -543,10 +336,8 @@ static void tsession_probe_done(evutil_socket_t fd, short what, void *arg)
     char name[TS_NAME_MAX + 1];
     snprintf(name, sizeof(name), "%s", sess->name);
     tsession_accept(sess, name);
-    bufferevent_enable(sess->bev, EV_READ);
     /* Frames that came behind the Hello wait in the input; nothing wakes us for them. */
-    if (evbuffer_get_length(bufferevent_get_input(sess->bev)) > 0)
-        tsession_read_cb(sess->bev, sess);
+    mux_conn_resume_read(sess->conn);
 }
 
 /* Probes old, the live session of the name this Hello authenticated as (SPEC §4). */
@@ -651,47 +442,22 @@ static const struct mux_session_callbacks tsession_mux_cb = {.on_json = tsession
 
 /* ---- session I/O ---- */
 
-static void tsession_read_cb(struct bufferevent *bev, void *arg)
+/* The mux stopped reading: a protocol error, a Hello refused (flush the answer, then
+ * close), or a takeover probe under way (hold the rest of the input until it decides). */
+static void tsession_on_stop(struct mux_conn *conn, int rc, void *arg)
 {
     struct tsession *sess = arg;
-    if (sess->closing)
-        return;
-    if (!sess->ts->ssl)
-        sockread_more(bev, TS_READ_MORE);
-    int rc = mux_session_input(sess->mux, bufferevent_get_input(bev));
-    if (rc < 0) {
+    if (rc < 0)
         tsession_protocol_error(sess, mux_session_error(sess->mux));
-        return;
-    }
-    if (rc == MUX_STOPPED && sess->probing) {
-        /* Hold the rest of the input until the takeover probe decides. */
-        bufferevent_disable(bev, EV_READ);
-        return;
-    }
-    if (rc == MUX_STOPPED) {
+    else if (sess->probing)
+        mux_conn_hold_read(conn);
+    else
         tsession_close_after_flush(sess);
-        return;
-    }
-    if (evbuffer_get_length(bufferevent_get_output(bev)) > TS_OUT_HARD_LIMIT) {
-        /* The peer sends but does not read: stop taking its input until it does. */
-        bufferevent_disable(bev, EV_READ);
-        sess->read_paused = true;
-    }
 }
 
-static void tsession_write_cb(struct bufferevent *bev, void *arg)
+static void tsession_on_flushed(struct mux_conn *conn, void *arg)
 {
-    struct tsession *sess = arg;
-    if (sess->closing) {
-        if (evbuffer_get_length(bufferevent_get_output(bev)) == 0)
-            tsession_free(sess);
-        return;
-    }
-    mux_session_output_drained(sess->mux);
-    if (sess->read_paused) {
-        sess->read_paused = false;
-        bufferevent_enable(bev, EV_READ);
-    }
+    tsession_free(arg);
 }
 
 /* The first OpenSSL reason on bev, or NULL. Drains the error queue. */
@@ -706,13 +472,14 @@ static const char *ts_tls_reason(struct bufferevent *bev)
     return reason;
 }
 
-static void tsession_event_cb(struct bufferevent *bev, short what, void *arg)
+static void tsession_on_event(struct mux_conn *conn, short what, void *arg)
 {
     struct tsession *sess = arg;
+    struct bufferevent *bev = mux_conn_bev(conn);
     char reason[160];
     if (what & BEV_EVENT_CONNECTED)
         return; /* TLS handshake done */
-    if (sess->closing) {
+    if (mux_conn_closing(sess->conn)) {
         tsession_free(sess);
         return;
     }
@@ -736,30 +503,23 @@ static void tsession_event_cb(struct bufferevent *bev, short what, void *arg)
     tsession_close(sess, reason);
 }
 
-static struct bufferevent *ts_bev_new(struct tunnel_server *ts, evutil_socket_t fd)
-{
-    struct event_base *base = ts->srv->base;
-    if (!ts->ssl)
-        return bufferevent_socket_new(base, fd, BEV_OPT_CLOSE_ON_FREE);
-    SSL *ssl = SSL_new(ts->ssl);
-    if (!ssl)
-        return NULL;
-    struct bufferevent *bev =
-        tls_bev_new(base, fd, ssl, BUFFEREVENT_SSL_ACCEPTING, BEV_OPT_CLOSE_ON_FREE);
-    if (!bev)
-        SSL_free(ssl);
-    return bev;
-}
+static const struct mux_conn_hooks tsession_conn_hooks = {
+    .on_stop = tsession_on_stop,
+    .on_event = tsession_on_event,
+    .on_flushed = tsession_on_flushed,
+};
 
 static struct tsession *tsession_new(struct tunnel_server *ts, evutil_socket_t fd,
                                      const struct sockaddr *sa)
 {
     struct event_base *base = ts->srv->base;
     struct tsession *sess = calloc(1, sizeof(*sess));
-    if (!sess)
+    if (!sess) {
+        evutil_closesocket(fd);
         return NULL;
+    }
     sess->ts = ts;
-    TAILQ_INIT(&sess->streams);
+    tunnel_stream_set_init(&sess->streams, sess->name);
     netaddr_format(sa, sess->remote, sizeof(sess->remote));
     snprintf(sess->source, sizeof(sess->source), "%s", sess->remote);
     char *colon = strrchr(sess->source, ':');
@@ -769,27 +529,23 @@ static struct tsession *tsession_new(struct tunnel_server *ts, evutil_socket_t f
         memcpy(&sess->peer, sa, sizeof(struct sockaddr_in6));
     else if (sa->sa_family == AF_INET)
         memcpy(&sess->peer, sa, sizeof(struct sockaddr_in));
-    sess->bev = ts_bev_new(ts, fd);
-    if (!sess->bev)
+    SSL *ssl = NULL;
+    if (ts->ssl && !(ssl = SSL_new(ts->ssl)))
         goto fail;
-    sess->mux = mux_session_new(MUX_ROLE_SERVER, bufferevent_get_output(sess->bev),
-                                &tsession_mux_cb, sess);
-    if (sess->mux)
-        mux_session_set_buffer_limit(sess->mux, (size_t)ts->srv->cfg->session_buffer_limit);
+    sess->conn = mux_conn_new(base, fd, ssl, BUFFEREVENT_SSL_ACCEPTING, 0, MUX_ROLE_SERVER,
+                              &tsession_mux_cb, &tsession_conn_hooks, sess);
+    fd = -1; /* the conn's now, or closed */
+    if (!sess->conn)
+        goto fail;
+    sess->mux = mux_conn_mux(sess->conn);
+    mux_session_set_buffer_limit(sess->mux, (size_t)ts->srv->cfg->session_buffer_limit);
     sess->hello_timer = evtimer_new(base, tsession_hello_timer_cb, sess);
-    sess->ka_timer = event_new(base, -1, EV_PERSIST, tsession_keepalive_cb, sess);
-    if (!sess->mux || !sess->hello_timer || !sess->ka_timer)
+    if (!sess->hello_timer)
         goto fail;
     return sess;
 fail:
-    if (sess->ka_timer)
-        event_free(sess->ka_timer);
-    if (sess->hello_timer)
-        event_free(sess->hello_timer);
-    mux_session_free(sess->mux);
-    if (sess->bev)
-        bufferevent_free(sess->bev);
-    else
+    mux_conn_free(sess->conn);
+    if (fd >= 0)
         evutil_closesocket(fd);
     free(sess);
     return NULL;
@@ -828,10 +584,6 @@ static void ts_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct so
     int hello = ts->srv->cfg->hello_timeout > 0 ? ts->srv->cfg->hello_timeout : 10;
     struct timeval tv = {hello, 0};
     evtimer_add(sess->hello_timer, &tv);
-    bufferevent_setcb(sess->bev, tsession_read_cb, tsession_write_cb, tsession_event_cb, sess);
-    bufferevent_setwatermark(sess->bev, EV_WRITE, MUX_OUT_SOFT_LIMIT / 2, 0);
-    sockread_set_large_io(sess->bev);
-    bufferevent_enable(sess->bev, EV_READ | EV_WRITE);
     TAILQ_INSERT_TAIL(&ts->sessions, sess, link);
     sess->pending = true;
     ts->npending++;
@@ -876,19 +628,19 @@ static int ts_listen(struct tunnel_server *ts, char *err, size_t errlen)
 {
     const struct config *cfg = ts->srv->cfg;
     struct sockaddr_storage ss;
-    int sslen = (int)sizeof(ss);
+    socklen_t sslen;
     char spec[300];
     const char *addr = cfg->tunnel_listen_addr ? cfg->tunnel_listen_addr : "0.0.0.0";
     snprintf(spec, sizeof(spec), strchr(addr, ':') ? "[%s]:%d" : "%s:%d", addr,
              cfg->tunnel_listen_port);
-    if (evutil_parse_sockaddr_port(spec, (struct sockaddr *)&ss, &sslen) != 0) {
+    if (netaddr_ip_sockaddr(addr, (uint16_t)cfg->tunnel_listen_port, &ss, &sslen) != 0) {
         snprintf(err, errlen, "tunnel.listen_addr %s is not an IP address", addr);
         return -1;
     }
     ts->listener = evconnlistener_new_bind(
         ts->srv->base, ts_accept_cb, ts,
         LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, 128,
-        (struct sockaddr *)&ss, sslen);
+        (struct sockaddr *)&ss, (int)sslen);
     if (!ts->listener) {
         snprintf(err, errlen, "cannot listen on %s: %s", spec,
                  evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
@@ -960,7 +712,7 @@ int tunnel_server_port(const struct tunnel_server *ts) { return ts->port; }
 
 bool tunnel_server_client_connected(const struct tunnel_server *ts, const char *name)
 {
-    return ts_find_client(ts, name && name[0] ? name : "default") != NULL;
+    return ts_find_client(ts, client_name_or_default(name)) != NULL;
 }
 
 size_t tunnel_server_client_count(const struct tunnel_server *ts)
@@ -968,30 +720,46 @@ size_t tunnel_server_client_count(const struct tunnel_server *ts)
     size_t n = 0;
     const struct tsession *sess;
     TAILQ_FOREACH(sess, &ts->sessions, link) {
-        if (sess->authed && !sess->closing)
+        if (sess->authed && !mux_conn_closing(sess->conn))
             n++;
     }
     return n;
 }
 
-static json_t *tsession_json(const struct tsession *sess)
+static void tsession_info(const struct tsession *sess, struct tunnel_client_info *out)
 {
-    char when[32];
-    struct tm tm;
-    gmtime_r(&sess->connected_at, &tm);
-    strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
-    return json_pack("{s:s, s:s, s:s, s:I, s:f, s:I, s:I}", "name", sess->name,
-                     "remote_addr", sess->remote, "connected_at", when,
-                     "streams", (json_int_t)sess->nestablished,
-                     "rtt_ms", mux_session_rtt_ms(sess->mux),
-                     "bytes_in", (json_int_t)sess->bytes_in,
-                     "bytes_out", (json_int_t)sess->bytes_out);
+    out->name = sess->name;
+    out->remote_addr = sess->remote;
+    out->connected_at = sess->connected_at;
+    out->streams = sess->streams.nestablished;
+    out->rtt_ms = mux_session_rtt_ms(sess->mux);
+    out->bytes_in = sess->streams.bytes_in;
+    out->bytes_out = sess->streams.bytes_out;
 }
 
-json_t *tunnel_server_client_json(const struct tunnel_server *ts, const char *name)
+bool tunnel_server_client_info(const struct tunnel_server *ts, const char *name,
+                               struct tunnel_client_info *out)
 {
     const struct tsession *sess = ts ? ts_find_client(ts, name) : NULL;
-    return sess ? tsession_json(sess) : NULL;
+    if (sess)
+        tsession_info(sess, out);
+    return sess != NULL;
+}
+
+size_t tunnel_server_clients_foreach(const struct tunnel_server *ts, tunnel_client_fn fn,
+                                     void *arg)
+{
+    size_t n = 0;
+    const struct tsession *sess;
+    TAILQ_FOREACH(sess, &ts->sessions, link) {
+        if (!sess->authed || mux_conn_closing(sess->conn))
+            continue;
+        struct tunnel_client_info info;
+        tsession_info(sess, &info);
+        fn(&info, arg);
+        n++;
+    }
+    return n;
 }
 
 void tunnel_server_client_removed(struct tunnel_server *ts, const char *name)
@@ -1001,7 +769,7 @@ void tunnel_server_client_removed(struct tunnel_server *ts, const char *name)
     struct tsession *sess, *next;
     for (sess = TAILQ_FIRST(&ts->sessions); sess; sess = next) {
         next = TAILQ_NEXT(sess, link);
-        if (sess->closing || strcmp(sess->name, name) != 0)
+        if (mux_conn_closing(sess->conn) || strcmp(sess->name, name) != 0)
             continue;
         if (sess->authed) {
             /* Its mappings stay and wait: tunnel_server_forward finds no session. */
@@ -1016,61 +784,24 @@ void tunnel_server_client_removed(struct tunnel_server *ts, const char *name)
     }
 }
 
-json_t *tunnel_server_clients_json(const struct tunnel_server *ts)
-{
-    json_t *arr = json_array();
-    size_t n = 0;
-    const struct tsession *sess;
-    TAILQ_FOREACH(sess, &ts->sessions, link) {
-        if (!sess->authed || sess->closing)
-            continue;
-        json_t *c = tsession_json(sess);
-        if (c && json_array_append_new(arr, c) == 0)
-            n++;
-    }
-    return json_pack("{s:o, s:I}", "clients", arr, "count", (json_int_t)n);
-}
-
 /* ---- public connections ---- */
 
 void tunnel_server_forward(struct tunnel_server *ts, struct mapping *m, evutil_socket_t fd)
 {
     const struct config *cfg = ts->srv->cfg;
-    struct tstream *t = calloc(1, sizeof(*t));
-    if (!t) {
-        struct mapping_conn mc;
-        mapping_conn_begin(m, &mc, NULL);
-        mapping_conn_end(&mc, true);
-        evutil_closesocket(fd);
-        return;
-    }
-    t->fd = fd;
-    mapping_conn_begin(m, &t->mc, tstream_abort);
-    const char *client = m->rec.client[0] ? m->rec.client : "default";
+    const char *client = client_name_or_default(m->rec.client);
     struct tsession *sess = ts_find_client(ts, client);
     if (!sess) {
         log_debug(TS_MOD, "port %d: client \"%s\" not connected", m->rec.port, client);
-        tstream_free(t, true);
+        tunnel_stream_refuse(m, fd);
         return;
     }
-    if (cfg->max_streams_per_client > 0 && sess->nstreams >= (size_t)cfg->max_streams_per_client) {
+    size_t open = sess->streams.nstreams;
+    if (cfg->max_streams_per_client > 0 && open >= (size_t)cfg->max_streams_per_client) {
         ts->srv->limits.tunnel_streams++;
-        log_warn(TS_MOD, "client \"%s\": stream refused, %zu open (limit)", sess->name,
-                 sess->nstreams);
-        tstream_free(t, true);
+        log_warn(TS_MOD, "client \"%s\": stream refused, %zu open (limit)", sess->name, open);
+        tunnel_stream_refuse(m, fd);
         return;
     }
-    t->timer = evtimer_new(ts->srv->base, tstream_timeout_cb, t);
-    t->st = t->timer ? mux_stream_open(sess->mux, mapping_target_host(m),
-                                       (uint16_t)m->rec.target_port, &tstream_pending_cb, t)
-                     : NULL;
-    if (!t->st) {
-        tstream_free(t, true);
-        return;
-    }
-    t->sess = sess;
-    TAILQ_INSERT_TAIL(&sess->streams, t, link);
-    sess->nstreams++;
-    struct timeval tv = {cfg->connect_timeout > 0 ? cfg->connect_timeout : 10, 0};
-    evtimer_add(t->timer, &tv);
+    tunnel_stream_open(&sess->streams, sess->mux, ts->srv->base, m, fd, cfg->connect_timeout);
 }

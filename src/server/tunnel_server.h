@@ -7,8 +7,10 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include <stdint.h>
+#include <time.h>
+
 #include <event2/util.h>
-#include <jansson.h>
 
 struct server;
 struct mapping;
@@ -23,12 +25,26 @@ int tunnel_server_port(const struct tunnel_server *ts);
 
 bool tunnel_server_client_connected(const struct tunnel_server *ts, const char *name);
 size_t tunnel_server_client_count(const struct tunnel_server *ts);
-/* {"clients":[{name, remote_addr, connected_at, streams, rtt_ms, bytes_in, bytes_out}],
- *  "count": n}. New reference. */
-json_t *tunnel_server_clients_json(const struct tunnel_server *ts);
-/* The live session of client name as {name, remote_addr, connected_at, streams, rtt_ms,
- * bytes_in, bytes_out}, or NULL when it has none. ts may be NULL. New reference. */
-json_t *tunnel_server_client_json(const struct tunnel_server *ts, const char *name);
+
+/* One live client session as the API and /metrics show it. The strings belong to the
+ * session: valid until the loop runs again. */
+struct tunnel_client_info {
+    const char *name;
+    const char *remote_addr;
+    time_t connected_at;
+    size_t streams;               /* bridged to their target */
+    double rtt_ms;                /* last KeepAlive round trip */
+    uint64_t bytes_in;            /* stream bytes from the client */
+    uint64_t bytes_out;           /* stream bytes to the client */
+};
+typedef void (*tunnel_client_fn)(const struct tunnel_client_info *c, void *arg);
+
+/* Calls fn for every authenticated live session; returns how many. */
+size_t tunnel_server_clients_foreach(const struct tunnel_server *ts, tunnel_client_fn fn,
+                                     void *arg);
+/* Fills *out for client name's live session; false when it has none. ts may be NULL. */
+bool tunnel_server_client_info(const struct tunnel_server *ts, const char *name,
+                               struct tunnel_client_info *out);
 /* The client was removed: its live session (and a Hello waiting on a takeover probe)
  * closes at once. Its mappings stay, waiting for a client of that name. */
 void tunnel_server_client_removed(struct tunnel_server *ts, const char *name);

@@ -1,0 +1,29 @@
+#include "relay_dir.h"
+
+#include "log.h"
+
+const char *relay_dir_state_name(enum relay_dir_state s)
+{
+    switch (s) {
+    case RELAY_DIR_OPEN:
+        return "open";
+    case RELAY_DIR_EOF:
+        return "eof";
+    case RELAY_DIR_FIN_SENT:
+        return "fin_sent";
+    }
+    return "?";
+}
+
+void relay_dir_set(enum relay_dir_state *state, enum relay_dir_state next, const char *mod,
+                   const char *kind, unsigned long id, const char *dir)
+{
+    if (next <= *state)
+        return;
+    /* Checked first: a busy relay changes state twice per direction per connection, and
+     * formatting a line nobody prints would cost more than the move itself. */
+    if (log_get_level() <= LOGL_DEBUG)
+        log_debug(mod, "%s %lu %s: %s -> %s", kind, id, dir, relay_dir_state_name(*state),
+                  relay_dir_state_name(next));
+    *state = next;
+}

@@ -1,0 +1,71 @@
+/* The registry's types: one mapping, its counters, one live public connection. Types
+ * only, so the policy half of a mapping (mapping_policy.c) reads them without including
+ * the registry's functions (mapping.h includes it back). Owned by mapping.c. */
+#ifndef PORTMUX_MAPPING_TYPES_H
+#define PORTMUX_MAPPING_TYPES_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/queue.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#include "netaddr.h"
+#include "store_types.h"
+#include "token_bucket.h"
+
+struct server;
+struct mapping;
+struct bufferevent_rate_limit_group;
+
+enum mapping_status {
+    MAPPING_LISTENING, MAPPING_WAITING_FOR_CLIENT, MAPPING_ERROR, MAPPING_DISABLED
+};
+
+struct mapping_stats {
+    uint64_t active;
+    uint64_t total;
+    uint64_t failed;
+    uint64_t bytes_in;   /* public client -> target */
+    uint64_t bytes_out;  /* target -> public client */
+    uint64_t refused_limit;  /* over max_connections */
+    uint64_t refused_allow;  /* source not in allow_from */
+};
+
+/* One live public connection of a mapping, embedded in whatever carries it (a direct
+ * relay or a tunnel stream bridge), so that removing the mapping can close it. */
+struct mapping_conn {
+    TAILQ_ENTRY(mapping_conn) link;
+    struct mapping *mapping;
+    /* Closes the connection at once (mapping removed or server stopping). It must end with
+     * mapping_conn_end() and free its owner; it is never called after mapping_conn_end. */
+    void (*abort)(struct mapping_conn *mc);
+    /* Optional, set by the owner after begin: the mapping's policy changed (update), so
+     * a connection that holds policy state of its own (a rate-limit group) takes it up. */
+    void (*policy_changed)(struct mapping_conn *mc);
+    uint64_t bytes_in;                  /* this connection's share of the stats */
+    uint64_t bytes_out;
+    struct timespec opened;             /* CLOCK_MONOTONIC, for the close log line */
+    struct sockaddr_storage peer;       /* the public client (family 0 when unknown) */
+};
+
+struct mapping {
+    struct mapping_record rec;
+    struct server *srv;
+    struct evconnlistener *listener;    /* NULL when status is error */
+    struct accept_guard *accept_guard;  /* with the listener */
+    char error[192];                    /* reason, when the listener could not be bound */
+    struct mapping_stats stats;
+    /* Policy, parsed from rec by mapping_apply_policy. */
+    struct netaddr_cidr allow[STORE_ALLOW_MAX];
+    size_t allow_len;                   /* 0 = anyone */
+    struct token_bucket bucket[2];      /* rate_limit: [0] public->target, [1] back */
+    struct bufferevent_rate_limit_group *rl_group; /* rate_limit for bufferevents */
+    const struct sockaddr *accepting;   /* the peer, during the accept callback only */
+    time_t refused_log_at;              /* refusal log lines: one per 10 s ... */
+    uint64_t refused_log_suppressed;    /* ... and how many were left out */
+    TAILQ_HEAD(mapping_conn_list, mapping_conn) conns;
+    TAILQ_ENTRY(mapping) link;
+};
+
+#endif
