@@ -428,6 +428,13 @@ static void tc_event_cb(struct bufferevent *bev, short what, void *arg)
         return;
     }
     bool cert = c->opts.ssl && client_tls_failure(bev, c->ssl, reason, sizeof(reason));
+    if (!c->authed && !(what & BEV_EVENT_TIMEOUT) && client_tls_cert_requested(c->ssl)) {
+        snprintf(c->refusal, sizeof(c->refusal),
+                 "the server wants a client certificate (mutual TLS): give --cert FILE "
+                 "--key FILE%s%s", reason[0] ? "; TLS: " : "", reason);
+        tc_end(c, TCLIENT_REFUSED, c->refusal);
+        return;
+    }
     if (reason[0] && c->opts.ssl && !c->authed) {
         snprintf(c->refusal, sizeof(c->refusal), "TLS handshake failed: %s", reason);
         tc_end(c, cert ? TCLIENT_REFUSED : TCLIENT_LOST, c->refusal);

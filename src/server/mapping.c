@@ -15,6 +15,7 @@
 #include <event2/listener.h>
 
 #include "accept_guard.h"
+#include "clients.h"
 #include "config.h"
 #include "forward.h"
 #include "log.h"
@@ -304,6 +305,9 @@ static int mapping_restore_one(const struct mapping_record *rec, void *arg)
                  rec->use_tunnel ? "tunnel " : "", mapping_target_host(m), rec->target_port);
     else
         log_error("mapping", "port %d kept with status error: %s", rec->port, m->error);
+    if (rec->use_tunnel && reg->srv->clients && !clients_find(reg->srv->clients, rec->client))
+        log_warn("mapping", "port %d: tunnel client \"%s\" does not exist; the mapping "
+                 "waits until a client of that name is created", rec->port, rec->client);
     TAILQ_INSERT_TAIL(&reg->list, m, link);
     reg->count++;
     return 0;
