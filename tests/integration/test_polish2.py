@@ -88,3 +88,65 @@ def test_mtls_without_a_client_certificate_exits_2(server_factory, pki):
     assert r.returncode == 2, (r.returncode, err)
     assert "client certificate" in err and "--cert" in err, err
     assert srv.health()["clients"] == 0
+
+
+# ---- 5. SIGHUP: api.allowed_hosts and the config's tunnel clients ----
+
+def hello_ok(srv, name, token):
+    """One hand-made Hello; True when the server accepts it (the session is then closed)."""
+    import json
+    import socket
+    from sec_helpers import T_HELLO_RESPONSE, hello, read_frame
+    with socket.create_connection(("127.0.0.1", srv.tunnel_port), timeout=5) as s:
+        s.sendall(hello(name, token))
+        f = read_frame(s)
+    assert f is not None and f[0] == T_HELLO_RESPONSE, f
+    return json.loads(f[1])["ok"] is True
+
+
+def test_sighup_applies_allowed_hosts(server):
+    from test_api_security import raw
+    from test_reload import reload, with_
+    name = "portmux.example.com"
+    assert raw(server, "GET", "/health", [("Host", f"{name}:8443")]).status == 421
+    log = reload(server, with_(server.config, "api", allowed_hosts=[name]))
+    assert "api.allowed_hosts" in log and "restart" not in log, log
+    assert raw(server, "GET", "/health", [("Host", f"{name}:8443")]).status == 200
+    reload(server, with_(server.config, "api", allowed_hosts=[]))
+    assert raw(server, "GET", "/health", [("Host", f"{name}:8443")]).status == 421
+
+
+@needs_client
+def test_sighup_applies_tunnel_clients(server_factory, tmp_path, logs):
+    from sec_helpers import client_proc
+    from test_reload import reload, with_
+    tok1, tok2, tok2b = (secrets.token_hex(12) for _ in range(3))
+    srv = tunnel_server(server_factory, {"edge1": tok1})
+    c = client_proc(tmp_path, srv.tunnel_port, tok1, "--name", "edge1", "--no-reconnect")
+    logs.append(c)
+    c.start()
+    wait_until(lambda: srv.health()["clients"] == 1, timeout=15, desc="edge1 connected")
+    assert not hello_ok(srv, "edge2", tok2)
+
+    # edge1 removed (its live session closed at once), edge2 added.
+    cfg = with_(srv.config, "tunnel", clients=[{"name": "edge2", "token": tok2}])
+    log = reload(srv, cfg)
+    assert "tunnel.clients" in log and "restart" not in log, log
+    assert re.search(r'tunnel client "edge1" removed from the config', log), log
+    wait_until(lambda: c.poll() is not None, timeout=10, desc="edge1's session closed")
+    assert srv.health()["clients"] == 0
+    status, _, body = srv.api("GET", "/api/clients")
+    assert [x["name"] for x in body["data"]["clients"]] == ["edge2"], body
+    assert not hello_ok(srv, "edge1", tok1)
+    assert hello_ok(srv, "edge2", tok2)
+    srv.create_ok(port=free_port(), target_port=80, use_tunnel=True, client="edge2")
+
+    # edge2's token changed: the old one stops working, the new one works.
+    log = reload(srv, with_(srv.config, "tunnel", clients=[{"name": "edge2", "token": tok2b}]))
+    assert "token changed" in log, log
+    assert not hello_ok(srv, "edge2", tok2)
+    assert hello_ok(srv, "edge2", tok2b)
+    # Unchanged clients: nothing to apply.
+    log = reload(srv, srv.config)
+    assert "nothing changed that applies live" in log, log
+    assert srv.running()
