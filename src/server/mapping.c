@@ -19,6 +19,7 @@
 #include "config.h"
 #include "forward.h"
 #include "log.h"
+#include "mapping_dial.h"
 #include "mapping_policy.h"
 #include "server.h"
 #include "tunnel_server.h"
@@ -170,6 +171,7 @@ static void mapping_accept_cb(struct evconnlistener *l, evutil_socket_t fd,
         struct mapping_conn mc;
         mapping_conn_begin(m, &mc, NULL);
         mapping_conn_end(&mc, true);
+        mapping_dial_failed(m, "the tunnel is off (tunnel.enabled: false)");
         evutil_closesocket(fd);
     }
     m->accepting = NULL;
@@ -506,6 +508,7 @@ json_t *mapping_to_json(const struct mapping *m)
         return NULL;
     if (st == MAPPING_ERROR)
         json_object_set_new(o, "error", json_string(m->error));
+    mapping_dial_json(m, o);
     json_object_set_new(o, "active_connections", json_integer((json_int_t)m->stats.active));
     json_object_set_new(o, "total_connections", json_integer((json_int_t)m->stats.total));
     json_object_set_new(o, "failed_connections", json_integer((json_int_t)m->stats.failed));

@@ -28,6 +28,7 @@
 #include "hello_limit.h"
 #include "log.h"
 #include "mapping.h"
+#include "mapping_dial.h"
 #include "mux.h"
 #include "netaddr.h"
 #include "secret.h"
@@ -257,6 +258,10 @@ static void tstream_on_connect_response(struct mux_stream *st, uint8_t status, v
     log_debug(TS_MOD, "client \"%s\": port %d: target %s:%d %s", t->sess->name,
               t->mc.mapping->rec.port, mapping_target_host(t->mc.mapping),
               t->mc.mapping->rec.target_port, status < 4 ? names[status] : "failed");
+    mapping_dial_failed(t->mc.mapping, "client \"%s\" could not connect to %.64s:%d: %s%s",
+                        t->sess->name, mapping_target_host(t->mc.mapping),
+                        t->mc.mapping->rec.target_port, status < 4 ? names[status] : "failed",
+                        status == FRAME_STATUS_NOT_ALLOWED ? " by its --allow (status 2)" : "");
     t->st = NULL; /* a refusal ends the stream */
     tstream_free(t, true);
 }
@@ -278,6 +283,10 @@ static void tstream_timeout_cb(evutil_socket_t fd, short what, void *arg)
     struct tstream *t = arg;
     log_debug(TS_MOD, "client \"%s\": port %d: no ConnectResponse in time", t->sess->name,
               t->mc.mapping->rec.port);
+    mapping_dial_failed(t->mc.mapping, "client \"%s\" did not answer within %d s "
+                        "(tunnel.connect_timeout)", t->sess->name,
+                        t->sess->ts->srv->cfg->connect_timeout > 0
+                            ? t->sess->ts->srv->cfg->connect_timeout : 10);
     mux_stream_close(t->st);
     t->st = NULL;
     tstream_free(t, true);
@@ -1050,6 +1059,7 @@ void tunnel_server_forward(struct tunnel_server *ts, struct mapping *m, evutil_s
     struct tsession *sess = ts_find_client(ts, client);
     if (!sess) {
         log_debug(TS_MOD, "port %d: client \"%s\" not connected", m->rec.port, client);
+        mapping_dial_failed(m, "client \"%s\" not connected", client);
         tstream_free(t, true);
         return;
     }
@@ -1057,6 +1067,8 @@ void tunnel_server_forward(struct tunnel_server *ts, struct mapping *m, evutil_s
         ts->srv->limits.tunnel_streams++;
         log_warn(TS_MOD, "client \"%s\": stream refused, %zu open (limit)", sess->name,
                  sess->nstreams);
+        mapping_dial_failed(m, "client \"%s\" has %zu streams open "
+                            "(tunnel.max_streams_per_client)", sess->name, sess->nstreams);
         tstream_free(t, true);
         return;
     }

@@ -150,3 +150,63 @@ def test_sighup_applies_tunnel_clients(server_factory, tmp_path, logs):
     log = reload(srv, srv.config)
     assert "nothing changed that applies live" in log, log
     assert srv.running()
+
+
+# ---- 2. failed dials: an info line per mapping per 10 s, last_error in the list ----
+
+def dial_lines(srv, port, mark=0):
+    return [ln for ln in srv.log_text()[mark:].splitlines()
+            if f" INFO mapping port {port}: dial failed: " in ln]
+
+
+def poke(port):
+    """One public connection that the server closes without a byte (its dial failed)."""
+    from conftest import connect
+    with connect(port) as s:
+        s.settimeout(15)
+        try:
+            assert s.recv(1) == b""
+        except ConnectionResetError:
+            pass
+
+
+def test_failed_direct_dial_is_logged_and_listed(server):
+    dead, port = free_port(), free_port()
+    server.create_ok(port=port, target_ip="127.0.0.1", target_port=dead)
+    m = server.mapping(port)
+    assert m["last_error"] is None and m["last_error_at"] is None, m
+    mark = server.log_mark()
+    for _ in range(6):
+        poke(port)
+    wait_until(lambda: server.mapping(port)["failed_connections"] == 6, desc="6 failed")
+    m = server.mapping(port)
+    assert m["last_error"] == f"connect to 127.0.0.1:{dead} failed: Connection refused", m
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", m["last_error_at"]), m
+    lines = dial_lines(server, port, mark)
+    # Six failures, one line per 10 s: the first, and at most one more carrying a count.
+    assert 1 <= len(lines) <= 2 and "Connection refused" in lines[0], lines
+    assert all("more failed since the last line" in ln for ln in lines[1:]), lines
+
+
+@needs_client
+def test_failed_tunnel_dials_name_the_reason(server_factory, tmp_path, logs):
+    from sec_helpers import client_proc
+    token = secrets.token_hex(12)
+    srv = tunnel_server(server_factory, {"edge1": token})
+    port, target = free_port(), free_port()
+    srv.create_ok(port=port, target_port=target, use_tunnel=True, client="edge1")
+    # No client connected.
+    poke(port)
+    wait_until(lambda: srv.mapping(port)["last_error"] is not None, desc="last_error")
+    assert srv.mapping(port)["last_error"] == 'client "edge1" not connected'
+    assert 'dial failed: client "edge1" not connected' in srv.log_text()
+    # The client's --allow refuses the target: status 2.
+    c = client_proc(tmp_path, srv.tunnel_port, token, "--name", "edge1",
+                    "--allow", f"127.0.0.1:{target + 1 if target < 65535 else 1}")
+    logs.append(c)
+    c.start()
+    wait_until(lambda: srv.health()["clients"] == 1, timeout=15, desc="edge1 connected")
+    poke(port)
+    want = f'client "edge1" could not connect to 127.0.0.1:{target}: not allowed by its ' \
+           f'--allow (status 2)'
+    wait_until(lambda: srv.mapping(port)["last_error"] == want, desc="the --allow refusal")
