@@ -200,6 +200,7 @@ static void handle_create(struct server *srv, const struct api_req *rq, struct a
     }
     log_info("api", "mapping created: port %d -> %s%s:%d", rec.port,
              rec.use_tunnel ? "tunnel " : "", mapping_target_host(m), rec.target_port);
+    tunnel_server_mappings_changed(srv->tunnel);
     api_ok(out, MHD_HTTP_CREATED, "mapping created", mapping_to_json(m));
 }
 
@@ -246,6 +247,7 @@ static void handle_update(struct server *srv, const struct api_req *rq, struct a
         return;
     }
     log_info("api", "mapping updated: port %d%s", port, m->rec.enabled ? "" : " (disabled)");
+    tunnel_server_mappings_changed(srv->tunnel);
     api_ok(out, MHD_HTTP_OK, "mapping updated", mapping_to_json(m));
 }
 
@@ -270,6 +272,7 @@ static void handle_remove(struct server *srv, const struct api_req *rq, struct a
         return;
     }
     log_info("api", "mapping removed: port %d", port);
+    tunnel_server_mappings_changed(srv->tunnel);
     api_ok(out, MHD_HTTP_OK, "mapping removed", json_pack("{s:i}", "port", port));
 }
 

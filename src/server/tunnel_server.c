@@ -78,6 +78,8 @@ struct tsession {
     TAILQ_HEAD(, tstream) streams;
     size_t nstreams;              /* all, pending included (the limit counts these) */
     size_t nestablished;          /* connected to their target (what /api/clients shows) */
+    bool notices;                 /* its Hello said "notices": true (docs/PROTOCOL.md) */
+    char *notice_last;            /* the last mappings Notice it was sent (or would be) */
 };
 
 /* One public connection carried by a session. */
@@ -357,6 +359,7 @@ static void tsession_free(struct tsession *sess)
     if (sess->probe_timer)
         event_free(sess->probe_timer);
     bufferevent_free(sess->bev);
+    free(sess->notice_last);
     free(sess);
 }
 
@@ -434,7 +437,7 @@ static int tsession_refuse(struct tsession *sess, const char *message, const cha
 
 /* The tunnel mappings the client serves, [{"port":P,"target":"host:port"}], so that it can
  * show "tcp://server:P -> target". Targets are spelt as the client spells what it dials.
- * A snapshot: mappings created later are not announced. */
+ * In the HelloResponse, and again in a Notice when it changes (tsession_notify_mappings). */
 static json_t *ts_client_mappings_json(const struct tunnel_server *ts, const char *name)
 {
     json_t *arr = json_array();
@@ -457,6 +460,38 @@ static json_t *ts_client_mappings_json(const struct tunnel_server *ts, const cha
                                              target));
     }
     return arr;
+}
+
+/* The client's mappings as a Notice, sent only when they differ from the last one it
+ * was told (the HelloResponse's list primes it with send false), so an API change that
+ * does not concern this client costs it nothing. */
+static void tsession_notify_mappings(struct tsession *sess, bool send)
+{
+    json_t *j = json_pack("{s:s, s:o}", "event", "mappings", "mappings",
+                          ts_client_mappings_json(sess->ts, sess->name));
+    char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    json_decref(j);
+    if (!text)
+        return;
+    if (sess->notice_last && strcmp(sess->notice_last, text) == 0) {
+        free(text);
+        return;
+    }
+    if (send)
+        mux_session_send_json(sess->mux, FRAME_NOTICE, text, strlen(text));
+    free(sess->notice_last);
+    sess->notice_last = text;
+}
+
+void tunnel_server_mappings_changed(struct tunnel_server *ts)
+{
+    if (!ts)
+        return;
+    struct tsession *sess;
+    TAILQ_FOREACH(sess, &ts->sessions, link) {
+        if (sess->authed && !sess->closing && sess->notices)
+            tsession_notify_mappings(sess, true);
+    }
 }
 
 static void tsession_accept(struct tsession *sess, const char *name)
@@ -482,6 +517,8 @@ static void tsession_accept(struct tsession *sess, const char *name)
     tsession_respond(sess, json_pack("{s:b, s:s, s:o*, s:o*}", "ok", 1, "message", msg,
                                      "mappings", ts_client_mappings_json(sess->ts, sess->name),
                                      "client", self));
+    if (sess->notices)
+        tsession_notify_mappings(sess, false);
     struct timeval idle = {cfg->heartbeat_timeout > 0 ? cfg->heartbeat_timeout : 30, 0};
     struct timeval every = {cfg->heartbeat_interval > 0 ? cfg->heartbeat_interval : 10, 0};
     /* Silence either way is death: nothing received, or our output not moving. */
@@ -616,6 +653,7 @@ static int tsession_on_hello(struct tsession *sess, json_t *root)
                                       "1-64 characters of A-Z a-z 0-9 . _ -)");
     }
     /* name is [A-Za-z0-9._-]{1,64} from here on: safe to log and to copy whole. */
+    sess->notices = json_is_true(json_object_get(root, "notices"));
     snprintf(shown, sizeof(shown), "%s", name);
     json_t *jtoken = json_object_get(root, "token");
     if (!ts->srv->clients ||

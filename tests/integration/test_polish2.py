@@ -210,3 +210,42 @@ def test_failed_tunnel_dials_name_the_reason(server_factory, tmp_path, logs):
     want = f'client "edge1" could not connect to 127.0.0.1:{target}: not allowed by its ' \
            f'--allow (status 2)'
     wait_until(lambda: srv.mapping(port)["last_error"] == want, desc="the --allow refusal")
+
+
+# ---- 3. Notice frames go server -> client only ----
+
+def test_notice_sent_to_the_server_is_a_protocol_error(server_factory):
+    import json
+    import socket
+    from sec_helpers import T_HELLO_RESPONSE, frame, hello, read_frame
+    token = secrets.token_hex(12)
+    srv = tunnel_server(server_factory, {"edge1": token})
+    with socket.create_connection(("127.0.0.1", srv.tunnel_port), timeout=5) as s:
+        s.sendall(hello("edge1", token) + b"")
+        f = read_frame(s)
+        assert f[0] == T_HELLO_RESPONSE and json.loads(f[1])["ok"] is True, f
+        wait_until(lambda: srv.health()["clients"] == 1, desc="the session")
+        s.sendall(frame(0x0A, b'{"event":"mappings","mappings":[]}'))
+        while read_frame(s) is not None:  # KeepAlives, then EOF
+            pass
+    wait_until(lambda: srv.health()["clients"] == 0, desc="the session to be closed")
+    assert "Notice sent to the server" in srv.log_text()
+    assert srv.running()
+
+
+def test_hello_without_notices_gets_no_notice(server_factory):
+    """An older client (no "notices" in its Hello) never sees the new frame type."""
+    import json
+    import socket
+    from sec_helpers import T_HELLO_RESPONSE, hello, read_frame
+    token = secrets.token_hex(12)
+    srv = tunnel_server(server_factory, {"edge1": token}, heartbeat_interval=1)
+    with socket.create_connection(("127.0.0.1", srv.tunnel_port), timeout=5) as s:
+        s.sendall(hello("edge1", token))
+        f = read_frame(s)
+        assert f[0] == T_HELLO_RESPONSE and json.loads(f[1])["mappings"] == [], f
+        srv.create_ok(port=free_port(), target_port=80, use_tunnel=True, client="edge1")
+        # Frames until the next KeepAlive (heartbeat 1 s): none may be a Notice.
+        for _ in range(3):
+            f = read_frame(s, timeout=5)
+            assert f is not None and f[0] == 0x05, f
