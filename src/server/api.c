@@ -154,6 +154,9 @@ static void handle_health(struct server *srv, const struct api_req *rq, struct a
                           (json_int_t)mapping_registry_count(srv->mappings), "version",
                           PORTMUX_VERSION, "uptime_s",
                           (json_int_t)(time(NULL) - srv->started_at));
+    /* What the console shows next to its port field (SPEC §3 /health). */
+    json_object_set_new(j, "port_range", json_pack("{s:i, s:i}", "from", srv->cfg->port_from,
+                                                   "end", srv->cfg->port_end));
     api_reply_json(out, MHD_HTTP_OK, j, NULL);
 }
 
