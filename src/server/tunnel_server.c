@@ -46,8 +46,10 @@
 /* A refused or closing tunnel gets this long to flush its last frames. */
 #define TS_CLOSE_GRACE_SECONDS 5
 #define TS_NAME_MAX 64
-/* Bytes of JSON the mapping list in a HelloResponse may take (a frame holds 64 KiB). */
-#define TS_HELLO_MAPPINGS_BUDGET (32u * 1024u)
+/* Bytes of JSON the mapping list in a HelloResponse or Notice may take: a JSON frame holds
+ * FRAME_MAX_JSON (4 KiB), and the rest of the HelloResponse (message, client) needs room;
+ * a list over it would make the frame unencodable and the HelloResponse never sent. */
+#define TS_HELLO_MAPPINGS_BUDGET (FRAME_MAX_JSON - 512u)
 
 struct tstream;
 

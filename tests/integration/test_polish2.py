@@ -249,3 +249,23 @@ def test_hello_without_notices_gets_no_notice(server_factory):
         for _ in range(3):
             f = read_frame(s, timeout=5)
             assert f is not None and f[0] == 0x05, f
+
+
+def test_hello_response_with_many_mappings_fits_one_frame(server_factory):
+    """The HelloResponse (and a Notice) lists as many mappings as fit a JSON frame (4 KiB)
+    and is still sent with hundreds of them: the client connects."""
+    import json
+    import socket
+    from sec_helpers import T_HELLO_RESPONSE, hello, read_frame
+    token = secrets.token_hex(12)
+    srv = tunnel_server(server_factory, {"edge1": token})
+    for _ in range(150):
+        srv.create_ok(target_ip="internal-host-with-a-long-name.example.internal",
+                      target_port=8443, use_tunnel=True, client="edge1")
+    with socket.create_connection(("127.0.0.1", srv.tunnel_port), timeout=5) as s:
+        s.sendall(hello("edge1", token))
+        f = read_frame(s, timeout=10)
+    assert f is not None and f[0] == T_HELLO_RESPONSE, f
+    body = json.loads(f[1])
+    assert body["ok"] is True and 10 < len(body["mappings"]) < 150, len(body["mappings"])
+    assert len(f[1]) <= 4096
