@@ -316,7 +316,8 @@
     setText($('h-clients'), String(h.clients ?? '–'));
     setText($('h-mappings'), String(h.mappings ?? '–'));
     const r = h.port_range;
-    setText($('port-range'), r ? 'allowed: ' + r.from + '–' + r.end + ' (blacklisted ports aside)' : '');
+    setText($('port-range'), r ? 'range ' + r.from + '–' + r.end : '');
+    $('port-range').title = r ? 'port_range: ' + r.from + '–' + r.end + ', blacklisted ports aside' : '';
   }
 
   /* Where the public connects: this page's host (what the browser reached the server

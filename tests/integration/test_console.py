@@ -841,8 +841,8 @@ def test_console_public_address_range_client_state_directions(server_factory, pr
     drv = browser_factory()
     set_viewport(drv, 1400, 900, mobile=False)
     open_console(drv, srv)
-    until(drv, lambda d: by_id(d, "port-range").text
-          == "allowed: 1024–65535 (blacklisted ports aside)", "the port range hint")
+    until(drv, lambda d: by_id(d, "port-range").text == "range 1024–65535",
+          "the port range hint")
     srv.create_ok(port=lo, target_port=http_backend.port, use_tunnel=True, client="edge")
     srv.create_ok(port=hi, target_port=http_backend.port, use_tunnel=True, client="idle")
     until(drv, lambda d: mapping_row(d, lo) and mapping_row(d, hi), "both rows")
