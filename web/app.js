@@ -28,6 +28,7 @@
     pendingRemove: null,
     pendingClient: null,  /* {action, name} while the client dialog is open */
     clientRows: new Map(), /* name -> client row record (see makeClientRow) */
+    connected: new Set(), /* names of the tunnel clients connected at the last poll */
     returnFocus: null,
     editing: null,        /* the mapping the edit dialog shows */
   };
@@ -271,8 +272,10 @@
         handleUnauthorized();
         return;
       }
+      const clientList = envelopeData(clients).clients || [];
+      state.connected = new Set(clientList.filter((c) => c.connected).map((c) => String(c.name)));
       renderMappings(envelopeData(list).mappings || []);
-      renderClients(envelopeData(clients).clients || []);
+      renderClients(clientList);
       state.lastUpdate = new Date();
       setText($('last-update'), state.lastUpdate.toLocaleTimeString());
       setConn('live');
@@ -312,6 +315,16 @@
     $('h-tunnel').className = h.tunnel_enabled ? (h.tunnel_connected ? 'ok' : 'warn') : 'muted';
     setText($('h-clients'), String(h.clients ?? '–'));
     setText($('h-mappings'), String(h.mappings ?? '–'));
+    const r = h.port_range;
+    setText($('port-range'), r ? 'range ' + r.from + '–' + r.end : '');
+    $('port-range').title = r ? 'port_range: ' + r.from + '–' + r.end + ', blacklisted ports aside' : '';
+  }
+
+  /* Where the public connects: this page's host (what the browser reached the server
+   * by) and the mapping's port. */
+  function publicAddr(port) {
+    const host = window.location.hostname || '127.0.0.1';
+    return (host.includes(':') && !host.startsWith('[') ? '[' + host + ']' : host) + ':' + port;
   }
 
   /* ---------------------------------------------------------------- mappings */
@@ -329,13 +342,19 @@
       conns: cell('Connections', 'c-conns num'),
       refused: cell('Refused', 'c-refused num'),
       policy: cell('Policy', 'c-policy'),
-      bytesIn: cell('In', 'c-bytes-in num'),
-      bytesOut: cell('Out', 'c-bytes-out num'),
+      bytesIn: cell('To target', 'c-bytes-in num'),
+      bytesOut: cell('From target', 'c-bytes-out num'),
       spark: cell('Traffic', 'c-spark'),
       actions: cell('', 'c-actions'),
     };
     c.port.scope = 'row';
     c.port.dataset.label = 'Port';
+    const portNum = el('span', 'port-num');
+    const addr = el('code', 'public-addr');
+    c.port.append(portNum, addr);
+    const clientName = el('span', 'client-name');
+    const clientState = el('span', 'client-state');
+    c.client.append(clientName, clientState);
     const badge = el('span', 'status');
     const err = el('span', 'status-detail');
     c.status.append(badge, err);
@@ -354,20 +373,29 @@
     btn.addEventListener('click', () => askRemove(m.port));
     c.actions.append(edit, toggle, btn);
     tr.append(...Object.values(c));
-    return { tr, c, badge, err, svg, toggle, id: m.id, text: '', m };
+    return { tr, c, badge, err, svg, toggle, id: m.id, text: '', m, portNum, addr, clientName,
+      clientState };
   }
 
   function updateRow(row, m) {
     const c = row.c;
-    setText(c.port, String(m.port));
+    setText(row.portNum, String(m.port));
+    setText(row.addr, publicAddr(m.port));
+    row.addr.title = 'connect to ' + publicAddr(m.port);
     setText(c.name, m.name || '');
     setText(c.mode, m.use_tunnel ? 'tunnel' : 'direct');
     setText(c.target, fmtTarget(m));
-    setText(c.client, m.use_tunnel ? m.client || 'default' : '–');
+    const client = m.use_tunnel ? m.client || 'default' : '';
+    setText(row.clientName, m.use_tunnel ? client : '–');
+    const up = state.connected.has(client);
+    setText(row.clientState, m.use_tunnel ? (up ? 'connected' : 'not connected') : '');
+    row.clientState.className = 'client-state ' + (up ? 'ok' : 'warn');
     row.tr.dataset.status = m.status;
     row.badge.className = 'status status-' + m.status;
     setText(row.badge, statusLabel(m.status));
-    setText(row.err, m.status === 'error' && m.error ? m.error : '');
+    setText(row.err, m.status === 'error' && m.error ? m.error
+      : m.last_error ? 'last failed dial: ' + m.last_error : '');
+    row.err.title = m.last_error_at ? 'at ' + m.last_error_at : '';
     setText(c.conns, m.active_connections + ' / ' + m.total_connections + ' / ' + m.failed_connections);
     c.conns.title = m.active_connections + ' active, ' + m.total_connections + ' total, ' +
       m.failed_connections + ' failed';
@@ -515,8 +543,8 @@
       since: cell('Connected since', 'c-since'),
       streams: cell('Streams', 'num'),
       rtt: cell('RTT', 'num'),
-      bytesIn: cell('In', 'num'),
-      bytesOut: cell('Out', 'num'),
+      toTarget: cell('To target', 'num c-to-target'),
+      fromTarget: cell('From target', 'num c-from-target'),
       state: cell('State', 'c-state'),
       source: cell('Source', 'c-source'),
       actions: cell('', 'c-actions'),
@@ -547,8 +575,10 @@
       : (c.last_seen ? 'last seen ' + fmtSince(c.last_seen) : 'never connected'));
     setText(k.streams, c.connected ? String(c.streams ?? '–') : '–');
     setText(k.rtt, c.connected ? fmtRtt(c.rtt_ms) : '–');
-    setText(k.bytesIn, fmtBytes(c.bytes_in || 0));
-    setText(k.bytesOut, fmtBytes(c.bytes_out || 0));
+    /* The server counts a client's bytes as the tunnel sees them: out goes to the client
+     * (towards its targets), in comes back; shown in the mappings table's order. */
+    setText(k.toTarget, fmtBytes(c.bytes_out || 0));
+    setText(k.fromTarget, fmtBytes(c.bytes_in || 0));
     setText(row.badge, c.connected ? 'connected' : 'not connected');
     row.badge.className = 'status ' + (c.connected ? 'status-listening' : 'status-waiting_for_client');
     setText(k.source, String(c.source || ''));

@@ -12,6 +12,27 @@
 #include "tls_bev.h"
 #include "tls_error.h"
 
+/* The SSL ex_data slot where cert_requested_cb marks a connection whose server asked
+ * for a client certificate we do not have; -1 until the first context is made. */
+static int client_tls_req_idx = -1;
+
+/* OpenSSL calls this only when the server sends a CertificateRequest and no certificate
+ * was configured: answering "none" lets the handshake go on (the server decides), and
+ * the mark lets the client say why the server then hangs up. */
+static int cert_requested_cb(SSL *ssl, X509 **x509, EVP_PKEY **pkey)
+{
+    (void)x509;
+    (void)pkey;
+    if (client_tls_req_idx >= 0)
+        SSL_set_ex_data(ssl, client_tls_req_idx, (void *)1);
+    return 0;
+}
+
+bool client_tls_cert_requested(const SSL *ssl)
+{
+    return ssl && client_tls_req_idx >= 0 && SSL_get_ex_data(ssl, client_tls_req_idx) != NULL;
+}
+
 SSL_CTX *client_tls_ctx_new(const char *ca, const char *cert, const char *key, char *err,
                             size_t errlen)
 {
@@ -33,6 +54,11 @@ SSL_CTX *client_tls_ctx_new(const char *ca, const char *cert, const char *key, c
         return tls_ctx_fail(ctx, err, errlen, "", "cannot load --key", key);
     if (cert && SSL_CTX_check_private_key(ctx) != 1)
         return tls_ctx_fail(ctx, err, errlen, "", "--key does not match --cert", key);
+    if (!cert) {
+        if (client_tls_req_idx < 0)
+            client_tls_req_idx = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
+        SSL_CTX_set_client_cert_cb(ctx, cert_requested_cb);
+    }
     return ctx;
 }
 

@@ -19,6 +19,10 @@ SSL_CTX *client_tls_ctx_new(const char *ca, const char *cert, const char *key, c
  * or an IP literal) and sends it as SNI. NULL on failure. */
 SSL *client_tls_ssl_new(SSL_CTX *ctx, const char *server_name);
 
+/* True when the server asked for a client certificate and this context had none
+ * (mutual TLS without --cert): a retry cannot succeed. */
+bool client_tls_cert_requested(const SSL *ssl);
+
 /* After a TLS error on bev: writes the reason ("certificate verify failed (...)" or
  * OpenSSL's reason) into buf, or "" when there was no TLS error. Returns true when the
  * failure is about certificates (a verification or authentication failure, which a retry

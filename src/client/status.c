@@ -62,6 +62,10 @@ struct status {
     TAILQ_HEAD(, status_target) targets;
     size_t ntargets;
     struct status_target *other;
+    /* Rows a Notice left unlisted (status_mappings_prune): kept, not drawn, because a dial
+     * in flight may hold the pointer; a later dial or announcement brings one back. */
+    TAILQ_HEAD(, status_target) hidden;
+    size_t nhidden;
     char frame[STATUS_FRAME_MAX];
     size_t frame_len;
 };
@@ -441,6 +445,7 @@ struct status *status_new(struct event_base *base, const struct status_opts *o)
     s->tls = o->tls;
     s->utf8 = status_env_utf8();
     TAILQ_INIT(&s->targets);
+    TAILQ_INIT(&s->hidden);
     char host[260];
     status_printable(o->server_host, host, sizeof(host));
     snprintf(s->host, sizeof(s->host), strchr(host, ':') ? "[%s]" : "%s", host);
@@ -469,6 +474,10 @@ void status_free(struct status *s)
         TAILQ_REMOVE(&s->targets, t, link);
         free(t);
     }
+    while ((t = TAILQ_FIRST(&s->hidden)) != NULL) {
+        TAILQ_REMOVE(&s->hidden, t, link);
+        free(t);
+    }
     free(s);
 }
 
@@ -489,6 +498,11 @@ void status_finish(struct status *s)
     uint64_t streams = 0, in = 0, out = 0;
     const struct status_target *t;
     TAILQ_FOREACH(t, &s->targets, link) {
+        streams += t->total;
+        in += t->bytes_in;
+        out += t->bytes_out;
+    }
+    TAILQ_FOREACH(t, &s->hidden, link) {
         streams += t->total;
         in += t->bytes_in;
         out += t->bytes_out;
@@ -598,7 +612,16 @@ struct status_target *status_target_get(struct status *s, const char *target)
         if (t != s->other && strcmp(t->name, shown) == 0)
             return t;
     }
-    if (s->ntargets < STATUS_TARGETS_MAX)
+    TAILQ_FOREACH(t, &s->hidden, link) {
+        if (strcmp(t->name, shown) == 0) {
+            TAILQ_REMOVE(&s->hidden, t, link);
+            s->nhidden--;
+            TAILQ_INSERT_TAIL(&s->targets, t, link);
+            s->ntargets++;
+            return t;
+        }
+    }
+    if (s->ntargets + s->nhidden < STATUS_TARGETS_MAX)
         return status_target_new(s, shown);
     if (!s->other)
         s->other = status_target_new(s, "(other targets)");
@@ -619,6 +642,31 @@ void status_mappings_clear(struct status *s)
             s->ntargets--;
             free(t);
         }
+    }
+}
+
+void status_mappings_reset(struct status *s)
+{
+    if (!s)
+        return;
+    struct status_target *t;
+    TAILQ_FOREACH(t, &s->targets, link)
+        t->nports = 0;
+}
+
+void status_mappings_prune(struct status *s)
+{
+    if (!s)
+        return;
+    struct status_target *t, *next;
+    for (t = TAILQ_FIRST(&s->targets); t; t = next) {
+        next = TAILQ_NEXT(t, link);
+        if (t->nports > 0 || t->active > 0 || t == s->other)
+            continue;
+        TAILQ_REMOVE(&s->targets, t, link);
+        s->ntargets--;
+        TAILQ_INSERT_TAIL(&s->hidden, t, link);
+        s->nhidden++;
     }
 }
 

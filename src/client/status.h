@@ -59,6 +59,12 @@ void status_set_client(struct status *s, const char *source, long long takeovers
  * (shown at the next redraw). */
 void status_mappings_clear(struct status *s);
 void status_mapping_add(struct status *s, int public_port, const char *target);
+/* A server's Notice (an authoritative list): status_mappings_reset forgets the announced
+ * ports (freeing nothing: a dial in flight may hold a row), status_mapping_add the new
+ * ones, then status_mappings_prune hides the rows no mapping names and no stream uses
+ * (the exit summary still counts them; a dial or announcement shows one again). */
+void status_mappings_reset(struct status *s);
+void status_mappings_prune(struct status *s);
 
 /* The target "host:port" the server asked for (found or added). Past a bound, every new
  * target shares one "other targets" row. NULL when s is NULL. The pointer stays valid

@@ -286,8 +286,9 @@ static void tc_end(struct tclient *c, enum tclient_end how, const char *reason)
 
 static void tc_send_hello(struct tclient *c)
 {
-    json_t *j = json_pack("{s:s, s:s, s:s}", "name", c->opts.name, "token", c->opts.token,
-                          "version", PORTMUX_VERSION);
+    /* notices: the server may tell us when our mappings change (docs/PROTOCOL.md). */
+    json_t *j = json_pack("{s:s, s:s, s:s, s:b}", "name", c->opts.name, "token", c->opts.token,
+                          "version", PORTMUX_VERSION, "notices", 1);
     mux_conn_send_json(c->conn, FRAME_HELLO, j);
 }
 
@@ -305,10 +306,11 @@ static void tc_authed(struct tclient *c)
 
 /* The mappings a HelloResponse announces, for the status. Informational: an entry that
  * does not look right is skipped; an older server sends none. */
+static void tc_show_mappings(struct tclient *c, json_t *list);
+
 static void tc_read_mappings(struct tclient *c, json_t *root)
 {
-    json_t *list = json_object_get(root, "mappings"), *m;
-    size_t i;
+    json_t *list = json_object_get(root, "mappings");
     if (!c->opts.status)
         return;
     const char *source = NULL;
@@ -318,6 +320,14 @@ static void tc_read_mappings(struct tclient *c, json_t *root)
         source = NULL;
     status_set_client(c->opts.status, source, (long long)takeovers, (long long)refused);
     status_mappings_clear(c->opts.status);
+    tc_show_mappings(c, list);
+}
+
+/* Announces the listed mappings in the status (entries that look wrong are skipped). */
+static void tc_show_mappings(struct tclient *c, json_t *list)
+{
+    json_t *m;
+    size_t i;
     if (!json_is_array(list))
         return;
     json_array_foreach(list, i, m) {
@@ -330,6 +340,26 @@ static void tc_read_mappings(struct tclient *c, json_t *root)
     }
 }
 
+/* A Notice (only after our Hello asked for them). An event this client does not know is
+ * ignored: a newer server may send more kinds. */
+static int tc_on_notice(struct tclient *c, const char *json, size_t len)
+{
+    json_error_t jerr;
+    const char *event = NULL;
+    json_t *root = json_loadb(json, len, JSON_REJECT_DUPLICATES, &jerr);
+    if (!root || json_unpack(root, "{s:s}", "event", &event) != 0) {
+        json_decref(root);
+        return -1;
+    }
+    if (strcmp(event, "mappings") == 0 && c->opts.status) {
+        status_mappings_reset(c->opts.status);
+        tc_show_mappings(c, json_object_get(root, "mappings"));
+        status_mappings_prune(c->opts.status);
+    }
+    json_decref(root);
+    return 0;
+}
+
 static int tc_on_json(struct mux_session *mux, uint8_t type, const char *json, size_t len,
                       void *arg)
 {
@@ -337,6 +367,8 @@ static int tc_on_json(struct mux_session *mux, uint8_t type, const char *json, s
     json_error_t jerr;
     int ok = 0;
     const char *message = "", *error = "";
+    if (type == FRAME_NOTICE)
+        return tc_on_notice(c, json, len);
     if (c->authed)
         return -1; /* a second HelloResponse */
     json_t *root = json_loadb(json, len, JSON_REJECT_DUPLICATES, &jerr);
@@ -397,6 +429,13 @@ static void tc_on_event(struct mux_conn *conn, short what, void *arg)
         return;
     }
     bool cert = c->opts.ssl && client_tls_failure(bev, c->ssl, reason, sizeof(reason));
+    if (!c->authed && !(what & BEV_EVENT_TIMEOUT) && client_tls_cert_requested(c->ssl)) {
+        snprintf(c->refusal, sizeof(c->refusal),
+                 "the server wants a client certificate (mutual TLS): give --cert FILE "
+                 "--key FILE%s%s", reason[0] ? "; TLS: " : "", reason);
+        tc_end(c, TCLIENT_REFUSED, c->refusal);
+        return;
+    }
     if (reason[0] && c->opts.ssl && !c->authed) {
         snprintf(c->refusal, sizeof(c->refusal), "TLS handshake failed: %s", reason);
         tc_end(c, cert ? TCLIENT_REFUSED : TCLIENT_LOST, c->refusal);

@@ -35,7 +35,7 @@ enum frame_result frame_header_decode(const uint8_t hdr[FRAME_HEADER_LEN],
 {
     if (hdr[0] != FRAME_VERSION)
         return FRAME_E_VERSION;
-    if (hdr[1] < FRAME_CONNECT_REQUEST || hdr[1] > FRAME_SHUT_WRITE)
+    if (hdr[1] < FRAME_CONNECT_REQUEST || hdr[1] > FRAME_NOTICE)
         return FRAME_E_TYPE;
     uint32_t length = frame_get_u32(hdr + 2);
     if (length > FRAME_MAX_PAYLOAD)
@@ -157,6 +157,7 @@ enum frame_result frame_payload_decode(uint8_t type, const uint8_t *payload, siz
         return frame_decode_keepalive(payload, len, out);
     case FRAME_HELLO:
     case FRAME_HELLO_RESPONSE:
+    case FRAME_NOTICE:
         return frame_decode_json(payload, len, out);
     case FRAME_WINDOW_UPDATE:
         return frame_decode_window_update(payload, len, out);
@@ -275,7 +276,7 @@ int frame_encode_keepalive(uint8_t *out, size_t cap, const uint8_t *token)
 int frame_encode_json(uint8_t *out, size_t cap, uint8_t type, const char *json,
                       size_t json_len)
 {
-    if (type != FRAME_HELLO && type != FRAME_HELLO_RESPONSE)
+    if (type != FRAME_HELLO && type != FRAME_HELLO_RESPONSE && type != FRAME_NOTICE)
         return FRAME_E_BUFFER;
     /* The decoder rejects what it could not hand on, so the encoder never produces it. */
     if (json == NULL || !frame_json_ok((const uint8_t *)json, json_len))

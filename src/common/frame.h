@@ -29,6 +29,9 @@ enum frame_type {
     FRAME_HELLO_RESPONSE = 0x07,
     FRAME_WINDOW_UPDATE = 0x08,
     FRAME_SHUT_WRITE = 0x09,
+    /* Server -> client JSON after HelloResponse, only to a client whose Hello said
+     * "notices": true (older clients never get one). */
+    FRAME_NOTICE = 0x0A,
 };
 
 enum frame_connect_status {

@@ -396,6 +396,19 @@ static int mux_on_json(struct mux_session *s, const struct frame *f)
     return rc > 0 ? MUX_STOPPED : MUX_OK;
 }
 
+/* A Notice goes server -> client only, after the Hello (mux_dispatch checked that). */
+static int mux_on_notice(struct mux_session *s, const struct frame *f)
+{
+    if (s->role != MUX_ROLE_CLIENT)
+        return mux_fail(s, MUX_E_PROTOCOL, "Notice sent to the server");
+    if (!s->cb.on_json)
+        return MUX_OK;
+    int rc = s->cb.on_json(s, f->type, (const char *)f->data, f->data_len, s->arg);
+    if (rc < 0)
+        return mux_fail(s, MUX_E_PROTOCOL, "bad Notice");
+    return rc > 0 ? MUX_STOPPED : MUX_OK;
+}
+
 static int mux_on_connect_request(struct mux_session *s, const struct frame *f)
 {
     if (s->role != MUX_ROLE_CLIENT)
@@ -529,6 +542,8 @@ static int mux_dispatch(struct mux_session *s, const struct frame *f)
         return mux_on_window_update(s, f);
     case FRAME_SHUT_WRITE:
         return mux_on_shut_write(s, f);
+    case FRAME_NOTICE:
+        return mux_on_notice(s, f);
     default:
         return mux_fail(s, MUX_E_FRAME, "unknown type");
     }

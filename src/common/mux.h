@@ -87,7 +87,8 @@ struct mux_session_callbacks {
      * mux_stream_respond(). */
     void (*on_connect_request)(struct mux_session *s, struct mux_stream *st,
                                const char *host, uint16_t port, void *arg);
-    /* Hello (server role) or HelloResponse (client role). json is not NUL-terminated.
+    /* Hello (server role), HelloResponse or Notice (client role; type says which). json
+     * is not NUL-terminated.
      * Return 0 to go on, MUX_STOPPED to stop reading input, or < 0 for a protocol error. */
     int (*on_json)(struct mux_session *s, uint8_t type, const char *json, size_t len,
                    void *arg);
@@ -120,7 +121,7 @@ int mux_session_input(struct mux_session *s, struct evbuffer *in);
 /* A human reason for the last fatal error ("" when none). */
 const char *mux_session_error(const struct mux_session *s);
 
-/* Appends a Hello or HelloResponse frame. */
+/* Appends a Hello, HelloResponse or Notice frame. */
 int mux_session_send_json(struct mux_session *s, uint8_t type, const char *json, size_t len);
 /* Appends a KeepAlive with a fresh token; its echo measures the RTT. */
 int mux_session_send_keepalive(struct mux_session *s);

@@ -155,7 +155,25 @@ static void handle_health(struct server *srv, const struct api_req *rq, struct a
                           (json_int_t)mapping_registry_count(srv->mappings), "version",
                           PORTMUX_VERSION, "uptime_s",
                           (json_int_t)(time(NULL) - srv->started_at));
+    /* What the console shows next to its port field (SPEC §3 /health). */
+    json_object_set_new(j, "port_range", json_pack("{s:i, s:i}", "from", srv->cfg->port_from,
+                                                   "end", srv->cfg->port_end));
     api_reply_json(out, MHD_HTTP_OK, j, NULL);
+}
+
+/* SPEC §2: a tunnel mapping names a known client (§4a). On update only a change of
+ * client (or to tunnel mode) is judged, so a mapping whose client was removed can still
+ * be disabled or renamed. */
+static int api_client_known(struct server *srv, const struct mapping_record *rec,
+                            const struct mapping_record *old, char *msg, size_t msglen)
+{
+    if (!rec->use_tunnel || (old && old->use_tunnel && strcmp(old->client, rec->client) == 0))
+        return 0;
+    if (srv->clients && clients_find(srv->clients, rec->client))
+        return 0;
+    snprintf(msg, msglen, "client \"%.64s\" does not exist (GET /api/clients lists them)",
+             rec->client);
+    return -1;
 }
 
 static void handle_create(struct server *srv, const struct api_req *rq, struct api_reply *out)
@@ -168,7 +186,8 @@ static void handle_create(struct server *srv, const struct api_req *rq, struct a
         api_fail(out, e, msg, NULL);
         return;
     }
-    if (loop_guard_check_create(srv, &rec, msg, sizeof(msg)) != 0) {
+    if (api_client_known(srv, &rec, NULL, msg, sizeof(msg)) != 0 ||
+        loop_guard_check_create(srv, &rec, msg, sizeof(msg)) != 0) {
         api_fail(out, API_E_INVALID_FIELD, msg, NULL);
         return;
     }
@@ -185,6 +204,7 @@ static void handle_create(struct server *srv, const struct api_req *rq, struct a
     }
     log_info("api", "mapping created: port %d -> %s%s:%d", rec.port,
              rec.use_tunnel ? "tunnel " : "", mapping_target_host(m), rec.target_port);
+    tunnel_server_mappings_changed(srv->tunnel);
     api_ok(out, MHD_HTTP_CREATED, "mapping created", api_json_mapping(m));
 }
 
@@ -215,6 +235,8 @@ static void handle_update(struct server *srv, const struct api_req *rq, struct a
     }
     *rec = m->rec;
     e = mapping_request_parse_update(srv->cfg, body, rq->len, &port, rec, msg, sizeof(msg));
+    if (e == API_OK && api_client_known(srv, rec, &m->rec, msg, sizeof(msg)) != 0)
+        e = API_E_INVALID_FIELD;
     enum mapping_result r = MAPPING_OK;
     if (e == API_OK)
         r = mapping_registry_update(srv->mappings, rec, &m, msg, sizeof(msg));
@@ -229,6 +251,7 @@ static void handle_update(struct server *srv, const struct api_req *rq, struct a
         return;
     }
     log_info("api", "mapping updated: port %d%s", port, m->rec.enabled ? "" : " (disabled)");
+    tunnel_server_mappings_changed(srv->tunnel);
     api_ok(out, MHD_HTTP_OK, "mapping updated", api_json_mapping(m));
 }
 
@@ -253,6 +276,7 @@ static void handle_remove(struct server *srv, const struct api_req *rq, struct a
         return;
     }
     log_info("api", "mapping removed: port %d", port);
+    tunnel_server_mappings_changed(srv->tunnel);
     api_ok(out, MHD_HTTP_OK, "mapping removed", json_pack("{s:i}", "port", port));
 }
 

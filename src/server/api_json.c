@@ -7,6 +7,24 @@
 #include "netaddr.h"
 #include "tunnel_server.h"
 
+/* "last_error" and "last_error_at" (ISO 8601 UTC): the last failed dial, both null when
+ * none failed since the server started. */
+static void api_json_last_error(const struct mapping *m, json_t *o)
+{
+    char when[32];
+    struct tm tm;
+    time_t t = m->dial.last_error_at;
+    if (!t || !gmtime_r(&t, &tm)) {
+        json_object_set_new(o, "last_error", json_null());
+        json_object_set_new(o, "last_error_at", json_null());
+        return;
+    }
+    strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
+    json_t *why = json_string(m->dial.last_error);
+    json_object_set_new(o, "last_error", why ? why : json_string("(not valid UTF-8)"));
+    json_object_set_new(o, "last_error_at", json_string(when));
+}
+
 json_t *api_json_mapping(const struct mapping *m)
 {
     const struct mapping_record *r = &m->rec;
@@ -20,6 +38,7 @@ json_t *api_json_mapping(const struct mapping *m)
         return NULL;
     if (st == MAPPING_ERROR)
         json_object_set_new(o, "error", json_string(m->error));
+    api_json_last_error(m, o);
     json_object_set_new(o, "active_connections", json_integer((json_int_t)m->stats.active));
     json_object_set_new(o, "total_connections", json_integer((json_int_t)m->stats.total));
     json_object_set_new(o, "failed_connections", json_integer((json_int_t)m->stats.failed));

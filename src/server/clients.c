@@ -369,3 +369,79 @@ void clients_note(struct clients_registry *reg, const char *name, enum clients_e
     else
         e->refused++;
 }
+
+static bool cl_config_has(const struct config *cfg, const char *name)
+{
+    for (size_t i = 0; i < cfg->clients_len; i++) {
+        if (strcmp(cfg->clients[i].name, name) == 0)
+            return true;
+    }
+    return false;
+}
+
+static struct clients_entry *cl_find_config(const struct clients_registry *reg, const char *name)
+{
+    for (size_t i = 0; i < reg->nconfig; i++) {
+        if (strcmp(reg->v[i].name, name) == 0)
+            return &reg->v[i];
+    }
+    return NULL;
+}
+
+/* Builds the new array aside and swaps it in, so a failed allocation changes nothing.
+ * A kept config client keeps its counters and last_seen; a changed token replaces the old
+ * one at once (no grace: the file is the only copy), while its live session stays, as
+ * after a rotate. */
+int clients_reload_config(struct clients_registry *reg, const struct config *cfg,
+                          void (*removed)(const char *name, void *arg), void *arg)
+{
+    size_t cap = cfg->clients_len + (reg->len - reg->nconfig) + 1;
+    struct clients_entry *v = calloc(cap, sizeof(*v));
+    if (!v)
+        return -1;
+    size_t n = 0;
+    for (size_t i = 0; i < cfg->clients_len; i++) {
+        const struct clients_entry *old = cl_find_config(reg, cfg->clients[i].name);
+        struct clients_entry *e = &v[n++];
+        unsigned char h[32];
+        cl_hash(cfg->clients[i].token, strlen(cfg->clients[i].token), h);
+        if (old) {
+            *e = *old;
+            if (CRYPTO_memcmp(h, old->hash, 32) != 0)
+                log_info(CL_MOD, "tunnel client \"%s\": token changed in the config; a live "
+                                 "session stays, the next Hello needs the new token", e->name);
+        } else {
+            snprintf(e->name, sizeof(e->name), "%s", cfg->clients[i].name);
+            e->source = CLIENTS_SOURCE_CONFIG;
+            log_info(CL_MOD, "tunnel client \"%s\" added from the config", e->name);
+        }
+        memcpy(e->hash, h, 32);
+        e->has_prev = false;
+        memset(e->prev_hash, 0, sizeof(e->prev_hash));
+    }
+    size_t nconfig = n;
+    for (size_t i = reg->nconfig; i < reg->len; i++) {
+        if (cl_config_has(cfg, reg->v[i].name)) {
+            log_warn(CL_MOD, "stored client \"%s\" is shadowed by the config's client of that "
+                             "name", reg->v[i].name);
+            continue;
+        }
+        v[n++] = reg->v[i];
+    }
+    struct clients_entry *old_v = reg->v;
+    size_t old_nconfig = reg->nconfig, old_cap = reg->cap;
+    reg->v = v;
+    reg->len = n;
+    reg->cap = cap;
+    reg->nconfig = nconfig;
+    for (size_t i = 0; i < old_nconfig; i++) {
+        if (cl_config_has(cfg, old_v[i].name))
+            continue;
+        log_info(CL_MOD, "tunnel client \"%s\" removed from the config", old_v[i].name);
+        if (removed)
+            removed(old_v[i].name, arg);
+    }
+    OPENSSL_cleanse(old_v, old_cap * sizeof(*old_v));
+    free(old_v);
+    return 0;
+}

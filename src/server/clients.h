@@ -94,4 +94,11 @@ void clients_note(struct clients_registry *reg, const char *name, enum clients_e
 /* Records that the client was seen now (Hello accepted, session ended). */
 void clients_touch(struct clients_registry *reg, const char *name, int64_t now);
 
+/* SIGHUP: the config's clients become cfg's (added, removed, token changed); API clients
+ * stay, except one a new config client of the same name shadows. removed(name, arg) runs
+ * for each config client that is gone, after the registry changed (to close its live
+ * session). Returns 0, or -1 when out of memory (nothing changed). */
+int clients_reload_config(struct clients_registry *reg, const struct config *cfg,
+                          void (*removed)(const char *name, void *arg), void *arg);
+
 #endif

@@ -77,8 +77,8 @@ static int forward_target_state(struct forward_conn *fc)
 static void forward_log_dial_failure(struct forward_conn *fc, const char *why)
 {
     struct mapping *m = fc->mc.mapping;
-    log_debug("forward", "port %d: connect to %s:%d failed: %s", m->rec.port,
-              mapping_target_host(m), m->rec.target_port, why);
+    mapping_dial_failed(m, "connect to %.64s:%d failed: %s", mapping_target_host(m),
+                        m->rec.target_port, why);
 }
 
 static void forward_free(struct forward_conn *fc, bool failed)

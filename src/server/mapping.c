@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <netinet/in.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,6 +17,7 @@
 
 #include "accept_guard.h"
 #include "client_name.h"
+#include "clients.h"
 #include "config.h"
 #include "log.h"
 #include "mapping_policy.h"
@@ -224,6 +226,7 @@ static void mapping_accept_cb(struct evconnlistener *l, evutil_socket_t fd,
         struct mapping_conn mc;
         mapping_conn_begin(m, &mc, NULL);
         mapping_conn_end(&mc, true);
+        mapping_dial_failed(m, "the tunnel is off (tunnel.enabled: false)");
         evutil_closesocket(fd);
     }
     m->accepting = NULL;
@@ -365,6 +368,9 @@ static int mapping_restore_one(const struct mapping_record *rec, void *arg)
                  rec->use_tunnel ? "tunnel " : "", mapping_target_host(m), rec->target_port);
     else
         log_error("mapping", "port %d kept with status error: %s", rec->port, m->error);
+    if (rec->use_tunnel && reg->srv->clients && !clients_find(reg->srv->clients, rec->client))
+        log_warn("mapping", "port %d: tunnel client \"%s\" does not exist; the mapping "
+                 "waits until a client of that name is created", rec->port, rec->client);
     TAILQ_INSERT_TAIL(&reg->list, m, link);
     reg->count++;
     return 0;
@@ -548,4 +554,31 @@ enum mapping_result mapping_registry_remove(struct mapping_registry *reg, int po
     reg->count--;
     mapping_free(m);
     return MAPPING_OK;
+}
+
+/* ---- failed dials ----
+ * Every public connection can fail its dial, so an unlimited line per failure would let
+ * anyone who can connect fill the log; one line per mapping per 10 s with the count left
+ * out keeps the reason visible at the default level and the log bounded. */
+
+void mapping_dial_failed(struct mapping *m, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(m->dial.last_error, sizeof(m->dial.last_error), fmt, ap);
+    va_end(ap);
+    time_t now = time(NULL);
+    m->dial.last_error_at = now;
+    if (m->dial.log_at && now - m->dial.log_at < MAPPING_DIAL_LOG_SECONDS &&
+        now >= m->dial.log_at) {
+        m->dial.log_suppressed++;
+        return;
+    }
+    if (m->dial.log_suppressed)
+        log_info("mapping", "port %d: dial failed: %s (%llu more failed since the last line)",
+                 m->rec.port, m->dial.last_error, (unsigned long long)m->dial.log_suppressed);
+    else
+        log_info("mapping", "port %d: dial failed: %s", m->rec.port, m->dial.last_error);
+    m->dial.log_at = now;
+    m->dial.log_suppressed = 0;
 }

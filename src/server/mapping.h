@@ -105,4 +105,14 @@ enum mapping_result mapping_registry_remove(struct mapping_registry *reg, int po
 
 /* The mapping as the API shows it: api_json_mapping() in api_json.h. */
 
+/* Failed dials (issue 17): the last reason and its time (m->dial, shown by api_json.c),
+ * and an info line per mapping at most every MAPPING_DIAL_LOG_SECONDS. */
+#define MAPPING_DIAL_LOG_SECONDS 10
+
+/* Records why a public connection of m never reached its target: a dead target, a
+ * timeout, the client's refusal, no client. The reason is formatted into a fixed buffer
+ * (longer ones are cut), so a peer cannot grow the line or the memory. */
+void mapping_dial_failed(struct mapping *m, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
 #endif

@@ -64,6 +64,12 @@ struct mapping {
     const struct sockaddr *accepting;   /* the peer, during the accept callback only */
     time_t refused_log_at;              /* refusal log lines: one per 10 s ... */
     uint64_t refused_log_suppressed;    /* ... and how many were left out */
+    struct {                            /* failed dials (mapping_dial_failed) */
+        char last_error[200];
+        time_t last_error_at;           /* 0 = none since start */
+        time_t log_at;                  /* the info line: one per 10 s ... */
+        uint64_t log_suppressed;        /* ... and how many were left out */
+    } dial;
     TAILQ_HEAD(mapping_conn_list, mapping_conn) conns;
     TAILQ_ENTRY(mapping) link;
 };

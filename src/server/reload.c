@@ -2,17 +2,19 @@
  *
  * Every module reads the keys below from srv->cfg when it uses them (an accept, a
  * create, a request), so applying them is moving the new value into the running config
- * on the loop thread. Keys that shaped something built at start (listeners, TLS
- * context, database, tunnel clients) keep their running value and are named in a
- * warning, so the operator knows a restart is due. */
+ * on the loop thread; tunnel.clients goes to the clients registry. Keys that shaped
+ * something built at start (listeners, TLS context, database) keep their running value
+ * and are named in a warning, so the operator knows a restart is due. */
 #include "reload.h"
 
 #include <stdio.h>
 #include <string.h>
 
+#include "clients.h"
 #include "config.h"
 #include "log.h"
 #include "server.h"
+#include "tunnel_server.h"
 
 #define RELOAD_MOD "server"
 
@@ -53,7 +55,6 @@ static void reload_restart_keys(const struct config *cur, const struct config *n
         {"tunnel.listen_addr",
          reload_str_changed(cur->tunnel_listen_addr, next->tunnel_listen_addr)},
         {"tunnel.listen_port", cur->tunnel_listen_port != next->tunnel_listen_port},
-        {"tunnel.clients", reload_clients_changed(cur, next)},
         {"tunnel.tls.cert_file", reload_str_changed(cur->tls_cert_file, next->tls_cert_file)},
         {"tunnel.tls.key_file", reload_str_changed(cur->tls_key_file, next->tls_key_file)},
         {"tunnel.tls.client_ca", reload_str_changed(cur->tls_client_ca, next->tls_client_ca)},
@@ -86,6 +87,17 @@ static bool reload_blacklist_changed(const struct config *a, const struct config
             memcmp(a->blacklist, b->blacklist, a->blacklist_len * sizeof(*a->blacklist)));
 }
 
+static bool reload_hosts_changed(const struct config *a, const struct config *b)
+{
+    if (a->allowed_hosts_len != b->allowed_hosts_len)
+        return true;
+    for (size_t i = 0; i < a->allowed_hosts_len; i++) {
+        if (reload_str_changed(a->allowed_hosts[i], b->allowed_hosts[i]))
+            return true;
+    }
+    return false;
+}
+
 /* Swaps an owned array and its length between the two configs: the running config gets
  * the new one, and freeing next frees the old. */
 #define RELOAD_SWAP(cur, next, arr, n)                                                      \
@@ -111,6 +123,10 @@ static void reload_apply_live(struct config *cur, struct config *next, bool leve
     if (reload_cidrs_changed(cur, next)) {
         RELOAD_SWAP(cur, next, allowed_ips, allowed_ips_len);
         reload_note(buf, len, "api.allowed_ips");
+    }
+    if (reload_hosts_changed(cur, next)) {
+        RELOAD_SWAP(cur, next, allowed_hosts, allowed_hosts_len);
+        reload_note(buf, len, "api.allowed_hosts");
     }
     if (reload_blacklist_changed(cur, next)) {
         RELOAD_SWAP(cur, next, blacklist, blacklist_len);
@@ -138,6 +154,27 @@ static void reload_apply_live(struct config *cur, struct config *next, bool leve
     }
 }
 
+static void reload_client_gone(const char *name, void *arg)
+{
+    struct server *srv = arg;
+    tunnel_server_client_removed(srv->tunnel, name);
+}
+
+/* tunnel.clients: the registry takes the new list (closing the sessions of removed
+ * clients), then the running config holds it, so the next reload compares against it. */
+static void reload_apply_clients(struct server *srv, struct config *next, char *buf,
+                                 size_t len)
+{
+    if (!reload_clients_changed(srv->cfg, next))
+        return;
+    if (!srv->clients || clients_reload_config(srv->clients, next, reload_client_gone, srv) != 0) {
+        log_error(RELOAD_MOD, "reload: out of memory; tunnel.clients keeps its running value");
+        return;
+    }
+    RELOAD_SWAP(srv->cfg, next, clients, clients_len);
+    reload_note(buf, len, "tunnel.clients");
+}
+
 int reload_config(struct server *srv, const char *path, bool level_pinned)
 {
     struct config next;
@@ -153,6 +190,7 @@ int reload_config(struct server *srv, const char *path, bool level_pinned)
     }
     reload_restart_keys(srv->cfg, &next, restart, sizeof(restart));
     reload_apply_live(srv->cfg, &next, level_pinned, live, sizeof(live));
+    reload_apply_clients(srv, &next, live, sizeof(live));
     log_info(RELOAD_MOD, "reloaded %s: %s", path, live[0] ? live : "nothing changed that applies live");
     if (restart[0])
         log_warn(RELOAD_MOD, "reload: %s changed in %s; the running values stay until a restart",

@@ -43,8 +43,10 @@
 /* A refused or closing tunnel gets this long to flush its last frames. */
 #define TS_CLOSE_GRACE_SECONDS 5
 #define TS_NAME_MAX 64
-/* Bytes of JSON the mapping list in a HelloResponse may take (a frame holds 64 KiB). */
-#define TS_HELLO_MAPPINGS_BUDGET (32u * 1024u)
+/* Bytes of JSON the mapping list in a HelloResponse or Notice may take: a JSON frame holds
+ * FRAME_MAX_JSON (4 KiB), and the rest of the HelloResponse (message, client) needs room;
+ * a list over it would make the frame unencodable and the HelloResponse never sent. */
+#define TS_HELLO_MAPPINGS_BUDGET (FRAME_MAX_JSON - 512u)
 
 struct tsession {
     TAILQ_ENTRY(tsession) link;
@@ -66,6 +68,8 @@ struct tsession {
     bool authed;
     bool pending;                 /* counted in ts->npending: no successful Hello yet */
     struct tunnel_stream_set streams; /* public connections and their counters */
+    bool notices;                 /* its Hello said "notices": true (docs/PROTOCOL.md) */
+    char *notice_last;            /* the last mappings Notice it was sent (or would be) */
 };
 
 struct tunnel_server {
@@ -153,6 +157,7 @@ static void tsession_free(struct tsession *sess)
         event_free(sess->hello_timer);
     if (sess->probe_timer)
         event_free(sess->probe_timer);
+    free(sess->notice_last);
     free(sess);
 }
 
@@ -218,7 +223,7 @@ static int tsession_refuse(struct tsession *sess, const char *message, const cha
 
 /* The tunnel mappings the client serves, [{"port":P,"target":"host:port"}], so that it can
  * show "tcp://server:P -> target". Targets are spelt as the client spells what it dials.
- * A snapshot: mappings created later are not announced. */
+ * In the HelloResponse, and again in a Notice when it changes (tsession_notify_mappings). */
 static json_t *ts_client_mappings_json(const struct tunnel_server *ts, const char *name)
 {
     json_t *arr = json_array();
@@ -241,6 +246,38 @@ static json_t *ts_client_mappings_json(const struct tunnel_server *ts, const cha
                                              target));
     }
     return arr;
+}
+
+/* The client's mappings as a Notice, sent only when they differ from the last one it
+ * was told (the HelloResponse's list primes it with send false), so an API change that
+ * does not concern this client costs it nothing. */
+static void tsession_notify_mappings(struct tsession *sess, bool send)
+{
+    json_t *j = json_pack("{s:s, s:o}", "event", "mappings", "mappings",
+                          ts_client_mappings_json(sess->ts, sess->name));
+    char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    json_decref(j);
+    if (!text)
+        return;
+    if (sess->notice_last && strcmp(sess->notice_last, text) == 0) {
+        free(text);
+        return;
+    }
+    if (send)
+        mux_session_send_json(sess->mux, FRAME_NOTICE, text, strlen(text));
+    free(sess->notice_last);
+    sess->notice_last = text;
+}
+
+void tunnel_server_mappings_changed(struct tunnel_server *ts)
+{
+    if (!ts)
+        return;
+    struct tsession *sess;
+    TAILQ_FOREACH(sess, &ts->sessions, link) {
+        if (sess->authed && !mux_conn_closing(sess->conn) && sess->notices)
+            tsession_notify_mappings(sess, true);
+    }
 }
 
 static void tsession_accept(struct tsession *sess, const char *name)
@@ -266,6 +303,8 @@ static void tsession_accept(struct tsession *sess, const char *name)
     tsession_respond(sess, json_pack("{s:b, s:s, s:o*, s:o*}", "ok", 1, "message", msg,
                                      "mappings", ts_client_mappings_json(sess->ts, sess->name),
                                      "client", self));
+    if (sess->notices)
+        tsession_notify_mappings(sess, false);
     mux_conn_start_keepalive(sess->conn,
                              cfg->heartbeat_interval > 0 ? cfg->heartbeat_interval : 10,
                              cfg->heartbeat_timeout > 0 ? cfg->heartbeat_timeout : 30);
@@ -398,6 +437,7 @@ static int tsession_on_hello(struct tsession *sess, json_t *root)
                                       "1-64 characters of A-Z a-z 0-9 . _ -)");
     }
     /* name is [A-Za-z0-9._-]{1,64} from here on: safe to log and to copy whole. */
+    sess->notices = json_is_true(json_object_get(root, "notices"));
     snprintf(shown, sizeof(shown), "%s", name);
     json_t *jtoken = json_object_get(root, "token");
     if (!ts->srv->clients ||
@@ -793,13 +833,18 @@ void tunnel_server_forward(struct tunnel_server *ts, struct mapping *m, evutil_s
     struct tsession *sess = ts_find_client(ts, client);
     if (!sess) {
         log_debug(TS_MOD, "port %d: client \"%s\" not connected", m->rec.port, client);
+        mapping_dial_failed(m, "client \"%s\" not connected", client);
         tunnel_stream_refuse(m, fd);
         return;
     }
     size_t open = sess->streams.nstreams;
     if (cfg->max_streams_per_client > 0 && open >= (size_t)cfg->max_streams_per_client) {
         ts->srv->limits.tunnel_streams++;
-        log_warn(TS_MOD, "client \"%s\": stream refused, %zu open (limit)", sess->name, open);
+        /* Every public connection can hit this: the reason goes through the mapping's
+         * rate-limited dial log, the line here is for debugging only. */
+        log_debug(TS_MOD, "client \"%s\": stream refused, %zu open (limit)", sess->name, open);
+        mapping_dial_failed(m, "client \"%s\" has %zu streams open "
+                            "(tunnel.max_streams_per_client)", sess->name, open);
         tunnel_stream_refuse(m, fd);
         return;
     }

@@ -49,6 +49,10 @@ bool tunnel_server_client_info(const struct tunnel_server *ts, const char *name,
  * closes at once. Its mappings stay, waiting for a client of that name. */
 void tunnel_server_client_removed(struct tunnel_server *ts, const char *name);
 
+/* A mapping was created, updated or removed: each connected client that asked for
+ * notices gets its mappings again when they changed (docs/PROTOCOL.md, Notice). */
+void tunnel_server_mappings_changed(struct tunnel_server *ts);
+
 /* Carries an accepted public connection of tunnel mapping m through the tunnel of
  * m->rec.client. Takes ownership of fd. Accounts it with mapping_conn_begin/end on every
  * path: no client, refusal, timeout (tunnel.connect_timeout) close fd and count failed. */

@@ -178,6 +178,10 @@ static void tstream_on_connect_response(struct mux_stream *st, uint8_t status, v
     log_debug(TSTREAM_MOD, "client \"%s\": port %d: target %s:%d %s", t->set->name,
               t->mc.mapping->rec.port, mapping_target_host(t->mc.mapping),
               t->mc.mapping->rec.target_port, status < 4 ? names[status] : "failed");
+    mapping_dial_failed(t->mc.mapping, "client \"%s\" could not connect to %.64s:%d: %s%s",
+                        t->set->name, mapping_target_host(t->mc.mapping),
+                        t->mc.mapping->rec.target_port, status < 4 ? names[status] : "failed",
+                        status == FRAME_STATUS_NOT_ALLOWED ? " by its --allow (status 2)" : "");
     tstream_end(t, TSTREAM_GONE_STREAM); /* a refusal ends the stream */
 }
 
@@ -196,6 +200,8 @@ static void tstream_timeout_cb(evutil_socket_t fd, short what, void *arg)
     struct tunnel_stream *t = arg;
     log_debug(TSTREAM_MOD, "client \"%s\": port %d: no ConnectResponse in time", t->set->name,
               t->mc.mapping->rec.port);
+    mapping_dial_failed(t->mc.mapping, "client \"%s\" did not answer within "
+                        "tunnel.connect_timeout", t->set->name);
     tstream_end(t, TSTREAM_GONE_NONE);
 }
 

@@ -100,8 +100,8 @@ def test_block_on_a_terminal(server_factory, echo_backend, proc_factory, tmp_pat
     tty.wait_row(rf"→ 127\.0\.0\.1:{echo_backend.port} +active 0  total 1  "
                  r"in 2\.0 KiB  out 2\.0 KiB$")
 
-    # A mapping created after the session began: the server did not announce its public
-    # port, so the row says "?"; a target that refuses is counted as failed.
+    # A mapping created after the session began: the server's Notice announces its public
+    # port (issue 17); a target that refuses is counted as failed.
     dead = free_port()
     late = free_port()
     srv.create_ok(port=late, target_port=dead)
@@ -109,7 +109,7 @@ def test_block_on_a_terminal(server_factory, echo_backend, proc_factory, tmp_pat
     with connect(late) as s:
         s.settimeout(5)
         assert s.recv(1) == b""
-    tty.wait_row(rf"^Forwarding  tcp://127\.0\.0\.1:\? → 127\.0\.0\.1:{dead} +active 0  total 0  "
+    tty.wait_row(rf"^Forwarding  tcp://127\.0\.0\.1:{late} → 127\.0\.0\.1:{dead} +active 0  total 0  "
                  r"in 0 B  out 0 B  failed 1 \(Connection refused\)$")
     assert set(tty.rows()) >= {ROWS - 3, ROWS - 2, ROWS - 1, ROWS}
 
@@ -182,3 +182,42 @@ def test_no_block_on_a_dumb_terminal(server_factory, proc_factory, tmp_path):
     raw = tty.raw()
     assert b"\x1b" not in raw, raw
     assert re.search(SUMMARY, raw.decode()), raw
+
+
+def test_block_follows_mapping_changes(server_factory, echo_backend, proc_factory, tmp_path):
+    """The server sends a Notice when the client's mappings change (create, update,
+    disable/enable, remove): the block adds, changes and drops rows without a reconnect."""
+    srv = tunnel_server(server_factory, CLIENTS)
+    tty = TtyClient(proc_factory, tmp_path, srv)
+    wait_until(lambda: client_count(srv) == 1, desc="the client to connect")
+    tty.wait_row(r'^Forwarding  nothing yet: no tunnel mapping for "default"')
+    port = free_port()
+    srv.create_ok(port=port, target_port=echo_backend.port)
+    row = rf"^Forwarding  tcp://127\.0\.0\.1:{port} → 127\.0\.0\.1:{echo_backend.port} "
+    tty.wait_row(row)
+    payload = os.urandom(1000)
+    assert echo_roundtrip(port, payload) == payload
+    tty.wait_row(row + r"+active 0  total 1 ")
+
+    def update(**fields):
+        status, _, body = srv.api("POST", "/api/mapping/update", body={"port": port, **fields})
+        assert status == 200, body
+
+    other = free_port()
+    update(target_port=other)
+    tty.wait_row(rf"^Forwarding  tcp://127\.0\.0\.1:{port} → 127\.0\.0\.1:{other} ")
+    # The old target's row went with the change (nothing uses it any more).
+    wait_until(lambda: not any(f":{echo_backend.port} " in t for t in tty.rows().values()),
+               desc="the old target's row to go")
+    update(enabled=False)
+    tty.wait_row(r'^Forwarding  nothing yet: no tunnel mapping for "default"')
+    update(enabled=True)
+    tty.wait_row(rf"^Forwarding  tcp://127\.0\.0\.1:{port} → 127\.0\.0\.1:{other} ")
+    assert srv.remove(port)[0] == 200
+    tty.wait_row(r'^Forwarding  nothing yet: no tunnel mapping for "default"')
+    assert client_count(srv) == 1, "a Notice must not cost the session"
+    assert tty.stop() == 0
+    text = ANSI.sub(b"", tty.raw()).decode(errors="replace")
+    m = re.search(SUMMARY, text)
+    # The hidden row's stream still counts in the exit summary.
+    assert m and m.groups() == ("1", "1000", "1000"), text[-600:]

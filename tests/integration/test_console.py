@@ -469,7 +469,7 @@ def test_console_tunnel_mapping_and_clients(server_factory, proc_factory, http_b
     assert (m["use_tunnel"], m["client"], m["status"]) == (True, "edge", "waiting_for_client"), m
     row = mapping_row(drv, port)
     assert row.find_element(By.CSS_SELECTOR, ".c-mode").text == "tunnel"
-    assert row.find_element(By.CSS_SELECTOR, ".c-client").text == "edge"
+    assert row.find_element(By.CSS_SELECTOR, ".c-client .client-name").text == "edge"
     # Every known client is listed (SPEC §4a): the config client, not connected yet.
     until(drv, lambda d: client_row(d, "edge") is not None, "the config client listed")
     assert not by_id(drv, "clients-empty").is_displayed()
@@ -824,3 +824,68 @@ def test_console_policy_edit_and_toggle(server, http_backend, browser_factory):
     until(drv, lambda d: row_status(d, port) == "listening", "row enabled again")
     assert server.mapping(port)["enabled"] is True
     assert http_get_via(port, "/blob.bin").endswith(http_backend.files["blob.bin"])
+
+
+def test_console_public_address_range_client_state_directions(server_factory, proc_factory,
+                                                              http_backend, browser_factory):
+    """Issue 17: each mapping shows where the public connects (this page's host + the port),
+    the port field shows port_range, a tunnel mapping says whether its own client is
+    connected, a failed dial's reason is shown, and both tables name the traffic directions
+    the same way (to target / from target), with the same numbers for one tunnel."""
+    token = "console-direction-token"
+    lo, hi = sorted(free_port() for _ in range(2))
+    srv = server_factory(config={
+        "port_range": {"from": 1024, "end": 65535},
+        "tunnel": {"enabled": True, "clients": [{"name": "edge", "token": token},
+                                                {"name": "idle", "token": token + "-2"}]}})
+    drv = browser_factory()
+    set_viewport(drv, 1400, 900, mobile=False)
+    open_console(drv, srv)
+    until(drv, lambda d: by_id(d, "port-range").text == "range 1024–65535",
+          "the port range hint")
+    srv.create_ok(port=lo, target_port=http_backend.port, use_tunnel=True, client="edge")
+    srv.create_ok(port=hi, target_port=http_backend.port, use_tunnel=True, client="idle")
+    until(drv, lambda d: mapping_row(d, lo) and mapping_row(d, hi), "both rows")
+    for port in (lo, hi):
+        addr = mapping_row(drv, port).find_element(By.CSS_SELECTOR, ".public-addr").text
+        assert addr == f"127.0.0.1:{port}", addr
+
+    def client_state_of(d, port):
+        return mapping_row(d, port).find_element(By.CSS_SELECTOR, ".c-client .client-state").text
+    assert client_state_of(drv, lo) == "not connected"
+    # A dial while edge is away: its reason shows under the status.
+    with connect(lo) as s:
+        s.settimeout(10)
+        try:
+            assert s.recv(1) == b""
+        except ConnectionResetError:
+            pass
+    until(drv, lambda d: mapping_row(d, lo).find_element(By.CSS_SELECTOR, ".status-detail").text
+          == 'last failed dial: client "edge" not connected', "the failed dial's reason")
+
+    proc_factory([CLIENT_BIN, "--server", f"127.0.0.1:{srv.tunnel_port}", "--token", token,
+                  "--name", "edge"], "client")
+    until(drv, lambda d: client_state_of(d, lo) == "connected", "edge connected on its row")
+    # Another client's mapping still says its own client is away, though the tunnel is up.
+    assert client_state_of(drv, hi) == "not connected"
+    resp = http_get_via(lo, "/blob.bin")
+    assert resp.endswith(http_backend.files["blob.bin"])
+
+    def heads_of(table):
+        return [th.get_attribute("textContent").strip()
+                for th in drv.find_elements(By.CSS_SELECTOR, f"#{table} thead th")]
+    heads, cheads = heads_of("mappings-table"), heads_of("clients-table")
+    assert heads.index("To target") + 1 == heads.index("From target"), heads
+    assert cheads.index("To target") + 1 == cheads.index("From target"), cheads
+
+    def same_numbers(d):
+        # One tunnel, one mapping that carried bytes: both rows read alike.
+        to_m = mapping_row(d, lo).find_element(By.CSS_SELECTOR, ".c-bytes-in").text
+        from_m = mapping_row(d, lo).find_element(By.CSS_SELECTOR, ".c-bytes-out").text
+        row = client_row(d, "edge")
+        to_c = row.find_element(By.CSS_SELECTOR, ".c-to-target").text
+        from_c = row.find_element(By.CSS_SELECTOR, ".c-from-target").text
+        m = srv.mapping(lo)
+        return (m["active_connections"] == 0 and (to_m, from_m) == (to_c, from_c)
+                and from_m != "0 B")
+    until(drv, same_numbers, "the two tables' directions to agree")

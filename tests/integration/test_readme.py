@@ -365,3 +365,33 @@ def test_parser_sees_what_a_reader_sees():
         match_json({"b": "x"}, {"b": "xyz"})
     with pytest.raises(AssertionError):
         match_json({"port": 1}, {"port": 2}, None)
+
+
+def test_scenarios_do_not_collide():
+    """Issue 17: a reader who follows the README top to bottom on one server must not hit
+    port_in_use or already_connected: each scenario has its own public ports and its own
+    client name, used nowhere else in the README's runnable examples."""
+    text = README.read_text()
+    start = text.index("\n## Scenarios\n")
+    end = text.index("\n## ", start + 1)
+    scen_text, rest = text[start:end], text[:start] + text[end:]
+    parts = re.split(r"\n### ", scen_text)[1:]
+    assert len(parts) >= 3, "the scenarios moved: update this test"
+
+    def ports(t):
+        return set(int(p) for p in re.findall(r'"port":(\d+)', t))
+
+    def clients(t):
+        named = set(re.findall(r'"client":"([\w.-]+)"', t))
+        named |= set(re.findall(r"portmux-client [^\n]*?--name (\S+)", t.replace("\\\n", " ")))
+        return named
+    seen_ports, seen_clients = ports(rest), clients(rest) | {"default"}
+    for part in parts:
+        title = part.splitlines()[0]
+        p, c = ports(part), clients(part)
+        assert p, f"scenario {title!r} creates no mapping"
+        assert c, f"scenario {title!r} names no client of its own"
+        assert not p & seen_ports, f"scenario {title!r} reuses ports {p & seen_ports}"
+        assert not c & seen_clients, f"scenario {title!r} reuses clients {c & seen_clients}"
+        seen_ports |= p
+        seen_clients |= c

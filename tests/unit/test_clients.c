@@ -157,6 +157,69 @@ static void test_stored(void)
     unlink(path);
 }
 
+/* SIGHUP (issue 17): config clients added, removed (reported), token changed; API
+ * clients stay unless a new config client shadows one. */
+static const char *removed_names[4];
+static size_t nremoved;
+
+static void note_removed(const char *name, void *arg)
+{
+    (void)arg;
+    if (nremoved < 4)
+        removed_names[nremoved++] = strdup(name);
+}
+
+static void test_reload_config(void)
+{
+    char path[PATH_MAX], err[256], tok[CLIENTS_TOKEN_LEN + 1];
+    snprintf(path, sizeof(path), "%s/reload.db", tmpdir);
+    struct config cfg, next;
+    const char *y1 = "tunnel: {clients: [{name: a, token: a-token-0123456789},"
+                     " {name: b, token: b-token-0123456789}]}";
+    const char *y2 = "tunnel: {clients: [{name: b, token: b-token-changed-0123},"
+                     " {name: c, token: c-token-0123456789}, {name: api2, token: api2-config-0123456}]}";
+    CHECK(config_init_defaults(&cfg) == 0 && config_init_defaults(&next) == 0);
+    CHECK(config_load_string(&cfg, y1, strlen(y1), "t", err, sizeof(err)) == 0);
+    CHECK(config_load_string(&next, y2, strlen(y2), "t", err, sizeof(err)) == 0);
+    struct store *st = store_open(path, NULL, err, sizeof(err));
+    CHECK(st != NULL);
+    struct clients_registry *reg = clients_registry_new(&cfg, st, err, sizeof(err));
+    CHECK(reg != NULL && clients_count(reg) == 2);
+    CHECK(clients_create(reg, "api1", tok, sizeof(tok)) == CLIENTS_OK);
+    CHECK(clients_create(reg, "api2", tok, sizeof(tok)) == CLIENTS_OK);
+    clients_note(reg, "b", CLIENTS_EVENT_TAKEOVER);
+    int64_t now = time(NULL);
+
+    CHECK(clients_reload_config(reg, &next, note_removed, NULL) == 0);
+    CHECK(nremoved == 1 && strcmp(removed_names[0], "a") == 0);
+    CHECK(clients_find(reg, "a") == NULL);
+    CHECK(!clients_check(reg, "a", "a-token-0123456789", 18, now));
+    /* b: the new token only, its counters kept. */
+    CHECK(!clients_check(reg, "b", "b-token-0123456789", 18, now));
+    CHECK(clients_check(reg, "b", "b-token-changed-0123", 20, now));
+    CHECK(clients_find(reg, "b")->takeovers == 1);
+    CHECK(clients_check(reg, "c", "c-token-0123456789", 18, now));
+    /* api1 stays; api2 is shadowed by the config's api2. Config clients come first. */
+    CHECK(clients_count(reg) == 4);
+    CHECK(strcmp(clients_at(reg, 0)->name, "b") == 0 && strcmp(clients_at(reg, 1)->name, "c") == 0);
+    CHECK(strcmp(clients_at(reg, 2)->name, "api2") == 0 &&
+          clients_at(reg, 2)->source == CLIENTS_SOURCE_CONFIG);
+    CHECK(strcmp(clients_at(reg, 3)->name, "api1") == 0 &&
+          clients_at(reg, 3)->source == CLIENTS_SOURCE_API);
+    CHECK(clients_check(reg, "api2", "api2-config-0123456", 19, now));
+    /* Config clients stay read-only; a new API client sorts among the API ones. */
+    CHECK(clients_rotate(reg, "c", 0, tok, sizeof(tok), &now) == CLIENTS_CONFIG);
+    CHECK(clients_create(reg, "api0", tok, sizeof(tok)) == CLIENTS_OK);
+    CHECK(strcmp(clients_at(reg, 3)->name, "api0") == 0);
+    for (size_t i = 0; i < nremoved; i++)
+        free((void *)removed_names[i]);
+    clients_registry_free(reg);
+    store_close(st);
+    config_free(&cfg);
+    config_free(&next);
+    unlink(path);
+}
+
 int main(void)
 {
     snprintf(tmpdir, sizeof(tmpdir), "/tmp/portmux-clients-XXXXXX");
@@ -168,6 +231,7 @@ int main(void)
     test_tokens();
     test_config_clients();
     test_stored();
+    test_reload_config();
     char cmd[128];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
     if (system(cmd) != 0)

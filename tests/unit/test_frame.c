@@ -150,6 +150,14 @@ static void test_roundtrip_json(void)
     CHECK(decode_whole(buf, (size_t)n, &f) == FRAME_OK);
     CHECK(f.type == FRAME_HELLO_RESPONSE && bytes_eq(f.data, f.data_len, resp, strlen(resp)));
 
+    /* Notice (0x0A): the same JSON rules. */
+    static const char notice[] = "{\"event\":\"mappings\",\"mappings\":[]}";
+    n = frame_encode_json(buf, sizeof(buf), FRAME_NOTICE, notice, strlen(notice));
+    CHECK(n == (int)(FRAME_HEADER_LEN + strlen(notice)) && buf[1] == 0x0A);
+    CHECK(decode_whole(buf, (size_t)n, &f) == FRAME_OK);
+    CHECK(f.type == FRAME_NOTICE && bytes_eq(f.data, f.data_len, notice, strlen(notice)));
+    CHECK(frame_encode_json(buf, sizeof(buf), FRAME_DATA, notice, strlen(notice)) < 0);
+
     memset(big_in, 'x', 4096);
     n = frame_encode_json(big_out, sizeof(big_out), FRAME_HELLO, (const char *)big_in, 4096);
     CHECK(n == FRAME_HEADER_LEN + 4096);
@@ -350,7 +358,7 @@ static void test_header_errors(void)
 
     frame_encode_header(h, 0x00, 0);
     CHECK(frame_decode(h, sizeof(h), &f, &used) == FRAME_E_TYPE);
-    frame_encode_header(h, 0x0a, 0);
+    frame_encode_header(h, 0x0b, 0);
     CHECK(frame_decode(h, sizeof(h), &f, &used) == FRAME_E_TYPE);
     frame_encode_header(h, 0xff, 0);
     CHECK(frame_header_decode(h, &fh) == FRAME_E_TYPE);
