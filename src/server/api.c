@@ -178,6 +178,7 @@ static void handle_create(struct server *srv, const struct api_req *rq, struct a
         api_fail(out,
                  r == MAPPING_E_IN_USE      ? API_E_PORT_IN_USE
                  : r == MAPPING_E_EXHAUSTED ? API_E_RANGE_EXHAUSTED
+                 : r == MAPPING_E_UNAVAILABLE ? API_E_STORE_UNAVAILABLE
                                             : API_E_INTERNAL,
                  msg, NULL);
         return;
@@ -224,7 +225,11 @@ static void handle_update(struct server *srv, const struct api_req *rq, struct a
     }
     if (r != MAPPING_OK) {
         log_warn("api", "update port %d refused: %s", port, msg);
-        api_fail(out, r == MAPPING_E_IN_USE ? API_E_PORT_IN_USE : API_E_INTERNAL, msg, NULL);
+        api_fail(out,
+                 r == MAPPING_E_IN_USE        ? API_E_PORT_IN_USE
+                 : r == MAPPING_E_UNAVAILABLE ? API_E_STORE_UNAVAILABLE
+                                              : API_E_INTERNAL,
+                 msg, NULL);
         return;
     }
     log_info("api", "mapping updated: port %d%s", port, m->rec.enabled ? "" : " (disabled)");
@@ -245,6 +250,10 @@ static void handle_remove(struct server *srv, const struct api_req *rq, struct a
     if (r == MAPPING_E_NOT_FOUND) {
         snprintf(msg, sizeof(msg), "no mapping on port %d", port);
         api_fail(out, API_E_NOT_FOUND, msg, NULL);
+        return;
+    }
+    if (r == MAPPING_E_UNAVAILABLE) {
+        api_fail(out, API_E_STORE_UNAVAILABLE, "the database did not answer in time", NULL);
         return;
     }
     if (r != MAPPING_OK) {
@@ -388,6 +397,9 @@ static void api_client_fail(struct api_reply *out, enum clients_result r, const 
         return;
     case CLIENTS_INVALID:
         api_fail(out, API_E_INVALID_FIELD, "invalid name or grace_s", NULL);
+        return;
+    case CLIENTS_UNAVAILABLE:
+        api_fail(out, API_E_STORE_UNAVAILABLE, "the database did not answer in time", NULL);
         return;
     default:
         api_fail(out, API_E_INTERNAL, "database error", NULL);

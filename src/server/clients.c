@@ -277,7 +277,7 @@ enum clients_result clients_create(struct clients_registry *reg, const char *nam
     if (sr == STORE_DUPLICATE)
         return CLIENTS_EXISTS; /* another server of a cluster was first */
     if (sr != STORE_OK)
-        return CLIENTS_ERR;
+        return sr == STORE_UNAVAILABLE ? CLIENTS_UNAVAILABLE : CLIENTS_ERR;
     e.created_at = rec.created_at;
     struct clients_entry *slot = cl_push(reg);
     if (!slot) {
@@ -332,8 +332,9 @@ enum clients_result clients_rotate(struct clients_registry *reg, const char *nam
     cl_hash(token, strlen(token), next.hash);
     struct client_record rec;
     cl_to_record(&next, &rec);
-    if (store_client_update(reg->store, &rec) != STORE_OK)
-        return CLIENTS_ERR;
+    enum store_result sr = store_client_update(reg->store, &rec);
+    if (sr != STORE_OK)
+        return sr == STORE_UNAVAILABLE ? CLIENTS_UNAVAILABLE : CLIENTS_ERR;
     *e = next;
     *valid_until = next.prev_valid_until;
     log_info(CL_MOD, "tunnel client \"%s\": token rotated, the old one valid for %lld s", name,
@@ -349,7 +350,7 @@ enum clients_result clients_remove(struct clients_registry *reg, const char *nam
         return r;
     enum store_result sr = store_client_delete(reg->store, name);
     if (sr != STORE_OK && sr != STORE_NOT_FOUND)
-        return CLIENTS_ERR;
+        return sr == STORE_UNAVAILABLE ? CLIENTS_UNAVAILABLE : CLIENTS_ERR;
     size_t i = (size_t)(e - reg->v);
     OPENSSL_cleanse(e, sizeof(*e));
     memmove(&reg->v[i], &reg->v[i + 1], (reg->len - i - 1) * sizeof(*reg->v));

@@ -33,6 +33,7 @@ enum clients_result {
     CLIENTS_EXISTS = -3,
     CLIENTS_CONFIG = -4,       /* managed by the config file: read-only */
     CLIENTS_INVALID = -5,      /* bad name or argument */
+    CLIENTS_UNAVAILABLE = -6,  /* the database did not answer in time (§7); nothing changed */
 };
 
 struct clients_entry {

@@ -98,6 +98,21 @@ static int parse_args(int argc, char **argv, struct config *cfg, struct main_rel
  * credentials). An empty value is ignored rather than switching auth off. */
 static int apply_env(struct config *cfg)
 {
+    /* PORTMUX_DATABASE_URL (SPEC §7) puts the node on PostgreSQL whatever the file says,
+     * so one config file serves a single server and a cluster's nodes alike. */
+    const char *url = getenv("PORTMUX_DATABASE_URL");
+    if (url && *url) {
+        if (!config_db_url_ok(url)) {
+            log_error("server", "PORTMUX_DATABASE_URL must start with postgres:// or "
+                                "postgresql://");
+            return -2;
+        }
+        char *copy = strdup(url);
+        if (!copy)
+            return -1;
+        free(cfg->db_url);
+        cfg->db_url = copy;
+    }
     const char *tok = getenv("PORTMUX_API_TOKEN");
     if (!tok || !*tok)
         return 0;
@@ -176,12 +191,14 @@ static int server_start(struct server *srv)
 {
     char err[512];
     enum store_result sr;
-    srv->store = store_open(srv->cfg->db_path, &sr, err, sizeof(err));
+    /* A URL holds a password maybe: it is never logged, only "postgres". */
+    bool pg = srv->cfg->db_url[0] != '\0';
+    srv->store = store_open(pg ? srv->cfg->db_url : srv->cfg->db_path, &sr, err, sizeof(err));
     if (!srv->store)
         return 1;  /* the store logged why */
     if (store_migrations_applied(srv->store) == 0)
-        log_info("store", "%s: schema version %d, applied 0 migrations", srv->cfg->db_path,
-                 store_schema_version(srv->store));
+        log_info("store", "%s: schema version %d, applied 0 migrations",
+                 pg ? "postgres" : srv->cfg->db_path, store_schema_version(srv->store));
     srv->clients = clients_registry_new(srv->cfg, srv->store, err, sizeof(err));
     if (!srv->clients) {
         log_error("clients", "%s", err);
@@ -243,8 +260,9 @@ int main(int argc, char **argv)
         status = r == 1 ? 0 : r;
         goto out;
     }
-    if (apply_env(&cfg) < 0) {
-        status = 1;
+    r = apply_env(&cfg);
+    if (r < 0) {
+        status = r == -2 ? 2 : 1; /* a bad value is a config error, like the file's */
         goto out;
     }
     status = check_safe_defaults(&cfg);

@@ -343,6 +343,13 @@ static void mapping_attach_if_enabled(struct mapping *m, struct evconnlistener *
         evconnlistener_free(l);
 }
 
+/* A database that did not answer (PostgreSQL, §7) is told apart from one that failed:
+ * the API answers 503 store_unavailable for the first, 500 for the second. */
+static enum mapping_result mapping_store_failure(enum store_result sr)
+{
+    return sr == STORE_UNAVAILABLE ? MAPPING_E_UNAVAILABLE : MAPPING_E_STORE;
+}
+
 /* Retry of a mapping kept in status error: on a successful bind the new fields replace it. */
 static enum mapping_result mapping_retry(struct mapping_registry *reg, struct mapping *old,
                                          struct mapping_record *rec, char *err, size_t errlen)
@@ -354,10 +361,11 @@ static enum mapping_result mapping_retry(struct mapping_registry *reg, struct ma
         snprintf(old->error, sizeof(old->error), "%s", err);
         return MAPPING_E_IN_USE;
     }
-    if (store_mapping_replace(reg->srv->store, rec) != STORE_OK) {
+    enum store_result sr = store_mapping_replace(reg->srv->store, rec);
+    if (sr != STORE_OK) {
         evconnlistener_free(l);
         snprintf(err, errlen, "database error while storing port %d", rec->port);
-        return MAPPING_E_STORE;
+        return mapping_store_failure(sr);
     }
     old->rec = *rec;
     mapping_policy_apply(old, true);
@@ -424,7 +432,7 @@ enum mapping_result mapping_registry_create(struct mapping_registry *reg,
         snprintf(err, errlen, sr == STORE_DUPLICATE ? "port %d is already mapped"
                                                      : "database error while storing port %d",
                  rec->port);
-        return sr == STORE_DUPLICATE ? MAPPING_E_IN_USE : MAPPING_E_STORE;
+        return sr == STORE_DUPLICATE ? MAPPING_E_IN_USE : mapping_store_failure(sr);
     }
     m->rec = *rec;
     TAILQ_INSERT_TAIL(&reg->list, m, link);
@@ -455,11 +463,12 @@ enum mapping_result mapping_registry_update(struct mapping_registry *reg,
         if (!l)
             snprintf(m->error, sizeof(m->error), "%s", err);
     }
-    if (store_mapping_update(reg->srv->store, &next) != STORE_OK) {
+    enum store_result sr = store_mapping_update(reg->srv->store, &next);
+    if (sr != STORE_OK) {
         if (l)
             evconnlistener_free(l);
         snprintf(err, errlen, "database error while storing port %d", rec->port);
-        return MAPPING_E_STORE;
+        return mapping_store_failure(sr);
     }
     m->rec = next;
     if (!next.enabled) {
@@ -482,7 +491,7 @@ enum mapping_result mapping_registry_remove(struct mapping_registry *reg, int po
         return MAPPING_E_NOT_FOUND;
     enum store_result sr = store_mapping_delete(reg->srv->store, port);
     if (sr != STORE_OK && sr != STORE_NOT_FOUND)
-        return MAPPING_E_STORE;
+        return mapping_store_failure(sr);
     TAILQ_REMOVE(&reg->list, m, link);
     reg->count--;
     mapping_free(m);

@@ -121,6 +121,7 @@ enum mapping_result {
     MAPPING_E_STORE = -2,      /* database error */
     MAPPING_E_NOT_FOUND = -3,
     MAPPING_E_EXHAUSTED = -4,  /* port 0 asked for and no port of the range is free */
+    MAPPING_E_UNAVAILABLE = -5,/* the database did not answer in time (§7); nothing changed */
 };
 
 /* Binds rec.port (rec.port 0: the lowest free port of the range, not blacklisted, not

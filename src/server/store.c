@@ -48,10 +48,6 @@ struct store *store_open(const char *location, enum store_result *result, char *
         store_set_err(err, errlen, "no database location given");
         return NULL;
     }
-    if (store_is_postgres(location)) {
-        store_set_err(err, errlen, "postgres backend not built");
-        return NULL;
-    }
     struct store *st = calloc(1, sizeof(*st));
     if (!st) {
         store_set_err(err, errlen, "out of memory");
@@ -59,7 +55,7 @@ struct store *store_open(const char *location, enum store_result *result, char *
     }
     /* The backend always gets somewhere to write its result, even when the caller gave none. */
     enum store_result res = STORE_ERR;
-    st->backend = &store_backend_sqlite;
+    st->backend = store_is_postgres(location) ? &store_backend_pg : &store_backend_sqlite;
     st->impl = st->backend->open(location, &st->info, &res, err, errlen);
     if (!st->impl) {
         store_set_result(result, res);

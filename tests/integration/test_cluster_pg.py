@@ -1,0 +1,180 @@
+"""SPEC §7: nodes on one PostgreSQL (database.url / PORTMUX_DATABASE_URL).
+
+Every test starts its own PostgreSQL 15 (pg_helpers.PgServer) and real portmux-server
+nodes pointed at it; relays go through real sockets on 127.0.0.0/8."""
+import os
+import signal
+import socket
+import threading
+import time
+
+from conftest import SERVER_BIN, Proc, connect, free_port, recv_exact, wait_until
+from pg_helpers import pg  # noqa: F401  (fixture)
+
+
+def pg_node(server_factory, pg, name=None, start=True, **config):  # noqa: F811
+    """A node whose store is pg: the default config without database.path, with url."""
+    srv = server_factory(config=config or None, start=False, name=name)
+    srv.config["database"] = {"url": pg.url}
+    srv.write_config()
+    if start:
+        srv.start(timeout=20)
+    return srv
+
+
+def healthy(node):
+    assert node.running(), node.log_tail()
+    try:
+        return node.api("GET", "/health", timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
+def echo_ok(port, host="127.0.0.1", payload=b"ping"):
+    with connect(port, host=host) as s:
+        s.sendall(payload)
+        assert recv_exact(s, len(payload)) == payload
+
+
+def test_mappings_and_clients_live_in_postgres(pg, server_factory, echo_backend):  # noqa: F811
+    node = pg_node(server_factory, pg)
+    assert node.wait_log(r"applied 1 migration\(s\), schema version 1")
+    port = free_port()
+    m = node.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port, name="pg")
+    echo_ok(port)
+    rows = pg.psql(f"SELECT id, port, target_port, name, use_tunnel, enabled FROM mappings")
+    assert rows == [[str(m["id"]), str(port), str(echo_backend.port), "pg", "f", "t"]]
+    # Tunnel clients and their token hashes are in the shared store too.
+    status, _, body = node.api("POST", "/api/client/create", body={"name": "edge1"})
+    assert status == 201, body
+    rows = pg.psql("SELECT name, length(token_hash), source FROM clients")
+    assert rows == [["edge1", "64", "api"]]
+    # Update and remove go to the database as well; a removed id is never handed out again.
+    status, _, body = node.api("POST", "/api/mapping/update",
+                               body={"port": port, "name": "renamed"})
+    assert status == 200, body
+    assert pg.psql(f"SELECT name FROM mappings WHERE port = {port}") == [["renamed"]]
+    # A restart reads everything back from PostgreSQL and applies no migration again.
+    mark = node.log_mark()
+    node.restart()
+    node.wait_log(r"schema version 1, applied 0 migrations", after=mark)
+    got = node.mapping(port)
+    assert got and got["status"] == "listening" and got["name"] == "renamed", got
+    echo_ok(port)
+    status, _, body = node.api("GET", "/api/clients")
+    assert status == 200 and "edge1" in str(body), body
+    assert node.remove(port)[0] == 200
+    assert pg.psql("SELECT count(*) FROM mappings") == [["0"]]
+    m2 = node.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+    assert m2["id"] > m["id"]
+    assert pg.psql("SELECT version, name FROM schema_migrations") == [["1", "0001_init.sql"]]
+
+
+def test_path_and_url_together_is_a_config_error(pg, server_factory):  # noqa: F811
+    srv = server_factory(start=False)
+    srv.config["database"] = {"path": str(srv.dir / "m.db"), "url": pg.url}
+    srv.write_config()
+    srv.proc.start()
+    assert srv.proc.wait(10) == 2
+    assert "database.url" in srv.log_text() and "both set" in srv.log_text()
+    srv.config["database"] = {"url": "mysql://x@127.0.0.1/db"}
+    srv.write_config()
+    srv.proc.start()
+    assert srv.proc.wait(10) == 2
+    assert "must start with postgres://" in srv.log_text()
+
+
+def test_env_url_overrides_the_file(pg, server_factory, tmp_path, echo_backend):  # noqa: F811
+    # The file says SQLite; PORTMUX_DATABASE_URL puts the node on PostgreSQL anyway.
+    srv = server_factory(start=False)
+    srv.proc = Proc([SERVER_BIN, "--config", srv.config_path], srv.log_path, name=srv.name,
+                    env=dict(os.environ, PORTMUX_DATABASE_URL=pg.url))
+    srv.start(timeout=20)
+    port = free_port()
+    srv.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+    assert pg.psql(f"SELECT port FROM mappings") == [[str(port)]]
+    assert not srv.db_path.exists()
+    bad = Proc([SERVER_BIN, "--config", srv.config_path], tmp_path / "bad.log",
+               env=dict(os.environ, PORTMUX_DATABASE_URL="file:///tmp/x.db")).start()
+    assert bad.wait(10) == 2
+    assert "PORTMUX_DATABASE_URL must start with postgres://" in bad.log_text()
+
+
+def test_nodes_starting_together_migrate_once(pg, server_factory):  # noqa: F811
+    nodes = [pg_node(server_factory, pg, name=f"n{i}", start=False) for i in range(3)]
+    for n in nodes:
+        n.proc.start()
+    for n in nodes:
+        wait_until(lambda n=n: healthy(n), timeout=30, desc=f"{n.name} up")
+    applied = [n for n in nodes if "applied 1 migration(s)" in n.log_text()]
+    assert len(applied) == 1, [n.log_tail() for n in nodes]
+    assert pg.psql("SELECT count(*) FROM schema_migrations") == [["1"]]
+
+
+def test_same_port_on_two_nodes_one_201_one_409(pg, server_factory, echo_backend):  # noqa: F811
+    a = pg_node(server_factory, pg, name="a", mappings={"bind_addr": "127.0.0.2"})
+    b = pg_node(server_factory, pg, name="b", mappings={"bind_addr": "127.0.0.3"})
+    for _ in range(5):
+        port = free_port()
+        results = {}
+        go = threading.Event()
+
+        def create(node):
+            go.wait(10)
+            results[node.name] = node.create(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+
+        threads = [threading.Thread(target=create, args=(n,)) for n in (a, b)]
+        for t in threads:
+            t.start()
+        go.set()
+        for t in threads:
+            t.join(20)
+        codes = sorted(r[0] for r in results.values())
+        assert codes == [201, 409], results
+        loser = a if results["a"][0] == 409 else b
+        winner = b if loser is a else a
+        assert results[loser.name][1]["error"] == "port_in_use", results
+        # The loser keeps nothing: no mapping, no listener on its address.
+        assert loser.mapping(port) is None
+        host = "127.0.0.2" if winner is a else "127.0.0.3"
+        echo_ok(port, host=host)
+        assert pg.psql(f"SELECT count(*) FROM mappings WHERE port = {port}") == [["1"]]
+
+
+def test_frozen_database_writes_503_reads_and_relays_go_on(pg, server_factory,  # noqa: F811
+                                                           echo_backend):
+    node = pg_node(server_factory, pg)
+    port = free_port()
+    node.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+    relay = connect(port)
+    relay.sendall(b"before")
+    assert recv_exact(relay, 6) == b"before"
+    pg.freeze()
+    try:
+        for method, path, body in (
+                ("POST", "/api/mapping/create", {"port": free_port(),
+                                                 "target_ip": "127.0.0.1", "target_port": echo_backend.port}),
+                ("POST", "/api/mapping/update", {"port": port, "name": "x"}),
+                ("POST", "/api/mapping/remove", {"port": port}),
+                ("POST", "/api/client/create", {"name": "edge2"})):
+            t0 = time.monotonic()
+            status, _, reply = node.api(method, path, body=body, timeout=10)
+            took = time.monotonic() - t0
+            assert status == 503 and reply["error"] == "store_unavailable", (path, reply)
+            assert took < 2.0, f"{path} answered after {took:.2f} s"
+        # Reads answer from memory; the open relay and new connections are served.
+        got = node.mapping(port)
+        assert got and got["status"] == "listening" and got["name"] == "", got
+        relay.sendall(b"during")
+        assert recv_exact(relay, 6) == b"during"
+        echo_ok(port)
+    finally:
+        pg.thaw()
+    # After SIGCONT the node reconnects by itself (backoff) and writes succeed again.
+    new = free_port()
+    wait_until(lambda: node.create(port=new, target_ip="127.0.0.1", target_port=echo_backend.port)[0] == 201,
+               timeout=45, interval=0.5, desc="create succeeds after the database is back")
+    assert pg.psql(f"SELECT count(*) FROM mappings WHERE port IN ({port}, {new})") == [["2"]]
+    relay.sendall(b"after")
+    assert recv_exact(relay, 5) == b"after"
+    relay.close()
