@@ -11,6 +11,7 @@
 #include <event2/event.h>
 
 #include "api.h"
+#include "cluster_sync.h"
 #include "clients.h"
 #include "api_guard.h"
 #include "config.h"
@@ -218,6 +219,13 @@ static int server_start(struct server *srv)
         log_error("mapping", "cannot restore mappings from the store");
         return 1;
     }
+    if (store_is_shared(srv->store)) {
+        srv->cluster_sync = cluster_sync_new(srv, srv->cfg->db_url);
+        if (!srv->cluster_sync) {
+            log_error("cluster", "out of memory");
+            return 1;
+        }
+    }
     srv->api = api_new(srv, err, sizeof(err));
     if (!srv->api) {
         log_error("api", "%s", err);
@@ -234,6 +242,8 @@ static void server_stop(struct server *srv)
 {
     api_free(srv->api);
     srv->api = NULL;
+    cluster_sync_free(srv->cluster_sync);
+    srv->cluster_sync = NULL;
     mapping_registry_free(srv->mappings);
     srv->mappings = NULL;
     tunnel_server_free(srv->tunnel);

@@ -535,3 +535,58 @@ json_t *mapping_to_json(const struct mapping *m)
     json_object_set_new(o, "enabled", json_boolean(r->enabled));
     return o;
 }
+
+/* ---- changes made by another node (SPEC §7) ----
+ * The row is in the database already; these only bring the live registry in line with
+ * it, and never write to the store. */
+
+static bool mapping_record_same(const struct mapping_record *a, const struct mapping_record *b)
+{
+    return a->id == b->id && a->port == b->port && a->target_port == b->target_port &&
+           a->use_tunnel == b->use_tunnel && a->created_at == b->created_at &&
+           a->proxy_protocol == b->proxy_protocol && a->max_connections == b->max_connections &&
+           a->rate_limit == b->rate_limit && a->enabled == b->enabled &&
+           strcmp(a->target_ip, b->target_ip) == 0 && strcmp(a->client, b->client) == 0 &&
+           strcmp(a->name, b->name) == 0 && strcmp(a->allow_from, b->allow_from) == 0;
+}
+
+bool mapping_registry_apply(struct mapping_registry *reg, const struct mapping_record *rec)
+{
+    struct mapping *m = mapping_registry_find(reg, rec->port);
+    if (!m) {
+        mapping_restore_one(rec, reg);
+        return true;
+    }
+    if (mapping_record_same(&m->rec, rec))
+        return false;
+    bool was_enabled = m->rec.enabled;
+    m->rec = *rec;
+    if (!rec->enabled && was_enabled) {
+        mapping_detach_listener(m);
+        mapping_abort_conns(m);
+    }
+    if (rec->enabled && !m->listener) {
+        struct evconnlistener *l = mapping_listen(m, m->error, sizeof(m->error));
+        if (l) {
+            mapping_attach_listener(m, l);
+            m->error[0] = '\0';
+        } else {
+            log_error("mapping", "port %d kept with status error: %s", rec->port, m->error);
+        }
+    }
+    mapping_policy_apply(m, true);
+    log_info("mapping", "port %d changed by another node", rec->port);
+    return true;
+}
+
+bool mapping_registry_forget(struct mapping_registry *reg, int port)
+{
+    struct mapping *m = mapping_registry_find(reg, port);
+    if (!m)
+        return false;
+    TAILQ_REMOVE(&reg->list, m, link);
+    reg->count--;
+    mapping_free(m);
+    log_info("mapping", "port %d removed by another node", port);
+    return true;
+}

@@ -143,6 +143,14 @@ enum mapping_result mapping_registry_update(struct mapping_registry *reg,
 /* Deletes from the store, closes the listener and every live connection. */
 enum mapping_result mapping_registry_remove(struct mapping_registry *reg, int port);
 
+/* SPEC §7: brings the live mapping on rec->port in line with rec, a row another node
+ * stored (bind, rebind, policy, enable/disable), without writing to the store. A port
+ * that cannot be bound stays with status error. Returns true when anything changed. */
+bool mapping_registry_apply(struct mapping_registry *reg, const struct mapping_record *rec);
+/* Closes and drops the mapping on port (removed by another node), without the store.
+ * Returns true when there was one. */
+bool mapping_registry_forget(struct mapping_registry *reg, int port);
+
 /* The mapping as the API shows it (fields, status, error, counters). New reference. */
 json_t *mapping_to_json(const struct mapping *m);
 

@@ -13,6 +13,7 @@ struct store {
     const struct store_backend *backend;
     void *impl;
     struct store_open_info info;
+    uint64_t writes;  /* successful writes, for store_write_count */
 };
 
 void store_set_err(char *err, size_t errlen, const char *fmt, ...)
@@ -119,25 +120,43 @@ static bool store_record_ok(const struct mapping_record *rec)
     return true;
 }
 
+/* Counts a successful mapping write (store_write_count). */
+static enum store_result store_count(struct store *st, enum store_result r)
+{
+    if (r == STORE_OK)
+        st->writes++;
+    return r;
+}
+
+uint64_t store_write_count(const struct store *st)
+{
+    return st ? st->writes : 0;
+}
+
+bool store_is_shared(const struct store *st)
+{
+    return st && st->backend == &store_backend_pg;
+}
+
 enum store_result store_mapping_insert(struct store *st, struct mapping_record *rec)
 {
     if (!st || !store_record_ok(rec))
         return STORE_ERR;
-    return st->backend->insert(st->impl, rec);
+    return store_count(st, st->backend->insert(st->impl, rec));
 }
 
 enum store_result store_mapping_replace(struct store *st, struct mapping_record *rec)
 {
     if (!st || !store_record_ok(rec))
         return STORE_ERR;
-    return st->backend->replace(st->impl, rec);
+    return store_count(st, st->backend->replace(st->impl, rec));
 }
 
 enum store_result store_mapping_update(struct store *st, const struct mapping_record *rec)
 {
     if (!st || !store_record_ok(rec))
         return STORE_ERR;
-    return st->backend->update(st->impl, rec);
+    return store_count(st, st->backend->update(st->impl, rec));
 }
 
 enum store_result store_mapping_delete(struct store *st, int port)
@@ -147,7 +166,7 @@ enum store_result store_mapping_delete(struct store *st, int port)
     /* No row can hold such a port (the schema CHECKs it), so there is nothing to delete. */
     if (port < 1 || port > 65535)
         return STORE_NOT_FOUND;
-    return st->backend->remove(st->impl, port);
+    return store_count(st, st->backend->remove(st->impl, port));
 }
 
 enum store_result store_mapping_foreach(struct store *st,

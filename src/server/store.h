@@ -60,6 +60,14 @@ int store_schema_version(struct store *st);
 /* How many migrations store_open applied (0 on a second start). */
 int store_migrations_applied(struct store *st);
 
+/* How many mapping writes (insert, replace, update, delete) this process made through st
+ * successfully. The cluster sync (cluster_sync.h) discards a read that a local write may
+ * have overtaken. */
+uint64_t store_write_count(const struct store *st);
+
+/* True when st is shared by several nodes (PostgreSQL, SPEC §7). */
+bool store_is_shared(const struct store *st);
+
 /* Inserts rec (durable when it returns STORE_OK); fills rec->id and rec->created_at. */
 enum store_result store_mapping_insert(struct store *st, struct mapping_record *rec);
 

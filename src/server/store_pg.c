@@ -20,6 +20,7 @@
 #include "log.h"
 #include "store.h"
 #include "store_backend.h"
+#include "store_pg.h"
 
 extern const struct embedded_file embedded_pg_migrations[];
 extern const size_t embedded_pg_migrations_count;
@@ -79,7 +80,7 @@ static int pg_poll(int fd, short events, int64_t deadline)
 
 /* Server notices ("relation already exists, skipping") go to the debug log, one line
  * each, instead of libpq's default of stderr. */
-static void pg_notice(void *arg, const char *message)
+void store_pg_notice(void *arg, const char *message)
 {
     char line[256];
     pg_one_line(line, sizeof(line), message);
@@ -96,6 +97,7 @@ static PGconn *pg_connect(const char *conninfo, int64_t deadline, char *msg, siz
     }
     if (PQstatus(c) == CONNECTION_BAD)
         goto fail;
+    PQsetNoticeProcessor(c, store_pg_notice, NULL);
     PostgresPollingStatusType st = PGRES_POLLING_WRITING;
     while (st != PGRES_POLLING_OK) {
         if (st == PGRES_POLLING_FAILED)
@@ -111,7 +113,6 @@ static PGconn *pg_connect(const char *conninfo, int64_t deadline, char *msg, siz
     }
     if (PQsetnonblocking(c, 1) != 0)
         goto fail;
-    PQsetNoticeProcessor(c, pg_notice, NULL);
     return c;
 fail:
     pg_one_line(msg, msglen, PQerrorMessage(c));
@@ -126,11 +127,27 @@ static void pg_drop(struct pg_store *pg)
     pg->conn = NULL;
 }
 
+/* A terminated backend sends FATAL, then closes: the first read takes the message (a
+ * notice while idle), the second sees the end of the stream. Neither blocks. */
+static bool pg_alive(PGconn *c)
+{
+    for (int i = 0; i < 2; i++) {
+        if (!PQconsumeInput(c) || PQstatus(c) != CONNECTION_OK)
+            return false;
+        (void)PQisBusy(c); /* parses what was read: the FATAL above */
+    }
+    return PQstatus(c) == CONNECTION_OK;
+}
+
 /* A connection to use now, reconnecting when the last one broke and the backoff allows. */
 static PGconn *pg_conn(struct pg_store *pg)
 {
-    if (pg->conn && PQstatus(pg->conn) == CONNECTION_OK)
+    /* An idle connection the server closed (restart, pg_terminate_backend) shows only on
+     * a read; this one does not block, so a write is not refused for a stale socket. */
+    if (pg->conn && pg_alive(pg->conn))
         return pg->conn;
+    if (pg->conn)
+        log_warn("store", "%s: connection lost; reconnecting", pg->where);
     pg_drop(pg);
     time_t now = time(NULL);
     if (now < pg->retry_at)
@@ -398,8 +415,6 @@ fail:
 
 /* ---- mappings ---- */
 
-#define PG_MAP_COLS "id, port, target_ip, target_port, use_tunnel, client, name, created_at, " \
-                    "allow_from, proxy_protocol, max_connections, rate_limit, enabled"
 
 /* Text parameters $1..$12 in the order of SQLite's binder (?7 is created_at). */
 struct pg_map_params {
@@ -419,7 +434,7 @@ static void pg_map_params(struct pg_map_params *p, const struct mapping_record *
     p->v[1] = rec->target_ip;
     p->v[2] = p->target_port;
     p->v[3] = rec->use_tunnel ? "t" : "f";
-    p->v[4] = rec->use_tunnel ? rec->client : "";
+    p->v[4] = rec->client;
     p->v[5] = rec->name;
     p->v[6] = p->created;
     p->v[7] = rec->allow_from;
@@ -525,7 +540,7 @@ static void pg_copy(char *dst, size_t cap, PGresult *res, int row, int col)
     dst[n] = '\0';
 }
 
-static void pg_read_row(PGresult *res, int i, struct mapping_record *rec)
+void store_pg_read_mapping(PGresult *res, int i, struct mapping_record *rec)
 {
     memset(rec, 0, sizeof(*rec));
     rec->id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
@@ -561,7 +576,7 @@ static enum store_result pg_foreach(void *impl, store_foreach_fn fn, void *arg)
         return STORE_ERR;
     }
     for (int i = 0; i < PQntuples(res); i++) {
-        pg_read_row(res, i, rec);
+        store_pg_read_mapping(res, i, rec);
         if (fn(rec, arg) != 0)
             break;
     }

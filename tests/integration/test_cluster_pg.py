@@ -3,12 +3,14 @@
 Every test starts its own PostgreSQL 15 (pg_helpers.PgServer) and real portmux-server
 nodes pointed at it; relays go through real sockets on 127.0.0.0/8."""
 import os
+import re
 import signal
 import socket
 import threading
 import time
 
-from conftest import SERVER_BIN, Proc, connect, free_port, recv_exact, wait_until
+from conftest import (SERVER_BIN, Proc, connect, connect_refused, free_port, recv_exact,
+                      wait_until)
 from pg_helpers import pg  # noqa: F401  (fixture)
 
 
@@ -38,7 +40,10 @@ def echo_ok(port, host="127.0.0.1", payload=b"ping"):
 
 def test_mappings_and_clients_live_in_postgres(pg, server_factory, echo_backend):  # noqa: F811
     node = pg_node(server_factory, pg)
-    assert node.wait_log(r"applied 1 migration\(s\), schema version 1")
+    assert node.wait_log(r"applied \d+ migration\(s\), schema version \d+")
+    migrations = pg.psql("SELECT version, name FROM schema_migrations ORDER BY version")
+    assert [r[0] for r in migrations] == [str(i + 1) for i in range(len(migrations))]
+    assert migrations[0] == ["1", "0001_init.sql"]
     port = free_port()
     m = node.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port, name="pg")
     echo_ok(port)
@@ -57,7 +62,7 @@ def test_mappings_and_clients_live_in_postgres(pg, server_factory, echo_backend)
     # A restart reads everything back from PostgreSQL and applies no migration again.
     mark = node.log_mark()
     node.restart()
-    node.wait_log(r"schema version 1, applied 0 migrations", after=mark)
+    node.wait_log(rf"schema version {len(migrations)}, applied 0 migrations", after=mark)
     got = node.mapping(port)
     assert got and got["status"] == "listening" and got["name"] == "renamed", got
     echo_ok(port)
@@ -67,7 +72,7 @@ def test_mappings_and_clients_live_in_postgres(pg, server_factory, echo_backend)
     assert pg.psql("SELECT count(*) FROM mappings") == [["0"]]
     m2 = node.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
     assert m2["id"] > m["id"]
-    assert pg.psql("SELECT version, name FROM schema_migrations") == [["1", "0001_init.sql"]]
+    assert pg.psql("SELECT version, name FROM schema_migrations ORDER BY version") == migrations
 
 
 def test_path_and_url_together_is_a_config_error(pg, server_factory):  # noqa: F811
@@ -106,9 +111,11 @@ def test_nodes_starting_together_migrate_once(pg, server_factory):  # noqa: F811
         n.proc.start()
     for n in nodes:
         wait_until(lambda n=n: healthy(n), timeout=30, desc=f"{n.name} up")
-    applied = [n for n in nodes if "applied 1 migration(s)" in n.log_text()]
+    applied = [n for n in nodes if re.search(r"applied [1-9]\d* migration", n.log_text())]
     assert len(applied) == 1, [n.log_tail() for n in nodes]
-    assert pg.psql("SELECT count(*) FROM schema_migrations") == [["1"]]
+    # Each migration once: a second apply would have failed on CREATE TABLE anyway.
+    versions = pg.psql("SELECT version FROM schema_migrations ORDER BY version")
+    assert len(versions) >= 2 and len({v[0] for v in versions}) == len(versions)
 
 
 def test_same_port_on_two_nodes_one_201_one_409(pg, server_factory, echo_backend):  # noqa: F811
@@ -134,10 +141,12 @@ def test_same_port_on_two_nodes_one_201_one_409(pg, server_factory, echo_backend
         loser = a if results["a"][0] == 409 else b
         winner = b if loser is a else a
         assert results[loser.name][1]["error"] == "port_in_use", results
-        # The loser keeps nothing: no mapping, no listener on its address.
-        assert loser.mapping(port) is None
+        # One row; the loser then serves the winner's mapping (propagation), not its own.
         host = "127.0.0.2" if winner is a else "127.0.0.3"
         echo_ok(port, host=host)
+        won = results[winner.name][1]["data"]
+        wait_until(lambda: (loser.mapping(port) or {}).get("id") == won["id"], timeout=5,
+                   desc="the loser serves the winner's mapping")
         assert pg.psql(f"SELECT count(*) FROM mappings WHERE port = {port}") == [["1"]]
 
 
@@ -178,3 +187,64 @@ def test_frozen_database_writes_503_reads_and_relays_go_on(pg, server_factory,  
     relay.sendall(b"after")
     assert recv_exact(relay, 5) == b"after"
     relay.close()
+
+
+def two_nodes(server_factory, pg):  # noqa: F811
+    a = pg_node(server_factory, pg, name="a", mappings={"bind_addr": "127.0.0.2"})
+    b = pg_node(server_factory, pg, name="b", mappings={"bind_addr": "127.0.0.3"})
+    for n in (a, b):
+        n.wait_log("listening for changes from other nodes", timeout=10)
+    return a, b
+
+
+def test_changes_reach_every_node(pg, server_factory, echo_backend):  # noqa: F811
+    a, b = two_nodes(server_factory, pg)
+    port = free_port()
+    a.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port, name="one")
+    # SPEC: within 1 s; the deadline here leaves room for a loaded test machine.
+    wait_until(lambda: (b.mapping(port) or {}).get("status") == "listening", timeout=5,
+               desc="b listens on the mapping a created")
+    echo_ok(port, host="127.0.0.3")
+    echo_ok(port, host="127.0.0.2")
+    # An update on b reaches a; disabling closes a's listener too.
+    status, _, body = b.api("POST", "/api/mapping/update", body={"port": port, "name": "two"})
+    assert status == 200, body
+    wait_until(lambda: a.mapping(port)["name"] == "two", timeout=5, desc="update reaches a")
+    status, _, body = a.api("POST", "/api/mapping/update", body={"port": port, "enabled": False})
+    assert status == 200, body
+    wait_until(lambda: b.mapping(port)["status"] == "disabled", timeout=5,
+               desc="disable reaches b")
+    wait_until(lambda: connect_refused(port, host="127.0.0.3"), timeout=5,
+               desc="b's listener closed")
+    status, _, body = b.api("POST", "/api/mapping/update", body={"port": port, "enabled": True})
+    assert status == 200, body
+    wait_until(lambda: a.mapping(port)["status"] == "listening", timeout=5,
+               desc="enable reaches a")
+    echo_ok(port, host="127.0.0.2")
+    # A remove on a closes b's listener.
+    assert a.remove(port)[0] == 200
+    wait_until(lambda: b.mapping(port) is None, timeout=5, desc="remove reaches b")
+    wait_until(lambda: connect_refused(port, host="127.0.0.3"), timeout=5,
+               desc="b's listener closed after the remove")
+
+
+def test_reconnect_resync_heals_a_missed_change(pg, server_factory, echo_backend):  # noqa: F811
+    a, b = two_nodes(server_factory, pg)
+    port = free_port()
+    # A row written with triggers off sends no notification: the nodes miss it ...
+    pg.psql("SET session_replication_role = replica; "
+            "INSERT INTO mappings (port, target_ip, target_port, use_tunnel, created_at) "
+            f"VALUES ({port}, '127.0.0.1', {echo_backend.port}, false, 1)")
+    # ... until their connections drop and the full read after the reconnect finds it.
+    marks = [n.log_mark() for n in (a, b)]
+    pg.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = 'portmux' AND pid <> pg_backend_pid()")
+    for n, mark in zip((a, b), marks):
+        n.wait_log("listening for changes from other nodes", timeout=15, after=mark)
+        wait_until(lambda n=n: (n.mapping(port) or {}).get("status") == "listening",
+                   timeout=5, desc=f"{n.name} picked up the missed row")
+    echo_ok(port, host="127.0.0.2")
+    echo_ok(port, host="127.0.0.3")
+    # The store's own connection was dropped too: the next write reconnects by itself.
+    status, _, body = a.api("POST", "/api/mapping/update", body={"port": port, "name": "x"})
+    assert status == 200, body
