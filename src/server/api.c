@@ -30,6 +30,7 @@
 #include "accept_guard.h"
 #include "api_guard.h"
 #include "clients.h"
+#include "cluster_sync.h"
 #include "config.h"
 #include "log.h"
 #include "loop_guard.h"
@@ -264,12 +265,26 @@ static void handle_remove(struct server *srv, const struct api_req *rq, struct a
     api_ok(out, MHD_HTTP_OK, "mapping removed", json_pack("{s:i}", "port", port));
 }
 
+/* SPEC §7. With SQLite there is no cluster: 404, like any path the server lacks. */
+static void handle_cluster(struct server *srv, const struct api_req *rq, struct api_reply *out)
+{
+    if (!srv->cluster_sync) {
+        api_fail(out, API_E_NOT_FOUND, "no cluster: database.url is not set", NULL);
+        return;
+    }
+    api_ok(out, MHD_HTTP_OK, "ok", cluster_sync_nodes_json(srv->cluster_sync));
+}
+
 static void handle_list(struct server *srv, const struct api_req *rq, struct api_reply *out)
 {
     json_t *arr = json_array();
     for (struct mapping *m = mapping_registry_first(srv->mappings); m;
-         m = mapping_registry_next(m))
-        json_array_append_new(arr, mapping_to_json(m));
+         m = mapping_registry_next(m)) {
+        json_t *o = mapping_to_json(m);
+        if (o)
+            cluster_sync_mapping_nodes(srv->cluster_sync, m, o); /* §7, PostgreSQL only */
+        json_array_append_new(arr, o);
+    }
     json_t *data = json_pack("{s:o, s:I}", "mappings", arr, "count",
                              (json_int_t)mapping_registry_count(srv->mappings));
     api_ok(out, MHD_HTTP_OK, "ok", data);
@@ -499,6 +514,7 @@ static const struct api_route api_routes[] = {
     {"/api/mapping/update", M_POST, true, handle_update},
     {"/api/mapping/list", M_GET, true, handle_list},
     {"/api/clients", M_GET, true, handle_clients},
+    {"/api/cluster", M_GET, true, handle_cluster},
     {"/api/client/create", M_POST, true, handle_client_create},
     {"/api/client/rotate", M_POST, true, handle_client_rotate},
     {"/api/client/remove", M_POST, true, handle_client_remove},

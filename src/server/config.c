@@ -692,6 +692,35 @@ static const struct field log_fields[] = {
     END_KEYS,
 };
 
+/* A node name is a key in the nodes table and a JSON key of every mapping's "nodes":
+ * kept to the characters of a client name. "" = the host name. */
+static int parse_node_name(struct loader *ld, const struct field *f, void *base)
+{
+    if (parse_str(ld, f, base) != 0)
+        return -1;
+    const char *s = *FIELD_PTR(char *, base, f);
+    size_t n = strlen(s);
+    if (n > 64 || strspn(s, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-") != n)
+        return fail(ld, "must be at most 64 characters of A-Z a-z 0-9 . _ -");
+    return 0;
+}
+
+static int parse_advertise(struct loader *ld, const struct field *f, void *base)
+{
+    if (parse_str(ld, f, base) != 0)
+        return -1;
+    if (strlen(*FIELD_PTR(char *, base, f)) > 255)
+        return fail(ld, "must be at most 255 characters (host:port)");
+    return 0;
+}
+
+/* SPEC §7, read only with database.url. */
+static const struct field cluster_fields[] = {
+    KEY("node_name", parse_node_name, cluster_node_name, MARK_NONE),
+    KEY("advertise", parse_advertise, cluster_advertise, MARK_NONE),
+    END_KEYS,
+};
+
 static const struct field root_fields[] = {
     SECTION("port_range", port_range_fields),
     SECTION("tunnel", tunnel_fields),
@@ -700,6 +729,7 @@ static const struct field root_fields[] = {
     SECTION("mappings", mappings_fields),
     SECTION("limits", limits_fields),
     SECTION("log", log_fields),
+    SECTION("cluster", cluster_fields),
     END_KEYS,
 };
 
@@ -994,10 +1024,13 @@ int config_init_defaults(struct config *cfg)
     cfg->api_token = strdup("");
     cfg->db_path = strdup("./data/mappings.db");
     cfg->db_url = strdup("");
+    cfg->cluster_node_name = strdup("");
+    cfg->cluster_advertise = strdup("");
     cfg->mappings_bind_addr = strdup("0.0.0.0");
     if (!cfg->tunnel_listen_addr || !cfg->tls_cert_file || !cfg->tls_key_file ||
         !cfg->tls_client_ca || !cfg->api_listen_addr || !cfg->api_token || !cfg->db_path ||
-        !cfg->db_url || !cfg->mappings_bind_addr) {
+        !cfg->db_url || !cfg->mappings_bind_addr || !cfg->cluster_node_name ||
+        !cfg->cluster_advertise) {
         config_free(cfg);
         return -1;
     }
@@ -1036,6 +1069,8 @@ void config_free(struct config *cfg)
     hosts_free(cfg->allowed_hosts, cfg->allowed_hosts_len);
     free(cfg->db_path);
     free(cfg->db_url);
+    free(cfg->cluster_node_name);
+    free(cfg->cluster_advertise);
     free(cfg->mappings_bind_addr);
     /* Zeroed, a freed config is safe to free again. */
     memset(cfg, 0, sizeof(*cfg));

@@ -53,6 +53,10 @@ struct config {
     char *db_path;               /* default "./data/mappings.db" */
     char *db_url;                /* "" = SQLite at db_path; postgres://… = §7 cluster */
 
+    /* cluster (§7, with db_url only) */
+    char *cluster_node_name;     /* "" = the host name */
+    char *cluster_advertise;     /* host:port of this node's tunnel endpoint for clients */
+
     /* mappings */
     char *mappings_bind_addr;    /* default "0.0.0.0"; "::" = dual-stack */
 

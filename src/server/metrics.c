@@ -7,6 +7,7 @@
 
 #include "api.h"
 #include "clients.h"
+#include "cluster_sync.h"
 #include "mapping.h"
 #include "server.h"
 #include "tunnel_server.h"
@@ -197,6 +198,7 @@ char *metrics_render(struct server *srv, size_t *len)
     render_mappings(f, srv);
     render_clients(f, srv);
     render_limits(f, srv);
+    cluster_sync_metrics(srv->cluster_sync, f);
     put_header(f, "portmux_api_requests_total", "counter", "API requests by HTTP status.");
     if (srv->api)
         api_foreach_status_count(srv->api, put_status_count, f);

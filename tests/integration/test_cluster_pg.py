@@ -248,3 +248,55 @@ def test_reconnect_resync_heals_a_missed_change(pg, server_factory, echo_backend
     # The store's own connection was dropped too: the next write reconnects by itself.
     status, _, body = a.api("POST", "/api/mapping/update", body={"port": port, "name": "x"})
     assert status == 200, body
+
+
+def cluster(node):
+    status, _, body = node.api("GET", "/api/cluster")
+    assert status == 200, body
+    return {n["name"]: n for n in body["data"]["nodes"]}
+
+
+def test_nodes_register_heartbeat_and_go(pg, server_factory, echo_backend):  # noqa: F811
+    a = pg_node(server_factory, pg, name="a", mappings={"bind_addr": "127.0.0.2"},
+                cluster={"node_name": "node-a", "advertise": "127.0.0.2:9000"})
+    b = pg_node(server_factory, pg, name="b", mappings={"bind_addr": "127.0.0.3"},
+                cluster={"node_name": "node-b", "advertise": "127.0.0.3:9000"})
+    wait_until(lambda: set(cluster(a)) == {"node-a", "node-b"}, timeout=15,
+               desc="a sees both nodes")
+    c = cluster(a)
+    assert c["node-b"]["alive"] is True and c["node-b"]["advertise"] == "127.0.0.3:9000", c
+    assert c["node-a"]["alive"] is True and c["node-a"]["advertise"] == "127.0.0.2:9000", c
+    assert pg.psql("SELECT name FROM nodes ORDER BY name") == [["node-a"], ["node-b"]]
+    port = free_port()
+    a.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+    # Each node's own view of the mapping reaches the others with its heartbeat (5 s).
+    wait_until(lambda: (a.mapping(port) or {}).get("nodes") ==
+               {"node-a": "listening", "node-b": "listening"}, timeout=15,
+               desc="a's list shows both nodes listening")
+    wait_until(lambda: cluster(a)["node-b"]["mappings_listening"] == 1, timeout=15,
+               desc="b's heartbeat counts the mapping")
+    status, _, text = a.api("GET", "/metrics")
+    assert status == 200 and 'portmux_cluster_nodes{state="alive"} 2' in text, text
+    assert "portmux_cluster_database_up 1" in text
+    # A node that stops heartbeating is gone after 15 s, and leaves the mapping's nodes.
+    b.kill9()
+    wait_until(lambda: cluster(a)["node-b"]["alive"] is False, timeout=40, interval=0.5,
+               desc="b marked gone")
+    assert a.mapping(port)["nodes"] == {"node-a": "listening"}
+    status, _, text = a.api("GET", "/metrics")
+    assert 'portmux_cluster_nodes{state="gone"} 1' in text, text
+
+
+def test_cluster_config_and_sqlite(server_factory):
+    srv = server_factory()
+    status, _, body = srv.api("GET", "/api/cluster")
+    assert status == 404 and body["error"] == "not_found", body
+    port = free_port()
+    srv.create_ok(port=port, target_ip="127.0.0.1", target_port=9)
+    assert "nodes" not in srv.mapping(port)  # a single server has no cluster view
+    bad = server_factory(start=False, name="bad")
+    bad.config["cluster"] = {"node_name": "no spaces"}
+    bad.write_config()
+    bad.proc.start()
+    assert bad.proc.wait(10) == 2
+    assert "cluster.node_name" in bad.log_text()
