@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <event2/event.h>
@@ -29,6 +30,8 @@
 #define CSYNC_BACKOFF_MAX_S 30
 #define CSYNC_SELECT "SELECT " PG_MAP_COLS " FROM mappings ORDER BY port"
 #define CSYNC_HEARTBEAT_S 5
+/* A query unanswered this long: the database is taken as stalled (the store's gate). */
+#define CSYNC_STALL_MS 1000
 #define CSYNC_GONE_S 15
 #define CSYNC_NODES_MAX 256   /* rows read from nodes; more is not a cluster we serve */
 #define CSYNC_NAME_MAX 64
@@ -69,9 +72,29 @@ struct cluster_sync {
     uint64_t sent_writes;    /* store_write_count when the read was sent */
     unsigned char seen[65536 / 8]; /* ports present in the read being applied */
     uint64_t resyncs;        /* reads applied, for the log and tests */
+    int64_t sent_at_ms;      /* CLOCK_MONOTONIC of the query in flight */
 };
 
 static void csync_connect(struct cluster_sync *cs);
+
+static int64_t csync_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* The store's gate (store_set_gate): the database answers this connection, or at least
+ * has not kept a query waiting for CSYNC_STALL_MS. */
+static bool csync_db_ok(void *arg)
+{
+    struct cluster_sync *cs = arg;
+    if (cs->state == CSYNC_CONNECTING)
+        return true; /* not known yet: the store tries with its own deadline */
+    if (cs->state == CSYNC_DOWN)
+        return false;
+    return !cs->busy || csync_now_ms() - cs->sent_at_ms < CSYNC_STALL_MS;
+}
 static void csync_on_sock(evutil_socket_t fd, short what, void *arg);
 
 static void csync_log_conn_error(struct cluster_sync *cs, const char *what)
@@ -146,6 +169,7 @@ static void csync_send(struct cluster_sync *cs, const char *sql, enum csync_quer
     }
     cs->busy = true;
     cs->inflight = kind;
+    cs->sent_at_ms = csync_now_ms();
     csync_flush(cs);
 }
 
@@ -557,6 +581,7 @@ struct cluster_sync *cluster_sync_new(struct server *srv, const char *conninfo)
         cluster_sync_free(cs);
         return NULL;
     }
+    store_set_gate(srv->store, csync_db_ok, cs);
     csync_connect(cs);
     return cs;
 }
@@ -565,6 +590,7 @@ void cluster_sync_free(struct cluster_sync *cs)
 {
     if (!cs)
         return;
+    store_set_gate(cs->srv->store, NULL, NULL);
     csync_free_events(cs);
     if (cs->tick)
         event_free(cs->tick);

@@ -14,7 +14,23 @@ struct store {
     void *impl;
     struct store_open_info info;
     uint64_t writes;  /* successful writes, for store_write_count */
+    bool (*gate)(void *arg); /* store_set_gate */
+    void *gate_arg;
 };
+
+void store_set_gate(struct store *st, bool (*ok)(void *arg), void *arg)
+{
+    if (!st)
+        return;
+    st->gate = ok;
+    st->gate_arg = arg;
+}
+
+/* True when a write must not even be tried: the database is known to be away. */
+static bool store_gated(const struct store *st)
+{
+    return st->gate && !st->gate(st->gate_arg);
+}
 
 void store_set_err(char *err, size_t errlen, const char *fmt, ...)
 {
@@ -142,6 +158,8 @@ enum store_result store_mapping_insert(struct store *st, struct mapping_record *
 {
     if (!st || !store_record_ok(rec))
         return STORE_ERR;
+    if (store_gated(st))
+        return STORE_UNAVAILABLE;
     return store_count(st, st->backend->insert(st->impl, rec));
 }
 
@@ -149,6 +167,8 @@ enum store_result store_mapping_replace(struct store *st, struct mapping_record 
 {
     if (!st || !store_record_ok(rec))
         return STORE_ERR;
+    if (store_gated(st))
+        return STORE_UNAVAILABLE;
     return store_count(st, st->backend->replace(st->impl, rec));
 }
 
@@ -156,6 +176,8 @@ enum store_result store_mapping_update(struct store *st, const struct mapping_re
 {
     if (!st || !store_record_ok(rec))
         return STORE_ERR;
+    if (store_gated(st))
+        return STORE_UNAVAILABLE;
     return store_count(st, st->backend->update(st->impl, rec));
 }
 
@@ -166,6 +188,8 @@ enum store_result store_mapping_delete(struct store *st, int port)
     /* No row can hold such a port (the schema CHECKs it), so there is nothing to delete. */
     if (port < 1 || port > 65535)
         return STORE_NOT_FOUND;
+    if (store_gated(st))
+        return STORE_UNAVAILABLE;
     return store_count(st, st->backend->remove(st->impl, port));
 }
 
@@ -227,6 +251,8 @@ enum store_result store_client_insert(struct store *st, struct client_record *re
 {
     if (!st || !store_client_ok(rec))
         return STORE_ERR;
+    if (store_gated(st))
+        return STORE_UNAVAILABLE;
     return st->backend->client_insert(st->impl, rec);
 }
 
@@ -234,6 +260,8 @@ enum store_result store_client_update(struct store *st, const struct client_reco
 {
     if (!st || !store_client_ok(rec))
         return STORE_ERR;
+    if (store_gated(st))
+        return STORE_UNAVAILABLE;
     return st->backend->client_update(st->impl, rec);
 }
 
@@ -243,6 +271,8 @@ enum store_result store_client_delete(struct store *st, const char *name)
         return STORE_ERR;
     if (!store_client_name_ok(name))
         return STORE_NOT_FOUND; /* no row can hold such a name */
+    if (store_gated(st))
+        return STORE_UNAVAILABLE;
     return st->backend->client_delete(st->impl, name);
 }
 

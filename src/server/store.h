@@ -65,6 +65,11 @@ int store_migrations_applied(struct store *st);
  * have overtaken. */
 uint64_t store_write_count(const struct store *st);
 
+/* Installs ok, asked before every write: false means the database is known to be away
+ * (the cluster's change feed saw it stall or drop), and the write answers
+ * STORE_UNAVAILABLE at once instead of waiting on the loop for a timeout. */
+void store_set_gate(struct store *st, bool (*ok)(void *arg), void *arg);
+
 /* True when st is shared by several nodes (PostgreSQL, SPEC §7). */
 bool store_is_shared(const struct store *st);
 

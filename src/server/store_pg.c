@@ -139,6 +139,17 @@ static bool pg_alive(PGconn *c)
     return PQstatus(c) == CONNECTION_OK;
 }
 
+/* No connect attempt for a while (1 s doubling to PG_BACKOFF_MAX_S): while the database
+ * is away, writes answer STORE_UNAVAILABLE at once instead of each waiting out a
+ * deadline on the loop. */
+static void pg_backoff(struct pg_store *pg)
+{
+    pg->backoff_s = pg->backoff_s ? pg->backoff_s * 2 : 1;
+    if (pg->backoff_s > PG_BACKOFF_MAX_S)
+        pg->backoff_s = PG_BACKOFF_MAX_S;
+    pg->retry_at = time(NULL) + pg->backoff_s;
+}
+
 /* A connection to use now, reconnecting when the last one broke and the backoff allows. */
 static PGconn *pg_conn(struct pg_store *pg)
 {
@@ -155,10 +166,7 @@ static PGconn *pg_conn(struct pg_store *pg)
     char msg[256];
     pg->conn = pg_connect(pg->conninfo, pg_now_ms() + PG_CALL_MS, msg, sizeof(msg));
     if (!pg->conn) {
-        pg->backoff_s = pg->backoff_s ? pg->backoff_s * 2 : 1;
-        if (pg->backoff_s > PG_BACKOFF_MAX_S)
-            pg->backoff_s = PG_BACKOFF_MAX_S;
-        pg->retry_at = now + pg->backoff_s;
+        pg_backoff(pg);
         log_warn("store", "%s: reconnect failed (%s); next try in %d s", pg->where, msg,
                  pg->backoff_s);
         return NULL;
@@ -215,6 +223,7 @@ broken:;
     log_warn("store", "%s: no answer within %d ms (%s); dropping the connection", pg->where,
              PG_CALL_MS, msg[0] ? msg : "timeout");
     pg_drop(pg);
+    pg_backoff(pg);
     return NULL;
 }
 
