@@ -541,6 +541,22 @@ void cluster_sync_mapping_nodes(struct cluster_sync *cs, const struct mapping *m
     json_object_set_new(obj, "nodes", nodes);
 }
 
+json_t *cluster_sync_advertised_json(struct cluster_sync *cs)
+{
+    if (!cs)
+        return NULL;
+    json_t *arr = json_array();
+    const char *own = cs->srv->cfg->cluster_advertise;
+    if (own && *own)
+        json_array_append_new(arr, json_string(own));
+    for (size_t i = 0; i < cs->nodes_len; i++) {
+        const struct csync_node *d = &cs->nodes[i];
+        if (d->alive && !csync_is_self(cs, d) && d->advertise[0])
+            json_array_append_new(arr, json_string(d->advertise));
+    }
+    return arr;
+}
+
 void cluster_sync_metrics(struct cluster_sync *cs, FILE *f)
 {
     if (!cs)

@@ -25,6 +25,7 @@
 #include "proxy_header.h"
 #include "config.h"
 #include "frame.h"
+#include "cluster_sync.h"
 #include "hello_limit.h"
 #include "log.h"
 #include "mapping.h"
@@ -470,9 +471,10 @@ static void tsession_accept(struct tsession *sess, const char *name)
                                   "takeovers", (json_int_t)ce->takeovers, "refused",
                                   (json_int_t)ce->refused)
                       : NULL;
-    tsession_respond(sess, json_pack("{s:b, s:s, s:o*, s:o*}", "ok", 1, "message", msg,
+    tsession_respond(sess, json_pack("{s:b, s:s, s:o*, s:o*, s:o*}", "ok", 1, "message", msg,
                                      "mappings", ts_client_mappings_json(sess->ts, sess->name),
-                                     "client", self));
+                                     "client", self, "nodes",
+                                     cluster_sync_advertised_json(sess->ts->srv->cluster_sync)));
     struct timeval idle = {cfg->heartbeat_timeout > 0 ? cfg->heartbeat_timeout : 30, 0};
     struct timeval every = {cfg->heartbeat_interval > 0 ? cfg->heartbeat_interval : 10, 0};
     /* Silence either way is death: nothing received, or our output not moving. */

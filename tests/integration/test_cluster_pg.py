@@ -305,3 +305,30 @@ def test_cluster_config_and_sqlite(server_factory):
     bad.proc.start()
     assert bad.proc.wait(10) == 2
     assert "cluster.node_name" in bad.log_text()
+
+
+def test_hello_response_lists_the_live_nodes(pg, server_factory):  # noqa: F811
+    import json as _json
+    from sec_helpers import hello, read_frame
+    tunnel = {"enabled": True, "clients": [{"name": "edge", "token": "edge-token-0123456789"}]}
+    a = pg_node(server_factory, pg, name="a", tunnel=tunnel,
+                cluster={"node_name": "node-a", "advertise": "127.0.0.2:19000"})
+    b = pg_node(server_factory, pg, name="b", tunnel=tunnel,
+                cluster={"node_name": "node-b", "advertise": "127.0.0.3:19000"})
+    wait_until(lambda: cluster(a).get("node-b", {}).get("alive"), timeout=15,
+               desc="a sees b alive")
+    with socket.create_connection(("127.0.0.1", a.tunnel_port), timeout=10) as s:
+        s.sendall(hello("edge", "edge-token-0123456789"))
+        fr = read_frame(s, 10)
+    assert fr is not None and fr[0] == 0x07, fr
+    answer = _json.loads(fr[1])
+    assert answer["ok"] is True, answer
+    assert answer["nodes"] == ["127.0.0.2:19000", "127.0.0.3:19000"], answer
+    # A node that is gone is no longer offered.
+    b.kill9()
+    wait_until(lambda: cluster(a)["node-b"]["alive"] is False, timeout=40, interval=0.5,
+               desc="b marked gone")
+    with socket.create_connection(("127.0.0.1", a.tunnel_port), timeout=10) as s:
+        s.sendall(hello("edge", "edge-token-0123456789"))
+        fr = read_frame(s, 10)
+    assert _json.loads(fr[1]).get("nodes") == ["127.0.0.2:19000"], fr
