@@ -202,7 +202,14 @@ struct clients_registry *clients_registry_new(const struct config *cfg, struct s
      * the tunnel nobody could use it, so it waits for the first start with the tunnel. */
     if (reg->len == 0 && st && cfg->tunnel_enabled) {
         char token[CLIENTS_TOKEN_LEN + 1];
-        if (clients_create(reg, "default", token, sizeof(token)) != CLIENTS_OK) {
+        enum clients_result r = clients_create(reg, "default", token, sizeof(token));
+        /* Nodes of a cluster starting together (SPEC §7): another one stored it first,
+         * and its log shows the token; take its row. */
+        if (r == CLIENTS_EXISTS && store_client_foreach(st, cl_load_stored, reg) == STORE_OK) {
+            log_info(CL_MOD, "tunnel client \"default\" was created by another node");
+            return reg;
+        }
+        if (r != CLIENTS_OK) {
             snprintf(err, errlen, "cannot create the first tunnel client");
             goto fail;
         }
@@ -382,4 +389,70 @@ void clients_note(struct clients_registry *reg, const char *name, enum clients_e
         e->takeovers++;
     else
         e->refused++;
+}
+
+/* ---- changes made by another node (SPEC §7) ---- */
+
+void clients_sync_begin(struct clients_registry *reg)
+{
+    for (size_t i = 0; i < reg->len; i++)
+        reg->v[i].synced = false;
+}
+
+int clients_sync_row(struct clients_registry *reg, const struct client_record *rec)
+{
+    struct clients_entry *e = cl_find(reg, rec->name);
+    if (!e) {
+        size_t before = reg->len;
+        cl_load_stored(rec, reg);
+        e = reg->len > before ? cl_find(reg, rec->name) : NULL;
+        if (!e)
+            return 0;
+        e->synced = true;
+        log_info(CL_MOD, "tunnel client \"%s\" created by another node", rec->name);
+        return 1;
+    }
+    e->synced = true;
+    if (e->source != CLIENTS_SOURCE_API)
+        return 0; /* the config's client shadows the stored one, as at start */
+    unsigned char h[32], ph[32];
+    bool prev = rec->prev_hash[0] != '\0';
+    if (cl_unhex(rec->token_hash, h) != 0 || (prev && cl_unhex(rec->prev_hash, ph) != 0))
+        return 0;
+    int64_t valid = prev ? rec->prev_valid_until : 0;
+    if (memcmp(e->hash, h, 32) == 0 && e->has_prev == prev &&
+        (!prev || (memcmp(e->prev_hash, ph, 32) == 0 && e->prev_valid_until == valid)))
+        return 0;
+    memcpy(e->hash, h, 32);
+    e->has_prev = prev;
+    memset(e->prev_hash, 0, sizeof(e->prev_hash));
+    if (prev)
+        memcpy(e->prev_hash, ph, 32);
+    e->prev_valid_until = valid;
+    log_info(CL_MOD, "tunnel client \"%s\": token rotated by another node", rec->name);
+    return 1;
+}
+
+int clients_sync_end(struct clients_registry *reg, void (*gone)(const char *name, void *arg),
+                     void *arg)
+{
+    int changed = 0;
+    size_t i = 0;
+    while (i < reg->len) {
+        struct clients_entry *e = &reg->v[i];
+        if (e->source != CLIENTS_SOURCE_API || e->synced) {
+            i++;
+            continue;
+        }
+        char name[CLIENTS_NAME_MAX + 1];
+        snprintf(name, sizeof(name), "%s", e->name);
+        OPENSSL_cleanse(e, sizeof(*e));
+        memmove(&reg->v[i], &reg->v[i + 1], (reg->len - i - 1) * sizeof(*reg->v));
+        reg->len--;
+        log_info(CL_MOD, "tunnel client \"%s\" removed by another node", name);
+        if (gone)
+            gone(name, arg);
+        changed++;
+    }
+    return changed;
 }

@@ -18,6 +18,7 @@
 
 #include <event2/event.h>
 
+#include "clients.h"
 #include "config.h"
 #include "log.h"
 #include "mapping.h"
@@ -28,7 +29,9 @@
 
 #define CSYNC_RESYNC_S 30
 #define CSYNC_BACKOFF_MAX_S 30
-#define CSYNC_SELECT "SELECT " PG_MAP_COLS " FROM mappings ORDER BY port"
+/* Both shared tables in one query (two results): a notice about either reads both. */
+#define CSYNC_SELECT "SELECT " PG_MAP_COLS " FROM mappings ORDER BY port; " \
+                     "SELECT " PG_CLIENT_COLS " FROM clients ORDER BY name"
 #define CSYNC_HEARTBEAT_S 5
 /* A query unanswered this long: the database is taken as stalled (the store's gate). */
 #define CSYNC_STALL_MS 1000
@@ -73,6 +76,8 @@ struct cluster_sync {
     unsigned char seen[65536 / 8]; /* ports present in the read being applied */
     uint64_t resyncs;        /* reads applied, for the log and tests */
     int64_t sent_at_ms;      /* CLOCK_MONOTONIC of the query in flight */
+    int tuples_seen;         /* row-returning results of the query in flight so far */
+    bool stale;              /* its mappings read was overtaken: skip the clients read too */
 };
 
 static void csync_connect(struct cluster_sync *cs);
@@ -169,6 +174,8 @@ static void csync_send(struct cluster_sync *cs, const char *sql, enum csync_quer
     }
     cs->busy = true;
     cs->inflight = kind;
+    cs->tuples_seen = 0;
+    cs->stale = false;
     cs->sent_at_ms = csync_now_ms();
     csync_flush(cs);
 }
@@ -211,6 +218,7 @@ static void csync_apply(struct cluster_sync *cs, PGresult *res)
 {
     if (store_write_count(cs->srv->store) != cs->sent_writes) {
         cs->dirty = true;
+        cs->stale = true;
         return;
     }
     struct mapping_registry *reg = cs->srv->mappings;
@@ -243,13 +251,44 @@ static void csync_apply(struct cluster_sync *cs, PGresult *res)
 
 static void csync_nodes_apply(struct cluster_sync *cs, PGresult *res);
 
+static void csync_client_gone(const char *name, void *arg)
+{
+    struct cluster_sync *cs = arg;
+    if (cs->srv->tunnel)
+        tunnel_server_client_removed(cs->srv->tunnel, name);
+}
+
+/* The clients table, read right after the mappings in the same query (same rule: a
+ * read a local write may have overtaken is not applied). */
+static void csync_clients_apply(struct cluster_sync *cs, PGresult *res)
+{
+    if (cs->stale || store_write_count(cs->srv->store) != cs->sent_writes || !cs->srv->clients) {
+        cs->dirty = cs->dirty || cs->stale ||
+                    store_write_count(cs->srv->store) != cs->sent_writes;
+        return;
+    }
+    struct client_record rec;
+    int changed = 0;
+    clients_sync_begin(cs->srv->clients);
+    for (int i = 0; i < PQntuples(res); i++) {
+        store_pg_read_client(res, i, &rec);
+        changed += clients_sync_row(cs->srv->clients, &rec);
+    }
+    changed += clients_sync_end(cs->srv->clients, csync_client_gone, cs);
+    if (changed)
+        log_info("cluster", "resync: %d tunnel client(s) changed by other nodes", changed);
+}
+
 static void csync_on_result(struct cluster_sync *cs, PGresult *r)
 {
     ExecStatusType st = PQresultStatus(r);
     if (st == PGRES_TUPLES_OK && cs->inflight == CSYNC_Q_NODES) {
         csync_nodes_apply(cs, r);
     } else if (st == PGRES_TUPLES_OK) {
-        csync_apply(cs, r);
+        if (cs->tuples_seen++ == 0)
+            csync_apply(cs, r);
+        else
+            csync_clients_apply(cs, r);
     } else if (st != PGRES_COMMAND_OK) {
         char msg[256];
         snprintf(msg, sizeof(msg), "%s", PQresultErrorMessage(r));

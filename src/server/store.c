@@ -253,7 +253,7 @@ enum store_result store_client_insert(struct store *st, struct client_record *re
         return STORE_ERR;
     if (store_gated(st))
         return STORE_UNAVAILABLE;
-    return st->backend->client_insert(st->impl, rec);
+    return store_count(st, st->backend->client_insert(st->impl, rec));
 }
 
 enum store_result store_client_update(struct store *st, const struct client_record *rec)
@@ -262,7 +262,7 @@ enum store_result store_client_update(struct store *st, const struct client_reco
         return STORE_ERR;
     if (store_gated(st))
         return STORE_UNAVAILABLE;
-    return st->backend->client_update(st->impl, rec);
+    return store_count(st, st->backend->client_update(st->impl, rec));
 }
 
 enum store_result store_client_delete(struct store *st, const char *name)
@@ -273,7 +273,7 @@ enum store_result store_client_delete(struct store *st, const char *name)
         return STORE_NOT_FOUND; /* no row can hold such a name */
     if (store_gated(st))
         return STORE_UNAVAILABLE;
-    return st->backend->client_delete(st->impl, name);
+    return store_count(st, st->backend->client_delete(st->impl, name));
 }
 
 enum store_result store_client_get(struct store *st, const char *name,

@@ -60,8 +60,7 @@ int store_schema_version(struct store *st);
 /* How many migrations store_open applied (0 on a second start). */
 int store_migrations_applied(struct store *st);
 
-/* How many mapping writes (insert, replace, update, delete) this process made through st
- * successfully. The cluster sync (cluster_sync.h) discards a read that a local write may
+/* How many writes (mappings and clients) this process made through st successfully. The cluster sync (cluster_sync.h) discards a read that a local write may
  * have overtaken. */
 uint64_t store_write_count(const struct store *st);
 

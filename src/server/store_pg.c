@@ -596,8 +596,6 @@ static enum store_result pg_foreach(void *impl, store_foreach_fn fn, void *arg)
 
 /* ---- tunnel clients ---- */
 
-#define PG_CLIENT_COLS "name, token_hash, prev_hash, prev_valid_until, source, created_at, " \
-                       "last_seen"
 
 static enum store_result pgc_insert(void *impl, struct client_record *rec)
 {
@@ -644,7 +642,7 @@ static enum store_result pgc_delete(void *impl, const char *name)
     return r == STORE_OK ? pg_changed(res) : r;
 }
 
-static void pgc_read_row(PGresult *res, int i, struct client_record *rec)
+void store_pg_read_client(PGresult *res, int i, struct client_record *rec)
 {
     memset(rec, 0, sizeof(*rec));
     pg_copy(rec->name, sizeof(rec->name), res, i, 0);
@@ -667,7 +665,7 @@ static enum store_result pgc_get(void *impl, const char *name, struct client_rec
         return r;
     r = PQntuples(res) == 1 ? STORE_OK : STORE_NOT_FOUND;
     if (r == STORE_OK)
-        pgc_read_row(res, 0, rec);
+        store_pg_read_client(res, 0, rec);
     PQclear(res);
     return r;
 }
@@ -682,7 +680,7 @@ static enum store_result pgc_foreach(void *impl, store_client_fn fn, void *arg)
         return r;
     struct client_record rec;
     for (int i = 0; i < PQntuples(res); i++) {
-        pgc_read_row(res, i, &rec);
+        store_pg_read_client(res, i, &rec);
         if (fn(&rec, arg) != 0)
             break;
     }

@@ -15,6 +15,12 @@
  * cut at a UTF-8 boundary (logged). */
 void store_pg_read_mapping(PGresult *res, int i, struct mapping_record *rec);
 
+#define PG_CLIENT_COLS "name, token_hash, prev_hash, prev_valid_until, source, created_at, " \
+                       "last_seen"
+
+/* Reads row i of a result of "SELECT " PG_CLIENT_COLS into rec. */
+void store_pg_read_client(PGresult *res, int i, struct client_record *rec);
+
 /* libpq notice processor: server notices and connection-loss messages go to the debug
  * log, one line each, instead of libpq's default of stderr. */
 void store_pg_notice(void *arg, const char *message);

@@ -106,13 +106,19 @@ def test_env_url_overrides_the_file(pg, server_factory, tmp_path, echo_backend):
 
 
 def test_nodes_starting_together_migrate_once(pg, server_factory):  # noqa: F811
-    nodes = [pg_node(server_factory, pg, name=f"n{i}", start=False) for i in range(3)]
+    # The tunnel on and no client anywhere: each node would create "default" at its
+    # first start; together, one does and the others take its row.
+    nodes = [pg_node(server_factory, pg, name=f"n{i}", start=False,
+                     tunnel={"enabled": True}) for i in range(3)]
     for n in nodes:
         n.proc.start()
     for n in nodes:
         wait_until(lambda n=n: healthy(n), timeout=30, desc=f"{n.name} up")
     applied = [n for n in nodes if re.search(r"applied [1-9]\d* migration", n.log_text())]
     assert len(applied) == 1, [n.log_tail() for n in nodes]
+    created = [n for n in nodes if 'created tunnel client "default"' in n.log_text()]
+    assert len(created) == 1, [n.log_tail() for n in nodes]
+    assert pg.psql("SELECT name FROM clients") == [["default"]]
     # Each migration once: a second apply would have failed on CREATE TABLE anyway.
     versions = pg.psql("SELECT version FROM schema_migrations ORDER BY version")
     assert len(versions) >= 2 and len({v[0] for v in versions}) == len(versions)
@@ -332,3 +338,40 @@ def test_hello_response_lists_the_live_nodes(pg, server_factory):  # noqa: F811
         s.sendall(hello("edge", "edge-token-0123456789"))
         fr = read_frame(s, 10)
     assert _json.loads(fr[1]).get("nodes") == ["127.0.0.2:19000"], fr
+
+
+def test_tunnel_clients_reach_every_node(pg, server_factory):  # noqa: F811
+    import json as _json
+    from sec_helpers import hello, read_frame
+
+    def hello_ok(node, name, token):
+        with socket.create_connection(("127.0.0.1", node.tunnel_port), timeout=10) as s:
+            s.sendall(hello(name, token))
+            fr = read_frame(s, 10)
+        return fr is not None and _json.loads(fr[1]).get("ok") is True
+
+    def names(node):
+        status, _, body = node.api("GET", "/api/clients")
+        assert status == 200, body
+        return {c["name"] for c in body["data"]["clients"]}
+
+    tunnel = {"enabled": True,
+              "clients": [{"name": "cfg", "token": "config-token-0123456789"}]}
+    a = pg_node(server_factory, pg, name="a", tunnel=tunnel)
+    b = pg_node(server_factory, pg, name="b", tunnel=tunnel)
+    for n in (a, b):
+        n.wait_log("listening for changes from other nodes", timeout=10)
+    status, _, body = a.api("POST", "/api/client/create", body={"name": "edge"})
+    assert status == 201, body
+    token = body["data"]["token"]
+    wait_until(lambda: "edge" in names(b), timeout=5, desc="b knows the client a created")
+    assert hello_ok(b, "edge", token)
+    status, _, body = b.api("POST", "/api/client/rotate", body={"name": "edge", "grace_s": 0})
+    assert status == 200, body
+    new = body["data"]["token"]
+    wait_until(lambda: hello_ok(a, "edge", new), timeout=5, desc="a takes the rotated token")
+    assert not hello_ok(a, "edge", token)
+    assert a.api("POST", "/api/client/remove", body={"name": "edge"})[0] == 200
+    wait_until(lambda: "edge" not in names(b), timeout=5, desc="b forgets the removed client")
+    assert not hello_ok(b, "edge", new)
+    assert "cfg" in names(b)  # the config's clients are the file's, never synced away
