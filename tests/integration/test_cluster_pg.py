@@ -375,3 +375,15 @@ def test_tunnel_clients_reach_every_node(pg, server_factory):  # noqa: F811
     wait_until(lambda: "edge" not in names(b), timeout=5, desc="b forgets the removed client")
     assert not hello_ok(b, "edge", new)
     assert "cfg" in names(b)  # the config's clients are the file's, never synced away
+
+
+def test_reload_names_cluster_keys_for_a_restart(pg, server_factory):  # noqa: F811
+    node = pg_node(server_factory, pg, cluster={"node_name": "one"})
+    node.config["cluster"] = {"node_name": "two", "advertise": "127.0.0.2:9000"}
+    node.config["database"] = {"url": pg.url + "?application_name=x"}
+    node.write_config()
+    mark = node.log_mark()
+    node.proc.send_signal(signal.SIGHUP)
+    node.wait_log(r"reload: .*database\.url, cluster\.node_name, cluster\.advertise changed",
+                  after=mark)
+    assert cluster(node).keys() == {"one"}  # the running name stays until a restart
