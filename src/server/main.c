@@ -242,12 +242,14 @@ static void server_stop(struct server *srv)
 {
     api_free(srv->api);
     srv->api = NULL;
-    cluster_sync_free(srv->cluster_sync);
-    srv->cluster_sync = NULL;
     mapping_registry_free(srv->mappings);
     srv->mappings = NULL;
     tunnel_server_free(srv->tunnel);
     srv->tunnel = NULL;
+    /* After the tunnels: their last writes (clients' last_seen) still see the gate, so a
+     * stalled database does not hold the exit up once per client. */
+    cluster_sync_free(srv->cluster_sync);
+    srv->cluster_sync = NULL;
     clients_registry_free(srv->clients);
     srv->clients = NULL;
     store_close(srv->store);

@@ -387,3 +387,18 @@ def test_reload_names_cluster_keys_for_a_restart(pg, server_factory):  # noqa: F
     node.wait_log(r"reload: .*database\.url, cluster\.node_name, cluster\.advertise changed",
                   after=mark)
     assert cluster(node).keys() == {"one"}  # the running name stays until a restart
+
+
+def test_sigterm_with_the_database_stalled(pg, server_factory, echo_backend):  # noqa: F811
+    node = pg_node(server_factory, pg)
+    port = free_port()
+    node.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+    relay = connect(port)
+    pg.freeze()
+    try:
+        # SPEC §5: exit 0 within 2 s (the deadline here leaves room for a loaded machine);
+        # nothing on the way out may wait for the database, which would hang here.
+        assert node.stop(timeout=5.0) == 0, node.log_tail()
+    finally:
+        pg.thaw()
+        relay.close()
