@@ -402,3 +402,26 @@ def test_sigterm_with_the_database_stalled(pg, server_factory, echo_backend):  #
     finally:
         pg.thaw()
         relay.close()
+
+
+def test_database_gone_and_back(pg, server_factory, echo_backend):  # noqa: F811
+    a, b = two_nodes(server_factory, pg)
+    port = free_port()
+    a.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+    wait_until(lambda: b.mapping(port) is not None, timeout=5, desc="b has the mapping")
+    pg.stop()
+    # Gone: writes are refused with 503 (connection refused, no wait); relays go on.
+    new = free_port()
+    status, body = a.create(port=new, target_ip="127.0.0.1", target_port=echo_backend.port)
+    assert status == 503 and body["error"] == "store_unavailable", body
+    assert a.mapping(new) is None
+    echo_ok(port, host="127.0.0.2")
+    echo_ok(port, host="127.0.0.3")
+    pg.start()
+    # Back: both reconnect by themselves (backoff); a write on a reaches b.
+    wait_until(lambda: a.create(port=new, target_ip="127.0.0.1",
+                                target_port=echo_backend.port)[0] == 201,
+               timeout=60, interval=0.5, desc="a writes again")
+    wait_until(lambda: (b.mapping(new) or {}).get("status") == "listening", timeout=60,
+               interval=0.5, desc="b catches up after the database came back")
+    echo_ok(new, host="127.0.0.3")
