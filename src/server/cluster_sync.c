@@ -35,6 +35,9 @@
 #define CSYNC_HEARTBEAT_S 5
 /* A query unanswered this long: the database is taken as stalled (the store's gate). */
 #define CSYNC_STALL_MS 1000
+/* Given up and reconnected: a connect unanswered this long, a query unanswered this long. */
+#define CSYNC_CONNECT_MS 10000
+#define CSYNC_SILENT_MS 20000
 #define CSYNC_GONE_S 15
 #define CSYNC_NODES_MAX 256   /* rows read from nodes; more is not a cluster we serve */
 #define CSYNC_NAME_MAX 64
@@ -76,6 +79,7 @@ struct cluster_sync {
     unsigned char seen[65536 / 8]; /* ports present in the read being applied */
     uint64_t resyncs;        /* reads applied, for the log and tests */
     int64_t sent_at_ms;      /* CLOCK_MONOTONIC of the query in flight */
+    int64_t connect_at_ms;   /* CLOCK_MONOTONIC of the connect in progress */
     int tuples_seen;         /* row-returning results of the query in flight so far */
     bool stale;              /* its mappings read was overtaken: skip the clients read too */
 };
@@ -109,7 +113,7 @@ static void csync_log_conn_error(struct cluster_sync *cs, const char *what)
     for (char *p = msg; *p; p++)
         if (*p == '\n' || *p == '\r' || *p == '\t')
             *p = ' ';
-    log_warn("cluster", "%s: %s", what, msg);
+    log_warn("cluster", "%s%s%s", what, msg[0] ? ": " : "", msg);
 }
 
 static void csync_free_events(struct cluster_sync *cs)
@@ -384,6 +388,7 @@ static void csync_connect(struct cluster_sync *cs)
     }
     PQsetNoticeProcessor(cs->conn, store_pg_notice, NULL);
     cs->state = CSYNC_CONNECTING;
+    cs->connect_at_ms = csync_now_ms();
     /* libpq's first step wants the socket writable (the connect in progress). */
     csync_free_events(cs);
     cs->sock_ev = event_new(cs->srv->base, PQsocket(cs->conn), EV_WRITE, csync_on_sock, cs);
@@ -406,6 +411,18 @@ static void csync_on_tick(evutil_socket_t fd, short what, void *arg)
 static void csync_on_beat(evutil_socket_t fd, short what, void *arg)
 {
     struct cluster_sync *cs = arg;
+    /* A connection that stopped answering (a half-open TCP connection after a network
+     * split, a database stopped for long) is given up and opened afresh, so the node
+     * resyncs as soon as the database answers again rather than when TCP gives up. */
+    int64_t now = csync_now_ms();
+    if (cs->state == CSYNC_CONNECTING && now - cs->connect_at_ms > CSYNC_CONNECT_MS) {
+        csync_lost(cs, "connecting to the database: no answer in time");
+        return;
+    }
+    if (cs->state == CSYNC_READY && cs->busy && now - cs->sent_at_ms > CSYNC_SILENT_MS) {
+        csync_lost(cs, "the database stopped answering");
+        return;
+    }
     cs->want_beat = true;
     csync_kick(cs);
 }

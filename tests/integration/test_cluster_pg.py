@@ -425,3 +425,23 @@ def test_database_gone_and_back(pg, server_factory, echo_backend):  # noqa: F811
     wait_until(lambda: (b.mapping(new) or {}).get("status") == "listening", timeout=60,
                interval=0.5, desc="b catches up after the database came back")
     echo_ok(new, host="127.0.0.3")
+
+
+def test_long_stall_reconnects_and_resyncs(pg, server_factory, echo_backend):  # noqa: F811
+    a, b = two_nodes(server_factory, pg)
+    mark = a.log_mark()
+    pg.freeze()
+    try:
+        # A query unanswered for 20 s: the feed gives the connection up (and, the database
+        # still stopped, its reconnects too) instead of waiting for TCP.
+        a.wait_log("the database stopped answering", timeout=40, after=mark)
+    finally:
+        pg.thaw()
+    a.wait_log("listening for changes from other nodes", timeout=60, after=mark)
+    port = free_port()
+    wait_until(lambda: b.create(port=port, target_ip="127.0.0.1",
+                                target_port=echo_backend.port)[0] == 201,
+               timeout=60, interval=0.5, desc="b writes again")
+    wait_until(lambda: (a.mapping(port) or {}).get("status") == "listening", timeout=10,
+               desc="a applies b's change on its new connection")
+    echo_ok(port, host="127.0.0.2")
