@@ -31,6 +31,7 @@
 #include "api_guard.h"
 #include "api_json.h"
 #include "clients.h"
+#include "cluster_sync.h"
 #include "config.h"
 #include "log.h"
 #include "loop_guard.h"
@@ -198,6 +199,7 @@ static void handle_create(struct server *srv, const struct api_req *rq, struct a
         api_fail(out,
                  r == MAPPING_E_IN_USE      ? API_E_PORT_IN_USE
                  : r == MAPPING_E_EXHAUSTED ? API_E_RANGE_EXHAUSTED
+                 : r == MAPPING_E_UNAVAILABLE ? API_E_STORE_UNAVAILABLE
                                             : API_E_INTERNAL,
                  msg, NULL);
         return;
@@ -247,7 +249,11 @@ static void handle_update(struct server *srv, const struct api_req *rq, struct a
     }
     if (r != MAPPING_OK) {
         log_warn("api", "update port %d refused: %s", port, msg);
-        api_fail(out, r == MAPPING_E_IN_USE ? API_E_PORT_IN_USE : API_E_INTERNAL, msg, NULL);
+        api_fail(out,
+                 r == MAPPING_E_IN_USE        ? API_E_PORT_IN_USE
+                 : r == MAPPING_E_UNAVAILABLE ? API_E_STORE_UNAVAILABLE
+                                              : API_E_INTERNAL,
+                 msg, NULL);
         return;
     }
     log_info("api", "mapping updated: port %d%s", port, m->rec.enabled ? "" : " (disabled)");
@@ -271,6 +277,10 @@ static void handle_remove(struct server *srv, const struct api_req *rq, struct a
         api_fail(out, API_E_NOT_FOUND, msg, NULL);
         return;
     }
+    if (r == MAPPING_E_UNAVAILABLE) {
+        api_fail(out, API_E_STORE_UNAVAILABLE, "the database did not answer in time", NULL);
+        return;
+    }
     if (r != MAPPING_OK) {
         api_fail(out, API_E_INTERNAL, "database error", NULL);
         return;
@@ -280,12 +290,26 @@ static void handle_remove(struct server *srv, const struct api_req *rq, struct a
     api_ok(out, MHD_HTTP_OK, "mapping removed", json_pack("{s:i}", "port", port));
 }
 
+/* SPEC §7. With SQLite there is no cluster: 404, like any path the server lacks. */
+static void handle_cluster(struct server *srv, const struct api_req *rq, struct api_reply *out)
+{
+    if (!srv->cluster_sync) {
+        api_fail(out, API_E_NOT_FOUND, "no cluster: database.url is not set", NULL);
+        return;
+    }
+    api_ok(out, MHD_HTTP_OK, "ok", cluster_sync_nodes_json(srv->cluster_sync));
+}
+
 static void handle_list(struct server *srv, const struct api_req *rq, struct api_reply *out)
 {
     json_t *arr = json_array();
     for (struct mapping *m = mapping_registry_first(srv->mappings); m;
-         m = mapping_registry_next(m))
-        json_array_append_new(arr, api_json_mapping(m));
+         m = mapping_registry_next(m)) {
+        json_t *o = api_json_mapping(m);
+        if (o)
+            cluster_sync_mapping_nodes(srv->cluster_sync, m, o); /* §7, PostgreSQL only */
+        json_array_append_new(arr, o);
+    }
     json_t *data = json_pack("{s:o, s:I}", "mappings", arr, "count",
                              (json_int_t)mapping_registry_count(srv->mappings));
     api_ok(out, MHD_HTTP_OK, "ok", data);
@@ -417,6 +441,9 @@ static void api_client_fail(struct api_reply *out, enum clients_result r, const 
     case CLIENTS_INVALID:
         api_fail(out, API_E_INVALID_FIELD, "invalid name or grace_s", NULL);
         return;
+    case CLIENTS_UNAVAILABLE:
+        api_fail(out, API_E_STORE_UNAVAILABLE, "the database did not answer in time", NULL);
+        return;
     default:
         api_fail(out, API_E_INTERNAL, "database error", NULL);
         return;
@@ -517,6 +544,7 @@ static const struct api_route api_routes[] = {
     {"/api/mapping/update", M_POST, true, handle_update},
     {"/api/mapping/list", M_GET, true, handle_list},
     {"/api/clients", M_GET, true, handle_clients},
+    {"/api/cluster", M_GET, true, handle_cluster},
     {"/api/client/create", M_POST, true, handle_client_create},
     {"/api/client/rotate", M_POST, true, handle_client_rotate},
     {"/api/client/remove", M_POST, true, handle_client_remove},

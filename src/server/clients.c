@@ -189,7 +189,14 @@ struct clients_registry *clients_registry_new(const struct config *cfg, struct s
      * the tunnel nobody could use it, so it waits for the first start with the tunnel. */
     if (reg->len == 0 && st && cfg->tunnel_enabled) {
         char token[CLIENTS_TOKEN_LEN + 1];
-        if (clients_create(reg, CLIENT_NAME_DEFAULT, token, sizeof(token)) != CLIENTS_OK) {
+        enum clients_result r = clients_create(reg, CLIENT_NAME_DEFAULT, token, sizeof(token));
+        /* Nodes of a cluster starting together (SPEC §7): another one stored it first,
+         * and its log shows the token; take its row. */
+        if (r == CLIENTS_EXISTS && store_client_foreach(st, cl_load_stored, reg) == STORE_OK) {
+            log_info(CL_MOD, "tunnel client \"default\" was created by another node");
+            return reg;
+        }
+        if (r != CLIENTS_OK) {
             snprintf(err, errlen, "cannot create the first tunnel client");
             goto fail;
         }
@@ -264,7 +271,7 @@ enum clients_result clients_create(struct clients_registry *reg, const char *nam
     if (sr == STORE_DUPLICATE)
         return CLIENTS_EXISTS; /* another server of a cluster was first */
     if (sr != STORE_OK)
-        return CLIENTS_ERR;
+        return sr == STORE_UNAVAILABLE ? CLIENTS_UNAVAILABLE : CLIENTS_ERR;
     e.created_at = rec.created_at;
     struct clients_entry *slot = cl_push(reg);
     if (!slot) {
@@ -319,8 +326,9 @@ enum clients_result clients_rotate(struct clients_registry *reg, const char *nam
     cl_hash(token, strlen(token), next.hash);
     struct client_record rec;
     cl_to_record(&next, &rec);
-    if (store_client_update(reg->store, &rec) != STORE_OK)
-        return CLIENTS_ERR;
+    enum store_result sr = store_client_update(reg->store, &rec);
+    if (sr != STORE_OK)
+        return sr == STORE_UNAVAILABLE ? CLIENTS_UNAVAILABLE : CLIENTS_ERR;
     *e = next;
     *valid_until = next.prev_valid_until;
     log_info(CL_MOD, "tunnel client \"%s\": token rotated, the old one valid for %lld s", name,
@@ -336,7 +344,7 @@ enum clients_result clients_remove(struct clients_registry *reg, const char *nam
         return r;
     enum store_result sr = store_client_delete(reg->store, name);
     if (sr != STORE_OK && sr != STORE_NOT_FOUND)
-        return CLIENTS_ERR;
+        return sr == STORE_UNAVAILABLE ? CLIENTS_UNAVAILABLE : CLIENTS_ERR;
     size_t i = (size_t)(e - reg->v);
     OPENSSL_cleanse(e, sizeof(*e));
     memmove(&reg->v[i], &reg->v[i + 1], (reg->len - i - 1) * sizeof(*reg->v));
@@ -444,4 +452,70 @@ int clients_reload_config(struct clients_registry *reg, const struct config *cfg
     OPENSSL_cleanse(old_v, old_cap * sizeof(*old_v));
     free(old_v);
     return 0;
+}
+
+/* ---- changes made by another node (SPEC §7) ---- */
+
+void clients_sync_begin(struct clients_registry *reg)
+{
+    for (size_t i = 0; i < reg->len; i++)
+        reg->v[i].synced = false;
+}
+
+int clients_sync_row(struct clients_registry *reg, const struct client_record *rec)
+{
+    struct clients_entry *e = cl_find(reg, rec->name);
+    if (!e) {
+        size_t before = reg->len;
+        cl_load_stored(rec, reg);
+        e = reg->len > before ? cl_find(reg, rec->name) : NULL;
+        if (!e)
+            return 0;
+        e->synced = true;
+        log_info(CL_MOD, "tunnel client \"%s\" created by another node", rec->name);
+        return 1;
+    }
+    e->synced = true;
+    if (e->source != CLIENTS_SOURCE_API)
+        return 0; /* the config's client shadows the stored one, as at start */
+    unsigned char h[32], ph[32];
+    bool prev = rec->prev_hash[0] != '\0';
+    if (cl_unhex(rec->token_hash, h) != 0 || (prev && cl_unhex(rec->prev_hash, ph) != 0))
+        return 0;
+    int64_t valid = prev ? rec->prev_valid_until : 0;
+    if (memcmp(e->hash, h, 32) == 0 && e->has_prev == prev &&
+        (!prev || (memcmp(e->prev_hash, ph, 32) == 0 && e->prev_valid_until == valid)))
+        return 0;
+    memcpy(e->hash, h, 32);
+    e->has_prev = prev;
+    memset(e->prev_hash, 0, sizeof(e->prev_hash));
+    if (prev)
+        memcpy(e->prev_hash, ph, 32);
+    e->prev_valid_until = valid;
+    log_info(CL_MOD, "tunnel client \"%s\": token rotated by another node", rec->name);
+    return 1;
+}
+
+int clients_sync_end(struct clients_registry *reg, void (*gone)(const char *name, void *arg),
+                     void *arg)
+{
+    int changed = 0;
+    size_t i = 0;
+    while (i < reg->len) {
+        struct clients_entry *e = &reg->v[i];
+        if (e->source != CLIENTS_SOURCE_API || e->synced) {
+            i++;
+            continue;
+        }
+        char name[CLIENTS_NAME_MAX + 1];
+        snprintf(name, sizeof(name), "%s", e->name);
+        OPENSSL_cleanse(e, sizeof(*e));
+        memmove(&reg->v[i], &reg->v[i + 1], (reg->len - i - 1) * sizeof(*reg->v));
+        reg->len--;
+        log_info(CL_MOD, "tunnel client \"%s\" removed by another node", name);
+        if (gone)
+            gone(name, arg);
+        changed++;
+    }
+    return changed;
 }

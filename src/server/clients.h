@@ -34,6 +34,7 @@ enum clients_result {
     CLIENTS_EXISTS = -3,
     CLIENTS_CONFIG = -4,       /* managed by the config file: read-only */
     CLIENTS_INVALID = -5,      /* bad name or argument */
+    CLIENTS_UNAVAILABLE = -6,  /* the database did not answer in time (§7); nothing changed */
 };
 
 struct clients_entry {
@@ -48,6 +49,7 @@ struct clients_entry {
     /* Since this server started (not stored), for /metrics and the status block. */
     uint64_t takeovers;         /* a silent session of this client was replaced */
     uint64_t refused;           /* a Hello with its credentials lost to a live session */
+    bool synced;                /* clients_sync_*: seen in the read being applied */
 };
 
 enum clients_event { CLIENTS_EVENT_TAKEOVER, CLIENTS_EVENT_REFUSED };
@@ -74,6 +76,15 @@ void clients_registry_free(struct clients_registry *reg);
  * grace period lasts (now in unix seconds). Unknown names cost the same hashing. */
 bool clients_check(const struct clients_registry *reg, const char *name, const char *token,
                    size_t token_len, int64_t now);
+
+/* SPEC §7: brings the API clients in line with a read of the shared store (another
+ * node created, rotated or removed some). begin, then row for every stored client, then
+ * end, which drops the API clients no row named, calling gone(name) for each first (to
+ * close their sessions). Config clients are never touched. Returns how many changed. */
+void clients_sync_begin(struct clients_registry *reg);
+int clients_sync_row(struct clients_registry *reg, const struct client_record *rec);
+int clients_sync_end(struct clients_registry *reg, void (*gone)(const char *name, void *arg),
+                     void *arg);
 
 const struct clients_entry *clients_find(const struct clients_registry *reg, const char *name);
 size_t clients_count(const struct clients_registry *reg);

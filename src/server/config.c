@@ -45,6 +45,8 @@ enum config_mark {
     MARK_KEY,
     MARK_CA,
     MARK_CLIENT_NAME,
+    MARK_DB_PATH,
+    MARK_DB_URL,
     MARK_COUNT
 };
 
@@ -669,7 +671,8 @@ static const struct field api_fields[] = {
 };
 
 static const struct field database_fields[] = {
-    KEY("path", parse_nonempty, db_path, MARK_NONE),
+    KEY("path", parse_nonempty, db_path, MARK_DB_PATH),
+    KEY("url", parse_str, db_url, MARK_DB_URL),
     END_KEYS,
 };
 
@@ -689,6 +692,35 @@ static const struct field log_fields[] = {
     END_KEYS,
 };
 
+/* A node name is a key in the nodes table and a JSON key of every mapping's "nodes":
+ * kept to the characters of a client name. "" = the host name. */
+static int parse_node_name(struct loader *ld, const struct field *f, void *base)
+{
+    if (parse_str(ld, f, base) != 0)
+        return -1;
+    const char *s = *FIELD_PTR(char *, base, f);
+    size_t n = strlen(s);
+    if (n > 64 || strspn(s, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-") != n)
+        return fail(ld, "must be at most 64 characters of A-Z a-z 0-9 . _ -");
+    return 0;
+}
+
+static int parse_advertise(struct loader *ld, const struct field *f, void *base)
+{
+    if (parse_str(ld, f, base) != 0)
+        return -1;
+    if (strlen(*FIELD_PTR(char *, base, f)) > 255)
+        return fail(ld, "must be at most 255 characters (host:port)");
+    return 0;
+}
+
+/* SPEC §7, read only with database.url. */
+static const struct field cluster_fields[] = {
+    KEY("node_name", parse_node_name, cluster_node_name, MARK_NONE),
+    KEY("advertise", parse_advertise, cluster_advertise, MARK_NONE),
+    END_KEYS,
+};
+
 static const struct field root_fields[] = {
     SECTION("port_range", port_range_fields),
     SECTION("tunnel", tunnel_fields),
@@ -697,6 +729,7 @@ static const struct field root_fields[] = {
     SECTION("mappings", mappings_fields),
     SECTION("limits", limits_fields),
     SECTION("log", log_fields),
+    SECTION("cluster", cluster_fields),
     END_KEYS,
 };
 
@@ -809,6 +842,22 @@ out:
     return rc;
 }
 
+/* SPEC §7: SQLite (path) or PostgreSQL (url), never both; a url that is not a
+ * PostgreSQL one would otherwise surface only as a connect error at start-up. */
+static int validate_database(struct loader *ld)
+{
+    const struct config *c = ld->cfg;
+    if (c->db_url[0] == '\0')
+        return 0;
+    if (ld->lines[MARK_DB_PATH])
+        return fail_pair(ld, MARK_DB_PATH, "database.path", MARK_DB_URL, "database.url",
+                         "database.path and database.url are both set; keep one");
+    if (!config_db_url_ok(c->db_url))
+        return fail_mark(ld, MARK_DB_URL, "database.url",
+                         "must start with postgres:// or postgresql://");
+    return 0;
+}
+
 static int validate(struct loader *ld)
 {
     const struct config *c = ld->cfg;
@@ -825,6 +874,8 @@ static int validate(struct loader *ld)
         return fail_pair(ld, MARK_HB_INTERVAL, "tunnel.heartbeat_interval", MARK_HB_TIMEOUT,
                          "tunnel.heartbeat_timeout", reason);
     }
+    if (validate_database(ld) != 0)
+        return -1;
     if (validate_tls(ld) != 0)
         return -1;
     if (ld->check_files && c->tunnel_enabled && c->tls_cert_file[0])
@@ -972,14 +1023,23 @@ int config_init_defaults(struct config *cfg)
     cfg->api_listen_addr = strdup("127.0.0.1");
     cfg->api_token = strdup("");
     cfg->db_path = strdup("./data/mappings.db");
+    cfg->db_url = strdup("");
+    cfg->cluster_node_name = strdup("");
+    cfg->cluster_advertise = strdup("");
     cfg->mappings_bind_addr = strdup("0.0.0.0");
     if (!cfg->tunnel_listen_addr || !cfg->tls_cert_file || !cfg->tls_key_file ||
         !cfg->tls_client_ca || !cfg->api_listen_addr || !cfg->api_token || !cfg->db_path ||
-        !cfg->mappings_bind_addr) {
+        !cfg->db_url || !cfg->mappings_bind_addr || !cfg->cluster_node_name ||
+        !cfg->cluster_advertise) {
         config_free(cfg);
         return -1;
     }
     return 0;
+}
+
+bool config_db_url_ok(const char *url)
+{
+    return strncmp(url, "postgres://", 11) == 0 || strncmp(url, "postgresql://", 13) == 0;
 }
 
 bool config_port_allowed(const struct config *cfg, int port)
@@ -1008,6 +1068,9 @@ void config_free(struct config *cfg)
     free(cfg->allowed_ips);
     hosts_free(cfg->allowed_hosts, cfg->allowed_hosts_len);
     free(cfg->db_path);
+    free(cfg->db_url);
+    free(cfg->cluster_node_name);
+    free(cfg->cluster_advertise);
     free(cfg->mappings_bind_addr);
     /* Zeroed, a freed config is safe to free again. */
     memset(cfg, 0, sizeof(*cfg));

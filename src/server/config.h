@@ -51,6 +51,11 @@ struct config {
 
     /* database */
     char *db_path;               /* default "./data/mappings.db" */
+    char *db_url;                /* "" = SQLite at db_path; postgres://… = §7 cluster */
+
+    /* cluster (§7, with db_url only) */
+    char *cluster_node_name;     /* "" = the host name */
+    char *cluster_advertise;     /* host:port of this node's tunnel endpoint for clients */
 
     /* mappings */
     char *mappings_bind_addr;    /* default "0.0.0.0"; "::" = dual-stack */
@@ -77,6 +82,8 @@ int config_load_string(struct config *cfg, const char *yaml, size_t len, const c
 
 /* True when port may be mapped: inside the range and not blacklisted. */
 bool config_port_allowed(const struct config *cfg, int port);
+/* True when url names a PostgreSQL database (postgres:// or postgresql://), SPEC §7. */
+bool config_db_url_ok(const char *url);
 
 /* Frees everything cfg owns (not cfg itself). NULL-safe. */
 void config_free(struct config *cfg);

@@ -11,6 +11,7 @@
 #include <event2/event.h>
 
 #include "api.h"
+#include "cluster_sync.h"
 #include "clients.h"
 #include "api_guard.h"
 #include "config.h"
@@ -99,6 +100,21 @@ static int parse_args(int argc, char **argv, struct config *cfg, struct main_rel
  * credentials). An empty value is ignored rather than switching auth off. */
 static int apply_env(struct config *cfg)
 {
+    /* PORTMUX_DATABASE_URL (SPEC §7) puts the node on PostgreSQL whatever the file says,
+     * so one config file serves a single server and a cluster's nodes alike. */
+    const char *url = getenv("PORTMUX_DATABASE_URL");
+    if (url && *url) {
+        if (!config_db_url_ok(url)) {
+            log_error("server", "PORTMUX_DATABASE_URL must start with postgres:// or "
+                                "postgresql://");
+            return -2;
+        }
+        char *copy = strdup(url);
+        if (!copy)
+            return -1;
+        free(cfg->db_url);
+        cfg->db_url = copy;
+    }
     const char *tok = getenv("PORTMUX_API_TOKEN");
     if (!tok || !*tok)
         return 0;
@@ -179,16 +195,26 @@ static void main_tunnel_forward(void *ctx, struct mapping *m, evutil_socket_t fd
     tunnel_server_forward(ctx, m, fd);
 }
 
+
+/* HelloResponse's "nodes": the tunnel asks, the cluster sync knows (neither includes the
+ * other). */
+static struct json_t *server_cluster_nodes(void *arg)
+{
+    return cluster_sync_advertised_json(arg);
+}
+
 static int server_start(struct server *srv)
 {
     char err[512];
     enum store_result sr;
-    srv->store = store_open(srv->cfg->db_path, &sr, err, sizeof(err));
+    /* A URL holds a password maybe: it is never logged, only "postgres". */
+    bool pg = srv->cfg->db_url[0] != '\0';
+    srv->store = store_open(pg ? srv->cfg->db_url : srv->cfg->db_path, &sr, err, sizeof(err));
     if (!srv->store)
         return 1;  /* the store logged why */
     if (store_migrations_applied(srv->store) == 0)
-        log_info("store", "%s: schema version %d, applied 0 migrations", srv->cfg->db_path,
-                 store_schema_version(srv->store));
+        log_info("store", "%s: schema version %d, applied 0 migrations",
+                 pg ? "postgres" : srv->cfg->db_path, store_schema_version(srv->store));
     srv->clients = clients_registry_new(srv->cfg, srv->store, err, sizeof(err));
     if (!srv->clients) {
         log_error("clients", "%s", err);
@@ -217,6 +243,14 @@ static int server_start(struct server *srv)
         log_error("mapping", "cannot restore mappings from the store");
         return 1;
     }
+    if (store_is_shared(srv->store)) {
+        srv->cluster_sync = cluster_sync_new(srv, srv->cfg->db_url);
+        if (!srv->cluster_sync) {
+            log_error("cluster", "out of memory");
+            return 1;
+        }
+        tunnel_server_set_nodes_source(srv->tunnel, server_cluster_nodes, srv->cluster_sync);
+    }
     srv->api = api_new(srv, err, sizeof(err));
     if (!srv->api) {
         log_error("api", "%s", err);
@@ -237,6 +271,10 @@ static void server_stop(struct server *srv)
     srv->mappings = NULL;
     tunnel_server_free(srv->tunnel);
     srv->tunnel = NULL;
+    /* After the tunnels: their last writes (clients' last_seen) still see the gate, so a
+     * stalled database does not hold the exit up once per client. */
+    cluster_sync_free(srv->cluster_sync);
+    srv->cluster_sync = NULL;
     clients_registry_free(srv->clients);
     srv->clients = NULL;
     store_close(srv->store);
@@ -259,8 +297,9 @@ int main(int argc, char **argv)
         status = r == 1 ? 0 : r;
         goto out;
     }
-    if (apply_env(&cfg) < 0) {
-        status = 1;
+    r = apply_env(&cfg);
+    if (r < 0) {
+        status = r == -2 ? 2 : 1; /* a bad value is a config error, like the file's */
         goto out;
     }
     status = check_safe_defaults(&cfg);

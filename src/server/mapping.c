@@ -410,6 +410,13 @@ static void mapping_attach_if_enabled(struct mapping *m, struct evconnlistener *
         evconnlistener_free(l);
 }
 
+/* A database that did not answer (PostgreSQL, §7) is told apart from one that failed:
+ * the API answers 503 store_unavailable for the first, 500 for the second. */
+static enum mapping_result mapping_store_failure(enum store_result sr)
+{
+    return sr == STORE_UNAVAILABLE ? MAPPING_E_UNAVAILABLE : MAPPING_E_STORE;
+}
+
 /* Retry of a mapping kept in status error: on a successful bind the new fields replace it. */
 static enum mapping_result mapping_retry(struct mapping_registry *reg, struct mapping *old,
                                          struct mapping_record *rec, char *err, size_t errlen)
@@ -421,10 +428,11 @@ static enum mapping_result mapping_retry(struct mapping_registry *reg, struct ma
         snprintf(old->error, sizeof(old->error), "%s", err);
         return MAPPING_E_IN_USE;
     }
-    if (store_mapping_replace(reg->srv->store, rec) != STORE_OK) {
+    enum store_result sr = store_mapping_replace(reg->srv->store, rec);
+    if (sr != STORE_OK) {
         evconnlistener_free(l);
         snprintf(err, errlen, "database error while storing port %d", rec->port);
-        return MAPPING_E_STORE;
+        return mapping_store_failure(sr);
     }
     old->rec = *rec;
     mapping_policy_apply(old, true);
@@ -491,7 +499,7 @@ enum mapping_result mapping_registry_create(struct mapping_registry *reg,
         snprintf(err, errlen, sr == STORE_DUPLICATE ? "port %d is already mapped"
                                                      : "database error while storing port %d",
                  rec->port);
-        return sr == STORE_DUPLICATE ? MAPPING_E_IN_USE : MAPPING_E_STORE;
+        return sr == STORE_DUPLICATE ? MAPPING_E_IN_USE : mapping_store_failure(sr);
     }
     m->rec = *rec;
     TAILQ_INSERT_TAIL(&reg->list, m, link);
@@ -522,11 +530,12 @@ enum mapping_result mapping_registry_update(struct mapping_registry *reg,
         if (!l)
             snprintf(m->error, sizeof(m->error), "%s", err);
     }
-    if (store_mapping_update(reg->srv->store, &next) != STORE_OK) {
+    enum store_result sr = store_mapping_update(reg->srv->store, &next);
+    if (sr != STORE_OK) {
         if (l)
             evconnlistener_free(l);
         snprintf(err, errlen, "database error while storing port %d", rec->port);
-        return MAPPING_E_STORE;
+        return mapping_store_failure(sr);
     }
     m->rec = next;
     if (!next.enabled) {
@@ -549,7 +558,7 @@ enum mapping_result mapping_registry_remove(struct mapping_registry *reg, int po
         return MAPPING_E_NOT_FOUND;
     enum store_result sr = store_mapping_delete(reg->srv->store, port);
     if (sr != STORE_OK && sr != STORE_NOT_FOUND)
-        return MAPPING_E_STORE;
+        return mapping_store_failure(sr);
     TAILQ_REMOVE(&reg->list, m, link);
     reg->count--;
     mapping_free(m);
@@ -581,4 +590,59 @@ void mapping_dial_failed(struct mapping *m, const char *fmt, ...)
         log_info("mapping", "port %d: dial failed: %s", m->rec.port, m->dial.last_error);
     m->dial.log_at = now;
     m->dial.log_suppressed = 0;
+}
+
+/* ---- changes made by another node (SPEC §7) ----
+ * The row is in the database already; these only bring the live registry in line with
+ * it, and never write to the store. */
+
+static bool mapping_record_same(const struct mapping_record *a, const struct mapping_record *b)
+{
+    return a->id == b->id && a->port == b->port && a->target_port == b->target_port &&
+           a->use_tunnel == b->use_tunnel && a->created_at == b->created_at &&
+           a->proxy_protocol == b->proxy_protocol && a->max_connections == b->max_connections &&
+           a->rate_limit == b->rate_limit && a->enabled == b->enabled &&
+           strcmp(a->target_ip, b->target_ip) == 0 && strcmp(a->client, b->client) == 0 &&
+           strcmp(a->name, b->name) == 0 && strcmp(a->allow_from, b->allow_from) == 0;
+}
+
+bool mapping_registry_apply(struct mapping_registry *reg, const struct mapping_record *rec)
+{
+    struct mapping *m = mapping_registry_find(reg, rec->port);
+    if (!m) {
+        mapping_restore_one(rec, reg);
+        return true;
+    }
+    if (mapping_record_same(&m->rec, rec))
+        return false;
+    bool was_enabled = m->rec.enabled;
+    m->rec = *rec;
+    if (!rec->enabled && was_enabled) {
+        mapping_detach_listener(m);
+        mapping_abort_conns(m);
+    }
+    if (rec->enabled && !m->listener) {
+        struct evconnlistener *l = mapping_listen(m, m->error, sizeof(m->error));
+        if (l) {
+            mapping_attach_listener(m, l);
+            m->error[0] = '\0';
+        } else {
+            log_error("mapping", "port %d kept with status error: %s", rec->port, m->error);
+        }
+    }
+    mapping_policy_apply(m, true);
+    log_info("mapping", "port %d changed by another node", rec->port);
+    return true;
+}
+
+bool mapping_registry_forget(struct mapping_registry *reg, int port)
+{
+    struct mapping *m = mapping_registry_find(reg, port);
+    if (!m)
+        return false;
+    TAILQ_REMOVE(&reg->list, m, link);
+    reg->count--;
+    mapping_free(m);
+    log_info("mapping", "port %d removed by another node", port);
+    return true;
 }

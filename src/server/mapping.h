@@ -82,6 +82,7 @@ enum mapping_result {
     MAPPING_E_STORE = -2,      /* database error */
     MAPPING_E_NOT_FOUND = -3,
     MAPPING_E_EXHAUSTED = -4,  /* port 0 asked for and no port of the range is free */
+    MAPPING_E_UNAVAILABLE = -5,/* the database did not answer in time (§7); nothing changed */
 };
 
 /* Binds rec.port (rec.port 0: the lowest free port of the range, not blacklisted, not
@@ -114,5 +115,13 @@ enum mapping_result mapping_registry_remove(struct mapping_registry *reg, int po
  * (longer ones are cut), so a peer cannot grow the line or the memory. */
 void mapping_dial_failed(struct mapping *m, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
+
+/* SPEC §7: brings the live mapping on rec->port in line with rec, a row another node
+ * stored (bind, rebind, policy, enable/disable), without writing to the store. A port
+ * that cannot be bound stays with status error. Returns true when anything changed. */
+bool mapping_registry_apply(struct mapping_registry *reg, const struct mapping_record *rec);
+/* Closes and drops the mapping on port (removed by another node), without the store.
+ * Returns true when there was one. */
+bool mapping_registry_forget(struct mapping_registry *reg, int port);
 
 #endif

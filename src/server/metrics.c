@@ -4,6 +4,7 @@
 #include <stdlib.h>
 
 #include "clients.h"
+#include "cluster_sync.h"
 #include "mapping.h"
 #include "server.h"
 #include "tunnel_server.h"
@@ -198,6 +199,7 @@ char *metrics_render(struct server *srv, const uint64_t *api_status_count, size_
     render_mappings(f, srv);
     render_clients(f, srv);
     render_limits(f, srv);
+    cluster_sync_metrics(srv->cluster_sync, f);
     put_header(f, "portmux_api_requests_total", "counter", "API requests by HTTP status.");
     for (size_t s = 0; api_status_count && s < slots; s++)
         if (api_status_count[s])

@@ -8,6 +8,7 @@
 #include "reload.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "clients.h"
@@ -47,6 +48,8 @@ static void reload_note(char *buf, size_t len, const char *key)
 static void reload_restart_keys(const struct config *cur, const struct config *next,
                                 char *buf, size_t len)
 {
+    const char *env = getenv("PORTMUX_DATABASE_URL");
+    bool env_db_url = env && *env;
     const struct {
         const char *key;
         bool changed;
@@ -65,6 +68,13 @@ static void reload_restart_keys(const struct config *cur, const struct config *n
         {"api.token", reload_str_changed(cur->api_token, next->api_token)},
         {"api.max_connections", cur->api_max_connections != next->api_max_connections},
         {"database.path", reload_str_changed(cur->db_path, next->db_path)},
+        /* PORTMUX_DATABASE_URL wins over the file (SPEC §7), so the file's url is only
+         * compared when the environment does not set one. */
+        {"database.url", !env_db_url && reload_str_changed(cur->db_url, next->db_url)},
+        {"cluster.node_name",
+         reload_str_changed(cur->cluster_node_name, next->cluster_node_name)},
+        {"cluster.advertise",
+         reload_str_changed(cur->cluster_advertise, next->cluster_advertise)},
     };
     buf[0] = '\0';
     for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {

@@ -14,6 +14,7 @@ struct mapping_registry;
 struct tunnel_server;
 struct api;
 struct clients_registry;
+struct cluster_sync;
 
 /* Refusals by a limit, exported in /metrics. */
 struct server_limit_counters {
@@ -40,6 +41,7 @@ struct server {
     struct api *api;
     struct clients_registry *clients; /* tunnel clients: config + stored (clients.h) */
     int api_port;                   /* the API's bound port, set by api_new (0 before) */
+    struct cluster_sync *cluster_sync; /* database.url only: changes from other nodes (§7) */
     time_t started_at;              /* wall clock, for uptime and metrics */
     struct server_limit_counters limits;
 };

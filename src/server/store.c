@@ -13,7 +13,24 @@ struct store {
     const struct store_backend *backend;
     void *impl;
     struct store_open_info info;
+    uint64_t writes;  /* successful writes, for store_write_count */
+    bool (*gate)(void *arg); /* store_set_gate */
+    void *gate_arg;
 };
+
+void store_set_gate(struct store *st, bool (*ok)(void *arg), void *arg)
+{
+    if (!st)
+        return;
+    st->gate = ok;
+    st->gate_arg = arg;
+}
+
+/* True when a write must not even be tried: the database is known to be away. */
+static bool store_gated(const struct store *st)
+{
+    return st->gate && !st->gate(st->gate_arg);
+}
 
 void store_set_err(char *err, size_t errlen, const char *fmt, ...)
 {
@@ -48,10 +65,6 @@ struct store *store_open(const char *location, enum store_result *result, char *
         store_set_err(err, errlen, "no database location given");
         return NULL;
     }
-    if (store_is_postgres(location)) {
-        store_set_err(err, errlen, "postgres backend not built");
-        return NULL;
-    }
     struct store *st = calloc(1, sizeof(*st));
     if (!st) {
         store_set_err(err, errlen, "out of memory");
@@ -59,7 +72,7 @@ struct store *store_open(const char *location, enum store_result *result, char *
     }
     /* The backend always gets somewhere to write its result, even when the caller gave none. */
     enum store_result res = STORE_ERR;
-    st->backend = &store_backend_sqlite;
+    st->backend = store_is_postgres(location) ? &store_backend_pg : &store_backend_sqlite;
     st->impl = st->backend->open(location, &st->info, &res, err, errlen);
     if (!st->impl) {
         store_set_result(result, res);
@@ -123,25 +136,49 @@ static bool store_record_ok(const struct mapping_record *rec)
     return true;
 }
 
+/* Counts a successful mapping write (store_write_count). */
+static enum store_result store_count(struct store *st, enum store_result r)
+{
+    if (r == STORE_OK)
+        st->writes++;
+    return r;
+}
+
+uint64_t store_write_count(const struct store *st)
+{
+    return st ? st->writes : 0;
+}
+
+bool store_is_shared(const struct store *st)
+{
+    return st && st->backend == &store_backend_pg;
+}
+
 enum store_result store_mapping_insert(struct store *st, struct mapping_record *rec)
 {
     if (!st || !store_record_ok(rec))
         return STORE_ERR;
-    return st->backend->insert(st->impl, rec);
+    if (store_gated(st))
+        return STORE_UNAVAILABLE;
+    return store_count(st, st->backend->insert(st->impl, rec));
 }
 
 enum store_result store_mapping_replace(struct store *st, struct mapping_record *rec)
 {
     if (!st || !store_record_ok(rec))
         return STORE_ERR;
-    return st->backend->replace(st->impl, rec);
+    if (store_gated(st))
+        return STORE_UNAVAILABLE;
+    return store_count(st, st->backend->replace(st->impl, rec));
 }
 
 enum store_result store_mapping_update(struct store *st, const struct mapping_record *rec)
 {
     if (!st || !store_record_ok(rec))
         return STORE_ERR;
-    return st->backend->update(st->impl, rec);
+    if (store_gated(st))
+        return STORE_UNAVAILABLE;
+    return store_count(st, st->backend->update(st->impl, rec));
 }
 
 enum store_result store_mapping_delete(struct store *st, int port)
@@ -151,7 +188,9 @@ enum store_result store_mapping_delete(struct store *st, int port)
     /* No row can hold such a port (the schema CHECKs it), so there is nothing to delete. */
     if (port < 1 || port > 65535)
         return STORE_NOT_FOUND;
-    return st->backend->remove(st->impl, port);
+    if (store_gated(st))
+        return STORE_UNAVAILABLE;
+    return store_count(st, st->backend->remove(st->impl, port));
 }
 
 enum store_result store_mapping_foreach(struct store *st,
@@ -212,14 +251,18 @@ enum store_result store_client_insert(struct store *st, struct client_record *re
 {
     if (!st || !store_client_ok(rec))
         return STORE_ERR;
-    return st->backend->client_insert(st->impl, rec);
+    if (store_gated(st))
+        return STORE_UNAVAILABLE;
+    return store_count(st, st->backend->client_insert(st->impl, rec));
 }
 
 enum store_result store_client_update(struct store *st, const struct client_record *rec)
 {
     if (!st || !store_client_ok(rec))
         return STORE_ERR;
-    return st->backend->client_update(st->impl, rec);
+    if (store_gated(st))
+        return STORE_UNAVAILABLE;
+    return store_count(st, st->backend->client_update(st->impl, rec));
 }
 
 enum store_result store_client_delete(struct store *st, const char *name)
@@ -228,7 +271,9 @@ enum store_result store_client_delete(struct store *st, const char *name)
         return STORE_ERR;
     if (!store_client_name_ok(name))
         return STORE_NOT_FOUND; /* no row can hold such a name */
-    return st->backend->client_delete(st->impl, name);
+    if (store_gated(st))
+        return STORE_UNAVAILABLE;
+    return store_count(st, st->backend->client_delete(st->impl, name));
 }
 
 enum store_result store_client_get(struct store *st, const char *name,

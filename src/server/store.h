@@ -27,6 +27,18 @@ int store_schema_version(struct store *st);
 /* How many migrations store_open applied (0 on a second start). */
 int store_migrations_applied(struct store *st);
 
+/* How many writes (mappings and clients) this process made through st successfully. The cluster sync (cluster_sync.h) discards a read that a local write may
+ * have overtaken. */
+uint64_t store_write_count(const struct store *st);
+
+/* Installs ok, asked before every write: false means the database is known to be away
+ * (the cluster's change feed saw it stall or drop), and the write answers
+ * STORE_UNAVAILABLE at once instead of waiting on the loop for a timeout. */
+void store_set_gate(struct store *st, bool (*ok)(void *arg), void *arg);
+
+/* True when st is shared by several nodes (PostgreSQL, SPEC §7). */
+bool store_is_shared(const struct store *st);
+
 /* Inserts rec (durable when it returns STORE_OK); fills rec->id and rec->created_at. */
 enum store_result store_mapping_insert(struct store *st, struct mapping_record *rec);
 

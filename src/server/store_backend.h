@@ -37,6 +37,7 @@ struct store_backend {
 };
 
 extern const struct store_backend store_backend_sqlite;
+extern const struct store_backend store_backend_pg;
 
 /* snprintf into err when the caller gave a buffer; err may be NULL or errlen 0. */
 void store_set_err(char *err, size_t errlen, const char *fmt, ...)

@@ -24,6 +24,7 @@ enum store_result {
     STORE_NOT_FOUND = -2,
     STORE_DUPLICATE = -3,  /* port already stored */
     STORE_TOO_NEW = -4,    /* schema is newer than this binary knows */
+    STORE_UNAVAILABLE = -5,/* the database did not answer in time (§7); nothing changed */
 };
 
 struct mapping_record {

@@ -83,7 +83,20 @@ struct tunnel_server {
     size_t npending;              /* sessions without a successful Hello (max_pending) */
     time_t pending_logged;        /* last "max_pending reached" line */
     unsigned long pending_suppressed;
+    /* HelloResponse's "nodes" (SPEC §7): who knows the cluster's live nodes (main.c wires
+     * it to the cluster sync); NULL without a cluster. */
+    struct json_t *(*nodes_json)(void *arg);
+    void *nodes_arg;
 };
+
+void tunnel_server_set_nodes_source(struct tunnel_server *ts,
+                                    struct json_t *(*fn)(void *arg), void *arg)
+{
+    if (!ts)
+        return;
+    ts->nodes_json = fn;
+    ts->nodes_arg = arg;
+}
 
 static void tsession_close(struct tsession *sess, const char *reason);
 
@@ -300,9 +313,12 @@ static void tsession_accept(struct tsession *sess, const char *name)
                                   "takeovers", (json_int_t)ce->takeovers, "refused",
                                   (json_int_t)ce->refused)
                       : NULL;
-    tsession_respond(sess, json_pack("{s:b, s:s, s:o*, s:o*}", "ok", 1, "message", msg,
+    tsession_respond(sess, json_pack("{s:b, s:s, s:o*, s:o*, s:o*}", "ok", 1, "message", msg,
                                      "mappings", ts_client_mappings_json(sess->ts, sess->name),
-                                     "client", self));
+                                     "client", self, "nodes",
+                                     sess->ts->nodes_json
+                                         ? sess->ts->nodes_json(sess->ts->nodes_arg)
+                                         : NULL));
     if (sess->notices)
         tsession_notify_mappings(sess, false);
     mux_conn_start_keepalive(sess->conn,

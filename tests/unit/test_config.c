@@ -344,6 +344,16 @@ static const struct bad_case bad_cases[] = {
     BAD("api:\n  token: &t x\n  listen_addr: *t\n",
         "t.yaml:3: api.listen_addr: aliases are not supported"),
     /* a top level that is not a mapping */
+    /* SPEC §7: SQLite or PostgreSQL, not both; the URL names PostgreSQL; node names */
+    BAD("database:\n  path: /x.db\n  url: postgres://u@h/db\n",
+        "t.yaml:3: database.url: database.path and database.url are both set; keep one"),
+    BAD("database:\n  url: postgres://u@h/db\n  path: /x.db\n",
+        "t.yaml:3: database.path: database.path and database.url are both set"),
+    BAD("database: {url: 'mysql://u@h/db'}\n",
+        "t.yaml:1: database.url: must start with postgres:// or postgresql://"),
+    BAD("cluster: {node_name: 'a b'}\n",
+        "t.yaml:1: cluster.node_name: must be at most 64 characters of A-Z a-z 0-9 . _ -"),
+    BAD("cluster: {nodename: a}\n", "t.yaml:1: cluster.nodename: unknown key"),
     BAD("- a\n- b\n", "t.yaml:1: (root): top level must be a mapping, got a list"),
     BAD("hello\n", "t.yaml:1: (root): top level must be a mapping, got a string"),
     BAD("\n\n'quoted'\n", "t.yaml:3: (root): top level must be a mapping"),
@@ -361,6 +371,28 @@ static void test_bind_addr(void)
         CHECK(c.mappings_bind_addr && strcmp(c.mappings_bind_addr, want[i]) == 0);
         config_free(&c);
     }
+}
+
+static void test_cluster_keys(void)
+{
+    struct config c;
+    char err[256] = "";
+    CHECK(load(&c, "", err, sizeof(err)) == 0);
+    CHECK(strcmp(c.db_url, "") == 0 && strcmp(c.cluster_node_name, "") == 0 &&
+          strcmp(c.cluster_advertise, "") == 0);
+    config_free(&c);
+    /* The default path stays as it is: only a path written in the file conflicts. */
+    CHECK(load(&c,
+               "database: {url: 'postgresql://p:s@127.0.0.1:5432/portmux'}\n"
+               "cluster: {node_name: node-1.a_b, advertise: '10.0.0.2:9000'}\n",
+               err, sizeof(err)) == 0);
+    CHECK(strcmp(c.db_url, "postgresql://p:s@127.0.0.1:5432/portmux") == 0);
+    CHECK(strcmp(c.cluster_node_name, "node-1.a_b") == 0);
+    CHECK(strcmp(c.cluster_advertise, "10.0.0.2:9000") == 0);
+    config_free(&c);
+    CHECK(config_db_url_ok("postgres://x") && config_db_url_ok("postgresql://x"));
+    CHECK(!config_db_url_ok("postgres:/x") && !config_db_url_ok("") &&
+          !config_db_url_ok("file:///x.db"));
 }
 
 static void test_errors(void)
@@ -493,6 +525,7 @@ int main(void)
     test_values();
     test_errors();
     test_bind_addr();
+    test_cluster_keys();
     test_error_buffers();
     test_files();
     test_example();

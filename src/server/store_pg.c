@@ -1,0 +1,705 @@
+/* PostgreSQL backend of the store (SPEC §7): connecting, migrations under an advisory
+ * lock, and the mapping and client statements, all with libpq.
+ *
+ * Start-up (open, migrations, the first reads) may block: the node serves nothing yet.
+ * After it every statement is sent with libpq's non-blocking API and its answer awaited
+ * on the connection's socket with a hard deadline (PG_CALL_MS), so a database that is
+ * slow, stopped or gone costs a call at most that long and then answers
+ * STORE_UNAVAILABLE (the API's 503 store_unavailable); the broken connection is dropped
+ * and reopened, with backoff, by a later call. */
+#include <errno.h>
+#include <inttypes.h>
+#include <libpq-fe.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "embed.h"
+#include "log.h"
+#include "store.h"
+#include "store_backend.h"
+#include "store_pg.h"
+
+extern const struct embedded_file embedded_pg_migrations[];
+extern const size_t embedded_pg_migrations_count;
+
+/* A write must answer within 2 s (SPEC §3/§7); the rest is the API's own work. */
+#define PG_CALL_MS 1500
+/* Start-up waits longer: a database that is starting too (compose, systemd). */
+#define PG_OPEN_MS 10000
+/* Reconnect backoff after a failed connect: doubles from 1 s up to this. */
+#define PG_BACKOFF_MAX_S 30
+/* Any constant both backends agree on; it names the migration lock in pg_locks. */
+#define PG_MIGRATION_LOCK_KEY 0x706f72746d7578LL /* "portmux" */
+
+struct pg_store {
+    PGconn *conn;          /* NULL while disconnected */
+    char *conninfo;
+    char where[128];       /* host:port/db for log lines; never the password */
+    time_t retry_at;       /* no connect attempt before this (backoff) */
+    int backoff_s;
+};
+
+static const char *const pg_proxy_names[] = {"none", "v1", "v2"};
+
+static int64_t pg_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* libpq's messages end with a newline (and may hold several lines): one line for logs. */
+static void pg_one_line(char *dst, size_t cap, const char *msg)
+{
+    snprintf(dst, cap, "%s", msg ? msg : "unknown error");
+    for (char *p = dst; *p; p++)
+        if (*p == '\n' || *p == '\r' || *p == '\t')
+            *p = ' ';
+    size_t n = strlen(dst);
+    while (n > 0 && dst[n - 1] == ' ')
+        dst[--n] = '\0';
+}
+
+/* Waits until the socket is ready for events, or the deadline. 1 ready, 0 timeout, -1 error. */
+static int pg_poll(int fd, short events, int64_t deadline)
+{
+    for (;;) {
+        int64_t left = deadline - pg_now_ms();
+        if (left <= 0)
+            return 0;
+        struct pollfd p = {.fd = fd, .events = events};
+        int rc = poll(&p, 1, (int)left);
+        if (rc < 0 && errno == EINTR)
+            continue;
+        return rc < 0 ? -1 : rc > 0;
+    }
+}
+
+/* Server notices ("relation already exists, skipping") go to the debug log, one line
+ * each, instead of libpq's default of stderr. */
+void store_pg_notice(void *arg, const char *message)
+{
+    char line[256];
+    pg_one_line(line, sizeof(line), message);
+    log_debug("store", "postgres: %s", line);
+}
+
+/* Drives PQconnectPoll to the end or the deadline. */
+static PGconn *pg_connect(const char *conninfo, int64_t deadline, char *msg, size_t msglen)
+{
+    PGconn *c = PQconnectStart(conninfo);
+    if (!c) {
+        snprintf(msg, msglen, "out of memory");
+        return NULL;
+    }
+    if (PQstatus(c) == CONNECTION_BAD)
+        goto fail;
+    PQsetNoticeProcessor(c, store_pg_notice, NULL);
+    PostgresPollingStatusType st = PGRES_POLLING_WRITING;
+    while (st != PGRES_POLLING_OK) {
+        if (st == PGRES_POLLING_FAILED)
+            goto fail;
+        int ready = pg_poll(PQsocket(c), st == PGRES_POLLING_READING ? POLLIN : POLLOUT,
+                            deadline);
+        if (ready <= 0) {
+            snprintf(msg, msglen, "%s", ready == 0 ? "no answer in time" : strerror(errno));
+            PQfinish(c);
+            return NULL;
+        }
+        st = PQconnectPoll(c);
+    }
+    if (PQsetnonblocking(c, 1) != 0)
+        goto fail;
+    return c;
+fail:
+    pg_one_line(msg, msglen, PQerrorMessage(c));
+    PQfinish(c);
+    return NULL;
+}
+
+static void pg_drop(struct pg_store *pg)
+{
+    if (pg->conn)
+        PQfinish(pg->conn);
+    pg->conn = NULL;
+}
+
+/* A terminated backend sends FATAL, then closes: the first read takes the message (a
+ * notice while idle), the second sees the end of the stream. Neither blocks. */
+static bool pg_alive(PGconn *c)
+{
+    for (int i = 0; i < 2; i++) {
+        if (!PQconsumeInput(c) || PQstatus(c) != CONNECTION_OK)
+            return false;
+        (void)PQisBusy(c); /* parses what was read: the FATAL above */
+    }
+    return PQstatus(c) == CONNECTION_OK;
+}
+
+/* No connect attempt for a while (1 s doubling to PG_BACKOFF_MAX_S): while the database
+ * is away, writes answer STORE_UNAVAILABLE at once instead of each waiting out a
+ * deadline on the loop. */
+static void pg_backoff(struct pg_store *pg)
+{
+    pg->backoff_s = pg->backoff_s ? pg->backoff_s * 2 : 1;
+    if (pg->backoff_s > PG_BACKOFF_MAX_S)
+        pg->backoff_s = PG_BACKOFF_MAX_S;
+    pg->retry_at = time(NULL) + pg->backoff_s;
+}
+
+/* A connection to use now, reconnecting when the last one broke and the backoff allows. */
+static PGconn *pg_conn(struct pg_store *pg)
+{
+    /* An idle connection the server closed (restart, pg_terminate_backend) shows only on
+     * a read; this one does not block, so a write is not refused for a stale socket. */
+    if (pg->conn && pg_alive(pg->conn))
+        return pg->conn;
+    if (pg->conn)
+        log_warn("store", "%s: connection lost; reconnecting", pg->where);
+    pg_drop(pg);
+    time_t now = time(NULL);
+    if (now < pg->retry_at)
+        return NULL;
+    char msg[256];
+    pg->conn = pg_connect(pg->conninfo, pg_now_ms() + PG_CALL_MS, msg, sizeof(msg));
+    if (!pg->conn) {
+        pg_backoff(pg);
+        log_warn("store", "%s: reconnect failed (%s); next try in %d s", pg->where, msg,
+                 pg->backoff_s);
+        return NULL;
+    }
+    pg->backoff_s = 0;
+    pg->retry_at = 0;
+    log_info("store", "%s: reconnected", pg->where);
+    return pg->conn;
+}
+
+/* Sends one statement and collects its result within the deadline. Returns the result
+ * (caller PQclears), or NULL with *unavailable set when the database did not answer. */
+static PGresult *pg_call(struct pg_store *pg, const char *sql, int n, const char *const *vals,
+                         bool *unavailable)
+{
+    *unavailable = true;
+    PGconn *c = pg_conn(pg);
+    if (!c)
+        return NULL;
+    int64_t deadline = pg_now_ms() + PG_CALL_MS;
+    if (!PQsendQueryParams(c, sql, n, NULL, vals, NULL, NULL, 0))
+        goto broken;
+    int f;
+    while ((f = PQflush(c)) == 1) {
+        if (pg_poll(PQsocket(c), POLLIN | POLLOUT, deadline) <= 0)
+            goto broken;
+        if (!PQconsumeInput(c))
+            goto broken;
+    }
+    if (f < 0)
+        goto broken;
+    PGresult *res = NULL;
+    for (;;) {
+        while (PQisBusy(c)) {
+            if (pg_poll(PQsocket(c), POLLIN, deadline) <= 0 || !PQconsumeInput(c))
+                goto broken_res;
+        }
+        PGresult *r = PQgetResult(c);
+        if (!r)
+            break;
+        /* One statement gives one result; keep it, free anything after. */
+        if (res)
+            PQclear(r);
+        else
+            res = r;
+    }
+    *unavailable = false;
+    return res;
+broken_res:
+    PQclear(res);
+broken:;
+    char msg[256];
+    pg_one_line(msg, sizeof(msg), PQerrorMessage(c));
+    log_warn("store", "%s: no answer within %d ms (%s); dropping the connection", pg->where,
+             PG_CALL_MS, msg[0] ? msg : "timeout");
+    pg_drop(pg);
+    pg_backoff(pg);
+    return NULL;
+}
+
+/* The outcome of a command: STORE_OK, STORE_DUPLICATE on a unique violation,
+ * STORE_UNAVAILABLE without an answer, STORE_ERR (logged) for anything else. */
+static enum store_result pg_check(struct pg_store *pg, PGresult *res, bool unavailable,
+                                  ExecStatusType want, const char *what)
+{
+    if (!res)
+        return unavailable ? STORE_UNAVAILABLE : STORE_ERR;
+    if (PQresultStatus(res) == want)
+        return STORE_OK;
+    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    if (state && strcmp(state, "23505") == 0)
+        return STORE_DUPLICATE;
+    char msg[256];
+    pg_one_line(msg, sizeof(msg), PQresultErrorMessage(res));
+    log_error("store", "%s: %s: %s", pg->where, what, msg);
+    return STORE_ERR;
+}
+
+static enum store_result pg_command(struct pg_store *pg, const char *sql, int n,
+                                    const char *const *vals, ExecStatusType want,
+                                    const char *what, PGresult **out)
+{
+    bool unavailable;
+    PGresult *res = pg_call(pg, sql, n, vals, &unavailable);
+    enum store_result r = pg_check(pg, res, unavailable, want, what);
+    if (r == STORE_OK && out) {
+        *out = res;
+        return r;
+    }
+    PQclear(res);
+    return r;
+}
+
+/* ---- open and migrations (start-up: blocking is fine here) ---- */
+
+static int pg_migration_version(const char *name)
+{
+    int v = 0;
+    const char *p = name;
+    for (; *p >= '0' && *p <= '9'; p++) {
+        if (v > 100000000)
+            return -1;
+        v = v * 10 + (*p - '0');
+    }
+    return (p == name || *p != '_') ? -1 : v;
+}
+
+/* Open-time statement without parameters (several allowed); 0 or -1 with err set. */
+static int pg_exec_open(struct pg_store *pg, const char *sql, const char *what, char *err,
+                        size_t errlen, PGresult **out)
+{
+    PGresult *res = PQexec(pg->conn, sql);
+    ExecStatusType st = PQresultStatus(res);
+    if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
+        if (out)
+            *out = res;
+        else
+            PQclear(res);
+        return 0;
+    }
+    char msg[256];
+    pg_one_line(msg, sizeof(msg), res ? PQresultErrorMessage(res) : PQerrorMessage(pg->conn));
+    store_set_err(err, errlen, "database %s: %s: %s", pg->where, what, msg);
+    log_error("store", "database %s: %s: %s", pg->where, what, msg);
+    PQclear(res);
+    return -1;
+}
+
+/* Applies pending migrations, each in its own transaction with its row in
+ * schema_migrations, while holding the advisory lock: a second node starting at the same
+ * moment waits here and then finds nothing left to apply. */
+static int pg_migrate(struct pg_store *pg, struct store_open_info *info,
+                      enum store_result *result, char *err, size_t errlen)
+{
+    char sql[128];
+    int newest = 0, version = 0, applied = 0, rc = -1;
+    for (size_t i = 0; i < embedded_pg_migrations_count; i++) {
+        int v = pg_migration_version(embedded_pg_migrations[i].path);
+        if (v <= newest) {
+            store_set_err(err, errlen, "embedded migration pg/%s: bad or repeated version",
+                          embedded_pg_migrations[i].path);
+            return -1;
+        }
+        newest = v;
+    }
+    snprintf(sql, sizeof(sql), "SELECT pg_advisory_lock(%lld)", PG_MIGRATION_LOCK_KEY);
+    if (pg_exec_open(pg, sql, "taking the migration lock", err, errlen, NULL) != 0)
+        return -1;
+    if (pg_exec_open(pg,
+                     "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY "
+                     "KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+                     "creating schema_migrations", err, errlen, NULL) != 0)
+        goto unlock;
+    PGresult *res = NULL;
+    if (pg_exec_open(pg, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                     "reading the schema version", err, errlen, &res) != 0)
+        goto unlock;
+    version = atoi(PQgetvalue(res, 0, 0));
+    PQclear(res);
+    if (version > newest) {
+        store_set_err(err, errlen,
+                      "database %s has schema version %d, this portmux knows up to %d; "
+                      "refusing to start",
+                      pg->where, version, newest);
+        log_error("store", "%s", err ? err : "database schema is newer than this portmux");
+        *result = STORE_TOO_NEW;
+        goto unlock;
+    }
+    for (size_t i = 0; i < embedded_pg_migrations_count; i++) {
+        const struct embedded_file *m = &embedded_pg_migrations[i];
+        int v = pg_migration_version(m->path);
+        if (v <= version)
+            continue;
+        if (pg_exec_open(pg, "BEGIN", "starting a migration", err, errlen, NULL) != 0)
+            goto unlock;
+        const char *vals[3];
+        char vtext[16], now[24];
+        snprintf(vtext, sizeof(vtext), "%d", v);
+        snprintf(now, sizeof(now), "%lld", (long long)time(NULL));
+        vals[0] = vtext;
+        vals[1] = m->path;
+        vals[2] = now;
+        if (pg_exec_open(pg, (const char *)m->data, m->path, err, errlen, NULL) != 0) {
+            PQclear(PQexec(pg->conn, "ROLLBACK"));
+            goto unlock;
+        }
+        res = PQexecParams(pg->conn,
+                           "INSERT INTO schema_migrations (version, name, applied_at) "
+                           "VALUES ($1, $2, $3)",
+                           3, NULL, vals, NULL, NULL, 0);
+        bool ok = PQresultStatus(res) == PGRES_COMMAND_OK;
+        PQclear(res);
+        if (!ok || pg_exec_open(pg, "COMMIT", "committing a migration", err, errlen, NULL)) {
+            store_set_err(err, errlen, "database %s: recording migration %s failed",
+                          pg->where, m->path);
+            PQclear(PQexec(pg->conn, "ROLLBACK"));
+            goto unlock;
+        }
+        applied++;
+        version = v;
+    }
+    info->schema_version = version;
+    info->migrations_applied = applied;
+    if (applied > 0)
+        log_info("store", "%s: applied %d migration(s), schema version %d", pg->where,
+                 applied, version);
+    rc = 0;
+unlock:
+    snprintf(sql, sizeof(sql), "SELECT pg_advisory_unlock(%lld)", PG_MIGRATION_LOCK_KEY);
+    PQclear(PQexec(pg->conn, sql));
+    return rc;
+}
+
+static void pg_close(void *impl)
+{
+    struct pg_store *pg = impl;
+    pg_drop(pg);
+    free(pg->conninfo);
+    free(pg);
+}
+
+static void *pg_open(const char *location, struct store_open_info *info,
+                     enum store_result *result, char *err, size_t errlen)
+{
+    struct pg_store *pg = calloc(1, sizeof(*pg));
+    if (!pg || !(pg->conninfo = strdup(location))) {
+        free(pg);
+        store_set_err(err, errlen, "out of memory");
+        return NULL;
+    }
+    snprintf(pg->where, sizeof(pg->where), "postgres");
+    char msg[256];
+    pg->conn = pg_connect(location, pg_now_ms() + PG_OPEN_MS, msg, sizeof(msg));
+    if (!pg->conn) {
+        store_set_err(err, errlen, "database: cannot connect: %s", msg);
+        log_error("store", "database: cannot connect: %s", msg);
+        goto fail;
+    }
+    /* Named from what the server says, so the URL's password never reaches a log. */
+    snprintf(pg->where, sizeof(pg->where), "postgres %.40s:%.8s/%.60s", PQhost(pg->conn),
+             PQport(pg->conn), PQdb(pg->conn));
+    /* Open-time statements run blocking; everything later goes through pg_call. */
+    PQsetnonblocking(pg->conn, 0);
+    if (pg_migrate(pg, info, result, err, errlen) != 0)
+        goto fail;
+    if (PQsetnonblocking(pg->conn, 1) != 0) {
+        store_set_err(err, errlen, "database %s: cannot switch to non-blocking", pg->where);
+        goto fail;
+    }
+    return pg;
+fail:
+    pg_close(pg);
+    return NULL;
+}
+
+/* ---- mappings ---- */
+
+
+/* Text parameters $1..$12 in the order of SQLite's binder (?7 is created_at). */
+struct pg_map_params {
+    char port[8], target_port[8], created[24], maxc[16], rate[24];
+    const char *v[12];
+};
+
+static void pg_map_params(struct pg_map_params *p, const struct mapping_record *rec,
+                          int64_t created_at)
+{
+    snprintf(p->port, sizeof(p->port), "%d", rec->port);
+    snprintf(p->target_port, sizeof(p->target_port), "%d", rec->target_port);
+    snprintf(p->created, sizeof(p->created), "%" PRId64, created_at);
+    snprintf(p->maxc, sizeof(p->maxc), "%d", rec->max_connections);
+    snprintf(p->rate, sizeof(p->rate), "%" PRId64, rec->rate_limit);
+    p->v[0] = p->port;
+    p->v[1] = rec->target_ip;
+    p->v[2] = p->target_port;
+    p->v[3] = rec->use_tunnel ? "t" : "f";
+    p->v[4] = rec->client;
+    p->v[5] = rec->name;
+    p->v[6] = p->created;
+    p->v[7] = rec->allow_from;
+    p->v[8] = pg_proxy_names[rec->proxy_protocol];
+    p->v[9] = p->maxc;
+    p->v[10] = p->rate;
+    p->v[11] = rec->enabled ? "t" : "f";
+}
+
+/* Reads "id, created_at" of a RETURNING clause into rec. */
+static enum store_result pg_returned(PGresult *res, struct mapping_record *rec)
+{
+    if (PQntuples(res) != 1) {
+        PQclear(res);
+        return STORE_NOT_FOUND;
+    }
+    rec->id = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    rec->created_at = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
+    PQclear(res);
+    return STORE_OK;
+}
+
+static enum store_result pg_insert(void *impl, struct mapping_record *rec)
+{
+    struct pg_map_params p;
+    pg_map_params(&p, rec, (int64_t)time(NULL));
+    PGresult *res = NULL;
+    enum store_result r = pg_command(
+        impl,
+        "INSERT INTO mappings (port, target_ip, target_port, use_tunnel, client, name, "
+        "created_at, allow_from, proxy_protocol, max_connections, rate_limit, enabled) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id, created_at",
+        12, p.v, PGRES_TUPLES_OK, "inserting a mapping", &res);
+    return r == STORE_OK ? pg_returned(res, rec) : r;
+}
+
+/* A replacement keeps nothing of the old row: a new id from the sequence and a new
+ * created_at, in one statement (so one transaction) on the row of that port. */
+static enum store_result pg_replace(void *impl, struct mapping_record *rec)
+{
+    struct pg_map_params p;
+    pg_map_params(&p, rec, (int64_t)time(NULL));
+    PGresult *res = NULL;
+    enum store_result r = pg_command(
+        impl,
+        "UPDATE mappings SET id = nextval(pg_get_serial_sequence('mappings', 'id')), "
+        "target_ip = $2, target_port = $3, use_tunnel = $4, client = $5, name = $6, "
+        "created_at = $7, allow_from = $8, proxy_protocol = $9, max_connections = $10, "
+        "rate_limit = $11, enabled = $12 WHERE port = $1 RETURNING id, created_at",
+        12, p.v, PGRES_TUPLES_OK, "replacing a mapping", &res);
+    return r == STORE_OK ? pg_returned(res, rec) : r;
+}
+
+/* STORE_NOT_FOUND when the command touched no row. */
+static enum store_result pg_changed(PGresult *res)
+{
+    bool none = strcmp(PQcmdTuples(res), "0") == 0;
+    PQclear(res);
+    return none ? STORE_NOT_FOUND : STORE_OK;
+}
+
+static enum store_result pg_update(void *impl, const struct mapping_record *rec)
+{
+    struct pg_map_params p;
+    pg_map_params(&p, rec, rec->created_at);
+    /* created_at ($7 of insert) is kept: PostgreSQL cannot infer the type of a parameter
+     * the statement never names, so this statement is numbered without it. */
+    const char *v[11] = {p.v[0], p.v[1], p.v[2], p.v[3], p.v[4], p.v[5],
+                         p.v[7], p.v[8], p.v[9], p.v[10], p.v[11]};
+    PGresult *res = NULL;
+    enum store_result r = pg_command(
+        impl,
+        "UPDATE mappings SET target_ip = $2, target_port = $3, use_tunnel = $4, client = $5, "
+        "name = $6, allow_from = $7, proxy_protocol = $8, max_connections = $9, "
+        "rate_limit = $10, enabled = $11 WHERE port = $1",
+        11, v, PGRES_COMMAND_OK, "updating a mapping", &res);
+    return r == STORE_OK ? pg_changed(res) : r;
+}
+
+static enum store_result pg_remove(void *impl, int port)
+{
+    char ptext[8];
+    snprintf(ptext, sizeof(ptext), "%d", port);
+    const char *v[1] = {ptext};
+    PGresult *res = NULL;
+    enum store_result r = pg_command(impl, "DELETE FROM mappings WHERE port = $1", 1, v,
+                                     PGRES_COMMAND_OK, "deleting a mapping", &res);
+    return r == STORE_OK ? pg_changed(res) : r;
+}
+
+/* Copies a text value, cut at a UTF-8 boundary when it would not fit (a hand edit). */
+static void pg_copy(char *dst, size_t cap, PGresult *res, int row, int col)
+{
+    const char *src = PQgetvalue(res, row, col);
+    size_t n = (size_t)PQgetlength(res, row, col);
+    if (n >= cap) {
+        log_warn("store", "column %s is %zu bytes, cut to %zu", PQfname(res, col), n, cap - 1);
+        n = cap - 1;
+        while (n > 0 && ((unsigned char)src[n] & 0xC0) == 0x80)
+            n--;
+    }
+    memcpy(dst, src, n);
+    dst[n] = '\0';
+}
+
+void store_pg_read_mapping(PGresult *res, int i, struct mapping_record *rec)
+{
+    memset(rec, 0, sizeof(*rec));
+    rec->id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+    rec->port = atoi(PQgetvalue(res, i, 1));
+    pg_copy(rec->target_ip, sizeof(rec->target_ip), res, i, 2);
+    rec->target_port = atoi(PQgetvalue(res, i, 3));
+    rec->use_tunnel = PQgetvalue(res, i, 4)[0] == 't';
+    pg_copy(rec->client, sizeof(rec->client), res, i, 5);
+    pg_copy(rec->name, sizeof(rec->name), res, i, 6);
+    rec->created_at = strtoll(PQgetvalue(res, i, 7), NULL, 10);
+    pg_copy(rec->allow_from, sizeof(rec->allow_from), res, i, 8);
+    const char *pp = PQgetvalue(res, i, 9);
+    for (int k = 0; k < 3; k++)
+        if (strcmp(pp, pg_proxy_names[k]) == 0)
+            rec->proxy_protocol = k;
+    rec->max_connections = atoi(PQgetvalue(res, i, 10));
+    rec->rate_limit = strtoll(PQgetvalue(res, i, 11), NULL, 10);
+    rec->enabled = PQgetvalue(res, i, 12)[0] == 't';
+}
+
+/* The whole table in one result (at most 65535 rows, one per port); fn runs after the
+ * statement is done, so it may write to the store. */
+static enum store_result pg_foreach(void *impl, store_foreach_fn fn, void *arg)
+{
+    PGresult *res = NULL;
+    enum store_result r = pg_command(impl, "SELECT " PG_MAP_COLS " FROM mappings ORDER BY port",
+                                     0, NULL, PGRES_TUPLES_OK, "reading mappings", &res);
+    if (r != STORE_OK)
+        return r;
+    struct mapping_record *rec = malloc(sizeof(*rec));
+    if (!rec) {
+        PQclear(res);
+        return STORE_ERR;
+    }
+    for (int i = 0; i < PQntuples(res); i++) {
+        store_pg_read_mapping(res, i, rec);
+        if (fn(rec, arg) != 0)
+            break;
+    }
+    free(rec);
+    PQclear(res);
+    return STORE_OK;
+}
+
+/* ---- tunnel clients ---- */
+
+
+static enum store_result pgc_insert(void *impl, struct client_record *rec)
+{
+    char valid[24], now[24], seen[24];
+    int64_t t = (int64_t)time(NULL);
+    snprintf(valid, sizeof(valid), "%" PRId64, rec->prev_valid_until);
+    snprintf(now, sizeof(now), "%" PRId64, t);
+    snprintf(seen, sizeof(seen), "%" PRId64, rec->last_seen);
+    const char *v[7] = {rec->name, rec->token_hash, rec->prev_hash, valid,
+                        rec->source[0] ? rec->source : "api", now, seen};
+    enum store_result r = pg_command(
+        impl,
+        "INSERT INTO clients (" PG_CLIENT_COLS ") VALUES ($1, $2, $3, $4, $5, $6, $7)", 7, v,
+        PGRES_COMMAND_OK, "inserting a client", NULL);
+    if (r != STORE_OK)
+        return r;
+    rec->created_at = t;
+    if (!rec->source[0])
+        snprintf(rec->source, sizeof(rec->source), "api");
+    return STORE_OK;
+}
+
+static enum store_result pgc_update(void *impl, const struct client_record *rec)
+{
+    char valid[24], seen[24];
+    snprintf(valid, sizeof(valid), "%" PRId64, rec->prev_valid_until);
+    snprintf(seen, sizeof(seen), "%" PRId64, rec->last_seen);
+    const char *v[5] = {rec->name, rec->token_hash, rec->prev_hash, valid, seen};
+    PGresult *res = NULL;
+    enum store_result r = pg_command(
+        impl,
+        "UPDATE clients SET token_hash = $2, prev_hash = $3, prev_valid_until = $4, "
+        "last_seen = $5 WHERE name = $1",
+        5, v, PGRES_COMMAND_OK, "updating a client", &res);
+    return r == STORE_OK ? pg_changed(res) : r;
+}
+
+static enum store_result pgc_delete(void *impl, const char *name)
+{
+    const char *v[1] = {name};
+    PGresult *res = NULL;
+    enum store_result r = pg_command(impl, "DELETE FROM clients WHERE name = $1", 1, v,
+                                     PGRES_COMMAND_OK, "deleting a client", &res);
+    return r == STORE_OK ? pg_changed(res) : r;
+}
+
+void store_pg_read_client(PGresult *res, int i, struct client_record *rec)
+{
+    memset(rec, 0, sizeof(*rec));
+    pg_copy(rec->name, sizeof(rec->name), res, i, 0);
+    pg_copy(rec->token_hash, sizeof(rec->token_hash), res, i, 1);
+    pg_copy(rec->prev_hash, sizeof(rec->prev_hash), res, i, 2);
+    rec->prev_valid_until = strtoll(PQgetvalue(res, i, 3), NULL, 10);
+    pg_copy(rec->source, sizeof(rec->source), res, i, 4);
+    rec->created_at = strtoll(PQgetvalue(res, i, 5), NULL, 10);
+    rec->last_seen = strtoll(PQgetvalue(res, i, 6), NULL, 10);
+}
+
+static enum store_result pgc_get(void *impl, const char *name, struct client_record *rec)
+{
+    const char *v[1] = {name};
+    PGresult *res = NULL;
+    enum store_result r = pg_command(impl,
+                                     "SELECT " PG_CLIENT_COLS " FROM clients WHERE name = $1",
+                                     1, v, PGRES_TUPLES_OK, "reading a client", &res);
+    if (r != STORE_OK)
+        return r;
+    r = PQntuples(res) == 1 ? STORE_OK : STORE_NOT_FOUND;
+    if (r == STORE_OK)
+        store_pg_read_client(res, 0, rec);
+    PQclear(res);
+    return r;
+}
+
+static enum store_result pgc_foreach(void *impl, store_client_fn fn, void *arg)
+{
+    PGresult *res = NULL;
+    enum store_result r = pg_command(impl,
+                                     "SELECT " PG_CLIENT_COLS " FROM clients ORDER BY name", 0,
+                                     NULL, PGRES_TUPLES_OK, "reading clients", &res);
+    if (r != STORE_OK)
+        return r;
+    struct client_record rec;
+    for (int i = 0; i < PQntuples(res); i++) {
+        store_pg_read_client(res, i, &rec);
+        if (fn(&rec, arg) != 0)
+            break;
+    }
+    PQclear(res);
+    return STORE_OK;
+}
+
+const struct store_backend store_backend_pg = {
+    .name = "postgres",
+    .open = pg_open,
+    .close = pg_close,
+    .insert = pg_insert,
+    .replace = pg_replace,
+    .update = pg_update,
+    .remove = pg_remove,
+    .foreach = pg_foreach,
+    .client_insert = pgc_insert,
+    .client_update = pgc_update,
+    .client_delete = pgc_delete,
+    .client_get = pgc_get,
+    .client_foreach = pgc_foreach,
+};

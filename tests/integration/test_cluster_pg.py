@@ -1,0 +1,447 @@
+"""SPEC §7: nodes on one PostgreSQL (database.url / PORTMUX_DATABASE_URL).
+
+Every test starts its own PostgreSQL 15 (pg_helpers.PgServer) and real portmux-server
+nodes pointed at it; relays go through real sockets on 127.0.0.0/8."""
+import os
+import re
+import signal
+import socket
+import threading
+import time
+
+from conftest import (SERVER_BIN, Proc, connect, connect_refused, free_port, recv_exact,
+                      wait_until)
+from pg_helpers import pg  # noqa: F401  (fixture)
+
+
+def pg_node(server_factory, pg, name=None, start=True, **config):  # noqa: F811
+    """A node whose store is pg: the default config without database.path, with url."""
+    srv = server_factory(config=config or None, start=False, name=name)
+    srv.config["database"] = {"url": pg.url}
+    srv.write_config()
+    if start:
+        srv.start(timeout=20)
+    return srv
+
+
+def healthy(node):
+    assert node.running(), node.log_tail()
+    try:
+        return node.api("GET", "/health", timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
+def echo_ok(port, host="127.0.0.1", payload=b"ping"):
+    with connect(port, host=host) as s:
+        s.sendall(payload)
+        assert recv_exact(s, len(payload)) == payload
+
+
+def test_mappings_and_clients_live_in_postgres(pg, server_factory, echo_backend):  # noqa: F811
+    node = pg_node(server_factory, pg)
+    assert node.wait_log(r"applied \d+ migration\(s\), schema version \d+")
+    migrations = pg.psql("SELECT version, name FROM schema_migrations ORDER BY version")
+    assert [r[0] for r in migrations] == [str(i + 1) for i in range(len(migrations))]
+    assert migrations[0] == ["1", "0001_init.sql"]
+    port = free_port()
+    m = node.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port, name="pg")
+    echo_ok(port)
+    rows = pg.psql(f"SELECT id, port, target_port, name, use_tunnel, enabled FROM mappings")
+    assert rows == [[str(m["id"]), str(port), str(echo_backend.port), "pg", "f", "t"]]
+    # Tunnel clients and their token hashes are in the shared store too.
+    status, _, body = node.api("POST", "/api/client/create", body={"name": "edge1"})
+    assert status == 201, body
+    rows = pg.psql("SELECT name, length(token_hash), source FROM clients")
+    assert rows == [["edge1", "64", "api"]]
+    # Update and remove go to the database as well; a removed id is never handed out again.
+    status, _, body = node.api("POST", "/api/mapping/update",
+                               body={"port": port, "name": "renamed"})
+    assert status == 200, body
+    assert pg.psql(f"SELECT name FROM mappings WHERE port = {port}") == [["renamed"]]
+    # A restart reads everything back from PostgreSQL and applies no migration again.
+    mark = node.log_mark()
+    node.restart()
+    node.wait_log(rf"schema version {len(migrations)}, applied 0 migrations", after=mark)
+    got = node.mapping(port)
+    assert got and got["status"] == "listening" and got["name"] == "renamed", got
+    echo_ok(port)
+    status, _, body = node.api("GET", "/api/clients")
+    assert status == 200 and "edge1" in str(body), body
+    assert node.remove(port)[0] == 200
+    assert pg.psql("SELECT count(*) FROM mappings") == [["0"]]
+    m2 = node.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+    assert m2["id"] > m["id"]
+    assert pg.psql("SELECT version, name FROM schema_migrations ORDER BY version") == migrations
+
+
+def test_path_and_url_together_is_a_config_error(pg, server_factory):  # noqa: F811
+    srv = server_factory(start=False)
+    srv.config["database"] = {"path": str(srv.dir / "m.db"), "url": pg.url}
+    srv.write_config()
+    srv.proc.start()
+    assert srv.proc.wait(10) == 2
+    assert "database.url" in srv.log_text() and "both set" in srv.log_text()
+    srv.config["database"] = {"url": "mysql://x@127.0.0.1/db"}
+    srv.write_config()
+    srv.proc.start()
+    assert srv.proc.wait(10) == 2
+    assert "must start with postgres://" in srv.log_text()
+
+
+def test_env_url_overrides_the_file(pg, server_factory, tmp_path, echo_backend):  # noqa: F811
+    # The file says SQLite; PORTMUX_DATABASE_URL puts the node on PostgreSQL anyway.
+    srv = server_factory(start=False)
+    srv.proc = Proc([SERVER_BIN, "--config", srv.config_path], srv.log_path, name=srv.name,
+                    env=dict(os.environ, PORTMUX_DATABASE_URL=pg.url))
+    srv.start(timeout=20)
+    port = free_port()
+    srv.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+    assert pg.psql(f"SELECT port FROM mappings") == [[str(port)]]
+    assert not srv.db_path.exists()
+    bad = Proc([SERVER_BIN, "--config", srv.config_path], tmp_path / "bad.log",
+               env=dict(os.environ, PORTMUX_DATABASE_URL="file:///tmp/x.db")).start()
+    assert bad.wait(10) == 2
+    assert "PORTMUX_DATABASE_URL must start with postgres://" in bad.log_text()
+
+
+def test_nodes_starting_together_migrate_once(pg, server_factory):  # noqa: F811
+    # The tunnel on and no client anywhere: each node would create "default" at its
+    # first start; together, one does and the others take its row.
+    nodes = [pg_node(server_factory, pg, name=f"n{i}", start=False,
+                     tunnel={"enabled": True}) for i in range(3)]
+    for n in nodes:
+        n.proc.start()
+    for n in nodes:
+        wait_until(lambda n=n: healthy(n), timeout=30, desc=f"{n.name} up")
+    applied = [n for n in nodes if re.search(r"applied [1-9]\d* migration", n.log_text())]
+    assert len(applied) == 1, [n.log_tail() for n in nodes]
+    created = [n for n in nodes if 'created tunnel client "default"' in n.log_text()]
+    assert len(created) == 1, [n.log_tail() for n in nodes]
+    assert pg.psql("SELECT name FROM clients") == [["default"]]
+    # Each migration once: a second apply would have failed on CREATE TABLE anyway.
+    versions = pg.psql("SELECT version FROM schema_migrations ORDER BY version")
+    assert len(versions) >= 2 and len({v[0] for v in versions}) == len(versions)
+
+
+def test_same_port_on_two_nodes_one_201_one_409(pg, server_factory, echo_backend):  # noqa: F811
+    a = pg_node(server_factory, pg, name="a", mappings={"bind_addr": "127.0.0.2"})
+    b = pg_node(server_factory, pg, name="b", mappings={"bind_addr": "127.0.0.3"})
+    for _ in range(5):
+        port = free_port()
+        results = {}
+        go = threading.Event()
+
+        def create(node):
+            go.wait(10)
+            results[node.name] = node.create(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+
+        threads = [threading.Thread(target=create, args=(n,)) for n in (a, b)]
+        for t in threads:
+            t.start()
+        go.set()
+        for t in threads:
+            t.join(20)
+        codes = sorted(r[0] for r in results.values())
+        assert codes == [201, 409], results
+        loser = a if results["a"][0] == 409 else b
+        winner = b if loser is a else a
+        assert results[loser.name][1]["error"] == "port_in_use", results
+        # One row; the loser then serves the winner's mapping (propagation), not its own.
+        host = "127.0.0.2" if winner is a else "127.0.0.3"
+        echo_ok(port, host=host)
+        won = results[winner.name][1]["data"]
+        wait_until(lambda: (loser.mapping(port) or {}).get("id") == won["id"], timeout=5,
+                   desc="the loser serves the winner's mapping")
+        assert pg.psql(f"SELECT count(*) FROM mappings WHERE port = {port}") == [["1"]]
+
+
+def test_frozen_database_writes_503_reads_and_relays_go_on(pg, server_factory,  # noqa: F811
+                                                           echo_backend):
+    node = pg_node(server_factory, pg)
+    port = free_port()
+    node.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+    relay = connect(port)
+    relay.sendall(b"before")
+    assert recv_exact(relay, 6) == b"before"
+    mark = len(node.log_text())
+    pg.freeze()
+    try:
+        for method, path, body in (
+                ("POST", "/api/mapping/create", {"port": free_port(),
+                                                 "target_ip": "127.0.0.1", "target_port": echo_backend.port}),
+                ("POST", "/api/mapping/update", {"port": port, "name": "x"}),
+                ("POST", "/api/mapping/remove", {"port": port}),
+                ("POST", "/api/client/create", {"name": "edge2"})):
+            t0 = time.monotonic()
+            status, _, reply = node.api(method, path, body=body, timeout=10)
+            took = time.monotonic() - t0
+            assert status == 503 and reply["error"] == "store_unavailable", (path, reply)
+            assert took < 2.0, f"{path} answered after {took:.2f} s"
+        # Only a write finds out by waiting; the next ones answer at once (backoff, and
+        # the change feed's stalled heartbeat), so the loop is not held once per write.
+        waited = node.log_text()[mark:].count("no answer within")
+        assert 1 <= waited <= 2, node.log_tail()
+        # Reads answer from memory; the open relay and new connections are served.
+        got = node.mapping(port)
+        assert got and got["status"] == "listening" and got["name"] == "", got
+        relay.sendall(b"during")
+        assert recv_exact(relay, 6) == b"during"
+        echo_ok(port)
+    finally:
+        pg.thaw()
+    # After SIGCONT the node reconnects by itself (backoff) and writes succeed again.
+    new = free_port()
+    wait_until(lambda: node.create(port=new, target_ip="127.0.0.1", target_port=echo_backend.port)[0] == 201,
+               timeout=45, interval=0.5, desc="create succeeds after the database is back")
+    assert pg.psql(f"SELECT count(*) FROM mappings WHERE port IN ({port}, {new})") == [["2"]]
+    relay.sendall(b"after")
+    assert recv_exact(relay, 5) == b"after"
+    relay.close()
+
+
+def two_nodes(server_factory, pg):  # noqa: F811
+    a = pg_node(server_factory, pg, name="a", mappings={"bind_addr": "127.0.0.2"})
+    b = pg_node(server_factory, pg, name="b", mappings={"bind_addr": "127.0.0.3"})
+    for n in (a, b):
+        n.wait_log("listening for changes from other nodes", timeout=10)
+    return a, b
+
+
+def test_changes_reach_every_node(pg, server_factory, echo_backend):  # noqa: F811
+    a, b = two_nodes(server_factory, pg)
+    port = free_port()
+    a.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port, name="one")
+    # SPEC: within 1 s; the deadline here leaves room for a loaded test machine.
+    wait_until(lambda: (b.mapping(port) or {}).get("status") == "listening", timeout=5,
+               desc="b listens on the mapping a created")
+    echo_ok(port, host="127.0.0.3")
+    echo_ok(port, host="127.0.0.2")
+    # An update on b reaches a; disabling closes a's listener too.
+    status, _, body = b.api("POST", "/api/mapping/update", body={"port": port, "name": "two"})
+    assert status == 200, body
+    wait_until(lambda: a.mapping(port)["name"] == "two", timeout=5, desc="update reaches a")
+    status, _, body = a.api("POST", "/api/mapping/update", body={"port": port, "enabled": False})
+    assert status == 200, body
+    wait_until(lambda: b.mapping(port)["status"] == "disabled", timeout=5,
+               desc="disable reaches b")
+    wait_until(lambda: connect_refused(port, host="127.0.0.3"), timeout=5,
+               desc="b's listener closed")
+    status, _, body = b.api("POST", "/api/mapping/update", body={"port": port, "enabled": True})
+    assert status == 200, body
+    wait_until(lambda: a.mapping(port)["status"] == "listening", timeout=5,
+               desc="enable reaches a")
+    echo_ok(port, host="127.0.0.2")
+    # A remove on a closes b's listener.
+    assert a.remove(port)[0] == 200
+    wait_until(lambda: b.mapping(port) is None, timeout=5, desc="remove reaches b")
+    wait_until(lambda: connect_refused(port, host="127.0.0.3"), timeout=5,
+               desc="b's listener closed after the remove")
+
+
+def test_reconnect_resync_heals_a_missed_change(pg, server_factory, echo_backend):  # noqa: F811
+    a, b = two_nodes(server_factory, pg)
+    port = free_port()
+    # A row written with triggers off sends no notification: the nodes miss it ...
+    pg.psql("SET session_replication_role = replica; "
+            "INSERT INTO mappings (port, target_ip, target_port, use_tunnel, created_at) "
+            f"VALUES ({port}, '127.0.0.1', {echo_backend.port}, false, 1)")
+    # ... until their connections drop and the full read after the reconnect finds it.
+    marks = [n.log_mark() for n in (a, b)]
+    pg.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = 'portmux' AND pid <> pg_backend_pid()")
+    for n, mark in zip((a, b), marks):
+        n.wait_log("listening for changes from other nodes", timeout=15, after=mark)
+        wait_until(lambda n=n: (n.mapping(port) or {}).get("status") == "listening",
+                   timeout=5, desc=f"{n.name} picked up the missed row")
+    echo_ok(port, host="127.0.0.2")
+    echo_ok(port, host="127.0.0.3")
+    # The store's own connection was dropped too: the next write reconnects by itself.
+    status, _, body = a.api("POST", "/api/mapping/update", body={"port": port, "name": "x"})
+    assert status == 200, body
+
+
+def cluster(node):
+    status, _, body = node.api("GET", "/api/cluster")
+    assert status == 200, body
+    return {n["name"]: n for n in body["data"]["nodes"]}
+
+
+def test_nodes_register_heartbeat_and_go(pg, server_factory, echo_backend):  # noqa: F811
+    a = pg_node(server_factory, pg, name="a", mappings={"bind_addr": "127.0.0.2"},
+                cluster={"node_name": "node-a", "advertise": "127.0.0.2:9000"})
+    b = pg_node(server_factory, pg, name="b", mappings={"bind_addr": "127.0.0.3"},
+                cluster={"node_name": "node-b", "advertise": "127.0.0.3:9000"})
+    wait_until(lambda: set(cluster(a)) == {"node-a", "node-b"}, timeout=15,
+               desc="a sees both nodes")
+    c = cluster(a)
+    assert c["node-b"]["alive"] is True and c["node-b"]["advertise"] == "127.0.0.3:9000", c
+    assert c["node-a"]["alive"] is True and c["node-a"]["advertise"] == "127.0.0.2:9000", c
+    assert pg.psql("SELECT name FROM nodes ORDER BY name") == [["node-a"], ["node-b"]]
+    port = free_port()
+    a.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+    # Each node's own view of the mapping reaches the others with its heartbeat (5 s).
+    wait_until(lambda: (a.mapping(port) or {}).get("nodes") ==
+               {"node-a": "listening", "node-b": "listening"}, timeout=15,
+               desc="a's list shows both nodes listening")
+    wait_until(lambda: cluster(a)["node-b"]["mappings_listening"] == 1, timeout=15,
+               desc="b's heartbeat counts the mapping")
+    status, _, text = a.api("GET", "/metrics")
+    assert status == 200 and 'portmux_cluster_nodes{state="alive"} 2' in text, text
+    assert "portmux_cluster_database_up 1" in text
+    # A node that stops heartbeating is gone after 15 s, and leaves the mapping's nodes.
+    b.kill9()
+    wait_until(lambda: cluster(a)["node-b"]["alive"] is False, timeout=40, interval=0.5,
+               desc="b marked gone")
+    assert a.mapping(port)["nodes"] == {"node-a": "listening"}
+    status, _, text = a.api("GET", "/metrics")
+    assert 'portmux_cluster_nodes{state="gone"} 1' in text, text
+
+
+def test_cluster_config_and_sqlite(server_factory):
+    srv = server_factory()
+    status, _, body = srv.api("GET", "/api/cluster")
+    assert status == 404 and body["error"] == "not_found", body
+    port = free_port()
+    srv.create_ok(port=port, target_ip="127.0.0.1", target_port=9)
+    assert "nodes" not in srv.mapping(port)  # a single server has no cluster view
+    bad = server_factory(start=False, name="bad")
+    bad.config["cluster"] = {"node_name": "no spaces"}
+    bad.write_config()
+    bad.proc.start()
+    assert bad.proc.wait(10) == 2
+    assert "cluster.node_name" in bad.log_text()
+
+
+def test_hello_response_lists_the_live_nodes(pg, server_factory):  # noqa: F811
+    import json as _json
+    from sec_helpers import hello, read_frame
+    tunnel = {"enabled": True, "clients": [{"name": "edge", "token": "edge-token-0123456789"}]}
+    a = pg_node(server_factory, pg, name="a", tunnel=tunnel,
+                cluster={"node_name": "node-a", "advertise": "127.0.0.2:19000"})
+    b = pg_node(server_factory, pg, name="b", tunnel=tunnel,
+                cluster={"node_name": "node-b", "advertise": "127.0.0.3:19000"})
+    wait_until(lambda: cluster(a).get("node-b", {}).get("alive"), timeout=15,
+               desc="a sees b alive")
+    with socket.create_connection(("127.0.0.1", a.tunnel_port), timeout=10) as s:
+        s.sendall(hello("edge", "edge-token-0123456789"))
+        fr = read_frame(s, 10)
+    assert fr is not None and fr[0] == 0x07, fr
+    answer = _json.loads(fr[1])
+    assert answer["ok"] is True, answer
+    assert answer["nodes"] == ["127.0.0.2:19000", "127.0.0.3:19000"], answer
+    # A node that is gone is no longer offered.
+    b.kill9()
+    wait_until(lambda: cluster(a)["node-b"]["alive"] is False, timeout=40, interval=0.5,
+               desc="b marked gone")
+    with socket.create_connection(("127.0.0.1", a.tunnel_port), timeout=10) as s:
+        s.sendall(hello("edge", "edge-token-0123456789"))
+        fr = read_frame(s, 10)
+    assert _json.loads(fr[1]).get("nodes") == ["127.0.0.2:19000"], fr
+
+
+def test_tunnel_clients_reach_every_node(pg, server_factory):  # noqa: F811
+    import json as _json
+    from sec_helpers import hello, read_frame
+
+    def hello_ok(node, name, token):
+        with socket.create_connection(("127.0.0.1", node.tunnel_port), timeout=10) as s:
+            s.sendall(hello(name, token))
+            fr = read_frame(s, 10)
+        return fr is not None and _json.loads(fr[1]).get("ok") is True
+
+    def names(node):
+        status, _, body = node.api("GET", "/api/clients")
+        assert status == 200, body
+        return {c["name"] for c in body["data"]["clients"]}
+
+    tunnel = {"enabled": True,
+              "clients": [{"name": "cfg", "token": "config-token-0123456789"}]}
+    a = pg_node(server_factory, pg, name="a", tunnel=tunnel)
+    b = pg_node(server_factory, pg, name="b", tunnel=tunnel)
+    for n in (a, b):
+        n.wait_log("listening for changes from other nodes", timeout=10)
+    status, _, body = a.api("POST", "/api/client/create", body={"name": "edge"})
+    assert status == 201, body
+    token = body["data"]["token"]
+    wait_until(lambda: "edge" in names(b), timeout=5, desc="b knows the client a created")
+    assert hello_ok(b, "edge", token)
+    status, _, body = b.api("POST", "/api/client/rotate", body={"name": "edge", "grace_s": 0})
+    assert status == 200, body
+    new = body["data"]["token"]
+    wait_until(lambda: hello_ok(a, "edge", new), timeout=5, desc="a takes the rotated token")
+    assert not hello_ok(a, "edge", token)
+    assert a.api("POST", "/api/client/remove", body={"name": "edge"})[0] == 200
+    wait_until(lambda: "edge" not in names(b), timeout=5, desc="b forgets the removed client")
+    assert not hello_ok(b, "edge", new)
+    assert "cfg" in names(b)  # the config's clients are the file's, never synced away
+
+
+def test_reload_names_cluster_keys_for_a_restart(pg, server_factory):  # noqa: F811
+    node = pg_node(server_factory, pg, cluster={"node_name": "one"})
+    node.config["cluster"] = {"node_name": "two", "advertise": "127.0.0.2:9000"}
+    node.config["database"] = {"url": pg.url + "?application_name=x"}
+    node.write_config()
+    mark = node.log_mark()
+    node.proc.send_signal(signal.SIGHUP)
+    node.wait_log(r"reload: .*database\.url, cluster\.node_name, cluster\.advertise changed",
+                  after=mark)
+    assert cluster(node).keys() == {"one"}  # the running name stays until a restart
+
+
+def test_sigterm_with_the_database_stalled(pg, server_factory, echo_backend):  # noqa: F811
+    node = pg_node(server_factory, pg)
+    port = free_port()
+    node.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+    relay = connect(port)
+    pg.freeze()
+    try:
+        # SPEC §5: exit 0 within 2 s (the deadline here leaves room for a loaded machine);
+        # nothing on the way out may wait for the database, which would hang here.
+        assert node.stop(timeout=5.0) == 0, node.log_tail()
+    finally:
+        pg.thaw()
+        relay.close()
+
+
+def test_database_gone_and_back(pg, server_factory, echo_backend):  # noqa: F811
+    a, b = two_nodes(server_factory, pg)
+    port = free_port()
+    a.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+    wait_until(lambda: b.mapping(port) is not None, timeout=5, desc="b has the mapping")
+    pg.stop()
+    # Gone: writes are refused with 503 (connection refused, no wait); relays go on.
+    new = free_port()
+    status, body = a.create(port=new, target_ip="127.0.0.1", target_port=echo_backend.port)
+    assert status == 503 and body["error"] == "store_unavailable", body
+    assert a.mapping(new) is None
+    echo_ok(port, host="127.0.0.2")
+    echo_ok(port, host="127.0.0.3")
+    pg.start()
+    # Back: both reconnect by themselves (backoff); a write on a reaches b.
+    wait_until(lambda: a.create(port=new, target_ip="127.0.0.1",
+                                target_port=echo_backend.port)[0] == 201,
+               timeout=60, interval=0.5, desc="a writes again")
+    wait_until(lambda: (b.mapping(new) or {}).get("status") == "listening", timeout=60,
+               interval=0.5, desc="b catches up after the database came back")
+    echo_ok(new, host="127.0.0.3")
+
+
+def test_long_stall_reconnects_and_resyncs(pg, server_factory, echo_backend):  # noqa: F811
+    a, b = two_nodes(server_factory, pg)
+    mark = a.log_mark()
+    pg.freeze()
+    try:
+        # A query unanswered for 20 s: the feed gives the connection up (and, the database
+        # still stopped, its reconnects too) instead of waiting for TCP.
+        a.wait_log("the database stopped answering", timeout=40, after=mark)
+    finally:
+        pg.thaw()
+    a.wait_log("listening for changes from other nodes", timeout=60, after=mark)
+    port = free_port()
+    wait_until(lambda: b.create(port=port, target_ip="127.0.0.1",
+                                target_port=echo_backend.port)[0] == 201,
+               timeout=60, interval=0.5, desc="b writes again")
+    wait_until(lambda: (a.mapping(port) or {}).get("status") == "listening", timeout=10,
+               desc="a applies b's change on its new connection")
+    echo_ok(port, host="127.0.0.2")
