@@ -229,6 +229,12 @@ static int server_start(struct server *srv)
         }
         log_info("tunnel", "listening on %s:%d", srv->cfg->tunnel_listen_addr,
                  tunnel_server_port(srv->tunnel));
+        /* Hello tokens and every relayed byte cross that network as they are. */
+        if (!srv->cfg->tls_cert_file[0] && !api_guard_is_loopback(srv->cfg->tunnel_listen_addr))
+            log_warn("tunnel", "the tunnel on %s:%d has no TLS: client tokens and relayed "
+                               "bytes cross the network in clear (set tunnel.tls.cert_file "
+                               "and key_file; scripts/make-certs.sh makes them)",
+                     srv->cfg->tunnel_listen_addr, tunnel_server_port(srv->tunnel));
     }
     if (srv->mappings) {
         /* The registry reaches the relays only through these: it includes neither. */

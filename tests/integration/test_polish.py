@@ -230,3 +230,17 @@ def test_database_from_schema_1_keeps_rows_ids_and_checks(server_factory, tmp_pa
     r = subprocess.run(["sqlite3", str(db), "INSERT INTO mappings (port, target_port, "
                         "use_tunnel, created_at) VALUES (0, 1, 0, 1)"], capture_output=True)
     assert r.returncode != 0 and b"CHECK constraint failed" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("addr,warned", [("0.0.0.0", True), ("127.0.0.1", False)])
+def test_tunnel_without_tls_off_loopback_warns(server_factory, addr, warned):
+    """Tokens travel in the Hello: a tunnel reachable from the network without TLS says so
+    at start (a loopback tunnel, say behind an ssh or stunnel front, does not)."""
+    srv = tunnel_server(server_factory, listen_addr=addr)
+    srv.wait_log(r"INFO server portmux .* ready", timeout=10)
+    lines = [ln for ln in srv.log_text().splitlines() if "has no TLS" in ln]
+    if warned:
+        assert len(lines) == 1 and " WARN tunnel " in lines[0], lines
+        assert "client tokens and relayed bytes cross the network in clear" in lines[0]
+    else:
+        assert lines == [], lines
