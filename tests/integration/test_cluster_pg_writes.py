@@ -44,3 +44,6 @@ def test_create_answered_503_is_not_stored_after_thaw(pg, server_factory,  # noq
                timeout=45, interval=0.5, desc="create succeeds after the database is back")
     assert node.mapping(lost) is None
     assert pg.psql(f"SELECT count(*) FROM mappings WHERE port IN ({lost}, {new})") == [["1"]]
+    # A clean exit after the dropped connection (under ASan also leak-free).
+    rc = node.stop()
+    assert rc == 0, node.log_tail()
