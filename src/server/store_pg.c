@@ -177,32 +177,29 @@ static PGconn *pg_conn(struct pg_store *pg)
     return pg->conn;
 }
 
-/* Sends one statement and collects its result within the deadline. Returns the result
- * (caller PQclears), or NULL with *unavailable set when the database did not answer. */
-static PGresult *pg_call(struct pg_store *pg, const char *sql, int n, const char *const *vals,
-                         bool *unavailable)
+/* Sends one statement on c and collects its result by the deadline. Returns the result
+ * (caller PQclears; it may hold an error), or NULL when the connection gave no answer. */
+static PGresult *pg_exchange(PGconn *c, const char *sql, int n, const char *const *vals,
+                             int64_t deadline)
 {
-    *unavailable = true;
-    PGconn *c = pg_conn(pg);
-    if (!c)
-        return NULL;
-    int64_t deadline = pg_now_ms() + PG_CALL_MS;
     if (!PQsendQueryParams(c, sql, n, NULL, vals, NULL, NULL, 0))
-        goto broken;
+        return NULL;
     int f;
     while ((f = PQflush(c)) == 1) {
         if (pg_poll(PQsocket(c), POLLIN | POLLOUT, deadline) <= 0)
-            goto broken;
+            return NULL;
         if (!PQconsumeInput(c))
-            goto broken;
+            return NULL;
     }
     if (f < 0)
-        goto broken;
+        return NULL;
     PGresult *res = NULL;
     for (;;) {
         while (PQisBusy(c)) {
-            if (pg_poll(PQsocket(c), POLLIN, deadline) <= 0 || !PQconsumeInput(c))
-                goto broken_res;
+            if (pg_poll(PQsocket(c), POLLIN, deadline) <= 0 || !PQconsumeInput(c)) {
+                PQclear(res);
+                return NULL;
+            }
         }
         PGresult *r = PQgetResult(c);
         if (!r)
@@ -213,11 +210,63 @@ static PGresult *pg_call(struct pg_store *pg, const char *sql, int n, const char
         else
             res = r;
     }
+    return res;
+}
+
+static bool pg_command_ok(PGresult *res)
+{
+    return res && PQresultStatus(res) == PGRES_COMMAND_OK;
+}
+
+/* Sends one statement and collects its result within the deadline. Returns the result
+ * (caller PQclears), or NULL with *unavailable set when the database did not answer.
+ *
+ * A write (tx) runs as BEGIN, the statement, COMMIT, each sent only after the previous
+ * answered. Dropping a connection does not take back what was already sent: a database
+ * that was frozen reads it on SIGCONT and, in autocommit, would store a write the API
+ * answered 503 for. Inside an open transaction the drop rolls it back instead; only a
+ * COMMIT sent and then not answered in time leaves the outcome open. */
+static PGresult *pg_call(struct pg_store *pg, const char *sql, int n, const char *const *vals,
+                         bool tx, bool *unavailable)
+{
+    *unavailable = true;
+    PGconn *c = pg_conn(pg);
+    if (!c)
+        return NULL;
+    int64_t deadline = pg_now_ms() + PG_CALL_MS;
+    PGresult *res = NULL, *end = NULL;
+    if (tx) {
+        PGresult *begin = pg_exchange(c, "BEGIN", 0, NULL, deadline);
+        bool ok = pg_command_ok(begin);
+        if (begin && !ok) {
+            *unavailable = false; /* answered, but refused: the statement's own error */
+            return begin;
+        }
+        PQclear(begin);
+        if (!ok)
+            goto broken;
+    }
+    res = pg_exchange(c, sql, n, vals, deadline);
+    if (!res)
+        goto broken;
+    if (tx) {
+        ExecStatusType st = PQresultStatus(res);
+        bool done = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK;
+        end = pg_exchange(c, done ? "COMMIT" : "ROLLBACK", 0, NULL, deadline);
+        if (!end)
+            goto broken;
+        if (done && !pg_command_ok(end)) {
+            /* The commit failed: its error is the write's outcome. */
+            PQclear(res);
+            res = end;
+            end = NULL;
+        }
+        PQclear(end);
+    }
     *unavailable = false;
     return res;
-broken_res:
-    PQclear(res);
 broken:;
+    PQclear(res);
     char msg[256];
     pg_one_line(msg, sizeof(msg), PQerrorMessage(c));
     log_warn("store", "%s: no answer within %d ms (%s); dropping the connection", pg->where,
@@ -245,12 +294,12 @@ static enum store_result pg_check(struct pg_store *pg, PGresult *res, bool unava
     return STORE_ERR;
 }
 
-static enum store_result pg_command(struct pg_store *pg, const char *sql, int n,
-                                    const char *const *vals, ExecStatusType want,
-                                    const char *what, PGresult **out)
+static enum store_result pg_run(struct pg_store *pg, bool tx, const char *sql, int n,
+                                const char *const *vals, ExecStatusType want, const char *what,
+                                PGresult **out)
 {
     bool unavailable;
-    PGresult *res = pg_call(pg, sql, n, vals, &unavailable);
+    PGresult *res = pg_call(pg, sql, n, vals, tx, &unavailable);
     enum store_result r = pg_check(pg, res, unavailable, want, what);
     if (r == STORE_OK && out) {
         *out = res;
@@ -258,6 +307,22 @@ static enum store_result pg_command(struct pg_store *pg, const char *sql, int n,
     }
     PQclear(res);
     return r;
+}
+
+/* A read: one statement in autocommit. */
+static enum store_result pg_command(struct pg_store *pg, const char *sql, int n,
+                                    const char *const *vals, ExecStatusType want,
+                                    const char *what, PGresult **out)
+{
+    return pg_run(pg, false, sql, n, vals, want, what, out);
+}
+
+/* A write: in its own transaction (pg_call says why). */
+static enum store_result pg_write(struct pg_store *pg, const char *sql, int n,
+                                  const char *const *vals, ExecStatusType want,
+                                  const char *what, PGresult **out)
+{
+    return pg_run(pg, true, sql, n, vals, want, what, out);
 }
 
 /* ---- open and migrations (start-up: blocking is fine here) ---- */
@@ -471,7 +536,7 @@ static enum store_result pg_insert(void *impl, struct mapping_record *rec)
     struct pg_map_params p;
     pg_map_params(&p, rec, (int64_t)time(NULL));
     PGresult *res = NULL;
-    enum store_result r = pg_command(
+    enum store_result r = pg_write(
         impl,
         "INSERT INTO mappings (port, target_ip, target_port, use_tunnel, client, name, "
         "created_at, allow_from, proxy_protocol, max_connections, rate_limit, enabled) "
@@ -487,7 +552,7 @@ static enum store_result pg_replace(void *impl, struct mapping_record *rec)
     struct pg_map_params p;
     pg_map_params(&p, rec, (int64_t)time(NULL));
     PGresult *res = NULL;
-    enum store_result r = pg_command(
+    enum store_result r = pg_write(
         impl,
         "UPDATE mappings SET id = nextval(pg_get_serial_sequence('mappings', 'id')), "
         "target_ip = $2, target_port = $3, use_tunnel = $4, client = $5, name = $6, "
@@ -514,7 +579,7 @@ static enum store_result pg_update(void *impl, const struct mapping_record *rec)
     const char *v[11] = {p.v[0], p.v[1], p.v[2], p.v[3], p.v[4], p.v[5],
                          p.v[7], p.v[8], p.v[9], p.v[10], p.v[11]};
     PGresult *res = NULL;
-    enum store_result r = pg_command(
+    enum store_result r = pg_write(
         impl,
         "UPDATE mappings SET target_ip = $2, target_port = $3, use_tunnel = $4, client = $5, "
         "name = $6, allow_from = $7, proxy_protocol = $8, max_connections = $9, "
@@ -529,7 +594,7 @@ static enum store_result pg_remove(void *impl, int port)
     snprintf(ptext, sizeof(ptext), "%d", port);
     const char *v[1] = {ptext};
     PGresult *res = NULL;
-    enum store_result r = pg_command(impl, "DELETE FROM mappings WHERE port = $1", 1, v,
+    enum store_result r = pg_write(impl, "DELETE FROM mappings WHERE port = $1", 1, v,
                                      PGRES_COMMAND_OK, "deleting a mapping", &res);
     return r == STORE_OK ? pg_changed(res) : r;
 }
@@ -606,7 +671,7 @@ static enum store_result pgc_insert(void *impl, struct client_record *rec)
     snprintf(seen, sizeof(seen), "%" PRId64, rec->last_seen);
     const char *v[7] = {rec->name, rec->token_hash, rec->prev_hash, valid,
                         rec->source[0] ? rec->source : "api", now, seen};
-    enum store_result r = pg_command(
+    enum store_result r = pg_write(
         impl,
         "INSERT INTO clients (" PG_CLIENT_COLS ") VALUES ($1, $2, $3, $4, $5, $6, $7)", 7, v,
         PGRES_COMMAND_OK, "inserting a client", NULL);
@@ -625,7 +690,7 @@ static enum store_result pgc_update(void *impl, const struct client_record *rec)
     snprintf(seen, sizeof(seen), "%" PRId64, rec->last_seen);
     const char *v[5] = {rec->name, rec->token_hash, rec->prev_hash, valid, seen};
     PGresult *res = NULL;
-    enum store_result r = pg_command(
+    enum store_result r = pg_write(
         impl,
         "UPDATE clients SET token_hash = $2, prev_hash = $3, prev_valid_until = $4, "
         "last_seen = $5 WHERE name = $1",
@@ -637,7 +702,7 @@ static enum store_result pgc_delete(void *impl, const char *name)
 {
     const char *v[1] = {name};
     PGresult *res = NULL;
-    enum store_result r = pg_command(impl, "DELETE FROM clients WHERE name = $1", 1, v,
+    enum store_result r = pg_write(impl, "DELETE FROM clients WHERE name = $1", 1, v,
                                      PGRES_COMMAND_OK, "deleting a client", &res);
     return r == STORE_OK ? pg_changed(res) : r;
 }
