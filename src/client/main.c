@@ -83,6 +83,9 @@ static void usage(FILE *out)
             "the session, RTT and every forwarded target with its streams and bytes; log\n"
             "lines (stderr) scroll above it. At exit a summary line goes to stdout.\n"
             "\n"
+            "When the server is part of a cluster, the client keeps a session (same options)\n"
+            "to every live node it lists, and a Node row per node in the status block.\n"
+            "\n"
             "Exit status: 0 on SIGINT/SIGTERM, 1 tunnel lost with --no-reconnect,\n"
             "2 usage error, refused by the server, or TLS certificate failure.\n");
 }
