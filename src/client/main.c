@@ -17,6 +17,7 @@
 #include "heap_tune.h"
 #include "log.h"
 #include "netaddr.h"
+#include "nodes.h"
 #include "status.h"
 #include "tunnel_client.h"
 
@@ -42,6 +43,7 @@ struct client_args {
 struct client_main {
     struct event_base *base;
     struct tclient *tc;
+    struct nodeset *nodes;   /* sessions to the other cluster nodes (nodes.c) */
     struct status *view;     /* the live block on a terminal, and the exit summary */
     struct event *retry;
     int attempt;             /* consecutive failed attempts */
@@ -80,6 +82,9 @@ static void usage(FILE *out)
             "When stdout is a terminal, a status block at the bottom of the screen shows\n"
             "the session, RTT and every forwarded target with its streams and bytes; log\n"
             "lines (stderr) scroll above it. At exit a summary line goes to stdout.\n"
+            "\n"
+            "When the server is part of a cluster, the client keeps a session (same options)\n"
+            "to every live node it lists, and a Node row per node in the status block.\n"
             "\n"
             "Exit status: 0 on SIGINT/SIGTERM, 1 tunnel lost with --no-reconnect,\n"
             "2 usage error, refused by the server, or TLS certificate failure.\n");
@@ -261,6 +266,12 @@ static void on_tunnel_end(enum tclient_end how, bool healthy, void *arg)
     schedule_retry(cm);
 }
 
+static void on_nodes(struct json_t *nodes, void *arg)
+{
+    struct client_main *cm = arg;
+    nodeset_update(cm->nodes, nodes, true);
+}
+
 static void retry_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct client_main *cm = arg;
@@ -301,11 +312,16 @@ static int run(struct client_args *a, SSL_CTX *ssl)
         .heartbeat_interval = a->heartbeat_interval, .heartbeat_timeout = a->heartbeat_timeout,
         .connect_timeout = a->connect_timeout, .max_pending_dials = a->max_pending_dials, .status = cm.view,
     };
+    /* Every node session gets these options; --server-name only when given explicitly. */
+    cm.nodes = nodeset_new(cm.base, dns, &o, a->server_name != a->host ? a->server_name : NULL,
+                           a->no_reconnect);
+    o.on_nodes = on_nodes;
+    o.nodes_arg = &cm;
     cm.tc = tclient_new(cm.base, dns, &o, on_tunnel_end, &cm);
     cm.retry = evtimer_new(cm.base, retry_cb, &cm);
     sigint = evsignal_new(cm.base, SIGINT, signal_cb, &cm);
     sigterm = evsignal_new(cm.base, SIGTERM, signal_cb, &cm);
-    if (!cm.view || !cm.tc || !cm.retry || !sigint || !sigterm ||
+    if (!cm.view || !cm.nodes || !cm.tc || !cm.retry || !sigint || !sigterm ||
         event_add(sigint, NULL) != 0 || event_add(sigterm, NULL) != 0)
         goto out;
     if (a->allow.len == 0)
@@ -317,6 +333,7 @@ static int run(struct client_args *a, SSL_CTX *ssl)
     event_base_dispatch(cm.base);
     status_finish(cm.view);
 out:
+    nodeset_free(cm.nodes);
     tclient_free(cm.tc);
     status_free(cm.view);
     if (cm.retry)

@@ -26,7 +26,7 @@
 /* Rule, session, and at least one forwarding row. */
 #define STATUS_MIN_HEIGHT 3
 #define STATUS_LINE_MAX 512
-#define STATUS_FRAME_MAX ((STATUS_ROWS_MAX + 4) * (STATUS_LINE_MAX + 16) + 256)
+#define STATUS_FRAME_MAX ((STATUS_ROWS_MAX + STATUS_NODES_MAX + 4) * (STATUS_LINE_MAX + 16) + 256)
 
 enum status_state { ST_CONNECTING, ST_CONNECTED, ST_LOST, ST_RECONNECTING, ST_REFUSED };
 
@@ -38,6 +38,18 @@ struct status_target {
     uint64_t active, total, failed;
     uint64_t bytes_in, bytes_out;
     char last_error[64];
+};
+
+/* An extra cluster node's session (status_node_add). */
+struct status_node {
+    TAILQ_ENTRY(status_node) link;
+    struct status *s;
+    char addr[STATUS_TARGET_MAX + 1];   /* printable ASCII only */
+    enum status_state state;
+    int attempt;
+    char detail[200];
+    struct timespec since, retry_at;
+    double rtt_ms;
 };
 
 struct status {
@@ -66,6 +78,8 @@ struct status {
      * in flight may hold the pointer; a later dial or announcement brings one back. */
     TAILQ_HEAD(, status_target) hidden;
     size_t nhidden;
+    TAILQ_HEAD(, status_node) nodes;
+    size_t nnodes;
     char frame[STATUS_FRAME_MAX];
     size_t frame_len;
 };
@@ -196,6 +210,40 @@ static void status_rule(const struct status *s, char *out, size_t len)
         out[0] = '\0';
 }
 
+static void status_node_line(const struct status_node *n, char *out, size_t len)
+{
+    char dur[32];
+    double now = status_now();
+    int w = snprintf(out, len, "Node        %s  ", n->addr);
+    if (w < 0 || (size_t)w >= len)
+        return;
+    out += w;
+    len -= (size_t)w;
+    switch (n->state) {
+    case ST_CONNECTING:
+    case ST_REFUSED:
+        snprintf(out, len, "%s%s%s", n->state == ST_CONNECTING ? "connecting" : "refused",
+                 n->detail[0] ? ": " : "", n->detail);
+        return;
+    case ST_CONNECTED:
+        status_fmt_duration(now - status_ts(&n->since), dur, sizeof(dur));
+        if (n->rtt_ms > 0)
+            snprintf(out, len, "connected for %s, RTT %.2f ms", dur, n->rtt_ms);
+        else
+            snprintf(out, len, "connected for %s, RTT not measured yet", dur);
+        return;
+    case ST_LOST:
+        snprintf(out, len, "disconnected: %s", n->detail);
+        return;
+    case ST_RECONNECTING: {
+        double left = status_ts(&n->retry_at) - now;
+        snprintf(out, len, "reconnecting in %.1f s (attempt %d)%s%s", left > 0 ? left : 0.0,
+                 n->attempt, n->detail[0] ? ": " : "", n->detail);
+        return;
+    }
+    }
+}
+
 static void status_session_line(const struct status *s, char *out, size_t len)
 {
     char dur[32];
@@ -275,7 +323,7 @@ static int status_wanted_rows(const struct status *s)
 /* The block's height for this terminal; 0 when it does not fit. */
 static int status_fit_height(const struct status *s)
 {
-    int h = 2 + status_wanted_rows(s);
+    int h = 2 + (int)s->nnodes + status_wanted_rows(s);
     int room = s->rows - STATUS_MIN_SCROLL_ROWS;
     if (h > room)
         h = room;
@@ -366,7 +414,16 @@ static void status_draw(struct status *s)
         status_put_row(s, 0, line);
         status_session_line(s, line, sizeof(line));
         status_put_row(s, 1, line);
-        status_put_targets(s, 2);
+        /* Node rows only when the whole block fits; a short terminal keeps the targets. */
+        int row = 2;
+        const struct status_node *n;
+        TAILQ_FOREACH(n, &s->nodes, link) {
+            if (s->height - row <= 1)
+                break;
+            status_node_line(n, line, sizeof(line));
+            status_put_row(s, row++, line);
+        }
+        status_put_targets(s, row);
         frame_add(s, "\0338");
     }
     frame_flush(s);
@@ -446,6 +503,7 @@ struct status *status_new(struct event_base *base, const struct status_opts *o)
     s->utf8 = status_env_utf8();
     TAILQ_INIT(&s->targets);
     TAILQ_INIT(&s->hidden);
+    TAILQ_INIT(&s->nodes);
     char host[260];
     status_printable(o->server_host, host, sizeof(host));
     snprintf(s->host, sizeof(s->host), strchr(host, ':') ? "[%s]" : "%s", host);
@@ -477,6 +535,11 @@ void status_free(struct status *s)
     while ((t = TAILQ_FIRST(&s->hidden)) != NULL) {
         TAILQ_REMOVE(&s->hidden, t, link);
         free(t);
+    }
+    struct status_node *n;
+    while ((n = TAILQ_FIRST(&s->nodes)) != NULL) {
+        TAILQ_REMOVE(&s->nodes, n, link);
+        free(n);
     }
     free(s);
 }
@@ -708,4 +771,80 @@ void status_target_failed(struct status_target *t, const char *why)
         return;
     t->failed++;
     status_printable(why, t->last_error, sizeof(t->last_error));
+}
+
+/* ---- cluster nodes ---- */
+
+struct status_node *status_node_add(struct status *s, const char *addr)
+{
+    if (!s || s->nnodes >= STATUS_NODES_MAX)
+        return NULL;
+    struct status_node *n = calloc(1, sizeof(*n));
+    if (!n)
+        return NULL;
+    n->s = s;
+    status_printable(addr, n->addr, sizeof(n->addr));
+    n->state = ST_CONNECTING;
+    clock_gettime(CLOCK_MONOTONIC, &n->since);
+    TAILQ_INSERT_TAIL(&s->nodes, n, link);
+    s->nnodes++;
+    status_draw(s);
+    return n;
+}
+
+void status_node_remove(struct status *s, struct status_node *n)
+{
+    if (!s || !n)
+        return;
+    TAILQ_REMOVE(&s->nodes, n, link);
+    s->nnodes--;
+    free(n);
+    status_draw(s);
+}
+
+static void status_node_state(struct status_node *n, enum status_state st, const char *detail)
+{
+    n->state = st;
+    snprintf(n->detail, sizeof(n->detail), "%s", detail ? detail : "");
+    clock_gettime(CLOCK_MONOTONIC, &n->since);
+    status_draw(n->s);
+}
+
+void status_node_connecting(struct status_node *n)
+{
+    if (n)
+        status_node_state(n, ST_CONNECTING, NULL);
+}
+
+void status_node_connected(struct status_node *n)
+{
+    if (!n)
+        return;
+    n->rtt_ms = 0;
+    status_node_state(n, ST_CONNECTED, NULL);
+}
+
+void status_node_lost(struct status_node *n, const char *reason)
+{
+    if (n)
+        status_node_state(n, ST_LOST, reason);
+}
+
+void status_node_retry(struct status_node *n, double seconds, int attempt)
+{
+    if (!n)
+        return;
+    double at = status_now() + seconds;
+    n->retry_at.tv_sec = (time_t)at;
+    n->retry_at.tv_nsec = (long)((at - (double)(time_t)at) * 1e9);
+    n->attempt = attempt;
+    char reason[sizeof(n->detail)];
+    snprintf(reason, sizeof(reason), "%s", n->state == ST_LOST ? n->detail : "");
+    status_node_state(n, ST_RECONNECTING, reason);
+}
+
+void status_node_set_rtt(struct status_node *n, double rtt_ms)
+{
+    if (n)
+        n->rtt_ms = rtt_ms;
 }

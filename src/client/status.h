@@ -78,4 +78,17 @@ void status_target_closed(struct status_target *t);
 /* A dial failed (refused, timed out, not in --allow); why is kept for the display. */
 void status_target_failed(struct status_target *t, const char *why);
 
+/* Cluster nodes (SPEC §7): a row per extra node session the client keeps besides the one
+ * to --server, "Node  ADDR  state, RTT". status_node_add returns NULL when s is NULL, out
+ * of memory, or past STATUS_NODES_MAX rows; every other node function is NULL-safe. */
+#define STATUS_NODES_MAX 32
+struct status_node;
+struct status_node *status_node_add(struct status *s, const char *addr);
+void status_node_remove(struct status *s, struct status_node *n);
+void status_node_connecting(struct status_node *n);
+void status_node_connected(struct status_node *n);
+void status_node_lost(struct status_node *n, const char *reason);
+void status_node_retry(struct status_node *n, double seconds, int attempt);
+void status_node_set_rtt(struct status_node *n, double rtt_ms);
+
 #endif

@@ -268,17 +268,45 @@ static void tc_close_session(struct tclient *c)
     c->connected = c->authed = false;
 }
 
+/* The session's state goes to its node row, or to the Session line of the --server one. */
+static void tc_status_connecting(struct tclient *c)
+{
+    if (c->opts.node)
+        status_node_connecting(c->opts.node);
+    else
+        status_connecting(c->opts.status);
+}
+
+static void tc_status_connected(struct tclient *c)
+{
+    if (c->opts.node)
+        status_node_connected(c->opts.node);
+    else
+        status_connected(c->opts.status);
+}
+
+static void tc_status_lost(struct tclient *c, const char *reason)
+{
+    if (c->opts.node)
+        status_node_lost(c->opts.node, reason);
+    else
+        status_lost(c->opts.status, reason);
+}
+
 /* Ends the current attempt, then reports it. */
 static void tc_end(struct tclient *c, enum tclient_end how, const char *reason)
 {
     bool healthy = c->authed && tc_elapsed(&c->authed_at) >= TC_HEALTHY_SECONDS;
-    if (how == TCLIENT_LOST && c->authed)
+    if (how == TCLIENT_LOST && c->authed && c->opts.node)
+        log_warn(TC_MOD, "disconnected from node %s:%u: %s", c->opts.host,
+                 (unsigned)c->opts.port, reason);
+    else if (how == TCLIENT_LOST && c->authed)
         log_warn(TC_MOD, "disconnected from server: %s", reason);
     else if (how == TCLIENT_LOST)
         log_warn(TC_MOD, "cannot connect to %s:%u: %s", c->opts.host, (unsigned)c->opts.port,
                  reason);
     if (how == TCLIENT_LOST)
-        status_lost(c->opts.status, reason);
+        tc_status_lost(c, reason);
     tc_close_session(c);
     if (c->on_end)
         c->on_end(how, healthy, c->arg);
@@ -301,7 +329,7 @@ static void tc_authed(struct tclient *c)
     mux_conn_start_keepalive(c->conn, c->opts.heartbeat_interval, c->opts.heartbeat_timeout);
     log_info(TC_MOD, "connected to %s:%u as \"%s\"%s", c->opts.host, (unsigned)c->opts.port,
              c->opts.name, c->opts.ssl ? " (TLS)" : "");
-    status_connected(c->opts.status);
+    tc_status_connected(c);
 }
 
 /* The mappings a HelloResponse announces, for the status. Informational: an entry that
@@ -311,7 +339,7 @@ static void tc_show_mappings(struct tclient *c, json_t *list);
 static void tc_read_mappings(struct tclient *c, json_t *root)
 {
     json_t *list = json_object_get(root, "mappings");
-    if (!c->opts.status)
+    if (!c->opts.status || c->opts.node)
         return;
     const char *source = NULL;
     json_int_t takeovers = 0, refused = 0;
@@ -351,7 +379,9 @@ static int tc_on_notice(struct tclient *c, const char *json, size_t len)
         json_decref(root);
         return -1;
     }
-    if (strcmp(event, "mappings") == 0 && c->opts.status) {
+    if (strcmp(event, "nodes") == 0 && c->opts.on_nodes)
+        c->opts.on_nodes(json_object_get(root, "nodes"), c->opts.nodes_arg);
+    if (strcmp(event, "mappings") == 0 && c->opts.status && !c->opts.node) {
         status_mappings_reset(c->opts.status);
         tc_show_mappings(c, json_object_get(root, "mappings"));
         status_mappings_prune(c->opts.status);
@@ -380,6 +410,8 @@ static int tc_on_json(struct mux_session *mux, uint8_t type, const char *json, s
     if (ok) {
         tc_read_mappings(c, root);
         tc_authed(c);
+        if (c->opts.on_nodes)
+            c->opts.on_nodes(json_object_get(root, "nodes"), c->opts.nodes_arg);
     } else {
         snprintf(c->refusal, sizeof(c->refusal), "server refused: %s",
                  message[0] ? message : "(no reason given)");
@@ -414,7 +446,10 @@ static void tc_on_stop(struct mux_conn *conn, int rc, void *arg)
 static void tc_on_input(struct mux_conn *conn, void *arg)
 {
     struct tclient *c = arg;
-    status_set_rtt(c->opts.status, mux_session_rtt_ms(c->mux));
+    if (c->opts.node)
+        status_node_set_rtt(c->opts.node, mux_session_rtt_ms(c->mux));
+    else
+        status_set_rtt(c->opts.status, mux_session_rtt_ms(c->mux));
 }
 
 static void tc_on_event(struct mux_conn *conn, short what, void *arg)
@@ -486,7 +521,7 @@ int tclient_connect(struct tclient *c)
     struct timeval tv = {c->opts.connect_timeout, 0};
     evtimer_add(c->deadline, &tv);
     log_debug(TC_MOD, "connecting to %s:%u", c->opts.host, (unsigned)c->opts.port);
-    status_connecting(c->opts.status);
+    tc_status_connecting(c);
     if (mux_conn_connect_hostname(c->conn, c->dns, c->opts.host, c->opts.port) != 0)
         goto fail;
     return 0;

@@ -13,7 +13,9 @@ struct event_base;
 struct evdns_base;
 struct allow_list;
 struct status;
+struct status_node;
 struct tclient;
+struct json_t;
 
 struct tclient_opts {
     const char *host;              /* server host name or IP literal */
@@ -29,6 +31,13 @@ struct tclient_opts {
     int max_pending_dials;         /* dials at once; more ConnectRequests get status 1 */
     struct status *status;         /* told of the session and every stream; NULL = none;
                                     * not owned */
+    /* An extra cluster node's session (nodes.c): its state goes to this row instead of the
+     * Session line, and the mappings it announces are left to the --server session. */
+    struct status_node *node;      /* not owned; NULL = the --server session */
+    /* The node list of a HelloResponse ("nodes", NULL when absent) or of a "nodes" Notice
+     * (SPEC §7). Borrowed for the call; NULL = ignored. */
+    void (*on_nodes)(struct json_t *nodes, void *arg);
+    void *nodes_arg;
 };
 
 enum tclient_end {

@@ -70,6 +70,7 @@ struct tsession {
     struct tunnel_stream_set streams; /* public connections and their counters */
     bool notices;                 /* its Hello said "notices": true (docs/PROTOCOL.md) */
     char *notice_last;            /* the last mappings Notice it was sent (or would be) */
+    char *nodes_last;             /* the last "nodes" list it was told (HelloResponse/Notice) */
 };
 
 struct tunnel_server {
@@ -87,7 +88,15 @@ struct tunnel_server {
      * it to the cluster sync); NULL without a cluster. */
     struct json_t *(*nodes_json)(void *arg);
     void *nodes_arg;
+    /* Re-reads the node list every TS_NODES_CHECK_SECONDS and tells each client that asked
+     * for notices when it changed, so portmux-client connects a joining node within 10 s
+     * (SPEC §7) without a re-Hello. */
+    struct event *nodes_timer;
 };
+
+#define TS_NODES_CHECK_SECONDS 2
+
+static void ts_nodes_tick(evutil_socket_t fd, short what, void *arg);
 
 void tunnel_server_set_nodes_source(struct tunnel_server *ts,
                                     struct json_t *(*fn)(void *arg), void *arg)
@@ -96,6 +105,13 @@ void tunnel_server_set_nodes_source(struct tunnel_server *ts,
         return;
     ts->nodes_json = fn;
     ts->nodes_arg = arg;
+    if (fn && !ts->nodes_timer) {
+        ts->nodes_timer = event_new(ts->srv->base, -1, EV_PERSIST, ts_nodes_tick, ts);
+        struct timeval tv = {TS_NODES_CHECK_SECONDS, 0};
+        if (!ts->nodes_timer || event_add(ts->nodes_timer, &tv) != 0)
+            log_error(TS_MOD, "cannot start the node list timer: clients learn nodes only "
+                              "when they connect");
+    }
 }
 
 static void tsession_close(struct tsession *sess, const char *reason);
@@ -171,6 +187,7 @@ static void tsession_free(struct tsession *sess)
     if (sess->probe_timer)
         event_free(sess->probe_timer);
     free(sess->notice_last);
+    free(sess->nodes_last);
     free(sess);
 }
 
@@ -282,6 +299,42 @@ static void tsession_notify_mappings(struct tsession *sess, bool send)
     sess->notice_last = text;
 }
 
+/* The node list as the client was told it; a "nodes" Notice when it differs (send false:
+ * the HelloResponse just carried it). nodes is borrowed. */
+static void tsession_notify_nodes(struct tsession *sess, const char *nodes, bool send)
+{
+    if (!nodes || (sess->nodes_last && strcmp(sess->nodes_last, nodes) == 0))
+        return;
+    char *copy = strdup(nodes);
+    if (!copy)
+        return;
+    if (send) {
+        json_t *j = json_pack("{s:s, s:o}", "event", "nodes", "nodes",
+                              json_loads(nodes, 0, NULL));
+        char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
+        json_decref(j);
+        if (text)
+            mux_session_send_json(sess->mux, FRAME_NOTICE, text, strlen(text));
+        free(text);
+    }
+    free(sess->nodes_last);
+    sess->nodes_last = copy;
+}
+
+static void ts_nodes_tick(evutil_socket_t fd, short what, void *arg)
+{
+    struct tunnel_server *ts = arg;
+    json_t *arr = ts->nodes_json ? ts->nodes_json(ts->nodes_arg) : NULL;
+    char *text = arr ? json_dumps(arr, JSON_COMPACT) : NULL;
+    json_decref(arr);
+    struct tsession *sess;
+    TAILQ_FOREACH(sess, &ts->sessions, link) {
+        if (text && sess->authed && !mux_conn_closing(sess->conn) && sess->notices)
+            tsession_notify_nodes(sess, text, true);
+    }
+    free(text);
+}
+
 void tunnel_server_mappings_changed(struct tunnel_server *ts)
 {
     if (!ts)
@@ -313,14 +366,15 @@ static void tsession_accept(struct tsession *sess, const char *name)
                                   "takeovers", (json_int_t)ce->takeovers, "refused",
                                   (json_int_t)ce->refused)
                       : NULL;
+    json_t *nodes = sess->ts->nodes_json ? sess->ts->nodes_json(sess->ts->nodes_arg) : NULL;
+    char *nodes_text = nodes && sess->notices ? json_dumps(nodes, JSON_COMPACT) : NULL;
     tsession_respond(sess, json_pack("{s:b, s:s, s:o*, s:o*, s:o*}", "ok", 1, "message", msg,
                                      "mappings", ts_client_mappings_json(sess->ts, sess->name),
-                                     "client", self, "nodes",
-                                     sess->ts->nodes_json
-                                         ? sess->ts->nodes_json(sess->ts->nodes_arg)
-                                         : NULL));
+                                     "client", self, "nodes", nodes));
     if (sess->notices)
         tsession_notify_mappings(sess, false);
+    tsession_notify_nodes(sess, nodes_text, false);
+    free(nodes_text);
     mux_conn_start_keepalive(sess->conn,
                              cfg->heartbeat_interval > 0 ? cfg->heartbeat_interval : 10,
                              cfg->heartbeat_timeout > 0 ? cfg->heartbeat_timeout : 30);
@@ -754,6 +808,8 @@ void tunnel_server_free(struct tunnel_server *ts)
     if (!ts)
         return;
     accept_guard_free(ts->accept_guard);
+    if (ts->nodes_timer)
+        event_free(ts->nodes_timer);
     if (ts->listener)
         evconnlistener_free(ts->listener);
     struct tsession *sess;

@@ -1,0 +1,276 @@
+/* Extra cluster node sessions of portmux-client (see nodes.h). */
+#include "nodes.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+#include <time.h>
+
+#include <event2/event.h>
+#include <jansson.h>
+
+#include "log.h"
+#include "netaddr.h"
+#include "status.h"
+#include "tunnel_client.h"
+
+#define NS_MOD "client"
+/* Node sessions at most: a list is the server's to send, our descriptors are ours. */
+#define NS_NODES_MAX STATUS_NODES_MAX
+#define NS_ADDR_MAX 300
+#define NS_BACKOFF_CAP_SECONDS 30.0
+
+struct ns_node {
+    TAILQ_ENTRY(ns_node) link;
+    struct nodeset *ns;
+    char addr[NS_ADDR_MAX];      /* as listed: "host:port" or "[v6]:port" */
+    char host[256];
+    uint16_t port;
+    struct tclient *tc;
+    struct status_node *row;
+    struct event *retry;
+    int attempt;                 /* consecutive failed attempts */
+    bool gone;                   /* its session ended and it is no longer listed */
+};
+
+struct nodeset {
+    struct event_base *base;
+    struct evdns_base *dns;
+    struct tclient_opts opts;
+    const char *server_name;
+    bool no_reconnect;
+    char self[NS_ADDR_MAX];      /* the node the --server session reached ("" = unknown) */
+    json_t *listed;              /* the last list (array of strings); NULL = none yet */
+    bool pending;                /* listed changed since the last apply */
+    struct event *apply;
+    TAILQ_HEAD(, ns_node) nodes;
+    size_t nnodes;
+};
+
+static bool ns_listed(const struct nodeset *ns, const char *addr)
+{
+    size_t i;
+    json_t *v;
+    if (strcmp(addr, ns->self) == 0)
+        return false;
+    json_array_foreach(ns->listed, i, v) {
+        if (json_is_string(v) && strcmp(json_string_value(v), addr) == 0)
+            return true;
+    }
+    return false;
+}
+
+static void ns_node_free(struct ns_node *n)
+{
+    struct nodeset *ns = n->ns;
+    TAILQ_REMOVE(&ns->nodes, n, link);
+    ns->nnodes--;
+    tclient_free(n->tc);
+    if (n->retry)
+        event_free(n->retry);
+    status_node_remove(ns->opts.status, n->row);
+    free(n);
+}
+
+/* 1, 2, 4 ... 30 s, each +-20 %, as main.c's reconnect of the --server session. */
+static double ns_backoff(int attempt)
+{
+    double base = attempt >= 6 ? NS_BACKOFF_CAP_SECONDS : (double)(1 << (attempt - 1));
+    double d = base * (0.8 + 0.4 * ((double)random() / (double)RAND_MAX));
+    return d > NS_BACKOFF_CAP_SECONDS ? NS_BACKOFF_CAP_SECONDS : d;
+}
+
+static void ns_schedule_retry(struct ns_node *n)
+{
+    n->attempt++;
+    double d = ns_backoff(n->attempt);
+    struct timeval tv = {(time_t)d, (suseconds_t)((d - (double)(time_t)d) * 1e6)};
+    log_info(NS_MOD, "node %s: reconnecting in %.1f s (attempt %d)", n->addr, d, n->attempt);
+    status_node_retry(n->row, d, n->attempt);
+    evtimer_add(n->retry, &tv);
+}
+
+static void ns_retry_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct ns_node *n = arg;
+    if (tclient_connect(n->tc) != 0) {
+        log_error(NS_MOD, "node %s: cannot start a connection", n->addr);
+        if (!n->ns->no_reconnect)
+            ns_schedule_retry(n);
+    }
+}
+
+/* A node session ended (its tclient is idle). Called from inside the tclient: the node
+ * is only marked here and freed by the next apply. */
+static void ns_on_end(enum tclient_end how, bool healthy, void *arg)
+{
+    struct ns_node *n = arg;
+    struct nodeset *ns = n->ns;
+    if (how == TCLIENT_REFUSED) {
+        log_warn(NS_MOD, "node %s: %s", n->addr, tclient_refusal(n->tc));
+        status_node_lost(n->row, tclient_refusal(n->tc));
+    }
+    if (!ns_listed(ns, n->addr)) {
+        n->gone = true;
+        event_active(ns->apply, EV_TIMEOUT, 0);
+        return;
+    }
+    if (ns->no_reconnect)
+        return;
+    if (healthy)
+        n->attempt = 0;
+    ns_schedule_retry(n);
+}
+
+static void ns_on_nodes_from_node(json_t *nodes, void *arg)
+{
+    struct ns_node *n = arg;
+    nodeset_update(n->ns, nodes, false);
+}
+
+static struct ns_node *ns_node_new(struct nodeset *ns, const char *addr, const char *host,
+                                   uint16_t port)
+{
+    struct ns_node *n = calloc(1, sizeof(*n));
+    if (!n)
+        return NULL;
+    n->ns = ns;
+    snprintf(n->addr, sizeof(n->addr), "%s", addr);
+    snprintf(n->host, sizeof(n->host), "%s", host);
+    n->port = port;
+    TAILQ_INSERT_TAIL(&ns->nodes, n, link);
+    ns->nnodes++;
+    n->row = status_node_add(ns->opts.status, addr);
+    struct tclient_opts o = ns->opts;
+    o.host = n->host;
+    o.port = port;
+    o.server_name = ns->server_name ? ns->server_name : n->host;
+    o.node = n->row;
+    o.on_nodes = ns_on_nodes_from_node;
+    o.nodes_arg = n;
+    n->tc = tclient_new(ns->base, ns->dns, &o, ns_on_end, n);
+    n->retry = evtimer_new(ns->base, ns_retry_cb, n);
+    if (!n->tc || !n->retry) {
+        ns_node_free(n);
+        return NULL;
+    }
+    return n;
+}
+
+static struct ns_node *ns_find(struct nodeset *ns, const char *addr)
+{
+    struct ns_node *n;
+    TAILQ_FOREACH(n, &ns->nodes, link) {
+        if (strcmp(n->addr, addr) == 0)
+            return n;
+    }
+    return NULL;
+}
+
+/* Drops the nodes no longer listed (or gone), and connects the listed ones not yet known. */
+static void ns_apply(evutil_socket_t fd, short what, void *arg)
+{
+    struct nodeset *ns = arg;
+    struct ns_node *n, *next;
+    for (n = TAILQ_FIRST(&ns->nodes); n; n = next) {
+        next = TAILQ_NEXT(n, link);
+        if (n->gone || !ns_listed(ns, n->addr)) {
+            log_info(NS_MOD, "node %s left the cluster: session closed", n->addr);
+            ns_node_free(n);
+        }
+    }
+    if (!ns->pending)
+        return;
+    ns->pending = false;
+    size_t i;
+    json_t *v;
+    json_array_foreach(ns->listed, i, v) {
+        char host[256];
+        uint16_t port;
+        const char *addr = json_string_value(v);
+        if (!addr || strlen(addr) >= NS_ADDR_MAX || strcmp(addr, ns->self) == 0 ||
+            ns_find(ns, addr))
+            continue;
+        /* Logged and shown: nothing but printable ASCII from the server. */
+        for (const char *p = addr; *p && addr; p++)
+            if (*p < 0x21 || *p > 0x7e)
+                addr = NULL;
+        if (!addr) {
+            log_warn(NS_MOD, "node list: skipping an address with unprintable bytes");
+            continue;
+        }
+        if (netaddr_split_host_port(addr, host, sizeof(host), &port) != 0) {
+            log_warn(NS_MOD, "node list: skipping an address that is not HOST:PORT");
+            continue;
+        }
+        if (ns->nnodes >= NS_NODES_MAX) {
+            log_warn(NS_MOD, "node list: more than %d other nodes, the rest are not connected",
+                     NS_NODES_MAX);
+            break;
+        }
+        n = ns_node_new(ns, addr, host, port);
+        if (!n) {
+            log_error(NS_MOD, "node %s: out of memory", addr);
+            continue;
+        }
+        log_info(NS_MOD, "node %s joined the cluster: connecting", addr);
+        if (tclient_connect(n->tc) != 0) {
+            log_error(NS_MOD, "node %s: cannot start a connection", addr);
+            if (!ns->no_reconnect)
+                ns_schedule_retry(n);
+        }
+    }
+}
+
+void nodeset_update(struct nodeset *ns, json_t *nodes, bool primary)
+{
+    if (!ns)
+        return;
+    json_t *list = json_is_array(nodes) ? json_deep_copy(nodes) : json_array();
+    if (!list)
+        return;
+    if (primary) {
+        const char *first = json_string_value(json_array_get(list, 0));
+        snprintf(ns->self, sizeof(ns->self), "%s",
+                 first && strlen(first) < sizeof(ns->self) ? first : "");
+    }
+    json_decref(ns->listed);
+    ns->listed = list;
+    ns->pending = true;
+    event_active(ns->apply, EV_TIMEOUT, 0);
+}
+
+struct nodeset *nodeset_new(struct event_base *base, struct evdns_base *dns,
+                            const struct tclient_opts *base_opts, const char *server_name,
+                            bool no_reconnect)
+{
+    struct nodeset *ns = calloc(1, sizeof(*ns));
+    if (!ns)
+        return NULL;
+    ns->base = base;
+    ns->dns = dns;
+    ns->opts = *base_opts;
+    ns->opts.on_nodes = NULL;
+    ns->opts.nodes_arg = NULL;
+    ns->server_name = server_name;
+    ns->no_reconnect = no_reconnect;
+    TAILQ_INIT(&ns->nodes);
+    ns->apply = event_new(base, -1, 0, ns_apply, ns);
+    if (!ns->apply) {
+        free(ns);
+        return NULL;
+    }
+    return ns;
+}
+
+void nodeset_free(struct nodeset *ns)
+{
+    if (!ns)
+        return;
+    while (!TAILQ_EMPTY(&ns->nodes))
+        ns_node_free(TAILQ_FIRST(&ns->nodes));
+    event_free(ns->apply);
+    json_decref(ns->listed);
+    free(ns);
+}

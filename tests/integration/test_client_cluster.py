@@ -1,0 +1,174 @@
+"""portmux-client keeps a session to every cluster node (SPEC §7, issue 18).
+
+Two portmux-server nodes on one real PostgreSQL (pg_helpers), each on its own loopback
+address (127.0.0.2 / 127.0.0.3: mappings.bind_addr, tunnel.listen_addr,
+cluster.advertise). A client started against node A learns node B from A's HelloResponse
+(or from A's "nodes" Notice when B joins later), connects to it with the same options,
+so a tunnel mapping answers on B's public port too; when B stops, that session is
+dropped and the client keeps serving through A. The client runs on a pseudo-terminal
+(script(1)) so its status block -- one "Node" row per extra node -- can be read."""
+import os
+import re
+import shlex
+import signal
+from pathlib import Path
+
+import pytest
+
+from conftest import CLIENT_BIN, connect, free_port, recv_exact, wait_until
+from pg_helpers import pg  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.skipif(not CLIENT_BIN.exists(),
+                                reason=f"portmux-client not built at {CLIENT_BIN}")
+
+TOKEN = "edge-" + os.urandom(6).hex()
+ROW = re.compile(rb"\x1b\[(\d+);1H\x1b\[2K([^\x1b]*)")
+
+
+def node(server_factory, pg, name, addr, start=True):  # noqa: F811
+    tport = free_port()
+    srv = server_factory(config={
+        "tunnel": {"enabled": True, "listen_addr": addr, "listen_port": tport,
+                   "heartbeat_interval": 1, "heartbeat_timeout": 5,
+                   "clients": [{"name": "edge", "token": TOKEN}]},
+        "mappings": {"bind_addr": addr},
+        "cluster": {"node_name": f"node-{name}", "advertise": f"{addr}:{tport}"},
+    }, start=False, name=name)
+    srv.config["database"] = {"url": pg.url}
+    srv.write_config()
+    if start:
+        srv.start(timeout=20)
+    return srv
+
+
+def connected(srv):
+    status, _, body = srv.api("GET", "/api/clients")
+    assert status == 200, body
+    return any(c["name"] == "edge" and c["connected"] for c in body["data"]["clients"])
+
+
+def echo_ok(port, host, payload=b"through the tunnel"):
+    with connect(port, host=host) as s:
+        s.sendall(payload)
+        assert recv_exact(s, len(payload)) == payload
+
+
+class TtyClient:
+    """portmux-client on a 40x160 pseudo-terminal; everything it draws lands in its log."""
+
+    def __init__(self, proc_factory, tmp_path, server):
+        self.pid_path = Path(tmp_path) / "client.pid"
+        args = [str(CLIENT_BIN), "--server", server, "--token", TOKEN, "--name", "edge",
+                "--heartbeat-interval", "1", "--heartbeat-timeout", "5"]
+        cmd = (f"stty rows 40 cols 160; echo $$ > {shlex.quote(str(self.pid_path))}; "
+               f"exec {shlex.join(args)}")
+        env = dict(os.environ, TERM="xterm", LC_ALL="C.UTF-8")
+        self.proc = proc_factory(["script", "-q", "-e", "-c", cmd, "/dev/null"], "client",
+                                 env=env)
+
+    def stop(self):
+        """SIGTERM to the client itself; its exit status (script -e passes it on)."""
+        pid = int(wait_until(lambda: self.pid_path.exists() and self.pid_path.read_text()
+                             .strip(), desc="the client's pid"))
+        os.kill(pid, signal.SIGTERM)
+        return self.proc.wait(10)
+
+    def text(self):
+        return self.proc.log_path.read_bytes().decode("utf-8", errors="replace")
+
+    def wait_log(self, pattern, timeout=10.0):
+        rx = re.compile(pattern)
+        return wait_until(lambda: rx.search(self.text()), timeout=timeout,
+                          desc=f"client output matching {pattern!r}")
+
+    def last_rows(self):
+        screen = {}
+        for row, text in ROW.findall(self.proc.log_path.read_bytes()):
+            screen[int(row)] = text.decode("utf-8", errors="replace")
+        return screen
+
+    def last_block(self):
+        """The rows of the last full redraw: from the last rule ("── portmux-client") on."""
+        rows = [t.decode("utf-8", errors="replace")
+                for _, t in ROW.findall(self.proc.log_path.read_bytes())]
+        starts = [i for i, t in enumerate(rows) if " portmux-client " in t]
+        return rows[starts[-1]:] if starts else []
+
+    def wait_row(self, pattern, timeout=10.0):
+        rx = re.compile(pattern)
+        return wait_until(lambda: next((t for t in self.last_rows().values() if rx.search(t)),
+                                       None),
+                          timeout=timeout, desc=f"a status row matching {pattern!r}")
+
+
+def test_client_serves_through_every_node(pg, server_factory, echo_backend,  # noqa: F811
+                                          proc_factory, tmp_path):
+    a = node(server_factory, pg, "a", "127.0.0.2")
+    b = node(server_factory, pg, "b", "127.0.0.3")
+    b_addr = f"127.0.0.3:{b.tunnel_port}"
+    # B is registered before the client says Hello to A: A's HelloResponse lists it.
+    wait_until(lambda: len(a.api("GET", "/api/cluster")[2]["data"]["nodes"]) == 2,
+               timeout=20, desc="a sees b")
+    client = TtyClient(proc_factory, tmp_path, f"127.0.0.2:{a.tunnel_port}")
+    wait_until(lambda: connected(a), timeout=15, desc="the client on a")
+    client.wait_log(rf"node {re.escape(b_addr)} joined the cluster: connecting", timeout=15)
+    wait_until(lambda: connected(b), timeout=15, desc="the client on b too")
+    # One session per node: A's own address gets no second one.
+    assert f"node 127.0.0.2:{a.tunnel_port} joined" not in client.text()
+    client.wait_row(rf"^Node        {re.escape(b_addr)}  connected for \d+s", timeout=15)
+    client.wait_row(rf"^Node        {re.escape(b_addr)}  connected for \d+s, RTT \d+\.\d\d ms$",
+                    timeout=15)
+    # The node row sits between the Session line and the forwarding rows.
+    block = wait_until(lambda: (lambda b: b if any(t.startswith("Node ") for t in b) else None)(
+        client.last_block()), timeout=5, desc="a block with the node row")
+    assert block[1].startswith("Session     connected") and block[2].startswith("Node "), block
+
+    port = free_port()
+    a.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port,
+                use_tunnel=True, client="edge")
+    wait_until(lambda: (b.mapping(port) or {}).get("status") == "listening", timeout=10,
+               desc="b listens for the mapping")
+    echo_ok(port, "127.0.0.2")
+    # B's public port: B asks its own session to the client, which dials the backend.
+    echo_ok(port, "127.0.0.3")
+    status, _, body = b.api("GET", "/api/clients")
+    edge = next(c for c in body["data"]["clients"] if c["name"] == "edge")
+    assert edge["bytes_in"] > 0 and edge["bytes_out"] > 0, edge
+
+    # B stops: its session ends, and once A no longer lists B the client drops it.
+    b.stop()
+    client.wait_log(rf"disconnected from node {re.escape(b_addr)}", timeout=15)
+    client.wait_log(rf"node {re.escape(b_addr)} left the cluster: session closed", timeout=60)
+    wait_until(lambda: (lambda rows: rows and not any(t.startswith("Node ") for t in rows))(
+        client.last_block()), timeout=10, desc="a block drawn without the node row")
+    assert client.proc.running(), client.text()[-2000:]
+    assert connected(a)
+    echo_ok(port, "127.0.0.2")
+    # A clean stop with the node set emptied and refilled on the way (sanitizer builds
+    # report leaks or bad accesses here).
+    assert client.stop() == 0, client.text()[-2000:]
+    assert "Sanitizer" not in client.text() and "runtime error" not in client.text()
+
+
+def test_a_node_that_joins_later_is_connected(pg, server_factory, echo_backend,  # noqa: F811
+                                               proc_factory, tmp_path):
+    a = node(server_factory, pg, "a", "127.0.0.2")
+    client = TtyClient(proc_factory, tmp_path, f"127.0.0.2:{a.tunnel_port}")
+    wait_until(lambda: connected(a), timeout=15, desc="the client on a")
+    # Alone: the HelloResponse lists A only, and nothing else is dialled.
+    assert "joined the cluster" not in client.text()
+    b = node(server_factory, pg, "b", "127.0.0.3")
+    b_addr = f"127.0.0.3:{b.tunnel_port}"
+    # A learns B from B's heartbeat and tells the client in a "nodes" Notice.
+    client.wait_log(rf"node {re.escape(b_addr)} joined the cluster: connecting", timeout=30)
+    wait_until(lambda: connected(b), timeout=15, desc="the client on b")
+    port = free_port()
+    b.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port,
+                use_tunnel=True, client="edge")
+    wait_until(lambda: (a.mapping(port) or {}).get("status") == "listening", timeout=10,
+               desc="a listens for the mapping")
+    echo_ok(port, "127.0.0.3")
+    echo_ok(port, "127.0.0.2")
+    # Stopped with a node session up: it is closed with the rest.
+    assert client.stop() == 0, client.text()[-2000:]
+    assert "Sanitizer" not in client.text() and "runtime error" not in client.text()
