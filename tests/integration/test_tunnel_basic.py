@@ -280,6 +280,9 @@ def test_silent_peers_dropped_after_heartbeat_timeout(server_factory, http_backe
                         timeout=10)
     finally:
         srv.proc.send_signal(signal.SIGCONT)
+    # The server may still count the session the client gave up until it reads that
+    # socket's end: wait for the client's new session, not only for a count of one.
+    client.wait_log(r"connected to 127\.0\.0\.1:\d+ as", after=mark, timeout=15)
     wait_until(lambda: client_count(srv) == 1, timeout=15, desc="client to reconnect")
     assert http_get(port, "/hello.txt")[0] == 200
 
