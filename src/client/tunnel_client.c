@@ -123,7 +123,13 @@ static const struct bridge_hooks dial_hooks = {
 
 static void dial_fail(struct dial *d, uint8_t status, const char *why)
 {
-    log_info(TC_MOD, "stream %u: %s: %s", (unsigned)mux_stream_id(d->st), d->target, why);
+    /* Optimistic data the server sent ahead goes with the stream (the refusal frees it). */
+    size_t held = evbuffer_get_length(mux_stream_sink(d->st));
+    char dropped[64] = "";
+    if (held > 0)
+        snprintf(dropped, sizeof(dropped), " (%zu bytes sent ahead dropped)", held);
+    log_info(TC_MOD, "stream %u: %s: %s%s", (unsigned)mux_stream_id(d->st), d->target, why,
+             dropped);
     status_target_failed(d->shown, why);
     mux_stream_respond(d->st, status);
     dial_free(d, false);
@@ -286,9 +292,13 @@ static void tc_end(struct tclient *c, enum tclient_end how, const char *reason)
 
 static void tc_send_hello(struct tclient *c)
 {
-    /* notices: the server may tell us when our mappings change (docs/PROTOCOL.md). */
-    json_t *j = json_pack("{s:s, s:s, s:s, s:b}", "name", c->opts.name, "token", c->opts.token,
-                          "version", PORTMUX_VERSION, "notices", 1);
+    /* notices: the server may tell us when our mappings change; optimistic: it may send a
+     * stream's first Data before our ConnectResponse, held until the dial completes
+     * (docs/PROTOCOL.md). */
+    json_t *j = json_pack("{s:s, s:s, s:s, s:b, s:b}", "name", c->opts.name, "token",
+                          c->opts.token, "version", PORTMUX_VERSION, "notices", 1,
+                          "optimistic", 1);
+    mux_session_set_early_data(c->mux);
     mux_conn_send_json(c->conn, FRAME_HELLO, j);
 }
 
