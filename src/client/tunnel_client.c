@@ -124,7 +124,7 @@ static const struct bridge_hooks dial_hooks = {
 static void dial_fail(struct dial *d, uint8_t status, const char *why)
 {
     /* Optimistic data the server sent ahead goes with the stream (the refusal frees it). */
-    size_t held = evbuffer_get_length(mux_stream_sink(d->st));
+    size_t held = mux_stream_held(d->st);
     char dropped[64] = "";
     if (held > 0)
         snprintf(dropped, sizeof(dropped), " (%zu bytes sent ahead dropped)", held);
@@ -139,6 +139,7 @@ static void dial_connected(struct dial *d)
 {
     struct tclient *c = d->c;
     struct mux_stream *st = d->st;
+    size_t held = mux_stream_held(st); /* optimistic data: bridge_new writes it first */
     if (mux_stream_respond(st, FRAME_STATUS_OK) != MUX_OK) {
         dial_free(d, false);
         return;
@@ -153,7 +154,12 @@ static void dial_connected(struct dial *d)
     }
     sv->c = c;
     sv->shown = d->shown;
-    log_debug(TC_MOD, "stream %u: connected to %s", (unsigned)mux_stream_id(st), d->target);
+    if (held > 0)
+        log_debug(TC_MOD, "stream %u: connected to %s (%zu bytes sent ahead written first)",
+                  (unsigned)mux_stream_id(st), d->target, held);
+    else
+        log_debug(TC_MOD, "stream %u: connected to %s", (unsigned)mux_stream_id(st),
+                  d->target);
     c->streams++;
     status_target_opened(d->shown);
     dial_free(d, true);

@@ -830,6 +830,11 @@ struct evbuffer *mux_stream_sink(struct mux_stream *st)
     return st->rx;
 }
 
+size_t mux_stream_held(const struct mux_stream *st)
+{
+    return !st->sink && st->rx ? evbuffer_get_length(st->rx) : 0;
+}
+
 uint32_t mux_stream_id(const struct mux_stream *st) { return st->id; }
 
 struct mux_session *mux_stream_session(const struct mux_stream *st) { return st->s; }

@@ -158,6 +158,9 @@ void mux_stream_set_callbacks(struct mux_stream *st, const struct mux_stream_cal
  * there at once. NULL = the stream's own buffer. */
 void mux_stream_set_sink(struct mux_stream *st, struct evbuffer *sink);
 struct evbuffer *mux_stream_sink(struct mux_stream *st);
+/* Received bytes waiting in the stream's own buffer (no sink set yet), without creating
+ * that buffer: what optimistic data a client holds for a stream it is still dialling. */
+size_t mux_stream_held(const struct mux_stream *st);
 
 uint32_t mux_stream_id(const struct mux_stream *st);
 struct mux_session *mux_stream_session(const struct mux_stream *st);

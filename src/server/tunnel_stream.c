@@ -255,6 +255,24 @@ static const struct mux_stream_callbacks tstream_pending_cb = {
     .on_close = tstream_on_stream_close,
 };
 
+/* A client-speaks-first peer has often spoken by the time we accept it: one read now puts
+ * its first bytes in the same tunnel write as the ConnectRequest, not a loop turn later.
+ * Nothing there, EOF or an error: libevent's own read finds it again. Not under a
+ * rate limit, whose buckets only libevent's reads draw from. */
+static void tstream_read_now(struct tunnel_stream *t)
+{
+    size_t room = mux_stream_send_room(t->st);
+    if (room == 0)
+        return;
+    if (room > FRAME_MAX_DATA)
+        room = FRAME_MAX_DATA;
+    /* A socket bufferevent keeps its input's end frozen outside its own reads. */
+    struct evbuffer *in = bufferevent_get_input(t->bev);
+    evbuffer_unfreeze(in, 0);
+    (void)evbuffer_read(in, bufferevent_getfd(t->bev), (int)room);
+    evbuffer_freeze(in, 0);
+}
+
 /* The client takes optimistic data: the PROXY header goes right after the ConnectRequest,
  * then the public socket's first bytes, without waiting for the client's dial. */
 static int tstream_read_ahead(struct tunnel_stream *t, struct event_base *base)
@@ -272,7 +290,9 @@ static int tstream_read_ahead(struct tunnel_stream *t, struct event_base *base)
     t->mc.policy_changed = tstream_policy_changed;
     if (t->mc.mapping->rl_group)
         tstream_policy_changed(&t->mc);
-    tstream_early_pump(t); /* reads on, or waits when the header filled the window */
+    else
+        tstream_read_now(t);
+    tstream_early_pump(t); /* sends what came, reads on (or waits for window) */
     return 0;
 }
 
