@@ -154,12 +154,10 @@ static void dial_connected(struct dial *d)
     }
     sv->c = c;
     sv->shown = d->shown;
+    log_debug(TC_MOD, "stream %u: connected to %s", (unsigned)mux_stream_id(st), d->target);
     if (held > 0)
-        log_debug(TC_MOD, "stream %u: connected to %s (%zu bytes sent ahead written first)",
-                  (unsigned)mux_stream_id(st), d->target, held);
-    else
-        log_debug(TC_MOD, "stream %u: connected to %s", (unsigned)mux_stream_id(st),
-                  d->target);
+        log_debug(TC_MOD, "stream %u: %zu bytes sent ahead written first",
+                  (unsigned)mux_stream_id(st), held);
     c->streams++;
     status_target_opened(d->shown);
     dial_free(d, true);
