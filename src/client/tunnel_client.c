@@ -123,7 +123,13 @@ static const struct bridge_hooks dial_hooks = {
 
 static void dial_fail(struct dial *d, uint8_t status, const char *why)
 {
-    log_info(TC_MOD, "stream %u: %s: %s", (unsigned)mux_stream_id(d->st), d->target, why);
+    /* Optimistic data the server sent ahead goes with the stream (the refusal frees it). */
+    size_t held = mux_stream_held(d->st);
+    char dropped[64] = "";
+    if (held > 0)
+        snprintf(dropped, sizeof(dropped), " (%zu bytes sent ahead dropped)", held);
+    log_info(TC_MOD, "stream %u: %s: %s%s", (unsigned)mux_stream_id(d->st), d->target, why,
+             dropped);
     status_target_failed(d->shown, why);
     mux_stream_respond(d->st, status);
     dial_free(d, false);
@@ -133,6 +139,7 @@ static void dial_connected(struct dial *d)
 {
     struct tclient *c = d->c;
     struct mux_stream *st = d->st;
+    size_t held = mux_stream_held(st); /* optimistic data: bridge_new writes it first */
     if (mux_stream_respond(st, FRAME_STATUS_OK) != MUX_OK) {
         dial_free(d, false);
         return;
@@ -148,6 +155,9 @@ static void dial_connected(struct dial *d)
     sv->c = c;
     sv->shown = d->shown;
     log_debug(TC_MOD, "stream %u: connected to %s", (unsigned)mux_stream_id(st), d->target);
+    if (held > 0)
+        log_debug(TC_MOD, "stream %u: %zu bytes sent ahead written first",
+                  (unsigned)mux_stream_id(st), held);
     c->streams++;
     status_target_opened(d->shown);
     dial_free(d, true);
@@ -314,9 +324,13 @@ static void tc_end(struct tclient *c, enum tclient_end how, const char *reason)
 
 static void tc_send_hello(struct tclient *c)
 {
-    /* notices: the server may tell us when our mappings change (docs/PROTOCOL.md). */
-    json_t *j = json_pack("{s:s, s:s, s:s, s:b}", "name", c->opts.name, "token", c->opts.token,
-                          "version", PORTMUX_VERSION, "notices", 1);
+    /* notices: the server may tell us when our mappings change; optimistic: it may send a
+     * stream's first Data before our ConnectResponse, held until the dial completes
+     * (docs/PROTOCOL.md). */
+    json_t *j = json_pack("{s:s, s:s, s:s, s:b, s:b}", "name", c->opts.name, "token",
+                          c->opts.token, "version", PORTMUX_VERSION, "notices", 1,
+                          "optimistic", 1);
+    mux_session_set_early_data(c->mux);
     mux_conn_send_json(c->conn, FRAME_HELLO, j);
 }
 

@@ -67,6 +67,7 @@ struct mux_session {
     uint32_t next_id;
     int depth;               /* > 0 while inside a call that may run callbacks */
     bool open;
+    bool early_data;         /* optimistic data: see mux_session_set_early_data */
     bool freeing;
     int failed;
     char err[160];
@@ -290,6 +291,10 @@ void mux_session_free(struct mux_session *s)
 }
 
 void mux_session_set_open(struct mux_session *s) { s->open = true; }
+
+void mux_session_set_early_data(struct mux_session *s) { s->early_data = true; }
+
+bool mux_session_early_data(const struct mux_session *s) { return s->early_data; }
 
 bool mux_session_is_open(const struct mux_session *s) { return s->open; }
 
@@ -639,9 +644,20 @@ static int mux_input_data(struct mux_session *s, struct evbuffer *in, uint32_t l
         return mux_fail(s, MUX_E_FRAME, "%s", frame_result_name(r));
     if (!s->open)
         return mux_fail(s, MUX_E_PROTOCOL, "Data before Hello");
-    struct mux_stream *st = mux_open_stream_for(s, &f, "Data");
-    if (!st)
+    struct mux_stream *st;
+    if (s->early_data && s->role == MUX_ROLE_CLIENT) {
+        /* Optimistic data: Data may come before our ConnectResponse (held in rx until
+         * the application sets a sink), and Data for a stream we no longer know may be
+         * the server's early Data crossing our refusal: dropped, as a crossed Close is.
+         * Its window is no concern: the stream is gone on both sides. */
+        st = mux_lookup(s, f.conn_id);
+        if (!st)
+            return evbuffer_drain(in, FRAME_HEADER_LEN + (size_t)length) == 0
+                       ? MUX_OK
+                       : mux_fail(s, MUX_E_NOMEM, "drain failed");
+    } else if (!(st = mux_open_stream_for(s, &f, "Data"))) {
         return s->failed;
+    }
     size_t n = length - 4;
     if (st->remote_shut)
         return mux_fail(s, MUX_E_PROTOCOL, "Data after ShutWrite on stream %u", (unsigned)st->id);
@@ -814,6 +830,11 @@ struct evbuffer *mux_stream_sink(struct mux_stream *st)
     return st->rx;
 }
 
+size_t mux_stream_held(const struct mux_stream *st)
+{
+    return !st->sink && st->rx ? evbuffer_get_length(st->rx) : 0;
+}
+
 uint32_t mux_stream_id(const struct mux_stream *st) { return st->id; }
 
 struct mux_session *mux_stream_session(const struct mux_stream *st) { return st->s; }
@@ -832,7 +853,9 @@ size_t mux_stream_send_room(const struct mux_stream *st)
 static bool mux_stream_can_send(const struct mux_stream *st)
 {
     const struct mux_session *s = st->s;
-    return st->attached && st->opened && !st->local_shut && !st->close_sent && !s->failed &&
+    /* Before the ConnectResponse only the server of a session with optimistic data. */
+    bool may = st->opened || (s->early_data && s->role == MUX_ROLE_SERVER);
+    return st->attached && may && !st->local_shut && !st->close_sent && !s->failed &&
            !s->freeing;
 }
 
@@ -934,7 +957,9 @@ void mux_stream_consumed(struct mux_stream *st, size_t n)
     if (n > outstanding)
         n = outstanding;
     st->recv_consumed += (uint32_t)n;
-    if (st->close_sent || st->remote_shut)
+    /* Not before our ConnectResponse: the server takes a WindowUpdate for a stream it does
+     * not see open as a protocol error. The credit is kept for the next one. */
+    if (st->close_sent || st->remote_shut || !st->opened)
         return;
     /* Credit goes back at half the window, or at a quarter once the sink is empty: data
      * comes in one burst per round trip, and a consumer that drained the burst past the
@@ -969,7 +994,9 @@ void mux_stream_consumed(struct mux_stream *st, size_t n)
 int mux_stream_shut_write(struct mux_stream *st)
 {
     uint8_t buf[FRAME_HEADER_LEN + 4];
-    if (!mux_stream_can_send(st))
+    /* Optimistic data is Data only: the peer takes ShutWrite on an unopened stream as a
+     * protocol error. */
+    if (!mux_stream_can_send(st) || !st->opened)
         return MUX_E_STATE;
     st->local_shut = true;
     mux_unblock(st);

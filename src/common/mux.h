@@ -114,6 +114,15 @@ size_t mux_session_buffer_grown(const struct mux_session *s);
 /* Lets stream and KeepAlive frames through (after a successful Hello). */
 void mux_session_set_open(struct mux_session *s);
 bool mux_session_is_open(const struct mux_session *s);
+/* Optimistic data (docs/PROTOCOL.md): set on both ends once the client's Hello said
+ * "optimistic": true. Server role: mux_stream_write() may send a stream's Data right after
+ * its ConnectRequest, within the stream's window, before the ConnectResponse (ShutWrite
+ * still waits for it). Client role: Data for a stream not yet answered is accepted, within
+ * its window, and held in the stream's own buffer until mux_stream_set_sink() (a refusal
+ * drops it with the stream); Data for an unknown stream is dropped rather than a protocol
+ * error, since it may have crossed our refusal. */
+void mux_session_set_early_data(struct mux_session *s);
+bool mux_session_early_data(const struct mux_session *s);
 
 /* Consumes every whole frame at the front of in; a partial frame stays. Returns MUX_OK,
  * MUX_STOPPED, or a negative error (fatal: close the tunnel; see mux_session_error). */
@@ -149,6 +158,9 @@ void mux_stream_set_callbacks(struct mux_stream *st, const struct mux_stream_cal
  * there at once. NULL = the stream's own buffer. */
 void mux_stream_set_sink(struct mux_stream *st, struct evbuffer *sink);
 struct evbuffer *mux_stream_sink(struct mux_stream *st);
+/* Received bytes waiting in the stream's own buffer (no sink set yet), without creating
+ * that buffer: what optimistic data a client holds for a stream it is still dialling. */
+size_t mux_stream_held(const struct mux_stream *st);
 
 uint32_t mux_stream_id(const struct mux_stream *st);
 struct mux_session *mux_stream_session(const struct mux_stream *st);

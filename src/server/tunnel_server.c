@@ -508,6 +508,10 @@ static int tsession_on_hello(struct tsession *sess, json_t *root)
     }
     /* name is [A-Za-z0-9._-]{1,64} from here on: safe to log and to copy whole. */
     sess->notices = json_is_true(json_object_get(root, "notices"));
+    /* "optimistic": the client holds Data that comes before its ConnectResponse, so a
+     * stream's first bytes need not wait for its dial (docs/PROTOCOL.md). */
+    if (json_is_true(json_object_get(root, "optimistic")))
+        mux_session_set_early_data(sess->mux);
     snprintf(shown, sizeof(shown), "%s", name);
     json_t *jtoken = json_object_get(root, "token");
     if (!ts->srv->clients ||

@@ -38,7 +38,10 @@ struct tunnel_stream {
     enum tstream_state state;
     struct tunnel_stream_set *set;  /* NULL when flushing (or refused before a session) */
     struct mux_stream *st;          /* pending only */
-    evutil_socket_t fd;             /* pending only */
+    evutil_socket_t fd;             /* pending only, unless bev holds it */
+    struct bufferevent *bev;        /* pending with optimistic data: the public socket, its
+                                     * first bytes sent ahead of the ConnectResponse */
+    bool bev_ended;                 /* that socket reported EOF or an error: read no more */
     struct event *timer;            /* pending only: connect_timeout */
     struct bridge *bridge;          /* bridged and flushing */
 };
@@ -57,6 +60,8 @@ static void tstream_end(struct tunnel_stream *t, enum tstream_gone gone)
         mux_stream_close(t->st);
     if (t->timer)
         event_free(t->timer);
+    if (t->bev)
+        bufferevent_free(t->bev);
     if (t->fd >= 0)
         evutil_closesocket(t->fd);
     if (t->set) {
@@ -97,11 +102,19 @@ static const struct bridge_hooks tstream_hooks = {
     .log_module = TSTREAM_MOD,
 };
 
-/* A mapping update changed rate_limit: the bridged socket joins or leaves its group. */
+/* A mapping update changed rate_limit: the bridged socket joins or leaves its group (and
+ * so does a pending one reading ahead: the group must not go while it is a member). */
 static void tstream_policy_changed(struct mapping_conn *mc)
 {
     struct tunnel_stream *t = tstream_of(mc);
-    if (t->bridge && bridge_set_rate_group(t->bridge, mc->mapping->rl_group) < 0)
+    struct bufferevent_rate_limit_group *g = mc->mapping->rl_group;
+    int rc = 0;
+    if (t->bridge)
+        rc = bridge_set_rate_group(t->bridge, g);
+    else if (t->bev)
+        rc = g ? bufferevent_add_to_rate_limit_group(t->bev, g)
+               : bufferevent_remove_from_rate_limit_group(t->bev);
+    if (rc < 0)
         log_warn(TSTREAM_MOD, "port %d: cannot apply rate_limit to a live stream",
                  mc->mapping->rec.port);
 }
@@ -132,22 +145,28 @@ static int tstream_send_proxy_header(struct tunnel_stream *t, struct bufferevent
     return rc;
 }
 
-/* pending -> bridged: the socket and the stream go to a bridge. */
+/* pending -> bridged: the socket and the stream go to a bridge. With optimistic data the
+ * socket is already a bufferevent and the PROXY header is already sent; what it read and
+ * the stream could not take yet stays in its input, which the bridge sends first. */
 static void tstream_bridge(struct tunnel_stream *t)
 {
     struct event_base *base = event_get_base(t->timer);
-    struct bufferevent *bev = bufferevent_socket_new(base, t->fd, BEV_OPT_CLOSE_ON_FREE);
+    struct bufferevent *bev = t->bev;
+    t->bev = NULL; /* the bridge's below, or freed here */
     if (!bev) {
-        tstream_end(t, TSTREAM_GONE_NONE);
-        return;
-    }
-    t->fd = -1; /* bev's now */
-    if (tstream_send_proxy_header(t, bev) < 0) {
-        log_warn(TSTREAM_MOD, "port %d: cannot send the PROXY protocol header",
-                 t->mc.mapping->rec.port);
-        bufferevent_free(bev);
-        tstream_end(t, TSTREAM_GONE_NONE);
-        return;
+        bev = bufferevent_socket_new(base, t->fd, BEV_OPT_CLOSE_ON_FREE);
+        if (!bev) {
+            tstream_end(t, TSTREAM_GONE_NONE);
+            return;
+        }
+        t->fd = -1; /* bev's now */
+        if (tstream_send_proxy_header(t, bev) < 0) {
+            log_warn(TSTREAM_MOD, "port %d: cannot send the PROXY protocol header",
+                     t->mc.mapping->rec.port);
+            bufferevent_free(bev);
+            tstream_end(t, TSTREAM_GONE_NONE);
+            return;
+        }
     }
     t->bridge = bridge_new(t->st, bev, &tstream_hooks, t);
     if (!t->bridge) {
@@ -190,10 +209,92 @@ static void tstream_on_stream_close(struct mux_stream *st, enum mux_close_reason
     tstream_end(arg, TSTREAM_GONE_STREAM);
 }
 
+/* Optimistic data: what the public socket sent while the client dials goes as the stream's
+ * Data now, as far as the window and the tunnel's output allow. Reading pauses while
+ * bytes wait in the input (on_writable resumes it), so at most one read beyond the window
+ * is held here; the bridge picks up from there. */
+static void tstream_early_pump(struct tunnel_stream *t)
+{
+    struct evbuffer *in = bufferevent_get_input(t->bev);
+    if (evbuffer_get_length(in) > 0) {
+        int n = mux_stream_write(t->st, in);
+        if (n > 0)
+            tstream_on_bytes((size_t)n, 0, t);
+    }
+    if (evbuffer_get_length(in) > 0 || t->bev_ended)
+        bufferevent_disable(t->bev, EV_READ);
+    else
+        bufferevent_enable(t->bev, EV_READ);
+}
+
+static void tstream_early_read_cb(struct bufferevent *bev, void *arg)
+{
+    tstream_early_pump(arg);
+}
+
+/* EOF or an error from the public socket before the ConnectResponse: stop reading and
+ * leave it to the bridge, which reads the socket again and sees its end (a FIN reads as
+ * EOF again; after a reset, reads end in EOF or an error), as without optimistic data. */
+static void tstream_early_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+    struct tunnel_stream *t = arg;
+    t->bev_ended = true;
+    bufferevent_disable(bev, EV_READ);
+}
+
+static void tstream_on_early_writable(struct mux_stream *st, void *arg)
+{
+    struct tunnel_stream *t = arg;
+    if (t->bev && evbuffer_get_length(bufferevent_get_input(t->bev)) > 0)
+        tstream_early_pump(t);
+}
+
 static const struct mux_stream_callbacks tstream_pending_cb = {
     .on_connect_response = tstream_on_connect_response,
+    .on_writable = tstream_on_early_writable,
     .on_close = tstream_on_stream_close,
 };
+
+/* A client-speaks-first peer has often spoken by the time we accept it: one read now puts
+ * its first bytes in the same tunnel write as the ConnectRequest, not a loop turn later.
+ * Nothing there, EOF or an error: libevent's own read finds it again. Not under a
+ * rate limit, whose buckets only libevent's reads draw from. */
+static void tstream_read_now(struct tunnel_stream *t)
+{
+    size_t room = mux_stream_send_room(t->st);
+    if (room == 0)
+        return;
+    if (room > FRAME_MAX_DATA)
+        room = FRAME_MAX_DATA;
+    /* A socket bufferevent keeps its input's end frozen outside its own reads. */
+    struct evbuffer *in = bufferevent_get_input(t->bev);
+    evbuffer_unfreeze(in, 0);
+    (void)evbuffer_read(in, bufferevent_getfd(t->bev), (int)room);
+    evbuffer_freeze(in, 0);
+}
+
+/* The client takes optimistic data: the PROXY header goes right after the ConnectRequest,
+ * then the public socket's first bytes, without waiting for the client's dial. */
+static int tstream_read_ahead(struct tunnel_stream *t, struct event_base *base)
+{
+    t->bev = bufferevent_socket_new(base, t->fd, BEV_OPT_CLOSE_ON_FREE);
+    if (!t->bev)
+        return -1;
+    t->fd = -1; /* bev's now */
+    if (tstream_send_proxy_header(t, t->bev) < 0) {
+        log_warn(TSTREAM_MOD, "port %d: cannot send the PROXY protocol header",
+                 t->mc.mapping->rec.port);
+        return -1;
+    }
+    bufferevent_setcb(t->bev, tstream_early_read_cb, NULL, tstream_early_event_cb, t);
+    t->mc.policy_changed = tstream_policy_changed;
+    if (t->mc.mapping->rl_group)
+        tstream_policy_changed(&t->mc);
+    else
+        tstream_read_now(t);
+    tstream_early_pump(t); /* sends what came, reads on (or waits for window) */
+    return 0;
+}
 
 static void tstream_timeout_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -265,6 +366,10 @@ void tunnel_stream_open(struct tunnel_stream_set *set, struct mux_session *mux,
     t->set = set;
     TAILQ_INSERT_TAIL(&set->streams, t, link);
     set->nstreams++;
+    if (mux_session_early_data(mux) && tstream_read_ahead(t, base) < 0) {
+        tstream_end(t, TSTREAM_GONE_NONE);
+        return;
+    }
     struct timeval tv = {connect_timeout > 0 ? connect_timeout : 10, 0};
     evtimer_add(t->timer, &tv);
 }

@@ -1,7 +1,9 @@
 /* One public connection carried through a tunnel session, on the server side. Its life:
  *
  *   pending   ConnectRequest sent; the stream, the public socket and the connect_timeout
- *             timer are held here until the ConnectResponse
+ *             timer are held here until the ConnectResponse. When the client's Hello
+ *             asked for optimistic data, the PROXY header and the socket's first bytes
+ *             already go as Data (within the stream's window) while the client dials
  *   bridged   ConnectResponse ok: a bridge owns the socket and the stream, this object
  *             keeps the mapping's accounting and the session's counters
  *   flushing  the session went away while bridged: the bridge delivers what it holds to

@@ -987,6 +987,110 @@ static void test_stop(void)
     pair_free(&p);
 }
 
+/* Optimistic data: with the flag on both ends the server sends Data right after its
+ * ConnectRequest; the client holds it (within the window) until it answers and sets a
+ * sink, and drops it with a refused stream, even Data that crossed the refusal. Without
+ * the flag (an older client) nothing changes: no Data before the ConnectResponse. */
+static void test_early_data(void)
+{
+    struct pair p;
+    struct end se;
+    uint8_t buf[FRAME_HEADER_LEN + 64];
+    pair_init(&p);
+    mux_session_set_early_data(p.srv);
+    mux_session_set_early_data(p.cli);
+    CHECK(mux_session_early_data(p.srv) && mux_session_early_data(p.cli));
+
+    p.answer = -1; /* the client is still dialling */
+    memset(&se, 0, sizeof(se));
+    se.st = mux_stream_open(p.srv, "10.0.0.5", 80, &end_cb, &se);
+    CHECK(se.st != NULL);
+    /* Window plus 1000: the window's worth goes now, the rest waits for a WindowUpdate. */
+    struct evbuffer *src = pattern(MUX_INITIAL_WINDOW + 1000, 7);
+    CHECK(mux_stream_write(se.st, src) == (int)MUX_INITIAL_WINDOW);
+    CHECK(evbuffer_get_length(src) == 1000 && mux_stream_send_window(se.st) == 0);
+    CHECK(mux_stream_shut_write(se.st) == MUX_E_STATE); /* ShutWrite waits for the answer */
+    CHECK(pump(&p) == 0);
+    struct end *ce = &p.cli_ends[(p.ncli - 1) % 8];
+    CHECK(ce->data == MUX_INITIAL_WINDOW && se.responses == 0);
+    CHECK(mux_stream_recv_window(ce->st) == 0);
+    /* Draining before the answer sends no WindowUpdate (the server would call it an
+     * error); the credit waits. */
+    struct evbuffer *held = evbuffer_new();
+    mux_stream_set_sink(ce->st, held);
+    CHECK(matches_pattern(held, MUX_INITIAL_WINDOW, 7));
+    evbuffer_drain(held, evbuffer_get_length(held));
+    mux_stream_consumed(ce->st, MUX_INITIAL_WINDOW);
+    CHECK(evbuffer_get_length(p.out_cli) == 0);
+
+    /* The answer, then the credit on the next drain report, then the rest. */
+    CHECK(mux_stream_respond(ce->st, FRAME_STATUS_OK) == MUX_OK);
+    CHECK(pump(&p) == 0);
+    CHECK(se.responses == 1 && se.status == FRAME_STATUS_OK);
+    mux_stream_consumed(ce->st, 0);
+    CHECK(pump(&p) == 0);
+    CHECK(mux_stream_send_window(se.st) == MUX_INITIAL_WINDOW && se.writable >= 1);
+    CHECK(mux_stream_write(se.st, src) == 1000);
+    CHECK(pump(&p) == 0);
+    CHECK(ce->data == MUX_INITIAL_WINDOW + 1000 && evbuffer_get_length(held) == 1000);
+    mux_stream_close(se.st);
+    CHECK(pump(&p) == 0);
+    CHECK(ce->closed == 1);
+
+    /* A refusal drops what was held; Data sent after it crossed is dropped too. */
+    memset(&se, 0, sizeof(se));
+    se.st = mux_stream_open(p.srv, "10.0.0.5", 81, &end_cb, &se);
+    evbuffer_add(src, "GET / HTTP/1.0\r\n\r\n", 18);
+    CHECK(mux_stream_write(se.st, src) == 18);
+    CHECK(mux_session_input(p.cli, p.out_srv) == MUX_OK);
+    ce = &p.cli_ends[(p.ncli - 1) % 8];
+    CHECK(ce->data == 18);
+    CHECK(mux_stream_respond(ce->st, FRAME_STATUS_REFUSED) == MUX_OK);
+    evbuffer_add(src, "more", 4);
+    CHECK(mux_stream_write(se.st, src) == 4); /* before the server saw the refusal */
+    CHECK(pump(&p) == 0);
+    CHECK(se.responses == 1 && se.status == FRAME_STATUS_REFUSED);
+    CHECK(mux_session_stream_count(p.srv) == 0 && mux_session_stream_count(p.cli) == 0);
+    /* The server's side is strict as before: Data for a stream it has not seen opened. */
+    int n = frame_encode_data(buf, sizeof(buf), 4242, (const uint8_t *)"x", 1);
+    evbuffer_add(p.out_cli, buf, (size_t)n);
+    CHECK(mux_session_input(p.srv, p.out_cli) == MUX_E_PROTOCOL);
+    evbuffer_free(held);
+    pair_free(&p);
+
+    /* An older client (no flag on either end): the server sends nothing before the
+     * answer, and the client still calls Data for an unanswered stream an error. */
+    pair_init(&p);
+    p.answer = -1;
+    memset(&se, 0, sizeof(se));
+    se.st = mux_stream_open(p.srv, "10.0.0.5", 80, &end_cb, &se);
+    evbuffer_add(src, "GET", 3);
+    CHECK(mux_stream_write(se.st, src) == MUX_E_STATE && evbuffer_get_length(src) == 3);
+    CHECK(mux_session_input(p.cli, p.out_srv) == MUX_OK);
+    n = frame_encode_data(buf, sizeof(buf), mux_stream_id(se.st), (const uint8_t *)"x", 1);
+    CHECK(feed(&p, buf, (size_t)n) == MUX_E_PROTOCOL);
+    CHECK(strstr(mux_session_error(p.cli), "unopened") != NULL);
+    pair_free(&p);
+
+    /* A client that takes early Data still refuses Data beyond the stream's window. */
+    pair_init(&p);
+    mux_session_set_early_data(p.cli);
+    p.answer = -1;
+    memset(&se, 0, sizeof(se));
+    se.st = mux_stream_open(p.srv, "10.0.0.5", 80, &end_cb, &se);
+    CHECK(mux_session_input(p.cli, p.out_srv) == MUX_OK);
+    static uint8_t chunk[FRAME_MAX_DATA];
+    static uint8_t frame[FRAME_HEADER_LEN + 4 + FRAME_MAX_DATA];
+    int rc = MUX_OK;
+    for (int i = 0; i < 5 && rc == MUX_OK; i++) {
+        n = frame_encode_data(frame, sizeof(frame), mux_stream_id(se.st), chunk, sizeof(chunk));
+        rc = feed(&p, frame, (size_t)n);
+    }
+    CHECK(rc == MUX_E_PROTOCOL && strstr(mux_session_error(p.cli), "window") != NULL);
+    evbuffer_free(src);
+    pair_free(&p);
+}
+
 int main(void)
 {
     test_stop();
@@ -1002,5 +1106,6 @@ int main(void)
     test_hello_header_limit();
     test_window_growth_rule();
     test_window_autotune();
+    test_early_data();
     return check_summary();
 }
