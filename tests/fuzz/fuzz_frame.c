@@ -36,6 +36,7 @@ static int fuzz_reencode(const struct frame *f, uint8_t *out, size_t cap)
         return frame_encode_keepalive(out, cap, f->data_len ? f->data : NULL);
     case FRAME_HELLO:
     case FRAME_HELLO_RESPONSE:
+    case FRAME_NOTICE:
         return frame_encode_json(out, cap, f->type, (const char *)f->data, f->data_len);
     case FRAME_WINDOW_UPDATE:
         return frame_encode_window_update(out, cap, f->conn_id, f->increment);
