@@ -11,7 +11,8 @@ FUZZ_SECONDS ?= 60
 
 all: build
 
-# Packages: scripts/packages/{build,test,bench}.txt. Building and running need the first only.
+# Packages: the BUILD/TEST/BENCH_PKGS lists of scripts/install-deps.sh; building and running
+# need the first only.
 deps-build:
 	./scripts/install-deps.sh build
 

@@ -112,7 +112,7 @@ build_delayline() {
   local src=$BENCH/delayline.c flags
   [ -x "$DELAYLINE" ] && [ "$DELAYLINE" -nt "$src" ] && return 0
   flags=$(pkg-config --cflags --libs libevent 2>/dev/null) ||
-    { echo "latency.sh: pkg-config finds no libevent (scripts/packages/build.txt)" >&2; return 1; }
+    { echo "latency.sh: pkg-config finds no libevent (scripts/install-deps.sh build)" >&2; return 1; }
   # shellcheck disable=SC2086
   timeout 120 gcc -std=c11 -O2 -g -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter \
     -D_GNU_SOURCE ${DELAYLINE_CFLAGS:-} -o "$DELAYLINE.tmp" "$src" $flags && mv "$DELAYLINE.tmp" "$DELAYLINE"

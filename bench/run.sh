@@ -67,13 +67,13 @@ FWDS=${FWDS//,/ }
 
 say() { echo "== $*"; }
 
-# ---- 1. tools (Debian): scripts/packages/bench.txt (+ build.txt when it builds) ----
+# ---- 1. tools (Debian): install-deps.sh bench (+ build when it builds) ----
 install_deps() {
   local sets=(bench)
   # build.txt also brings gcc and libevent's headers for latency.sh's delay line
   [ $BUILD = 1 ] && { [ ! -x "$BUILD_DIR/portmux-server" ] || ! command -v gcc >/dev/null; } && sets+=(build)
   if ! command -v apt-get >/dev/null; then
-    echo "run.sh: no apt-get; install scripts/packages/{${sets[*]}}.txt, or pass --no-install" >&2
+    echo "run.sh: no apt-get; install scripts/install-deps.sh ${sets[*]}, or pass --no-install" >&2
     return 1
   fi
   timeout 2700 "$REPO/scripts/install-deps.sh" "${sets[@]}"

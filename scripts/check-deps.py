@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """Checks that every outside program the project's tests, benchmarks and scripts run comes
-from a Debian package listed in scripts/packages/*.txt (or from an Essential/required one).
+from a Debian package that scripts/install-deps.sh installs (or an Essential/required one).
 
     scripts/check-deps.py [-v]        (make check-deps; run by .ci/run after install-deps)
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCAN_DIRS = ["tests", "bench", "scripts"]
-PACKAGE_LISTS = sorted((ROOT / "scripts" / "packages").glob("*.txt"))
+INSTALL_DEPS = ROOT / "scripts" / "install-deps.sh"
 # Debian's programs first: tests run /usr/bin/python3 even where another python3 is first.
 SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:" + os.environ.get("PATH", "")
 
@@ -184,12 +184,12 @@ def collect():
 
 
 def listed_packages():
+    """The packages of install-deps.sh's BUILD_PKGS, TEST_PKGS and BENCH_PKGS arrays."""
     pkgs = set()
-    for lst in PACKAGE_LISTS:
-        for line in lst.read_text().splitlines():
-            word = line.split("#", 1)[0].strip()
-            if word:
-                pkgs.add(word)
+    text = INSTALL_DEPS.read_text()
+    for m in re.finditer(r"^[A-Z]+_PKGS=\((.*?)\)", text, re.S | re.M):
+        for line in m.group(1).splitlines():
+            pkgs.update(line.split("#", 1)[0].split())
     return pkgs
 
 
@@ -241,7 +241,7 @@ def main():
             shutil.which(prog, path=SEARCH_PATH)
         if exe is None:
             failures.append(f"{prog}: not installed (run in {where}); add the Debian package "
-                            f"that provides it to scripts/packages/test.txt or bench.txt")
+                            f"that provides it to TEST_PKGS or BENCH_PKGS in scripts/install-deps.sh")
             continue
         pkg = package_of(exe)
         if pkg is None:
@@ -250,7 +250,7 @@ def main():
             if verbose:
                 print(f"ok   {prog:<18} {pkg:<22} {where}")
         else:
-            failures.append(f"{prog}: package {pkg} is not in scripts/packages/*.txt "
+            failures.append(f"{prog}: package {pkg} is not in scripts/install-deps.sh "
                             f"(run in {where})")
     for f in failures:
         print(f"check-deps: {f}", file=sys.stderr)

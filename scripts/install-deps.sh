@@ -1,11 +1,33 @@
 #!/usr/bin/env bash
-# Installs the Debian packages portmux needs, from the lists in scripts/packages/:
+# Installs the Debian packages portmux needs:
 #   scripts/install-deps.sh [SET...]   SET: build (make build, make run), test (make test,
-#                                      .ci/run), bench (make bench); default: build test
+#                                      .ci/run), bench (make bench), all; default: build test
 # Idempotent: packages already present are skipped, and apt is not touched then.
-# scripts/check-deps.py keeps the lists complete (every program a test or benchmark runs).
+# scripts/check-deps.py reads the lists below and fails when a test, benchmark or script
+# runs a program whose package none of them installs.
 set -euo pipefail
-cd "$(dirname "$0")"
+
+BUILD_PKGS=(
+  build-essential cmake pkg-config
+  libevent-dev libmicrohttpd-dev libjansson-dev libsqlite3-dev libyaml-dev libssl-dev libpq-dev
+)
+TEST_PKGS=(
+  curl sqlite3 python3 python3-pytest procps iproute2 util-linux openssl
+  prometheus
+  openssh-server openssh-client
+  redis-server redis-tools
+  clang libclang-rt-14-dev valgrind
+  iperf3
+  nginx haproxy
+  postgresql postgresql-15 postgresql-client-common
+  chromium chromium-driver python3-selenium
+  systemd groff-base man-db mandoc dpkg-dev
+)
+BENCH_PKGS=(
+  python3 curl procps iproute2 util-linux openssl
+  iperf3 wrk nginx haproxy socat rinetd openssh-server openssh-client
+  linux-perf valgrind git
+)
 
 sets=("$@")
 [ ${#sets[@]} -eq 0 ] && sets=(build test)
@@ -13,15 +35,12 @@ sets=("$@")
 
 PKGS=()
 for s in "${sets[@]}"; do
-  list="packages/$s.txt"
-  if [ ! -f "$list" ]; then
-    echo "install-deps: unknown package set '$s' (build, test, bench, all)" >&2
-    exit 2
-  fi
-  while read -r p _; do
-    case $p in ''|'#'*) continue ;; esac
-    PKGS+=("$p")
-  done < "$list"
+  case $s in
+    build) PKGS+=("${BUILD_PKGS[@]}") ;;
+    test) PKGS+=("${TEST_PKGS[@]}") ;;
+    bench) PKGS+=("${BENCH_PKGS[@]}") ;;
+    *) echo "install-deps: unknown package set '$s' (build, test, bench, all)" >&2; exit 2 ;;
+  esac
 done
 if [ "${PORTMUX_EXTRA_PKGS:-}" != "" ]; then
   # shellcheck disable=SC2206

@@ -10,7 +10,7 @@ the tests model a stalled database. Every wait is a loop with a deadline; ``stop
 (also the fixture's teardown) stops the server and thaws it first when frozen.
 
 Fixture: ``pg`` (one started server per test). Tests that need PostgreSQL are skipped
-when the binaries are not installed (scripts/packages/test.txt lists them).
+when the binaries are not installed (scripts/install-deps.sh lists them).
 """
 import glob
 import os
