@@ -46,8 +46,14 @@ struct splice_relay {
     void *arg;
     bool connected;              /* fd[1] reached the target */
     int fd[2];
+    /* The four events live in this allocation's tail (event_assign; sized at run time
+     * by event_get_struct_event_size, so no libevent ABI is baked in): a connection costs
+     * two allocations, this and its owner's. NULL until assigned. */
     struct event *ev_read[2];
     struct event *ev_write[2];
+    /* Side i's last wake-up said its peer's FIN is queued behind the bytes (EPOLLRDHUP):
+     * the FIN is read in the same pass and sent on with the last bytes. */
+    bool rdhup[2];
     struct splice_dir dir[2];
     /* PROXY protocol header, sent to the target before any relayed byte. */
     unsigned char pp[SPLICE_RELAY_HEADER_MAX];
@@ -126,9 +132,9 @@ void splice_relay_free(struct splice_relay *r)
         return;
     for (int i = 0; i < 2; i++) {
         if (r->ev_read[i])
-            event_free(r->ev_read[i]);
+            event_del(r->ev_read[i]);
         if (r->ev_write[i])
-            event_free(r->ev_write[i]);
+            event_del(r->ev_write[i]);
         if (r->dir[i].rl_timer)
             event_free(r->dir[i].rl_timer);
         relay_pipe_put(&r->dir[i].pipe, r->dir[i].in_pipe == 0);
@@ -217,8 +223,13 @@ static ssize_t relay_drain(struct splice_relay *r, int d)
         return 0;
     if (d == 0 && r->pp_sent < r->pp_len)
         return 0; /* the header goes first; relay_send_header resumes us */
-    ssize_t n = splice(dir->pipe.rd, NULL, r->fd[!d], NULL, dir->in_pipe,
-                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    /* After the source's FIN, the FIN follows these bytes at once (relay_pump): MORE
+     * holds them back until the shutdown, which sends them and the FIN in one segment
+     * (one packet and one wake-up of the reader fewer per connection). */
+    unsigned flags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK;
+    if (dir->state == RELAY_DIR_EOF)
+        flags |= SPLICE_F_MORE;
+    ssize_t n = splice(dir->pipe.rd, NULL, r->fd[!d], NULL, dir->in_pipe, flags);
     if (n > 0) {
         if (d == 0 && !r->connected)
             splice_relay_mark_connected(r);
@@ -302,7 +313,15 @@ static int relay_pump(struct splice_relay *r, int d)
         return -1;
     do {
         size_t before = dir->in_pipe;
-        if ((in = relay_fill(r, d)) < 0 || (out = relay_drain(r, d)) < 0)
+        if ((in = relay_fill(r, d)) < 0)
+            return -1;
+        /* The peer's FIN is queued behind these bytes: take it now (a splice that returns
+         * 0), so that the bytes and the FIN leave together rather than a wake-up apart. */
+        ssize_t fin = 0;
+        if (in > 0 && r->rdhup[d] && (fin = relay_fill(r, d)) < 0)
+            return -1;
+        in += fin;
+        if ((out = relay_drain(r, d)) < 0)
             return -1;
         /* A read that did not fill the pipe took what was there: the next byte or FIN
          * comes with the next readiness, not with another splice now. */
@@ -340,7 +359,10 @@ static void relay_step(struct splice_relay *r, int d)
 static void relay_readable_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct splice_relay *r = arg;
-    relay_step(r, fd == r->fd[0] ? 0 : 1);
+    int d = fd == r->fd[0] ? 0 : 1;
+    if (what & EV_CLOSED)
+        r->rdhup[d] = true;
+    relay_step(r, d);
 }
 
 /* fd became writable: resume the direction that writes into it. */
@@ -355,7 +377,9 @@ struct splice_relay *splice_relay_new(struct event_base *base, int fd0, int fd1,
                                       size_t len, const struct splice_relay_hooks *hooks,
                                       void *arg)
 {
-    struct splice_relay *r = calloc(1, sizeof(*r));
+    size_t evsize = event_get_struct_event_size();
+    size_t head = (sizeof(struct splice_relay) + 15) & ~(size_t)15;
+    struct splice_relay *r = calloc(1, head + 4 * evsize);
     if (!r || len > sizeof(r->pp)) {
         free(r);
         close(fd0);
@@ -373,14 +397,20 @@ struct splice_relay *splice_relay_new(struct event_base *base, int fd0, int fd1,
     if (len)
         memcpy(r->pp, header, len);
     r->pp_len = len;
+    unsigned char *tail = (unsigned char *)r + head;
     for (int i = 0; i < 2; i++) {
-        r->ev_read[i] = event_new(base, r->fd[i], EV_READ | EV_PERSIST, relay_readable_cb, r);
-        r->ev_write[i] = event_new(base, r->fd[i], EV_WRITE, relay_writable_cb, r);
-        if (!r->ev_read[i] || !r->ev_write[i]) {
+        struct event *rd = (struct event *)(void *)(tail + (size_t)(2 * i) * evsize);
+        struct event *wr = (struct event *)(void *)(tail + (size_t)(2 * i + 1) * evsize);
+        /* EV_CLOSED: the wake-up also says when the peer's FIN is already queued. */
+        if (event_assign(rd, base, r->fd[i], EV_READ | EV_CLOSED | EV_PERSIST,
+                         relay_readable_cb, r) < 0 ||
+            event_assign(wr, base, r->fd[i], EV_WRITE, relay_writable_cb, r) < 0) {
             splice_relay_free(r);
             return NULL;
         }
-        event_add(r->ev_read[i], NULL);
+        r->ev_read[i] = rd;
+        r->ev_write[i] = wr;
+        event_add(rd, NULL);
     }
     /* The header goes as soon as the target takes it, whether or not the client speaks
      * first (a PROXY-protocol target waits for it before it says anything). */

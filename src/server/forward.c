@@ -50,7 +50,11 @@ struct forward_conn {
     struct mapping_conn mc;      /* first: mapping removal aborts through it */
     struct evdns_getaddrinfo_request *resolving; /* host-name target, while resolving */
     bool zombie;                 /* freed while resolving: the resolver's callback frees */
-    struct event *connect_timer; /* until the target is known to be connected */
+    /* Until the target is known to be connected. It lives in this allocation's tail
+     * (event_assign, sized by event_get_struct_event_size): nothing else is allocated
+     * per connection but the relay. */
+    struct event *connect_timer;
+    bool timer_armed;
     int fd;                      /* the public socket, until the relay takes it */
     struct splice_relay *relay;  /* once dialled: owns both sockets */
     /* PROXY protocol header, handed to the relay to send before any relayed byte. */
@@ -62,9 +66,9 @@ struct forward_conn {
 static void forward_connected(void *arg)
 {
     struct forward_conn *fc = arg;
-    if (fc->connect_timer) {
-        event_free(fc->connect_timer);
-        fc->connect_timer = NULL;
+    if (fc->timer_armed) {
+        evtimer_del(fc->connect_timer);
+        fc->timer_armed = false;
     }
 }
 
@@ -84,8 +88,7 @@ static void forward_log_dial_failure(struct forward_conn *fc, const char *why)
 static void forward_free(struct forward_conn *fc, bool failed)
 {
     mapping_conn_end(&fc->mc, failed);
-    if (fc->connect_timer)
-        event_free(fc->connect_timer);
+    forward_connected(fc); /* disarms the timer */
     splice_relay_free(fc->relay);
     if (fc->fd >= 0)
         close(fc->fd);
@@ -200,10 +203,14 @@ static void forward_connect_timeout_cb(evutil_socket_t fd, short what, void *arg
 /* Arms the connect timeout (once: a host name's started while it was resolved). */
 static int forward_arm_timeout(struct forward_conn *fc, const struct timeval *timeout)
 {
-    if (fc->connect_timer)
+    if (fc->timer_armed)
         return 0;
-    fc->connect_timer = evtimer_new(fc->mc.mapping->srv->base, forward_connect_timeout_cb, fc);
-    return fc->connect_timer && evtimer_add(fc->connect_timer, timeout) == 0 ? 0 : -1;
+    if (evtimer_assign(fc->connect_timer, fc->mc.mapping->srv->base, forward_connect_timeout_cb,
+                       fc) < 0 ||
+        evtimer_add(fc->connect_timer, timeout) < 0)
+        return -1;
+    fc->timer_armed = true;
+    return 0;
 }
 
 static int forward_dial_ip(struct forward_conn *fc, const struct sockaddr *sa, socklen_t len,
@@ -287,11 +294,13 @@ static int forward_dial_hostname(struct forward_conn *fc, const struct timeval *
 
 void forward_start(struct mapping *m, evutil_socket_t fd)
 {
-    struct forward_conn *fc = calloc(1, sizeof(*fc));
+    size_t head = (sizeof(struct forward_conn) + 15) & ~(size_t)15;
+    struct forward_conn *fc = calloc(1, head + event_get_struct_event_size());
     if (!fc) {
         close(fd);
         return;
     }
+    fc->connect_timer = (struct event *)(void *)((unsigned char *)fc + head);
     fc->fd = fd;  /* accepted non-blocking by evconnlistener */
     mapping_conn_begin(m, &fc->mc, forward_abort);
     fc->pp_len = (size_t)mapping_conn_proxy_header(&fc->mc, fd, fc->pp);
