@@ -2,12 +2,14 @@
  * a connect that fails at once reports from the loop, never from inside our own call. */
 #include "tunnel_client.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/queue.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -69,7 +71,9 @@ struct dial {
     struct tclient *c;
     struct mux_stream *st;
     struct bufferevent *bev;
-    struct event *timer;
+    struct event *timer;          /* connect_timeout; fired at once when connected_now */
+    bool connected_now;           /* the connect completed inside connect() (loopback) */
+    int failed_now;               /* or failed there: its errno */
     struct status_target *shown;  /* the target's row in the status */
     char target[FRAME_MAX_HOST + 10];
 };
@@ -181,7 +185,40 @@ static void dial_event_cb(struct bufferevent *bev, short what, void *arg)
 
 static void dial_timeout_cb(evutil_socket_t fd, short what, void *arg)
 {
-    dial_fail(arg, FRAME_STATUS_TIMEOUT, "connect timed out");
+    struct dial *d = arg;
+    if (d->connected_now)
+        dial_connected(d);
+    else if (d->failed_now)
+        dial_fail(d, FRAME_STATUS_REFUSED, evutil_socket_error_to_string(d->failed_now));
+    else
+        dial_fail(d, FRAME_STATUS_TIMEOUT, "connect timed out");
+}
+
+/* Connects to an IP literal on the bufferevent's behalf. A target on this host (or one
+ * that answers within the call) is connected when connect() returns, EINPROGRESS or not:
+ * then the dial completes from the loop at once (the timer is made active), without the
+ * EPOLLOUT registration, wake-up, SO_ERROR read and deregistration of a bufferevent
+ * connect; otherwise the bufferevent waits for the connect as usual. */
+static int dial_connect_ip(struct dial *d, const struct sockaddr *sa, socklen_t salen)
+{
+    int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    if (bufferevent_setfd(d->bev, fd) != 0) {
+        close(fd);
+        return -1;
+    }
+    if (connect(fd, sa, salen) != 0 && errno != EINPROGRESS) {
+        d->failed_now = errno;
+    } else {
+        struct sockaddr_storage peer;
+        socklen_t len = sizeof(peer);
+        if (getpeername(fd, (struct sockaddr *)&peer, &len) != 0)
+            return bufferevent_socket_connect(d->bev, NULL, 0);
+        d->connected_now = true;
+    }
+    event_active(d->timer, EV_TIMEOUT, 1);
+    return 0;
 }
 
 /* The server gave up on the stream, or the session is going away. */
@@ -219,7 +256,7 @@ static int dial_start(struct tclient *c, struct mux_stream *st, const char *targ
     struct sockaddr_storage sa;
     socklen_t salen;
     int rc = netaddr_ip_sockaddr(host, port, &sa, &salen) == 0
-                 ? bufferevent_socket_connect(d->bev, (struct sockaddr *)&sa, (int)salen)
+                 ? dial_connect_ip(d, (struct sockaddr *)&sa, salen)
                  : bufferevent_socket_connect_hostname(d->bev, c->dns, AF_UNSPEC, host, port);
     if (rc != 0) {
         mux_stream_set_callbacks(st, NULL, NULL);

@@ -101,7 +101,10 @@ static bool bridge_try_shutdown(struct bridge *b)
         return false;
     if (evbuffer_get_length(bufferevent_get_output(b->bev)) > 0)
         return false;
-    shutdown(bufferevent_getfd(b->bev), SHUT_WR);
+    /* When the socket's own FIN was passed on already, the bridge ends right here and
+     * its close sends this FIN: one syscall fewer per connection. */
+    if (b->up != RELAY_DIR_FIN_SENT)
+        shutdown(bufferevent_getfd(b->bev), SHUT_WR);
     bridge_set_dir(b, &b->down, RELAY_DIR_FIN_SENT);
     return bridge_check_done(b);
 }

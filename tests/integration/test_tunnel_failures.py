@@ -165,3 +165,16 @@ def test_target_refused_and_not_allowed(server_factory, tmp_path, logs, echo_bac
     port3 = map_tunnel(srv, echo_backend.port)
     assert_echo(port3, "unfenced")
     assert echo_backend.accepted == 1
+
+
+def test_target_failing_inside_connect_is_refused(server_factory, tmp_path, logs):
+    """An IP the client's connect() rejects at once (no route to the broadcast address:
+    ENETUNREACH before any packet is sent) ends the stream as refused, reported from the
+    loop, and the client goes on serving."""
+    srv, cli = tunnel_env(server_factory, tmp_path, logs, **HB)
+    port = map_tunnel(srv, 9, target_ip="255.255.255.255", use_tunnel=True)
+    assert_closed_and_failed(srv, port, "unreachable target")
+    cli.wait_log(r"255\.255\.255\.255:9: Network is unreachable", timeout=2)
+    wait_streams_drained(srv, port)
+    assert_closed_and_failed(srv, port, "unreachable target, again")
+    assert cli.popen.poll() is None
