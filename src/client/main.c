@@ -48,6 +48,10 @@ struct client_main {
     struct event *retry;
     int attempt;             /* consecutive failed attempts */
     bool no_reconnect;
+    /* The --server session waits: the node it reaches (through a load balancer) already
+     * has this client's node session, and the node sessions serve the cluster. It tries
+     * again once none of them is up. */
+    bool standby;
     int status;
 };
 
@@ -261,8 +265,30 @@ static void on_tunnel_end(enum tclient_end how, bool healthy, void *arg)
         event_base_loopexit(cm->base, NULL);
         return;
     }
+    nodeset_primary_lost(cm->nodes);
+    size_t up = nodeset_up(cm->nodes);
+    if (tclient_already_connected(cm->tc) && up > 0) {
+        log_info("client", "--server reached a node this client is connected to already "
+                           "(a load balancer in front of the cluster?); standing by while %zu "
+                           "node session%s up", up, up == 1 ? " is" : "s are");
+        status_lost(cm->view, "standing by: the node sessions serve the cluster");
+        cm->standby = true;
+        return;
+    }
     if (healthy)
         cm->attempt = 0;
+    schedule_retry(cm);
+}
+
+/* The last node session ended: the --server session is the way back into the cluster. */
+static void on_nodes_all_down(void *arg)
+{
+    struct client_main *cm = arg;
+    if (!cm->standby)
+        return;
+    cm->standby = false;
+    cm->attempt = 0;
+    log_info("client", "no node session is up: --server reconnects");
     schedule_retry(cm);
 }
 
@@ -315,6 +341,7 @@ static int run(struct client_args *a, SSL_CTX *ssl)
     /* Every node session gets these options; --server-name only when given explicitly. */
     cm.nodes = nodeset_new(cm.base, dns, &o, a->server_name != a->host ? a->server_name : NULL,
                            a->no_reconnect);
+    nodeset_set_on_all_down(cm.nodes, on_nodes_all_down, &cm);
     o.on_nodes = on_nodes;
     o.nodes_arg = &cm;
     cm.tc = tclient_new(cm.base, dns, &o, on_tunnel_end, &cm);

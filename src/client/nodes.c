@@ -44,6 +44,8 @@ struct nodeset {
     json_t *listed;              /* the last list (array of strings); NULL = none yet */
     bool pending;                /* listed changed since the last apply */
     struct event *apply;
+    void (*on_all_down)(void *arg);
+    void *all_down_arg;
     TAILQ_HEAD(, ns_node) nodes;
     size_t nnodes;
 };
@@ -111,6 +113,8 @@ static void ns_on_end(enum tclient_end how, bool healthy, void *arg)
         log_warn(NS_MOD, "node %s: %s", n->addr, tclient_refusal(n->tc));
         status_node_lost(n->row, tclient_refusal(n->tc));
     }
+    if (ns->on_all_down && nodeset_up(ns) == 0)
+        ns->on_all_down(ns->all_down_arg);
     if (!ns_listed(ns, n->addr)) {
         n->gone = true;
         event_active(ns->apply, EV_TIMEOUT, 0);
@@ -221,6 +225,38 @@ static void ns_apply(evutil_socket_t fd, short what, void *arg)
                 ns_schedule_retry(n);
         }
     }
+}
+
+void nodeset_primary_lost(struct nodeset *ns)
+{
+    if (!ns || !ns->self[0])
+        return;
+    log_debug(NS_MOD, "node %s: the --server session ended; a node session takes over "
+                      "while it is listed", ns->self);
+    ns->self[0] = '\0';
+    ns->pending = true;
+    event_active(ns->apply, EV_TIMEOUT, 0);
+}
+
+size_t nodeset_up(const struct nodeset *ns)
+{
+    size_t up = 0;
+    const struct ns_node *n;
+    if (!ns)
+        return 0;
+    TAILQ_FOREACH(n, &ns->nodes, link) {
+        if (tclient_up(n->tc))
+            up++;
+    }
+    return up;
+}
+
+void nodeset_set_on_all_down(struct nodeset *ns, void (*fn)(void *arg), void *arg)
+{
+    if (!ns)
+        return;
+    ns->on_all_down = fn;
+    ns->all_down_arg = arg;
 }
 
 void nodeset_update(struct nodeset *ns, json_t *nodes, bool primary)

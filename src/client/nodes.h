@@ -8,6 +8,7 @@
 #define PORTMUX_CLIENT_NODES_H
 
 #include <stdbool.h>
+#include <stddef.h>
 
 struct event_base;
 struct evdns_base;
@@ -26,6 +27,14 @@ struct nodeset *nodeset_new(struct event_base *base, struct evdns_base *dns,
  * which gets no extra session) or from a node's session. Borrowed; applied from the loop,
  * not from inside the caller. A list that is not an array means "no cluster". */
 void nodeset_update(struct nodeset *ns, struct json_t *nodes, bool primary);
+/* The --server session ended: the node it had reached gets a node session of its own
+ * while it is listed, so that a --server reconnect that a load balancer sends elsewhere
+ * does not leave that node without this client. */
+void nodeset_primary_lost(struct nodeset *ns);
+/* Node sessions that are up now. 0 for NULL. */
+size_t nodeset_up(const struct nodeset *ns);
+/* fn is called (from the loop) when the last node session that was up ends. */
+void nodeset_set_on_all_down(struct nodeset *ns, void (*fn)(void *arg), void *arg);
 /* Closes every node session. NULL-safe. */
 void nodeset_free(struct nodeset *ns);
 

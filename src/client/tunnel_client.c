@@ -56,6 +56,7 @@ struct tclient {
     bool connected;              /* TCP (and TLS) up */
     bool authed;
     bool ever_authed;
+    bool already_connected;      /* the last attempt's Hello: "already_connected" */
     struct timespec authed_at;
     size_t streams;              /* bridges alive */
     size_t ndials;               /* entries in dials */
@@ -467,8 +468,10 @@ static int tc_on_json(struct mux_session *mux, uint8_t type, const char *json, s
         snprintf(c->refusal, sizeof(c->refusal), "server refused: %s",
                  message[0] ? message : "(no reason given)");
         /* Our own previous session may still look alive to the server: retry then. */
-        if (c->ever_authed && strcmp(error, "already_connected") == 0)
+        if (c->ever_authed && strcmp(error, "already_connected") == 0) {
             c->refusal[0] = '\0';
+            c->already_connected = true;
+        }
     }
     json_decref(root);
     return ok ? 0 : MUX_STOPPED;
@@ -560,6 +563,7 @@ int tclient_connect(struct tclient *c)
     if (c->conn)
         return -1;
     c->refusal[0] = '\0';
+    c->already_connected = false;
     SSL *ssl = NULL;
     if (c->opts.ssl && !(ssl = client_tls_ssl_new(c->opts.ssl, c->opts.server_name)))
         return -1;
@@ -613,3 +617,7 @@ void tclient_free(struct tclient *c)
         event_free(c->deadline);
     free(c);
 }
+
+bool tclient_already_connected(const struct tclient *c) { return c->already_connected; }
+
+bool tclient_up(const struct tclient *c) { return c->conn && c->authed; }

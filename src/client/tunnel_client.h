@@ -56,6 +56,12 @@ struct tclient *tclient_new(struct event_base *base, struct evdns_base *dns,
 int tclient_connect(struct tclient *c);
 /* Why the last attempt was refused: "server refused: ..." or "TLS handshake failed: ...". */
 const char *tclient_refusal(const struct tclient *c);
+/* The last attempt ended because the server already has a live session of this client
+ * name (a Hello refused with "already_connected" after an earlier success): behind a
+ * load balancer, the node it reached is one a cluster node session already serves. */
+bool tclient_already_connected(const struct tclient *c);
+/* The session is up (HelloResponse ok) and not yet ended. */
+bool tclient_up(const struct tclient *c);
 /* Closes the session (if any) without calling the end callback. NULL-safe. */
 void tclient_free(struct tclient *c);
 

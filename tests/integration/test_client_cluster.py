@@ -172,3 +172,56 @@ def test_a_node_that_joins_later_is_connected(pg, server_factory, echo_backend, 
     # Stopped with a node session up: it is closed with the rest.
     assert client.stop() == 0, client.text()[-2000:]
     assert "Sanitizer" not in client.text() and "runtime error" not in client.text()
+
+
+def test_server_behind_a_balancer_that_moves(pg, server_factory, echo_backend,  # noqa: F811
+                                             proc_factory, tmp_path):
+    """--server is a balancer (here a portmux direct mapping, retargeted by the test). The
+    node the --server session reached (A) goes away and comes back while the balancer
+    now sends everyone to B, where this client has a node session already: B refuses
+    the --server session (already_connected), which stands by instead of retrying, and A
+    gets a node session of its own, so A's public ports still reach the client. When
+    no node session is left up, --server reconnects."""
+    a = node(server_factory, pg, "a", "127.0.0.2")
+    b = node(server_factory, pg, "b", "127.0.0.3")
+    a_addr, b_addr = f"127.0.0.2:{a.tunnel_port}", f"127.0.0.3:{b.tunnel_port}"
+    wait_until(lambda: len(a.api("GET", "/api/cluster")[2]["data"]["nodes"]) == 2,
+               timeout=20, desc="a sees b")
+    lb = server_factory(name="lb")
+    lb_port = free_port()
+    lb.create_ok(port=lb_port, target_ip="127.0.0.2", target_port=a.tunnel_port)
+    client = TtyClient(proc_factory, tmp_path, f"127.0.0.1:{lb_port}")
+    wait_until(lambda: connected(a), timeout=15, desc="the client on a, through the balancer")
+    wait_until(lambda: connected(b), timeout=15, desc="the client's node session on b")
+    port = free_port()
+    a.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port,
+                use_tunnel=True, client="edge")
+    wait_until(lambda: (b.mapping(port) or {}).get("status") == "listening", timeout=10,
+               desc="b listens for the mapping")
+
+    status, _, body = lb.api("POST", "/api/mapping/update",
+                             body={"port": lb_port, "target_ip": "127.0.0.3",
+                                   "target_port": b.tunnel_port})
+    assert status == 200, body
+    a.stop()
+    client.wait_log(r"standing by while 1 node session is up", timeout=30)
+    a.start(timeout=20)
+    client.wait_log(rf"node {re.escape(a_addr)} joined the cluster: connecting", timeout=45)
+    wait_until(lambda: connected(a), timeout=15, desc="a node session on a")
+    wait_until(lambda: (a.mapping(port) or {}).get("status") == "listening", timeout=10,
+               desc="a listens for the mapping again")
+    echo_ok(port, "127.0.0.2")
+    echo_ok(port, "127.0.0.3")
+    # Standing by means no Hello every few seconds: b refused the --server session once.
+    refusals = len(re.findall(r"standing by while", client.text()))
+    assert refusals == 1, client.text()[-3000:]
+
+    # Both node sessions end: the --server session comes back through the balancer (to b).
+    a.stop()
+    b.stop()
+    client.wait_log(r"no node session is up: --server reconnects", timeout=30)
+    b.start(timeout=20)
+    wait_until(lambda: connected(b), timeout=30, desc="the client back on b through --server")
+    echo_ok(port, "127.0.0.3")
+    assert client.stop() == 0, client.text()[-2000:]
+    assert "Sanitizer" not in client.text() and "runtime error" not in client.text()
