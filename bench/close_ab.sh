@@ -7,7 +7,7 @@
 #
 #   bench/close_ab.sh BASE_BUILD_DIR HEAD_BUILD_DIR     (each holds portmux-server/-client)
 #   env: REPS=5 D=5 (seconds per wrk run) MODES="direct tunnel"
-#        ports PUB=24400 HTTP=24401 PORTMUX_API_PORT=24402 PORTMUX_TUNNEL_PORT=24403
+#        ports PUB=19400 HTTP=19401 PORTMUX_API_PORT=19402 PORTMUX_TUNNEL_PORT=19403
 # A base build: git archive REF | tar -x -C DIR, then cmake + build portmux-server and
 # portmux-client there (policy_ab.sh does the same).
 set -u
@@ -15,9 +15,9 @@ set -u
 BASE=$1 HEAD=$2 REPS=${REPS:-5} D=${D:-5}
 BENCH=$(cd "$(dirname "$0")" && pwd)
 W=${BENCH_WORK:-${TMPDIR:-/tmp}/portmux-bench}/close-ab; rm -rf "$W"; mkdir -p "$W/nginx"
-export PUB=${PUB:-24400} PORTMUX_API_PORT=${PORTMUX_API_PORT:-24402}
-export PORTMUX_TUNNEL_PORT=${PORTMUX_TUNNEL_PORT:-24403} BENCH_WORK=$W
-HTTP=${HTTP:-24401}
+export PUB=${PUB:-19400} PORTMUX_API_PORT=${PORTMUX_API_PORT:-19402}
+export PORTMUX_TUNNEL_PORT=${PORTMUX_TUNNEL_PORT:-19403} BENCH_WORK=$W
+HTTP=${HTTP:-19401}
 cat > $W/nginx.conf <<EOC
 worker_processes 1;
 daemon off;
@@ -59,11 +59,11 @@ for rep in $(seq 1 $REPS); do
   done
 done
 kill $NG; wait $NG 2>/dev/null
-median() { printf '%s\n' $1 | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+. "$BENCH/lib.sh"  # median
 echo "| mode (wrk -t2 -c50 Connection: close, ${D} s, ${REPS} reps) | base req/s | head req/s | head/base medians | median of pair ratios | runs base · head |"
 echo "|---|---|---|---|---|---|"
 for mode in ${MODES:-direct tunnel}; do
-  mb=$(median "${R[$mode.base]}") mh=$(median "${R[$mode.head]}")
-  pr=$(median "$(paste <(printf '%s\n' ${R[$mode.head]}) <(printf '%s\n' ${R[$mode.base]}) | awk '$2 > 0 {printf "%.3f\n", $1 / $2}')")
+  mb=$(median ${R[$mode.base]}) mh=$(median ${R[$mode.head]})
+  pr=$(median $(paste <(printf '%s\n' ${R[$mode.head]}) <(printf '%s\n' ${R[$mode.base]}) | awk '$2 > 0 {printf "%.3f\n", $1 / $2}'))
   echo "| $mode | $mb | $mh | $(awk -v a=$mh -v b=$mb 'BEGIN{ if (b > 0) printf "%.3f", a / b; else print 0 }') | $pr |${R[$mode.base]} ·${R[$mode.head]} |"
 done

@@ -2,7 +2,7 @@
 """Control-plane benchmark of portmux-server (127.0.0.1 only, every step bounded in time).
 
   control.py bench --server BIN --work DIR [--mappings 1000] [--clients 1000] [--reps 3]
-                   [--api-port 24110] [--tunnel-port 24111] [--port-base 25000] --out FILE.tsv
+                   [--api-port 19110] [--tunnel-port 19111] [--port-base 16000] --out FILE.tsv
   control.py clients --port PORT --n N --ready FILE [--hold 120]
 
 bench:
@@ -438,10 +438,10 @@ def main():
     b.add_argument("--mappings", type=int, default=1000)
     b.add_argument("--clients", type=int, default=1000)
     b.add_argument("--reps", type=int, default=3)
-    b.add_argument("--api-port", type=int, default=24110)
-    b.add_argument("--tunnel-port", type=int, default=24111)
-    b.add_argument("--port-base", type=int, default=25000)
-    b.add_argument("--target-port", type=int, default=24090)
+    b.add_argument("--api-port", type=int, default=19110)
+    b.add_argument("--tunnel-port", type=int, default=19111)
+    b.add_argument("--port-base", type=int, default=16000)
+    b.add_argument("--target-port", type=int, default=19090)
     c = sub.add_parser("clients")
     c.add_argument("--port", type=int, required=True)
     c.add_argument("--n", type=int, required=True)

@@ -9,7 +9,7 @@
 #                               checks that the delay line delays and every path works
 #   options: --rtt 20,100 (round trips, ms) --no-ssh
 #   env:     LAT_T=8 (iperf3 seconds, after LAT_OMIT=2 s of ramp-up that are not counted)
-#            LAT_REPS=3 (throughput repetitions) LAT_TTFB_N=9 (GETs per path) LAT_PORT=24300
+#            LAT_REPS=3 (throughput repetitions) LAT_TTFB_N=9 (GETs per path) LAT_PORT=19300
 #            (first of the ports it uses, up to +31) LAT_CAP_MB=64 (bytes the delay line holds
 #            per direction of a connection, MiB: what is in flight on the "WAN" is at most
 #            this, so a path moves at most LAT_CAP_MB / (RTT/2): 3 acts like a 6 MiB TCP
@@ -59,7 +59,7 @@ for r in $RTTS; do
   [ $((r % 2)) = 0 ] && [ "$r" -le 2000 ] || { echo "latency.sh: RTT $r: even, at most 2000 ms" >&2; exit 2; }
 done
 
-B=${LAT_PORT:-24300}
+B=${LAT_PORT:-19300}
 IPERF_PORT=$((B + 1)) HTTP_PORT=$((B + 2)) SSH_PORT=$((B + 3))
 ECHO_PORT=$((B + 4))
 DL_PLAIN=$((B + 10)) DL_HTTP=$((B + 11)) DL_TUN_IPERF=$((B + 12)) DL_TUN_HTTP=$((B + 13)) DL_SSH=$((B + 14))
@@ -79,30 +79,10 @@ mkdir -p "$RUN"
 : > "$LOG"
 log() { echo "$*" | tee -a "$LOG"; }
 say() { echo "== $*"; echo "== $*" >> "$LOG"; }
-listening() { [ -n "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]; }
-wait_listen() {  # wait_listen PORT SECONDS [PID]: until PORT listens (or PID is gone)
-  local i; for i in $(seq $(( $2 * 10 ))); do
-    listening "$1" && return 0
-    [ -n "${3:-}" ] && ! [ -e "/proc/$3" ] && return 1
-    sleep 0.1
-  done; return 1
-}
+. "$BENCH/lib.sh"  # listening wait_listen median stop_tree
 
 # ---- processes: only PIDs started here, and their descendants ----
 PIDS=()
-stop_tree() {  # stop_tree ROOTPID...
-  local pids i
-  pids=$(python3 "$BENCH/proc.py" tree "$@")
-  [ -z "$pids" ] && return 0
-  kill $pids 2>/dev/null
-  for i in $(seq 30); do
-    pids=$(for p in $pids; do [ -e /proc/$p ] && [ "$(awk '{print $3}' /proc/$p/stat 2>/dev/null)" != Z ] && echo $p; done)
-    [ -z "$pids" ] && break; sleep 0.1
-  done
-  [ -n "$pids" ] && kill -9 $pids 2>/dev/null
-  wait "$@" 2>/dev/null
-  return 0
-}
 stop_all() { [ ${#PIDS[@]} -gt 0 ] && stop_tree "${PIDS[@]}"; PIDS=(); }
 trap stop_all EXIT
 trap 'exit 130' INT TERM

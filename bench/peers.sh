@@ -17,9 +17,9 @@
 # Repetitions are interleaved: iperf3 rep 1 through every forwarder (each freshly started), rep 2
 # through every forwarder, ...; then wrk likewise; then idle memory per forwarder. The TSV has the
 # medians and, in the *_reps columns, every repetition (report.py shows min–max beside medians).
-# Knobs (env): REPS=3 (repetitions of each iperf3 and wrk measure; medians) IPERF_T=5 WRK_D=5 WRK_C=50 NCONNS="500 10000" HOLD=5 PUB=24000
-#   ports: IPERF_PORT=24201 HTTP_PORT=24080 HOLD_PORT=24090 SSH_PORT=24022 (all on 127.0.0.1)
-#   portmux: PORTMUX_SERVER PORTMUX_CLIENT PORTMUX_API_PORT=24100 PORTMUX_TUNNEL_PORT=24101
+# Knobs (env): REPS=3 (repetitions of each iperf3 and wrk measure; medians) IPERF_T=5 WRK_D=5 WRK_C=50 NCONNS="500 10000" HOLD=5 PUB=19000
+#   ports: IPERF_PORT=19201 HTTP_PORT=19080 HOLD_PORT=19090 SSH_PORT=19022 (all on 127.0.0.1)
+#   portmux: PORTMUX_SERVER PORTMUX_CLIENT PORTMUX_API_PORT=19100 PORTMUX_TUNNEL_PORT=19101
 set -u
 cd "$(dirname "$0")"
 BENCH=$(pwd)
@@ -31,10 +31,10 @@ OUT=${OUT:-$WORK/results-peers.txt}
 TSV=${TSV:-$WORK/results-peers.tsv}
 REPS=${REPS:-3}; IPERF_T=${IPERF_T:-5}; WRK_D=${WRK_D:-5}; WRK_C=${WRK_C:-50}
 NCONNS=${NCONNS:-${NCONN:-500 10000}}; HOLD=${HOLD:-5}
-export PUB=${PUB:-24000}
-IPERF_PORT=${IPERF_PORT:-24201}; HTTP_PORT=${HTTP_PORT:-24080}; HOLD_PORT=${HOLD_PORT:-24090}
-SSH_PORT=${SSH_PORT:-24022}
-export PORTMUX_API_PORT=${PORTMUX_API_PORT:-24100} PORTMUX_TUNNEL_PORT=${PORTMUX_TUNNEL_PORT:-24101}
+export PUB=${PUB:-19000}
+IPERF_PORT=${IPERF_PORT:-19201}; HTTP_PORT=${HTTP_PORT:-19080}; HOLD_PORT=${HOLD_PORT:-19090}
+SSH_PORT=${SSH_PORT:-19022}
+export PORTMUX_API_PORT=${PORTMUX_API_PORT:-19100} PORTMUX_TUNNEL_PORT=${PORTMUX_TUNNEL_PORT:-19101}
 export READY_FILE=$RUN/fwd-ready
 # 10,000 idle connections need ~10k fds in each of the holder, the backend and a forwarder
 # process (20k in a one-process forwarder): raise the limit, the hard one too when root.
@@ -57,27 +57,7 @@ MAXN=$(printf '%s\n' $NCONNS | sort -n | tail -1)
 HAPROXY_MAXCONN=$(( MAXN + 200 > 4000 ? MAXN + 200 : 4000 ))
 
 log() { echo "$*" | tee -a "$OUT"; }
-listening() { [ -n "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]; }
-wait_listen() { local i; for i in $(seq $(( $2 * 10 ))); do listening "$1" && return 0; sleep 0.1; done; return 1; }
-median() {
-  printf '%s\n' "$@" | grep -v '^NA$' | sort -g |
-    awk '{a[NR]=$1} END{if(NR==0)print "NA"; else if(NR%2)print a[(NR+1)/2]; else printf "%.6g\n",(a[NR/2]+a[NR/2+1])/2}'
-}
-
-# ---- process helpers (only PIDs we started, and their descendants) ----
-stop_tree() {  # stop_tree ROOTPID...
-  local pids i
-  pids=$(python3 "$BENCH/proc.py" tree "$@")
-  [ -z "$pids" ] && return 0
-  kill $pids 2>/dev/null
-  for i in $(seq 30); do
-    pids=$(for p in $pids; do [ -e /proc/$p ] && [ "$(awk '{print $3}' /proc/$p/stat 2>/dev/null)" != Z ] && echo $p; done)
-    [ -z "$pids" ] && break; sleep 0.1
-  done
-  [ -n "$pids" ] && kill -9 $pids 2>/dev/null
-  wait "$@" 2>/dev/null
-  return 0
-}
+. "$BENCH/lib.sh"  # listening wait_listen median stop_tree
 
 BACK_PIDS=()
 FWD_PID=

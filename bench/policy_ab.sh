@@ -11,7 +11,7 @@
 # The checkout's own binaries come from PORTMUX_BUILD_DIR (default ./build; built when
 # missing). Nothing is written into the checkout; results also go to
 # $BENCH_WORK/policy-ab/results.md (BENCH_WORK default /tmp/portmux-bench).
-# Ports (env): PUB=24300 IPERF_PORT=24301 PORTMUX_API_PORT=24302 PORTMUX_TUNNEL_PORT=24303.
+# Ports (env): PUB=19300 IPERF_PORT=19301 PORTMUX_API_PORT=19302 PORTMUX_TUNNEL_PORT=19303.
 # Exit 1 only when something is broken (a build, a forwarder that does not come up, an
 # iperf3 run without a result), never because a number is low.
 set -u
@@ -29,10 +29,10 @@ BENCH=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$BENCH")
 WORK=${BENCH_WORK:-${TMPDIR:-/tmp}/portmux-bench}/policy-ab
 HEAD_BUILD=${PORTMUX_BUILD_DIR:-$REPO/build}
-export PUB=${PUB:-24300}
-IPERF_PORT=${IPERF_PORT:-24301}
-export PORTMUX_API_PORT=${PORTMUX_API_PORT:-24302}
-export PORTMUX_TUNNEL_PORT=${PORTMUX_TUNNEL_PORT:-24303}
+export PUB=${PUB:-19300}
+IPERF_PORT=${IPERF_PORT:-19301}
+export PORTMUX_API_PORT=${PORTMUX_API_PORT:-19302}
+export PORTMUX_TUNNEL_PORT=${PORTMUX_TUNNEL_PORT:-19303}
 export BENCH_WORK=$WORK
 
 log() { echo "policy-ab: $*" >&2; }
@@ -113,12 +113,12 @@ for rep in $(seq 1 "$REPS"); do
 done
 cleanup
 
-median() { printf '%s\n' $1 | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+. "$BENCH/lib.sh"  # median
 {
   echo "| mode (iperf3, 1 stream, ${T} s, ${REPS} reps) | $BASE_REF $base_rev Gbit/s | HEAD $head_rev Gbit/s | HEAD / base (medians) | HEAD / base (median of back-to-back pairs) | runs base · head |"
   echo "|---|---|---|---|---|---|"
   for mode in $MODES; do
-    mb=$(median "${RES[$mode.base]}") mh=$(median "${RES[$mode.head]}")
+    mb=$(median ${RES[$mode.base]}) mh=$(median ${RES[$mode.head]})
     ratio=$(awk -v a="$mh" -v b="$mb" 'BEGIN {printf "%.3f", (b > 0) ? a / b : 0}')
     # Each rep ran the two builds back to back: their ratio cancels the load of the moment
     # (on a shared machine one rep swings by 2x), so its median is the steadier figure.

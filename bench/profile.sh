@@ -11,7 +11,7 @@
 # do not expose perf events) it falls back to `valgrind --tool=callgrind` on a short
 # transfer (callgrind-MODE.txt). Every step is bounded in time.
 #
-# Env: PROFILE_T=5 PUB=24000 IPERF_PORT=24201 PORTMUX_SERVER PORTMUX_CLIENT BENCH_WORK
+# Env: PROFILE_T=5 PUB=19000 IPERF_PORT=19201 PORTMUX_SERVER PORTMUX_CLIENT BENCH_WORK
 set -u
 BENCH=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$BENCH")
@@ -19,26 +19,16 @@ export BENCH_WORK=${BENCH_WORK:-${TMPDIR:-/tmp}/portmux-bench}
 OUT=$BENCH_WORK/profile
 mkdir -p "$OUT" "$BENCH_WORK/run"
 T=${PROFILE_T:-5}
-export PUB=${PUB:-24000}
-IPERF_PORT=${IPERF_PORT:-24201}
+export PUB=${PUB:-19000}
+IPERF_PORT=${IPERF_PORT:-19201}
 export PORTMUX_SERVER=${PORTMUX_SERVER:-${PORTMUX_BUILD_DIR:-$REPO/build}/portmux-server}
 export PORTMUX_CLIENT=${PORTMUX_CLIENT:-${PORTMUX_BUILD_DIR:-$REPO/build}/portmux-client}
-export PORTMUX_API_PORT=${PORTMUX_API_PORT:-24100} PORTMUX_TUNNEL_PORT=${PORTMUX_TUNNEL_PORT:-24101}
+export PORTMUX_API_PORT=${PORTMUX_API_PORT:-19100} PORTMUX_TUNNEL_PORT=${PORTMUX_TUNNEL_PORT:-19101}
 export READY_FILE=$BENCH_WORK/run/profile-ready
 MODES=("$@"); [ ${#MODES[@]} -eq 0 ] && MODES=(direct tunnel)
 
 IPERF_PID= FWD_PID=
-stop_tree() {
-  local pids; pids=$(python3 "$BENCH/proc.py" tree "$@")
-  [ -n "$pids" ] && kill $pids 2>/dev/null
-  local i; for i in $(seq 30); do
-    pids=$(for p in $pids; do [ -e /proc/$p ] && [ "$(awk '{print $3}' /proc/$p/stat 2>/dev/null)" != Z ] && echo $p; done)
-    [ -z "$pids" ] && break; sleep 0.1
-  done
-  [ -n "$pids" ] && kill -9 $pids 2>/dev/null
-  wait "$@" 2>/dev/null
-  return 0
-}
+. "$BENCH/lib.sh"  # stop_tree
 cleanup() { [ -n "$FWD_PID" ] && stop_tree $FWD_PID; [ -n "$IPERF_PID" ] && stop_tree $IPERF_PID; FWD_PID= IPERF_PID=; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
