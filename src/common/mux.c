@@ -874,6 +874,31 @@ static size_t mux_whole_chains(struct evbuffer *src, size_t limit)
     return total >= limit / 2 ? total : limit;
 }
 
+/* Payloads up to this size are copied in behind their header rather than moved as
+ * chains of their own. */
+#define MUX_COALESCE_MAX 4096u
+
+/* Appends one Data frame of n bytes from src to the output. A small payload is copied in
+ * behind its header, so that the small frames of request/response traffic sit in one
+ * contiguous chain: over TLS each chain becomes at least one record (bufferevent_openssl
+ * seals chain by chain), and a header, a 100-byte payload and the next frame's header in
+ * three chains cost three records where one would do. Large payloads move as whole
+ * chains, without a copy. */
+static int mux_out_data(struct mux_session *s, uint32_t id, struct evbuffer *src, size_t n)
+{
+    uint8_t frame[MUX_DATA_HEADER_LEN + MUX_COALESCE_MAX];
+    frame_encode_data_header(frame, MUX_DATA_HEADER_LEN, id, n);
+    if (n <= MUX_COALESCE_MAX)
+        return evbuffer_remove(src, frame + MUX_DATA_HEADER_LEN, n) == (int)n &&
+                       evbuffer_add(s->out, frame, MUX_DATA_HEADER_LEN + n) == 0
+                   ? 0
+                   : -1;
+    return evbuffer_add(s->out, frame, MUX_DATA_HEADER_LEN) == 0 &&
+                   evbuffer_remove_buffer(src, s->out, n) == (int)n
+               ? 0
+               : -1;
+}
+
 int mux_stream_write(struct mux_stream *st, struct evbuffer *src)
 {
     struct mux_session *s = st->s;
@@ -895,10 +920,7 @@ int mux_stream_write(struct mux_stream *st, struct evbuffer *src)
             n = FRAME_MAX_DATA;
         if (n < left)
             n = mux_whole_chains(src, n);
-        uint8_t hdr[MUX_DATA_HEADER_LEN];
-        frame_encode_data_header(hdr, sizeof(hdr), st->id, n);
-        if (evbuffer_add(s->out, hdr, sizeof(hdr)) != 0 ||
-            evbuffer_remove_buffer(src, s->out, n) != (int)n)
+        if (mux_out_data(s, st->id, src, n) != 0)
             return mux_fail(s, MUX_E_NOMEM, "out of memory");
         st->send_window -= (uint32_t)n;
         total += n;
