@@ -17,6 +17,8 @@ struct store {
     bool (*gate)(void *arg); /* store_set_gate */
     void *gate_arg;
     bool attached;    /* store_attach_loop succeeded: the backend's submit takes writes */
+    void (*hook)(enum store_result r, void *arg); /* store_set_write_hook */
+    void *hook_arg;
 };
 
 void store_set_gate(struct store *st, bool (*ok)(void *arg), void *arg)
@@ -311,6 +313,15 @@ int store_attach_loop(struct store *st, struct event_base *base)
     return 0;
 }
 
+void store_set_write_hook(struct store *st, void (*fn)(enum store_result r, void *arg),
+                          void *arg)
+{
+    if (!st)
+        return;
+    st->hook = fn;
+    st->hook_arg = arg;
+}
+
 bool store_writes_async(const struct store *st)
 {
     return st && st->attached;
@@ -331,7 +342,8 @@ static bool store_op_is_client(enum store_op_kind k)
 /* The backend is done with op: count it, tell the caller, free it. */
 static void store_op_complete(struct store_op *op, enum store_result r)
 {
-    store_count(op->st, r);
+    struct store *st = op->st;
+    store_count(st, r);
     bool filled = r == STORE_OK && op->kind != STORE_OP_DELETE &&
                   op->kind != STORE_OP_CLIENT_DELETE;
     if (store_op_is_client(op->kind) && op->client_done)
@@ -339,6 +351,8 @@ static void store_op_complete(struct store_op *op, enum store_result r)
     else if (!store_op_is_client(op->kind) && op->mapping_done)
         op->mapping_done(r, filled ? &op->rec : NULL, op->arg);
     free(op);
+    if (st->hook)
+        st->hook(r, st->hook_arg);
 }
 
 /* Without a loop (SQLite, tests, start-up) the write runs here, synchronously. */

@@ -102,6 +102,11 @@ typedef void (*store_client_done_fn)(enum store_result r, const struct client_re
 /* Moves the store's writes onto base (PostgreSQL: opens the write connection without
  * waiting). Returns 0, or -1 (writes then stay synchronous). */
 int store_attach_loop(struct store *st, struct event_base *base);
+/* Installs fn, called after every asynchronous write (*_async) completed, after its own
+ * callback, with its result. The cluster sync reads the tables again after a failed one:
+ * a resync that arrived while the write was in flight left that row to its outcome. */
+void store_set_write_hook(struct store *st, void (*fn)(enum store_result r, void *arg),
+                          void *arg);
 /* True once writes complete later, from the loop (PostgreSQL after store_attach_loop). */
 bool store_writes_async(const struct store *st);
 /* Completes every queued write with STORE_UNAVAILABLE, before the callers' owners go away
