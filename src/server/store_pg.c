@@ -1199,7 +1199,7 @@ static void pgw_fail_pending(void *impl)
 {
     struct pg_store *pg = impl;
     /* A write in progress must not commit after it was answered STORE_UNAVAILABLE. */
-    if (pg->wstate == PGW_BUSY || pg->wstate == PGW_CONNECTING)
+    if (!TAILQ_EMPTY(&pg->wqueue) || pg->wstate == PGW_BUSY)
         pgw_drop(pg);
     pgw_fail_all(pg);
 }
