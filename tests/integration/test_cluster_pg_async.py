@@ -8,6 +8,7 @@ answers 503 store_unavailable at its deadline and is not stored after SIGCONT.
 A row lock taken by a psql session holds one write in flight for as long as a test needs:
 meanwhile an update or remove of that mapping answers 409 busy, a client that hangs up
 does no harm, and a shutdown answers the waiting request 503."""
+import hashlib
 import socket
 import subprocess
 import threading
@@ -140,12 +141,15 @@ def test_frozen_database_writes_never_hold_the_loop(pg, server_factory,  # noqa:
 
 
 class RowLock:
-    """A psql session holding the mapping row of port locked (FOR UPDATE) until release."""
+    """A psql session holding a row locked (FOR UPDATE) until release: the mapping on
+    port, or the client named client."""
 
-    def __init__(self, pg, port):  # noqa: F811
+    def __init__(self, pg, port=None, client=None):  # noqa: F811
         self.pg = pg
-        self.tag = f"portmux-test-lock-{port}"
-        sql = (f"BEGIN; SELECT port FROM mappings WHERE port = {port} FOR UPDATE; "
+        where = f"mappings WHERE port = {port}" if client is None else \
+            f"clients WHERE name = '{client}'"
+        self.tag = f"portmux-test-lock-{port}-{client}"
+        sql = (f"BEGIN; SELECT 1 FROM {where} FOR UPDATE; "
                f"SELECT pg_sleep(120), '{self.tag}'")
         self.proc = subprocess.Popen(
             _as_pg([pg.bindir / "psql", "-X", "-q", "-h", pg.sockdir, "-p", pg.port, "-U",
@@ -164,9 +168,9 @@ class RowLock:
         self.proc.wait(30)
 
 
-def write_waits_on_lock(pg):  # noqa: F811
-    return pg.psql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'UPDATE mappings%' "
-                   "AND wait_event_type = 'Lock'") == [["1"]]
+def write_waits_on_lock(pg, table="mappings"):  # noqa: F811
+    return pg.psql("SELECT count(*) FROM pg_stat_activity WHERE "
+                   f"query LIKE 'UPDATE {table}%' AND wait_event_type = 'Lock'") == [["1"]]
 
 
 def raw_update(node, port, name):
@@ -206,6 +210,40 @@ def test_write_in_flight_busy_and_a_client_that_hangs_up(pg, server_factory,  # 
     assert node.health()["status"] == "ok"
     status, _, reply = node.api("POST", "/api/mapping/update", body={"port": port, "name": "z"})
     assert status == 200 and reply["data"]["name"] == "z", reply
+    assert node.stop() == 0, node.log_tail()
+
+
+def test_client_write_in_flight_is_busy(pg, server_factory):  # noqa: F811
+    node = pg_node(server_factory, pg, tunnel={"enabled": True})
+    status, _, reply = node.api("POST", "/api/client/create", body={"name": "edge"})
+    assert status == 201, reply
+    lock = RowLock(pg, client="edge")
+    try:
+        result = {}
+
+        def rotate():
+            result["r"] = timed(node, "POST", "/api/client/rotate", {"name": "edge"})
+
+        t = threading.Thread(target=rotate, daemon=True)
+        t.start()
+        wait_until(lambda: write_waits_on_lock(pg, "clients"), timeout=10, interval=0.05,
+                   desc="the rotate waits on the row lock")
+        for path in ("/api/client/rotate", "/api/client/remove"):
+            status, _, reply = node.api("POST", path, body={"name": "edge"}, timeout=10)
+            assert status == 409 and reply["error"] == "busy", (path, reply)
+    finally:
+        lock.release()
+    t.join(10)
+    status, reply, _ = result["r"]
+    assert status in (200, 503), reply
+    # Whatever the answer, the node and the database agree on the token.
+    stored = pg.psql("SELECT token_hash FROM clients WHERE name = 'edge'")[0][0]
+    if status == 200:
+        assert hashlib.sha256(reply["data"]["token"].encode()).hexdigest() == stored
+    # No longer busy: once the node writes again (after its backoff) the remove goes through.
+    wait_until(lambda: node.api("POST", "/api/client/remove", body={"name": "edge"})[0] == 200,
+               timeout=45, interval=0.5, desc="the client can be removed")
+    assert pg.psql("SELECT count(*) FROM clients WHERE name = 'edge'") == [["0"]]
     assert node.stop() == 0, node.log_tail()
 
 
