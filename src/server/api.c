@@ -4,8 +4,11 @@
  * loop; a second thread would need a lock around all of them or a request queue. Instead MHD
  * runs in external mode with MHD_USE_EPOLL: its epoll fd is one libevent read event and its
  * timeout one libevent timer, and MHD_run() is called from those callbacks. So every request
- * handler runs on the loop thread and touches the registry directly, without locks; a create
- * (bind + one SQLite transaction) is short enough to run inline.
+ * handler runs on the loop thread and touches the registry directly, without locks. A write
+ * (create, update, remove; client create, rotate, remove) is split: the handler checks and
+ * starts it, and its reply comes when the store answers (api_pending). With SQLite that is
+ * before the handler returns; with PostgreSQL the MHD connection is suspended meanwhile, so
+ * a stalled database never holds the loop (SPEC §7).
  *
  * MHD has no listen socket of its own: an evconnlistener accepts and hands each connection
  * over (api_accept_cb says why). What to answer is decided by api_dispatch, which sees no

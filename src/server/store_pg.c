@@ -2,11 +2,14 @@
  * lock, and the mapping and client statements, all with libpq.
  *
  * Start-up (open, migrations, the first reads) may block: the node serves nothing yet.
- * After it every statement is sent with libpq's non-blocking API and its answer awaited
- * on the connection's socket with a hard deadline (PG_CALL_MS), so a database that is
- * slow, stopped or gone costs a call at most that long and then answers
+ * The synchronous calls (start-up, tests) send each statement with libpq's non-blocking
+ * API and await its answer with poll() and a hard deadline (PG_CALL_MS), so a database
+ * that is slow, stopped or gone costs a call at most that long and then answers
  * STORE_UNAVAILABLE (the API's 503 store_unavailable); the broken connection is dropped
- * and reopened, with backoff, by a later call. */
+ * and reopened, with backoff, by a later call.
+ *
+ * Once the loop is attached (store_attach_loop) writes never wait on it: they go to the
+ * write connection below (pgw_*), driven by libevent events, with the same deadline. */
 #include <errno.h>
 #include <inttypes.h>
 #include <libpq-fe.h>
