@@ -4,8 +4,11 @@
  * loop; a second thread would need a lock around all of them or a request queue. Instead MHD
  * runs in external mode with MHD_USE_EPOLL: its epoll fd is one libevent read event and its
  * timeout one libevent timer, and MHD_run() is called from those callbacks. So every request
- * handler runs on the loop thread and touches the registry directly, without locks; a create
- * (bind + one SQLite transaction) is short enough to run inline.
+ * handler runs on the loop thread and touches the registry directly, without locks. A write
+ * (create, update, remove; client create, rotate, remove) is split: the handler checks and
+ * starts it, and its reply comes when the store answers (api_pending). With SQLite that is
+ * before the handler returns; with PostgreSQL the MHD connection is suspended meanwhile, so
+ * a stalled database never holds the loop (SPEC §7).
  *
  * MHD has no listen socket of its own: an evconnlistener accepts and hands each connection
  * over (api_accept_cb says why). What to answer is decided by api_dispatch, which sees no
@@ -69,6 +72,7 @@ struct api {
     int port;
     unsigned open_connections;     /* counted by api_notify_connection */
     TAILQ_HEAD(, api_conn) conns;  /* every open connection, for the slow-request sweep */
+    TAILQ_HEAD(, api_request) suspended; /* waiting for a store write (api_pending) */
     struct event *ev_sweep;
     uint64_t status_count[API_STATUS_SLOTS];
     struct api_mhd_log mhd_log[API_MHD_LOG_KINDS];
@@ -88,6 +92,14 @@ struct api_request {
     char *body;
     size_t len;
     bool too_large;
+    /* While its answer is pending (a store write in flight) the connection is suspended
+     * and the request is on api->suspended. */
+    struct api_pending *pending;
+    struct api *api;
+    struct MHD_Connection *conn;
+    bool suspended;                /* on api->suspended */
+    bool waited;                   /* was suspended: the next call sends what pending holds */
+    TAILQ_ENTRY(api_request) link;
 };
 
 enum api_method { M_GET = 1, M_POST = 2 };
@@ -147,6 +159,68 @@ static void api_ok(struct api_reply *out, unsigned status, const char *msg, json
     api_reply_json(out, status, j, NULL);
 }
 
+/* ---- answers that come later (SPEC §7) ----
+ * A handler that starts a store write takes an api_pending and hands it to the write as
+ * its callback's argument; the callback fills p->reply and calls api_pending_done. Who
+ * frees p: api_dispatch, when the write finished before the handler returned; else the
+ * glue once it has sent the reply; else (the glue gave up the request: shutdown, the
+ * connection closed) api_pending_done itself. So the write always finds p valid. */
+struct api_pending {
+    struct server *srv;
+    struct api_reply reply;
+    bool done;                     /* reply is final */
+    bool orphan;                   /* nobody will send it: free it when done */
+    void (*ready)(struct api_pending *p, void *ctx); /* set by the glue */
+    void *ctx;
+    int port;                      /* the request's port or client name, for the answer */
+    char name[CLIENTS_NAME_MAX + 1];
+};
+
+/* Marks out as answered later; NULL (out untouched) when out of memory. */
+static struct api_pending *api_pending_new(struct server *srv, struct api_reply *out)
+{
+    struct api_pending *p = calloc(1, sizeof(*p));
+    if (!p)
+        return NULL;
+    p->srv = srv;
+    out->pending = p;
+    return p;
+}
+
+static void api_pending_free(struct api_pending *p)
+{
+    api_reply_clear(&p->reply);
+    free(p);
+}
+
+static void api_pending_done(struct api_pending *p)
+{
+    p->done = true;
+    if (p->orphan)
+        api_pending_free(p);
+    else if (p->ready)
+        p->ready(p, p->ctx);
+    /* else: still inside api_dispatch, which takes the reply when the handler returns. */
+}
+
+/* Moves the final reply of p into out and frees p. */
+static void api_pending_take(struct api_pending *p, struct api_reply *out)
+{
+    *out = p->reply;
+    out->pending = NULL;
+    memset(&p->reply, 0, sizeof(p->reply));
+    api_pending_free(p);
+}
+
+/* A handler that could not even start its write: the plain error, nothing pending. */
+static bool api_pending_or_fail(struct api_pending *p, struct api_reply *out)
+{
+    if (p)
+        return true;
+    api_fail(out, API_E_INTERNAL, "out of memory", NULL);
+    return false;
+}
+
 static void handle_health(struct server *srv, const struct api_req *rq, struct api_reply *out)
 {
     size_t clients = srv->tunnel ? tunnel_server_client_count(srv->tunnel) : 0;
@@ -177,6 +251,27 @@ static int api_client_known(struct server *srv, const struct mapping_record *rec
     return -1;
 }
 
+static void api_created(enum mapping_result r, struct mapping *m, const char *err, void *arg)
+{
+    struct api_pending *p = arg;
+    if (r != MAPPING_OK) {
+        log_warn("api", "create port %d refused: %s", p->port, err);
+        api_fail(&p->reply,
+                 r == MAPPING_E_IN_USE        ? API_E_PORT_IN_USE
+                 : r == MAPPING_E_EXHAUSTED   ? API_E_RANGE_EXHAUSTED
+                 : r == MAPPING_E_UNAVAILABLE ? API_E_STORE_UNAVAILABLE
+                                              : API_E_INTERNAL,
+                 err, NULL);
+    } else {
+        log_info("api", "mapping created: port %d -> %s%s:%d", m->rec.port,
+                 m->rec.use_tunnel ? "tunnel " : "", mapping_target_host(m),
+                 m->rec.target_port);
+        tunnel_server_mappings_changed(p->srv->tunnel);
+        api_ok(&p->reply, MHD_HTTP_CREATED, "mapping created", api_json_mapping(m));
+    }
+    api_pending_done(p);
+}
+
 static void handle_create(struct server *srv, const struct api_req *rq, struct api_reply *out)
 {
     struct mapping_record rec;
@@ -192,22 +287,32 @@ static void handle_create(struct server *srv, const struct api_req *rq, struct a
         api_fail(out, API_E_INVALID_FIELD, msg, NULL);
         return;
     }
-    struct mapping *m = NULL;
-    enum mapping_result r = mapping_registry_create(srv->mappings, &rec, &m, msg, sizeof(msg));
-    if (r != MAPPING_OK) {
-        log_warn("api", "create port %d refused: %s", rec.port, msg);
-        api_fail(out,
-                 r == MAPPING_E_IN_USE      ? API_E_PORT_IN_USE
-                 : r == MAPPING_E_EXHAUSTED ? API_E_RANGE_EXHAUSTED
-                 : r == MAPPING_E_UNAVAILABLE ? API_E_STORE_UNAVAILABLE
-                                            : API_E_INTERNAL,
-                 msg, NULL);
+    struct api_pending *p = api_pending_new(srv, out);
+    if (!api_pending_or_fail(p, out))
         return;
+    p->port = rec.port;
+    mapping_registry_create_async(srv->mappings, &rec, api_created, p);
+}
+
+static void api_updated(enum mapping_result r, struct mapping *m, const char *err, void *arg)
+{
+    struct api_pending *p = arg;
+    if (r != MAPPING_OK) {
+        log_warn("api", "update port %d refused: %s", p->port, err);
+        api_fail(&p->reply,
+                 r == MAPPING_E_IN_USE        ? API_E_PORT_IN_USE
+                 : r == MAPPING_E_UNAVAILABLE ? API_E_STORE_UNAVAILABLE
+                 : r == MAPPING_E_BUSY        ? API_E_BUSY
+                 : r == MAPPING_E_NOT_FOUND   ? API_E_NOT_FOUND
+                                              : API_E_INTERNAL,
+                 err, NULL);
+    } else {
+        log_info("api", "mapping updated: port %d%s", p->port,
+                 m->rec.enabled ? "" : " (disabled)");
+        tunnel_server_mappings_changed(p->srv->tunnel);
+        api_ok(&p->reply, MHD_HTTP_OK, "mapping updated", api_json_mapping(m));
     }
-    log_info("api", "mapping created: port %d -> %s%s:%d", rec.port,
-             rec.use_tunnel ? "tunnel " : "", mapping_target_host(m), rec.target_port);
-    tunnel_server_mappings_changed(srv->tunnel);
-    api_ok(out, MHD_HTTP_CREATED, "mapping created", api_json_mapping(m));
+    api_pending_done(p);
 }
 
 /* Two passes over the body: the first finds the port (404 before any field is judged
@@ -239,26 +344,38 @@ static void handle_update(struct server *srv, const struct api_req *rq, struct a
     e = mapping_request_parse_update(srv->cfg, body, rq->len, &port, rec, msg, sizeof(msg));
     if (e == API_OK && api_client_known(srv, rec, &m->rec, msg, sizeof(msg)) != 0)
         e = API_E_INVALID_FIELD;
-    enum mapping_result r = MAPPING_OK;
-    if (e == API_OK)
-        r = mapping_registry_update(srv->mappings, rec, &m, msg, sizeof(msg));
+    struct api_pending *p = NULL;
+    if (e == API_OK && (p = api_pending_new(srv, out)) != NULL) {
+        p->port = port;
+        mapping_registry_update_async(srv->mappings, rec, api_updated, p);
+    }
     free(rec);
-    if (e != API_OK) {
+    if (e != API_OK)
         api_fail(out, e, msg, NULL);
-        return;
+    else
+        api_pending_or_fail(p, out);
+}
+
+static void api_removed(enum mapping_result r, struct mapping *m, const char *err, void *arg)
+{
+    struct api_pending *p = arg;
+    char msg[64];
+    if (r == MAPPING_E_NOT_FOUND) {
+        snprintf(msg, sizeof(msg), "no mapping on port %d", p->port);
+        api_fail(&p->reply, API_E_NOT_FOUND, msg, NULL);
+    } else if (r == MAPPING_E_UNAVAILABLE) {
+        api_fail(&p->reply, API_E_STORE_UNAVAILABLE, "the database did not answer in time",
+                 NULL);
+    } else if (r == MAPPING_E_BUSY) {
+        api_fail(&p->reply, API_E_BUSY, err, NULL);
+    } else if (r != MAPPING_OK) {
+        api_fail(&p->reply, API_E_INTERNAL, "database error", NULL);
+    } else {
+        log_info("api", "mapping removed: port %d", p->port);
+        tunnel_server_mappings_changed(p->srv->tunnel);
+        api_ok(&p->reply, MHD_HTTP_OK, "mapping removed", json_pack("{s:i}", "port", p->port));
     }
-    if (r != MAPPING_OK) {
-        log_warn("api", "update port %d refused: %s", port, msg);
-        api_fail(out,
-                 r == MAPPING_E_IN_USE        ? API_E_PORT_IN_USE
-                 : r == MAPPING_E_UNAVAILABLE ? API_E_STORE_UNAVAILABLE
-                                              : API_E_INTERNAL,
-                 msg, NULL);
-        return;
-    }
-    log_info("api", "mapping updated: port %d%s", port, m->rec.enabled ? "" : " (disabled)");
-    tunnel_server_mappings_changed(srv->tunnel);
-    api_ok(out, MHD_HTTP_OK, "mapping updated", api_json_mapping(m));
+    api_pending_done(p);
 }
 
 static void handle_remove(struct server *srv, const struct api_req *rq, struct api_reply *out)
@@ -271,23 +388,11 @@ static void handle_remove(struct server *srv, const struct api_req *rq, struct a
         api_fail(out, e, msg, NULL);
         return;
     }
-    enum mapping_result r = mapping_registry_remove(srv->mappings, port);
-    if (r == MAPPING_E_NOT_FOUND) {
-        snprintf(msg, sizeof(msg), "no mapping on port %d", port);
-        api_fail(out, API_E_NOT_FOUND, msg, NULL);
+    struct api_pending *p = api_pending_new(srv, out);
+    if (!api_pending_or_fail(p, out))
         return;
-    }
-    if (r == MAPPING_E_UNAVAILABLE) {
-        api_fail(out, API_E_STORE_UNAVAILABLE, "the database did not answer in time", NULL);
-        return;
-    }
-    if (r != MAPPING_OK) {
-        api_fail(out, API_E_INTERNAL, "database error", NULL);
-        return;
-    }
-    log_info("api", "mapping removed: port %d", port);
-    tunnel_server_mappings_changed(srv->tunnel);
-    api_ok(out, MHD_HTTP_OK, "mapping removed", json_pack("{s:i}", "port", port));
+    p->port = port;
+    mapping_registry_remove_async(srv->mappings, port, api_removed, p);
 }
 
 /* SPEC §7. With SQLite there is no cluster: 404, like any path the server lacks. */
@@ -444,49 +549,87 @@ static void api_client_fail(struct api_reply *out, enum clients_result r, const 
     case CLIENTS_UNAVAILABLE:
         api_fail(out, API_E_STORE_UNAVAILABLE, "the database did not answer in time", NULL);
         return;
+    case CLIENTS_BUSY:
+        snprintf(msg, sizeof(msg), "a change of client \"%s\" is being stored; try again",
+                 name);
+        api_fail(out, API_E_BUSY, msg, NULL);
+        return;
     default:
         api_fail(out, API_E_INTERNAL, "database error", NULL);
         return;
     }
 }
 
+static void api_client_created(enum clients_result r, const char *token, int64_t until,
+                               void *arg)
+{
+    struct api_pending *p = arg;
+    if (r != CLIENTS_OK)
+        api_client_fail(&p->reply, r, p->name);
+    else
+        api_ok(&p->reply, MHD_HTTP_CREATED, "client created; the token is shown only now",
+               json_pack("{s:s, s:s}", "name", p->name, "token", token));
+    api_pending_done(p);
+}
+
 static void handle_client_create(struct server *srv, const struct api_req *rq,
                                  struct api_reply *out)
 {
-    char name[CLIENTS_NAME_MAX + 1], token[CLIENTS_TOKEN_LEN + 1], msg[160];
+    char name[CLIENTS_NAME_MAX + 1], msg[160];
     enum api_error e = api_client_body(rq, name, sizeof(name), NULL, msg, sizeof(msg));
     if (e != API_OK) {
         api_fail(out, e, msg, NULL);
         return;
     }
-    enum clients_result r = clients_create(srv->clients, name, token, sizeof(token));
-    if (r != CLIENTS_OK) {
-        api_client_fail(out, r, name);
+    struct api_pending *p = api_pending_new(srv, out);
+    if (!api_pending_or_fail(p, out))
         return;
+    snprintf(p->name, sizeof(p->name), "%s", name);
+    clients_create_async(srv->clients, name, api_client_created, p);
+}
+
+static void api_client_rotated(enum clients_result r, const char *token, int64_t until,
+                               void *arg)
+{
+    struct api_pending *p = arg;
+    if (r != CLIENTS_OK) {
+        api_client_fail(&p->reply, r, p->name);
+    } else {
+        json_t *data = json_pack("{s:s, s:s}", "name", p->name, "token", token);
+        api_time_json(data, "old_token_valid_until", until);
+        api_ok(&p->reply, MHD_HTTP_OK, "token rotated; the new token is shown only now", data);
     }
-    api_ok(out, MHD_HTTP_CREATED, "client created; the token is shown only now",
-           json_pack("{s:s, s:s}", "name", name, "token", token));
+    api_pending_done(p);
 }
 
 static void handle_client_rotate(struct server *srv, const struct api_req *rq,
                                  struct api_reply *out)
 {
-    char name[CLIENTS_NAME_MAX + 1], token[CLIENTS_TOKEN_LEN + 1], msg[160];
-    int64_t grace = CLIENTS_DEFAULT_GRACE_S, until = 0;
+    char name[CLIENTS_NAME_MAX + 1], msg[160];
+    int64_t grace = CLIENTS_DEFAULT_GRACE_S;
     enum api_error e = api_client_body(rq, name, sizeof(name), &grace, msg, sizeof(msg));
     if (e != API_OK) {
         api_fail(out, e, msg, NULL);
         return;
     }
-    enum clients_result r =
-        clients_rotate(srv->clients, name, grace, token, sizeof(token), &until);
-    if (r != CLIENTS_OK) {
-        api_client_fail(out, r, name);
+    struct api_pending *p = api_pending_new(srv, out);
+    if (!api_pending_or_fail(p, out))
         return;
+    snprintf(p->name, sizeof(p->name), "%s", name);
+    clients_rotate_async(srv->clients, name, grace, api_client_rotated, p);
+}
+
+static void api_client_removed(enum clients_result r, const char *token, int64_t until,
+                               void *arg)
+{
+    struct api_pending *p = arg;
+    if (r != CLIENTS_OK) {
+        api_client_fail(&p->reply, r, p->name);
+    } else {
+        tunnel_server_client_removed(p->srv->tunnel, p->name);
+        api_ok(&p->reply, MHD_HTTP_OK, "client removed", json_pack("{s:s}", "name", p->name));
     }
-    json_t *data = json_pack("{s:s, s:s}", "name", name, "token", token);
-    api_time_json(data, "old_token_valid_until", until);
-    api_ok(out, MHD_HTTP_OK, "token rotated; the new token is shown only now", data);
+    api_pending_done(p);
 }
 
 static void handle_client_remove(struct server *srv, const struct api_req *rq,
@@ -498,13 +641,11 @@ static void handle_client_remove(struct server *srv, const struct api_req *rq,
         api_fail(out, e, msg, NULL);
         return;
     }
-    enum clients_result r = clients_remove(srv->clients, name);
-    if (r != CLIENTS_OK) {
-        api_client_fail(out, r, name);
+    struct api_pending *p = api_pending_new(srv, out);
+    if (!api_pending_or_fail(p, out))
         return;
-    }
-    tunnel_server_client_removed(srv->tunnel, name);
-    api_ok(out, MHD_HTTP_OK, "client removed", json_pack("{s:s}", "name", name));
+    snprintf(p->name, sizeof(p->name), "%s", name);
+    clients_remove_async(srv->clients, name, api_client_removed, p);
 }
 
 static void handle_metrics(struct server *srv, const struct api_req *rq, struct api_reply *out)
@@ -656,6 +797,9 @@ void api_dispatch(struct server *srv, const struct api_req *rq, struct api_reply
         return;
     }
     api_route_find(rq->url)->handler(srv, rq, out);
+    /* The write finished inside the handler (always with SQLite): a plain reply. */
+    if (out->pending && out->pending->done)
+        api_pending_take(out->pending, out);
 }
 
 /* ---- MHD glue ---- */
@@ -717,6 +861,38 @@ static void api_req_from_mhd(struct api_req *rq, struct MHD_Connection *conn, co
     };
 }
 
+/* The write behind a suspended request finished: let MHD call api_access again soon. */
+static void api_resume(struct api_pending *p, void *ctx)
+{
+    struct api_request *req = ctx;
+    struct api *api = req->api;
+    TAILQ_REMOVE(&api->suspended, req, link);
+    req->suspended = false;
+    MHD_resume_connection(req->conn);
+    event_active(api->ev_timer, EV_TIMEOUT, 1);
+}
+
+/* Shutdown: every request still waiting answers 503 at once, and its write, when it ever
+ * finishes, frees its own pending (orphan). */
+static void api_resume_all(struct api *api)
+{
+    struct api_request *req;
+    while ((req = TAILQ_FIRST(&api->suspended)) != NULL) {
+        struct api_pending *p = req->pending;
+        struct api_pending *now = calloc(1, sizeof(*now));
+        if (now) {
+            api_fail(&now->reply, API_E_STORE_UNAVAILABLE, "the server is stopping", NULL);
+            now->done = true;
+        }
+        p->orphan = true;
+        p->ready = NULL;
+        req->pending = now; /* NULL when out of memory: the connection just closes */
+        TAILQ_REMOVE(&api->suspended, req, link);
+        req->suspended = false;
+        MHD_resume_connection(req->conn);
+    }
+}
+
 static enum MHD_Result api_access(void *cls, struct MHD_Connection *conn, const char *url,
                                   const char *method, const char *version,
                                   const char *upload_data, size_t *upload_data_size,
@@ -726,6 +902,15 @@ static enum MHD_Result api_access(void *cls, struct MHD_Connection *conn, const 
     struct api_request *req = *con_cls;
     struct api_req rq;
     struct api_reply out = {0};
+    if (req && req->waited) {
+        /* Resumed (api_resume): the write is done and its reply is in; none when out of
+         * memory at shutdown (api_resume_all), and then the connection just closes. */
+        if (!req->pending)
+            return MHD_NO;
+        api_pending_take(req->pending, &out);
+        req->pending = NULL;
+        return api_send(api, conn, &out);
+    }
     if (!req) {
         /* First call, headers only: refusals never read the body. */
         api_req_from_mhd(&rq, conn, url, method, NULL);
@@ -754,6 +939,20 @@ static enum MHD_Result api_access(void *cls, struct MHD_Connection *conn, const 
     }
     api_req_from_mhd(&rq, conn, url, method, req);
     api_dispatch(api->srv, &rq, &out);
+    if (out.pending) {
+        /* The answer comes when the write does: hold the connection until then. */
+        struct api_pending *p = out.pending;
+        req->pending = p;
+        req->api = api;
+        req->conn = conn;
+        p->ready = api_resume;
+        p->ctx = req;
+        TAILQ_INSERT_TAIL(&api->suspended, req, link);
+        req->suspended = true;
+        req->waited = true;
+        MHD_suspend_connection(conn);
+        return MHD_YES;
+    }
     return api_send(api, conn, &out);
 }
 
@@ -766,6 +965,17 @@ static void api_completed(void *cls, struct MHD_Connection *conn, void **con_cls
         clock_gettime(CLOCK_MONOTONIC, &((struct api_conn *)ci->socket_context)->progress);
     struct api_request *req = *con_cls;
     if (req) {
+        if (req->pending) {
+            /* Closed with its answer still to come: the write frees it when it ends. */
+            if (req->pending->done) {
+                api_pending_free(req->pending);
+            } else {
+                req->pending->orphan = true;
+                req->pending->ready = NULL;
+                if (req->suspended)
+                    TAILQ_REMOVE(&req->api->suspended, req, link);
+            }
+        }
         free(req->body);
         free(req);
     }
@@ -987,7 +1197,8 @@ static int api_start_daemon(struct api *api, char *err, size_t errlen)
 {
     const struct config *cfg = api->srv->cfg;
     api->mhd = MHD_start_daemon(
-        MHD_USE_EPOLL | MHD_USE_ERROR_LOG | MHD_USE_NO_LISTEN_SOCKET, 0, api_accept_policy,
+        MHD_USE_EPOLL | MHD_USE_ERROR_LOG | MHD_USE_NO_LISTEN_SOCKET |
+            MHD_ALLOW_SUSPEND_RESUME, 0, api_accept_policy,
         api, api_access, api,
         MHD_OPTION_EXTERNAL_LOGGER, api_mhd_log, api,
         MHD_OPTION_NOTIFY_COMPLETED, api_completed, api,
@@ -1013,6 +1224,7 @@ struct api *api_new(struct server *srv, char *err, size_t errlen)
     }
     api->srv = srv;
     TAILQ_INIT(&api->conns);
+    TAILQ_INIT(&api->suspended);
     if (api_start_daemon(api, err, errlen) < 0 || api_start_listener(api, err, errlen) < 0)
         goto fail;
     const union MHD_DaemonInfo *di = MHD_get_daemon_info(api->mhd, MHD_DAEMON_INFO_EPOLL_FD);
@@ -1050,8 +1262,13 @@ void api_free(struct api *api)
         event_free(api->ev_timer);
     if (api->ev_sweep)
         event_free(api->ev_sweep);
-    if (api->mhd)
+    if (api->mhd) {
+        /* MHD refuses to stop with suspended connections: answer them first (503), and
+         * give the answers already in one run to leave. */
+        api_resume_all(api);
+        MHD_run(api->mhd);
         MHD_stop_daemon(api->mhd);
+    }
     free(api);
 }
 

@@ -35,6 +35,8 @@ struct api_req {
 
 /* What to answer. body is owned by the reply (api_reply_clear frees it), except a console
  * asset, which is static. */
+struct api_pending;
+
 struct api_reply {
     unsigned status;
     const char *type;              /* Content-Type, static */
@@ -43,6 +45,11 @@ struct api_reply {
     const struct web_asset *asset; /* set instead of body for the console's files */
     const char *allow;             /* Allow header for 405, static */
     bool close;                    /* no answer possible (out of memory): drop the connection */
+    /* Set when a handler started a write that finishes later (SPEC §7): the answer is not
+     * there yet. api_dispatch clears it when the write finished before it returned
+     * (SQLite always does), so only a caller on a loop with PostgreSQL ever sees it; the
+     * MHD glue then suspends the connection until the answer is in. */
+    struct api_pending *pending;
 };
 
 /* The checks that need no body, in order: api.allowed_ips (403 forbidden), Host (421

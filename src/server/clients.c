@@ -248,40 +248,89 @@ const struct clients_entry *clients_at(const struct clients_registry *reg, size_
     return i < reg->len ? &reg->v[i] : NULL;
 }
 
-enum clients_result clients_create(struct clients_registry *reg, const char *name,
-                                   char *token, size_t tokenlen)
+/* A write in flight for one client, and what to finish with. */
+struct cl_op {
+    struct clients_registry *reg;
+    struct clients_entry next;  /* create: the new entry; rotate: the entry as it becomes */
+    char token[CLIENTS_TOKEN_LEN + 1];
+    int64_t grace_s;
+    clients_done_fn done;
+    void *arg;
+};
+
+static void cl_op_end(struct cl_op *op, enum clients_result r, bool with_token)
 {
-    if (!clients_name_valid(name) || tokenlen < CLIENTS_TOKEN_LEN + 1)
-        return CLIENTS_INVALID;
-    if (cl_find(reg, name))
-        return CLIENTS_EXISTS;
-    if (!reg->store)
-        return CLIENTS_ERR;
-    struct clients_entry e = {0};
-    snprintf(e.name, sizeof(e.name), "%s", name);
-    e.source = CLIENTS_SOURCE_API;
-    if (clients_token_generate(token, tokenlen) != 0) {
-        log_error(CL_MOD, "the random generator failed");
-        return CLIENTS_ERR;
+    op->done(r, with_token ? op->token : NULL, op->next.prev_valid_until, op->arg);
+    OPENSSL_cleanse(op, sizeof(*op));
+    free(op);
+}
+
+static enum clients_result cl_store_failure(enum store_result sr)
+{
+    return sr == STORE_UNAVAILABLE ? CLIENTS_UNAVAILABLE : CLIENTS_ERR;
+}
+
+static void cl_created(enum store_result sr, const struct client_record *rec, void *arg)
+{
+    struct cl_op *op = arg;
+    struct clients_registry *reg = op->reg;
+    if (sr == STORE_DUPLICATE) {
+        cl_op_end(op, CLIENTS_EXISTS, false); /* another server of a cluster was first */
+        return;
     }
-    cl_hash(token, strlen(token), e.hash);
-    struct client_record rec;
-    cl_to_record(&e, &rec);
-    enum store_result sr = store_client_insert(reg->store, &rec);
-    if (sr == STORE_DUPLICATE)
-        return CLIENTS_EXISTS; /* another server of a cluster was first */
-    if (sr != STORE_OK)
-        return sr == STORE_UNAVAILABLE ? CLIENTS_UNAVAILABLE : CLIENTS_ERR;
-    e.created_at = rec.created_at;
-    struct clients_entry *slot = cl_push(reg);
+    if (sr != STORE_OK) {
+        cl_op_end(op, cl_store_failure(sr), false);
+        return;
+    }
+    op->next.created_at = rec->created_at;
+    /* A resync may have brought the stored row in already: it is this one. */
+    struct clients_entry *slot = cl_find(reg, op->next.name);
     if (!slot) {
-        store_client_delete(reg->store, name);
-        return CLIENTS_ERR;
+        slot = cl_push(reg);
+        if (!slot) {
+            store_client_delete_async(reg->store, op->next.name, NULL, NULL);
+            cl_op_end(op, CLIENTS_ERR, false);
+            return;
+        }
+        *slot = op->next;
+        cl_sort_last(reg);
+    } else {
+        *slot = op->next;
     }
-    *slot = e;
-    cl_sort_last(reg);
-    log_info(CL_MOD, "tunnel client \"%s\" created", name);
-    return CLIENTS_OK;
+    log_info(CL_MOD, "tunnel client \"%s\" created", op->next.name);
+    cl_op_end(op, CLIENTS_OK, true);
+}
+
+void clients_create_async(struct clients_registry *reg, const char *name,
+                          clients_done_fn done, void *arg)
+{
+    if (!clients_name_valid(name)) {
+        done(CLIENTS_INVALID, NULL, 0, arg);
+        return;
+    }
+    if (cl_find(reg, name)) {
+        done(CLIENTS_EXISTS, NULL, 0, arg);
+        return;
+    }
+    struct cl_op *op = reg->store ? calloc(1, sizeof(*op)) : NULL;
+    if (!op) {
+        done(CLIENTS_ERR, NULL, 0, arg);
+        return;
+    }
+    op->reg = reg;
+    op->done = done;
+    op->arg = arg;
+    snprintf(op->next.name, sizeof(op->next.name), "%s", name);
+    op->next.source = CLIENTS_SOURCE_API;
+    if (clients_token_generate(op->token, sizeof(op->token)) != 0) {
+        log_error(CL_MOD, "the random generator failed");
+        cl_op_end(op, CLIENTS_ERR, false);
+        return;
+    }
+    cl_hash(op->token, strlen(op->token), op->next.hash);
+    struct client_record rec;
+    cl_to_record(&op->next, &rec);
+    store_client_insert_async(reg->store, &rec, cl_created, op);
 }
 
 /* The API client named name, or why there is none to change. */
@@ -297,60 +346,202 @@ static enum clients_result cl_writable(struct clients_registry *reg, const char 
         return CLIENTS_CONFIG;
     if (!reg->store)
         return CLIENTS_ERR;
+    if (e->writing)
+        return CLIENTS_BUSY;
     *out = e;
     return CLIENTS_OK;
+}
+
+/* The entry is looked up again by name: the array may have moved or changed meanwhile. */
+static struct clients_entry *cl_written(struct cl_op *op)
+{
+    struct clients_entry *e = cl_find(op->reg, op->next.name);
+    if (e)
+        e->writing = false;
+    return e;
+}
+
+static void cl_rotated(enum store_result sr, const struct client_record *rec, void *arg)
+{
+    struct cl_op *op = arg;
+    struct clients_entry *e = cl_written(op);
+    if (sr != STORE_OK) {
+        cl_op_end(op, cl_store_failure(sr), false);
+        return;
+    }
+    if (e) {
+        /* Only what the rotation changed: counters and last_seen moved on meanwhile. */
+        memcpy(e->hash, op->next.hash, sizeof(e->hash));
+        memcpy(e->prev_hash, op->next.prev_hash, sizeof(e->prev_hash));
+        e->has_prev = op->next.has_prev;
+        e->prev_valid_until = op->next.prev_valid_until;
+    }
+    log_info(CL_MOD, "tunnel client \"%s\": token rotated, the old one valid for %lld s",
+             op->next.name, (long long)op->grace_s);
+    cl_op_end(op, CLIENTS_OK, true);
+}
+
+void clients_rotate_async(struct clients_registry *reg, const char *name, int64_t grace_s,
+                          clients_done_fn done, void *arg)
+{
+    struct clients_entry *e = NULL;
+    if (grace_s < 0 || grace_s > CLIENTS_MAX_GRACE_S) {
+        done(CLIENTS_INVALID, NULL, 0, arg);
+        return;
+    }
+    enum clients_result r = cl_writable(reg, name, &e);
+    struct cl_op *op = r == CLIENTS_OK ? calloc(1, sizeof(*op)) : NULL;
+    if (!op) {
+        done(r == CLIENTS_OK ? CLIENTS_ERR : r, NULL, 0, arg);
+        return;
+    }
+    op->reg = reg;
+    op->done = done;
+    op->arg = arg;
+    op->grace_s = grace_s;
+    if (clients_token_generate(op->token, sizeof(op->token)) != 0) {
+        log_error(CL_MOD, "the random generator failed");
+        cl_op_end(op, CLIENTS_ERR, false);
+        return;
+    }
+    /* Changes go to a copy first: the store may refuse, and then nothing changed. */
+    struct clients_entry *next = &op->next;
+    *next = *e;
+    int64_t now = (int64_t)time(NULL);
+    memcpy(next->prev_hash, e->hash, 32);
+    next->has_prev = grace_s > 0;
+    next->prev_valid_until = grace_s > 0 ? now + grace_s : now;
+    if (!next->has_prev)
+        memset(next->prev_hash, 0, sizeof(next->prev_hash));
+    cl_hash(op->token, strlen(op->token), next->hash);
+    struct client_record rec;
+    cl_to_record(next, &rec);
+    e->writing = true;
+    store_client_update_async(reg->store, &rec, cl_rotated, op);
+}
+
+static void cl_removed(enum store_result sr, const struct client_record *rec, void *arg)
+{
+    struct cl_op *op = arg;
+    struct clients_registry *reg = op->reg;
+    struct clients_entry *e = cl_written(op);
+    if (sr != STORE_OK && sr != STORE_NOT_FOUND) {
+        cl_op_end(op, cl_store_failure(sr), false);
+        return;
+    }
+    if (e && e->source == CLIENTS_SOURCE_API) {
+        size_t i = (size_t)(e - reg->v);
+        OPENSSL_cleanse(e, sizeof(*e));
+        memmove(&reg->v[i], &reg->v[i + 1], (reg->len - i - 1) * sizeof(*reg->v));
+        reg->len--;
+    }
+    log_info(CL_MOD, "tunnel client \"%s\" removed", op->next.name);
+    cl_op_end(op, CLIENTS_OK, false);
+}
+
+void clients_remove_async(struct clients_registry *reg, const char *name,
+                          clients_done_fn done, void *arg)
+{
+    struct clients_entry *e = NULL;
+    enum clients_result r = cl_writable(reg, name, &e);
+    struct cl_op *op = r == CLIENTS_OK ? calloc(1, sizeof(*op)) : NULL;
+    if (!op) {
+        done(r == CLIENTS_OK ? CLIENTS_ERR : r, NULL, 0, arg);
+        return;
+    }
+    op->reg = reg;
+    op->done = done;
+    op->arg = arg;
+    snprintf(op->next.name, sizeof(op->next.name), "%s", name);
+    e->writing = true;
+    store_client_delete_async(reg->store, name, cl_removed, op);
+}
+
+/* ---- the synchronous forms (start-up, tests) ---- */
+
+struct cl_sync {
+    bool done;
+    enum clients_result r;
+    char *token;
+    size_t tokenlen;
+    int64_t valid_until;
+};
+
+static void cl_sync_done(enum clients_result r, const char *token, int64_t valid_until,
+                         void *arg)
+{
+    struct cl_sync *s = arg;
+    s->done = true;
+    s->r = r;
+    s->valid_until = valid_until;
+    if (token)
+        snprintf(s->token, s->tokenlen, "%s", token);
+}
+
+/* With a loop attached the answer would come after this frame is gone. */
+static bool cl_sync_allowed(const struct clients_registry *reg)
+{
+    if (reg->store && store_writes_async(reg->store)) {
+        log_error(CL_MOD, "a synchronous client write after the store went asynchronous");
+        return false;
+    }
+    return true;
+}
+
+enum clients_result clients_create(struct clients_registry *reg, const char *name,
+                                   char *token, size_t tokenlen)
+{
+    if (tokenlen < CLIENTS_TOKEN_LEN + 1)
+        return CLIENTS_INVALID;
+    if (!cl_sync_allowed(reg))
+        return CLIENTS_ERR;
+    struct cl_sync s = {.token = token, .tokenlen = tokenlen};
+    clients_create_async(reg, name, cl_sync_done, &s);
+    return s.done ? s.r : CLIENTS_ERR;
 }
 
 enum clients_result clients_rotate(struct clients_registry *reg, const char *name,
                                    int64_t grace_s, char *token, size_t tokenlen,
                                    int64_t *valid_until)
 {
-    struct clients_entry *e = NULL;
-    if (grace_s < 0 || grace_s > CLIENTS_MAX_GRACE_S || tokenlen < CLIENTS_TOKEN_LEN + 1)
+    if (tokenlen < CLIENTS_TOKEN_LEN + 1)
         return CLIENTS_INVALID;
-    enum clients_result r = cl_writable(reg, name, &e);
-    if (r != CLIENTS_OK)
-        return r;
-    if (clients_token_generate(token, tokenlen) != 0) {
-        log_error(CL_MOD, "the random generator failed");
+    if (!cl_sync_allowed(reg))
         return CLIENTS_ERR;
-    }
-    /* Changes go to a copy first: the store may refuse, and then nothing changed. */
-    struct clients_entry next = *e;
-    int64_t now = (int64_t)time(NULL);
-    memcpy(next.prev_hash, e->hash, 32);
-    next.has_prev = grace_s > 0;
-    next.prev_valid_until = grace_s > 0 ? now + grace_s : now;
-    if (!next.has_prev)
-        memset(next.prev_hash, 0, sizeof(next.prev_hash));
-    cl_hash(token, strlen(token), next.hash);
-    struct client_record rec;
-    cl_to_record(&next, &rec);
-    enum store_result sr = store_client_update(reg->store, &rec);
-    if (sr != STORE_OK)
-        return sr == STORE_UNAVAILABLE ? CLIENTS_UNAVAILABLE : CLIENTS_ERR;
-    *e = next;
-    *valid_until = next.prev_valid_until;
-    log_info(CL_MOD, "tunnel client \"%s\": token rotated, the old one valid for %lld s", name,
-             (long long)grace_s);
-    return CLIENTS_OK;
+    struct cl_sync s = {.token = token, .tokenlen = tokenlen};
+    clients_rotate_async(reg, name, grace_s, cl_sync_done, &s);
+    if (s.done && s.r == CLIENTS_OK)
+        *valid_until = s.valid_until;
+    return s.done ? s.r : CLIENTS_ERR;
 }
 
 enum clients_result clients_remove(struct clients_registry *reg, const char *name)
 {
-    struct clients_entry *e = NULL;
-    enum clients_result r = cl_writable(reg, name, &e);
-    if (r != CLIENTS_OK)
-        return r;
-    enum store_result sr = store_client_delete(reg->store, name);
-    if (sr != STORE_OK && sr != STORE_NOT_FOUND)
-        return sr == STORE_UNAVAILABLE ? CLIENTS_UNAVAILABLE : CLIENTS_ERR;
-    size_t i = (size_t)(e - reg->v);
-    OPENSSL_cleanse(e, sizeof(*e));
-    memmove(&reg->v[i], &reg->v[i + 1], (reg->len - i - 1) * sizeof(*reg->v));
-    reg->len--;
-    log_info(CL_MOD, "tunnel client \"%s\" removed", name);
-    return CLIENTS_OK;
+    if (!cl_sync_allowed(reg))
+        return CLIENTS_ERR;
+    struct cl_sync s = {0};
+    clients_remove_async(reg, name, cl_sync_done, &s);
+    return s.done ? s.r : CLIENTS_ERR;
+}
+
+/* last_seen is informational: a failed write costs a log line, at most one a minute.
+ * The count lives here, not in the registry: a write queued by a session that ends at
+ * shutdown completes (STORE_UNAVAILABLE) when the store closes, after the registry. */
+static time_t cl_touch_log_at;
+static unsigned long cl_touch_failed;
+
+static void cl_touched(enum store_result sr, const struct client_record *rec, void *arg)
+{
+    if (sr == STORE_OK || sr == STORE_NOT_FOUND)
+        return;
+    time_t now = time(NULL);
+    cl_touch_failed++;
+    if (cl_touch_log_at && now - cl_touch_log_at < 60 && now >= cl_touch_log_at)
+        return;
+    log_warn(CL_MOD, "storing a client's last_seen failed (%lu time(s) since the last line)",
+             cl_touch_failed);
+    cl_touch_log_at = now;
+    cl_touch_failed = 0;
 }
 
 void clients_touch(struct clients_registry *reg, const char *name, int64_t now)
@@ -359,12 +550,13 @@ void clients_touch(struct clients_registry *reg, const char *name, int64_t now)
     if (!e)
         return;
     e->last_seen = now;
-    if (e->source != CLIENTS_SOURCE_API || !reg->store)
+    /* A rotate in flight carries last_seen too; a second write of the old hashes queued
+     * behind it would undo the rotation in the store. */
+    if (e->source != CLIENTS_SOURCE_API || !reg->store || e->writing)
         return;
     struct client_record rec;
     cl_to_record(e, &rec);
-    /* last_seen is informational: a failed write is logged by the store, nothing more. */
-    store_client_update(reg->store, &rec);
+    store_client_update_async(reg->store, &rec, cl_touched, NULL);
 }
 
 void clients_note(struct clients_registry *reg, const char *name, enum clients_event ev)

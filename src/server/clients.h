@@ -35,6 +35,7 @@ enum clients_result {
     CLIENTS_CONFIG = -4,       /* managed by the config file: read-only */
     CLIENTS_INVALID = -5,      /* bad name or argument */
     CLIENTS_UNAVAILABLE = -6,  /* the database did not answer in time (§7); nothing changed */
+    CLIENTS_BUSY = -7,         /* a write for this client is in flight: try again */
 };
 
 struct clients_entry {
@@ -50,6 +51,7 @@ struct clients_entry {
     uint64_t takeovers;         /* a silent session of this client was replaced */
     uint64_t refused;           /* a Hello with its credentials lost to a live session */
     bool synced;                /* clients_sync_*: seen in the read being applied */
+    bool writing;               /* a rotate or remove is being stored (clients_*_async) */
 };
 
 enum clients_event { CLIENTS_EVENT_TAKEOVER, CLIENTS_EVENT_REFUSED };
@@ -91,7 +93,23 @@ size_t clients_count(const struct clients_registry *reg);
 /* The i-th client, config clients first, then stored ones in name order. */
 const struct clients_entry *clients_at(const struct clients_registry *reg, size_t i);
 
-/* Creates an API client; its token (CLIENTS_TOKEN_LEN chars) goes to token. */
+/* ---- asynchronous create, rotate, remove (SPEC §7: nothing waits on the database) ----
+ * Checked at once, then stored; done runs exactly once, when the store answers (with
+ * SQLite before the call returns), with the result and, on success of a create or rotate,
+ * the new token (valid only during the call) and the end of the old token's grace period.
+ * A rotate or remove of a client with a write in flight answers CLIENTS_BUSY. */
+typedef void (*clients_done_fn)(enum clients_result r, const char *token,
+                                int64_t valid_until, void *arg);
+void clients_create_async(struct clients_registry *reg, const char *name,
+                          clients_done_fn done, void *arg);
+void clients_rotate_async(struct clients_registry *reg, const char *name, int64_t grace_s,
+                          clients_done_fn done, void *arg);
+void clients_remove_async(struct clients_registry *reg, const char *name,
+                          clients_done_fn done, void *arg);
+
+/* The same, synchronously: for start-up and tests, while the store has no loop attached
+ * (store_attach_loop); afterwards they refuse with CLIENTS_ERR.
+ * Creates an API client; its token (CLIENTS_TOKEN_LEN chars) goes to token. */
 enum clients_result clients_create(struct clients_registry *reg, const char *name,
                                    char *token, size_t tokenlen);
 /* New token for an API client; the old one stays valid for grace_s seconds (0 = not at
@@ -102,7 +120,8 @@ enum clients_result clients_rotate(struct clients_registry *reg, const char *nam
 enum clients_result clients_remove(struct clients_registry *reg, const char *name);
 /* Counts a takeover or a refused duplicate Hello for the client. */
 void clients_note(struct clients_registry *reg, const char *name, enum clients_event ev);
-/* Records that the client was seen now (Hello accepted, session ended). */
+/* Records that the client was seen now (Hello accepted, session ended). The stored
+ * last_seen is written without waiting (a failure is logged, at most once a minute). */
 void clients_touch(struct clients_registry *reg, const char *name, int64_t now);
 
 /* SIGHUP: the config's clients become cfg's (added, removed, token changed); API clients

@@ -636,6 +636,18 @@ void cluster_sync_metrics(struct cluster_sync *cs, FILE *f)
             cs->state == CSYNC_READY);
 }
 
+/* A local write ended without storing (a lost race on a port, a timeout): the registry
+ * skipped the rows it concerned while it was in flight (mapping_registry_apply), so
+ * read the tables again now rather than at the next periodic resync. */
+static void csync_after_write(enum store_result r, void *arg)
+{
+    struct cluster_sync *cs = arg;
+    if (r == STORE_OK)
+        return; /* its own notification brings a read */
+    cs->dirty = true;
+    csync_kick(cs);
+}
+
 struct cluster_sync *cluster_sync_new(struct server *srv, const char *conninfo)
 {
     struct cluster_sync *cs = calloc(1, sizeof(*cs));
@@ -654,6 +666,7 @@ struct cluster_sync *cluster_sync_new(struct server *srv, const char *conninfo)
         return NULL;
     }
     store_set_gate(srv->store, csync_db_ok, cs);
+    store_set_write_hook(srv->store, csync_after_write, cs);
     csync_connect(cs);
     return cs;
 }
@@ -663,6 +676,7 @@ void cluster_sync_free(struct cluster_sync *cs)
     if (!cs)
         return;
     store_set_gate(cs->srv->store, NULL, NULL);
+    store_set_write_hook(cs->srv->store, NULL, NULL);
     csync_free_events(cs);
     if (cs->tick)
         event_free(cs->tick);

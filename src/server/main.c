@@ -257,6 +257,11 @@ static int server_start(struct server *srv)
         }
         tunnel_server_set_nodes_source(srv->tunnel, server_cluster_nodes, srv->cluster_sync);
     }
+    /* From here on no write waits on the loop (PostgreSQL; SQLite stays synchronous). */
+    if (store_attach_loop(srv->store, srv->base) != 0) {
+        log_error("store", "cannot put the database writes on the event loop");
+        return 1;
+    }
     srv->api = api_new(srv, err, sizeof(err));
     if (!srv->api) {
         log_error("api", "%s", err);
@@ -271,6 +276,9 @@ static int server_start(struct server *srv)
  * then the tunnels, and the database last so the final state is on disk. */
 static void server_stop(struct server *srv)
 {
+    /* Writes still queued answer 503 now, while the API and registries that wait for
+     * them are all still there. */
+    store_fail_pending(srv->store);
     api_free(srv->api);
     srv->api = NULL;
     mapping_registry_free(srv->mappings);

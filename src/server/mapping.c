@@ -39,9 +39,20 @@ struct mapping_client_up {
 struct mapping_registry {
     struct server *srv;
     TAILQ_HEAD(, mapping) list;
+    TAILQ_HEAD(, mapping) creating; /* created, not stored yet (mapping_registry_create_async) */
     size_t count;
     struct mapping_handlers handlers;   /* where accepted connections go (main.c) */
     TAILQ_HEAD(, mapping_client_up) up; /* clients connected now */
+};
+
+/* A store write in flight for one mapping (m->op), and what to finish with. */
+struct mapping_op {
+    struct mapping_registry *reg;
+    struct mapping *m;
+    struct evconnlistener *l;      /* bound for the write (disabled), attached on success */
+    struct mapping_record next;    /* update: the record to apply once stored */
+    mapping_done_fn done;
+    void *arg;
 };
 
 static struct mapping_client_up *mapping_find_up(const struct mapping_registry *reg,
@@ -317,6 +328,13 @@ static void mapping_free(struct mapping *m)
 {
     if (!m)
         return;
+    /* Only at shutdown, after store_fail_pending, can a write still be open here: the
+     * store will not call back, so its bound listener goes with the mapping. */
+    if (m->op) {
+        if (m->op->l)
+            evconnlistener_free(m->op->l);
+        free(m->op);
+    }
     mapping_detach_listener(m);
     mapping_abort_conns(m);
     mapping_policy_free(m);
@@ -330,6 +348,7 @@ struct mapping_registry *mapping_registry_new(struct server *srv)
         return NULL;
     reg->srv = srv;
     TAILQ_INIT(&reg->list);
+    TAILQ_INIT(&reg->creating);
     TAILQ_INIT(&reg->up);
     return reg;
 }
@@ -341,6 +360,10 @@ void mapping_registry_free(struct mapping_registry *reg)
     struct mapping *m;
     while ((m = TAILQ_FIRST(&reg->list)) != NULL) {
         TAILQ_REMOVE(&reg->list, m, link);
+        mapping_free(m);
+    }
+    while ((m = TAILQ_FIRST(&reg->creating)) != NULL) {
+        TAILQ_REMOVE(&reg->creating, m, link);
         mapping_free(m);
     }
     struct mapping_client_up *u;
@@ -417,29 +440,7 @@ static enum mapping_result mapping_store_failure(enum store_result sr)
     return sr == STORE_UNAVAILABLE ? MAPPING_E_UNAVAILABLE : MAPPING_E_STORE;
 }
 
-/* Retry of a mapping kept in status error: on a successful bind the new fields replace it. */
-static enum mapping_result mapping_retry(struct mapping_registry *reg, struct mapping *old,
-                                         struct mapping_record *rec, char *err, size_t errlen)
-{
-    struct mapping probe = *old;
-    probe.rec.port = rec->port;
-    struct evconnlistener *l = mapping_listen(&probe, err, errlen);
-    if (!l) {
-        snprintf(old->error, sizeof(old->error), "%s", err);
-        return MAPPING_E_IN_USE;
-    }
-    enum store_result sr = store_mapping_replace(reg->srv->store, rec);
-    if (sr != STORE_OK) {
-        evconnlistener_free(l);
-        snprintf(err, errlen, "database error while storing port %d", rec->port);
-        return mapping_store_failure(sr);
-    }
-    old->rec = *rec;
-    mapping_policy_apply(old, true);
-    mapping_attach_if_enabled(old, l);
-    old->error[0] = '\0';
-    return MAPPING_OK;
-}
+static struct mapping *mapping_find_creating(const struct mapping_registry *reg, int port);
 
 /* Port 0: tries the range from its start, skipping blacklisted and mapped ports, until a
  * bind succeeds; m->rec.port (and target_port, when it defaulted) become that port. */
@@ -449,7 +450,8 @@ static struct evconnlistener *mapping_listen_any(struct mapping_registry *reg,
     const struct config *cfg = reg->srv->cfg;
     bool default_target = m->rec.target_port == 0;
     for (int p = cfg->port_from; p <= cfg->port_end; p++) {
-        if (!config_port_allowed(cfg, p) || mapping_registry_find(reg, p))
+        if (!config_port_allowed(cfg, p) || mapping_registry_find(reg, p) ||
+            mapping_find_creating(reg, p))
             continue;
         m->rec.port = p;
         struct evconnlistener *l = mapping_listen(m, err, errlen);
@@ -464,105 +466,279 @@ static struct evconnlistener *mapping_listen_any(struct mapping_registry *reg,
     return NULL;
 }
 
-enum mapping_result mapping_registry_create(struct mapping_registry *reg,
-                                            struct mapping_record *rec,
-                                            struct mapping **out, char *err, size_t errlen)
+/* ---- create, update, remove: bind now, store asynchronously, finish on the answer ---- */
+
+static struct mapping_op *mapping_op_new(struct mapping_registry *reg, struct mapping *m,
+                                         mapping_done_fn done, void *arg)
 {
+    struct mapping_op *op = calloc(1, sizeof(*op));
+    if (!op)
+        return NULL;
+    op->reg = reg;
+    op->m = m;
+    op->done = done;
+    op->arg = arg;
+    return op;
+}
+
+/* The write is over: the mapping is free for the next one, the caller learns the end. */
+static void mapping_op_end(struct mapping_op *op, enum mapping_result r, struct mapping *m,
+                           const char *err)
+{
+    if (op->m)
+        op->m->op = NULL;
+    mapping_done_fn done = op->done;
+    void *arg = op->arg;
+    free(op);
+    done(r, m, err, arg);
+}
+
+/* A listener bound for a write that may still fail: it accepts nothing until the write is
+ * stored (the kernel queues connections meanwhile), and it calls back the mapping it will
+ * belong to, not a probe on the stack. */
+static void mapping_hold_listener(struct evconnlistener *l, struct mapping *m)
+{
+    evconnlistener_disable(l);
+    evconnlistener_set_cb(l, mapping_accept_cb, m);
+}
+
+static void mapping_attach_held(struct mapping *m, struct evconnlistener *l)
+{
+    mapping_attach_if_enabled(m, l);
+    if (m->listener)
+        evconnlistener_enable(m->listener);
+}
+
+static struct mapping *mapping_find_creating(const struct mapping_registry *reg, int port)
+{
+    struct mapping *m;
+    TAILQ_FOREACH(m, &reg->creating, link)
+        if (m->rec.port == port)
+            return m;
+    return NULL;
+}
+
+static void mapping_retried(enum store_result sr, const struct mapping_record *rec, void *arg)
+{
+    struct mapping_op *op = arg;
+    struct mapping *m = op->m;
+    char err[160];
+    if (sr != STORE_OK) {
+        evconnlistener_free(op->l);
+        snprintf(err, sizeof(err), "database error while storing port %d", m->rec.port);
+        mapping_op_end(op, mapping_store_failure(sr), NULL, err);
+        return;
+    }
+    m->rec = *rec;
+    mapping_policy_apply(m, true);
+    mapping_attach_held(m, op->l);
+    m->error[0] = '\0';
+    mapping_op_end(op, MAPPING_OK, m, NULL);
+}
+
+/* Retry of a mapping kept in status error: on a successful bind the new fields replace it. */
+static void mapping_retry_async(struct mapping_registry *reg, struct mapping *old,
+                                const struct mapping_record *rec, mapping_done_fn done,
+                                void *arg)
+{
+    char err[192];
+    struct mapping probe = *old;
+    probe.rec.port = rec->port;
+    struct evconnlistener *l = mapping_listen(&probe, err, sizeof(err));
+    if (!l) {
+        snprintf(old->error, sizeof(old->error), "%s", err);
+        done(MAPPING_E_IN_USE, NULL, err, arg);
+        return;
+    }
+    mapping_hold_listener(l, old);
+    struct mapping_op *op = mapping_op_new(reg, old, done, arg);
+    if (!op) {
+        evconnlistener_free(l);
+        done(MAPPING_E_STORE, NULL, "out of memory", arg);
+        return;
+    }
+    op->l = l;
+    old->op = op;
+    store_mapping_replace_async(reg->srv->store, rec, mapping_retried, op);
+}
+
+static void mapping_created(enum store_result sr, const struct mapping_record *rec, void *arg)
+{
+    struct mapping_op *op = arg;
+    struct mapping_registry *reg = op->reg;
+    struct mapping *m = op->m;
+    TAILQ_REMOVE(&reg->creating, m, link);
+    if (sr != STORE_OK) {
+        char err[160];
+        snprintf(err, sizeof(err), sr == STORE_DUPLICATE ? "port %d is already mapped"
+                                                         : "database error while storing port %d",
+                 m->rec.port);
+        evconnlistener_free(op->l);
+        op->m = NULL;
+        m->op = NULL;
+        mapping_free(m);
+        mapping_op_end(op, sr == STORE_DUPLICATE ? MAPPING_E_IN_USE : mapping_store_failure(sr),
+                       NULL, err);
+        return;
+    }
+    m->rec = *rec;
+    mapping_attach_held(m, op->l);
+    TAILQ_INSERT_TAIL(&reg->list, m, link);
+    reg->count++;
+    mapping_op_end(op, MAPPING_OK, m, NULL);
+}
+
+void mapping_registry_create_async(struct mapping_registry *reg,
+                                   const struct mapping_record *rec, mapping_done_fn done,
+                                   void *arg)
+{
+    char err[192];
     struct mapping *old = rec->port ? mapping_registry_find(reg, rec->port) : NULL;
-    if (old && (old->listener || !old->rec.enabled)) {
-        snprintf(err, errlen, "port %d is already mapped", rec->port);
-        return MAPPING_E_IN_USE;
+    if ((old && (old->op || old->listener || !old->rec.enabled)) ||
+        (rec->port && mapping_find_creating(reg, rec->port))) {
+        snprintf(err, sizeof(err), "port %d is already mapped", rec->port);
+        done(MAPPING_E_IN_USE, NULL, err, arg);
+        return;
     }
     if (old) {
-        enum mapping_result r = mapping_retry(reg, old, rec, err, errlen);
-        if (r == MAPPING_OK)
-            *out = old;
-        return r;
+        mapping_retry_async(reg, old, rec, done, arg);
+        return;
     }
     struct mapping *m = mapping_new(reg->srv, rec);
     if (!m) {
-        snprintf(err, errlen, "out of memory");
-        return MAPPING_E_STORE;
+        done(MAPPING_E_STORE, NULL, "out of memory", arg);
+        return;
     }
-    struct evconnlistener *l = rec->port ? mapping_listen(m, err, errlen)
-                                         : mapping_listen_any(reg, m, err, errlen);
+    struct evconnlistener *l = rec->port ? mapping_listen(m, err, sizeof(err))
+                                         : mapping_listen_any(reg, m, err, sizeof(err));
     if (!l) {
         mapping_free(m);
-        return rec->port ? MAPPING_E_IN_USE : MAPPING_E_EXHAUSTED;
+        done(rec->port ? MAPPING_E_IN_USE : MAPPING_E_EXHAUSTED, NULL, err, arg);
+        return;
     }
-    rec->port = m->rec.port;
-    rec->target_port = m->rec.target_port;
-    mapping_attach_if_enabled(m, l);
-    enum store_result sr = store_mapping_insert(reg->srv->store, rec);
-    if (sr != STORE_OK) {
+    mapping_hold_listener(l, m);
+    struct mapping_op *op = mapping_op_new(reg, m, done, arg);
+    if (!op) {
+        evconnlistener_free(l);
         mapping_free(m);
-        snprintf(err, errlen, sr == STORE_DUPLICATE ? "port %d is already mapped"
-                                                     : "database error while storing port %d",
-                 rec->port);
-        return sr == STORE_DUPLICATE ? MAPPING_E_IN_USE : mapping_store_failure(sr);
+        done(MAPPING_E_STORE, NULL, "out of memory", arg);
+        return;
     }
-    m->rec = *rec;
-    TAILQ_INSERT_TAIL(&reg->list, m, link);
-    reg->count++;
-    *out = m;
-    return MAPPING_OK;
+    /* Listed as being created: the port is taken for creates and the port-0 search, but
+     * the mapping is neither listed nor found until it is stored. */
+    op->l = l;
+    m->op = op;
+    TAILQ_INSERT_TAIL(&reg->creating, m, link);
+    store_mapping_insert_async(reg->srv->store, &m->rec, mapping_created, op);
 }
 
-enum mapping_result mapping_registry_update(struct mapping_registry *reg,
-                                            const struct mapping_record *rec,
-                                            struct mapping **out, char *err, size_t errlen)
+static void mapping_updated(enum store_result sr, const struct mapping_record *rec, void *arg)
 {
-    struct mapping *m = mapping_registry_find(reg, rec->port);
-    if (!m) {
-        snprintf(err, errlen, "no mapping on port %d", rec->port);
-        return MAPPING_E_NOT_FOUND;
-    }
-    struct mapping_record next = *rec;
-    next.id = m->rec.id;
-    next.created_at = m->rec.created_at;
-    /* Enabling: bind before storing, so a port taken meanwhile changes nothing. A mapping
-     * in status error that stays enabled is stored either way and keeps its error. */
-    struct evconnlistener *l = NULL;
-    if (next.enabled && !m->listener) {
-        l = mapping_listen(m, err, errlen);
-        if (!l && !m->rec.enabled)
-            return MAPPING_E_IN_USE;
-        if (!l)
-            snprintf(m->error, sizeof(m->error), "%s", err);
-    }
-    enum store_result sr = store_mapping_update(reg->srv->store, &next);
+    struct mapping_op *op = arg;
+    struct mapping *m = op->m;
     if (sr != STORE_OK) {
-        if (l)
-            evconnlistener_free(l);
-        snprintf(err, errlen, "database error while storing port %d", rec->port);
-        return mapping_store_failure(sr);
+        char err[160];
+        if (op->l)
+            evconnlistener_free(op->l);
+        snprintf(err, sizeof(err), "database error while storing port %d", m->rec.port);
+        mapping_op_end(op, mapping_store_failure(sr), NULL, err);
+        return;
     }
-    m->rec = next;
-    if (!next.enabled) {
+    m->rec = op->next;
+    if (!m->rec.enabled) {
         mapping_detach_listener(m);
         mapping_abort_conns(m);
     }
-    if (l) {
-        mapping_attach_listener(m, l);
+    if (op->l) {
+        mapping_attach_held(m, op->l);
         m->error[0] = '\0';
     }
     mapping_policy_apply(m, true);
-    *out = m;
-    return MAPPING_OK;
+    mapping_op_end(op, MAPPING_OK, m, NULL);
 }
 
-enum mapping_result mapping_registry_remove(struct mapping_registry *reg, int port)
+void mapping_registry_update_async(struct mapping_registry *reg,
+                                   const struct mapping_record *rec, mapping_done_fn done,
+                                   void *arg)
 {
-    struct mapping *m = mapping_registry_find(reg, port);
-    if (!m)
-        return MAPPING_E_NOT_FOUND;
-    enum store_result sr = store_mapping_delete(reg->srv->store, port);
-    if (sr != STORE_OK && sr != STORE_NOT_FOUND)
-        return mapping_store_failure(sr);
+    char err[192];
+    struct mapping *m = mapping_registry_find(reg, rec->port);
+    if (!m) {
+        snprintf(err, sizeof(err), "no mapping on port %d", rec->port);
+        done(MAPPING_E_NOT_FOUND, NULL, err, arg);
+        return;
+    }
+    if (m->op) {
+        snprintf(err, sizeof(err), "a change of port %d is being stored; try again",
+                 rec->port);
+        done(MAPPING_E_BUSY, NULL, err, arg);
+        return;
+    }
+    struct mapping_op *op = mapping_op_new(reg, m, done, arg);
+    if (!op) {
+        done(MAPPING_E_STORE, NULL, "out of memory", arg);
+        return;
+    }
+    op->next = *rec;
+    op->next.id = m->rec.id;
+    op->next.created_at = m->rec.created_at;
+    /* Enabling: bind before storing, so a port taken meanwhile changes nothing. A mapping
+     * in status error that stays enabled is stored either way and keeps its error. */
+    if (op->next.enabled && !m->listener) {
+        op->l = mapping_listen(m, err, sizeof(err));
+        if (!op->l && !m->rec.enabled) {
+            free(op);
+            done(MAPPING_E_IN_USE, NULL, err, arg);
+            return;
+        }
+        if (!op->l)
+            snprintf(m->error, sizeof(m->error), "%s", err);
+        else
+            mapping_hold_listener(op->l, m);
+    }
+    m->op = op;
+    store_mapping_update_async(reg->srv->store, &op->next, mapping_updated, op);
+}
+
+static void mapping_removed(enum store_result sr, const struct mapping_record *rec, void *arg)
+{
+    struct mapping_op *op = arg;
+    struct mapping *m = op->m;
+    if (sr != STORE_OK && sr != STORE_NOT_FOUND) {
+        mapping_op_end(op, mapping_store_failure(sr), NULL, "database error");
+        return;
+    }
+    struct mapping_registry *reg = op->reg;
     TAILQ_REMOVE(&reg->list, m, link);
     reg->count--;
+    op->m = NULL;
+    m->op = NULL;
     mapping_free(m);
-    return MAPPING_OK;
+    mapping_op_end(op, MAPPING_OK, NULL, NULL);
+}
+
+void mapping_registry_remove_async(struct mapping_registry *reg, int port,
+                                   mapping_done_fn done, void *arg)
+{
+    char err[160];
+    struct mapping *m = mapping_registry_find(reg, port);
+    if (!m) {
+        snprintf(err, sizeof(err), "no mapping on port %d", port);
+        done(MAPPING_E_NOT_FOUND, NULL, err, arg);
+        return;
+    }
+    if (m->op) {
+        snprintf(err, sizeof(err), "a change of port %d is being stored; try again", port);
+        done(MAPPING_E_BUSY, NULL, err, arg);
+        return;
+    }
+    struct mapping_op *op = mapping_op_new(reg, m, done, arg);
+    if (!op) {
+        done(MAPPING_E_STORE, NULL, "out of memory", arg);
+        return;
+    }
+    m->op = op;
+    store_mapping_delete_async(reg->srv->store, port, mapping_removed, op);
 }
 
 /* ---- failed dials ----
@@ -608,7 +784,13 @@ static bool mapping_record_same(const struct mapping_record *a, const struct map
 
 bool mapping_registry_apply(struct mapping_registry *reg, const struct mapping_record *rec)
 {
+    /* A write of ours is in flight for that port: its answer decides, and the resync
+     * after it (or the periodic one) brings the rest in line. */
+    if (mapping_find_creating(reg, rec->port))
+        return false;
     struct mapping *m = mapping_registry_find(reg, rec->port);
+    if (m && m->op)
+        return false;
     if (!m) {
         mapping_restore_one(rec, reg);
         return true;
@@ -638,7 +820,7 @@ bool mapping_registry_apply(struct mapping_registry *reg, const struct mapping_r
 bool mapping_registry_forget(struct mapping_registry *reg, int port)
 {
     struct mapping *m = mapping_registry_find(reg, port);
-    if (!m)
+    if (!m || m->op) /* a write in flight: as in mapping_registry_apply */
         return false;
     TAILQ_REMOVE(&reg->list, m, link);
     reg->count--;

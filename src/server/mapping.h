@@ -83,26 +83,40 @@ enum mapping_result {
     MAPPING_E_NOT_FOUND = -3,
     MAPPING_E_EXHAUSTED = -4,  /* port 0 asked for and no port of the range is free */
     MAPPING_E_UNAVAILABLE = -5,/* the database did not answer in time (§7); nothing changed */
+    MAPPING_E_BUSY = -6,       /* a write for this mapping is in flight: try again */
 };
+
+/* ---- asynchronous create, update and remove (SPEC §7: nothing waits on the database) ----
+ * Each checks and binds at once, marks the port busy, sends the store write, and finishes
+ * when the store answers: done runs exactly once with the result, the live mapping on
+ * success (else NULL) and a human reason on failure. With SQLite the store answers before
+ * the call returns, so done runs before it returns too. Meanwhile a second create on that
+ * port answers MAPPING_E_IN_USE, an update or remove MAPPING_E_BUSY; a mapping being
+ * created is not listed yet and not found by mapping_registry_find. */
+typedef void (*mapping_done_fn)(enum mapping_result r, struct mapping *m, const char *err,
+                                void *arg);
+
 
 /* Binds rec.port (rec.port 0: the lowest free port of the range, not blacklisted, not
  * mapped and bindable; MAPPING_E_EXHAUSTED when there is none), then stores rec; on any failure neither remains. A stored mapping on the
  * same port in status error is retried: on a successful bind it is replaced by rec.
- * err gets a human reason on failure. *out is the live mapping on success. */
-enum mapping_result mapping_registry_create(struct mapping_registry *reg,
-                                            struct mapping_record *rec,
-                                            struct mapping **out, char *err, size_t errlen);
+ * The reason and the live mapping go to done. */
+void mapping_registry_create_async(struct mapping_registry *reg,
+                                   const struct mapping_record *rec, mapping_done_fn done,
+                                   void *arg);
 /* Changes the mapping on rec->port to rec (every field but id, port and created_at, which
  * are kept): stored first, then applied. The listener stays open through it; enabled
  * false closes it and every live connection, enabled true opens it again (a failed bind
  * of a disabled mapping changes nothing: MAPPING_E_IN_USE). allow_from, max_connections
- * and rate_limit apply to live connections at once. *out is the live mapping. */
-enum mapping_result mapping_registry_update(struct mapping_registry *reg,
-                                            const struct mapping_record *rec,
-                                            struct mapping **out, char *err, size_t errlen);
+ * and rate_limit apply to live connections at once once stored. */
+void mapping_registry_update_async(struct mapping_registry *reg,
+                                   const struct mapping_record *rec, mapping_done_fn done,
+                                   void *arg);
 
-/* Deletes from the store, closes the listener and every live connection. */
-enum mapping_result mapping_registry_remove(struct mapping_registry *reg, int port);
+/* Deletes from the store, then closes the listener and every live connection (done gets
+ * m NULL: it is gone). */
+void mapping_registry_remove_async(struct mapping_registry *reg, int port,
+                                   mapping_done_fn done, void *arg);
 
 /* The mapping as the API shows it: api_json_mapping() in api_json.h. */
 

@@ -16,6 +16,7 @@
 
 struct server;
 struct mapping;
+struct mapping_op;
 struct bufferevent_rate_limit_group;
 
 enum mapping_status {
@@ -72,6 +73,7 @@ struct mapping {
     } dial;
     TAILQ_HEAD(mapping_conn_list, mapping_conn) conns;
     TAILQ_ENTRY(mapping) link;
+    struct mapping_op *op;              /* a store write in flight for it (mapping.c) */
 };
 
 #endif

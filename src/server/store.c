@@ -16,6 +16,9 @@ struct store {
     uint64_t writes;  /* successful writes, for store_write_count */
     bool (*gate)(void *arg); /* store_set_gate */
     void *gate_arg;
+    bool attached;    /* store_attach_loop succeeded: the backend's submit takes writes */
+    void (*hook)(enum store_result r, void *arg); /* store_set_write_hook */
+    void *hook_arg;
 };
 
 void store_set_gate(struct store *st, bool (*ok)(void *arg), void *arg)
@@ -293,4 +296,198 @@ enum store_result store_client_foreach(struct store *st,
     if (!st || !fn)
         return STORE_ERR;
     return st->backend->client_foreach(st->impl, fn, arg);
+}
+
+
+/* ---- asynchronous writes ---- */
+
+int store_attach_loop(struct store *st, struct event_base *base)
+{
+    if (!st || !base)
+        return -1;
+    if (!st->backend->attach)
+        return 0; /* SQLite: writes stay synchronous by design (store.h) */
+    if (st->backend->attach(st->impl, base) != 0)
+        return -1;
+    st->attached = true;
+    return 0;
+}
+
+void store_set_write_hook(struct store *st, void (*fn)(enum store_result r, void *arg),
+                          void *arg)
+{
+    if (!st)
+        return;
+    st->hook = fn;
+    st->hook_arg = arg;
+}
+
+bool store_writes_async(const struct store *st)
+{
+    return st && st->attached;
+}
+
+void store_fail_pending(struct store *st)
+{
+    if (st && st->attached && st->backend->fail_pending)
+        st->backend->fail_pending(st->impl);
+}
+
+static bool store_op_is_client(enum store_op_kind k)
+{
+    return k == STORE_OP_CLIENT_INSERT || k == STORE_OP_CLIENT_UPDATE ||
+           k == STORE_OP_CLIENT_DELETE;
+}
+
+/* The backend is done with op: count it, tell the caller, free it. */
+static void store_op_complete(struct store_op *op, enum store_result r)
+{
+    struct store *st = op->st;
+    store_count(st, r);
+    bool filled = r == STORE_OK && op->kind != STORE_OP_DELETE &&
+                  op->kind != STORE_OP_CLIENT_DELETE;
+    if (store_op_is_client(op->kind) && op->client_done)
+        op->client_done(r, filled ? &op->crec : NULL, op->arg);
+    else if (!store_op_is_client(op->kind) && op->mapping_done)
+        op->mapping_done(r, filled ? &op->rec : NULL, op->arg);
+    free(op);
+    if (st->hook)
+        st->hook(r, st->hook_arg);
+}
+
+/* Without a loop (SQLite, tests, start-up) the write runs here, synchronously. */
+static enum store_result store_op_run(struct store *st, struct store_op *op)
+{
+    const struct store_backend *b = st->backend;
+    switch (op->kind) {
+    case STORE_OP_INSERT:
+        return b->insert(st->impl, &op->rec);
+    case STORE_OP_REPLACE:
+        return b->replace(st->impl, &op->rec);
+    case STORE_OP_UPDATE:
+        return b->update(st->impl, &op->rec);
+    case STORE_OP_DELETE:
+        return b->remove(st->impl, op->rec.port);
+    case STORE_OP_CLIENT_INSERT:
+        return b->client_insert(st->impl, &op->crec);
+    case STORE_OP_CLIENT_UPDATE:
+        return b->client_update(st->impl, &op->crec);
+    case STORE_OP_CLIENT_DELETE:
+        return b->client_delete(st->impl, op->crec.name);
+    }
+    return STORE_ERR;
+}
+
+static void store_submit(struct store *st, struct store_op *op)
+{
+    op->st = st;
+    op->complete = store_op_complete;
+    if (store_gated(st)) {
+        store_op_complete(op, STORE_UNAVAILABLE);
+        return;
+    }
+    if (st->attached && st->backend->submit) {
+        st->backend->submit(st->impl, op);
+        return;
+    }
+    store_op_complete(op, store_op_run(st, op));
+}
+
+/* A new op, or NULL after answering done itself (bad arguments, out of memory). */
+static struct store_op *store_op_new(enum store_op_kind kind, bool ok,
+                                     enum store_result refusal,
+                                     store_mapping_done_fn mdone, store_client_done_fn cdone,
+                                     void *arg)
+{
+    struct store_op *op = ok ? calloc(1, sizeof(*op)) : NULL;
+    if (!op) {
+        enum store_result r = ok ? STORE_ERR : refusal;
+        if (mdone)
+            mdone(r, NULL, arg);
+        else if (cdone)
+            cdone(r, NULL, arg);
+        return NULL;
+    }
+    op->kind = kind;
+    op->mapping_done = mdone;
+    op->client_done = cdone;
+    op->arg = arg;
+    return op;
+}
+
+static void store_mapping_async(struct store *st, enum store_op_kind kind,
+                                const struct mapping_record *rec, store_mapping_done_fn done,
+                                void *arg)
+{
+    struct store_op *op =
+        store_op_new(kind, st && store_record_ok(rec), STORE_ERR, done, NULL, arg);
+    if (!op)
+        return;
+    op->rec = *rec;
+    store_submit(st, op);
+}
+
+void store_mapping_insert_async(struct store *st, const struct mapping_record *rec,
+                                store_mapping_done_fn done, void *arg)
+{
+    store_mapping_async(st, STORE_OP_INSERT, rec, done, arg);
+}
+
+void store_mapping_replace_async(struct store *st, const struct mapping_record *rec,
+                                 store_mapping_done_fn done, void *arg)
+{
+    store_mapping_async(st, STORE_OP_REPLACE, rec, done, arg);
+}
+
+void store_mapping_update_async(struct store *st, const struct mapping_record *rec,
+                                store_mapping_done_fn done, void *arg)
+{
+    store_mapping_async(st, STORE_OP_UPDATE, rec, done, arg);
+}
+
+void store_mapping_delete_async(struct store *st, int port, store_mapping_done_fn done,
+                                void *arg)
+{
+    /* As store_mapping_delete: no row can hold such a port. */
+    bool valid = port >= 1 && port <= 65535;
+    struct store_op *op = store_op_new(STORE_OP_DELETE, st && valid,
+                                       st ? STORE_NOT_FOUND : STORE_ERR, done, NULL, arg);
+    if (!op)
+        return;
+    op->rec.port = port;
+    store_submit(st, op);
+}
+
+void store_client_insert_async(struct store *st, const struct client_record *rec,
+                               store_client_done_fn done, void *arg)
+{
+    struct store_op *op = store_op_new(STORE_OP_CLIENT_INSERT, st && store_client_ok(rec),
+                                       STORE_ERR, NULL, done, arg);
+    if (!op)
+        return;
+    op->crec = *rec;
+    store_submit(st, op);
+}
+
+void store_client_update_async(struct store *st, const struct client_record *rec,
+                               store_client_done_fn done, void *arg)
+{
+    struct store_op *op = store_op_new(STORE_OP_CLIENT_UPDATE, st && store_client_ok(rec),
+                                       STORE_ERR, NULL, done, arg);
+    if (!op)
+        return;
+    op->crec = *rec;
+    store_submit(st, op);
+}
+
+void store_client_delete_async(struct store *st, const char *name, store_client_done_fn done,
+                               void *arg)
+{
+    bool valid = store_client_name_ok(name);
+    struct store_op *op = store_op_new(STORE_OP_CLIENT_DELETE, st && valid,
+                                       st ? STORE_NOT_FOUND : STORE_ERR, NULL, done, arg);
+    if (!op)
+        return;
+    snprintf(op->crec.name, sizeof(op->crec.name), "%s", name);
+    store_submit(st, op);
 }

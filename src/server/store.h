@@ -82,4 +82,50 @@ enum store_result store_client_foreach(struct store *st,
                                        int (*fn)(const struct client_record *rec, void *arg),
                                        void *arg);
 
+/* ---- asynchronous writes (SPEC §7: the loop never waits on the database) ----
+ * Each *_async takes a copy of its arguments and calls done exactly once with the result
+ * and, for inserts and replaces, the record with id and created_at filled (NULL for a
+ * delete); done may be NULL (nobody waits for the outcome). The argument checks and the
+ * gate answer at once, before the call returns.
+ *
+ * SQLite (and any store without a loop attached): the write is local and short, so it
+ * runs synchronously and done is called before the *_async call returns. PostgreSQL with
+ * a loop attached: writes are queued FIFO on a dedicated non-blocking connection, one at
+ * a time, and done runs later from the loop, STORE_UNAVAILABLE when the database did not
+ * answer within 1.5 s of the call. */
+struct event_base;
+typedef void (*store_mapping_done_fn)(enum store_result r, const struct mapping_record *rec,
+                                      void *arg);
+typedef void (*store_client_done_fn)(enum store_result r, const struct client_record *rec,
+                                     void *arg);
+
+/* Moves the store's writes onto base (PostgreSQL: opens the write connection without
+ * waiting). Returns 0, or -1 (writes then stay synchronous). */
+int store_attach_loop(struct store *st, struct event_base *base);
+/* Installs fn, called after every asynchronous write (*_async) completed, after its own
+ * callback, with its result. The cluster sync reads the tables again after a failed one:
+ * a resync that arrived while the write was in flight left that row to its outcome. */
+void store_set_write_hook(struct store *st, void (*fn)(enum store_result r, void *arg),
+                          void *arg);
+/* True once writes complete later, from the loop (PostgreSQL after store_attach_loop). */
+bool store_writes_async(const struct store *st);
+/* Completes every queued write with STORE_UNAVAILABLE, before the callers' owners go away
+ * (shutdown). Writes submitted afterwards still work. NULL-safe. */
+void store_fail_pending(struct store *st);
+
+void store_mapping_insert_async(struct store *st, const struct mapping_record *rec,
+                                store_mapping_done_fn done, void *arg);
+void store_mapping_replace_async(struct store *st, const struct mapping_record *rec,
+                                 store_mapping_done_fn done, void *arg);
+void store_mapping_update_async(struct store *st, const struct mapping_record *rec,
+                                store_mapping_done_fn done, void *arg);
+void store_mapping_delete_async(struct store *st, int port, store_mapping_done_fn done,
+                                void *arg);
+void store_client_insert_async(struct store *st, const struct client_record *rec,
+                               store_client_done_fn done, void *arg);
+void store_client_update_async(struct store *st, const struct client_record *rec,
+                               store_client_done_fn done, void *arg);
+void store_client_delete_async(struct store *st, const char *name, store_client_done_fn done,
+                               void *arg);
+
 #endif

@@ -4,13 +4,39 @@
 #define PORTMUX_STORE_BACKEND_H
 
 #include <stddef.h>
+#include <sys/queue.h>
 
 #include "store_types.h"
+
+struct event_base;
 
 /* What a backend reports about the schema once it is open. */
 struct store_open_info {
     int schema_version;     /* version after migrations */
     int migrations_applied; /* how many this open applied */
+};
+
+/* One asynchronous write (store.h's *_async), owned by store.c from submit to complete.
+ * The records are copies, so the caller need not keep its own alive. */
+enum store_op_kind {
+    STORE_OP_INSERT, STORE_OP_REPLACE, STORE_OP_UPDATE, STORE_OP_DELETE,
+    STORE_OP_CLIENT_INSERT, STORE_OP_CLIENT_UPDATE, STORE_OP_CLIENT_DELETE,
+};
+
+struct store_op {
+    enum store_op_kind kind;
+    struct mapping_record rec;    /* INSERT, REPLACE, UPDATE (DELETE: rec.port); filled */
+    struct client_record crec;    /* CLIENT_*: CLIENT_DELETE uses crec.name only */
+    /* Set by store.c: the backend calls it exactly once, then never touches op again. */
+    void (*complete)(struct store_op *op, enum store_result r);
+    /* Free for the backend while it holds op. */
+    TAILQ_ENTRY(store_op) link;
+    int64_t deadline_ms;
+    /* store.c's own: the caller's callback. */
+    struct store *st;
+    void (*mapping_done)(enum store_result r, const struct mapping_record *rec, void *arg);
+    void (*client_done)(enum store_result r, const struct client_record *rec, void *arg);
+    void *arg;
 };
 
 typedef int (*store_foreach_fn)(const struct mapping_record *rec, void *arg);
@@ -34,6 +60,13 @@ struct store_backend {
     enum store_result (*client_delete)(void *impl, const char *name);
     enum store_result (*client_get)(void *impl, const char *name, struct client_record *rec);
     enum store_result (*client_foreach)(void *impl, store_client_fn fn, void *arg);
+    /* Optional (NULL: store.c runs the synchronous function above and completes at once).
+     * attach starts the backend's own writes on base (0, or -1 when it cannot); submit
+     * queues op and completes it later from the loop, or at once when it cannot start;
+     * fail_pending completes every queued op with STORE_UNAVAILABLE (shutdown). */
+    int (*attach)(void *impl, struct event_base *base);
+    void (*submit)(void *impl, struct store_op *op);
+    void (*fail_pending)(void *impl);
 };
 
 extern const struct store_backend store_backend_sqlite;

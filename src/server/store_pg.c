@@ -2,11 +2,14 @@
  * lock, and the mapping and client statements, all with libpq.
  *
  * Start-up (open, migrations, the first reads) may block: the node serves nothing yet.
- * After it every statement is sent with libpq's non-blocking API and its answer awaited
- * on the connection's socket with a hard deadline (PG_CALL_MS), so a database that is
- * slow, stopped or gone costs a call at most that long and then answers
+ * The synchronous calls (start-up, tests) send each statement with libpq's non-blocking
+ * API and await its answer with poll() and a hard deadline (PG_CALL_MS), so a database
+ * that is slow, stopped or gone costs a call at most that long and then answers
  * STORE_UNAVAILABLE (the API's 503 store_unavailable); the broken connection is dropped
- * and reopened, with backoff, by a later call. */
+ * and reopened, with backoff, by a later call.
+ *
+ * Once the loop is attached (store_attach_loop) writes never wait on it: they go to the
+ * write connection below (pgw_*), driven by libevent events, with the same deadline. */
 #include <errno.h>
 #include <inttypes.h>
 #include <libpq-fe.h>
@@ -14,7 +17,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
 #include <time.h>
+
+#include <event2/event.h>
 
 #include "embed.h"
 #include "log.h"
@@ -40,6 +46,19 @@ struct pg_store {
     char where[128];       /* host:port/db for log lines; never the password */
     time_t retry_at;       /* no connect attempt before this (backoff) */
     int backoff_s;
+    /* The write connection on the loop (store_attach_loop; pgw_*): NULL base = none. */
+    struct event_base *base;
+    PGconn *wconn;
+    enum { PGW_DOWN, PGW_CONNECTING, PGW_IDLE, PGW_BUSY } wstate;
+    enum { PGW_BEGIN, PGW_STMT, PGW_END } wstep;
+    struct event *wsock;   /* connect steps, then readable (persistent) */
+    struct event *wflush;  /* writable, while a statement is not fully sent */
+    struct event *wdeadline; /* the head write's deadline */
+    TAILQ_HEAD(, store_op) wqueue; /* FIFO; the head is in progress when PGW_BUSY */
+    struct pg_stmt *wstmt; /* the head's statement, kept for its outcome */
+    PGresult *wgot;        /* the first result of the step in progress */
+    PGresult *wres;        /* the statement's result, while COMMIT or ROLLBACK runs */
+    bool wstmt_ok;         /* the statement succeeded: the end step is COMMIT */
 };
 
 static const char *const pg_proxy_names[] = {"none", "v1", "v2"};
@@ -445,9 +464,12 @@ unlock:
     return rc;
 }
 
+static void pgw_close(struct pg_store *pg);
+
 static void pg_close(void *impl)
 {
     struct pg_store *pg = impl;
+    pgw_close(pg);
     pg_drop(pg);
     free(pg->conninfo);
     free(pg);
@@ -463,6 +485,7 @@ static void *pg_open(const char *location, struct store_open_info *info,
         return NULL;
     }
     snprintf(pg->where, sizeof(pg->where), "postgres");
+    TAILQ_INIT(&pg->wqueue);
     char msg[256];
     pg->conn = pg_connect(location, pg_now_ms() + PG_OPEN_MS, msg, sizeof(msg));
     if (!pg->conn) {
@@ -531,37 +554,6 @@ static enum store_result pg_returned(PGresult *res, struct mapping_record *rec)
     return STORE_OK;
 }
 
-static enum store_result pg_insert(void *impl, struct mapping_record *rec)
-{
-    struct pg_map_params p;
-    pg_map_params(&p, rec, (int64_t)time(NULL));
-    PGresult *res = NULL;
-    enum store_result r = pg_write(
-        impl,
-        "INSERT INTO mappings (port, target_ip, target_port, use_tunnel, client, name, "
-        "created_at, allow_from, proxy_protocol, max_connections, rate_limit, enabled) "
-        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id, created_at",
-        12, p.v, PGRES_TUPLES_OK, "inserting a mapping", &res);
-    return r == STORE_OK ? pg_returned(res, rec) : r;
-}
-
-/* A replacement keeps nothing of the old row: a new id from the sequence and a new
- * created_at, in one statement (so one transaction) on the row of that port. */
-static enum store_result pg_replace(void *impl, struct mapping_record *rec)
-{
-    struct pg_map_params p;
-    pg_map_params(&p, rec, (int64_t)time(NULL));
-    PGresult *res = NULL;
-    enum store_result r = pg_write(
-        impl,
-        "UPDATE mappings SET id = nextval(pg_get_serial_sequence('mappings', 'id')), "
-        "target_ip = $2, target_port = $3, use_tunnel = $4, client = $5, name = $6, "
-        "created_at = $7, allow_from = $8, proxy_protocol = $9, max_connections = $10, "
-        "rate_limit = $11, enabled = $12 WHERE port = $1 RETURNING id, created_at",
-        12, p.v, PGRES_TUPLES_OK, "replacing a mapping", &res);
-    return r == STORE_OK ? pg_returned(res, rec) : r;
-}
-
 /* STORE_NOT_FOUND when the command touched no row. */
 static enum store_result pg_changed(PGresult *res)
 {
@@ -570,33 +562,209 @@ static enum store_result pg_changed(PGresult *res)
     return none ? STORE_NOT_FOUND : STORE_OK;
 }
 
+/* One write's statement: its SQL and text parameters. The parameters point into the op
+ * and into this struct, and are copied by libpq when the statement is sent. */
+struct pg_stmt {
+    const char *sql;
+    int n;
+    const char *v[12];
+    ExecStatusType want;
+    const char *what;
+    struct pg_map_params mp;
+    char num[3][24];
+    int64_t now;
+};
+
+static void pg_stmt_build(struct pg_stmt *s, const struct store_op *op)
+{
+    memset(s, 0, sizeof(*s));
+    s->now = (int64_t)time(NULL);
+    s->want = PGRES_COMMAND_OK;
+    const struct mapping_record *rec = &op->rec;
+    const struct client_record *c = &op->crec;
+    switch (op->kind) {
+    case STORE_OP_INSERT:
+        pg_map_params(&s->mp, rec, s->now);
+        memcpy(s->v, s->mp.v, sizeof(s->mp.v));
+        s->n = 12;
+        s->want = PGRES_TUPLES_OK;
+        s->what = "inserting a mapping";
+        s->sql = "INSERT INTO mappings (port, target_ip, target_port, use_tunnel, client, name, "
+                 "created_at, allow_from, proxy_protocol, max_connections, rate_limit, enabled) "
+                 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
+                 "RETURNING id, created_at";
+        return;
+    case STORE_OP_REPLACE:
+        /* A replacement keeps nothing of the old row: a new id from the sequence and a new
+         * created_at, in one statement on the row of that port. */
+        pg_map_params(&s->mp, rec, s->now);
+        memcpy(s->v, s->mp.v, sizeof(s->mp.v));
+        s->n = 12;
+        s->want = PGRES_TUPLES_OK;
+        s->what = "replacing a mapping";
+        s->sql = "UPDATE mappings SET id = nextval(pg_get_serial_sequence('mappings', 'id')), "
+                 "target_ip = $2, target_port = $3, use_tunnel = $4, client = $5, name = $6, "
+                 "created_at = $7, allow_from = $8, proxy_protocol = $9, max_connections = $10, "
+                 "rate_limit = $11, enabled = $12 WHERE port = $1 RETURNING id, created_at";
+        return;
+    case STORE_OP_UPDATE: {
+        pg_map_params(&s->mp, rec, rec->created_at);
+        /* created_at ($7 of insert) is kept: PostgreSQL cannot infer the type of a parameter
+         * the statement never names, so this statement is numbered without it. */
+        const int order[11] = {0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11};
+        for (int i = 0; i < 11; i++)
+            s->v[i] = s->mp.v[order[i]];
+        s->n = 11;
+        s->what = "updating a mapping";
+        s->sql = "UPDATE mappings SET target_ip = $2, target_port = $3, use_tunnel = $4, "
+                 "client = $5, name = $6, allow_from = $7, proxy_protocol = $8, "
+                 "max_connections = $9, rate_limit = $10, enabled = $11 WHERE port = $1";
+        return;
+    }
+    case STORE_OP_DELETE:
+        snprintf(s->num[0], sizeof(s->num[0]), "%d", rec->port);
+        s->v[0] = s->num[0];
+        s->n = 1;
+        s->what = "deleting a mapping";
+        s->sql = "DELETE FROM mappings WHERE port = $1";
+        return;
+    case STORE_OP_CLIENT_INSERT:
+        snprintf(s->num[0], sizeof(s->num[0]), "%" PRId64, c->prev_valid_until);
+        snprintf(s->num[1], sizeof(s->num[1]), "%" PRId64, s->now);
+        snprintf(s->num[2], sizeof(s->num[2]), "%" PRId64, c->last_seen);
+        s->v[0] = c->name;
+        s->v[1] = c->token_hash;
+        s->v[2] = c->prev_hash;
+        s->v[3] = s->num[0];
+        s->v[4] = c->source[0] ? c->source : "api";
+        s->v[5] = s->num[1];
+        s->v[6] = s->num[2];
+        s->n = 7;
+        s->what = "inserting a client";
+        s->sql = "INSERT INTO clients (" PG_CLIENT_COLS ") VALUES ($1, $2, $3, $4, $5, $6, $7)";
+        return;
+    case STORE_OP_CLIENT_UPDATE:
+        snprintf(s->num[0], sizeof(s->num[0]), "%" PRId64, c->prev_valid_until);
+        snprintf(s->num[1], sizeof(s->num[1]), "%" PRId64, c->last_seen);
+        s->v[0] = c->name;
+        s->v[1] = c->token_hash;
+        s->v[2] = c->prev_hash;
+        s->v[3] = s->num[0];
+        s->v[4] = s->num[1];
+        s->n = 5;
+        s->what = "updating a client";
+        s->sql = "UPDATE clients SET token_hash = $2, prev_hash = $3, prev_valid_until = $4, "
+                 "last_seen = $5 WHERE name = $1";
+        return;
+    case STORE_OP_CLIENT_DELETE:
+        s->v[0] = c->name;
+        s->n = 1;
+        s->what = "deleting a client";
+        s->sql = "DELETE FROM clients WHERE name = $1";
+        return;
+    }
+}
+
+/* The outcome of a statement that succeeded (res is taken): what it returned into op. */
+static enum store_result pg_stmt_finish(struct store_op *op, const struct pg_stmt *s,
+                                        PGresult *res)
+{
+    switch (op->kind) {
+    case STORE_OP_INSERT:
+    case STORE_OP_REPLACE:
+        return pg_returned(res, &op->rec);
+    case STORE_OP_CLIENT_INSERT:
+        PQclear(res);
+        op->crec.created_at = s->now;
+        if (!op->crec.source[0])
+            snprintf(op->crec.source, sizeof(op->crec.source), "api");
+        return STORE_OK;
+    default:
+        return pg_changed(res);
+    }
+}
+
+/* A write made synchronously (start-up, or no loop attached): pg_write's deadline. */
+static enum store_result pg_sync_op(struct pg_store *pg, struct store_op *op)
+{
+    struct pg_stmt s;
+    pg_stmt_build(&s, op);
+    PGresult *res = NULL;
+    enum store_result r = pg_write(pg, s.sql, s.n, s.v, s.want, s.what, &res);
+    return r == STORE_OK ? pg_stmt_finish(op, &s, res) : r;
+}
+
+/* The synchronous entry points share one op on the heap (a mapping record is ~4 KiB). */
+static enum store_result pg_sync_mapping(void *impl, enum store_op_kind kind,
+                                         struct mapping_record *rec, int port)
+{
+    struct store_op *op = calloc(1, sizeof(*op));
+    if (!op)
+        return STORE_ERR;
+    op->kind = kind;
+    if (rec)
+        op->rec = *rec;
+    else
+        op->rec.port = port;
+    enum store_result r = pg_sync_op(impl, op);
+    if (r == STORE_OK && rec && (kind == STORE_OP_INSERT || kind == STORE_OP_REPLACE))
+        *rec = op->rec;
+    free(op);
+    return r;
+}
+
+static enum store_result pg_insert(void *impl, struct mapping_record *rec)
+{
+    return pg_sync_mapping(impl, STORE_OP_INSERT, rec, 0);
+}
+
+static enum store_result pg_replace(void *impl, struct mapping_record *rec)
+{
+    return pg_sync_mapping(impl, STORE_OP_REPLACE, rec, 0);
+}
+
 static enum store_result pg_update(void *impl, const struct mapping_record *rec)
 {
-    struct pg_map_params p;
-    pg_map_params(&p, rec, rec->created_at);
-    /* created_at ($7 of insert) is kept: PostgreSQL cannot infer the type of a parameter
-     * the statement never names, so this statement is numbered without it. */
-    const char *v[11] = {p.v[0], p.v[1], p.v[2], p.v[3], p.v[4], p.v[5],
-                         p.v[7], p.v[8], p.v[9], p.v[10], p.v[11]};
-    PGresult *res = NULL;
-    enum store_result r = pg_write(
-        impl,
-        "UPDATE mappings SET target_ip = $2, target_port = $3, use_tunnel = $4, client = $5, "
-        "name = $6, allow_from = $7, proxy_protocol = $8, max_connections = $9, "
-        "rate_limit = $10, enabled = $11 WHERE port = $1",
-        11, v, PGRES_COMMAND_OK, "updating a mapping", &res);
-    return r == STORE_OK ? pg_changed(res) : r;
+    struct mapping_record copy = *rec;
+    return pg_sync_mapping(impl, STORE_OP_UPDATE, &copy, 0);
 }
 
 static enum store_result pg_remove(void *impl, int port)
 {
-    char ptext[8];
-    snprintf(ptext, sizeof(ptext), "%d", port);
-    const char *v[1] = {ptext};
-    PGresult *res = NULL;
-    enum store_result r = pg_write(impl, "DELETE FROM mappings WHERE port = $1", 1, v,
-                                     PGRES_COMMAND_OK, "deleting a mapping", &res);
-    return r == STORE_OK ? pg_changed(res) : r;
+    return pg_sync_mapping(impl, STORE_OP_DELETE, NULL, port);
+}
+
+static enum store_result pgc_sync(void *impl, enum store_op_kind kind,
+                                  struct client_record *rec)
+{
+    struct store_op *op = calloc(1, sizeof(*op));
+    if (!op)
+        return STORE_ERR;
+    op->kind = kind;
+    op->crec = *rec;
+    enum store_result r = pg_sync_op(impl, op);
+    if (r == STORE_OK && kind == STORE_OP_CLIENT_INSERT)
+        *rec = op->crec;
+    free(op);
+    return r;
+}
+
+static enum store_result pgc_insert(void *impl, struct client_record *rec)
+{
+    return pgc_sync(impl, STORE_OP_CLIENT_INSERT, rec);
+}
+
+static enum store_result pgc_update(void *impl, const struct client_record *rec)
+{
+    struct client_record copy = *rec;
+    return pgc_sync(impl, STORE_OP_CLIENT_UPDATE, &copy);
+}
+
+static enum store_result pgc_delete(void *impl, const char *name)
+{
+    struct client_record rec = {0};
+    snprintf(rec.name, sizeof(rec.name), "%s", name);
+    return pgc_sync(impl, STORE_OP_CLIENT_DELETE, &rec);
 }
 
 /* Copies a text value, cut at a UTF-8 boundary when it would not fit (a hand edit). */
@@ -662,51 +830,6 @@ static enum store_result pg_foreach(void *impl, store_foreach_fn fn, void *arg)
 /* ---- tunnel clients ---- */
 
 
-static enum store_result pgc_insert(void *impl, struct client_record *rec)
-{
-    char valid[24], now[24], seen[24];
-    int64_t t = (int64_t)time(NULL);
-    snprintf(valid, sizeof(valid), "%" PRId64, rec->prev_valid_until);
-    snprintf(now, sizeof(now), "%" PRId64, t);
-    snprintf(seen, sizeof(seen), "%" PRId64, rec->last_seen);
-    const char *v[7] = {rec->name, rec->token_hash, rec->prev_hash, valid,
-                        rec->source[0] ? rec->source : "api", now, seen};
-    enum store_result r = pg_write(
-        impl,
-        "INSERT INTO clients (" PG_CLIENT_COLS ") VALUES ($1, $2, $3, $4, $5, $6, $7)", 7, v,
-        PGRES_COMMAND_OK, "inserting a client", NULL);
-    if (r != STORE_OK)
-        return r;
-    rec->created_at = t;
-    if (!rec->source[0])
-        snprintf(rec->source, sizeof(rec->source), "api");
-    return STORE_OK;
-}
-
-static enum store_result pgc_update(void *impl, const struct client_record *rec)
-{
-    char valid[24], seen[24];
-    snprintf(valid, sizeof(valid), "%" PRId64, rec->prev_valid_until);
-    snprintf(seen, sizeof(seen), "%" PRId64, rec->last_seen);
-    const char *v[5] = {rec->name, rec->token_hash, rec->prev_hash, valid, seen};
-    PGresult *res = NULL;
-    enum store_result r = pg_write(
-        impl,
-        "UPDATE clients SET token_hash = $2, prev_hash = $3, prev_valid_until = $4, "
-        "last_seen = $5 WHERE name = $1",
-        5, v, PGRES_COMMAND_OK, "updating a client", &res);
-    return r == STORE_OK ? pg_changed(res) : r;
-}
-
-static enum store_result pgc_delete(void *impl, const char *name)
-{
-    const char *v[1] = {name};
-    PGresult *res = NULL;
-    enum store_result r = pg_write(impl, "DELETE FROM clients WHERE name = $1", 1, v,
-                                     PGRES_COMMAND_OK, "deleting a client", &res);
-    return r == STORE_OK ? pg_changed(res) : r;
-}
-
 void store_pg_read_client(PGresult *res, int i, struct client_record *rec)
 {
     memset(rec, 0, sizeof(*rec));
@@ -753,6 +876,348 @@ static enum store_result pgc_foreach(void *impl, store_client_fn fn, void *arg)
     return STORE_OK;
 }
 
+/* ---- the write connection on the loop (SPEC §7) ----
+ * After store_attach_loop every write goes through here: queued FIFO, one at a time, each
+ * as BEGIN, the statement, COMMIT (pg_call says why a transaction), every step sent with
+ * libpq's non-blocking API and its answer taken when the socket becomes readable. Nothing
+ * waits: a stopped database only means no events, and the head write's deadline (its
+ * call + PG_CALL_MS) drops the connection inside the open transaction, so the server
+ * rolls it back and a write answered STORE_UNAVAILABLE is never stored after SIGCONT.
+ * The ones queued behind it fail at once. Reconnecting is PQconnectStart/PQconnectPoll on
+ * socket events, started by the next write once the backoff allows. */
+
+static void pgw_on_sock(evutil_socket_t fd, short what, void *arg);
+static void pgw_next(struct pg_store *pg);
+
+static void pgw_free_events(struct pg_store *pg)
+{
+    if (pg->wsock)
+        event_free(pg->wsock);
+    if (pg->wflush)
+        event_free(pg->wflush);
+    pg->wsock = pg->wflush = NULL;
+}
+
+/* (Re)arms the deadline of the head write; none while the queue is empty. */
+static void pgw_arm(struct pg_store *pg)
+{
+    struct store_op *head = TAILQ_FIRST(&pg->wqueue);
+    if (!head) {
+        evtimer_del(pg->wdeadline);
+        return;
+    }
+    int64_t left = head->deadline_ms - pg_now_ms();
+    if (left < 0)
+        left = 0;
+    struct timeval tv = {(time_t)(left / 1000), (suseconds_t)(left % 1000) * 1000};
+    evtimer_add(pg->wdeadline, &tv);
+}
+
+/* Completes the head write with r and goes on with the next one. */
+static void pgw_complete_head(struct pg_store *pg, enum store_result r)
+{
+    struct store_op *op = TAILQ_FIRST(&pg->wqueue);
+    TAILQ_REMOVE(&pg->wqueue, op, link);
+    PQclear(pg->wgot);
+    PQclear(pg->wres);
+    pg->wgot = pg->wres = NULL;
+    free(pg->wstmt);
+    pg->wstmt = NULL;
+    if (pg->wstate == PGW_BUSY)
+        pg->wstate = PGW_IDLE;
+    /* The caller may submit again from here; the queue and state are consistent. */
+    op->complete(op, r);
+    pgw_arm(pg);
+    pgw_next(pg);
+}
+
+/* Every queued write answers STORE_UNAVAILABLE (connection gone, shutdown). */
+static void pgw_fail_all(struct pg_store *pg)
+{
+    struct store_op *op;
+    while ((op = TAILQ_FIRST(&pg->wqueue)) != NULL)
+        pgw_complete_head(pg, STORE_UNAVAILABLE);
+}
+
+/* Drops the write connection; an open transaction dies with it (rolled back). */
+static void pgw_drop(struct pg_store *pg)
+{
+    pgw_free_events(pg);
+    if (pg->wconn)
+        PQfinish(pg->wconn);
+    pg->wconn = NULL;
+    pg->wstate = PGW_DOWN;
+}
+
+/* The connection failed or gave no answer: drop it, back off, fail what waits. */
+static void pgw_lost(struct pg_store *pg, const char *what, bool backoff)
+{
+    char msg[256];
+    pg_one_line(msg, sizeof(msg), pg->wconn ? PQerrorMessage(pg->wconn) : "");
+    log_warn("store", "%s: %s%s%s; dropping the write connection", pg->where, what,
+             msg[0] ? ": " : "", msg);
+    pgw_drop(pg);
+    if (backoff)
+        pg_backoff(pg);
+    pgw_fail_all(pg);
+}
+
+static void pgw_flush(struct pg_store *pg)
+{
+    int f = PQflush(pg->wconn);
+    if (f < 0)
+        pgw_lost(pg, "sending a write failed", true);
+    else if (f == 1)
+        event_add(pg->wflush, NULL);
+}
+
+static void pgw_on_flush(evutil_socket_t fd, short what, void *arg)
+{
+    struct pg_store *pg = arg;
+    /* PQflush may need to read first (the server talking back while we send). */
+    if (!PQconsumeInput(pg->wconn)) {
+        pgw_lost(pg, "reading from the database failed", true);
+        return;
+    }
+    pgw_flush(pg);
+}
+
+static void pgw_send(struct pg_store *pg, const char *sql, int n, const char *const *vals)
+{
+    if (!PQsendQueryParams(pg->wconn, sql, n, NULL, vals, NULL, NULL, 0)) {
+        pgw_lost(pg, "sending a write failed", true);
+        return;
+    }
+    pgw_flush(pg);
+}
+
+/* Starts the head write when the connection is idle. */
+static void pgw_next(struct pg_store *pg)
+{
+    if (pg->wstate != PGW_IDLE || TAILQ_EMPTY(&pg->wqueue))
+        return;
+    pg->wstate = PGW_BUSY;
+    pg->wstep = PGW_BEGIN;
+    pgw_send(pg, "BEGIN", 0, NULL);
+}
+
+/* One step answered (res: its first result, taken; NULL when it gave none). */
+static void pgw_step_done(struct pg_store *pg, PGresult *res)
+{
+    struct store_op *op = TAILQ_FIRST(&pg->wqueue);
+    if (pg->wstep == PGW_BEGIN) {
+        if (!pg_command_ok(res)) {
+            /* Answered, but refused: the write's own error; the connection stays. */
+            enum store_result r = pg_check(pg, res, false, PGRES_COMMAND_OK, "BEGIN");
+            PQclear(res);
+            pgw_complete_head(pg, r == STORE_OK ? STORE_ERR : r);
+            return;
+        }
+        PQclear(res);
+        pg->wstmt = malloc(sizeof(*pg->wstmt));
+        if (!pg->wstmt) {
+            pg->wstep = PGW_END;
+            pg->wstmt_ok = false;
+            pgw_send(pg, "ROLLBACK", 0, NULL);
+            return;
+        }
+        pg_stmt_build(pg->wstmt, op);
+        pg->wstep = PGW_STMT;
+        pgw_send(pg, pg->wstmt->sql, pg->wstmt->n, pg->wstmt->v);
+        return;
+    }
+    if (pg->wstep == PGW_STMT) {
+        ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
+        pg->wres = res;
+        pg->wstmt_ok = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK;
+        pg->wstep = PGW_END;
+        pgw_send(pg, pg->wstmt_ok ? "COMMIT" : "ROLLBACK", 0, NULL);
+        return;
+    }
+    /* End step: the outcome. */
+    enum store_result r;
+    if (!pg->wstmt) {
+        r = STORE_ERR; /* out of memory before the statement */
+        PQclear(res);
+    } else if (pg->wstmt_ok && !pg_command_ok(res)) {
+        /* The commit failed: its error is the write's outcome. */
+        r = pg_check(pg, res, false, PGRES_COMMAND_OK, "COMMIT");
+        if (r == STORE_OK)
+            r = STORE_ERR;
+        PQclear(res);
+    } else {
+        PQclear(res);
+        r = pg_check(pg, pg->wres, false, pg->wstmt->want, pg->wstmt->what);
+        if (r == STORE_OK) {
+            PGresult *taken = pg->wres;
+            pg->wres = NULL;
+            r = pg_stmt_finish(op, pg->wstmt, taken);
+        }
+    }
+    pgw_complete_head(pg, r);
+}
+
+static void pgw_on_read(struct pg_store *pg)
+{
+    if (!PQconsumeInput(pg->wconn)) {
+        /* Idle: the server closed it (restart, terminated); the next write reconnects. */
+        pgw_lost(pg, "the database closed the write connection", pg->wstate == PGW_BUSY);
+        return;
+    }
+    while (pg->wstate == PGW_BUSY && !PQisBusy(pg->wconn)) {
+        PGresult *r = PQgetResult(pg->wconn);
+        if (r) {
+            /* One statement gives one result; keep the first, free anything after. */
+            if (pg->wgot)
+                PQclear(r);
+            else
+                pg->wgot = r;
+            continue;
+        }
+        PGresult *got = pg->wgot;
+        pg->wgot = NULL;
+        pgw_step_done(pg, got);
+    }
+    if (pg->wconn && PQstatus(pg->wconn) == CONNECTION_BAD)
+        pgw_lost(pg, "the write connection broke", true);
+}
+
+/* Connected: from now on the socket is watched for answers (and an idle close). */
+static void pgw_ready(struct pg_store *pg)
+{
+    pgw_free_events(pg);
+    PQsetNoticeProcessor(pg->wconn, store_pg_notice, NULL);
+    if (PQsetnonblocking(pg->wconn, 1) != 0) {
+        pgw_lost(pg, "switching to non-blocking failed", true);
+        return;
+    }
+    evutil_socket_t fd = PQsocket(pg->wconn);
+    pg->wsock = event_new(pg->base, fd, EV_READ | EV_PERSIST, pgw_on_sock, pg);
+    pg->wflush = event_new(pg->base, fd, EV_WRITE, pgw_on_flush, pg);
+    if (!pg->wsock || !pg->wflush || event_add(pg->wsock, NULL) != 0) {
+        pgw_lost(pg, "cannot watch the write connection", true);
+        return;
+    }
+    pg->wstate = PGW_IDLE;
+    pgw_next(pg);
+}
+
+/* Waits for the socket as PQconnectPoll asked (the socket may change between steps). */
+static void pgw_connect_wait(struct pg_store *pg, PostgresPollingStatusType st)
+{
+    pgw_free_events(pg);
+    short what = st == PGRES_POLLING_READING ? EV_READ : EV_WRITE;
+    pg->wsock = event_new(pg->base, PQsocket(pg->wconn), what, pgw_on_sock, pg);
+    if (!pg->wsock || event_add(pg->wsock, NULL) != 0)
+        pgw_lost(pg, "cannot watch the write connection", true);
+}
+
+static void pgw_connect_step(struct pg_store *pg)
+{
+    PostgresPollingStatusType st = PQconnectPoll(pg->wconn);
+    if (st == PGRES_POLLING_OK) {
+        pg->backoff_s = 0;
+        pg->retry_at = 0;
+        log_info("store", "%s: write connection up", pg->where);
+        pgw_ready(pg);
+    } else if (st == PGRES_POLLING_FAILED) {
+        pgw_lost(pg, "reconnect failed", true);
+    } else {
+        pgw_connect_wait(pg, st);
+    }
+}
+
+static void pgw_on_sock(evutil_socket_t fd, short what, void *arg)
+{
+    struct pg_store *pg = arg;
+    if (pg->wstate == PGW_CONNECTING)
+        pgw_connect_step(pg);
+    else
+        pgw_on_read(pg);
+}
+
+static void pgw_connect(struct pg_store *pg)
+{
+    pg->wconn = PQconnectStart(pg->conninfo);
+    pg->wstate = PGW_CONNECTING;
+    if (!pg->wconn || PQstatus(pg->wconn) == CONNECTION_BAD) {
+        pgw_lost(pg, "reconnect failed", true);
+        return;
+    }
+    pgw_connect_wait(pg, PGRES_POLLING_WRITING);
+}
+
+static void pgw_on_deadline(evutil_socket_t fd, short what, void *arg)
+{
+    struct pg_store *pg = arg;
+    struct store_op *head = TAILQ_FIRST(&pg->wqueue);
+    if (!head)
+        return;
+    if (head->deadline_ms > pg_now_ms()) {
+        pgw_arm(pg); /* woke early (timer granularity) */
+        return;
+    }
+    log_warn("store", "%s: a write got no answer within %d ms", pg->where, PG_CALL_MS);
+    pgw_lost(pg, pg->wstate == PGW_CONNECTING ? "connecting timed out" : "write timed out",
+             true);
+}
+
+static void pgw_submit(void *impl, struct store_op *op)
+{
+    struct pg_store *pg = impl;
+    op->deadline_ms = pg_now_ms() + PG_CALL_MS;
+    if (pg->wstate == PGW_DOWN && time(NULL) < pg->retry_at) {
+        /* Backing off: answer now rather than let the caller wait for nothing. */
+        op->complete(op, STORE_UNAVAILABLE);
+        return;
+    }
+    TAILQ_INSERT_TAIL(&pg->wqueue, op, link);
+    if (TAILQ_FIRST(&pg->wqueue) == op)
+        pgw_arm(pg);
+    if (pg->wstate == PGW_DOWN)
+        pgw_connect(pg);
+    else
+        pgw_next(pg);
+}
+
+static int pgw_attach(void *impl, struct event_base *base)
+{
+    struct pg_store *pg = impl;
+    if (pg->base)
+        return 0;
+    pg->wdeadline = evtimer_new(base, pgw_on_deadline, pg);
+    if (!pg->wdeadline)
+        return -1;
+    pg->base = base;
+    /* The open connection becomes the write connection: it is idle and proven. */
+    if (pg->conn && pg_alive(pg->conn)) {
+        pg->wconn = pg->conn;
+        pg->conn = NULL;
+        pgw_ready(pg);
+    }
+    return 0;
+}
+
+static void pgw_fail_pending(void *impl)
+{
+    struct pg_store *pg = impl;
+    /* A write in progress must not commit after it was answered STORE_UNAVAILABLE. */
+    if (!TAILQ_EMPTY(&pg->wqueue) || pg->wstate == PGW_BUSY)
+        pgw_drop(pg);
+    pgw_fail_all(pg);
+}
+
+static void pgw_close(struct pg_store *pg)
+{
+    if (!pg->base)
+        return;
+    pgw_fail_pending(pg);
+    pgw_drop(pg);
+    event_free(pg->wdeadline);
+    pg->wdeadline = NULL;
+    pg->base = NULL;
+}
+
 const struct store_backend store_backend_pg = {
     .name = "postgres",
     .open = pg_open,
@@ -767,4 +1232,7 @@ const struct store_backend store_backend_pg = {
     .client_delete = pgc_delete,
     .client_get = pgc_get,
     .client_foreach = pgc_foreach,
+    .attach = pgw_attach,
+    .submit = pgw_submit,
+    .fail_pending = pgw_fail_pending,
 };

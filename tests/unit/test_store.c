@@ -664,6 +664,118 @@ static void test_ids_not_reused(void)
     store_close(st);
 }
 
+/* ---- asynchronous writes on SQLite: done runs before the call returns ---- */
+
+struct async_seen {
+    int calls;
+    enum store_result r;
+    bool had_rec;
+    struct mapping_record rec;
+    struct client_record crec;
+};
+
+static void async_mapping_done(enum store_result r, const struct mapping_record *rec, void *arg)
+{
+    struct async_seen *s = arg;
+    s->calls++;
+    s->r = r;
+    s->had_rec = rec != NULL;
+    if (rec)
+        s->rec = *rec;
+}
+
+static void async_client_done(enum store_result r, const struct client_record *rec, void *arg)
+{
+    struct async_seen *s = arg;
+    s->calls++;
+    s->r = r;
+    s->had_rec = rec != NULL;
+    if (rec)
+        s->crec = *rec;
+}
+
+static int hook_calls;
+static enum store_result hook_last;
+static void async_hook(enum store_result r, void *arg)
+{
+    hook_calls++;
+    hook_last = r;
+}
+
+static bool gate_open;
+static bool async_gate(void *arg) { return gate_open; }
+
+static void test_async_sqlite(void)
+{
+    char path[PATH_MAX];
+    tpath(path, sizeof(path), "async.db");
+    struct store *st = open_ok(path);
+    /* SQLite has nothing to attach: writes stay synchronous. */
+    CHECK(store_attach_loop(st, NULL) == -1);
+    CHECK(!store_writes_async(st));
+    store_set_write_hook(st, async_hook, NULL);
+    struct async_seen s = {0};
+    struct mapping_record a = rec_make(4100, "10.0.0.4", 22, false, "default", "x");
+    store_mapping_insert_async(st, &a, async_mapping_done, &s);
+    CHECK(s.calls == 1 && s.r == STORE_OK && s.had_rec && s.rec.id > 0 && s.rec.created_at > 0);
+    CHECK(s.rec.port == 4100 && strcmp(s.rec.name, "x") == 0);
+    CHECK(hook_calls == 1 && hook_last == STORE_OK);
+    CHECK(store_write_count(st) == 1);
+    memset(&s, 0, sizeof(s));
+    store_mapping_insert_async(st, &a, async_mapping_done, &s);
+    CHECK(s.calls == 1 && s.r == STORE_DUPLICATE && !s.had_rec);
+    CHECK(hook_calls == 2 && hook_last == STORE_DUPLICATE && store_write_count(st) == 1);
+    /* The caller's record is a copy: changing it after the call changes nothing. */
+    struct mapping_record u = a;
+    snprintf(u.name, sizeof(u.name), "renamed");
+    memset(&s, 0, sizeof(s));
+    store_mapping_update_async(st, &u, async_mapping_done, &s);
+    memset(&u, 0, sizeof(u));
+    CHECK(s.calls == 1 && s.r == STORE_OK);
+    CHECK(sql_int(path, "SELECT count(*) FROM mappings WHERE name = 'renamed'") == 1);
+    memset(&s, 0, sizeof(s));
+    store_mapping_replace_async(st, &a, async_mapping_done, &s);
+    CHECK(s.calls == 1 && s.r == STORE_OK && s.had_rec && s.rec.id > 0);
+    /* Refused arguments answer through done too, at once. */
+    memset(&s, 0, sizeof(s));
+    struct mapping_record bad = a;
+    bad.port = 0;
+    store_mapping_insert_async(st, &bad, async_mapping_done, &s);
+    CHECK(s.calls == 1 && s.r == STORE_ERR);
+    memset(&s, 0, sizeof(s));
+    store_mapping_delete_async(st, 70000, async_mapping_done, &s);
+    CHECK(s.calls == 1 && s.r == STORE_NOT_FOUND);
+    /* The gate answers STORE_UNAVAILABLE without touching the database. */
+    store_set_gate(st, async_gate, NULL);
+    gate_open = false;
+    memset(&s, 0, sizeof(s));
+    store_mapping_delete_async(st, 4100, async_mapping_done, &s);
+    CHECK(s.calls == 1 && s.r == STORE_UNAVAILABLE);
+    CHECK(sql_int(path, "SELECT count(*) FROM mappings WHERE port = 4100") == 1);
+    gate_open = true;
+    memset(&s, 0, sizeof(s));
+    store_mapping_delete_async(st, 4100, async_mapping_done, &s);
+    CHECK(s.calls == 1 && s.r == STORE_OK && !s.had_rec);
+    CHECK(sql_int(path, "SELECT count(*) FROM mappings WHERE port = 4100") == 0);
+    /* Clients; done may be NULL (nobody waits: last_seen). */
+    struct client_record c = client_make("edge", 'c');
+    memset(&s, 0, sizeof(s));
+    store_client_insert_async(st, &c, async_client_done, &s);
+    CHECK(s.calls == 1 && s.r == STORE_OK && s.had_rec && s.crec.created_at > 0);
+    CHECK(strcmp(s.crec.source, "api") == 0);
+    c.last_seen = 4242;
+    store_client_update_async(st, &c, NULL, NULL);
+    CHECK(sql_int(path, "SELECT last_seen FROM clients WHERE name = 'edge'") == 4242);
+    memset(&s, 0, sizeof(s));
+    store_client_delete_async(st, "a/b", async_client_done, &s);
+    CHECK(s.calls == 1 && s.r == STORE_NOT_FOUND);
+    memset(&s, 0, sizeof(s));
+    store_client_delete_async(st, "edge", async_client_done, &s);
+    CHECK(s.calls == 1 && s.r == STORE_OK && !s.had_rec);
+    store_fail_pending(st); /* nothing queued: a no-op */
+    store_close(st);
+}
+
 int main(void)
 {
     snprintf(tmpdir, sizeof(tmpdir), "/tmp/portmux-store-XXXXXX");
@@ -683,6 +795,7 @@ int main(void)
     test_clients();
     test_single_instance_lock();
     test_ids_not_reused();
+    test_async_sqlite();
     nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
     return check_summary();
 }
