@@ -118,10 +118,27 @@ def _drop_arrays_and_case_labels(text):
     return re.sub(r"\$\(\([^\n]*?\)\)", "0", text)
 
 
-def sh_programs(text):
-    """(program, line) pairs named by a shell script: each simple command's first word."""
+def sh_functions(text):
+    return set(re.findall(r"^\s*(?:function\s+)?([A-Za-z_][A-Za-z0-9_-]*)\s*\(\)", text, re.M))
+
+
+def sourced_functions(path, text):
+    """Functions of the files a script sources from its own directory (`. "$BENCH/lib.sh"`,
+    `source lib.sh`): called there, they are not programs."""
+    names = set()
+    for rel in re.findall(r"^\s*(?:\.|source)\s+\"?(?:\$\{?\w+\}?/)?([\w.-]+\.(?:sh|bash))\"?",
+                          text, re.M):
+        lib = path.parent / rel
+        if lib.is_file():
+            names |= sh_functions(lib.read_text())
+    return names
+
+
+def sh_programs(text, known=frozenset()):
+    """(program, line) pairs named by a shell script: each simple command's first word.
+    known: functions it gets from elsewhere (sourced files)."""
     found = []
-    functions = set(re.findall(r"^\s*(?:function\s+)?([A-Za-z_][A-Za-z0-9_-]*)\s*\(\)", text, re.M))
+    functions = sh_functions(text) | set(known)
     text = _drop_arrays_and_case_labels(_blank_quotes(_drop_heredocs(text)))
     text = re.sub(r"\$\{[^}\n]*\}", "X", text)                 # ${var:-a|b}
     text = re.sub(r"\\\n", lambda m: " ", text)                 # continuation lines
@@ -174,7 +191,7 @@ def collect():
                     text.startswith("#!/usr/bin/env python"):
                 pairs = py_programs(text)
             elif is_shell(path, text):
-                pairs = sh_programs(text)
+                pairs = sh_programs(text, sourced_functions(path, text))
             else:
                 continue
             rel = path.relative_to(ROOT)

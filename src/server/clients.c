@@ -352,6 +352,25 @@ static enum clients_result cl_writable(struct clients_registry *reg, const char 
     return CLIENTS_OK;
 }
 
+/* The write that changes the stored client name: its op (name copied, the entry in *out),
+ * or NULL after done was told why not. */
+static struct cl_op *cl_op_for_name(struct clients_registry *reg, const char *name,
+                                    clients_done_fn done, void *arg,
+                                    struct clients_entry **out)
+{
+    enum clients_result r = cl_writable(reg, name, out);
+    struct cl_op *op = r == CLIENTS_OK ? calloc(1, sizeof(*op)) : NULL;
+    if (!op) {
+        done(r == CLIENTS_OK ? CLIENTS_ERR : r, NULL, 0, arg);
+        return NULL;
+    }
+    op->reg = reg;
+    op->done = done;
+    op->arg = arg;
+    snprintf(op->next.name, sizeof(op->next.name), "%s", name);
+    return op;
+}
+
 /* The entry is looked up again by name: the array may have moved or changed meanwhile. */
 static struct clients_entry *cl_written(struct cl_op *op)
 {
@@ -389,15 +408,9 @@ void clients_rotate_async(struct clients_registry *reg, const char *name, int64_
         done(CLIENTS_INVALID, NULL, 0, arg);
         return;
     }
-    enum clients_result r = cl_writable(reg, name, &e);
-    struct cl_op *op = r == CLIENTS_OK ? calloc(1, sizeof(*op)) : NULL;
-    if (!op) {
-        done(r == CLIENTS_OK ? CLIENTS_ERR : r, NULL, 0, arg);
+    struct cl_op *op = cl_op_for_name(reg, name, done, arg, &e);
+    if (!op)
         return;
-    }
-    op->reg = reg;
-    op->done = done;
-    op->arg = arg;
     op->grace_s = grace_s;
     if (clients_token_generate(op->token, sizeof(op->token)) != 0) {
         log_error(CL_MOD, "the random generator failed");
@@ -443,16 +456,9 @@ void clients_remove_async(struct clients_registry *reg, const char *name,
                           clients_done_fn done, void *arg)
 {
     struct clients_entry *e = NULL;
-    enum clients_result r = cl_writable(reg, name, &e);
-    struct cl_op *op = r == CLIENTS_OK ? calloc(1, sizeof(*op)) : NULL;
-    if (!op) {
-        done(r == CLIENTS_OK ? CLIENTS_ERR : r, NULL, 0, arg);
+    struct cl_op *op = cl_op_for_name(reg, name, done, arg, &e);
+    if (!op)
         return;
-    }
-    op->reg = reg;
-    op->done = done;
-    op->arg = arg;
-    snprintf(op->next.name, sizeof(op->next.name), "%s", name);
     e->writing = true;
     store_client_delete_async(reg->store, name, cl_removed, op);
 }

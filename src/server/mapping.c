@@ -481,6 +481,29 @@ static struct mapping_op *mapping_op_new(struct mapping_registry *reg, struct ma
     return op;
 }
 
+/* The write that changes the stored mapping on port: its op, or NULL after done was told
+ * why not (no such mapping: 404; a write of it still in flight: 409 busy). */
+static struct mapping_op *mapping_op_for_port(struct mapping_registry *reg, int port,
+                                              mapping_done_fn done, void *arg)
+{
+    char err[160];
+    struct mapping *m = mapping_registry_find(reg, port);
+    if (!m) {
+        snprintf(err, sizeof(err), "no mapping on port %d", port);
+        done(MAPPING_E_NOT_FOUND, NULL, err, arg);
+        return NULL;
+    }
+    if (m->op) {
+        snprintf(err, sizeof(err), "a change of port %d is being stored; try again", port);
+        done(MAPPING_E_BUSY, NULL, err, arg);
+        return NULL;
+    }
+    struct mapping_op *op = mapping_op_new(reg, m, done, arg);
+    if (!op)
+        done(MAPPING_E_STORE, NULL, "out of memory", arg);
+    return op;
+}
+
 /* The write is over: the mapping is free for the next one, the caller learns the end. */
 static void mapping_op_end(struct mapping_op *op, enum mapping_result r, struct mapping *m,
                            const char *err)
@@ -662,23 +685,10 @@ void mapping_registry_update_async(struct mapping_registry *reg,
                                    void *arg)
 {
     char err[192];
-    struct mapping *m = mapping_registry_find(reg, rec->port);
-    if (!m) {
-        snprintf(err, sizeof(err), "no mapping on port %d", rec->port);
-        done(MAPPING_E_NOT_FOUND, NULL, err, arg);
+    struct mapping_op *op = mapping_op_for_port(reg, rec->port, done, arg);
+    if (!op)
         return;
-    }
-    if (m->op) {
-        snprintf(err, sizeof(err), "a change of port %d is being stored; try again",
-                 rec->port);
-        done(MAPPING_E_BUSY, NULL, err, arg);
-        return;
-    }
-    struct mapping_op *op = mapping_op_new(reg, m, done, arg);
-    if (!op) {
-        done(MAPPING_E_STORE, NULL, "out of memory", arg);
-        return;
-    }
+    struct mapping *m = op->m;
     op->next = *rec;
     op->next.id = m->rec.id;
     op->next.created_at = m->rec.created_at;
@@ -720,24 +730,10 @@ static void mapping_removed(enum store_result sr, const struct mapping_record *r
 void mapping_registry_remove_async(struct mapping_registry *reg, int port,
                                    mapping_done_fn done, void *arg)
 {
-    char err[160];
-    struct mapping *m = mapping_registry_find(reg, port);
-    if (!m) {
-        snprintf(err, sizeof(err), "no mapping on port %d", port);
-        done(MAPPING_E_NOT_FOUND, NULL, err, arg);
+    struct mapping_op *op = mapping_op_for_port(reg, port, done, arg);
+    if (!op)
         return;
-    }
-    if (m->op) {
-        snprintf(err, sizeof(err), "a change of port %d is being stored; try again", port);
-        done(MAPPING_E_BUSY, NULL, err, arg);
-        return;
-    }
-    struct mapping_op *op = mapping_op_new(reg, m, done, arg);
-    if (!op) {
-        done(MAPPING_E_STORE, NULL, "out of memory", arg);
-        return;
-    }
-    m->op = op;
+    op->m->op = op;
     store_mapping_delete_async(reg->srv->store, port, mapping_removed, op);
 }
 
