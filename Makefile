@@ -11,7 +11,7 @@ FUZZ_SECONDS ?= 60
 
 all: build
 
-# Packages: the BUILD/TEST/BENCH_PKGS lists of scripts/install-deps.sh; building and running
+# Packages: the build/test/bench sets of scripts/install-deps.sh; building and running
 # need the first only.
 deps-build:
 	./scripts/install-deps.sh build

@@ -201,13 +201,10 @@ def collect():
 
 
 def listed_packages():
-    """The packages of install-deps.sh's BUILD_PKGS, TEST_PKGS and BENCH_PKGS arrays."""
-    pkgs = set()
-    text = INSTALL_DEPS.read_text()
-    for m in re.finditer(r"^[A-Z]+_PKGS=\((.*?)\)", text, re.S | re.M):
-        for line in m.group(1).splitlines():
-            pkgs.update(line.split("#", 1)[0].split())
-    return pkgs
+    """The packages install-deps.sh installs: its sets' apt-get commands (`--list all`)."""
+    r = subprocess.run(["bash", str(INSTALL_DEPS), "--list", "all"], capture_output=True,
+                       text=True, check=True)
+    return set(r.stdout.split())
 
 
 def package_of(path):
@@ -258,7 +255,7 @@ def main():
             shutil.which(prog, path=SEARCH_PATH)
         if exe is None:
             failures.append(f"{prog}: not installed (run in {where}); add the Debian package "
-                            f"that provides it to TEST_PKGS or BENCH_PKGS in scripts/install-deps.sh")
+                            f"that provides it to the test or bench set in scripts/install-deps.sh")
             continue
         pkg = package_of(exe)
         if pkg is None:

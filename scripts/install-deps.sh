@@ -2,63 +2,87 @@
 # Installs the Debian packages portmux needs:
 #   scripts/install-deps.sh [SET...]   SET: build (make build, make run), test (make test,
 #                                      .ci/run), bench (make bench), all; default: build test
-# Idempotent: packages already present are skipped, and apt is not touched then.
-# scripts/check-deps.py reads the lists below and fails when a test, benchmark or script
-# runs a program whose package none of them installs.
+#   scripts/install-deps.sh --list [SET...]   prints the sets' packages, installs nothing
+# Each set is one literal `apt-get install` command below, so what a set installs is
+# written once and can be read here. On a fresh machine (a package missing) it runs
+# `apt-get update` first; as root it always runs the sets' apt-get install with
+# --no-upgrade, which installs what is missing and leaves installed packages as they are
+# (no download when nothing is missing); not root with everything present, apt is not
+# touched. scripts/check-deps.py reads `--list all` and fails when a test, benchmark or
+# script runs a program whose package no set installs.
 set -euo pipefail
 
-BUILD_PKGS=(
-  build-essential cmake pkg-config
-  libevent-dev libmicrohttpd-dev libjansson-dev libsqlite3-dev libyaml-dev libssl-dev libpq-dev
-)
-TEST_PKGS=(
-  curl sqlite3 python3 python3-pytest procps iproute2 util-linux openssl
-  prometheus
-  openssh-server openssh-client
-  redis-server redis-tools
-  clang libclang-rt-14-dev valgrind
-  iperf3
-  nginx haproxy
-  postgresql postgresql-15 postgresql-client-common
-  chromium chromium-driver python3-selenium
-  systemd groff-base man-db mandoc dpkg-dev
-)
-BENCH_PKGS=(
-  python3 curl procps iproute2 util-linux openssl
-  iperf3 wrk nginx haproxy socat rinetd openssh-server openssh-client
-  linux-perf valgrind git
-)
+set_build() {
+  $SUDO apt-get install -y -q --no-install-recommends --no-upgrade \
+    build-essential cmake pkg-config \
+    libevent-dev libmicrohttpd-dev libjansson-dev libsqlite3-dev libyaml-dev libssl-dev libpq-dev
+}
 
+set_test() {
+  $SUDO apt-get install -y -q --no-install-recommends --no-upgrade \
+    curl sqlite3 python3 python3-pytest procps iproute2 util-linux openssl \
+    prometheus \
+    openssh-server openssh-client \
+    redis-server redis-tools \
+    clang libclang-rt-14-dev valgrind \
+    iperf3 \
+    nginx haproxy \
+    postgresql postgresql-15 postgresql-client-common \
+    chromium chromium-driver python3-selenium \
+    systemd groff-base man-db mandoc dpkg-dev cmake
+}
+
+set_bench() {
+  $SUDO apt-get install -y -q --no-install-recommends --no-upgrade \
+    python3 curl procps iproute2 util-linux openssl \
+    iperf3 wrk nginx haproxy socat rinetd openssh-server openssh-client \
+    linux-perf valgrind git
+}
+
+# The packages of set $1: its apt-get command, run with apt-get standing for a printer.
+packages_of() {
+  (
+    SUDO=""
+    apt-get() { local a; for a; do case $a in install|-*) ;; *) echo "$a" ;; esac; done; }
+    "set_$1"
+  )
+}
+
+LIST=0
+if [ "${1:-}" = --list ]; then LIST=1; shift; fi
 sets=("$@")
 [ ${#sets[@]} -eq 0 ] && sets=(build test)
 [ "${sets[0]}" = all ] && sets=(build test bench)
-
-PKGS=()
 for s in "${sets[@]}"; do
   case $s in
-    build) PKGS+=("${BUILD_PKGS[@]}") ;;
-    test) PKGS+=("${TEST_PKGS[@]}") ;;
-    bench) PKGS+=("${BENCH_PKGS[@]}") ;;
+    build|test|bench) ;;
     *) echo "install-deps: unknown package set '$s' (build, test, bench, all)" >&2; exit 2 ;;
   esac
 done
-if [ "${PORTMUX_EXTRA_PKGS:-}" != "" ]; then
-  # shellcheck disable=SC2206
-  PKGS+=(${PORTMUX_EXTRA_PKGS})
+
+if [ $LIST = 1 ]; then
+  for s in "${sets[@]}"; do packages_of "$s"; done | sort -u
+  exit 0
 fi
 
 missing=()
-for p in "${PKGS[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
-    case " ${missing[*]-} " in *" $p "*) ;; *) missing+=("$p") ;; esac
-  fi
+for s in "${sets[@]}"; do
+  while read -r p; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+      missing+=("$p")
+    fi
+  done < <(packages_of "$s")
 done
-if [ ${#missing[@]} -eq 0 ]; then
-  exit 0
-fi
 SUDO=""
-if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
-echo "install-deps: installing ${missing[*]}" >&2
+if [ "$(id -u)" != 0 ]; then
+  [ ${#missing[@]} -eq 0 ] && exit 0
+  SUDO=sudo
+fi
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -q
-$SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}" >&2
+  $SUDO apt-get update -q
+fi
+for s in "${sets[@]}"; do
+  if [ ${#missing[@]} -gt 0 ]; then "set_$s"; else "set_$s" > /dev/null; fi
+done
