@@ -18,22 +18,10 @@ W=${BENCH_WORK:-${TMPDIR:-/tmp}/portmux-bench}/close-ab; rm -rf "$W"; mkdir -p "
 export PUB=${PUB:-19400} PORTMUX_API_PORT=${PORTMUX_API_PORT:-19402}
 export PORTMUX_TUNNEL_PORT=${PORTMUX_TUNNEL_PORT:-19403} BENCH_WORK=$W
 HTTP=${HTTP:-19401}
-cat > $W/nginx.conf <<EOC
-worker_processes 1;
-daemon off;
-pid $W/nginx.pid;
-error_log $W/nginx-error.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  client_body_temp_path $W/nginx/cb; proxy_temp_path $W/nginx/px; fastcgi_temp_path $W/nginx/fc;
-  uwsgi_temp_path $W/nginx/uw; scgi_temp_path $W/nginx/sc;
-  server { listen 127.0.0.1:$HTTP backlog=4096; location / { return 200 "ok\n"; } }
-}
-EOC
-nginx -p $W/nginx -e $W/nginx-error.log -c $W/nginx.conf > $W/nginx.log 2>&1 &
-NG=$!
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$HTTP) 2>/dev/null && break; sleep 0.05; done
+. "$BENCH/lib.sh"  # start_nginx_ok median
+start_nginx_ok "$W" $HTTP "$W/nginx.log"
+NG=$NGINX_PID
+wait_listen $HTTP 5
 one() { # BUILD MODE
   rm -f $W/ready
   PORTMUX_SERVER=$1/portmux-server PORTMUX_CLIENT=$1/portmux-client BACKEND=$HTTP READY_FILE=$W/ready \
@@ -59,7 +47,6 @@ for rep in $(seq 1 $REPS); do
   done
 done
 kill $NG; wait $NG 2>/dev/null
-. "$BENCH/lib.sh"  # median
 echo "| mode (wrk -t2 -c50 Connection: close, ${D} s, ${REPS} reps) | base req/s | head req/s | head/base medians | median of pair ratios | runs base · head |"
 echo "|---|---|---|---|---|---|"
 for mode in ${MODES:-direct tunnel}; do

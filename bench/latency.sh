@@ -107,22 +107,8 @@ start_delay() {  # start_delay LISTENPORT TARGETPORT ONEWAY_MS
 start_backends() {
   iperf3 -s -p $IPERF_PORT >>"$RUN/backend.log" 2>&1 &
   PIDS+=($!)
-  mkdir -p "$RUN/nginx"
-  cat > "$RUN/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $RUN/nginx.pid;
-error_log $RUN/nginx-error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $RUN/nginx/cb; proxy_temp_path $RUN/nginx/px; fastcgi_temp_path $RUN/nginx/fc;
-  uwsgi_temp_path $RUN/nginx/uw; scgi_temp_path $RUN/nginx/sc;
-  server { listen 127.0.0.1:$HTTP_PORT; location / { return 200 "ok\n"; } }
-}
-EOF
-  nginx -p "$RUN/nginx" -e "$RUN/nginx-error.log" -c "$RUN/nginx.conf" >>"$RUN/backend.log" 2>&1 &
-  PIDS+=($!)
+  start_nginx_ok "$RUN" $HTTP_PORT "$RUN/backend.log"
+  PIDS+=($NGINX_PID)
   wait_listen $IPERF_PORT 10 || { log "ERROR: iperf3 server not listening"; return 1; }
   wait_listen $HTTP_PORT 10 || { log "ERROR: nginx not listening"; return 1; }
 }

@@ -29,3 +29,24 @@ stop_tree() {  # stop_tree ROOTPID...: TERM, then KILL after 3 s, for the trees 
   wait "$@" 2>/dev/null
   return 0
 }
+
+start_nginx_ok() {  # start_nginx_ok DIR PORT LOG: nginx answering "ok" on 127.0.0.1:PORT in
+                    # the background (its PID in NGINX_PID); config and temp files under DIR
+  mkdir -p "$1/nginx"
+  cat > "$1/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $1/nginx.pid;
+error_log $1/nginx-error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  client_body_temp_path $1/nginx/cb; proxy_temp_path $1/nginx/px; fastcgi_temp_path $1/nginx/fc;
+  uwsgi_temp_path $1/nginx/uw; scgi_temp_path $1/nginx/sc;
+  keepalive_requests 10000000;
+  server { listen 127.0.0.1:$2 backlog=4096; location / { return 200 "ok\n"; } }
+}
+EOF
+  nginx -p "$1/nginx" -e "$1/nginx-error.log" -c "$1/nginx.conf" >>"$3" 2>&1 &
+  NGINX_PID=$!
+}

@@ -67,23 +67,8 @@ trap 'exit 130' INT TERM
 
 # ---- backends ----
 start_backends() {
-  mkdir -p "$RUN/nginx"
-  cat > "$RUN/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $RUN/nginx.pid;
-error_log $RUN/nginx-error.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  client_body_temp_path $RUN/nginx/cb; proxy_temp_path $RUN/nginx/px; fastcgi_temp_path $RUN/nginx/fc;
-  uwsgi_temp_path $RUN/nginx/uw; scgi_temp_path $RUN/nginx/sc;
-  keepalive_requests 10000000;
-  server { listen 127.0.0.1:$HTTP_PORT backlog=4096; location / { return 200 "ok\n"; } }
-}
-EOF
-  nginx -p "$RUN/nginx" -e "$RUN/nginx-error.log" -c "$RUN/nginx.conf" >>"$RUN/backend.log" 2>&1 &
-  BACK_PIDS+=($!)
+  start_nginx_ok "$RUN" $HTTP_PORT "$RUN/backend.log"
+  BACK_PIDS+=($NGINX_PID)
   python3 "$BENCH/hold.py" server $HOLD_PORT >>"$RUN/backend.log" 2>&1 &
   BACK_PIDS+=($!)
   wait_listen $HTTP_PORT 10 || log "ERROR: nginx backend not listening"

@@ -176,12 +176,15 @@ struct api_pending {
     char name[CLIENTS_NAME_MAX + 1];
 };
 
-/* Marks out as answered later; NULL (out untouched) when out of memory. */
+/* Marks out as answered later. NULL when out of memory: out then holds that error and the
+ * handler starts nothing. */
 static struct api_pending *api_pending_new(struct server *srv, struct api_reply *out)
 {
     struct api_pending *p = calloc(1, sizeof(*p));
-    if (!p)
+    if (!p) {
+        api_fail(out, API_E_INTERNAL, "out of memory", NULL);
         return NULL;
+    }
     p->srv = srv;
     out->pending = p;
     return p;
@@ -210,15 +213,6 @@ static void api_pending_take(struct api_pending *p, struct api_reply *out)
     out->pending = NULL;
     memset(&p->reply, 0, sizeof(p->reply));
     api_pending_free(p);
-}
-
-/* A handler that could not even start its write: the plain error, nothing pending. */
-static bool api_pending_or_fail(struct api_pending *p, struct api_reply *out)
-{
-    if (p)
-        return true;
-    api_fail(out, API_E_INTERNAL, "out of memory", NULL);
-    return false;
 }
 
 static void handle_health(struct server *srv, const struct api_req *rq, struct api_reply *out)
@@ -288,7 +282,7 @@ static void handle_create(struct server *srv, const struct api_req *rq, struct a
         return;
     }
     struct api_pending *p = api_pending_new(srv, out);
-    if (!api_pending_or_fail(p, out))
+    if (!p)
         return;
     p->port = rec.port;
     mapping_registry_create_async(srv->mappings, &rec, api_created, p);
@@ -344,16 +338,14 @@ static void handle_update(struct server *srv, const struct api_req *rq, struct a
     e = mapping_request_parse_update(srv->cfg, body, rq->len, &port, rec, msg, sizeof(msg));
     if (e == API_OK && api_client_known(srv, rec, &m->rec, msg, sizeof(msg)) != 0)
         e = API_E_INVALID_FIELD;
-    struct api_pending *p = NULL;
-    if (e == API_OK && (p = api_pending_new(srv, out)) != NULL) {
+    struct api_pending *p;
+    if (e != API_OK) {
+        api_fail(out, e, msg, NULL);
+    } else if ((p = api_pending_new(srv, out)) != NULL) {
         p->port = port;
         mapping_registry_update_async(srv->mappings, rec, api_updated, p);
     }
     free(rec);
-    if (e != API_OK)
-        api_fail(out, e, msg, NULL);
-    else
-        api_pending_or_fail(p, out);
 }
 
 static void api_removed(enum mapping_result r, struct mapping *m, const char *err, void *arg)
@@ -389,7 +381,7 @@ static void handle_remove(struct server *srv, const struct api_req *rq, struct a
         return;
     }
     struct api_pending *p = api_pending_new(srv, out);
-    if (!api_pending_or_fail(p, out))
+    if (!p)
         return;
     p->port = port;
     mapping_registry_remove_async(srv->mappings, port, api_removed, p);
@@ -572,20 +564,29 @@ static void api_client_created(enum clients_result r, const char *token, int64_t
     api_pending_done(p);
 }
 
+/* A client request's body, judged; then its answer marked as coming later, with the
+ * name it is about. NULL when out already holds the error. grace: see api_client_body. */
+static struct api_pending *api_client_start(struct server *srv, const struct api_req *rq,
+                                            struct api_reply *out, int64_t *grace)
+{
+    char name[CLIENTS_NAME_MAX + 1], msg[160];
+    enum api_error e = api_client_body(rq, name, sizeof(name), grace, msg, sizeof(msg));
+    if (e != API_OK) {
+        api_fail(out, e, msg, NULL);
+        return NULL;
+    }
+    struct api_pending *p = api_pending_new(srv, out);
+    if (p)
+        snprintf(p->name, sizeof(p->name), "%s", name);
+    return p;
+}
+
 static void handle_client_create(struct server *srv, const struct api_req *rq,
                                  struct api_reply *out)
 {
-    char name[CLIENTS_NAME_MAX + 1], msg[160];
-    enum api_error e = api_client_body(rq, name, sizeof(name), NULL, msg, sizeof(msg));
-    if (e != API_OK) {
-        api_fail(out, e, msg, NULL);
-        return;
-    }
-    struct api_pending *p = api_pending_new(srv, out);
-    if (!api_pending_or_fail(p, out))
-        return;
-    snprintf(p->name, sizeof(p->name), "%s", name);
-    clients_create_async(srv->clients, name, api_client_created, p);
+    struct api_pending *p = api_client_start(srv, rq, out, NULL);
+    if (p)
+        clients_create_async(srv->clients, p->name, api_client_created, p);
 }
 
 static void api_client_rotated(enum clients_result r, const char *token, int64_t until,
@@ -605,18 +606,10 @@ static void api_client_rotated(enum clients_result r, const char *token, int64_t
 static void handle_client_rotate(struct server *srv, const struct api_req *rq,
                                  struct api_reply *out)
 {
-    char name[CLIENTS_NAME_MAX + 1], msg[160];
     int64_t grace = CLIENTS_DEFAULT_GRACE_S;
-    enum api_error e = api_client_body(rq, name, sizeof(name), &grace, msg, sizeof(msg));
-    if (e != API_OK) {
-        api_fail(out, e, msg, NULL);
-        return;
-    }
-    struct api_pending *p = api_pending_new(srv, out);
-    if (!api_pending_or_fail(p, out))
-        return;
-    snprintf(p->name, sizeof(p->name), "%s", name);
-    clients_rotate_async(srv->clients, name, grace, api_client_rotated, p);
+    struct api_pending *p = api_client_start(srv, rq, out, &grace);
+    if (p)
+        clients_rotate_async(srv->clients, p->name, grace, api_client_rotated, p);
 }
 
 static void api_client_removed(enum clients_result r, const char *token, int64_t until,
@@ -635,17 +628,9 @@ static void api_client_removed(enum clients_result r, const char *token, int64_t
 static void handle_client_remove(struct server *srv, const struct api_req *rq,
                                  struct api_reply *out)
 {
-    char name[CLIENTS_NAME_MAX + 1], msg[160];
-    enum api_error e = api_client_body(rq, name, sizeof(name), NULL, msg, sizeof(msg));
-    if (e != API_OK) {
-        api_fail(out, e, msg, NULL);
-        return;
-    }
-    struct api_pending *p = api_pending_new(srv, out);
-    if (!api_pending_or_fail(p, out))
-        return;
-    snprintf(p->name, sizeof(p->name), "%s", name);
-    clients_remove_async(srv->clients, name, api_client_removed, p);
+    struct api_pending *p = api_client_start(srv, rq, out, NULL);
+    if (p)
+        clients_remove_async(srv->clients, p->name, api_client_removed, p);
 }
 
 static void handle_metrics(struct server *srv, const struct api_req *rq, struct api_reply *out)
