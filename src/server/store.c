@@ -35,6 +35,18 @@ static bool store_gated(const struct store *st)
     return st->gate && !st->gate(st->gate_arg);
 }
 
+int store_migration_version(const char *name)
+{
+    int v = 0;
+    const char *p = name;
+    for (; *p >= '0' && *p <= '9'; p++) {
+        if (v > 100000000)
+            return -1;
+        v = v * 10 + (*p - '0');
+    }
+    return (p == name || *p != '_') ? -1 : v;
+}
+
 void store_set_err(char *err, size_t errlen, const char *fmt, ...)
 {
     if (!err || errlen == 0)

@@ -72,6 +72,10 @@ struct store_backend {
 extern const struct store_backend store_backend_sqlite;
 extern const struct store_backend store_backend_pg;
 
+/* The number before the first '_' of a migration's file name (both backends' migrations
+ * are named NNNN_what.sql), or -1 without one. */
+int store_migration_version(const char *name);
+
 /* snprintf into err when the caller gave a buffer; err may be NULL or errlen 0. */
 void store_set_err(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

@@ -346,18 +346,6 @@ static enum store_result pg_write(struct pg_store *pg, const char *sql, int n,
 
 /* ---- open and migrations (start-up: blocking is fine here) ---- */
 
-static int pg_migration_version(const char *name)
-{
-    int v = 0;
-    const char *p = name;
-    for (; *p >= '0' && *p <= '9'; p++) {
-        if (v > 100000000)
-            return -1;
-        v = v * 10 + (*p - '0');
-    }
-    return (p == name || *p != '_') ? -1 : v;
-}
-
 /* Open-time statement without parameters (several allowed); 0 or -1 with err set. */
 static int pg_exec_open(struct pg_store *pg, const char *sql, const char *what, char *err,
                         size_t errlen, PGresult **out)
@@ -388,7 +376,7 @@ static int pg_migrate(struct pg_store *pg, struct store_open_info *info,
     char sql[128];
     int newest = 0, version = 0, applied = 0, rc = -1;
     for (size_t i = 0; i < embedded_pg_migrations_count; i++) {
-        int v = pg_migration_version(embedded_pg_migrations[i].path);
+        int v = store_migration_version(embedded_pg_migrations[i].path);
         if (v <= newest) {
             store_set_err(err, errlen, "embedded migration pg/%s: bad or repeated version",
                           embedded_pg_migrations[i].path);
@@ -421,7 +409,7 @@ static int pg_migrate(struct pg_store *pg, struct store_open_info *info,
     }
     for (size_t i = 0; i < embedded_pg_migrations_count; i++) {
         const struct embedded_file *m = &embedded_pg_migrations[i];
-        int v = pg_migration_version(m->path);
+        int v = store_migration_version(m->path);
         if (v <= version)
             continue;
         if (pg_exec_open(pg, "BEGIN", "starting a migration", err, errlen, NULL) != 0)

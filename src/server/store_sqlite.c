@@ -166,19 +166,6 @@ static int sq_lock(struct sq_store *sq, char *err, size_t errlen)
     return rc;
 }
 
-/* The number before the first '_' of a migration's file name, or -1 without one. */
-static int sq_migration_version(const char *name)
-{
-    int v = 0;
-    const char *p = name;
-    for (; *p >= '0' && *p <= '9'; p++) {
-        if (v > 100000000)
-            return -1;
-        v = v * 10 + (*p - '0');
-    }
-    return (p == name || *p != '_') ? -1 : v;
-}
-
 /* Checks the embedded migrations (a build mistake must not reach a user's database) and
  * returns the newest version in *newest; 0 when there are none. */
 static int sq_newest_migration(int *newest, char *err, size_t errlen)
@@ -186,7 +173,7 @@ static int sq_newest_migration(int *newest, char *err, size_t errlen)
     int prev = 0;
     for (size_t i = 0; i < embedded_migrations_count; i++) {
         const struct embedded_file *m = &embedded_migrations[i];
-        int v = sq_migration_version(m->path);
+        int v = store_migration_version(m->path);
         if (v <= prev) {
             store_set_err(err, errlen, "embedded migration %s: bad or repeated version",
                           m->path);
@@ -297,7 +284,7 @@ static int sq_migrate(struct sq_store *sq, int newest, struct store_open_info *i
     }
     for (size_t i = 0; i < embedded_migrations_count; i++) {
         const struct embedded_file *m = &embedded_migrations[i];
-        if (sq_migration_version(m->path) <= version)
+        if (store_migration_version(m->path) <= version)
             continue;
         if (sq_apply_one(sq, m, err, errlen) != 0)
             goto fail;
