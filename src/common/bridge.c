@@ -19,12 +19,21 @@
 
 /* After the peer's Close, what is buffered for the socket gets this long to drain. */
 #define BRIDGE_LINGER_SECONDS 60
+/* A stream that sent this much socket -> tunnel is a bulk one: its further reads go
+ * straight from the socket to the tunnel (mux_stream_splice), without a copy through user
+ * space. Below it the copying path stays: one readv is cheaper than the splice, header
+ * send and splice a zero-copy frame costs, for the small messages of request/response
+ * traffic. */
+#define BRIDGE_SPLICE_AFTER (256u * 1024u)
+/* Zero-copy frames per read wake-up, so that one bulk stream leaves the loop to others. */
+#define BRIDGE_SPLICE_BURST 16
 
 struct bridge {
     struct mux_stream *st;        /* NULL once the stream is gone */
     struct bufferevent *bev;
     struct evbuffer_cb_entry *drain_cb;
     struct event *linger;
+    struct event *splice_read;    /* socket -> stream in zero-copy mode (NULL: copying) */
     struct bridge_hooks hooks;
     void *arg;
     enum relay_dir_state up;   /* socket -> stream: eof = the socket's FIN, fin_sent =
@@ -67,6 +76,8 @@ static void bridge_release(struct bridge *b)
         evbuffer_remove_cb_entry(bufferevent_get_output(b->bev), b->drain_cb);
     if (b->linger)
         event_free(b->linger);
+    if (b->splice_read)
+        event_free(b->splice_read);
     bufferevent_free(b->bev);
     free(b);
 }
@@ -109,6 +120,42 @@ static bool bridge_try_shutdown(struct bridge *b)
     return bridge_check_done(b);
 }
 
+static void bridge_splice_read_cb(evutil_socket_t fd, short what, void *arg);
+
+/* Bulk streams read their socket with splice (see BRIDGE_SPLICE_AFTER): libevent's own
+ * reading stays off, and an event of ours takes its place. Not in a rate-limit group,
+ * whose buckets only libevent's reads draw from. */
+static bool bridge_splice_mode(struct bridge *b)
+{
+    if (b->splice_read)
+        return true;
+    if (b->rate_limited || b->to_stream < BRIDGE_SPLICE_AFTER || !mux_stream_can_splice(b->st))
+        return false;
+    b->splice_read = event_new(bufferevent_get_base(b->bev), bufferevent_getfd(b->bev),
+                               EV_READ | EV_PERSIST, bridge_splice_read_cb, b);
+    if (!b->splice_read)
+        return false; /* copying works as well */
+    bufferevent_disable(b->bev, EV_READ);
+    return true;
+}
+
+static void bridge_splice_off(struct bridge *b)
+{
+    if (!b->splice_read)
+        return;
+    event_free(b->splice_read);
+    b->splice_read = NULL;
+}
+
+/* The socket may be read again (the input is empty, the direction open). */
+static void bridge_read_on(struct bridge *b)
+{
+    if (bridge_splice_mode(b))
+        event_add(b->splice_read, NULL);
+    else
+        bufferevent_enable(b->bev, EV_READ);
+}
+
 static void bridge_pump(struct bridge *b)
 {
     if (!b->st || b->up == RELAY_DIR_FIN_SENT)
@@ -132,7 +179,7 @@ static void bridge_pump(struct bridge *b)
         return;
     }
     if (b->up == RELAY_DIR_OPEN) {
-        bufferevent_enable(b->bev, EV_READ);
+        bridge_read_on(b);
         return;
     }
     bridge_set_dir(b, &b->up, RELAY_DIR_FIN_SENT);
@@ -153,6 +200,47 @@ static void bridge_read_cb(struct bufferevent *bev, void *arg)
     if (room > have && !b->rate_limited)
         sockread_more(bev, room - have);
     bridge_pump(b);
+}
+
+static void bridge_splice_read_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct bridge *b = arg;
+    if (!b->st || b->up != RELAY_DIR_OPEN) {
+        event_del(b->splice_read);
+        return;
+    }
+    for (int i = 0; i < BRIDGE_SPLICE_BURST; i++) {
+        size_t moved;
+        switch (mux_stream_splice(b->st, (int)fd, &moved)) {
+        case MUX_SPLICE_MOVED:
+            b->to_stream += moved;
+            if (b->hooks.on_bytes)
+                b->hooks.on_bytes(moved, 0, b->arg);
+            continue;
+        case MUX_SPLICE_AGAIN:
+            return;
+        case MUX_SPLICE_BLOCKED:
+            event_del(b->splice_read); /* on_writable: bridge_pump reads on */
+            return;
+        case MUX_SPLICE_EOF:
+            event_del(b->splice_read);
+            bridge_set_dir(b, &b->up, RELAY_DIR_EOF);
+            bridge_pump(b); /* ShutWrite */
+            return;
+        case MUX_SPLICE_NONE:
+            bridge_splice_off(b); /* cannot happen on a live session; copy instead */
+            bridge_pump(b);
+            return;
+        case MUX_SPLICE_ERROR:
+            log_debug("bridge", "stream %u: socket error: %s", (unsigned)mux_stream_id(b->st),
+                      evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+            bridge_finish(b, "socket error");
+            return;
+        case MUX_SPLICE_STATE:
+            bridge_finish(b, "stream write failed");
+            return;
+        }
+    }
 }
 
 static void bridge_write_cb(struct bufferevent *bev, void *arg)
@@ -271,6 +359,7 @@ static void bridge_on_close(struct mux_stream *st, enum mux_close_reason why, vo
     /* Deliver what the peer sent before its Close, then close. */
     b->flushing = true;
     bufferevent_disable(b->bev, EV_READ);
+    bridge_splice_off(b);
     struct timeval tv = {BRIDGE_LINGER_SECONDS, 0};
     b->linger = evtimer_new(bufferevent_get_base(b->bev), bridge_linger_cb, b);
     if (!b->linger || evtimer_add(b->linger, &tv) != 0)
@@ -291,6 +380,13 @@ int bridge_set_rate_group(struct bridge *b, struct bufferevent_rate_limit_group 
         return bufferevent_remove_from_rate_limit_group(b->bev);
     }
     b->rate_limited = true;
+    if (b->splice_read) {
+        /* Back to libevent's reads, which the group meters. */
+        bool reading = event_pending(b->splice_read, EV_READ, NULL);
+        bridge_splice_off(b);
+        if (reading)
+            bufferevent_enable(b->bev, EV_READ);
+    }
     return bufferevent_add_to_rate_limit_group(b->bev, g);
 }
 

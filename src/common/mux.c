@@ -2,6 +2,7 @@
  * windows and half-close in the manner of OpenSSH's channels; no sockets here. */
 #include "mux.h"
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,6 +23,7 @@
 struct mux_stream {
     LIST_ENTRY(mux_stream) hash_link;     /* in session->buckets while not finished */
     TAILQ_ENTRY(mux_stream) blocked_link; /* waiting for room in the session output */
+    TAILQ_ENTRY(mux_stream) splice_link;  /* waiting for the splice transport */
     TAILQ_ENTRY(mux_stream) gc_link;      /* finished, freed by the next GC pass */
     struct mux_session *s;
     uint32_t id;
@@ -45,6 +47,7 @@ struct mux_stream {
     bool local_shut, remote_shut;
     bool close_sent, close_recv;
     bool blocked;
+    bool splice_waiting;
     bool finished;
 };
 
@@ -61,7 +64,10 @@ struct mux_session {
     size_t nstreams;         /* in the table */
     size_t app_streams;      /* attached */
     struct mux_stream_list blocked;
+    struct mux_stream_list splice_wait;
     struct mux_stream_list gc;
+    const struct mux_splice_ops *splice;
+    void *splice_arg;
     size_t buffer_limit;     /* what all window growth together may reach */
     size_t grown;            /* sum of (recv_limit - MUX_INITIAL_WINDOW) of live streams */
     uint32_t next_id;
@@ -173,6 +179,10 @@ static void mux_unblock(struct mux_stream *st)
         TAILQ_REMOVE(&st->s->blocked, st, blocked_link);
         st->blocked = false;
     }
+    if (st->splice_waiting) {
+        TAILQ_REMOVE(&st->s->splice_wait, st, splice_link);
+        st->splice_waiting = false;
+    }
 }
 
 /* Ends the application's reference (no callbacks). */
@@ -243,6 +253,7 @@ struct mux_session *mux_session_new(enum mux_role role, struct evbuffer *out,
     s->next_id = 1;
     s->buffer_limit = MUX_SESSION_BUFFER_LIMIT;
     TAILQ_INIT(&s->blocked);
+    TAILQ_INIT(&s->splice_wait);
     TAILQ_INIT(&s->gc);
     evutil_secure_rng_get_bytes(s->nonce, sizeof(s->nonce));
     return s;
@@ -355,6 +366,30 @@ void mux_session_output_drained(struct mux_session *s)
            evbuffer_get_length(s->out) < MUX_OUT_SOFT_LIMIT) {
         struct mux_stream *st = TAILQ_FIRST(&s->blocked);
         mux_unblock(st);
+        if (st->attached && st->cb.on_writable)
+            st->cb.on_writable(st, st->arg);
+    }
+    s->depth--;
+    mux_gc(s);
+}
+
+void mux_session_set_splice(struct mux_session *s, const struct mux_splice_ops *ops,
+                            void *arg)
+{
+    s->splice = ops;
+    s->splice_arg = arg;
+}
+
+void mux_session_splice_ready(struct mux_session *s)
+{
+    s->depth++;
+    /* A woken stream that finds the transport busy again waits at the back; the loop
+     * ends as soon as the transport is busy, so it cannot spin. */
+    while (!TAILQ_EMPTY(&s->splice_wait) && !s->failed && s->splice &&
+           s->splice->ready(s->splice_arg)) {
+        struct mux_stream *st = TAILQ_FIRST(&s->splice_wait);
+        TAILQ_REMOVE(&s->splice_wait, st, splice_link);
+        st->splice_waiting = false;
         if (st->attached && st->cb.on_writable)
             st->cb.on_writable(st, st->arg);
     }
@@ -926,6 +961,39 @@ int mux_stream_write(struct mux_stream *st, struct evbuffer *src)
         total += n;
     }
     return total > (size_t)INT32_MAX ? INT32_MAX : (int)total;
+}
+
+bool mux_stream_can_splice(const struct mux_stream *st) { return st->s->splice != NULL; }
+
+enum mux_splice_result mux_stream_splice(struct mux_stream *st, int fd, size_t *moved)
+{
+    struct mux_session *s = st->s;
+    *moved = 0;
+    if (!s->splice)
+        return MUX_SPLICE_NONE;
+    if (!mux_stream_can_send(st))
+        return MUX_SPLICE_STATE;
+    if (st->send_window == 0)
+        return MUX_SPLICE_BLOCKED; /* the WindowUpdate calls on_writable */
+    if (!s->splice->ready(s->splice_arg)) {
+        if (!st->splice_waiting) {
+            TAILQ_INSERT_TAIL(&s->splice_wait, st, splice_link);
+            st->splice_waiting = true;
+        }
+        return MUX_SPLICE_BLOCKED;
+    }
+    size_t max = st->send_window < FRAME_MAX_DATA ? st->send_window : FRAME_MAX_DATA;
+    ssize_t n = s->splice->stage(s->splice_arg, fd, max);
+    if (n == 0)
+        return MUX_SPLICE_EOF;
+    if (n < 0)
+        return errno == EAGAIN || errno == EWOULDBLOCK ? MUX_SPLICE_AGAIN : MUX_SPLICE_ERROR;
+    uint8_t hdr[MUX_DATA_HEADER_LEN];
+    frame_encode_data_header(hdr, sizeof(hdr), st->id, (size_t)n);
+    st->send_window -= (uint32_t)n;
+    s->splice->send(s->splice_arg, hdr, sizeof(hdr), (size_t)n);
+    *moved = (size_t)n;
+    return MUX_SPLICE_MOVED;
 }
 
 /* How much larger the next grant may make the window. A fixed 256 KiB window caps one

@@ -28,6 +28,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 struct evbuffer;
 struct mux_session;
@@ -64,6 +65,32 @@ enum mux_result {
 enum mux_close_reason {
     MUX_CLOSE_PEER,          /* the peer sent Close: deliver what is buffered, then close */
     MUX_CLOSE_SESSION,       /* the session is going away: close at once */
+};
+
+/* mux_stream_splice's results. */
+enum mux_splice_result {
+    MUX_SPLICE_MOVED,        /* one Data frame left (*moved bytes) */
+    MUX_SPLICE_EOF,          /* the socket's FIN: nothing more will come */
+    MUX_SPLICE_AGAIN,        /* the socket has nothing to read now */
+    MUX_SPLICE_BLOCKED,      /* window shut or the transport busy: on_writable follows */
+    MUX_SPLICE_NONE,         /* no zero-copy transport (TLS, or none set): copy instead */
+    MUX_SPLICE_ERROR,        /* reading the socket failed (errno) */
+    MUX_SPLICE_STATE,        /* the stream cannot send (not open, shut, closed) */
+};
+
+/* A transport that can send a Data frame's payload straight from a socket (splice(2)
+ * through a pipe: the bytes never enter user space). The session's output evbuffer and
+ * these bytes go out on one connection in the order they were produced, which the
+ * transport keeps: ready() is true only while nothing waits to be sent either way. */
+struct mux_splice_ops {
+    bool (*ready)(void *arg);
+    /* Takes up to max bytes from fd into the transport's staging pipe. Returns the bytes
+     * taken, 0 at EOF, or -1 with errno (EAGAIN: nothing to read). */
+    ssize_t (*stage)(void *arg, int fd, size_t max);
+    /* Sends hdr (hlen bytes), then the n staged bytes, ahead of anything appended to the
+     * output later. Never fails here: a socket error surfaces through the transport's own
+     * error path. */
+    void (*send)(void *arg, const uint8_t *hdr, size_t hlen, size_t n);
 };
 
 /* Per-stream callbacks; any may be NULL. arg is given with mux_stream_set_callbacks. */
@@ -124,6 +151,13 @@ bool mux_session_is_open(const struct mux_session *s);
 void mux_session_set_early_data(struct mux_session *s);
 bool mux_session_early_data(const struct mux_session *s);
 
+/* Gives the session a zero-copy transport (NULL: none). ops must outlive the session. */
+void mux_session_set_splice(struct mux_session *s, const struct mux_splice_ops *ops,
+                            void *arg);
+/* The transport became ready() again: streams mux_stream_splice() found it busy get
+ * on_writable, while it stays ready. */
+void mux_session_splice_ready(struct mux_session *s);
+
 /* Consumes every whole frame at the front of in; a partial frame stays. Returns MUX_OK,
  * MUX_STOPPED, or a negative error (fatal: close the tunnel; see mux_session_error). */
 int mux_session_input(struct mux_session *s, struct evbuffer *in);
@@ -174,6 +208,14 @@ uint32_t mux_stream_recv_window(const struct mux_stream *st);
  * at most FRAME_MAX_DATA bytes. Returns the bytes moved (0 = blocked: on_writable
  * follows), or MUX_E_STATE when the stream cannot send (not open, shut, closed). */
 int mux_stream_write(struct mux_stream *st, struct evbuffer *src);
+/* Zero-copy mux_stream_write() from a socket: one Data frame of up to the window
+ * (FRAME_MAX_DATA at most) goes from fd to the tunnel through the session's splice
+ * transport. *moved is the bytes sent when MUX_SPLICE_MOVED. See enum mux_splice_result;
+ * after MUX_SPLICE_NONE use mux_stream_write(). */
+enum mux_splice_result mux_stream_splice(struct mux_stream *st, int fd, size_t *moved);
+/* Whether the session has a zero-copy transport at all. */
+bool mux_stream_can_splice(const struct mux_stream *st);
+
 /* The application drained n received bytes; sends WindowUpdate once half the window is
  * consumed, or a quarter of it when the sink is empty (everything received handed on). */
 void mux_stream_consumed(struct mux_stream *st, size_t n);

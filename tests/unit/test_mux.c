@@ -3,10 +3,13 @@
 #include "check.h"
 #include "mux.h"
 
+#include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <event2/buffer.h>
 
@@ -1091,6 +1094,168 @@ static void test_early_data(void)
     pair_free(&p);
 }
 
+
+/* A zero-copy transport for the tests: stage() reads the socket into memory and send()
+ * appends header and bytes to the server's output, as mux_conn.c does with a pipe and
+ * the tunnel socket. ready is the transport's "nothing waits to be sent". */
+struct fake_splice {
+    struct pair *p;
+    bool ready;
+    uint8_t staged[FRAME_MAX_DATA];
+    size_t nstaged;
+    int stages, sends;
+};
+
+static bool fake_ready(void *arg)
+{
+    struct fake_splice *f = arg;
+    return f->ready && evbuffer_get_length(f->p->out_srv) == 0;
+}
+
+static ssize_t fake_stage(void *arg, int fd, size_t max)
+{
+    struct fake_splice *f = arg;
+    CHECK(f->nstaged == 0 && max <= sizeof(f->staged));
+    f->stages++;
+    ssize_t n = read(fd, f->staged, max);
+    if (n > 0)
+        f->nstaged = (size_t)n;
+    return n;
+}
+
+static void fake_send(void *arg, const uint8_t *hdr, size_t hlen, size_t n)
+{
+    struct fake_splice *f = arg;
+    CHECK(n == f->nstaged);
+    f->sends++;
+    evbuffer_add(f->p->out_srv, hdr, hlen);
+    evbuffer_add(f->p->out_srv, f->staged, n);
+    f->nstaged = 0;
+}
+
+static const struct mux_splice_ops fake_splice_ops = {
+    .ready = fake_ready, .stage = fake_stage, .send = fake_send,
+};
+
+/* Moves what the socket holds with mux_stream_splice until it says why it stopped. */
+static enum mux_splice_result splice_all(struct mux_stream *st, int fd, size_t *total)
+{
+    enum mux_splice_result r;
+    size_t moved;
+    *total = 0;
+    while ((r = mux_stream_splice(st, fd, &moved)) == MUX_SPLICE_MOVED) {
+        CHECK(moved > 0 && moved <= FRAME_MAX_DATA);
+        *total += moved;
+    }
+    return r;
+}
+
+static void test_splice(void)
+{
+    struct pair p;
+    struct end se;
+    struct end *ce;
+    pair_init(&p);
+    struct mux_stream *st = open_stream(&p, &se, &ce);
+    int sv[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) == 0);
+    size_t moved;
+    /* No transport: the caller copies. */
+    CHECK(!mux_stream_can_splice(st));
+    CHECK(mux_stream_splice(st, sv[1], &moved) == MUX_SPLICE_NONE);
+
+    struct fake_splice f = {.p = &p};
+    mux_session_set_splice(p.srv, &fake_splice_ops, &f);
+    CHECK(mux_stream_can_splice(st));
+    /* Nothing to read. */
+    f.ready = true;
+    CHECK(mux_stream_splice(st, sv[1], &moved) == MUX_SPLICE_AGAIN && moved == 0);
+
+    /* 100,000 bytes waiting; the transport is busy: the stream waits for it and is woken
+     * only once it is ready again. */
+    struct evbuffer *a = pattern(100000, 7);
+    CHECK(evbuffer_write(a, sv[0]) == 100000);
+    f.ready = false;
+    CHECK(mux_stream_splice(st, sv[1], &moved) == MUX_SPLICE_BLOCKED && f.stages == 1);
+    mux_session_splice_ready(p.srv);
+    CHECK(se.writable == 0);
+    f.ready = true;
+    mux_session_splice_ready(p.srv);
+    CHECK(se.writable == 1);
+    mux_session_splice_ready(p.srv); /* woken once per wait */
+    CHECK(se.writable == 1);
+
+    /* One frame per call, then the transport is busy until the output drains. */
+    CHECK(mux_stream_splice(st, sv[1], &moved) == MUX_SPLICE_MOVED && moved == FRAME_MAX_DATA);
+    CHECK(mux_stream_splice(st, sv[1], &moved) == MUX_SPLICE_BLOCKED);
+    CHECK(pump(&p) == 0);
+    mux_session_splice_ready(p.srv);
+    CHECK(se.writable == 2);
+    size_t total;
+    CHECK(splice_all(st, sv[1], &total) == MUX_SPLICE_BLOCKED && total == 100000 - FRAME_MAX_DATA);
+    CHECK(pump(&p) == 0);
+    CHECK(ce->data == 100000 && matches_pattern(mux_stream_sink(ce->st), 100000, 7));
+    CHECK(mux_stream_send_window(st) == MUX_INITIAL_WINDOW - 100000);
+    evbuffer_drain(mux_stream_sink(ce->st), 100000);
+
+    /* The window bounds what leaves: frames stop when it is shut, with the rest of the
+     * bytes left in the socket, and the WindowUpdate wakes the stream. */
+    struct evbuffer *b = pattern(2 * MUX_INITIAL_WINDOW, 8);
+    enum mux_splice_result r = MUX_SPLICE_AGAIN;
+    for (int i = 0; i < 1000 && mux_stream_send_window(st) > 0; i++) {
+        (void)evbuffer_write(b, sv[0]); /* tops the socket up */
+        r = mux_stream_splice(st, sv[1], &moved);
+        CHECK(r == MUX_SPLICE_MOVED || r == MUX_SPLICE_BLOCKED || r == MUX_SPLICE_AGAIN);
+        if (r == MUX_SPLICE_BLOCKED)
+            CHECK(pump(&p) == 0); /* the transport's output drains */
+    }
+    CHECK(mux_stream_send_window(st) == 0);
+    CHECK(pump(&p) == 0);
+    CHECK(ce->data == MUX_INITIAL_WINDOW);
+    int stages = f.stages;
+    CHECK(mux_stream_splice(st, sv[1], &moved) == MUX_SPLICE_BLOCKED && f.stages == stages);
+    int before = se.writable;
+    mux_stream_consumed(ce->st, evbuffer_get_length(mux_stream_sink(ce->st)));
+    evbuffer_drain(mux_stream_sink(ce->st), evbuffer_get_length(mux_stream_sink(ce->st)));
+    CHECK(pump(&p) == 0);
+    CHECK(se.writable > before && mux_stream_send_window(st) > 0);
+
+    /* The socket's FIN. */
+    shutdown(sv[0], SHUT_WR);
+    size_t more;
+    for (int i = 0; i < 64 && (r = splice_all(st, sv[1], &more)) != MUX_SPLICE_EOF; i++) {
+        CHECK(pump(&p) == 0);
+        mux_stream_consumed(ce->st, evbuffer_get_length(mux_stream_sink(ce->st)));
+        evbuffer_drain(mux_stream_sink(ce->st), evbuffer_get_length(mux_stream_sink(ce->st)));
+        CHECK(pump(&p) == 0);
+    }
+    CHECK(r == MUX_SPLICE_EOF);
+
+    /* A shut stream cannot send; a stream waiting for the transport may close (and the
+     * session go) while it waits. */
+    CHECK(mux_stream_shut_write(st) == MUX_OK);
+    CHECK(mux_stream_splice(st, sv[1], &moved) == MUX_SPLICE_STATE);
+    struct end se2;
+    struct end *ce2;
+    struct mux_stream *st2 = open_stream(&p, &se2, &ce2);
+    int sv2[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv2) == 0);
+    CHECK(write(sv2[0], "x", 1) == 1);
+    f.ready = false;
+    CHECK(mux_stream_splice(st2, sv2[1], &moved) == MUX_SPLICE_BLOCKED);
+    mux_stream_close(st2);
+    f.ready = true;
+    mux_session_splice_ready(p.srv);
+    CHECK(se2.writable == 0);
+    close(sv2[0]);
+    close(sv2[1]);
+    close(sv[0]);
+    close(sv[1]);
+    evbuffer_free(a);
+    evbuffer_free(b);
+    pair_free(&p);
+}
+
 int main(void)
 {
     test_stop();
@@ -1107,5 +1272,6 @@ int main(void)
     test_window_growth_rule();
     test_window_autotune();
     test_early_data();
+    test_splice();
     return check_summary();
 }
