@@ -205,6 +205,10 @@ static int dial_connect_ip(struct dial *d, const struct sockaddr *sa, socklen_t 
     int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -1;
+    /* A new socket bufferevent has writing enabled, and setfd would register the socket
+     * for EPOLLOUT at once, only for the bridge to drop that and register EPOLLIN: two
+     * epoll_ctl per dial. The slow path below asks for EPOLLOUT itself. */
+    bufferevent_disable(d->bev, EV_WRITE);
     if (bufferevent_setfd(d->bev, fd) != 0) {
         close(fd);
         return -1;
