@@ -1,6 +1,7 @@
 /* One stream <-> one socket, with le-proxy's backpressure and nchan's half-close. */
 #include "bridge.h"
 
+#include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdbool.h>
@@ -33,8 +34,9 @@ struct bridge {
     struct bufferevent *bev;
     struct evbuffer_cb_entry *drain_cb;
     struct event *linger;
-    struct event *splice_read;    /* socket -> stream in zero-copy mode (NULL: copying) */
-    struct event *flush;          /* write-through, in this allocation's tail */
+    /* Both in this allocation's tail: */
+    struct event *rd;             /* reads the socket, unless rate-limited (see bridge_read) */
+    struct event *flush;          /* write-through */
     struct bridge_hooks hooks;
     void *arg;
     enum relay_dir_state up;   /* socket -> stream: eof = the socket's FIN, fin_sent =
@@ -43,6 +45,7 @@ struct bridge {
                                 * shutdown(SHUT_WR) done */
     bool flushing;    /* stream gone: drain the output, then free */
     bool rate_limited;/* in a rate-limit group: only libevent's own (limited) reads */
+    bool no_splice;   /* the session has no zero-copy transport after all */
     uint64_t to_stream, to_socket;
 };
 
@@ -77,8 +80,7 @@ static void bridge_release(struct bridge *b)
         evbuffer_remove_cb_entry(bufferevent_get_output(b->bev), b->drain_cb);
     if (b->linger)
         event_free(b->linger);
-    if (b->splice_read)
-        event_free(b->splice_read);
+    event_del(b->rd);
     event_del(b->flush);
     bufferevent_free(b->bev);
     free(b);
@@ -122,40 +124,22 @@ static bool bridge_try_shutdown(struct bridge *b)
     return bridge_check_done(b);
 }
 
-static void bridge_splice_read_cb(evutil_socket_t fd, short what, void *arg);
-
-/* Bulk streams read their socket with splice (see BRIDGE_SPLICE_AFTER): libevent's own
- * reading stays off, and an event of ours takes its place. Not in a rate-limit group,
- * whose buckets only libevent's reads draw from. */
-static bool bridge_splice_mode(struct bridge *b)
-{
-    if (b->splice_read)
-        return true;
-    if (b->rate_limited || b->to_stream < BRIDGE_SPLICE_AFTER || !mux_stream_can_splice(b->st))
-        return false;
-    b->splice_read = event_new(bufferevent_get_base(b->bev), bufferevent_getfd(b->bev),
-                               EV_READ | EV_PERSIST, bridge_splice_read_cb, b);
-    if (!b->splice_read)
-        return false; /* copying works as well */
-    bufferevent_disable(b->bev, EV_READ);
-    return true;
-}
-
-static void bridge_splice_off(struct bridge *b)
-{
-    if (!b->splice_read)
-        return;
-    event_free(b->splice_read);
-    b->splice_read = NULL;
-}
-
-/* The socket may be read again (the input is empty, the direction open). */
+/* Reading. The socket is read by an event of ours (bridge_read) rather than by libevent's
+ * bufferevent, whose every read asks the kernel for FIONREAD first: one syscall per read,
+ * two per request/response exchange. A socket in a rate-limit group is the exception:
+ * only libevent's reads draw from the group's buckets. */
 static void bridge_read_on(struct bridge *b)
 {
-    if (bridge_splice_mode(b))
-        event_add(b->splice_read, NULL);
-    else
+    if (b->rate_limited)
         bufferevent_enable(b->bev, EV_READ);
+    else
+        event_add(b->rd, NULL);
+}
+
+static void bridge_read_off(struct bridge *b)
+{
+    event_del(b->rd);
+    bufferevent_disable(b->bev, EV_READ);
 }
 
 static void bridge_pump(struct bridge *b)
@@ -177,7 +161,7 @@ static void bridge_pump(struct bridge *b)
     }
     if (evbuffer_get_length(in) > 0) {
         /* Window or tunnel output full: on_writable resumes us. */
-        bufferevent_disable(b->bev, EV_READ);
+        bridge_read_off(b);
         return;
     }
     if (b->up == RELAY_DIR_OPEN) {
@@ -192,28 +176,16 @@ static void bridge_pump(struct bridge *b)
     bridge_check_done(b);
 }
 
-static void bridge_read_cb(struct bufferevent *bev, void *arg)
-{
-    struct bridge *b = arg;
-    /* Take no more than the stream may send now, so the input stays bounded by the window. */
-    size_t room = b->st ? mux_stream_send_room(b->st) : 0;
-    size_t have = evbuffer_get_length(bufferevent_get_input(bev));
-    /* sockread_more reads past libevent, and so past a rate limit's buckets. */
-    if (room > have && !b->rate_limited)
-        sockread_more(bev, room - have);
-    bridge_pump(b);
-}
+/* libevent's read, for a socket in a rate-limit group (see bridge_read_on). */
+static void bridge_read_cb(struct bufferevent *bev, void *arg) { bridge_pump(arg); }
 
-static void bridge_splice_read_cb(evutil_socket_t fd, short what, void *arg)
+/* A bulk stream's reads go straight from the socket to the tunnel, without a copy
+ * through user space (see BRIDGE_SPLICE_AFTER). */
+static void bridge_read_splice(struct bridge *b, int fd)
 {
-    struct bridge *b = arg;
-    if (!b->st || b->up != RELAY_DIR_OPEN) {
-        event_del(b->splice_read);
-        return;
-    }
     for (int i = 0; i < BRIDGE_SPLICE_BURST; i++) {
         size_t moved;
-        switch (mux_stream_splice(b->st, (int)fd, &moved)) {
+        switch (mux_stream_splice(b->st, fd, &moved)) {
         case MUX_SPLICE_MOVED:
             b->to_stream += moved;
             if (b->hooks.on_bytes)
@@ -222,16 +194,15 @@ static void bridge_splice_read_cb(evutil_socket_t fd, short what, void *arg)
         case MUX_SPLICE_AGAIN:
             return;
         case MUX_SPLICE_BLOCKED:
-            event_del(b->splice_read); /* on_writable: bridge_pump reads on */
+            event_del(b->rd); /* on_writable: bridge_pump reads on */
             return;
         case MUX_SPLICE_EOF:
-            event_del(b->splice_read);
+            event_del(b->rd);
             bridge_set_dir(b, &b->up, RELAY_DIR_EOF);
             bridge_pump(b); /* ShutWrite */
             return;
         case MUX_SPLICE_NONE:
-            bridge_splice_off(b); /* cannot happen on a live session; copy instead */
-            bridge_pump(b);
+            b->no_splice = true; /* not on a live session; copy instead */
             return;
         case MUX_SPLICE_ERROR:
             log_debug("bridge", "stream %u: socket error: %s", (unsigned)mux_stream_id(b->st),
@@ -243,6 +214,55 @@ static void bridge_splice_read_cb(evutil_socket_t fd, short what, void *arg)
             return;
         }
     }
+}
+
+/* Least and most one read takes: the least so that a stream blocked on a full tunnel
+ * output still writes (and so waits for on_writable), the most one tunnel read's worth. */
+#define BRIDGE_READ_MIN 4096u
+#define BRIDGE_READ_MAX (256u * 1024u)
+
+static void bridge_read(evutil_socket_t fd, short what, void *arg)
+{
+    struct bridge *b = arg;
+    struct evbuffer *in = bufferevent_get_input(b->bev);
+    if (!b->st || b->up != RELAY_DIR_OPEN || evbuffer_get_length(in) > 0) {
+        /* Bytes read ahead before the bridge go first; pump reads on when they went. */
+        event_del(b->rd);
+        bridge_pump(b);
+        return;
+    }
+    if (!b->no_splice && b->to_stream >= BRIDGE_SPLICE_AFTER && mux_stream_can_splice(b->st)) {
+        bridge_read_splice(b, (int)fd);
+        return;
+    }
+    /* No more than the stream may send now, so the input stays bounded by the window. */
+    size_t want = mux_stream_send_room(b->st);
+    want = want < BRIDGE_READ_MIN ? BRIDGE_READ_MIN : want > BRIDGE_READ_MAX ? BRIDGE_READ_MAX : want;
+    /* A socket bufferevent keeps its input's end frozen outside its own reads. */
+    evbuffer_unfreeze(in, 0);
+    size_t total = 0, piece;
+    ssize_t n;
+    do {
+        piece = want - total < SOCKREAD_CHUNK ? want - total : SOCKREAD_CHUNK;
+        if ((n = sockread_into(in, (int)fd, piece)) > 0)
+            total += (size_t)n;
+    } while (n == (ssize_t)piece && total < want);
+    evbuffer_freeze(in, 0);
+    if (total > 0) {
+        bridge_pump(b); /* an EOF or error behind the bytes shows at the next read */
+        return;
+    }
+    if (n == 0) {
+        event_del(b->rd);
+        bridge_set_dir(b, &b->up, RELAY_DIR_EOF);
+        bridge_pump(b);
+        return;
+    }
+    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+        return;
+    log_debug("bridge", "stream %u: socket error: %s", (unsigned)mux_stream_id(b->st),
+              evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+    bridge_finish(b, "socket error");
 }
 
 static void bridge_write_cb(struct bufferevent *bev, void *arg)
@@ -386,8 +406,7 @@ static void bridge_on_close(struct mux_stream *st, enum mux_close_reason why, vo
     }
     /* Deliver what the peer sent before its Close, then close. */
     b->flushing = true;
-    bufferevent_disable(b->bev, EV_READ);
-    bridge_splice_off(b);
+    bridge_read_off(b);
     struct timeval tv = {BRIDGE_LINGER_SECONDS, 0};
     b->linger = evtimer_new(bufferevent_get_base(b->bev), bridge_linger_cb, b);
     if (!b->linger || evtimer_add(b->linger, &tv) != 0)
@@ -403,17 +422,20 @@ static const struct mux_stream_callbacks bridge_stream_cb = {
 
 int bridge_set_rate_group(struct bridge *b, struct bufferevent_rate_limit_group *g)
 {
+    /* The reader changes hands (see bridge_read_on); the new one's registration first,
+     * so that the socket's epoll interest never changes in between. */
     if (!g) {
         b->rate_limited = false;
+        if (bufferevent_get_enabled(b->bev) & EV_READ) {
+            event_add(b->rd, NULL);
+            bufferevent_disable(b->bev, EV_READ);
+        }
         return bufferevent_remove_from_rate_limit_group(b->bev);
     }
     b->rate_limited = true;
-    if (b->splice_read) {
-        /* Back to libevent's reads, which the group meters. */
-        bool reading = event_pending(b->splice_read, EV_READ, NULL);
-        bridge_splice_off(b);
-        if (reading)
-            bufferevent_enable(b->bev, EV_READ);
+    if (event_pending(b->rd, EV_READ, NULL)) {
+        bufferevent_enable(b->bev, EV_READ);
+        event_del(b->rd);
     }
     return bufferevent_add_to_rate_limit_group(b->bev, g);
 }
@@ -422,10 +444,14 @@ struct bridge *bridge_new(struct mux_stream *st, struct bufferevent *bev,
                           const struct bridge_hooks *hooks, void *arg)
 {
     size_t head = (sizeof(struct bridge) + 15) & ~(size_t)15;
-    struct bridge *b = calloc(1, head + event_get_struct_event_size());
+    size_t evsize = event_get_struct_event_size();
+    struct bridge *b = calloc(1, head + 2 * evsize);
     if (!b)
         return NULL;
-    b->flush = (struct event *)((unsigned char *)b + head);
+    b->rd = (struct event *)((unsigned char *)b + head);
+    b->flush = (struct event *)((unsigned char *)b + head + evsize);
+    event_assign(b->rd, bufferevent_get_base(bev), bufferevent_getfd(bev), EV_READ | EV_PERSIST,
+                 bridge_read, b);
     event_assign(b->flush, bufferevent_get_base(bev), -1, 0, bridge_flush_cb, b);
     b->drain_cb = evbuffer_add_cb(bufferevent_get_output(bev), bridge_drain_cb, b);
     if (!b->drain_cb) {
@@ -444,7 +470,13 @@ struct bridge *bridge_new(struct mux_stream *st, struct bufferevent *bev,
     bufferevent_setcb(bev, bridge_read_cb, bridge_write_cb, bridge_event_cb, b);
     mux_stream_set_callbacks(st, &bridge_stream_cb, b);
     bufferevent_disable(bev, EV_WRITE); /* bytes for it go out through bridge_flush_cb */
-    bufferevent_enable(bev, EV_READ);
+    /* Ours first, then libevent's off (a read-ahead bufferevent may have been reading):
+     * the socket's epoll interest stays as it is, no epoll_ctl. Bytes it read ahead are
+     * sent by the first bridge_read. */
+    event_add(b->rd, NULL);
+    bufferevent_disable(bev, EV_READ);
+    if (evbuffer_get_length(bufferevent_get_input(bev)) > 0)
+        event_active(b->rd, EV_READ, 0);
     mux_stream_set_sink(st, bufferevent_get_output(bev));
     return b;
 }

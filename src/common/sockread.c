@@ -1,5 +1,6 @@
 #include "sockread.h"
 
+#include <errno.h>
 #include <sys/uio.h>
 
 #include <event2/buffer.h>
@@ -7,6 +8,32 @@
 #include <event2/event.h>
 
 #define SOCKREAD_LARGE_IO (256 * 1024)
+
+ssize_t sockread_into(struct evbuffer *buf, int fd, size_t want)
+{
+    struct evbuffer_iovec vec[2];
+    int nvec = evbuffer_reserve_space(buf, (ev_ssize_t)want, vec, 2);
+    if (nvec <= 0) {
+        errno = ENOMEM;
+        return -1;
+    }
+    struct iovec iov[2];
+    size_t room = 0;
+    for (int i = 0; i < nvec; i++) {
+        size_t k = vec[i].iov_len < want - room ? vec[i].iov_len : want - room;
+        iov[i].iov_base = vec[i].iov_base;
+        iov[i].iov_len = k;
+        room += k;
+    }
+    ssize_t n = readv(fd, iov, nvec);
+    size_t left = n > 0 ? (size_t)n : 0;
+    for (int i = 0; i < nvec; i++) {
+        vec[i].iov_len = left < iov[i].iov_len ? left : iov[i].iov_len;
+        left -= vec[i].iov_len;
+    }
+    evbuffer_commit_space(buf, vec, nvec);
+    return n;
+}
 
 #if LIBEVENT_VERSION_NUMBER >= 0x02020000
 /* libevent reads large chunks itself once told (evbuffer_set_max_read). */
@@ -20,10 +47,6 @@ void sockread_set_large_io(struct bufferevent *bev)
 }
 #else /* libevent 2.1: the workaround */
 
-/* One read fills at most one 64 KiB evbuffer chain (the allocation includes the chain's
- * own header), so no chain holds more than a tunnel Data frame carries and the mux sends
- * whole chains without copying (see mux_stream_write). */
-#define SOCKREAD_CHUNK (64 * 1024 - 128)
 /* What libevent 2.1's own read takes at most per wake-up (EVBUFFER_MAX_READ). */
 #define SOCKREAD_LIBEVENT_MAX_READ 4096
 
@@ -31,31 +54,9 @@ void sockread_set_large_io(struct bufferevent *bev)
  * *full says whether the kernel may hold more (the read filled all it was offered). */
 static size_t sockread_chunk(int fd, struct evbuffer *in, size_t want, int *full)
 {
-    *full = 0;
-    struct evbuffer_iovec vec[2];
-    int nvec = evbuffer_reserve_space(in, (ev_ssize_t)want, vec, 2);
-    if (nvec <= 0)
-        return 0;
-    struct iovec iov[2];
-    size_t room = 0;
-    for (int i = 0; i < nvec; i++) {
-        iov[i].iov_base = vec[i].iov_base;
-        iov[i].iov_len = vec[i].iov_len;
-        room += vec[i].iov_len;
-    }
-    ssize_t n = readv(fd, iov, nvec);
-    if (n <= 0) {
-        evbuffer_commit_space(in, vec, 0);
-        return 0;
-    }
-    size_t left = (size_t)n;
-    for (int i = 0; i < nvec; i++) {
-        vec[i].iov_len = left < vec[i].iov_len ? left : vec[i].iov_len;
-        left -= vec[i].iov_len;
-    }
-    evbuffer_commit_space(in, vec, nvec);
-    *full = (size_t)n == room;
-    return (size_t)n;
+    ssize_t n = sockread_into(in, fd, want);
+    *full = n > 0 && (size_t)n == want;
+    return n > 0 ? (size_t)n : 0;
 }
 
 size_t sockread_more(struct bufferevent *bev, size_t limit)

@@ -15,12 +15,23 @@
 #include <sys/types.h>
 
 struct bufferevent;
+struct evbuffer;
+
+/* Bulk reads go in pieces of this size: one piece fills one 64 KiB evbuffer chain (the
+ * allocation includes the chain's own header), so no chain holds more than a tunnel Data
+ * frame carries and the mux sends whole chains without copying (see mux_stream_write). */
+#define SOCKREAD_CHUNK (64 * 1024 - 128)
 
 /* Reads up to limit more bytes from a plain socket bufferevent (never a TLS one: it would
  * bypass the decryption). Returns the bytes added; 0 when none were waiting, or when the
  * input holds under 4 KiB (libevent's read then emptied the socket already). EOF and
  * errors are left for libevent's own next read to report. */
 size_t sockread_more(struct bufferevent *bev, size_t limit);
+
+/* One readv() of up to want bytes from fd onto the end of buf (which must not be frozen
+ * there), without libevent's FIONREAD first. Returns the bytes read, 0 at EOF, or -1 with
+ * errno (EAGAIN: nothing waiting; ENOMEM: no room could be reserved). */
+ssize_t sockread_into(struct evbuffer *buf, int fd, size_t want);
 
 /* Raises the bufferevent's per-wake-up read and write caps (16 KiB by default) so bulk
  * transfers move in large chunks; TLS bufferevents benefit too. */

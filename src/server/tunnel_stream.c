@@ -16,6 +16,7 @@
 #include "mapping.h"
 #include "mux.h"
 #include "proxy_header.h"
+#include "sockread.h"
 
 #define TSTREAM_MOD "tunnel"
 
@@ -269,7 +270,7 @@ static void tstream_read_now(struct tunnel_stream *t)
     /* A socket bufferevent keeps its input's end frozen outside its own reads. */
     struct evbuffer *in = bufferevent_get_input(t->bev);
     evbuffer_unfreeze(in, 0);
-    (void)evbuffer_read(in, bufferevent_getfd(t->bev), (int)room);
+    (void)sockread_into(in, bufferevent_getfd(t->bev), room); /* no FIONREAD first */
     evbuffer_freeze(in, 0);
 }
 
