@@ -5,6 +5,7 @@ mappings.bind_addr, on the direct path and through the tunnel.
 Every peer is real and on loopback (127.0.0.0/8, ::1); every wait has a deadline; the
 rate tests check that a limit holds (a transfer cannot finish faster than the limit
 allows), not how fast anything is."""
+import hashlib
 import socket
 import struct
 import threading
@@ -464,6 +465,47 @@ def test_rate_limit_holds_and_applies_live(server_factory, tmp_path, logs, echo_
     update_ok(srv, port=port, rate_limit=0)
     free = _echo_transfer(port, TOTAL)
     assert free < took, (free, took)
+
+
+def _recv_exact_hash(sock, total):
+    """Reads exactly total bytes; returns (byte count, sha256 hex)."""
+    h = hashlib.sha256()
+    n = 0
+    while n < total:
+        data = sock.recv(min(256 * 1024, total - n))
+        if not data:
+            break
+        h.update(data)
+        n += len(data)
+    return n, h.hexdigest()
+
+
+def _timed_echo_on(s, total):
+    """Sends total bytes on the open echo connection s while reading them back; returns
+    the seconds it took (bytes checked)."""
+    t0 = time.monotonic()
+    reader = Worker(_recv_exact_hash, s, total)
+    reader.start()
+    sent = send_stream(s, total, shut=False)
+    n, got = reader.join_result(60)
+    assert (n, got) == (total, sent), "bytes lost or changed"
+    return time.monotonic() - t0
+
+
+def test_rate_limit_applies_to_a_bulk_tunnel_stream(server_factory, tmp_path, logs, echo_backend):
+    """A tunnelled connection that has moved megabytes reads its socket with splice(2),
+    past libevent's metered reads; a limit set then must still hold, both ways, and
+    lifting it must let the same connection run free again."""
+    srv, _ = tunnel_env(server_factory, tmp_path, logs)
+    port = map_tunnel(srv, echo_backend.port)
+    with connect(port, timeout=60) as s:
+        free = _timed_echo_on(s, 4 * TOTAL)  # well past the 256 KiB that starts splicing
+        update_ok(srv, port=port, rate_limit=RATE)
+        limited = _timed_echo_on(s, TOTAL)
+        assert limited >= 2.0, f"3 MB took {limited:.2f} s at a 1 MB/s limit (bulk stream)"
+        update_ok(srv, port=port, rate_limit=0)
+        again = _timed_echo_on(s, 4 * TOTAL)
+    assert again < 4 * limited, (free, limited, again)
 
 
 @pytest.mark.parametrize("mode", ["direct", "tunnel"])
