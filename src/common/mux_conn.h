@@ -4,6 +4,11 @@
  * their sessions through this, so the socket handling of the tunnel exists once; what a
  * side does with Hello, refusals and reconnects stays in its own file (the hooks).
  *
+ * On a plaintext connection the session also gets a zero-copy transport
+ * (mux_session_set_splice): a bulk stream's Data payload goes socket -> staging pipe ->
+ * tunnel socket with splice(2), behind a header sent with send(); while part of such a
+ * frame waits for room, the bufferevent's writing is held so nothing overtakes it.
+ *
  * Ownership: a mux_conn owns its bufferevent (and with it the SSL and the descriptor) and
  * its mux session; mux_conn_free() frees all three. */
 #ifndef PORTMUX_MUX_CONN_H
