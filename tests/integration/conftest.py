@@ -447,6 +447,10 @@ class Server:
         self.log_path = self.dir / "server.log"
         self.db_path = self.dir / "mappings.db"
         self.api_port = api_port or free_port()
+        # Ports drawn here (not given by the test) may be redrawn when another test
+        # process took one between free_port() and the server's bind (see start).
+        given = api_port or (config or {}).get("api", {}).get("listen_port")
+        self._auto_ports = set() if given else {"api"}
         base = {
             "port_range": {"from": 1024, "end": 65535, "blacklist": []},
             "tunnel": {"enabled": False},
@@ -457,6 +461,7 @@ class Server:
         self.config = deep_merge(base, config)
         tun = self.config.get("tunnel", {})
         if tun.get("enabled") and "listen_port" not in tun:
+            self._auto_ports.add("tunnel")
             tun = dict(tun, listen_port=free_port())
             tun.setdefault("listen_addr", "127.0.0.1")
             self.config["tunnel"] = tun
@@ -484,7 +489,30 @@ class Server:
         return self.proc.running()
 
     def start(self, timeout=10.0):
-        """Starts the binary and waits for GET /health to answer 200."""
+        """Starts the binary and waits for GET /health to answer 200. When a port this
+        object drew itself was taken meanwhile (by a test running in parallel: free_port
+        only knows its own process's ports), draws new ones and tries again."""
+        for attempt in range(3):
+            try:
+                return self._start_once(timeout)
+            except ServerStartError as e:
+                if (attempt == 2 or "Address already in use" not in str(e)
+                        or not self._redraw_ports()):
+                    raise
+
+    def _redraw_ports(self):
+        if self.config_text is not None or not self._auto_ports:
+            return False
+        if "api" in self._auto_ports:
+            self.api_port = free_port()
+            self.config["api"] = dict(self.config["api"], listen_port=self.api_port)
+        if "tunnel" in self._auto_ports:
+            self.tunnel_port = free_port()
+            self.config["tunnel"] = dict(self.config["tunnel"], listen_port=self.tunnel_port)
+        self.write_config()
+        return True
+
+    def _start_once(self, timeout):
         self.proc.start()
         deadline = time.monotonic() + timeout
         last = None
