@@ -180,8 +180,9 @@ static void bridge_pump(struct bridge *b)
 static void bridge_read_cb(struct bufferevent *bev, void *arg) { bridge_pump(arg); }
 
 /* A bulk stream's reads go straight from the socket to the tunnel, without a copy
- * through user space (see BRIDGE_SPLICE_AFTER). */
-static void bridge_read_splice(struct bridge *b, int fd)
+ * through user space (see BRIDGE_SPLICE_AFTER). Returns false when this read should copy
+ * instead. */
+static bool bridge_read_splice(struct bridge *b, int fd)
 {
     for (int i = 0; i < BRIDGE_SPLICE_BURST; i++) {
         size_t moved;
@@ -192,28 +193,31 @@ static void bridge_read_splice(struct bridge *b, int fd)
                 b->hooks.on_bytes(moved, 0, b->arg);
             continue;
         case MUX_SPLICE_AGAIN:
-            return;
+            return true;
         case MUX_SPLICE_BLOCKED:
             event_del(b->rd); /* on_writable: bridge_pump reads on */
-            return;
+            return true;
         case MUX_SPLICE_EOF:
             event_del(b->rd);
             bridge_set_dir(b, &b->up, RELAY_DIR_EOF);
             bridge_pump(b); /* ShutWrite */
-            return;
+            return true;
+        case MUX_SPLICE_COPY:
+            return false;
         case MUX_SPLICE_NONE:
-            b->no_splice = true; /* not on a live session; copy instead */
-            return;
+            b->no_splice = true; /* not on a live session */
+            return false;
         case MUX_SPLICE_ERROR:
             log_debug("bridge", "stream %u: socket error: %s", (unsigned)mux_stream_id(b->st),
                       evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
             bridge_finish(b, "socket error");
-            return;
+            return true;
         case MUX_SPLICE_STATE:
             bridge_finish(b, "stream write failed");
-            return;
+            return true;
         }
     }
+    return true;
 }
 
 /* Least and most one read takes: the least so that a stream blocked on a full tunnel
@@ -231,10 +235,9 @@ static void bridge_read(evutil_socket_t fd, short what, void *arg)
         bridge_pump(b);
         return;
     }
-    if (!b->no_splice && b->to_stream >= BRIDGE_SPLICE_AFTER && mux_stream_can_splice(b->st)) {
-        bridge_read_splice(b, (int)fd);
+    if (!b->no_splice && b->to_stream >= BRIDGE_SPLICE_AFTER && mux_stream_can_splice(b->st) &&
+        bridge_read_splice(b, (int)fd))
         return;
-    }
     /* No more than the stream may send now, so the input stays bounded by the window. */
     size_t want = mux_stream_send_room(b->st);
     want = want < BRIDGE_READ_MIN ? BRIDGE_READ_MIN : want > BRIDGE_READ_MAX ? BRIDGE_READ_MAX : want;

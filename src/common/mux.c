@@ -976,12 +976,18 @@ enum mux_splice_result mux_stream_splice(struct mux_stream *st, int fd, size_t *
     if (st->send_window == 0)
         return MUX_SPLICE_BLOCKED; /* the WindowUpdate calls on_writable */
     if (!s->splice->ready(s->splice_arg)) {
+        /* Our last zero-copy frame is still going out: it sets the pace, as the soft
+         * limit does for copied frames. */
         if (!st->splice_waiting) {
             TAILQ_INSERT_TAIL(&s->splice_wait, st, splice_link);
             st->splice_waiting = true;
         }
         return MUX_SPLICE_BLOCKED;
     }
+    /* Frames in the output go first. Waiting for it to empty could starve this stream
+     * while copying streams keep it topped up; copying takes its turn among them. */
+    if (evbuffer_get_length(s->out) > 0)
+        return MUX_SPLICE_COPY;
     size_t max = st->send_window < FRAME_MAX_DATA ? st->send_window : FRAME_MAX_DATA;
     ssize_t n = s->splice->stage(s->splice_arg, fd, max);
     if (n == 0)

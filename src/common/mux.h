@@ -72,7 +72,10 @@ enum mux_splice_result {
     MUX_SPLICE_MOVED,        /* one Data frame left (*moved bytes) */
     MUX_SPLICE_EOF,          /* the socket's FIN: nothing more will come */
     MUX_SPLICE_AGAIN,        /* the socket has nothing to read now */
-    MUX_SPLICE_BLOCKED,      /* window shut or the transport busy: on_writable follows */
+    MUX_SPLICE_BLOCKED,      /* window shut, or the transport still sends this session's
+                                last zero-copy frame: on_writable follows */
+    MUX_SPLICE_COPY,         /* frames wait in the session output, which a zero-copy
+                                frame must not overtake: copy (mux_stream_write) this time */
     MUX_SPLICE_NONE,         /* no zero-copy transport (TLS, or none set): copy instead */
     MUX_SPLICE_ERROR,        /* reading the socket failed (errno) */
     MUX_SPLICE_STATE,        /* the stream cannot send (not open, shut, closed) */
@@ -80,8 +83,10 @@ enum mux_splice_result {
 
 /* A transport that can send a Data frame's payload straight from a socket (splice(2)
  * through a pipe: the bytes never enter user space). The session's output evbuffer and
- * these bytes go out on one connection in the order they were produced, which the
- * transport keeps: ready() is true only while nothing waits to be sent either way. */
+ * these bytes go out on one connection in the order they were produced: the session
+ * uses the transport only while its output is empty, and the transport sends its frame
+ * ahead of anything appended later. ready() is false while part of its last frame still
+ * waits to be sent. */
 struct mux_splice_ops {
     bool (*ready)(void *arg);
     /* Takes up to max bytes from fd into the transport's staging pipe. Returns the bytes
@@ -155,7 +160,8 @@ bool mux_session_early_data(const struct mux_session *s);
 void mux_session_set_splice(struct mux_session *s, const struct mux_splice_ops *ops,
                             void *arg);
 /* The transport became ready() again: streams mux_stream_splice() found it busy get
- * on_writable, while it stays ready. */
+ * on_writable, while it stays ready. Call it whenever its last frame is out, whether or
+ * not the output is empty (a stream that then finds frames in the output copies). */
 void mux_session_splice_ready(struct mux_session *s);
 
 /* Consumes every whole frame at the front of in; a partial frame stays. Returns MUX_OK,

@@ -98,8 +98,7 @@ static bool mux_conn_splice_busy(const struct mux_conn *conn)
 static bool mux_conn_splice_ready(void *arg)
 {
     struct mux_conn *conn = arg;
-    return !conn->closing && !mux_conn_splice_busy(conn) &&
-           evbuffer_get_length(bufferevent_get_output(conn->bev)) == 0;
+    return !conn->closing && !mux_conn_splice_busy(conn);
 }
 
 static ssize_t mux_conn_splice_stage(void *arg, int fd, size_t max)
@@ -200,8 +199,7 @@ static void mux_conn_splice_write_cb(evutil_socket_t fd, short what, void *arg)
         return; /* conn may be gone */
     }
     bufferevent_enable(conn->bev, EV_WRITE);
-    if (evbuffer_get_length(out) == 0)
-        mux_session_splice_ready(conn->mux);
+    mux_session_splice_ready(conn->mux);
 }
 
 static const struct mux_splice_ops mux_conn_splice_ops = {

@@ -1106,11 +1106,7 @@ struct fake_splice {
     int stages, sends;
 };
 
-static bool fake_ready(void *arg)
-{
-    struct fake_splice *f = arg;
-    return f->ready && evbuffer_get_length(f->p->out_srv) == 0;
-}
+static bool fake_ready(void *arg) { return ((struct fake_splice *)arg)->ready; }
 
 static ssize_t fake_stage(void *arg, int fd, size_t max)
 {
@@ -1185,15 +1181,18 @@ static void test_splice(void)
     mux_session_splice_ready(p.srv); /* woken once per wait */
     CHECK(se.writable == 1);
 
-    /* One frame per call, then the transport is busy until the output drains. */
+    /* One frame per call. While frames wait in the session output a zero-copy frame
+     * would overtake them: the stream is told to copy, not made to wait (copying streams
+     * could keep the output from ever emptying). */
     CHECK(mux_stream_splice(st, sv[1], &moved) == MUX_SPLICE_MOVED && moved == FRAME_MAX_DATA);
-    CHECK(mux_stream_splice(st, sv[1], &moved) == MUX_SPLICE_BLOCKED);
+    CHECK(mux_stream_splice(st, sv[1], &moved) == MUX_SPLICE_COPY);
     CHECK(pump(&p) == 0);
     mux_session_splice_ready(p.srv);
-    CHECK(se.writable == 2);
+    CHECK(se.writable == 1);
     size_t total;
-    CHECK(splice_all(st, sv[1], &total) == MUX_SPLICE_BLOCKED && total == 100000 - FRAME_MAX_DATA);
+    CHECK(splice_all(st, sv[1], &total) == MUX_SPLICE_COPY && total == 100000 - FRAME_MAX_DATA);
     CHECK(pump(&p) == 0);
+    CHECK(mux_stream_splice(st, sv[1], &moved) == MUX_SPLICE_AGAIN);
     CHECK(ce->data == 100000 && matches_pattern(mux_stream_sink(ce->st), 100000, 7));
     CHECK(mux_stream_send_window(st) == MUX_INITIAL_WINDOW - 100000);
     evbuffer_drain(mux_stream_sink(ce->st), 100000);
@@ -1205,9 +1204,9 @@ static void test_splice(void)
     for (int i = 0; i < 1000 && mux_stream_send_window(st) > 0; i++) {
         (void)evbuffer_write(b, sv[0]); /* tops the socket up */
         r = mux_stream_splice(st, sv[1], &moved);
-        CHECK(r == MUX_SPLICE_MOVED || r == MUX_SPLICE_BLOCKED || r == MUX_SPLICE_AGAIN);
-        if (r == MUX_SPLICE_BLOCKED)
-            CHECK(pump(&p) == 0); /* the transport's output drains */
+        CHECK(r == MUX_SPLICE_MOVED || r == MUX_SPLICE_COPY || r == MUX_SPLICE_AGAIN);
+        if (r == MUX_SPLICE_COPY)
+            CHECK(pump(&p) == 0); /* the session's output drains */
     }
     CHECK(mux_stream_send_window(st) == 0);
     CHECK(pump(&p) == 0);
