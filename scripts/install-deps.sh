@@ -4,39 +4,23 @@
 #                                      .ci/run), bench (make bench), all; default: build test
 #   scripts/install-deps.sh --list [SET...]   prints the sets' packages, installs nothing
 # Each set is one literal `apt-get install` command below, so what a set installs is
-# written once and can be read here. On a fresh machine (a package missing) it runs
-# `apt-get update` first; as root it always runs the sets' apt-get install with
-# --no-upgrade, which installs what is missing and leaves installed packages as they are
-# (no download when nothing is missing); not root with everything present, apt is not
-# touched. scripts/check-deps.py reads `--list all` and fails when a test, benchmark or
+# written once and can be read here. As root it always runs `apt-get update` and then the
+# sets' apt-get install with --no-upgrade, which installs what is missing and leaves
+# installed packages as they are (no download when nothing is missing); not root with
+# everything present, apt is not touched. scripts/check-deps.py reads `--list all` and fails when a test, benchmark or
 # script runs a program whose package no set installs.
 set -euo pipefail
 
 set_build() {
-  $SUDO apt-get install -y -q --no-install-recommends --no-upgrade \
-    build-essential cmake pkg-config \
-    libevent-dev libmicrohttpd-dev libjansson-dev libsqlite3-dev libyaml-dev libssl-dev libpq-dev
+  $SUDO apt-get install -y -q --no-install-recommends --no-upgrade build-essential cmake pkg-config libevent-dev libmicrohttpd-dev libjansson-dev libsqlite3-dev libyaml-dev libssl-dev libpq-dev
 }
 
 set_test() {
-  $SUDO apt-get install -y -q --no-install-recommends --no-upgrade \
-    curl sqlite3 python3 python3-pytest procps iproute2 util-linux openssl \
-    prometheus \
-    openssh-server openssh-client \
-    redis-server redis-tools \
-    clang libclang-rt-14-dev valgrind \
-    iperf3 \
-    nginx haproxy \
-    postgresql postgresql-15 postgresql-client-common \
-    chromium chromium-driver python3-selenium \
-    systemd groff-base man-db mandoc dpkg-dev cmake
+  $SUDO apt-get install -y -q --no-install-recommends --no-upgrade curl sqlite3 python3 python3-pytest procps iproute2 util-linux openssl prometheus openssh-server openssh-client redis-server redis-tools clang libclang-rt-14-dev valgrind iperf3 nginx haproxy postgresql postgresql-15 postgresql-client-common chromium chromium-driver python3-selenium systemd groff-base man-db mandoc dpkg-dev cmake
 }
 
 set_bench() {
-  $SUDO apt-get install -y -q --no-install-recommends --no-upgrade \
-    python3 curl procps iproute2 util-linux openssl \
-    iperf3 wrk nginx haproxy socat rinetd openssh-server openssh-client \
-    linux-perf valgrind git
+  $SUDO apt-get install -y -q --no-install-recommends --no-upgrade python3 curl procps iproute2 util-linux openssl iperf3 wrk nginx haproxy socat rinetd openssh-server openssh-client linux-perf valgrind git
 }
 
 # The packages of set $1: its apt-get command, run with apt-get standing for a printer.
@@ -79,9 +63,12 @@ if [ "$(id -u)" != 0 ]; then
   SUDO=sudo
 fi
 export DEBIAN_FRONTEND=noninteractive
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "install-deps: installing ${missing[*]}" >&2
-  $SUDO apt-get update -q
+# Package lists first, as on a fresh machine. Offline with everything installed, a failed
+# update costs nothing: the installs below then have nothing to fetch.
+[ ${#missing[@]} -gt 0 ] && echo "install-deps: installing ${missing[*]}" >&2
+if ! $SUDO apt-get update -q > /dev/null; then
+  [ ${#missing[@]} -gt 0 ] && { echo "install-deps: apt-get update failed" >&2; exit 1; }
+  echo "install-deps: apt-get update failed (offline?); every package is installed already" >&2
 fi
 for s in "${sets[@]}"; do
   if [ ${#missing[@]} -gt 0 ]; then "set_$s"; else "set_$s" > /dev/null; fi
