@@ -196,6 +196,19 @@ def send_stream(sock, total, chunk=256 * 1024, on_progress=None, shut=True):
     return h.hexdigest()
 
 
+def recv_hash_n(sock, total):
+    """Reads exactly total bytes (fewer at an early EOF); returns (byte count, sha256 hex)."""
+    h = hashlib.sha256()
+    n = 0
+    while n < total:
+        data = sock.recv(min(256 * 1024, total - n))
+        if not data:
+            break
+        h.update(data)
+        n += len(data)
+    return n, h.hexdigest()
+
+
 def recv_hash(sock, bufsize=256 * 1024, on_progress=None):
     """Reads to EOF; returns (byte count, sha256 hex)."""
     h = hashlib.sha256()

@@ -5,7 +5,6 @@ mappings.bind_addr, on the direct path and through the tunnel.
 Every peer is real and on loopback (127.0.0.0/8, ::1); every wait has a deadline; the
 rate tests check that a limit holds (a transfer cannot finish faster than the limit
 allows), not how fast anything is."""
-import hashlib
 import socket
 import struct
 import threading
@@ -14,7 +13,7 @@ import time
 import pytest
 
 from conftest import (PortHolder, Worker, connect, free_port, recv_exact, recv_hash,
-                      send_stream, wait_until)
+                      recv_hash_n, send_stream, wait_until)
 from sec_helpers import metric
 from tunnel_helpers import map_tunnel, tunnel_env, wait_status
 
@@ -467,24 +466,11 @@ def test_rate_limit_holds_and_applies_live(server_factory, tmp_path, logs, echo_
     assert free < took, (free, took)
 
 
-def _recv_exact_hash(sock, total):
-    """Reads exactly total bytes; returns (byte count, sha256 hex)."""
-    h = hashlib.sha256()
-    n = 0
-    while n < total:
-        data = sock.recv(min(256 * 1024, total - n))
-        if not data:
-            break
-        h.update(data)
-        n += len(data)
-    return n, h.hexdigest()
-
-
 def _timed_echo_on(s, total):
     """Sends total bytes on the open echo connection s while reading them back; returns
     the seconds it took (bytes checked)."""
     t0 = time.monotonic()
-    reader = Worker(_recv_exact_hash, s, total)
+    reader = Worker(recv_hash_n, s, total)
     reader.start()
     sent = send_stream(s, total, shut=False)
     n, got = reader.join_result(60)

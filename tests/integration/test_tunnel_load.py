@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import Worker, connect, send_stream, stream_sha256, wait_until
+from conftest import Worker, connect, recv_hash_n, send_stream, stream_sha256, wait_until
 from tunnel_helpers import client_info, map_tunnel, pid_rss_kb, tunnel_env_over, wait_streams_drained
 
 SANITIZED = os.environ.get("PORTMUX_SANITIZED") == "1"
@@ -197,7 +197,7 @@ def test_bulk_streams_beside_chatty_ones_byte_exact(tunnel, echo_backend):
     bulk_socks = [connect(port, timeout=60) for _ in range(3)]
 
     def bulk(s):
-        reader = Worker(stream_sha256_n, s, total)
+        reader = Worker(recv_hash_n, s, total)
         reader.start()
         sent = send_stream(s, total, shut=False)
         return sent, reader.join_result(90)
@@ -239,15 +239,3 @@ def test_bulk_streams_beside_chatty_ones_byte_exact(tunnel, echo_backend):
     assert min(rounds) >= 20, rounds
     assert not echo_backend.errors, echo_backend.errors
 
-
-def stream_sha256_n(sock, total):
-    """Reads exactly total bytes; returns (byte count, sha256 hex)."""
-    h = hashlib.sha256()
-    n = 0
-    while n < total:
-        d = sock.recv(min(256 * 1024, total - n))
-        if not d:
-            break
-        h.update(d)
-        n += len(d)
-    return n, h.hexdigest()
