@@ -131,6 +131,8 @@ static bool mux_conn_splice_flush(struct mux_conn *conn)
     while (conn->staged > 0) {
         ssize_t w = splice(conn->pipe[0], NULL, fd, NULL, conn->staged,
                            SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+        if (w == 0)
+            errno = EPIPE; /* the pipe holds staged bytes: 0 would be a broken state */
         if (w <= 0)
             goto blocked;
         conn->staged -= (size_t)w;
