@@ -149,6 +149,7 @@ static void dial_connected(struct dial *d)
         dial_free(d, false);
         return;
     }
+    bridge_set_nodelay(bufferevent_getfd(d->bev)); /* before the held bytes go */
     struct served *sv = calloc(1, sizeof(*sv));
     struct bridge *b = sv ? bridge_new(st, d->bev, &dial_hooks, sv) : NULL;
     if (!b) {

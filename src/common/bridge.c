@@ -466,7 +466,6 @@ struct bridge *bridge_new(struct mux_stream *st, struct bufferevent *bev,
     if (hooks)
         b->hooks = *hooks;
     b->arg = arg;
-    bridge_set_nodelay(bufferevent_getfd(bev));
     /* The output holds at most one window: the peer sends no more until it drains. */
     bufferevent_setwatermark(bev, EV_WRITE, 0, 0);
     sockread_set_large_io(bev);

@@ -304,7 +304,7 @@ void forward_start(struct mapping *m, evutil_socket_t fd)
     fc->fd = fd;  /* accepted non-blocking by evconnlistener */
     mapping_conn_begin(m, &fc->mc, forward_abort);
     fc->pp_len = (size_t)mapping_conn_proxy_header(&fc->mc, fd, fc->pp);
-    set_nodelay(fd);
+    /* TCP_NODELAY comes with the accept, from the mapping's listener. */
     /* A target that never answers fails after tunnel.connect_timeout rather than the
      * kernel's two minutes. */
     struct timeval timeout = {m->srv->cfg->connect_timeout, 0};

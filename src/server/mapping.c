@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -289,6 +290,9 @@ static struct evconnlistener *mapping_listen(struct mapping *m, char *err, size_
     /* "::" means both families whatever net.ipv6.bindv6only says; "::1" only IPv6. */
     if (ss.ss_family == AF_INET6)
         setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero));
+    /* Every accepted connection inherits it (Linux copies the listener's TCP options
+     * into the child), so neither relay spends a setsockopt per connection on it. */
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     if (bind(fd, (struct sockaddr *)&ss, sslen) < 0 || listen(fd, MAPPING_BACKLOG) < 0)
         goto fail;
     struct evconnlistener *l = evconnlistener_new(m->srv->base, mapping_accept_cb, m,
