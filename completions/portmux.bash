@@ -30,12 +30,13 @@ _portmux_client()
             COMPREPLY=($(compgen -W "debug info warn error" -- "$cur"))
             return ;;
         -s|--server|-t|--token|-n|--name|-a|--allow|--server-name|--heartbeat-interval|\
-        --heartbeat-timeout|--connect-timeout|--max-pending-dials)
+        --heartbeat-timeout|--connect-timeout|--max-pending-dials|--session-buffer-limit)
             return ;;
     esac
     COMPREPLY=($(compgen -W "--server --token --name --allow --no-reconnect --tls --ca
         --server-name --cert --key --heartbeat-interval --heartbeat-timeout
-        --connect-timeout --max-pending-dials --log-level --help --version" -- "$cur"))
+        --connect-timeout --max-pending-dials --session-buffer-limit --log-level --help
+        --version" -- "$cur"))
 }
 
 _portmux_ctl()

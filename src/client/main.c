@@ -1,6 +1,8 @@
 /* portmux-client: flags, signals, and the reconnect loop with backoff around one tunnel
  * session (tunnel_client.c). */
+#include <errno.h>
 #include <getopt.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +18,7 @@
 #include "client_tls.h"
 #include "heap_tune.h"
 #include "log.h"
+#include "mux.h"
 #include "netaddr.h"
 #include "nodes.h"
 #include "status.h"
@@ -38,6 +41,7 @@ struct client_args {
     struct allow_list allow;
     int heartbeat_interval, heartbeat_timeout, connect_timeout;
     int max_pending_dials;
+    size_t session_buffer_limit;
 };
 
 struct client_main {
@@ -79,6 +83,9 @@ static void usage(FILE *out)
             "      --connect-timeout S     connect/Hello and dial timeout (default 10)\n"
             "      --max-pending-dials N   targets dialled at once; more ConnectRequests are\n"
             "                            refused (status 1) until some answer (default 1024)\n"
+            "      --session-buffer-limit BYTES  all window growth of the session together\n"
+            "                            (default 67108864): one stream moves at most about\n"
+            "                            this much per round trip\n"
             "  -l, --log-level LEVEL     debug|info|warn|error (default info)\n"
             "  -h, --help                this text\n"
             "  -V, --version             print the version\n"
@@ -106,6 +113,21 @@ static int arg_seconds(const char *flag, const char *v, int *out)
     return 0;
 }
 
+/* Bytes: 0 (no window growth) up to INT_MAX, as the server's tunnel.session_buffer_limit. */
+static int arg_bytes(const char *flag, const char *v, size_t *out)
+{
+    char *end;
+    errno = 0;
+    long long n = strtoll(v, &end, 10);
+    if (*v == '\0' || *end != '\0' || errno || n < 0 || n > INT_MAX) {
+        fprintf(stderr, "portmux-client: %s: expected bytes 0..%d, got '%s'\n", flag, INT_MAX,
+                v);
+        return -1;
+    }
+    *out = (size_t)n;
+    return 0;
+}
+
 static int arg_count(const char *flag, const char *v, int *out)
 {
     char *end;
@@ -119,7 +141,8 @@ static int arg_count(const char *flag, const char *v, int *out)
 }
 
 enum { OPT_NO_RECONNECT = 256, OPT_TLS, OPT_CA, OPT_CERT, OPT_KEY, OPT_SERVER_NAME,
-       OPT_HB_INTERVAL, OPT_HB_TIMEOUT, OPT_CONNECT_TIMEOUT, OPT_MAX_PENDING_DIALS };
+       OPT_HB_INTERVAL, OPT_HB_TIMEOUT, OPT_CONNECT_TIMEOUT, OPT_MAX_PENDING_DIALS,
+       OPT_SESSION_BUFFER_LIMIT };
 
 static const struct option client_options[] = {
     {"server", required_argument, NULL, 's'},
@@ -139,6 +162,7 @@ static const struct option client_options[] = {
     {"heartbeat-timeout", required_argument, NULL, OPT_HB_TIMEOUT},
     {"connect-timeout", required_argument, NULL, OPT_CONNECT_TIMEOUT},
     {"max-pending-dials", required_argument, NULL, OPT_MAX_PENDING_DIALS},
+    {"session-buffer-limit", required_argument, NULL, OPT_SESSION_BUFFER_LIMIT},
     {NULL, 0, NULL, 0},
 };
 
@@ -176,6 +200,8 @@ static int parse_one(int opt, const char *v, struct client_args *a, const char *
     case OPT_CONNECT_TIMEOUT: return arg_seconds("--connect-timeout", v, &a->connect_timeout);
     case OPT_MAX_PENDING_DIALS:
         return arg_count("--max-pending-dials", v, &a->max_pending_dials);
+    case OPT_SESSION_BUFFER_LIMIT:
+        return arg_bytes("--session-buffer-limit", v, &a->session_buffer_limit);
     default: return -1;
     }
 }
@@ -218,6 +244,7 @@ static int parse_args(int argc, char **argv, struct client_args *a)
     a->name = "default";
     a->heartbeat_interval = 10;
     a->max_pending_dials = 1024;
+    a->session_buffer_limit = MUX_SESSION_BUFFER_LIMIT;
     a->heartbeat_timeout = 30;
     a->connect_timeout = 10;
     while ((opt = getopt_long(argc, argv, "s:t:n:a:l:hV", client_options, NULL)) != -1) {
@@ -337,6 +364,7 @@ static int run(struct client_args *a, SSL_CTX *ssl)
         .server_name = a->server_name, .allow = &a->allow,
         .heartbeat_interval = a->heartbeat_interval, .heartbeat_timeout = a->heartbeat_timeout,
         .connect_timeout = a->connect_timeout, .max_pending_dials = a->max_pending_dials, .status = cm.view,
+        .session_buffer_limit = a->session_buffer_limit,
     };
     /* Every node session gets these options; --server-name only when given explicitly. */
     cm.nodes = nodeset_new(cm.base, dns, &o, a->server_name != a->host ? a->server_name : NULL,

@@ -578,6 +578,7 @@ int tclient_connect(struct tclient *c)
         return -1;
     c->ssl = ssl;
     c->mux = mux_conn_mux(c->conn);
+    mux_session_set_buffer_limit(c->mux, c->opts.session_buffer_limit);
     struct timeval tv = {c->opts.connect_timeout, 0};
     evtimer_add(c->deadline, &tv);
     log_debug(TC_MOD, "connecting to %s:%u", c->opts.host, (unsigned)c->opts.port);

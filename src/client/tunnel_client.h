@@ -29,6 +29,10 @@ struct tclient_opts {
     int heartbeat_timeout;         /* seconds of silence before the tunnel is dropped */
     int connect_timeout;           /* seconds for connect + TLS + Hello, and for each dial */
     int max_pending_dials;         /* dials at once; more ConnectRequests get status 1 */
+    /* What all window growth of the session together may reach (the server's
+     * tunnel.session_buffer_limit, on this side); 0 = no stream grows past its initial
+     * window. main.c's default is MUX_SESSION_BUFFER_LIMIT. */
+    size_t session_buffer_limit;
     struct status *status;         /* told of the session and every stream; NULL = none;
                                     * not owned */
     /* An extra cluster node's session (nodes.c): its state goes to this row instead of the

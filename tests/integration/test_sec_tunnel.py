@@ -5,6 +5,7 @@ from the issue on the real binaries over 127.0.0.1 and shows it now fails."""
 import json
 import socket
 import struct
+import subprocess
 import threading
 import time
 
@@ -22,6 +23,7 @@ T_CONNECT_RESPONSE = 0x02
 T_DATA = 0x03
 T_HELLO = 0x06
 T_HELLO_RESPONSE = 0x07
+T_WINDOW_UPDATE = 0x08
 
 
 def closed_by_peer(sock, timeout=5.0):
@@ -366,3 +368,100 @@ def test_connect_request_host_with_newline_not_logged_raw(proc_factory):
         assert "\x1b" not in log
     finally:
         fake.close()
+
+
+class SinkBackend:
+    """Accepts on 127.0.0.1 and reads and discards everything, one thread per connection."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.received = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drain, args=(c,), daemon=True).start()
+
+    def _drain(self, c):
+        with c:
+            while True:
+                try:
+                    b = c.recv(1 << 20)
+                except OSError:
+                    return
+                if not b:
+                    return
+                self.received += len(b)
+
+    def close(self):
+        self.sock.close()
+
+
+def window_peak(proc_factory, extra, total=16 << 20, timeout=60.0):
+    """The largest send window a real client grants one stream while a hand-written server
+    pushes `total` bytes into it as fast as the window allows (a sink drains the target):
+    the initial 256 KiB, plus what auto-tuning added within --session-buffer-limit."""
+    sink = SinkBackend()
+    fake = FakeServer()
+    try:
+        proc_factory([CLIENT_BIN, "--server", f"127.0.0.1:{fake.port}", "--token", TOKEN,
+                      "--no-reconnect", "--allow", f"127.0.0.1:{sink.port}", *extra], "client")
+        fake.accept_hello()
+        host = b"127.0.0.1"
+        fake.sock.sendall(frame(T_CONNECT_REQUEST,
+                                struct.pack(">IHB", 1, sink.port, len(host)) + host))
+        assert fake.responses(1, timeout=10) == {1: 0}
+        window = peak = 256 * 1024
+        sent = 0
+        chunk = b"\x00" * 65536
+        deadline = time.monotonic() + timeout
+        while sent < total:
+            while window > 0 and sent < total:
+                n = min(len(chunk), window, total - sent)
+                fake.sock.sendall(frame(T_DATA, struct.pack(">I", 1) + chunk[:n]))
+                window -= n
+                sent += n
+            left = deadline - time.monotonic()
+            assert left > 0, f"only {sent} of {total} bytes sent in {timeout} s"
+            f = read_frame(fake.sock, timeout=left)
+            assert f is not None, "the client closed the tunnel"
+            if f[0] == T_WINDOW_UPDATE:
+                conn_id, increment = struct.unpack(">II", f[1][:8])
+                assert conn_id == 1, conn_id
+                window += increment
+                peak = max(peak, window)
+        wait_until(lambda: sink.received == total, timeout=timeout, desc="the sink to get all")
+        return peak
+    finally:
+        fake.close()
+        sink.close()
+
+
+def test_client_session_buffer_limit(proc_factory):
+    """--session-buffer-limit bounds the window growth of the client's session as
+    tunnel.session_buffer_limit does the server's: with 0 a stream keeps its 256 KiB,
+    with 256 KiB it may reach 512 KiB, and by default (64 MiB) it grows past both while
+    its target drains. A long fat path needs it raised (one stream moves about the limit
+    per round trip)."""
+    grown = window_peak(proc_factory, [], total=64 << 20)
+    none = window_peak(proc_factory, ["--session-buffer-limit", "0"])
+    small = window_peak(proc_factory, ["--session-buffer-limit", str(256 * 1024)])
+    print(f"window peaks: default {grown}, 0 -> {none}, 256 KiB -> {small}")
+    assert none == 256 * 1024, none
+    assert 256 * 1024 < small <= 512 * 1024, small
+    assert grown > 512 * 1024, grown
+
+
+def test_client_session_buffer_limit_rejects_bad_values():
+    for bad in ("-1", "x", "2147483648", ""):
+        r = subprocess.run([str(CLIENT_BIN), "--server", "127.0.0.1:1", "--token", TOKEN,
+                            "--session-buffer-limit", bad], capture_output=True, timeout=10)
+        assert r.returncode == 2, (bad, r.returncode, r.stderr)
+        assert b"--session-buffer-limit: expected bytes" in r.stderr, r.stderr
