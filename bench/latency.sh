@@ -10,15 +10,20 @@
 #   options: --rtt 20,100 (round trips, ms) --no-ssh
 #   env:     LAT_T=8 (iperf3 seconds, after LAT_OMIT=2 s of ramp-up that are not counted)
 #            LAT_REPS=3 (throughput repetitions) LAT_TTFB_N=9 (GETs per path) LAT_PORT=19300
-#            (first of the ports it uses, up to +31) LAT_CAP_MB=64 (bytes the delay line holds
+#            (first of the ports it uses, up to +35) LAT_CAP_MB=64 (bytes the delay line holds
 #            per direction of a connection, MiB: what is in flight on the "WAN" is at most
 #            this, so a path moves at most LAT_CAP_MB / (RTT/2): 3 acts like a 6 MiB TCP
-#            window across the WAN) PORTMUX_SERVER PORTMUX_CLIENT
+#            window across the WAN) LAT_TUNNEL_BUFFER_MB (default 2 × LAT_CAP_MB: the tunnel's
+#            session buffer limit, server and client, so that it may keep as much in flight
+#            per round trip as the delay line lets plain TCP; the path "tunnel-default" runs
+#            beside it with the default 64 MiB) PORTMUX_SERVER PORTMUX_CLIENT
 #            PORTMUX_BUILD_DIR BENCH_WORK (default /tmp/portmux-bench; this writes latency/)
 #
 # The delay line (bench/delayline.c, built here with gcc into $BENCH_WORK/latency: it is a
 # bench tool, not part of the product's build) sits where the WAN is:
 #   tunnel:  iperf3/curl -> portmux-server -> [tunnel port <- delay line <- portmux-client] -> backend
+#            (throughput twice: with LAT_TUNNEL_BUFFER_MB, and with the default budget; one
+#            stream moves at most about the budget per round trip: 64 MiB / 100 ms = 5.4 Gb/s)
 #   ssh -R:  iperf3/curl -> sshd -> [sshd port <- delay line <- ssh] -> backend
 #   direct:  curl -> portmux-server (direct mapping) -> delay line -> nginx
 #   plain:   iperf3/curl -> delay line -> backend
@@ -68,6 +73,8 @@ PM_TI_API=$((B + 20)) PM_TI_TUN=$((B + 21)) PM_TI_PUB=$((B + 22))   # tunnel, ip
 PM_TH_API=$((B + 23)) PM_TH_TUN=$((B + 24)) PM_TH_PUB=$((B + 25))   # tunnel, HTTP mapping
 PM_DH_API=$((B + 26)) PM_DH_PUB=$((B + 27)) PM_DH_TUN=$((B + 28))   # direct mapping, HTTP
 SSH_IPERF_PUB=$((B + 30)) SSH_HTTP_PUB=$((B + 31))
+DL_TUN64=$((B + 32)) PM_T64_API=$((B + 33)) PM_T64_TUN=$((B + 34)) PM_T64_PUB=$((B + 35))  # default budget
+TUNNEL_BUFFER_MB=${LAT_TUNNEL_BUFFER_MB:-$((2 * ${LAT_CAP_MB:-64}))}
 BUILD_DIR=${PORTMUX_BUILD_DIR:-$REPO/build}
 export PORTMUX_SERVER=${PORTMUX_SERVER:-$BUILD_DIR/portmux-server}
 export PORTMUX_CLIENT=${PORTMUX_CLIENT:-$BUILD_DIR/portmux-client}
@@ -114,10 +121,11 @@ start_backends() {
 }
 
 # ---- portmux through bench/portmux-fwd.sh (fresh server, database and client each) ----
-start_portmux() {  # start_portmux NAME MODE API TUNNEL PUB BACKEND [DIAL]
+start_portmux() {  # start_portmux NAME MODE API TUNNEL PUB BACKEND [DIAL [BUFFER_BYTES]]
   local name=$1 mode=$2 ready=$RUN/ready-$1
   rm -f "$ready"
   PUB=$5 BACKEND=$6 PORTMUX_API_PORT=$3 PORTMUX_TUNNEL_PORT=$4 READY_FILE=$ready \
+    PORTMUX_SESSION_BUFFER_LIMIT=${8:-} \
     PORTMUX_FWD_DIR=$RUN/portmux-$name PORTMUX_TUNNEL_DIAL=${7:-127.0.0.1:$4} \
     "$BENCH/portmux-fwd.sh" "$mode" >>"$RUN/portmux-$name.log" 2>&1 </dev/null &
   local i pid=$!
@@ -238,8 +246,11 @@ bench_rtt() {  # bench_rtt RTT_MS
   start_delay $DL_TUN_IPERF $PM_TI_TUN $d || return 1
   start_delay $DL_TUN_HTTP $PM_TH_TUN $d || return 1
   tput_paths="plain" ttfb_paths="plain"
-  start_portmux tunnel-iperf tunnel $PM_TI_API $PM_TI_TUN $PM_TI_PUB $IPERF_PORT 127.0.0.1:$DL_TUN_IPERF &&
-    tput_paths="$tput_paths tunnel"
+  start_delay $DL_TUN64 $PM_T64_TUN $d || return 1
+  start_portmux tunnel-iperf tunnel $PM_TI_API $PM_TI_TUN $PM_TI_PUB $IPERF_PORT 127.0.0.1:$DL_TUN_IPERF \
+    $((TUNNEL_BUFFER_MB << 20)) && tput_paths="$tput_paths tunnel"
+  start_portmux tunnel-iperf64 tunnel $PM_T64_API $PM_T64_TUN $PM_T64_PUB $IPERF_PORT 127.0.0.1:$DL_TUN64 &&
+    tput_paths="$tput_paths tunnel-default"
   start_portmux tunnel-http tunnel $PM_TH_API $PM_TH_TUN $PM_TH_PUB $HTTP_PORT 127.0.0.1:$DL_TUN_HTTP &&
     ttfb_paths="$ttfb_paths tunnel"
   # a direct mapping whose target is across the WAN: the delay line in front of nginx
@@ -248,7 +259,7 @@ bench_rtt() {  # bench_rtt RTT_MS
     start_delay $DL_SSH $SSH_PORT $d || return 1
     start_ssh && { tput_paths="$tput_paths ssh"; ttfb_paths="$ttfb_paths ssh"; }
   fi
-  declare -A PORT_T=([plain]=$DL_PLAIN [tunnel]=$PM_TI_PUB [ssh]=$SSH_IPERF_PUB)
+  declare -A PORT_T=([plain]=$DL_PLAIN [tunnel]=$PM_TI_PUB [tunnel-default]=$PM_T64_PUB [ssh]=$SSH_IPERF_PUB)
   declare -A PORT_H=([plain]=$DL_HTTP [tunnel]=$PM_TH_PUB [direct]=$PM_DH_PUB [ssh]=$SSH_HTTP_PUB)
 
   say "RTT $rtt ms: one iperf3 stream, $LAT_REPS × ($tput_paths) interleaved, ${LAT_T} s each after ${LAT_OMIT} s"
@@ -266,7 +277,7 @@ bench_rtt() {  # bench_rtt RTT_MS
       TF[$p]="${TF[$p]:-}${TF[$p]:+,}$v"
     done
   done
-  for p in plain tunnel ssh; do [ -n "${TP[$p]:-}" ] && tsv_row "$rtt" tput_mbps "$p" "${TP[$p]}"; done
+  for p in plain tunnel tunnel-default ssh; do [ -n "${TP[$p]:-}" ] && tsv_row "$rtt" tput_mbps "$p" "${TP[$p]}"; done
   for p in plain direct tunnel ssh; do
     [ -n "${TF[$p]:-}" ] && { tsv_row "$rtt" ttfb_ms "$p" "${TF[$p]}"; log "  rtt $rtt ttfb $p: ${TF[$p]} ms"; }
   done
@@ -277,7 +288,7 @@ bench_rtt() {  # bench_rtt RTT_MS
 # ---- main ----
 for p in $IPERF_PORT $HTTP_PORT $SSH_PORT $ECHO_PORT $DL_ECHO $DL_PLAIN $DL_HTTP $DL_TUN_IPERF $DL_TUN_HTTP $DL_SSH \
     $PM_TI_API $PM_TI_TUN $PM_TI_PUB $PM_TH_API $PM_TH_TUN $PM_TH_PUB $PM_DH_API $PM_DH_PUB $PM_DH_TUN \
-    $SSH_IPERF_PUB $SSH_HTTP_PUB; do
+    $SSH_IPERF_PUB $SSH_HTTP_PUB $DL_TUN64 $PM_T64_API $PM_T64_TUN $PM_T64_PUB; do
   if listening "$p"; then echo "latency.sh: port $p is in use; set LAT_PORT (see --help)" >&2; exit 2; fi
 done
 [ -x "$PORTMUX_SERVER" ] || { echo "latency.sh: no server binary at $PORTMUX_SERVER" >&2; exit 2; }
@@ -286,7 +297,7 @@ rm -f "$TSV"
 printf 'rtt_ms\tmeasure\tpath\tvalues\n' > "$TSV"
 {
   echo "- date: $(date '+%F %T %Z'); load average at start: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) CPUs; $(uname -sr)"
-  echo "- portmux: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null); knobs: RTTs '$RTTS' ms, LAT_CAP_MB=${LAT_CAP_MB:-64} LAT_T=$LAT_T LAT_OMIT=$LAT_OMIT LAT_REPS=$LAT_REPS LAT_TTFB_N=$LAT_TTFB_N"
+  echo "- portmux: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null); knobs: RTTs '$RTTS' ms, LAT_CAP_MB=${LAT_CAP_MB:-64} LAT_TUNNEL_BUFFER_MB=$TUNNEL_BUFFER_MB LAT_T=$LAT_T LAT_OMIT=$LAT_OMIT LAT_REPS=$LAT_REPS LAT_TTFB_N=$LAT_TTFB_N"
 } > "$L/machine.txt"
 T0=$SECONDS
 rc=0

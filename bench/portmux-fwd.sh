@@ -14,7 +14,9 @@
 # ./build/portmux-{server,client}); BENCH_WORK (default /tmp/portmux-bench);
 # PORTMUX_API_PORT (18090) PORTMUX_TUNNEL_PORT (18091); READY_FILE; PORTMUX_TUNNEL_DIAL
 # (HOST:PORT the client dials, default 127.0.0.1:$PORTMUX_TUNNEL_PORT: bench/latency.sh puts
-# a delay line there); PORTMUX_FWD_DIR (config and database, default $BENCH_WORK/run/portmux-MODE).
+# a delay line there); PORTMUX_FWD_DIR (config and database, default $BENCH_WORK/run/portmux-MODE);
+# PORTMUX_SESSION_BUFFER_LIMIT (bytes: the server's tunnel.session_buffer_limit and the
+# client's --session-buffer-limit; default: theirs, 64 MiB).
 set -u
 MODE=${1:?usage: portmux-fwd.sh direct|tunnel|tls}
 BENCH=$(cd "$(dirname "$0")" && pwd)
@@ -64,6 +66,8 @@ rm -rf "$D"
 mkdir -p "$D"
 TLS_YAML='  tls: {cert_file: "", key_file: ""}'
 CLIENT_TLS=()
+CLIENT_BUF=()
+[ -n "${PORTMUX_SESSION_BUFFER_LIMIT:-}" ] && CLIENT_BUF=(--session-buffer-limit "$PORTMUX_SESSION_BUFFER_LIMIT")
 if [ "$MODE" = tls ]; then
   "$BENCH/make-certs.sh" "$WORK/tls" || die "cannot make TLS certificates"
   TLS_YAML="  tls: {cert_file: \"$WORK/tls/server.pem\", key_file: \"$WORK/tls/server.key\"}"
@@ -78,6 +82,7 @@ tunnel:
   listen_addr: 127.0.0.1
   listen_port: $TUN_PORT
   max_streams_per_client: 1000000
+$([ -n "${PORTMUX_SESSION_BUFFER_LIMIT:-}" ] && echo "  session_buffer_limit: $PORTMUX_SESSION_BUFFER_LIMIT")
   clients: [{name: default, token: "$TOKEN"}]
 $TLS_YAML
 api:
@@ -102,7 +107,7 @@ else
   [ -x "$CLIENT" ] || die "no client binary at $CLIENT"
   # The client first: a tunnel mapping listens at once, and a connection accepted while
   # no client is there would fail; so the public port only opens once the client is in.
-  "$CLIENT" --server "${PORTMUX_TUNNEL_DIAL:-127.0.0.1:$TUN_PORT}" --token "$TOKEN" --log-level warn "${CLIENT_TLS[@]}" &
+  "$CLIENT" --server "${PORTMUX_TUNNEL_DIAL:-127.0.0.1:$TUN_PORT}" --token "$TOKEN" --log-level warn "${CLIENT_TLS[@]}" "${CLIENT_BUF[@]}" &
   CLI_PID=$!
   until_ok 15 client_in || die "client did not connect to the tunnel"
   BODY="{\"port\":$PUB,\"target_port\":$BACKEND}"
