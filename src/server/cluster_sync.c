@@ -82,6 +82,7 @@ struct cluster_sync {
     int64_t connect_at_ms;   /* CLOCK_MONOTONIC of the connect in progress */
     int tuples_seen;         /* row-returning results of the query in flight so far */
     bool stale;              /* its mappings read was overtaken: skip the clients read too */
+    bool announce;           /* the LISTEN and first read in flight: log when they are done */
 };
 
 static void csync_connect(struct cluster_sync *cs);
@@ -301,6 +302,7 @@ static void csync_on_result(struct cluster_sync *cs, PGresult *r)
                  cs->inflight == CSYNC_Q_NODES ? "heartbeat" : "reading mappings", msg);
         if (cs->inflight == CSYNC_Q_MAPPINGS)
             cs->dirty = true;
+        cs->announce = false; /* not listening after all: the warning says why */
     }
 }
 
@@ -315,6 +317,10 @@ static void csync_on_read(struct cluster_sync *cs)
         if (!r) {
             cs->busy = false;
             cs->inflight = CSYNC_Q_NONE;
+            if (cs->announce) {
+                cs->announce = false;
+                log_info("cluster", "listening for changes from other nodes");
+            }
             break;
         }
         csync_on_result(cs, r);
@@ -346,8 +352,13 @@ static void csync_ready(struct cluster_sync *cs)
     cs->state = CSYNC_READY;
     cs->backoff_s = 0;
     cs->busy = false;
-    log_info("cluster", "listening for changes from other nodes");
-    csync_send(cs, "LISTEN portmux_mappings; " CSYNC_SELECT, CSYNC_Q_MAPPINGS);
+    /* One Query message runs as one transaction, and a LISTEN takes effect only when its
+     * transaction commits: in "LISTEN; SELECT" a change committed after the SELECT's
+     * snapshot but before that commit would be in neither the rows read nor the
+     * notifications (until the next resync). The COMMIT makes the LISTEN effective
+     * before the reads begin; the reads then see all that was committed before. */
+    csync_send(cs, "LISTEN portmux_mappings; COMMIT; " CSYNC_SELECT, CSYNC_Q_MAPPINGS);
+    cs->announce = true; /* logged once that first read is done: from then on, we listen */
     cs->want_beat = true; /* register at once, after the first read */
 }
 
@@ -381,7 +392,7 @@ static void csync_on_sock(evutil_socket_t fd, short what, void *arg)
 
 static void csync_connect(struct cluster_sync *cs)
 {
-    cs->conn = PQconnectStart(cs->conninfo);
+    cs->conn = store_pg_connect_start(cs->conninfo, "portmux-sync");
     if (!cs->conn || PQstatus(cs->conn) == CONNECTION_BAD) {
         csync_lost(cs, "connecting to the database");
         return;

@@ -106,10 +106,17 @@ void store_pg_notice(void *arg, const char *message)
     log_debug("store", "postgres: %s", line);
 }
 
+PGconn *store_pg_connect_start(const char *conninfo, const char *name)
+{
+    const char *const keys[] = {"dbname", "fallback_application_name", NULL};
+    const char *const values[] = {conninfo, name, NULL};
+    return PQconnectStartParams(keys, values, 1); /* 1: dbname is the whole conninfo */
+}
+
 /* Drives PQconnectPoll to the end or the deadline. */
 static PGconn *pg_connect(const char *conninfo, int64_t deadline, char *msg, size_t msglen)
 {
-    PGconn *c = PQconnectStart(conninfo);
+    PGconn *c = store_pg_connect_start(conninfo, "portmux-store");
     if (!c) {
         snprintf(msg, msglen, "out of memory");
         return NULL;
@@ -1126,7 +1133,7 @@ static void pgw_on_sock(evutil_socket_t fd, short what, void *arg)
 
 static void pgw_connect(struct pg_store *pg)
 {
-    pg->wconn = PQconnectStart(pg->conninfo);
+    pg->wconn = store_pg_connect_start(pg->conninfo, "portmux-store");
     pg->wstate = PGW_CONNECTING;
     if (!pg->wconn || PQstatus(pg->wconn) == CONNECTION_BAD) {
         pgw_lost(pg, "reconnect failed", true);
