@@ -38,13 +38,18 @@ def test_change_during_listen_start_is_not_missed(pg, server_factory, echo_backe
 
     locker = subprocess.Popen(
         _as_pg([pg.bindir / "psql", "-X", "-q", "-A", "-t", "-h", pg.sockdir, "-p", pg.port,
-                "-U", PG_USER, "-d", pg.dbname]),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                "-U", PG_USER, "-d", pg.dbname, "-v", "ON_ERROR_STOP=1"]),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd="/")  # the postgres user may not enter the test's own directory
     try:
         locker.stdin.write("BEGIN;\nLOCK TABLE clients IN ACCESS EXCLUSIVE MODE;\n"
                            "SELECT 'locked';\n")
         locker.stdin.flush()
-        assert locker.stdout.readline().strip() == "locked"
+        # psql answers at once; anything else it says (a warning) comes first.
+        said = []
+        while not said or said[-1] not in ("locked", ""):
+            said.append(locker.stdout.readline().strip())
+        assert said[-1] == "locked", said
         # b's sync connection goes; b reconnects, listens, reads mappings, then waits for
         # the lock in its clients SELECT.
         rows = pg.psql("SELECT pid, client_port FROM pg_stat_activity "
