@@ -18,7 +18,7 @@ import subprocess
 from conftest import free_port, wait_until
 from pg_helpers import PG_USER, _as_pg, pg  # noqa: F401  (fixture)
 from test_cluster_pg import echo_ok, pg_node
-from test_nodelay import _fd_of, _tcp_inodes
+from test_nodelay import _tcp_inodes, owner_fd
 
 
 def sync_backends(pg, where=""):  # noqa: F811
@@ -57,7 +57,7 @@ def test_change_during_listen_start_is_not_missed(pg, server_factory, echo_backe
         socks = _tcp_inodes()
         mine = [pid for pid, cport in rows
                 if (int(cport), pg.port) in socks and
-                _fd_of(b.pid, socks[(int(cport), pg.port)]) is not None]
+                owner_fd(b.pid, socks[(int(cport), pg.port)]) is not None]
         assert len(mine) == 1, (rows, mine)
         pg.psql(f"SELECT pg_terminate_backend({mine[0]})")
         wait_until(lambda: sync_backends(pg, "AND wait_event_type = 'Lock'") == 1,

@@ -41,12 +41,42 @@ def _tcp_inodes():
 
 
 def _fd_of(pid, inode):
-    for name in os.listdir(f"/proc/{pid}/fd"):
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for name in names:
         try:
             if os.readlink(f"/proc/{pid}/fd/{name}") == f"socket:[{inode}]":
                 return int(name)
         except OSError:
             continue
+    return None
+
+
+def _family(pid):
+    """pid and its descendants: a wrapper (scripts/valgrind-integration.sh's) runs the
+    binary as its child."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out = [pid]
+    for p in out:
+        out += [c for c, pp in parent.items() if pp == p]
+    return out
+
+
+def owner_fd(pid, inode):
+    """(process, descriptor) holding socket inode in pid or a descendant, or None."""
+    for p in _family(pid):
+        fd = _fd_of(p, inode)
+        if fd is not None:
+            return p, fd
     return None
 
 
@@ -56,18 +86,19 @@ def nodelay_of(pid, lport, rport):
 
     def find():
         inode = _tcp_inodes().get((lport, rport))
-        holder["fd"] = _fd_of(pid, inode) if inode else None
-        return holder["fd"] is not None
+        holder["at"] = owner_fd(pid, inode) if inode else None
+        return holder["at"] is not None
 
     wait_until(find, timeout=5, desc=f"pid {pid} holds a socket {lport} -> {rport}")
-    pidfd = os.pidfd_open(pid)
+    owner, fd = holder["at"]
+    pidfd = os.pidfd_open(owner)
     try:
-        dup = _libc.syscall(SYS_PIDFD_GETFD, pidfd, holder["fd"], 0)
+        dup = _libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
         if dup < 0:
             err = ctypes.get_errno()
             if err == errno.ENOSYS:
                 pytest.skip("this kernel has no pidfd_getfd (Linux < 5.6)")
-            raise OSError(err, f"pidfd_getfd({pid}, {holder['fd']}): {os.strerror(err)}")
+            raise OSError(err, f"pidfd_getfd({owner}, {fd}): {os.strerror(err)}")
     finally:
         os.close(pidfd)
     s = socket.socket(fileno=dup)
