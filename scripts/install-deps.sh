@@ -6,27 +6,26 @@
 # Each set is one literal `apt-get install` command below, so what a set installs is
 # written once and can be read here. As root it always runs `apt-get update` and then the
 # sets' apt-get install with --no-upgrade, which installs what is missing and leaves
-# installed packages as they are (no download when nothing is missing); not root with
-# everything present, apt is not touched. scripts/check-deps.py reads `--list all` and fails when a test, benchmark or
+# installed packages as they are (no download when nothing is missing). Not root, it
+# runs itself again under sudo when something is missing, and leaves apt alone otherwise. scripts/check-deps.py reads `--list all` and fails when a test, benchmark or
 # script runs a program whose package no set installs.
 set -euo pipefail
 
 set_build() {
-  $SUDO apt-get install -y -q --no-install-recommends --no-upgrade build-essential cmake pkg-config libevent-dev libmicrohttpd-dev libjansson-dev libsqlite3-dev libyaml-dev libssl-dev libpq-dev
+  apt-get install -y -q --no-install-recommends --no-upgrade build-essential cmake pkg-config libevent-dev libmicrohttpd-dev libjansson-dev libsqlite3-dev libyaml-dev libssl-dev libpq-dev
 }
 
 set_test() {
-  $SUDO apt-get install -y -q --no-install-recommends --no-upgrade curl sqlite3 python3 python3-pytest procps iproute2 util-linux openssl prometheus openssh-server openssh-client redis-server redis-tools clang libclang-rt-14-dev valgrind iperf3 nginx haproxy postgresql postgresql-15 postgresql-client-common chromium chromium-driver python3-selenium systemd groff-base man-db mandoc dpkg-dev cmake
+  apt-get install -y -q --no-install-recommends --no-upgrade curl sqlite3 python3 python3-pytest procps iproute2 util-linux openssl prometheus openssh-server openssh-client redis-server redis-tools clang libclang-rt-14-dev valgrind iperf3 nginx haproxy postgresql postgresql-15 postgresql-client-common chromium chromium-driver python3-selenium systemd groff-base man-db mandoc dpkg-dev cmake
 }
 
 set_bench() {
-  $SUDO apt-get install -y -q --no-install-recommends --no-upgrade python3 curl procps iproute2 util-linux openssl iperf3 wrk nginx haproxy socat rinetd openssh-server openssh-client linux-perf valgrind git
+  apt-get install -y -q --no-install-recommends --no-upgrade python3 curl procps iproute2 util-linux openssl iperf3 wrk nginx haproxy socat rinetd openssh-server openssh-client linux-perf valgrind git
 }
 
 # The packages of set $1: its apt-get command, run with apt-get standing for a printer.
 packages_of() {
   (
-    SUDO=""
     apt-get() { local a; for a; do case $a in install|-*) ;; *) echo "$a" ;; esac; done; }
     "set_$1"
   )
@@ -57,16 +56,18 @@ for s in "${sets[@]}"; do
     fi
   done < <(packages_of "$s")
 done
-SUDO=""
+export DEBIAN_FRONTEND=noninteractive
 if [ "$(id -u)" != 0 ]; then
   [ ${#missing[@]} -eq 0 ] && exit 0
-  SUDO=sudo
+  # apt needs root: the whole script again under sudo, so every apt-get line stays plain.
+  command -v sudo > /dev/null ||
+    { echo "install-deps: missing ${missing[*]}; run this as root (no sudo here)" >&2; exit 1; }
+  exec sudo DEBIAN_FRONTEND=noninteractive "$0" "${sets[@]}"
 fi
-export DEBIAN_FRONTEND=noninteractive
 # Package lists first, as on a fresh machine. Offline with everything installed, a failed
 # update costs nothing: the installs below then have nothing to fetch.
 [ ${#missing[@]} -gt 0 ] && echo "install-deps: installing ${missing[*]}" >&2
-if ! $SUDO apt-get update -q > /dev/null; then
+if ! apt-get update -q > /dev/null; then
   [ ${#missing[@]} -gt 0 ] && { echo "install-deps: apt-get update failed" >&2; exit 1; }
   echo "install-deps: apt-get update failed (offline?); every package is installed already" >&2
 fi
