@@ -145,6 +145,66 @@ def connect(port, host="127.0.0.1", timeout=10.0):
     return socket.create_connection((host, port), timeout=timeout)
 
 
+# ---- sockets of a running process, found through /proc ----
+
+
+def tcp_socket_inodes():
+    """{(local port, remote port): socket inode} of every TCP socket on this host."""
+    found = {}
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    lport = int(cols[1].rsplit(":", 1)[1], 16)
+                    rport = int(cols[2].rsplit(":", 1)[1], 16)
+                    found[(lport, rport)] = int(cols[9])
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def _fd_of(pid, inode):
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for name in names:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}") == f"socket:[{inode}]":
+                return int(name)
+        except OSError:
+            continue
+    return None
+
+
+def _family(pid):
+    """pid and its descendants: a wrapper (scripts/valgrind-integration.sh's) runs the
+    binary as its child."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out = [pid]
+    for p in out:
+        out += [c for c, pp in parent.items() if pp == p]
+    return out
+
+
+def socket_owner(pid, inode):
+    """(process, descriptor) holding socket inode in pid or a descendant, or None."""
+    for p in _family(pid):
+        fd = _fd_of(p, inode)
+        if fd is not None:
+            return p, fd
+    return None
+
+
 class PortHolder:
     """Holds a port with a bound, listening socket (another process's port, as the
     server sees it). Bound on 0.0.0.0 so it conflicts with any bind of the server."""

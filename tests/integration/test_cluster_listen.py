@@ -15,10 +15,9 @@ mappings SELECT, has node a create a mapping then, and releases the lock. Only a
 PostgreSQL started by the test, 127.0.0.0/8, every wait bounded."""
 import subprocess
 
-from conftest import free_port, wait_until
+from conftest import free_port, socket_owner, tcp_socket_inodes, wait_until
 from pg_helpers import PG_USER, _as_pg, pg  # noqa: F401  (fixture)
 from test_cluster_pg import echo_ok, pg_node
-from test_nodelay import _tcp_inodes, owner_fd
 
 
 def sync_backends(pg, where=""):  # noqa: F811
@@ -54,10 +53,10 @@ def test_change_during_listen_start_is_not_missed(pg, server_factory, echo_backe
         # the lock in its clients SELECT.
         rows = pg.psql("SELECT pid, client_port FROM pg_stat_activity "
                        "WHERE application_name = 'portmux-sync'")
-        socks = _tcp_inodes()
+        socks = tcp_socket_inodes()
         mine = [pid for pid, cport in rows
                 if (int(cport), pg.port) in socks and
-                owner_fd(b.pid, socks[(int(cport), pg.port)]) is not None]
+                socket_owner(b.pid, socks[(int(cport), pg.port)]) is not None]
         assert len(mine) == 1, (rows, mine)
         pg.psql(f"SELECT pg_terminate_backend({mine[0]})")
         wait_until(lambda: sync_backends(pg, "AND wait_event_type = 'Lock'") == 1,

@@ -15,7 +15,7 @@ import socket
 
 import pytest
 
-from conftest import CLIENT_BIN, connect, free_port, wait_until
+from conftest import CLIENT_BIN, connect, free_port, socket_owner, tcp_socket_inodes, wait_until
 from tunnel_helpers import start_client, tunnel_server
 
 TOKEN = "tok-" + os.urandom(8).hex()
@@ -23,70 +23,13 @@ SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _tcp_inodes():
-    """{(local port, remote port): socket inode} of every TCP socket on this host."""
-    found = {}
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(path) as f:
-                next(f)
-                for line in f:
-                    cols = line.split()
-                    lport = int(cols[1].rsplit(":", 1)[1], 16)
-                    rport = int(cols[2].rsplit(":", 1)[1], 16)
-                    found[(lport, rport)] = int(cols[9])
-        except FileNotFoundError:
-            pass
-    return found
-
-
-def _fd_of(pid, inode):
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return None
-    for name in names:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{name}") == f"socket:[{inode}]":
-                return int(name)
-        except OSError:
-            continue
-    return None
-
-
-def _family(pid):
-    """pid and its descendants: a wrapper (scripts/valgrind-integration.sh's) runs the
-    binary as its child."""
-    parent = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    out = [pid]
-    for p in out:
-        out += [c for c, pp in parent.items() if pp == p]
-    return out
-
-
-def owner_fd(pid, inode):
-    """(process, descriptor) holding socket inode in pid or a descendant, or None."""
-    for p in _family(pid):
-        fd = _fd_of(p, inode)
-        if fd is not None:
-            return p, fd
-    return None
-
-
 def nodelay_of(pid, lport, rport):
     """TCP_NODELAY of process pid's socket with local port lport and remote port rport."""
     holder = {}
 
     def find():
-        inode = _tcp_inodes().get((lport, rport))
-        holder["at"] = owner_fd(pid, inode) if inode else None
+        inode = tcp_socket_inodes().get((lport, rport))
+        holder["at"] = socket_owner(pid, inode) if inode else None
         return holder["at"] is not None
 
     wait_until(find, timeout=5, desc=f"pid {pid} holds a socket {lport} -> {rport}")
@@ -126,7 +69,7 @@ def test_direct_relay_sockets_have_nodelay(server_factory, echo_backend):
         echo_once(c)
         assert nodelay_of(srv.pid, port, c.getsockname()[1]) == 1, "the accepted public socket"
         # Only the server talks to the backend: its one connection there is the dialed one.
-        dialed = [k for k in _tcp_inodes() if k[1] == echo_backend.port]
+        dialed = [k for k in tcp_socket_inodes() if k[1] == echo_backend.port]
         assert len(dialed) == 1, dialed
         assert nodelay_of(srv.pid, *dialed[0]) == 1, "the server's dialed socket"
 
@@ -142,6 +85,6 @@ def test_tunnel_relay_sockets_have_nodelay(server_factory, echo_backend, tmp_pat
         assert nodelay_of(srv.pid, port, c.getsockname()[1]) == 1, \
             "the server's accepted public socket"
         # The client's dial to the backend (only the client talks to it).
-        dialed = [k for k in _tcp_inodes() if k[1] == echo_backend.port]
+        dialed = [k for k in tcp_socket_inodes() if k[1] == echo_backend.port]
         assert len(dialed) == 1, dialed
         assert nodelay_of(client.pid, *dialed[0]) == 1, "the client's dialed socket"

@@ -370,45 +370,12 @@ def test_connect_request_host_with_newline_not_logged_raw(proc_factory):
         fake.close()
 
 
-class SinkBackend:
-    """Accepts on 127.0.0.1 and reads and discards everything, one thread per connection."""
-
-    def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.received = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._drain, args=(c,), daemon=True).start()
-
-    def _drain(self, c):
-        with c:
-            while True:
-                try:
-                    b = c.recv(1 << 20)
-                except OSError:
-                    return
-                if not b:
-                    return
-                self.received += len(b)
-
-    def close(self):
-        self.sock.close()
-
-
-def window_peak(proc_factory, extra, total=16 << 20, timeout=60.0):
+def window_peak(proc_factory, stream_backend_factory, extra, total=16 << 20, timeout=60.0):
     """The largest send window a real client grants one stream while a hand-written server
-    pushes `total` bytes into it as fast as the window allows (a sink drains the target):
-    the initial 256 KiB, plus what auto-tuning added within --session-buffer-limit."""
-    sink = SinkBackend()
+    pushes `total` bytes into it as fast as the window allows (the target reads and
+    discards): the initial 256 KiB, plus what auto-tuning added within
+    --session-buffer-limit."""
+    sink = stream_backend_factory()
     fake = FakeServer()
     try:
         proc_factory([CLIENT_BIN, "--server", f"127.0.0.1:{fake.port}", "--token", TOKEN,
@@ -437,22 +404,22 @@ def window_peak(proc_factory, extra, total=16 << 20, timeout=60.0):
                 assert conn_id == 1, conn_id
                 window += increment
                 peak = max(peak, window)
-        wait_until(lambda: sink.received == total, timeout=timeout, desc="the sink to get all")
+        wait_until(lambda: sink.progress == total, timeout=timeout, desc="the target to get all")
         return peak
     finally:
         fake.close()
-        sink.close()
 
 
-def test_client_session_buffer_limit(proc_factory):
+def test_client_session_buffer_limit(proc_factory, stream_backend_factory):
     """--session-buffer-limit bounds the window growth of the client's session as
     tunnel.session_buffer_limit does the server's: with 0 a stream keeps its 256 KiB,
     with 256 KiB it may reach 512 KiB, and by default (64 MiB) it grows past both while
     its target drains. A long fat path needs it raised (one stream moves about the limit
     per round trip)."""
-    grown = window_peak(proc_factory, [], total=64 << 20)
-    none = window_peak(proc_factory, ["--session-buffer-limit", "0"])
-    small = window_peak(proc_factory, ["--session-buffer-limit", str(256 * 1024)])
+    grown = window_peak(proc_factory, stream_backend_factory, [], total=64 << 20)
+    none = window_peak(proc_factory, stream_backend_factory, ["--session-buffer-limit", "0"])
+    small = window_peak(proc_factory, stream_backend_factory,
+                        ["--session-buffer-limit", str(256 * 1024)])
     print(f"window peaks: default {grown}, 0 -> {none}, 256 KiB -> {small}")
     assert none == 256 * 1024, none
     assert 256 * 1024 < small <= 512 * 1024, small
