@@ -252,7 +252,16 @@ static void bridge_read(evutil_socket_t fd, short what, void *arg)
     } while (n == (ssize_t)piece && total < want);
     evbuffer_freeze(in, 0);
     if (total > 0) {
-        bridge_pump(b); /* an EOF or error behind the bytes shows at the next read */
+        /* EV_CLOSED: the peer's FIN was queued behind these bytes when we woke, and the
+         * read stopped short of what it asked for, so it took every byte before the FIN.
+         * The end goes with them (Data and ShutWrite in one tunnel write) rather than
+         * after a read that can only say 0. Otherwise an EOF or error behind the bytes
+         * shows at the next read. */
+        if ((what & EV_CLOSED) && n != (ssize_t)piece) {
+            event_del(b->rd);
+            bridge_set_dir(b, &b->up, RELAY_DIR_EOF);
+        }
+        bridge_pump(b);
         return;
     }
     if (n == 0) {
@@ -453,7 +462,13 @@ struct bridge *bridge_new(struct mux_stream *st, struct bufferevent *bev,
         return NULL;
     b->rd = (struct event *)((unsigned char *)b + head);
     b->flush = (struct event *)((unsigned char *)b + head + evsize);
-    event_assign(b->rd, bufferevent_get_base(bev), bufferevent_getfd(bev), EV_READ | EV_PERSIST,
+    /* EV_CLOSED (EPOLLRDHUP): a wake-up also says whether the peer's FIN is queued. Not
+     * on a socket that a read-ahead bufferevent is reading: its registration has no
+     * EPOLLRDHUP, and adding ours would cost an epoll_ctl per connection (see below). */
+    short rd_events = EV_READ | EV_PERSIST;
+    if (!(bufferevent_get_enabled(bev) & EV_READ))
+        rd_events |= EV_CLOSED;
+    event_assign(b->rd, bufferevent_get_base(bev), bufferevent_getfd(bev), rd_events,
                  bridge_read, b);
     event_assign(b->flush, bufferevent_get_base(bev), -1, 0, bridge_flush_cb, b);
     b->drain_cb = evbuffer_add_cb(bufferevent_get_output(bev), bridge_drain_cb, b);

@@ -11,7 +11,8 @@ import struct
 import threading
 import time
 
-from conftest import Worker, connect, recv_hash, send_stream, stream_sha256, wait_until
+from conftest import (Worker, connect, recv_exact, recv_hash, send_stream, stream_sha256,
+                      wait_until)
 from tunnel_helpers import (ScriptBackend, client_info, echo_roundtrip, map_tunnel, metric,
                             start_client, tunnel_env, tunnel_server, wait_streams_drained)
 
@@ -73,6 +74,43 @@ def test_backend_half_close_while_public_keeps_sending(server_factory, tmp_path,
             assert s.recv(1) == b""
         assert not b.errors, b.errors
         assert b.results == [(len(first) + len(later), hashlib.sha256(first + later).hexdigest())]
+        wait_streams_drained(srv, port)
+    finally:
+        b.stop()
+
+
+def test_backend_answers_and_closes_at_once(server_factory, tmp_path, logs):
+    """The backend writes its whole answer and closes straight after, so its FIN is
+    usually queued behind the bytes when the client reads them, and the client ends the
+    stream with that same read (EPOLLRDHUP). Sizes from 1 byte to past a stream's window
+    (where a read stops at the window with the FIN still behind more bytes), one at a time
+    and eight at once: every byte, then EOF, each time."""
+    sizes = [1, 100, 4095, 4096, 65536 + 3, 256 * 1024, 256 * 1024 + 1, 1 * MIB + 7]
+
+    def handler(c):
+        n = struct.unpack(">I", recv_exact(c, 4))[0]
+        send_stream(c, n, shut=False)  # the close follows at once (ScriptBackend)
+        return n
+
+    def fetch(port, n):
+        with connect(port, timeout=30) as s:
+            s.settimeout(30)
+            s.sendall(struct.pack(">I", n))
+            return recv_hash(s)
+
+    b = ScriptBackend(handler)
+    try:
+        srv, _ = tunnel_env(server_factory, tmp_path, logs)
+        port = map_tunnel(srv, b.port)
+        for n in sizes:
+            assert fetch(port, n) == (n, stream_sha256(n)), f"answer of {n} bytes"
+        workers = [Worker(fetch, port, n) for n in sizes]
+        for w in workers:
+            w.start()
+        for n, w in zip(sizes, workers):
+            assert w.join_result(60) == (n, stream_sha256(n)), f"answer of {n} bytes (together)"
+        b.wait_finished(2 * len(sizes))
+        assert not b.errors, b.errors
         wait_streams_drained(srv, port)
     finally:
         b.stop()
