@@ -436,7 +436,8 @@ static int tc_on_notice(struct tclient *c, const char *json, size_t len)
         json_decref(root);
         return -1;
     }
-    if (strcmp(event, "nodes") == 0 && c->opts.on_nodes)
+    if (strcmp(event, "nodes") == 0 && c->opts.on_nodes &&
+        json_is_array(json_object_get(root, "nodes")))
         c->opts.on_nodes(json_object_get(root, "nodes"), c->opts.nodes_arg);
     if (strcmp(event, "mappings") == 0 && c->opts.status && !c->opts.node) {
         status_mappings_reset(c->opts.status);
@@ -467,7 +468,9 @@ static int tc_on_json(struct mux_session *mux, uint8_t type, const char *json, s
     if (ok) {
         tc_read_mappings(c, root);
         tc_authed(c);
-        if (c->opts.on_nodes)
+        /* No list (a server outside a cluster, or a node that does not know the others
+         * yet) leaves the node sessions as they are. */
+        if (c->opts.on_nodes && json_is_array(json_object_get(root, "nodes")))
             c->opts.on_nodes(json_object_get(root, "nodes"), c->opts.nodes_arg);
     } else {
         snprintf(c->refusal, sizeof(c->refusal), "server refused: %s",

@@ -38,8 +38,9 @@ struct tclient_opts {
     /* An extra cluster node's session (nodes.c): its state goes to this row instead of the
      * Session line, and the mappings it announces are left to the --server session. */
     struct status_node *node;      /* not owned; NULL = the --server session */
-    /* The node list of a HelloResponse ("nodes", NULL when absent) or of a "nodes" Notice
-     * (SPEC §7). Borrowed for the call; NULL = ignored. */
+    /* The node list of a HelloResponse or of a "nodes" Notice (SPEC §7), when it carries
+     * one (an array): a message without a list changes nothing. Borrowed for the call;
+     * NULL = ignored. */
     void (*on_nodes)(struct json_t *nodes, void *arg);
     void *nodes_arg;
 };

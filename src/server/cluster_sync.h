@@ -28,7 +28,8 @@ json_t *cluster_sync_nodes_json(struct cluster_sync *cs);
  * Does nothing with cs NULL (SQLite). */
 void cluster_sync_mapping_nodes(struct cluster_sync *cs, const struct mapping *m, json_t *obj);
 /* HelloResponse's "nodes" (SPEC §4, §7): the advertise addresses of the live nodes,
- * this one first; nodes without one are left out. NULL with cs NULL (no cluster). */
+ * this one first; nodes without one are left out. NULL with cs NULL (no cluster), and
+ * until the nodes table was read once (a partial list would make clients drop nodes). */
 json_t *cluster_sync_advertised_json(struct cluster_sync *cs);
 /* The cluster's lines of /metrics. Does nothing with cs NULL. */
 void cluster_sync_metrics(struct cluster_sync *cs, FILE *f);

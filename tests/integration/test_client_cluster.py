@@ -11,12 +11,14 @@ import os
 import re
 import shlex
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import CLIENT_BIN, connect, free_port, recv_exact, wait_until
-from pg_helpers import pg  # noqa: F401  (fixture)
+from pg_helpers import PG_USER, _as_pg, pg  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(not CLIENT_BIN.exists(),
                                 reason=f"portmux-client not built at {CLIENT_BIN}")
@@ -223,5 +225,77 @@ def test_server_behind_a_balancer_that_moves(pg, server_factory, echo_backend,  
     b.start(timeout=20)
     wait_until(lambda: connected(b), timeout=30, desc="the client back on b through --server")
     echo_ok(port, "127.0.0.3")
+    assert client.stop() == 0, client.text()[-2000:]
+    assert "Sanitizer" not in client.text() and "runtime error" not in client.text()
+
+
+def lock_nodes_table(pg):  # noqa: F811
+    """A psql session holding the nodes table locked (every read and heartbeat of it
+    waits) until its stdin gets ROLLBACK or it ends."""
+    locker = subprocess.Popen(
+        _as_pg([pg.bindir / "psql", "-X", "-q", "-A", "-t", "-h", pg.sockdir, "-p", pg.port,
+                "-U", PG_USER, "-d", pg.dbname, "-v", "ON_ERROR_STOP=1"]),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd="/")  # the postgres user may not enter the test's own directory
+    locker.stdin.write("BEGIN;\nLOCK TABLE nodes IN ACCESS EXCLUSIVE MODE;\nSELECT 'locked';\n")
+    locker.stdin.flush()
+    said = []
+    while not said or said[-1] not in ("locked", ""):
+        said.append(locker.stdout.readline().strip())
+    assert said[-1] == "locked", said
+    return locker
+
+
+def test_a_node_that_knows_only_itself_lists_no_nodes(pg, server_factory, echo_backend,  # noqa: F811
+                                                      proc_factory, tmp_path):
+    """A node that has just started and not yet read the nodes table knows only itself.
+    It must not give a client that list of one: the client would take it for the whole
+    cluster and close its working sessions to the other nodes (the once-seen flake of
+    test_server_behind_a_balancer_that_moves: B's public port refused while B was up).
+    The test holds the nodes table locked while A restarts, so A cannot read it, and lets
+    the client's --server session come back to A then: its session to B stays, and B's
+    public port keeps answering. Once A reads the table, its list names B."""
+    a = node(server_factory, pg, "a", "127.0.0.2")
+    b = node(server_factory, pg, "b", "127.0.0.3")
+    a_addr, b_addr = f"127.0.0.2:{a.tunnel_port}", f"127.0.0.3:{b.tunnel_port}"
+    wait_until(lambda: len(a.api("GET", "/api/cluster")[2]["data"]["nodes"]) == 2,
+               timeout=20, desc="a sees b")
+    client = TtyClient(proc_factory, tmp_path, a_addr)
+    wait_until(lambda: connected(a), timeout=15, desc="the client on a")
+    client.wait_log(rf"node {re.escape(b_addr)} joined the cluster: connecting", timeout=15)
+    wait_until(lambda: connected(b), timeout=15, desc="the client's node session on b")
+    port = free_port()
+    a.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port,
+                use_tunnel=True, client="edge")
+    wait_until(lambda: (b.mapping(port) or {}).get("status") == "listening", timeout=10,
+               desc="b listens for the mapping")
+    echo_ok(port, "127.0.0.3")
+
+    a.stop()
+    hellos = len(re.findall(rf"connected to {re.escape(a_addr)} as", client.text()))
+    locker = lock_nodes_table(pg)
+    try:
+        a.start(timeout=20)
+        wait_until(lambda: len(re.findall(rf"connected to {re.escape(a_addr)} as",
+                                          client.text())) > hellos,
+                   timeout=45, desc="the client's --server session back on a")
+        wait_until(lambda: connected(a), timeout=15, desc="the client back on a")
+        # A list in A's HelloResponse acts in the same loop turn; give it a moment anyway.
+        time.sleep(1.0)
+        assert f"node {b_addr} left the cluster" not in client.text(), client.text()[-3000:]
+        assert connected(b)
+        echo_ok(port, "127.0.0.3")
+    finally:
+        locker.stdin.write("ROLLBACK;\n")
+        locker.stdin.close()
+        locker.wait(10)
+    # A reads the table now: its list names B, and nothing is dropped.
+    wait_until(lambda: len(a.api("GET", "/api/cluster")[2]["data"]["nodes"]) == 2,
+               timeout=20, desc="a sees b again")
+    wait_until(lambda: (a.mapping(port) or {}).get("status") == "listening", timeout=10,
+               desc="a listens for the mapping")
+    echo_ok(port, "127.0.0.2")
+    echo_ok(port, "127.0.0.3")
+    assert f"node {b_addr} left the cluster" not in client.text(), client.text()[-3000:]
     assert client.stop() == 0, client.text()[-2000:]
     assert "Sanitizer" not in client.text() and "runtime error" not in client.text()
