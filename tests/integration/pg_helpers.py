@@ -55,6 +55,41 @@ def _as_pg(args):
     return [str(a) for a in args]
 
 
+class TableLock:
+    """A psql session holding one table locked (ACCESS EXCLUSIVE: every read and write of
+    it waits) until release() or the end of a with block."""
+
+    def __init__(self, pg, table):
+        self.proc = subprocess.Popen(
+            _as_pg([pg.bindir / "psql", "-X", "-q", "-A", "-t", "-h", pg.sockdir, "-p", pg.port,
+                    "-U", PG_USER, "-d", pg.dbname, "-v", "ON_ERROR_STOP=1"]),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd="/")  # the postgres user may not enter the test's own directory
+        self.proc.stdin.write(f"BEGIN;\nLOCK TABLE {table} IN ACCESS EXCLUSIVE MODE;\n"
+                              "SELECT 'locked';\n")
+        self.proc.stdin.flush()
+        # psql answers at once; anything else it says (a warning) comes first.
+        said = []
+        while not said or said[-1] not in ("locked", ""):
+            said.append(self.proc.stdout.readline().strip())
+        if said[-1] != "locked":
+            self.proc.kill()
+            raise AssertionError(f"LOCK TABLE {table}: {said}")
+
+    def release(self):
+        if self.proc.stdin.closed:
+            return
+        self.proc.stdin.write("ROLLBACK;\n")
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
 class PgServer:
     def __init__(self, workdir=None, port=None):
         self.bindir = pg_bindir()

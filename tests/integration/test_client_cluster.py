@@ -11,14 +11,13 @@ import os
 import re
 import shlex
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import CLIENT_BIN, connect, free_port, recv_exact, wait_until
-from pg_helpers import PG_USER, _as_pg, pg  # noqa: F401  (fixture)
+from pg_helpers import TableLock, pg  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(not CLIENT_BIN.exists(),
                                 reason=f"portmux-client not built at {CLIENT_BIN}")
@@ -103,20 +102,39 @@ class TtyClient:
                           timeout=timeout, desc=f"a status row matching {pattern!r}")
 
 
-def test_client_serves_through_every_node(pg, server_factory, echo_backend,  # noqa: F811
-                                          proc_factory, tmp_path):
+def client_on_a_and_b(pg, server_factory, proc_factory, tmp_path):  # noqa: F811
+    """Nodes a (127.0.0.2) and b (127.0.0.3), b registered first, and a client whose
+    --server is a: it learns b from a's HelloResponse and holds a node session to b.
+    Returns (a, b, a_addr, b_addr, client)."""
     a = node(server_factory, pg, "a", "127.0.0.2")
     b = node(server_factory, pg, "b", "127.0.0.3")
-    b_addr = f"127.0.0.3:{b.tunnel_port}"
+    a_addr, b_addr = f"127.0.0.2:{a.tunnel_port}", f"127.0.0.3:{b.tunnel_port}"
     # B is registered before the client says Hello to A: A's HelloResponse lists it.
     wait_until(lambda: len(a.api("GET", "/api/cluster")[2]["data"]["nodes"]) == 2,
                timeout=20, desc="a sees b")
-    client = TtyClient(proc_factory, tmp_path, f"127.0.0.2:{a.tunnel_port}")
+    client = TtyClient(proc_factory, tmp_path, a_addr)
     wait_until(lambda: connected(a), timeout=15, desc="the client on a")
     client.wait_log(rf"node {re.escape(b_addr)} joined the cluster: connecting", timeout=15)
     wait_until(lambda: connected(b), timeout=15, desc="the client on b too")
+    return a, b, a_addr, b_addr, client
+
+
+def tunnel_mapping_on_both(a, b, echo_backend):
+    """A tunnel mapping to the echo backend created on a; returns its port once b listens
+    on it too."""
+    port = free_port()
+    a.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port,
+                use_tunnel=True, client="edge")
+    wait_until(lambda: (b.mapping(port) or {}).get("status") == "listening", timeout=10,
+               desc="b listens for the mapping")
+    return port
+
+
+def test_client_serves_through_every_node(pg, server_factory, echo_backend,  # noqa: F811
+                                          proc_factory, tmp_path):
+    a, b, a_addr, b_addr, client = client_on_a_and_b(pg, server_factory, proc_factory, tmp_path)
     # One session per node: A's own address gets no second one.
-    assert f"node 127.0.0.2:{a.tunnel_port} joined" not in client.text()
+    assert f"node {a_addr} joined" not in client.text()
     client.wait_row(rf"^Node        {re.escape(b_addr)}  connected for \d+s", timeout=15)
     client.wait_row(rf"^Node        {re.escape(b_addr)}  connected for \d+s, RTT \d+\.\d\d ms$",
                     timeout=15)
@@ -125,11 +143,7 @@ def test_client_serves_through_every_node(pg, server_factory, echo_backend,  # n
         client.last_block()), timeout=5, desc="a block with the node row")
     assert block[1].startswith("Session     connected") and block[2].startswith("Node "), block
 
-    port = free_port()
-    a.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port,
-                use_tunnel=True, client="edge")
-    wait_until(lambda: (b.mapping(port) or {}).get("status") == "listening", timeout=10,
-               desc="b listens for the mapping")
+    port = tunnel_mapping_on_both(a, b, echo_backend)
     echo_ok(port, "127.0.0.2")
     # B's public port: B asks its own session to the client, which dials the backend.
     echo_ok(port, "127.0.0.3")
@@ -229,22 +243,6 @@ def test_server_behind_a_balancer_that_moves(pg, server_factory, echo_backend,  
     assert "Sanitizer" not in client.text() and "runtime error" not in client.text()
 
 
-def lock_nodes_table(pg):  # noqa: F811
-    """A psql session holding the nodes table locked (every read and heartbeat of it
-    waits) until its stdin gets ROLLBACK or it ends."""
-    locker = subprocess.Popen(
-        _as_pg([pg.bindir / "psql", "-X", "-q", "-A", "-t", "-h", pg.sockdir, "-p", pg.port,
-                "-U", PG_USER, "-d", pg.dbname, "-v", "ON_ERROR_STOP=1"]),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        cwd="/")  # the postgres user may not enter the test's own directory
-    locker.stdin.write("BEGIN;\nLOCK TABLE nodes IN ACCESS EXCLUSIVE MODE;\nSELECT 'locked';\n")
-    locker.stdin.flush()
-    said = []
-    while not said or said[-1] not in ("locked", ""):
-        said.append(locker.stdout.readline().strip())
-    assert said[-1] == "locked", said
-    return locker
-
 
 def test_a_node_that_knows_only_itself_lists_no_nodes(pg, server_factory, echo_backend,  # noqa: F811
                                                       proc_factory, tmp_path):
@@ -255,26 +253,13 @@ def test_a_node_that_knows_only_itself_lists_no_nodes(pg, server_factory, echo_b
     The test holds the nodes table locked while A restarts, so A cannot read it, and lets
     the client's --server session come back to A then: its session to B stays, and B's
     public port keeps answering. Once A reads the table, its list names B."""
-    a = node(server_factory, pg, "a", "127.0.0.2")
-    b = node(server_factory, pg, "b", "127.0.0.3")
-    a_addr, b_addr = f"127.0.0.2:{a.tunnel_port}", f"127.0.0.3:{b.tunnel_port}"
-    wait_until(lambda: len(a.api("GET", "/api/cluster")[2]["data"]["nodes"]) == 2,
-               timeout=20, desc="a sees b")
-    client = TtyClient(proc_factory, tmp_path, a_addr)
-    wait_until(lambda: connected(a), timeout=15, desc="the client on a")
-    client.wait_log(rf"node {re.escape(b_addr)} joined the cluster: connecting", timeout=15)
-    wait_until(lambda: connected(b), timeout=15, desc="the client's node session on b")
-    port = free_port()
-    a.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port,
-                use_tunnel=True, client="edge")
-    wait_until(lambda: (b.mapping(port) or {}).get("status") == "listening", timeout=10,
-               desc="b listens for the mapping")
+    a, b, a_addr, b_addr, client = client_on_a_and_b(pg, server_factory, proc_factory, tmp_path)
+    port = tunnel_mapping_on_both(a, b, echo_backend)
     echo_ok(port, "127.0.0.3")
 
     a.stop()
     hellos = len(re.findall(rf"connected to {re.escape(a_addr)} as", client.text()))
-    locker = lock_nodes_table(pg)
-    try:
+    with TableLock(pg, "nodes"):
         a.start(timeout=20)
         wait_until(lambda: len(re.findall(rf"connected to {re.escape(a_addr)} as",
                                           client.text())) > hellos,
@@ -285,10 +270,6 @@ def test_a_node_that_knows_only_itself_lists_no_nodes(pg, server_factory, echo_b
         assert f"node {b_addr} left the cluster" not in client.text(), client.text()[-3000:]
         assert connected(b)
         echo_ok(port, "127.0.0.3")
-    finally:
-        locker.stdin.write("ROLLBACK;\n")
-        locker.stdin.close()
-        locker.wait(10)
     # A reads the table now: its list names B, and nothing is dropped.
     wait_until(lambda: len(a.api("GET", "/api/cluster")[2]["data"]["nodes"]) == 2,
                timeout=20, desc="a sees b again")

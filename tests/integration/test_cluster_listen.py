@@ -13,10 +13,9 @@ read's second SELECT), makes b's sync connection reconnect (found by its
 application_name, portmux-sync), waits until b's read hangs on the lock after its
 mappings SELECT, has node a create a mapping then, and releases the lock. Only a
 PostgreSQL started by the test, 127.0.0.0/8, every wait bounded."""
-import subprocess
 
 from conftest import free_port, socket_owner, tcp_socket_inodes, wait_until
-from pg_helpers import PG_USER, _as_pg, pg  # noqa: F401  (fixture)
+from pg_helpers import TableLock, pg  # noqa: F401  (fixture)
 from test_cluster_pg import echo_ok, pg_node
 
 
@@ -35,20 +34,7 @@ def test_change_during_listen_start_is_not_missed(pg, server_factory, echo_backe
     assert int(pg.psql("SELECT count(*) FROM pg_stat_activity "
                        "WHERE application_name = 'portmux-store'")[0][0]) >= 2
 
-    locker = subprocess.Popen(
-        _as_pg([pg.bindir / "psql", "-X", "-q", "-A", "-t", "-h", pg.sockdir, "-p", pg.port,
-                "-U", PG_USER, "-d", pg.dbname, "-v", "ON_ERROR_STOP=1"]),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        cwd="/")  # the postgres user may not enter the test's own directory
-    try:
-        locker.stdin.write("BEGIN;\nLOCK TABLE clients IN ACCESS EXCLUSIVE MODE;\n"
-                           "SELECT 'locked';\n")
-        locker.stdin.flush()
-        # psql answers at once; anything else it says (a warning) comes first.
-        said = []
-        while not said or said[-1] not in ("locked", ""):
-            said.append(locker.stdout.readline().strip())
-        assert said[-1] == "locked", said
+    with TableLock(pg, "clients"):
         # b's sync connection goes; b reconnects, listens, reads mappings, then waits for
         # the lock in its clients SELECT.
         rows = pg.psql("SELECT pid, client_port FROM pg_stat_activity "
@@ -64,10 +50,6 @@ def test_change_during_listen_start_is_not_missed(pg, server_factory, echo_backe
         # Another node's change commits now, inside b's window.
         port = free_port()
         a.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
-    finally:
-        locker.stdin.write("COMMIT;\n")
-        locker.stdin.close()
-        locker.wait(timeout=30)
     # SPEC: within 1 s; the deadline leaves room for a loaded machine, and is far below
     # the 30 s resync that would have healed the miss.
     wait_until(lambda: (b.mapping(port) or {}).get("status") == "listening", timeout=10,
