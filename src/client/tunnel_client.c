@@ -436,9 +436,9 @@ static int tc_on_notice(struct tclient *c, const char *json, size_t len)
         json_decref(root);
         return -1;
     }
-    if (strcmp(event, "nodes") == 0 && c->opts.on_nodes &&
-        json_is_array(json_object_get(root, "nodes")))
-        c->opts.on_nodes(json_object_get(root, "nodes"), c->opts.nodes_arg);
+    json_t *nodes = json_object_get(root, "nodes");
+    if (strcmp(event, "nodes") == 0 && c->opts.on_nodes && json_is_array(nodes))
+        c->opts.on_nodes(nodes, c->opts.nodes_arg);
     if (strcmp(event, "mappings") == 0 && c->opts.status && !c->opts.node) {
         status_mappings_reset(c->opts.status);
         tc_show_mappings(c, json_object_get(root, "mappings"));
@@ -470,8 +470,9 @@ static int tc_on_json(struct mux_session *mux, uint8_t type, const char *json, s
         tc_authed(c);
         /* No list (a server outside a cluster, or a node that does not know the others
          * yet) leaves the node sessions as they are. */
-        if (c->opts.on_nodes && json_is_array(json_object_get(root, "nodes")))
-            c->opts.on_nodes(json_object_get(root, "nodes"), c->opts.nodes_arg);
+        json_t *nodes = json_object_get(root, "nodes");
+        if (c->opts.on_nodes && json_is_array(nodes))
+            c->opts.on_nodes(nodes, c->opts.nodes_arg);
     } else {
         snprintf(c->refusal, sizeof(c->refusal), "server refused: %s",
                  message[0] ? message : "(no reason given)");

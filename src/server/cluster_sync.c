@@ -72,7 +72,6 @@ struct cluster_sync {
     struct csync_node *nodes;
     size_t nodes_len;
     int64_t nodes_read_at;   /* database clock of the last nodes read; 0 = never */
-    bool nodes_known;        /* the nodes table was read once: the list below is whole */
     int backoff_s;
     bool busy;               /* a query is in flight */
     bool dirty;              /* read the table again once the current query is done */
@@ -552,7 +551,6 @@ static void csync_nodes_apply(struct cluster_sync *cs, PGresult *res)
     csync_nodes_clear(cs);
     cs->nodes = v;
     cs->nodes_len = (size_t)n;
-    cs->nodes_known = true;
 }
 
 static bool csync_is_self(const struct cluster_sync *cs, const struct csync_node *d)
@@ -616,7 +614,7 @@ json_t *cluster_sync_advertised_json(struct cluster_sync *cs)
      * knows only itself: a list of one would tell every client to drop its sessions to
      * the other nodes. No list says nothing (the client keeps what it has); the list
      * goes out as a Notice once it is known. */
-    if (!cs || !cs->nodes_known)
+    if (!cs || cs->nodes_read_at == 0) /* the read always has a row: this node's own */
         return NULL;
     json_t *arr = json_array();
     const char *own = cs->srv->cfg->cluster_advertise;
