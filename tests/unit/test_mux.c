@@ -913,6 +913,53 @@ static void test_window_autotune(void)
     evbuffer_free(src);
 }
 
+/* A window grown for a WAN is credited back every MUX_UPDATE_STEP_MAX bytes, not at half or a
+ * quarter of it: what the receiver holds back is window the sender cannot use. */
+static void test_update_step(void)
+{
+    struct pair p;
+    struct end se, *ce;
+    struct evbuffer *src = endless();
+    pair_init(&p);
+    wan_clock(&p);
+    struct mux_stream *st = open_stream(&p, &se, &ce);
+    for (int i = 0; i < 40 && mux_stream_send_window(st) < 16 * MUX_UPDATE_STEP_MAX; i++)
+        wan_round(&p, st, ce, src, 1u << 20, true);
+    size_t w = mux_stream_send_window(st);
+    CHECK(w >= 16 * MUX_UPDATE_STEP_MAX);
+    evbuffer_free(src);
+    src = endless();
+    /* One round nobody drains: the whole window waits in the sink. */
+    CHECK(wan_round(&p, st, ce, src, 1u << 30, false) == w);
+    CHECK(mux_stream_send_window(st) == 0);
+    struct evbuffer *sink = mux_stream_sink(ce->st);
+    CHECK(evbuffer_get_length(sink) == w);
+    /* The consumer lags (bytes still wait): credit goes back every step, so the sender
+     * never misses more than one step of what was drained (a half or a quarter of this
+     * window would hold back 4 MiB or more), and not in pieces smaller than a step. */
+    size_t drained = 0, updates = 0, last = 0;
+    while (evbuffer_get_length(sink) > 65536) {
+        evbuffer_drain(sink, 65536);
+        mux_stream_consumed(ce->st, 65536);
+        drained += 65536;
+        CHECK(pump(&p) == 0);
+        size_t now = mux_stream_send_window(st);
+        CHECK(now + MUX_UPDATE_STEP_MAX > drained && now < drained + MUX_UPDATE_STEP_MAX);
+        if (now != last)
+            updates++;
+        last = now;
+    }
+    CHECK(updates >= drained / MUX_UPDATE_STEP_MAX - 1 && updates <= drained / MUX_UPDATE_STEP_MAX + 1);
+    size_t rest = evbuffer_get_length(sink);
+    evbuffer_drain(sink, rest);
+    mux_stream_consumed(ce->st, rest);
+    CHECK(pump(&p) == 0);
+    /* The last piece, less than a step with the sink empty, waits for more. */
+    CHECK(mux_stream_send_window(st) + MUX_UPDATE_STEP_MAX > w);
+    pair_free(&p);
+    evbuffer_free(src);
+}
+
 /* Before Hello, a header announcing more than 4 KiB is refused from the header alone:
  * nothing of the payload needs to arrive (or is buffered). */
 static void test_hello_header_limit(void)
@@ -1269,6 +1316,7 @@ int main(void)
     test_partial_input();
     test_hello_header_limit();
     test_window_growth_rule();
+    test_update_step();
     test_window_autotune();
     test_early_data();
     test_splice();
