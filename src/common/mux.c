@@ -1062,8 +1062,8 @@ void mux_stream_consumed(struct mux_stream *st, size_t n)
      * half-window mark would otherwise keep the rest of it uncredited until the next
      * burst, leaving up to half the window idle every round. Neither step is ever more
      * than MUX_UPDATE_STEP_MAX: credit held here is window the sender cannot use, and a
-     * quarter of a window grown for a WAN is tens of MiB (a 128 MiB window held back
-     * 0-32 MiB, 13 % of it on average; across 100 ms that was 13 % of the stream). */
+     * quarter of a window grown for a WAN is tens of MiB (of a 128 MiB window, 0-32 MiB
+     * held back, 12.5 % of it on average). */
     struct evbuffer *sink = st->sink ? st->sink : st->rx;
     size_t waiting = sink ? evbuffer_get_length(sink) : 0;
     uint32_t half = st->recv_limit / 2, quarter = st->recv_limit / 4;
