@@ -263,6 +263,7 @@ def test_silent_peers_dropped_after_heartbeat_timeout(server_factory, http_backe
                           "--heartbeat-timeout", "3")
     port = free_port()
     srv.create_ok(port=port, target_port=http_backend.port)
+    mark = client.log_mark()
     client.send_signal(signal.SIGSTOP)
     try:
         t0 = time.monotonic()
@@ -272,6 +273,9 @@ def test_silent_peers_dropped_after_heartbeat_timeout(server_factory, http_backe
     finally:
         client.send_signal(signal.SIGCONT)
     wait_until(lambda: client_count(srv) == 1, timeout=15, desc="client to come back")
+    # The server counts the client at its Hello, before the client logs the answer: the
+    # mark below must come after that line, or the wait for the next session finds it.
+    client.wait_log(r"connected to 127\.0\.0\.1:\d+ as", after=mark, timeout=15)
 
     mark = client.log_mark()
     srv.proc.send_signal(signal.SIGSTOP)
