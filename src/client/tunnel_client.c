@@ -425,6 +425,16 @@ static void tc_show_mappings(struct tclient *c, json_t *list)
     }
 }
 
+/* The "nodes" of a HelloResponse or Notice to the node sessions (SPEC §7). No list (a
+ * server outside a cluster, or a node that does not know the others yet) leaves the node
+ * sessions as they are. */
+static void tc_pass_nodes(struct tclient *c, json_t *msg)
+{
+    json_t *nodes = json_object_get(msg, "nodes");
+    if (c->opts.on_nodes && json_is_array(nodes))
+        c->opts.on_nodes(nodes, c->opts.nodes_arg);
+}
+
 /* A Notice (only after our Hello asked for them). An event this client does not know is
  * ignored: a newer server may send more kinds. */
 static int tc_on_notice(struct tclient *c, const char *json, size_t len)
@@ -436,9 +446,8 @@ static int tc_on_notice(struct tclient *c, const char *json, size_t len)
         json_decref(root);
         return -1;
     }
-    json_t *nodes = json_object_get(root, "nodes");
-    if (strcmp(event, "nodes") == 0 && c->opts.on_nodes && json_is_array(nodes))
-        c->opts.on_nodes(nodes, c->opts.nodes_arg);
+    if (strcmp(event, "nodes") == 0)
+        tc_pass_nodes(c, root);
     if (strcmp(event, "mappings") == 0 && c->opts.status && !c->opts.node) {
         status_mappings_reset(c->opts.status);
         tc_show_mappings(c, json_object_get(root, "mappings"));
@@ -468,11 +477,7 @@ static int tc_on_json(struct mux_session *mux, uint8_t type, const char *json, s
     if (ok) {
         tc_read_mappings(c, root);
         tc_authed(c);
-        /* No list (a server outside a cluster, or a node that does not know the others
-         * yet) leaves the node sessions as they are. */
-        json_t *nodes = json_object_get(root, "nodes");
-        if (c->opts.on_nodes && json_is_array(nodes))
-            c->opts.on_nodes(nodes, c->opts.nodes_arg);
+        tc_pass_nodes(c, root);
     } else {
         snprintf(c->refusal, sizeof(c->refusal), "server refused: %s",
                  message[0] ? message : "(no reason given)");
