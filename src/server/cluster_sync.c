@@ -22,6 +22,7 @@
 #include "config.h"
 #include "log.h"
 #include "mapping.h"
+#include "pg_dial.h"
 #include "server.h"
 #include "store.h"
 #include "store_pg.h"
@@ -59,6 +60,7 @@ enum csync_state { CSYNC_DOWN, CSYNC_CONNECTING, CSYNC_READY };
 struct cluster_sync {
     struct server *srv;
     char *conninfo;
+    struct pg_dial *dial;    /* resolving the database's host names (pg_dial.h) */
     PGconn *conn;
     enum csync_state state;
     struct event *sock_ev;   /* the connection's socket: connect steps, then reads */
@@ -107,10 +109,12 @@ static bool csync_db_ok(void *arg)
 }
 static void csync_on_sock(evutil_socket_t fd, short what, void *arg);
 
-static void csync_log_conn_error(struct cluster_sync *cs, const char *what)
+/* why: what went wrong, or NULL for the connection's own error message. */
+static void csync_log_conn_error(struct cluster_sync *cs, const char *what, const char *why)
 {
     char msg[256];
-    snprintf(msg, sizeof(msg), "%s", cs->conn ? PQerrorMessage(cs->conn) : "out of memory");
+    snprintf(msg, sizeof(msg), "%s",
+             why ? why : cs->conn ? PQerrorMessage(cs->conn) : "out of memory");
     for (char *p = msg; *p; p++)
         if (*p == '\n' || *p == '\r' || *p == '\t')
             *p = ' ';
@@ -127,9 +131,11 @@ static void csync_free_events(struct cluster_sync *cs)
 }
 
 /* Drops the connection and tries again after the backoff (1 s doubling to 30 s). */
-static void csync_lost(struct cluster_sync *cs, const char *what)
+static void csync_lost_why(struct cluster_sync *cs, const char *what, const char *why)
 {
-    csync_log_conn_error(cs, what);
+    csync_log_conn_error(cs, what, why);
+    pg_dial_cancel(cs->dial);
+    cs->dial = NULL;
     csync_free_events(cs);
     if (cs->conn)
         PQfinish(cs->conn);
@@ -142,6 +148,11 @@ static void csync_lost(struct cluster_sync *cs, const char *what)
         cs->backoff_s = CSYNC_BACKOFF_MAX_S;
     struct timeval tv = {cs->backoff_s, 0};
     evtimer_add(cs->retry, &tv);
+}
+
+static void csync_lost(struct cluster_sync *cs, const char *what)
+{
+    csync_lost_why(cs, what, NULL);
 }
 
 static void csync_flush(struct cluster_sync *cs)
@@ -390,21 +401,37 @@ static void csync_on_sock(evutil_socket_t fd, short what, void *arg)
         csync_on_read(cs);
 }
 
-static void csync_connect(struct cluster_sync *cs)
+static void csync_on_dialled(PGconn *conn, const char *err, void *arg)
 {
-    cs->conn = store_pg_connect_start(cs->conninfo, "portmux-sync");
-    if (!cs->conn || PQstatus(cs->conn) == CONNECTION_BAD) {
+    struct cluster_sync *cs = arg;
+    cs->dial = NULL;
+    cs->conn = conn;
+    if (!conn) {
+        csync_lost_why(cs, "connecting to the database", err);
+        return;
+    }
+    if (PQstatus(conn) == CONNECTION_BAD) {
         csync_lost(cs, "connecting to the database");
         return;
     }
     PQsetNoticeProcessor(cs->conn, store_pg_notice, NULL);
-    cs->state = CSYNC_CONNECTING;
-    cs->connect_at_ms = csync_now_ms();
     /* libpq's first step wants the socket writable (the connect in progress). */
     csync_free_events(cs);
     cs->sock_ev = event_new(cs->srv->base, PQsocket(cs->conn), EV_WRITE, csync_on_sock, cs);
     if (!cs->sock_ev || event_add(cs->sock_ev, NULL) != 0)
         csync_lost(cs, "watching the database socket");
+}
+
+/* Host names are resolved with evdns first (pg_dial): PQconnectStart's own getaddrinfo
+ * would hold the loop for as long as DNS takes. CSYNC_CONNECT_MS covers both steps. */
+static void csync_connect(struct cluster_sync *cs)
+{
+    cs->state = CSYNC_CONNECTING;
+    cs->connect_at_ms = csync_now_ms();
+    cs->dial = pg_dial_start(cs->srv->base, cs->srv->dns, cs->conninfo, "portmux-sync",
+                             csync_on_dialled, cs);
+    if (!cs->dial)
+        csync_lost_why(cs, "connecting to the database", "out of memory");
 }
 
 static void csync_on_retry(evutil_socket_t fd, short what, void *arg)
@@ -692,6 +719,7 @@ void cluster_sync_free(struct cluster_sync *cs)
         return;
     store_set_gate(cs->srv->store, NULL, NULL);
     store_set_write_hook(cs->srv->store, NULL, NULL);
+    pg_dial_cancel(cs->dial);
     csync_free_events(cs);
     if (cs->tick)
         event_free(cs->tick);

@@ -258,7 +258,7 @@ static int server_start(struct server *srv)
         tunnel_server_set_nodes_source(srv->tunnel, server_cluster_nodes, srv->cluster_sync);
     }
     /* From here on no write waits on the loop (PostgreSQL; SQLite stays synchronous). */
-    if (store_attach_loop(srv->store, srv->base) != 0) {
+    if (store_attach_loop(srv->store, srv->base, srv->dns) != 0) {
         log_error("store", "cannot put the database writes on the event loop");
         return 1;
     }

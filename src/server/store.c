@@ -313,13 +313,13 @@ enum store_result store_client_foreach(struct store *st,
 
 /* ---- asynchronous writes ---- */
 
-int store_attach_loop(struct store *st, struct event_base *base)
+int store_attach_loop(struct store *st, struct event_base *base, struct evdns_base *dns)
 {
     if (!st || !base)
         return -1;
     if (!st->backend->attach)
         return 0; /* SQLite: writes stay synchronous by design (store.h) */
-    if (st->backend->attach(st->impl, base) != 0)
+    if (st->backend->attach(st->impl, base, dns) != 0)
         return -1;
     st->attached = true;
     return 0;

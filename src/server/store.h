@@ -94,14 +94,16 @@ enum store_result store_client_foreach(struct store *st,
  * a time, and done runs later from the loop, STORE_UNAVAILABLE when the database did not
  * answer within 1.5 s of the call. */
 struct event_base;
+struct evdns_base;
 typedef void (*store_mapping_done_fn)(enum store_result r, const struct mapping_record *rec,
                                       void *arg);
 typedef void (*store_client_done_fn)(enum store_result r, const struct client_record *rec,
                                      void *arg);
 
 /* Moves the store's writes onto base (PostgreSQL: opens the write connection without
- * waiting). Returns 0, or -1 (writes then stay synchronous). */
-int store_attach_loop(struct store *st, struct event_base *base);
+ * waiting; a reconnect resolves the database's host names with dns, never with a blocking
+ * lookup on the loop). Returns 0, or -1 (writes then stay synchronous). */
+int store_attach_loop(struct store *st, struct event_base *base, struct evdns_base *dns);
 /* Installs fn, called after every asynchronous write (*_async) completed, after its own
  * callback, with its result. The cluster sync reads the tables again after a failed one:
  * a resync that arrived while the write was in flight left that row to its outcome. */

@@ -9,6 +9,7 @@
 #include "store_types.h"
 
 struct event_base;
+struct evdns_base;
 
 /* What a backend reports about the schema once it is open. */
 struct store_open_info {
@@ -61,10 +62,11 @@ struct store_backend {
     enum store_result (*client_get)(void *impl, const char *name, struct client_record *rec);
     enum store_result (*client_foreach)(void *impl, store_client_fn fn, void *arg);
     /* Optional (NULL: store.c runs the synchronous function above and completes at once).
-     * attach starts the backend's own writes on base (0, or -1 when it cannot); submit
+     * attach starts the backend's own writes on base, resolving names with dns (0, or -1
+     * when it cannot); submit
      * queues op and completes it later from the loop, or at once when it cannot start;
      * fail_pending completes every queued op with STORE_UNAVAILABLE (shutdown). */
-    int (*attach)(void *impl, struct event_base *base);
+    int (*attach)(void *impl, struct event_base *base, struct evdns_base *dns);
     void (*submit)(void *impl, struct store_op *op);
     void (*fail_pending)(void *impl);
 };

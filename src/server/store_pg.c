@@ -24,6 +24,7 @@
 
 #include "embed.h"
 #include "log.h"
+#include "pg_dial.h"
 #include "store.h"
 #include "store_backend.h"
 #include "store_pg.h"
@@ -48,6 +49,8 @@ struct pg_store {
     int backoff_s;
     /* The write connection on the loop (store_attach_loop; pgw_*): NULL base = none. */
     struct event_base *base;
+    struct evdns_base *dns;
+    struct pg_dial *wdial; /* resolving the host names of a reconnect (pg_dial.h) */
     PGconn *wconn;
     enum { PGW_DOWN, PGW_CONNECTING, PGW_IDLE, PGW_BUSY } wstate;
     enum { PGW_BEGIN, PGW_STMT, PGW_END } wstep;
@@ -106,7 +109,11 @@ void store_pg_notice(void *arg, const char *message)
     log_debug("store", "postgres: %s", line);
 }
 
-PGconn *store_pg_connect_start(const char *conninfo, const char *name)
+/* PQconnectStart for conninfo (a URL or key=value string) with application_name `name`
+ * unless conninfo names one: pg_stat_activity then tells the node's connections apart.
+ * For the start-up connection only, before the loop runs: its host names are resolved
+ * by libpq (getaddrinfo); the loop's connections go through pg_dial. */
+static PGconn *store_pg_connect_start(const char *conninfo, const char *name)
 {
     const char *const keys[] = {"dbname", "fallback_application_name", NULL};
     const char *const values[] = {conninfo, name, NULL};
@@ -937,6 +944,8 @@ static void pgw_fail_all(struct pg_store *pg)
 /* Drops the write connection; an open transaction dies with it (rolled back). */
 static void pgw_drop(struct pg_store *pg)
 {
+    pg_dial_cancel(pg->wdial);
+    pg->wdial = NULL;
     pgw_free_events(pg);
     if (pg->wconn)
         PQfinish(pg->wconn);
@@ -944,17 +953,23 @@ static void pgw_drop(struct pg_store *pg)
     pg->wstate = PGW_DOWN;
 }
 
-/* The connection failed or gave no answer: drop it, back off, fail what waits. */
-static void pgw_lost(struct pg_store *pg, const char *what, bool backoff)
+/* The connection failed or gave no answer: drop it, back off, fail what waits. why says
+ * what went wrong, or NULL for the connection's own error message. */
+static void pgw_lost_why(struct pg_store *pg, const char *what, const char *why, bool backoff)
 {
     char msg[256];
-    pg_one_line(msg, sizeof(msg), pg->wconn ? PQerrorMessage(pg->wconn) : "");
+    pg_one_line(msg, sizeof(msg), why ? why : pg->wconn ? PQerrorMessage(pg->wconn) : "");
     log_warn("store", "%s: %s%s%s; dropping the write connection", pg->where, what,
              msg[0] ? ": " : "", msg);
     pgw_drop(pg);
     if (backoff)
         pg_backoff(pg);
     pgw_fail_all(pg);
+}
+
+static void pgw_lost(struct pg_store *pg, const char *what, bool backoff)
+{
+    pgw_lost_why(pg, what, NULL, backoff);
 }
 
 static void pgw_flush(struct pg_store *pg)
@@ -1131,15 +1146,31 @@ static void pgw_on_sock(evutil_socket_t fd, short what, void *arg)
         pgw_on_read(pg);
 }
 
-static void pgw_connect(struct pg_store *pg)
+static void pgw_on_dialled(PGconn *conn, const char *err, void *arg)
 {
-    pg->wconn = store_pg_connect_start(pg->conninfo, "portmux-store");
-    pg->wstate = PGW_CONNECTING;
-    if (!pg->wconn || PQstatus(pg->wconn) == CONNECTION_BAD) {
+    struct pg_store *pg = arg;
+    pg->wdial = NULL;
+    pg->wconn = conn;
+    if (!conn) {
+        pgw_lost_why(pg, "reconnect failed", err, true);
+        return;
+    }
+    if (PQstatus(conn) == CONNECTION_BAD) {
         pgw_lost(pg, "reconnect failed", true);
         return;
     }
     pgw_connect_wait(pg, PGRES_POLLING_WRITING);
+}
+
+/* Host names are resolved with evdns first (pg_dial): PQconnectStart's own getaddrinfo
+ * would hold the loop for as long as DNS takes. The head write's deadline covers both. */
+static void pgw_connect(struct pg_store *pg)
+{
+    pg->wstate = PGW_CONNECTING;
+    pg->wdial = pg_dial_start(pg->base, pg->dns, pg->conninfo, "portmux-store",
+                              pgw_on_dialled, pg);
+    if (!pg->wdial)
+        pgw_lost_why(pg, "reconnect failed", "out of memory", true);
 }
 
 static void pgw_on_deadline(evutil_socket_t fd, short what, void *arg)
@@ -1175,7 +1206,7 @@ static void pgw_submit(void *impl, struct store_op *op)
         pgw_next(pg);
 }
 
-static int pgw_attach(void *impl, struct event_base *base)
+static int pgw_attach(void *impl, struct event_base *base, struct evdns_base *dns)
 {
     struct pg_store *pg = impl;
     if (pg->base)
@@ -1184,6 +1215,7 @@ static int pgw_attach(void *impl, struct event_base *base)
     if (!pg->wdeadline)
         return -1;
     pg->base = base;
+    pg->dns = dns;
     /* The open connection becomes the write connection: it is idle and proven. */
     if (pg->conn && pg_alive(pg->conn)) {
         pg->wconn = pg->conn;

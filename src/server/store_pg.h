@@ -25,8 +25,4 @@ void store_pg_read_client(PGresult *res, int i, struct client_record *rec);
  * log, one line each, instead of libpq's default of stderr. */
 void store_pg_notice(void *arg, const char *message);
 
-/* PQconnectStart for conninfo (a URL or key=value string) with application_name `name`
- * unless conninfo names one: pg_stat_activity then tells the node's connections apart. */
-PGconn *store_pg_connect_start(const char *conninfo, const char *name);
-
 #endif

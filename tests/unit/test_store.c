@@ -711,7 +711,7 @@ static void test_async_sqlite(void)
     tpath(path, sizeof(path), "async.db");
     struct store *st = open_ok(path);
     /* SQLite has nothing to attach: writes stay synchronous. */
-    CHECK(store_attach_loop(st, NULL) == -1);
+    CHECK(store_attach_loop(st, NULL, NULL) == -1);
     CHECK(!store_writes_async(st));
     store_set_write_hook(st, async_hook, NULL);
     struct async_seen s = {0};
