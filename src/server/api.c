@@ -296,7 +296,7 @@ static void api_updated(enum mapping_result r, struct mapping *m, const char *er
         api_fail(&p->reply,
                  r == MAPPING_E_IN_USE        ? API_E_PORT_IN_USE
                  : r == MAPPING_E_UNAVAILABLE ? API_E_STORE_UNAVAILABLE
-                 : r == MAPPING_E_BUSY        ? API_E_BUSY
+                 : r == MAPPING_E_BUSY        ? API_E_STORE_UNAVAILABLE
                  : r == MAPPING_E_NOT_FOUND   ? API_E_NOT_FOUND
                                               : API_E_INTERNAL,
                  err, NULL);
@@ -359,7 +359,7 @@ static void api_removed(enum mapping_result r, struct mapping *m, const char *er
         api_fail(&p->reply, API_E_STORE_UNAVAILABLE, "the database did not answer in time",
                  NULL);
     } else if (r == MAPPING_E_BUSY) {
-        api_fail(&p->reply, API_E_BUSY, err, NULL);
+        api_fail(&p->reply, API_E_STORE_UNAVAILABLE, err, NULL);
     } else if (r != MAPPING_OK) {
         api_fail(&p->reply, API_E_INTERNAL, "database error", NULL);
     } else {
@@ -544,7 +544,7 @@ static void api_client_fail(struct api_reply *out, enum clients_result r, const 
     case CLIENTS_BUSY:
         snprintf(msg, sizeof(msg), "a change of client \"%s\" is being stored; try again",
                  name);
-        api_fail(out, API_E_BUSY, msg, NULL);
+        api_fail(out, API_E_STORE_UNAVAILABLE, msg, NULL);
         return;
     default:
         api_fail(out, API_E_INTERNAL, "database error", NULL);

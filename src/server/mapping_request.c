@@ -32,7 +32,6 @@ static const struct {
     [API_E_CROSS_ORIGIN] = {"cross_origin", 403},
     [API_E_BAD_HOST] = {"bad_host", 421},
     [API_E_STORE_UNAVAILABLE] = {"store_unavailable", 503},
-    [API_E_BUSY] = {"busy", 409},
 };
 
 const char *api_error_code(enum api_error e) { return api_errors[e].code; }

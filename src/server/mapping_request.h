@@ -29,7 +29,6 @@ enum api_error {
     API_E_CROSS_ORIGIN,    /* 403: a foreign Origin or Sec-Fetch-Site: cross-site */
     API_E_BAD_HOST,        /* 421: a Host the API does not answer to (DNS rebinding) */
     API_E_STORE_UNAVAILABLE, /* 503: the database did not take the write in time (§7) */
-    API_E_BUSY,            /* 409: a write for the same mapping or client is in flight */
 };
 
 /* "invalid_json", ... */

@@ -6,7 +6,8 @@ for a frozen database, an open relay keeps relaying and reads answer at once; th
 answers 503 store_unavailable at its deadline and is not stored after SIGCONT.
 
 A row lock taken by a psql session holds one write in flight for as long as a test needs:
-meanwhile an update or remove of that mapping answers 409 busy, a client that hangs up
+meanwhile an update or remove of that mapping answers 503 store_unavailable at once (SPEC
+§3's code for a write the database cannot take now), a client that hangs up
 does no harm, and a shutdown answers the waiting request 503."""
 import hashlib
 import socket
@@ -54,6 +55,13 @@ class PingPong(threading.Thread):
         assert not self.is_alive(), "the ping-pong did not end"
         assert self.error is None, repr(self.error)
         return self.max_gap
+
+
+def timed_reply(node, path, body):
+    """(status, headers, reply, seconds) of one POST."""
+    t0 = time.monotonic()
+    status, headers, reply = node.api("POST", path, body=body, timeout=10)
+    return status, headers, reply, time.monotonic() - t0
 
 
 def timed(node, method, path, body):
@@ -193,11 +201,13 @@ def test_write_in_flight_busy_and_a_client_that_hangs_up(pg, server_factory,  # 
         s = raw_update(node, port, "slow")
         wait_until(lambda: write_waits_on_lock(pg), timeout=10, interval=0.05,
                    desc="the update waits on the row lock")
-        # A second change of the same mapping does not queue behind it: 409 busy, at once.
+        # A second change of the same mapping does not queue behind it: 503, at once.
         for path, body in (("/api/mapping/update", {"port": port, "name": "other"}),
                            ("/api/mapping/remove", {"port": port})):
-            status, _, reply = node.api("POST", path, body=body, timeout=10)
-            assert status == 409 and reply["error"] == "busy", (path, reply)
+            status, _, reply, took = timed_reply(node, path, body)
+            assert status == 503 and reply["error"] == "store_unavailable", (path, reply)
+            assert "being stored" in reply["message"], reply
+            assert took < 1.0, f"{path} waited {took:.2f} s instead of answering at once"
         # The client gives up while its answer is pending.
         s.close()
     finally:
@@ -229,8 +239,10 @@ def test_client_write_in_flight_is_busy(pg, server_factory):  # noqa: F811
         wait_until(lambda: write_waits_on_lock(pg, "clients"), timeout=10, interval=0.05,
                    desc="the rotate waits on the row lock")
         for path in ("/api/client/rotate", "/api/client/remove"):
-            status, _, reply = node.api("POST", path, body={"name": "edge"}, timeout=10)
-            assert status == 409 and reply["error"] == "busy", (path, reply)
+            status, _, reply, took = timed_reply(node, path, {"name": "edge"})
+            assert status == 503 and reply["error"] == "store_unavailable", (path, reply)
+            assert "being stored" in reply["message"], reply
+            assert took < 1.0, f"{path} waited {took:.2f} s instead of answering at once"
     finally:
         lock.release()
     t.join(10)
