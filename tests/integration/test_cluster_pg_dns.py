@@ -143,8 +143,9 @@ def in_private_resolv_conf(node, resolv_conf):
                       str(SERVER_BIN), "--config", str(node.config_path)]
 
 
-def test_held_dns_answers_never_hold_the_loop(pg, server_factory, fake_dns,  # noqa: F811
-                                              echo_backend):
+def node_by_name(server_factory, pg, fake_dns):  # noqa: F811
+    """A started node whose database.url names PostgreSQL by a name only fake_dns knows,
+    and the name."""
     name = f"pg-{random.randint(0, 10**9)}.portmux.test"
     fake_dns.names[name] = "127.0.0.1"
     node = pg_node(server_factory, pg, start=False)
@@ -152,6 +153,12 @@ def test_held_dns_answers_never_hold_the_loop(pg, server_factory, fake_dns,  # n
     node.write_config()
     in_private_resolv_conf(node, fake_dns.resolv_conf)
     node.start(timeout=30)
+    return node, name
+
+
+def test_held_dns_answers_never_hold_the_loop(pg, server_factory, fake_dns,  # noqa: F811
+                                              echo_backend):
+    node, name = node_by_name(server_factory, pg, fake_dns)
     assert fake_dns.seen(name) > 0, "the node did not look the name up through the test's DNS"
     node.wait_log(r"listening for changes from other nodes", timeout=20)
 
@@ -212,13 +219,7 @@ def test_a_name_that_does_not_resolve_is_named_in_the_log(pg, server_factory,  #
                                                           fake_dns):
     """A reconnect to a name DNS does not know fails with the name in the log line (and
     tries again later), the node still serving."""
-    name = f"pg-{random.randint(0, 10**9)}.portmux.test"
-    fake_dns.names[name] = "127.0.0.1"
-    node = pg_node(server_factory, pg, start=False)
-    node.config["database"] = {"url": f"postgresql://{PG_USER}@{name}:{pg.port}/{pg.dbname}"}
-    node.write_config()
-    in_private_resolv_conf(node, fake_dns.resolv_conf)
-    node.start(timeout=30)
+    node, name = node_by_name(server_factory, pg, fake_dns)
     node.wait_log(r"listening for changes from other nodes", timeout=20)
     mark = node.log_mark()
     del fake_dns.names[name]  # NXDOMAIN from now on
