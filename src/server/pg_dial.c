@@ -60,6 +60,13 @@ static const char *plan_opt(const struct pg_dial_plan *p, const char *keyword)
     return NULL;
 }
 
+static const char *plan_opt_env(const struct pg_dial_plan *p, const char *keyword,
+                                const char *env)
+{
+    const char *v = plan_opt(p, keyword);
+    return v ? v : getenv(env);
+}
+
 int pg_dial_plan_init(struct pg_dial_plan *p, const char *conninfo, char *err, size_t errlen)
 {
     memset(p, 0, sizeof(*p));
@@ -73,9 +80,11 @@ int pg_dial_plan_init(struct pg_dial_plan *p, const char *conninfo, char *err, s
         PQfreemem(perr);
         return -1;
     }
-    const char *host = plan_opt(p, "host");
-    const char *hostaddr = plan_opt(p, "hostaddr");
-    const char *port = plan_opt(p, "port");
+    /* What the conninfo leaves out libpq takes from the environment (an empty value
+     * counts as given): the lookups must see the hosts libpq would. */
+    const char *host = plan_opt_env(p, "host", "PGHOST");
+    const char *hostaddr = plan_opt_env(p, "hostaddr", "PGHOSTADDR");
+    const char *port = plan_opt_env(p, "port", "PGPORT");
     /* hostaddr given: libpq looks nothing up; no host: the default socket. */
     if ((hostaddr && hostaddr[0]) || !host || !host[0])
         return 0;

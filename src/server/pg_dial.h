@@ -8,8 +8,9 @@
  * uses host for TLS verify-full and the password file. A name with several addresses
  * becomes as many entries, tried in order as libpq tries a name's addresses.
  *
- * Names in a `service=` entry or in PGHOST are not seen here (libpq reads them itself);
- * the documented form is a URL or key=value string that names its hosts. */
+ * Hosts the conninfo leaves out come from PGHOST, PGHOSTADDR and PGPORT, as in libpq.
+ * Names in a `service=` entry are not seen here (libpq reads that file itself); the
+ * documented form is a URL or key=value string that names its hosts. */
 #ifndef PORTMUX_PG_DIAL_H
 #define PORTMUX_PG_DIAL_H
 
@@ -38,7 +39,8 @@ struct pg_dial_plan {
     size_t naddrs[PG_DIAL_MAX_HOSTS];
 };
 
-/* Parses conninfo (a URL or key=value string). Returns how many hosts need a lookup
+/* Parses conninfo (a URL or key=value string; host, hostaddr and port it does not set
+ * are taken from PGHOST, PGHOSTADDR and PGPORT). Returns how many hosts need a lookup
  * (0: none, e.g. IP addresses, a socket directory, or hostaddr given), or -1 with err
  * set (unparsable, too many hosts). On -1 nothing needs freeing. */
 int pg_dial_plan_init(struct pg_dial_plan *p, const char *conninfo, char *err, size_t errlen);

@@ -114,6 +114,35 @@ static void test_mixed_hosts_and_port_lists(void)
     pg_dial_plan_free(&p);
 }
 
+/* Hosts the conninfo does not name come from the environment, as libpq takes them. */
+static void test_environment(void)
+{
+    struct pg_dial_plan p;
+    char err[128] = "";
+    char **k, **v;
+    setenv("PGHOST", "env-a.test,env-b.test", 1);
+    setenv("PGPORT", "7001,7002", 1);
+    CHECK(pg_dial_plan_init(&p, "dbname=x", err, sizeof(err)) == 2);
+    pg_dial_plan_add_addr(&p, 1, "192.0.2.9");
+    CHECK(pg_dial_plan_params(&p, "x", &k, &v, err, sizeof(err)) == 0);
+    CHECK(streq(param(k, v, "host"), "env-b.test"));
+    CHECK(streq(param(k, v, "hostaddr"), "192.0.2.9"));
+    CHECK(streq(param(k, v, "port"), "7002"));
+    pg_dial_params_free(k, v);
+    pg_dial_plan_free(&p);
+    /* The conninfo's own host wins; an empty one is given (the default socket). */
+    CHECK(pg_dial_plan_init(&p, "host=10.0.0.1", err, sizeof(err)) == 0);
+    pg_dial_plan_free(&p);
+    CHECK(pg_dial_plan_init(&p, "host=''", err, sizeof(err)) == 0);
+    pg_dial_plan_free(&p);
+    setenv("PGHOSTADDR", "10.0.0.5", 1);
+    CHECK(pg_dial_plan_init(&p, "dbname=x", err, sizeof(err)) == 0);
+    pg_dial_plan_free(&p);
+    unsetenv("PGHOST");
+    unsetenv("PGPORT");
+    unsetenv("PGHOSTADDR");
+}
+
 static void test_limits_and_errors(void)
 {
     struct pg_dial_plan p;
@@ -267,9 +296,14 @@ static void test_dial_on_loop(void)
 
 int main(void)
 {
+    /* The cases below say which hosts they name; none may come from the caller's shell. */
+    unsetenv("PGHOST");
+    unsetenv("PGPORT");
+    unsetenv("PGHOSTADDR");
     test_one_name_two_addresses();
     test_nothing_to_resolve();
     test_mixed_hosts_and_port_lists();
+    test_environment();
     test_limits_and_errors();
     test_dial_on_loop();
     return check_summary();
