@@ -6,27 +6,32 @@
 # Plain POSIX sh: it works the same run as `sh scripts/install-deps.sh` (dash), with bash,
 # or executed directly.
 # Each set is one plain `apt-get install` line below (marked by the "# set:" comment above
-# it), so what a set installs is written once and can be read here; --list reads those
-# lines from this file. As root (as on the project's machines and in CI) it always runs
-# `apt-get update`, then the sets' apt-get install: on a fresh machine that installs
-# everything, elsewhere it installs what is missing (--no-upgrade leaves installed packages
-# as they are). Should one package of a set not install (a mirror without it), the set's
-# other packages are installed one by one, and the script fails naming what did not.
-# Not root, it runs itself again under sudo. scripts/check-deps.py reads `--list all` and
-# fails when a test, benchmark or script runs a program whose package no set installs.
-set -eu
+# it), holding nothing but apt-get's options and the set's packages, so what a set installs
+# is written once and can be read here; --list reads those lines from this file. It always
+# runs `apt-get update`, then the sets' apt-get install lines, with apt-get as found on PATH:
+# as root (the project's machines, CI, a fresh container) that installs everything
+# missing (--no-upgrade leaves installed packages as they are). Should one package of a set
+# not install (a mirror without it), the set's other packages are installed one by one,
+# and the script fails naming what did not. Not root, apt-get itself refuses; the script
+# then succeeds if every package is installed already and otherwise fails naming the
+# missing ones (run it with sudo). scripts/check-deps.py reads `--list all` and fails when
+# a test, benchmark or script runs a program whose package no set installs.
+# No `set -e`: a failed install line is handled on the line after it (hence $?, so that
+# the install line itself stays apt-get and its packages, nothing else).
+# shellcheck disable=SC2181
+set -u
 
-# This file, for --list and for running again under sudo.
+# This file, for --list and the one-by-one fallback.
 SELF=$0
 [ -f "$SELF" ] || SELF=scripts/install-deps.sh
 
-# The packages of set $1: the words after "apt-get install" on the line below its marker,
-# up to the "||" of the fallback.
+# The packages of set $1: the words after "apt-get install" on the line below its marker
+# that are not options.
 packages_of() {
   awk -v set="$1" '
     $0 == "# set: " set { take = 1; next }
     take && /^apt-get install / {
-      for (i = 3; i <= NF && $i != "||"; i++) if ($i !~ /^-/) print $i
+      for (i = 3; i <= NF; i++) if ($i !~ /^-/) print $i
       exit
     }' "$SELF"
 }
@@ -49,30 +54,23 @@ if [ $LIST = 1 ]; then
   exit 0
 fi
 
-if [ "$(id -u)" != 0 ]; then
-  # apt needs root: the whole script again under sudo, so every apt-get line stays plain.
-  if command -v sudo > /dev/null; then
-    # shellcheck disable=SC2086 # the set names, checked above: one word each
-    exec sudo DEBIAN_FRONTEND=noninteractive sh "$SELF" $SETS
-  fi
-  missing=
-  for s in $SETS; do
-    for p in $(packages_of "$s"); do
-      dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
-        missing="$missing $p"
-    done
-  done
-  [ -z "$missing" ] && exit 0
-  echo "install-deps: missing$missing; run this as root (no sudo here)" >&2
-  exit 1
-fi
-
 export DEBIAN_FRONTEND=noninteractive
 FAILED=
 
-# The fallback when a set's line fails: its packages one at a time, so one that the mirror
-# lacks does not keep the others out.
+# A set's packages that dpkg does not have installed.
+missing_of() {
+  for p in $(packages_of "$1"); do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
+  done
+}
+
+# After a set's line failed. As root: its packages one at a time, so one that the mirror
+# lacks does not keep the others out. Not root (apt-get cannot install): what is missing.
 install_each() {
+  if [ "$(id -u)" != 0 ]; then
+    FAILED="$FAILED $(missing_of "$1" | tr '\n' ' ')"
+    return
+  fi
   for p in $(packages_of "$1"); do
     apt-get install -y -q --no-install-recommends --no-upgrade "$p" || FAILED="$FAILED $p"
   done
@@ -84,20 +82,30 @@ apt-get update -q || echo "install-deps: apt-get update failed; installing from 
 
 if want build; then
 # set: build
-apt-get install -y -q --no-install-recommends --no-upgrade build-essential cmake pkg-config libevent-dev libmicrohttpd-dev libjansson-dev libsqlite3-dev libyaml-dev libssl-dev libpq-dev || install_each build
+apt-get install -y -q --no-install-recommends --no-upgrade build-essential cmake pkg-config libevent-dev libmicrohttpd-dev libjansson-dev libsqlite3-dev libyaml-dev libssl-dev libpq-dev
+[ $? -eq 0 ] || install_each build
 fi
 
 if want test; then
 # set: test
-apt-get install -y -q --no-install-recommends --no-upgrade curl sqlite3 python3 python3-pytest procps iproute2 util-linux mount openssl prometheus openssh-server openssh-client redis-server redis-tools clang libclang-rt-14-dev valgrind iperf3 nginx haproxy postgresql postgresql-15 postgresql-client-common chromium chromium-driver python3-selenium systemd groff-base man-db mandoc dpkg-dev cmake || install_each test
+apt-get install -y -q --no-install-recommends --no-upgrade curl sqlite3 python3 python3-pytest procps iproute2 util-linux mount openssl prometheus openssh-server openssh-client redis-server redis-tools clang libclang-rt-14-dev valgrind iperf3 nginx haproxy postgresql postgresql-15 postgresql-client-common chromium chromium-driver python3-selenium systemd groff-base man-db mandoc dpkg-dev cmake
+[ $? -eq 0 ] || install_each test
 fi
 
 if want bench; then
 # set: bench
-apt-get install -y -q --no-install-recommends --no-upgrade python3 curl procps iproute2 util-linux openssl iperf3 wrk nginx haproxy socat rinetd openssh-server openssh-client linux-perf valgrind git || install_each bench
+apt-get install -y -q --no-install-recommends --no-upgrade python3 curl procps iproute2 util-linux openssl iperf3 wrk nginx haproxy socat rinetd openssh-server openssh-client linux-perf valgrind git
+[ $? -eq 0 ] || install_each bench
 fi
 
+# shellcheck disable=SC2086,SC2116 # the words again with one space between them
+FAILED=$(echo $FAILED)
 if [ -n "$FAILED" ]; then
-  echo "install-deps: could not install:$FAILED" >&2
+  if [ "$(id -u)" != 0 ]; then
+    echo "install-deps: missing: $FAILED; run it as root (sudo $SELF $SETS)" >&2
+  else
+    echo "install-deps: could not install: $FAILED" >&2
+  fi
   exit 1
 fi
+exit 0
