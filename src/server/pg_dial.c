@@ -13,6 +13,7 @@
 #include <netinet/in.h>
 
 #include "log.h"
+#include "netaddr.h"
 
 /* ---- the plan ---- */
 
@@ -44,12 +45,11 @@ fail:
  * socket directory or abstract socket, not an IP address. */
 static bool needs_lookup(const char *h)
 {
-    unsigned char buf[sizeof(struct in6_addr)];
     if (h[0] == '\0' || h[0] == '/' || h[0] == '@')
         return false;
-    if (strchr(h, ':')) /* IPv6, perhaps with a %zone that inet_pton does not take */
+    if (strchr(h, ':')) /* IPv6, perhaps with a %zone that netaddr does not take */
         return false;
-    return evutil_inet_pton(AF_INET, h, buf) != 1;
+    return !netaddr_is_ip_literal(h);
 }
 
 static const char *plan_opt(const struct pg_dial_plan *p, const char *keyword)
