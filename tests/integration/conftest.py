@@ -452,8 +452,19 @@ class Proc:
         return rc
 
     def send_signal(self, sig):
-        if self.running():
+        """SIGSTOP and SIGCONT go to the process and its descendants: under
+        scripts/valgrind-integration.sh the process is a wrapper whose child is the binary,
+        and a stop cannot be caught and passed on as the wrapper passes on the rest."""
+        if not self.running():
+            return
+        if sig not in (signal.SIGSTOP, signal.SIGCONT):
             self.popen.send_signal(sig)
+            return
+        for p in _family(self.popen.pid):
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
 
     def kill(self):
         if self.running():

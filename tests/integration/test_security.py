@@ -645,7 +645,15 @@ def test_survives_hostile_input_then_works(server):
     for what, req, _ in MALFORMED[:12]:
         raw_exchange(server.api_port, req, timeout=2, until=http_complete)
     for raw in (b"[" * 100_000, b"[" * 60_000, b'{"port":1e10}'):
-        server.api("POST", "/api/mapping/create", raw=raw)
+        try:
+            status = server.api("POST", "/api/mapping/create", raw=raw)[0]
+        except (BrokenPipeError, ConnectionResetError):
+            # A body over 64 KiB is refused at its headers: a slow server (valgrind) may
+            # answer 413 and close before http.client, which reads nothing while it sends,
+            # has sent it all.
+            assert len(raw) > 64 * 1024
+            continue
+        assert status == (413 if len(raw) > 64 * 1024 else 400), (len(raw), status)
     port = free_port()
     server.create_ok(port=port, target_ip="127.0.0.1", target_port=9, name="after")
     assert [m["port"] for m in server.list()] == [port]

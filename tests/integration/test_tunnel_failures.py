@@ -85,7 +85,7 @@ def test_frozen_client_dropped_by_heartbeat(server_factory, tmp_path, logs, echo
     rtt = client_info(srv)["rtt_ms"]
     assert isinstance(rtt, (int, float)) and rtt >= 0, rtt
 
-    os.kill(cli.pid, signal.SIGSTOP)
+    cli.send_signal(signal.SIGSTOP)
     try:
         t0 = time.monotonic()
         wait_status(srv, port, "waiting_for_client",
@@ -96,7 +96,7 @@ def test_frozen_client_dropped_by_heartbeat(server_factory, tmp_path, logs, echo
         srv.wait_log(r'client "default" disconnected', timeout=2)
         assert_closed_and_failed(srv, port, "client frozen")
     finally:
-        os.kill(cli.pid, signal.SIGCONT)
+        cli.send_signal(signal.SIGCONT)
     # Thawed, the client finds its tunnel gone and reconnects on its own.
     wait_until(lambda: client_count(srv) == 1, timeout=15, desc="client to reconnect")
     wait_status(srv, port, "listening", timeout=5)

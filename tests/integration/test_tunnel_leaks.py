@@ -132,7 +132,7 @@ def test_backend_fin_then_reset_leaves_no_stream(server_factory, tmp_path, logs)
         sender = Worker(blast)
         sender.start()
         assert ready.wait(20), "the backend never filled up"
-        os.kill(cli.pid, signal.SIGSTOP)
+        cli.send_signal(signal.SIGSTOP)
         try:
             go.set()
             b.wait_finished(1, timeout=10)
@@ -140,7 +140,7 @@ def test_backend_fin_then_reset_leaves_no_stream(server_factory, tmp_path, logs)
             wait_until(lambda: not sockets_to(b.port), timeout=5,
                        desc="the client's backend socket to be reset")
         finally:
-            os.kill(cli.pid, signal.SIGCONT)
+            cli.send_signal(signal.SIGCONT)
         assert not b.errors, b.errors
         sender.join_result(30)
         s.close()
