@@ -82,6 +82,9 @@ static void bridge_release(struct bridge *b)
         event_free(b->linger);
     event_del(b->rd);
     event_del(b->flush);
+    /* bufferevent_free leaves a rate-limit group only in its finalizer, a loop turn later,
+     * and a group freed meanwhile (its mapping removed, its limit lifted) aborts libevent. */
+    bufferevent_remove_from_rate_limit_group(b->bev);
     bufferevent_free(b->bev);
     free(b);
 }

@@ -174,7 +174,8 @@ void mapping_policy_apply(struct mapping *m, bool live)
 
 void mapping_policy_free(struct mapping *m)
 {
-    /* Every member bufferevent went with its connection. */
+    /* Every member left the group as its connection ended (bridge_release,
+     * tstream_end), not in bufferevent_free's later finalizer. */
     if (m->rl_group)
         bufferevent_rate_limit_group_free(m->rl_group);
     m->rl_group = NULL;

@@ -61,8 +61,11 @@ static void tstream_end(struct tunnel_stream *t, enum tstream_gone gone)
         mux_stream_close(t->st);
     if (t->timer)
         event_free(t->timer);
-    if (t->bev)
+    if (t->bev) {
+        /* Out of the group now: bufferevent_free leaves it only a loop turn later. */
+        bufferevent_remove_from_rate_limit_group(t->bev);
         bufferevent_free(t->bev);
+    }
     if (t->fd >= 0)
         evutil_closesocket(t->fd);
     if (t->set) {

@@ -5,6 +5,8 @@ mappings.bind_addr, on the direct path and through the tunnel.
 Every peer is real and on loopback (127.0.0.0/8, ::1); every wait has a deadline; the
 rate tests check that a limit holds (a transfer cannot finish faster than the limit
 allows), not how fast anything is."""
+import json
+import signal
 import socket
 import struct
 import threading
@@ -12,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import (PortHolder, Worker, connect, free_port, recv_exact, recv_hash,
+from conftest import (PortHolder, Worker, connect, free_port, recv_all, recv_exact, recv_hash,
                       recv_hash_n, send_stream, wait_until)
 from sec_helpers import metric
 from tunnel_helpers import map_tunnel, tunnel_env, wait_status
@@ -513,6 +515,52 @@ def test_rate_limit_shared_by_connections(server_factory, tmp_path, logs, echo_b
     took = time.monotonic() - t0
     # Two connections of 1.5 MB share one 1 MB/s budget: no faster than one of 3 MB.
     assert took >= 2.0, f"two connections moved 3 MB in {took:.2f} s at 1 MB/s"
+
+
+@pytest.mark.parametrize("action", ["remove", "lift", "sigterm"])
+def test_rate_limit_group_outlives_no_connection(server_factory, tmp_path, logs, echo_backend,
+                                                 action):
+    """A tunnel mapping's rate limit is a libevent group its connections' bufferevents
+    join, and libevent aborts the process when a group is freed with members left. A
+    bufferevent_free leaves the group only a loop turn later, so a connection must leave
+    it when it closes: a remove or a SIGTERM with a live connection, or the limit lifted
+    as connections close, must not take the server down."""
+    srv, _ = tunnel_env(server_factory, tmp_path, logs)
+    port = map_tunnel(srv, echo_backend.port, rate_limit=RATE)
+    if action == "lift":
+        for _ in range(3):
+            socks = [connect(port) for _ in range(20)]
+            for s in socks:
+                assert echo_ok(s)
+            api = connect(srv.api_port)
+            body = json.dumps({"port": port, "rate_limit": 0}).encode()
+            # Frozen, the server finds the closes and the update in one wake-up.
+            srv.proc.send_signal(signal.SIGSTOP)
+            try:
+                for s in socks:  # a reset ends the stream at once, not after the client
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    s.close()
+                api.sendall(b"POST /api/mapping/update HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                            b"Content-Type: application/json\r\nConnection: close\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            finally:
+                srv.proc.send_signal(signal.SIGCONT)
+            api.settimeout(10)
+            assert recv_all(api).startswith(b"HTTP/1.1 200"), "update not answered"
+            api.close()
+            update_ok(srv, port=port, rate_limit=RATE)
+        assert srv.health()["status"] == "ok"
+        return
+    with connect(port) as s:
+        assert echo_ok(s)
+        if action == "sigterm":
+            assert srv.stop() == 0
+            return
+        status, body = srv.remove(port)
+        assert status == 200, body
+        assert s.recv(1) == b""  # the connection went with its mapping
+    assert srv.health()["status"] == "ok"
+    assert srv.mapping(port) is None
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "1000", True, 10 ** 13])
