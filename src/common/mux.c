@@ -480,9 +480,12 @@ static int mux_on_connect_response(struct mux_session *s, const struct frame *f)
         return mux_fail(s, MUX_E_PROTOCOL, "unexpected ConnectResponse for stream %u",
                         (unsigned)f->conn_id);
     if (f->status == FRAME_STATUS_OK) {
-        if (st->close_sent)
-            return MUX_OK; /* we gave up already; the peer answers our Close */
+        /* Open even when we gave up already: what the peer sends before our Close reaches
+         * it (a banner, its ShutWrite) is then dropped with the stream, not taken for a
+         * frame on an unopened stream, which would end the whole session. */
         st->opened = true;
+        if (st->close_sent)
+            return MUX_OK; /* the peer answers our Close */
         if (st->cb.on_connect_response)
             st->cb.on_connect_response(st, f->status, st->arg);
         return MUX_OK;

@@ -6,12 +6,15 @@ Only 127.0.0.1, free ports, every wait bounded by a deadline."""
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import time
 
 import pytest
 
-from conftest import CLIENT_BIN, free_port, wait_until
+from conftest import CLIENT_BIN, free_port, recv_exact, wait_until
+from sec_helpers import T_HELLO_RESPONSE, frame, hello, read_frame
 from tunnel_helpers import (client_count, client_info, closed_within, echo_roundtrip,
                             map_tunnel, metric, start_client, tunnel_env, tunnel_env_over,
                             tunnel_server,
@@ -178,3 +181,67 @@ def test_target_failing_inside_connect_is_refused(server_factory, tmp_path, logs
     wait_streams_drained(srv, port)
     assert_closed_and_failed(srv, port, "unreachable target, again")
     assert cli.popen.poll() is None
+
+
+def _conn_id(fr, want_type):
+    assert fr is not None, "tunnel closed"
+    assert fr[0] == want_type, fr
+    return struct.unpack(">I", fr[1][:4])[0]
+
+
+def test_ok_crossing_the_servers_close_keeps_the_session(server_factory):
+    """The server gives up on a stream (connect_timeout here; a remove or disable alike)
+    while the client's ok and the target's first bytes are on their way: they cross the
+    server's Close. They go with the stream; the session and its other streams live on."""
+    srv = tunnel_server(server_factory, connect_timeout=1)
+    t = socket.create_connection(("127.0.0.1", srv.tunnel_port), timeout=5)
+    t.sendall(hello("default", "tok-default-0123456789"))
+    assert _frame_type(read_frame(t)) == T_HELLO_RESPONSE
+    port_a, port_b = free_port(), free_port()
+    srv.create_ok(port=port_a, target_ip="127.0.0.1", target_port=22, use_tunnel=True)
+    srv.create_ok(port=port_b, target_ip="127.0.0.1", target_port=7, use_tunnel=True)
+    pub_b = socket.create_connection(("127.0.0.1", port_b), timeout=5)
+    cid_b = _conn_id(_skip_keepalives(t), 0x01)
+    t.sendall(frame(0x02, struct.pack(">IB", cid_b, 0)) +
+              frame(0x03, struct.pack(">I", cid_b) + b"hello B"))
+    assert recv_exact(pub_b, 7) == b"hello B"
+
+    pub_a = socket.create_connection(("127.0.0.1", port_a), timeout=5)
+    cid_a = _conn_id(_skip_keepalives(t), 0x01)
+    # No answer within connect_timeout: the server sends Close.
+    assert _conn_id(_skip_keepalives(t, timeout=5), 0x04) == cid_a
+    # The answer it crossed: ok, an SSH banner and the end, then our Close in reply.
+    t.sendall(frame(0x02, struct.pack(">IB", cid_a, 0)) +
+              frame(0x03, struct.pack(">I", cid_a) + b"SSH-2.0-OpenSSH_9.2\r\n") +
+              frame(0x09, struct.pack(">I", cid_a)) +
+              frame(0x04, struct.pack(">I", cid_a)))
+    pub_a.settimeout(5)
+    assert pub_a.recv(64) == b"", "the given-up connection got the late bytes"
+    # Stream B still carries bytes both ways over the same session.
+    pub_b.sendall(b"still here")
+    fr = _skip_keepalives(t)
+    assert _conn_id(fr, 0x03) == cid_b and fr[1][4:] == b"still here", fr
+    t.sendall(frame(0x03, struct.pack(">I", cid_b) + b"so am I"))
+    assert recv_exact(pub_b, 7) == b"so am I"
+    assert client_count(srv) == 1
+    assert not re.search(r"protocol error", srv.log_text()), "the session was dropped"
+    for s in (pub_a, pub_b, t):
+        s.close()
+
+
+def _frame_type(fr):
+    assert fr is not None, "tunnel closed"
+    return fr[0]
+
+
+def _skip_keepalives(t, timeout=5.0):
+    """The next frame that is not a KeepAlive (answered as the client would)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        fr = read_frame(t, max(0.1, deadline - time.monotonic()))
+        if fr is None or fr[0] != 0x05:
+            return fr
+        if fr[1]:
+            t.sendall(frame(0x05, fr[1]))
+        if time.monotonic() >= deadline:
+            return None

@@ -437,6 +437,24 @@ static void test_refusal_and_race(void)
     CHECK(se.responses == 0 && ce->closed == 1);
     CHECK(mux_session_stream_count(p.srv) == 0 && mux_session_stream_count(p.cli) == 0);
 
+    /* Same, but the client's first bytes (a banner) and its ShutWrite follow its
+     * ok before our Close reaches it: dropped with the stream, the session lives on. */
+    memset(&se, 0, sizeof(se));
+    se.st = mux_stream_open(p.srv, "h", 82, &end_cb, &se);
+    CHECK(mux_session_input(p.cli, p.out_srv) == MUX_OK);
+    ce = &p.cli_ends[(p.ncli - 1) % 8];
+    CHECK(mux_stream_respond(ce->st, FRAME_STATUS_OK) == MUX_OK);
+    struct evbuffer *banner = evbuffer_new();
+    evbuffer_add(banner, "SSH-2.0-x\r\n", 11);
+    CHECK(mux_stream_write(ce->st, banner) == 11);
+    CHECK(mux_stream_shut_write(ce->st) == MUX_OK);
+    evbuffer_free(banner);
+    mux_stream_close(se.st);
+    CHECK(pump(&p) == 0);
+    CHECK(mux_session_error(p.srv)[0] == 0 && mux_session_error(p.cli)[0] == 0);
+    CHECK(se.responses == 0 && se.data == 0);
+    CHECK(mux_session_stream_count(p.srv) == 0 && mux_session_stream_count(p.cli) == 0);
+
     /* Same, but the client refuses while our Close is on its way. */
     memset(&se, 0, sizeof(se));
     se.st = mux_stream_open(p.srv, "h", 81, &end_cb, &se);
