@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -25,8 +26,10 @@ bool api_guard_is_loopback(const char *ip)
 }
 
 /* Splits "name", "name:port", "[v6]" or "[v6]:port" and copies the host part (brackets
- * removed) into host. The port, when present, must be 1 to 5 digits. Returns 0 or -1. */
-static int api_guard_split(const char *hostport, char *host, size_t hostlen)
+ * removed) into host; *portp (when not NULL) gets the port's text, or NULL when there is
+ * none. The port, when present, must be 1 to 5 digits. Returns 0 or -1. */
+static int api_guard_split_port(const char *hostport, char *host, size_t hostlen,
+                                const char **portp)
 {
     size_t n = strlen(hostport);
     if (n == 0 || n > API_GUARD_HOST_MAX)
@@ -54,6 +57,8 @@ static int api_guard_split(const char *hostport, char *host, size_t hostlen)
         if (digits == 0 || digits > 5 || port[digits] != '\0')
             return -1;
     }
+    if (portp != NULL)
+        *portp = port;
     size_t len = (size_t)(end - h);
     if (len == 0 || len >= hostlen)
         return -1;
@@ -64,6 +69,11 @@ static int api_guard_split(const char *hostport, char *host, size_t hostlen)
     if (h != hostport && inet_pton(AF_INET6, host, v6) != 1)
         return -1;
     return 0;
+}
+
+static int api_guard_split(const char *hostport, char *host, size_t hostlen)
+{
+    return api_guard_split_port(hostport, host, hostlen, NULL);
 }
 
 /* Same host: equal addresses for IP literals (so "::1" matches "0:0::1"), else names equal
@@ -113,6 +123,15 @@ bool api_guard_origin_ok(const struct config *cfg, const char *origin, const cha
         return false;
     if (hostport != NULL && strcasecmp(auth, hostport) == 0)
         return true;
+    /* A proxy that rewrites Host leaves the browser's Origin: a name in allowed_hosts is
+     * ours on its scheme's default port only. Another port of that name is another
+     * origin, and may be one of this server's own mapped ports serving any page. */
     char host[API_GUARD_HOST_MAX + 1];
-    return api_guard_split(auth, host, sizeof(host)) == 0 && api_guard_listed(cfg, host);
+    const char *port;
+    if (api_guard_split_port(auth, host, sizeof(host), &port) != 0 || !api_guard_listed(cfg, host))
+        return false;
+    if (port == NULL)
+        return true;
+    unsigned long n = strtoul(port, NULL, 10);
+    return n == (auth == origin + 8 ? 443ul : 80ul);
 }

@@ -230,6 +230,9 @@ FOREIGN = [
     {"Origin": "http://127.0.0.1:{port}/x"},
     {"Origin": "ftp://127.0.0.1:{port}"},
     {"Origin": "http://127.0.0.1:{port}@attacker.example"},
+    # The allowed name on another port: a page there (a mapped port, say) is another origin.
+    {"Origin": f"http://{ALLOWED_NAME}:10080"},
+    {"Origin": f"https://{ALLOWED_NAME}:8443"},
     {"Sec-Fetch-Site": "cross-site"},
     {"Sec-Fetch-Site": "Cross-Site", "Origin": "http://127.0.0.1:{port}"},
 ]

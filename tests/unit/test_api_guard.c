@@ -70,9 +70,20 @@ static void test_origin(void)
     CHECK(api_guard_origin_ok(&c, "https://127.0.0.1:8080", host, NULL));
     CHECK(api_guard_origin_ok(&c, "HTTP://127.0.0.1:8080", host, NULL));
     CHECK(api_guard_origin_ok(&c, "http://LOCALHOST:8080", "localhost:8080", NULL));
-    /* A proxy that rewrites Host keeps the browser's Origin: allowed by name. */
+    /* A proxy that rewrites Host keeps the browser's Origin: allowed by name, on the
+     * scheme's default port (written or not). */
     CHECK(api_guard_origin_ok(&c, "https://pm.example.com", host, NULL));
-    CHECK(api_guard_origin_ok(&c, "https://pm.example.com:8443", host, NULL));
+    CHECK(api_guard_origin_ok(&c, "https://PM.example.com:443", host, NULL));
+    CHECK(api_guard_origin_ok(&c, "http://pm.example.com", host, NULL));
+    CHECK(api_guard_origin_ok(&c, "http://pm.example.com:80", host, NULL));
+    /* Any other port of that name is another origin (it may be a mapped port serving
+     * any page), unless Host itself says the request went there. */
+    CHECK(!api_guard_origin_ok(&c, "https://pm.example.com:8443", host, NULL));
+    CHECK(!api_guard_origin_ok(&c, "http://pm.example.com:10080", host, NULL));
+    CHECK(!api_guard_origin_ok(&c, "http://pm.example.com:443", host, NULL));
+    CHECK(!api_guard_origin_ok(&c, "https://pm.example.com:80", host, NULL));
+    CHECK(!api_guard_origin_ok(&c, "https://pm.example.com:0443x", host, NULL));
+    CHECK(api_guard_origin_ok(&c, "https://pm.example.com:8443", "pm.example.com:8443", NULL));
     const char *foreign[] = {"http://127.0.0.1:8081", "http://127.0.0.1", "http://127.0.0.2:8080",
                              "http://localhost:8080", "null", "", "127.0.0.1:8080",
                              "http://127.0.0.1:8080/", "http://127.0.0.1:8080?x",
