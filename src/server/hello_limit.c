@@ -51,9 +51,17 @@ static void hl_key_of(const struct sockaddr *sa, struct hl_key *k)
             memcpy(k->addr, a->s6_addr + 12, 4);
         } else {
             k->family = AF_INET6;
-            memcpy(k->addr, a->s6_addr, 16);
+            memcpy(k->addr, a->s6_addr, 8); /* the /64 */
         }
     }
+}
+
+bool hello_limit_same_source(const struct sockaddr *a, const struct sockaddr *b)
+{
+    struct hl_key x, y;
+    hl_key_of(a, &x);
+    hl_key_of(b, &y);
+    return x.family != 0 && memcmp(&x, &y, sizeof(x)) == 0;
 }
 
 static size_t hl_hash(const struct hl_key *k, size_t n)
@@ -135,12 +143,19 @@ static struct hl_entry *hl_get(struct hello_limit *hl, const struct sockaddr *sa
         return &hl->v[*p];
     }
     if (hl->len == hl->cap) {
-        uint32_t oldest = 0;
-        for (uint32_t i = 1; i < hl->len; i++) {
-            if (hl->v[i].last_active_ms < hl->v[oldest].last_active_ms)
-                oldest = i;
+        /* The least recently active source that is not blocked; only when every one is,
+         * the block that ends first. */
+        uint32_t oldest = HL_NONE, ends_first = 0;
+        for (uint32_t i = 0; i < hl->len; i++) {
+            const struct hl_entry *e = &hl->v[i];
+            if (now_ms >= e->blocked_until_ms) {
+                if (oldest == HL_NONE || e->last_active_ms < hl->v[oldest].last_active_ms)
+                    oldest = i;
+            } else if (e->blocked_until_ms < hl->v[ends_first].blocked_until_ms) {
+                ends_first = i;
+            }
         }
-        hl_remove(hl, oldest);
+        hl_remove(hl, oldest != HL_NONE ? oldest : ends_first);
         p = hl_slot(hl, &k); /* the chain may have changed */
     }
     uint32_t i = (uint32_t)hl->len++;

@@ -50,6 +50,7 @@
 
 struct tsession {
     TAILQ_ENTRY(tsession) link;
+    TAILQ_ENTRY(tsession) pending_link; /* in ts->pending while pending */
     struct tunnel_server *ts;
     struct mux_conn *conn;        /* the socket, TLS, the mux session, KeepAlive */
     struct mux_session *mux;      /* mux_conn_mux(conn) */
@@ -81,7 +82,8 @@ struct tunnel_server {
     int port;
     TAILQ_HEAD(, tsession) sessions;
     struct hello_limit *hello_limit;
-    size_t npending;              /* sessions without a successful Hello (max_pending) */
+    TAILQ_HEAD(, tsession) pending; /* sessions without a successful Hello yet */
+    size_t npending;              /* their number (max_pending) */
     time_t pending_logged;        /* last "max_pending reached" line */
     unsigned long pending_suppressed;
     /* HelloResponse's "nodes" (SPEC §7): who knows the cluster's live nodes (main.c wires
@@ -162,6 +164,7 @@ static void tsession_unpend(struct tsession *sess)
     if (sess->pending) {
         sess->pending = false;
         sess->ts->npending--;
+        TAILQ_REMOVE(&sess->ts->pending, sess, pending_link);
     }
 }
 
@@ -665,11 +668,30 @@ fail:
     return NULL;
 }
 
+/* Connections one source may hold waiting for their Hello: an eighth of max_pending (16
+ * of the default 128), so one address cannot take every place and lock the clients out. */
+static size_t ts_pending_per_source(const struct tunnel_server *ts)
+{
+    size_t n = (size_t)ts->srv->cfg->tunnel_max_pending / 8;
+    return n ? n : 1;
+}
+
+static size_t ts_pending_from(const struct tunnel_server *ts, const struct sockaddr *sa)
+{
+    size_t n = 0;
+    const struct tsession *sess;
+    TAILQ_FOREACH(sess, &ts->pending, pending_link)
+        n += hello_limit_same_source((const struct sockaddr *)&sess->peer, sa);
+    return n;
+}
+
 static void ts_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
                          int socklen, void *arg)
 {
     struct tunnel_server *ts = arg;
-    if (ts->npending >= (size_t)ts->srv->cfg->tunnel_max_pending) {
+    size_t from_source = ts_pending_from(ts, sa);
+    if (ts->npending >= (size_t)ts->srv->cfg->tunnel_max_pending ||
+        from_source >= ts_pending_per_source(ts)) {
         /* Idle connections that never say Hello must not pin descriptors and memory
          * without bound: the newest is closed at once. */
         ts->srv->limits.tunnel_pending++;
@@ -677,10 +699,10 @@ static void ts_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct so
         if (now - ts->pending_logged >= 10) {
             char who[64];
             log_warn(TS_MOD, "tunnel from %s closed at accept: %zu connections waiting for "
-                             "their Hello (tunnel.max_pending); %lu more since the last "
-                             "such line",
-                     netaddr_format(sa, who, sizeof(who)), ts->npending,
-                     ts->pending_suppressed);
+                             "their Hello (tunnel.max_pending), %zu of them from its "
+                             "address (at most %zu); %lu more since the last such line",
+                     netaddr_format(sa, who, sizeof(who)), ts->npending, from_source,
+                     ts_pending_per_source(ts), ts->pending_suppressed);
             ts->pending_logged = now;
             ts->pending_suppressed = 0;
         } else {
@@ -701,6 +723,7 @@ static void ts_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct so
     TAILQ_INSERT_TAIL(&ts->sessions, sess, link);
     sess->pending = true;
     ts->npending++;
+    TAILQ_INSERT_TAIL(&ts->pending, sess, pending_link);
     log_debug(TS_MOD, "tunnel connection from %s", sess->remote);
 }
 
@@ -782,6 +805,7 @@ struct tunnel_server *tunnel_server_new(struct server *srv, char *err, size_t er
     }
     ts->srv = srv;
     TAILQ_INIT(&ts->sessions);
+    TAILQ_INIT(&ts->pending);
     ts->hello_limit = hello_limit_new(HELLO_LIMIT_DEFAULT_SOURCES);
     if (!ts->hello_limit) {
         snprintf(err, errlen, "out of memory");

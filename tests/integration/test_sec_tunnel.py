@@ -177,16 +177,22 @@ def test_partial_hellos_refused_at_header(server_factory):
             s.close()
 
 
+def _connect_from(src, port):
+    """A connection to the tunnel port from source address src (another 127.x host)."""
+    return socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(src, 0))
+
+
 def test_max_pending(server_factory, tmp_path, logs):
     """More than tunnel.max_pending connections waiting for their Hello: the extra ones
     are closed at accept; a real client still logs in once the idle ones go."""
     srv = tunnel_server(server_factory, clients=CLIENTS, max_pending=8, hello_timeout=60)
     idle = []
     try:
-        for _ in range(8):
-            idle.append(connect(srv.tunnel_port))
+        # One per source: an eighth of max_pending (here 1) is all one address may hold.
+        for i in range(8):
+            idle.append(_connect_from(f"127.0.8.{i + 1}", srv.tunnel_port))
         # The listener accepts in arrival order: these eight come first.
-        extra = [connect(srv.tunnel_port) for _ in range(5)]
+        extra = [_connect_from(f"127.0.9.{i + 1}", srv.tunnel_port) for i in range(5)]
         for s in extra:
             assert closed_by_peer(s, timeout=5), "a connection beyond max_pending stayed"
         for s in idle:
@@ -206,9 +212,9 @@ def test_max_pending(server_factory, tmp_path, logs):
 
 def test_max_pending_default_is_128(server_factory):
     srv = tunnel_server(server_factory, clients=CLIENTS, hello_timeout=60)
-    idle = [connect(srv.tunnel_port) for _ in range(128)]
+    idle = [_connect_from(f"127.0.10.{1 + i // 16}", srv.tunnel_port) for i in range(128)]
     try:
-        extra = [connect(srv.tunnel_port) for _ in range(4)]
+        extra = [_connect_from("127.0.11.1", srv.tunnel_port) for _ in range(4)]
         for s in extra:
             assert closed_by_peer(s, timeout=5), "a connection beyond 128 pending stayed"
             s.close()
@@ -219,6 +225,49 @@ def test_max_pending_default_is_128(server_factory):
     finally:
         for s in idle:
             s.close()
+
+
+def test_one_source_cannot_hold_every_pending_place(server_factory, tmp_path, logs):
+    """One address that keeps idle connections open without a Hello gets at most an
+    eighth of tunnel.max_pending (16 of 128); a client from elsewhere still logs in."""
+    srv = tunnel_server(server_factory, clients=CLIENTS, hello_timeout=60)
+    idle = [_connect_from("127.0.12.1", srv.tunnel_port) for _ in range(16)]
+    try:
+        extra = [_connect_from("127.0.12.1", srv.tunnel_port) for _ in range(40)]
+        for s in extra:
+            assert closed_by_peer(s, timeout=5), "a 17th idle connection of one source stayed"
+            s.close()
+        for s in idle[:4] + idle[-4:]:
+            s.settimeout(0.1)
+            with pytest.raises(socket.timeout):
+                s.recv(1)
+        srv.wait_log(r"16 of them from its address \(at most 16\)", timeout=5)
+        # Another source is not refused: a real client (from 127.0.0.1) logs in.
+        start_client(tmp_path, logs, srv, TOKEN)
+        assert client_count(srv, "default") == 1
+        # The place of one that goes is free again for its source.
+        idle.pop().close()
+        again = wait_until(lambda: _stays_open(srv.tunnel_port, "127.0.12.1"), timeout=5,
+                           desc="a place for 127.0.12.1 again")
+        again.close()
+    finally:
+        for s in idle:
+            s.close()
+
+
+def _stays_open(port, src):
+    s = _connect_from(src, port)
+    s.settimeout(0.3)
+    try:
+        if s.recv(1) == b"":
+            s.close()
+            return None
+    except socket.timeout:
+        return s
+    except OSError:
+        s.close()
+        return None
+    return s
 
 
 # ---------------------------------------------------------------------------

@@ -123,19 +123,54 @@ static void test_bounded(void)
         CHECK(hello_limit_sources(hl) <= 64);
     }
     CHECK(hello_limit_sources(hl) == 64);
-    /* The least recently active source was evicted first. */
-    CHECK(!hello_limit_blocked(hl, SA(first), 13000));
-    /* The newest are all still findable after many evictions (the hash chains hold). */
+    /* 10,000 new addresses did not wash the block out: only sources that are not
+     * blocked were evicted, the least recently active first. */
+    CHECK(hello_limit_blocked(hl, SA(first), 13000));
+    /* The newest 63 are all still findable after many evictions (the hash chains hold). */
     int found = 0;
-    for (int i = 10000 - 64; i < 10000; i++) {
+    for (int i = 10000 - 63; i < 10000; i++) {
         snprintf(ip, sizeof(ip), "10.%d.%d.%d", 1 + i / 65536, (i / 256) % 256, i % 256);
         struct sockaddr_storage s = v4(ip, 1);
         for (int k = 0; k < HELLO_LIMIT_FAILURES - 1; k++)
             hello_limit_failure(hl, SA(s), 20000);
         found += hello_limit_blocked(hl, SA(s), 20001);
     }
-    CHECK(found == 64);
+    CHECK(found == 63);
     CHECK(hello_limit_sources(hl) == 64);
+    /* Every entry blocked now: a new source takes the place of the block that ends
+     * first (first's, at 61000). */
+    struct sockaddr_storage fresh = v4("10.200.0.1", 1);
+    CHECK(!hello_limit_failure(hl, SA(fresh), 30000));
+    CHECK(hello_limit_sources(hl) == 64);
+    CHECK(!hello_limit_blocked(hl, SA(first), 30001));
+    CHECK(hello_limit_blocked(hl, SA(fresh), 30001) == false);
+    snprintf(ip, sizeof(ip), "10.%d.%d.%d", 1 + 9999 / 65536, (9999 / 256) % 256, 9999 % 256);
+    struct sockaddr_storage newest = v4(ip, 1);
+    CHECK(hello_limit_blocked(hl, SA(newest), 30001));
+    hello_limit_free(hl);
+}
+
+/* An IPv6 source is its /64: the other addresses of one prefix share its failures. */
+static void test_v6_prefix(void)
+{
+    struct hello_limit *hl = hello_limit_new(0);
+    char ip[64];
+    for (int i = 0; i < HELLO_LIMIT_FAILURES; i++) {
+        snprintf(ip, sizeof(ip), "2001:db8:1:2::%x", i + 1);
+        struct sockaddr_storage s = v6(ip);
+        hello_limit_failure(hl, SA(s), 1000 + i);
+    }
+    struct sockaddr_storage same = v6("2001:db8:1:2:ffff:ffff:ffff:ffff");
+    struct sockaddr_storage other = v6("2001:db8:1:3::1");
+    CHECK(hello_limit_blocked(hl, SA(same), 2000));
+    CHECK(!hello_limit_blocked(hl, SA(other), 2000));
+    CHECK(hello_limit_sources(hl) == 1);
+    CHECK(hello_limit_same_source(SA(same), SA(same)));
+    struct sockaddr_storage a = v4("192.0.2.1", 1), b = v4("192.0.2.2", 1);
+    struct sockaddr_storage mapped = v6("::ffff:192.0.2.1");
+    CHECK(hello_limit_same_source(SA(a), SA(mapped)));
+    CHECK(!hello_limit_same_source(SA(a), SA(b)));
+    CHECK(!hello_limit_same_source(SA(same), SA(other)));
     hello_limit_free(hl);
 }
 
@@ -143,6 +178,7 @@ int main(void)
 {
     test_block();
     test_v4_mapped();
+    test_v6_prefix();
     test_log();
     test_global_log_cap();
     test_bounded();
