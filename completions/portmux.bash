@@ -29,11 +29,11 @@ _portmux_client()
         -l|--log-level)
             COMPREPLY=($(compgen -W "debug info warn error" -- "$cur"))
             return ;;
-        -s|--server|-t|--token|-n|--name|-a|--allow|--server-name|--heartbeat-interval|\
+        -s|--server|-t|--token|-n|--name|-a|--allow|--allow-nodes|--server-name|--heartbeat-interval|\
         --heartbeat-timeout|--connect-timeout|--max-pending-dials|--session-buffer-limit)
             return ;;
     esac
-    COMPREPLY=($(compgen -W "--server --token --name --allow --no-reconnect --tls --ca
+    COMPREPLY=($(compgen -W "--server --token --name --allow --allow-nodes --no-reconnect --tls --ca
         --server-name --cert --key --heartbeat-interval --heartbeat-timeout
         --connect-timeout --max-pending-dials --session-buffer-limit --log-level --help
         --version" -- "$cur"))

@@ -39,6 +39,7 @@ struct client_args {
     bool tls;
     bool no_reconnect;
     struct allow_list allow;
+    struct allow_list allow_nodes; /* cluster nodes this client may connect to (nodes.c) */
     int heartbeat_interval, heartbeat_timeout, connect_timeout;
     int max_pending_dials;
     size_t session_buffer_limit;
@@ -71,6 +72,9 @@ static void usage(FILE *out)
             "  -a, --allow RULE[,RULE]   only dial these: ADDR[/PREFIX]:PORT[-PORT],\n"
             "                            [V6[/PREFIX]]:PORT[-PORT] or HOSTNAME:PORT[-PORT];\n"
             "                            repeatable; default: anything\n"
+            "      --allow-nodes RULE[,RULE]  cluster nodes (from the server's node list) this\n"
+            "                            client may connect to, same rules; repeatable;\n"
+            "                            default: those --allow permits, or any without it\n"
             "      --no-reconnect        exit (status 1) when the tunnel ends\n"
             "      --tls                 use TLS (1.2 or later) to the server\n"
             "      --ca FILE             CA bundle that must verify the server (default:\n"
@@ -142,13 +146,14 @@ static int arg_count(const char *flag, const char *v, int *out)
 
 enum { OPT_NO_RECONNECT = 256, OPT_TLS, OPT_CA, OPT_CERT, OPT_KEY, OPT_SERVER_NAME,
        OPT_HB_INTERVAL, OPT_HB_TIMEOUT, OPT_CONNECT_TIMEOUT, OPT_MAX_PENDING_DIALS,
-       OPT_SESSION_BUFFER_LIMIT };
+       OPT_SESSION_BUFFER_LIMIT, OPT_ALLOW_NODES };
 
 static const struct option client_options[] = {
     {"server", required_argument, NULL, 's'},
     {"token", required_argument, NULL, 't'},
     {"name", required_argument, NULL, 'n'},
     {"allow", required_argument, NULL, 'a'},
+    {"allow-nodes", required_argument, NULL, OPT_ALLOW_NODES},
     {"log-level", required_argument, NULL, 'l'},
     {"help", no_argument, NULL, 'h'},
     {"version", no_argument, NULL, 'V'},
@@ -179,6 +184,11 @@ static int parse_one(int opt, const char *v, struct client_args *a, const char *
         if (allow_list_add(&a->allow, v, err, sizeof(err)) == 0)
             return 0;
         fprintf(stderr, "portmux-client: --allow: %s\n", err);
+        return -1;
+    case OPT_ALLOW_NODES:
+        if (allow_list_add(&a->allow_nodes, v, err, sizeof(err)) == 0)
+            return 0;
+        fprintf(stderr, "portmux-client: --allow-nodes: %s\n", err);
         return -1;
     case 'l':
         if (log_level_parse(v, &level) == 0) {
@@ -361,7 +371,7 @@ static int run(struct client_args *a, SSL_CTX *ssl)
     cm.view = status_new(cm.base, &so);
     struct tclient_opts o = {
         .host = a->host, .port = a->port, .name = a->name, .token = a->token, .ssl = ssl,
-        .server_name = a->server_name, .allow = &a->allow,
+        .server_name = a->server_name, .allow = &a->allow, .allow_nodes = &a->allow_nodes,
         .heartbeat_interval = a->heartbeat_interval, .heartbeat_timeout = a->heartbeat_timeout,
         .connect_timeout = a->connect_timeout, .max_pending_dials = a->max_pending_dials, .status = cm.view,
         .session_buffer_limit = a->session_buffer_limit,
@@ -416,6 +426,7 @@ int main(int argc, char **argv)
     int r = parse_args(argc, argv, &a);
     if (r != 0) {
         allow_list_free(&a.allow);
+        allow_list_free(&a.allow_nodes);
         if (r < 0)
             fprintf(stderr, "Try 'portmux-client --help'.\n");
         return r > 0 ? CLIENT_EXIT_OK : CLIENT_EXIT_REFUSED;
@@ -427,11 +438,14 @@ int main(int argc, char **argv)
         if (!ssl) {
             fprintf(stderr, "portmux-client: %s\n", err);
             allow_list_free(&a.allow);
+            allow_list_free(&a.allow_nodes);
+        allow_list_free(&a.allow_nodes);
             return CLIENT_EXIT_REFUSED;
         }
     }
     int status = run(&a, ssl);
     SSL_CTX_free(ssl);
     allow_list_free(&a.allow);
+    allow_list_free(&a.allow_nodes);
     return status;
 }

@@ -10,7 +10,9 @@
 #include <event2/event.h>
 #include <jansson.h>
 
+#include "allow.h"
 #include "log.h"
+#include "log_limit.h"
 #include "netaddr.h"
 #include "status.h"
 #include "tunnel_client.h"
@@ -19,6 +21,7 @@
 /* Node sessions at most: a list is the server's to send, our descriptors are ours. */
 #define NS_NODES_MAX STATUS_NODES_MAX
 #define NS_ADDR_MAX 300
+#define NS_REFUSED_LOG_SECONDS 10
 #define NS_BACKOFF_CAP_SECONDS 30.0
 
 struct ns_node {
@@ -48,6 +51,8 @@ struct nodeset {
     void *all_down_arg;
     TAILQ_HEAD(, ns_node) nodes;
     size_t nnodes;
+    struct log_limit refused_log; /* "not in --allow-nodes": lists come as often as the
+                                   * server sends them */
 };
 
 static bool ns_listed(const struct nodeset *ns, const char *addr)
@@ -173,6 +178,17 @@ static struct ns_node *ns_find(struct nodeset *ns, const char *addr)
 }
 
 /* Drops the nodes no longer listed (or gone), and connects the listed ones not yet known. */
+/* A listed node is connected only when --allow-nodes, or without it --allow, permits it:
+ * the list is the server's word, and --allow bounds what the server can make this client
+ * connect to (a node session sends the token in its Hello). */
+static bool ns_node_allowed(const struct nodeset *ns, const char *host, uint16_t port)
+{
+    const struct allow_list *rules = ns->opts.allow_nodes;
+    if (!rules || rules->len == 0)
+        rules = ns->opts.allow;
+    return !rules || rules->len == 0 || allow_list_match(rules, host, port);
+}
+
 static void ns_apply(evutil_socket_t fd, short what, void *arg)
 {
     struct nodeset *ns = arg;
@@ -206,6 +222,17 @@ static void ns_apply(evutil_socket_t fd, short what, void *arg)
         }
         if (netaddr_split_host_port(addr, host, sizeof(host), &port) != 0) {
             log_warn(NS_MOD, "node list: skipping an address that is not HOST:PORT");
+            continue;
+        }
+        if (!ns_node_allowed(ns, host, port)) {
+            unsigned long held;
+            bool own = ns->opts.allow_nodes && ns->opts.allow_nodes->len;
+            if (log_limit_take(&ns->refused_log, time(NULL), NS_REFUSED_LOG_SECONDS, &held))
+                log_warn(NS_MOD, "node %s not connected: not in %s (%lu more skipped in the "
+                                 "last %d s)",
+                         addr, own ? "--allow-nodes" : "--allow (list the cluster's nodes "
+                                                       "with --allow-nodes)",
+                         held, NS_REFUSED_LOG_SECONDS);
             continue;
         }
         if (ns->nnodes >= NS_NODES_MAX) {

@@ -23,6 +23,7 @@
 #include "client_tls.h"
 #include "frame.h"
 #include "log.h"
+#include "log_limit.h"
 #include "mux.h"
 #include "mux_conn.h"
 #include "netaddr.h"
@@ -32,6 +33,8 @@
 #define TC_MOD "client"
 /* A session that stayed up this long resets the reconnect backoff. */
 #define TC_HEALTHY_SECONDS 10
+/* Lines a public client can cause per connection: at most one of each kind per this. */
+#define TC_LOG_PERIOD 10
 #define TC_BEV_OPTS (BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS)
 /* Default for opts.max_pending_dials: ConnectRequests being dialled at once. Each holds a
  * descriptor and a timer until its target answers or connect_timeout passes; a server
@@ -62,6 +65,9 @@ struct tclient {
     size_t ndials;               /* entries in dials */
     time_t dial_cap_logged;      /* last "too many pending dials" line (one per second) */
     unsigned long dial_cap_suppressed;
+    /* Lines a public client causes once per connection (a refused or failed dial): one
+     * per TC_LOG_PERIOD each, with a count of those held back. */
+    struct log_limit not_allowed_log, dial_failed_log;
     char refusal[400];
     TAILQ_HEAD(, dial) dials;
 };
@@ -126,15 +132,27 @@ static const struct bridge_hooks dial_hooks = {
     .log_module = TC_MOD,
 };
 
+/* " (N more such lines held back)" when N > 0, else "". */
+static const char *tc_held_note(char *buf, size_t len, unsigned long held)
+{
+    if (held == 0)
+        return "";
+    snprintf(buf, len, " (%lu more such lines held back in the last %d s)", held,
+             TC_LOG_PERIOD);
+    return buf;
+}
+
 static void dial_fail(struct dial *d, uint8_t status, const char *why)
 {
     /* Optimistic data the server sent ahead goes with the stream (the refusal frees it). */
     size_t held = mux_stream_held(d->st);
-    char dropped[64] = "";
+    char dropped[64] = "", note[80];
+    unsigned long lines_held;
     if (held > 0)
         snprintf(dropped, sizeof(dropped), " (%zu bytes sent ahead dropped)", held);
-    log_info(TC_MOD, "stream %u: %s: %s%s", (unsigned)mux_stream_id(d->st), d->target, why,
-             dropped);
+    if (log_limit_take(&d->c->dial_failed_log, time(NULL), TC_LOG_PERIOD, &lines_held))
+        log_info(TC_MOD, "stream %u: %s: %s%s%s", (unsigned)mux_stream_id(d->st), d->target,
+                 why, dropped, tc_held_note(note, sizeof(note), lines_held));
     status_target_failed(d->shown, why);
     mux_stream_respond(d->st, status);
     dial_free(d, false);
@@ -281,8 +299,11 @@ static void tc_on_connect_request(struct mux_session *mux, struct mux_stream *st
     snprintf(target, sizeof(target), strchr(host, ':') ? "[%s]:%u" : "%s:%u", host,
              (unsigned)port);
     if (!allow_list_match(c->opts.allow, host, port)) {
-        log_warn(TC_MOD, "stream %u: %s refused: not in --allow", (unsigned)mux_stream_id(st),
-                 target);
+        char note[80];
+        unsigned long held;
+        if (log_limit_take(&c->not_allowed_log, time(NULL), TC_LOG_PERIOD, &held))
+            log_warn(TC_MOD, "stream %u: %s refused: not in --allow%s",
+                     (unsigned)mux_stream_id(st), target, tc_held_note(note, sizeof(note), held));
         status_target_failed(status_target_get(c->opts.status, target), "not in --allow");
         mux_stream_respond(st, FRAME_STATUS_NOT_ALLOWED);
         return;

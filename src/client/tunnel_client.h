@@ -25,6 +25,9 @@ struct tclient_opts {
     SSL_CTX *ssl;                  /* NULL = plaintext; not owned */
     const char *server_name;       /* name the server certificate must carry */
     const struct allow_list *allow;/* not owned */
+    /* The cluster nodes the client may connect to (nodes.c); empty: those allow permits
+     * (any, when that is empty too). Not owned. */
+    const struct allow_list *allow_nodes;
     int heartbeat_interval;        /* seconds between KeepAlives */
     int heartbeat_timeout;         /* seconds of silence before the tunnel is dropped */
     int connect_timeout;           /* seconds for connect + TLS + Hello, and for each dial */

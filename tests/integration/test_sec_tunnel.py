@@ -3,6 +3,7 @@ Hello header), session buffering (tunnel.session_buffer_limit), the client's pen
 cap and --allow warning, and peer strings in log lines. Each test reproduces the attack
 from the issue on the real binaries over 127.0.0.1 and shows it now fails."""
 import json
+import re
 import socket
 import struct
 import subprocess
@@ -12,7 +13,7 @@ import time
 import pytest
 
 from conftest import CLIENT_BIN, connect, free_port, wait_until
-from sec_helpers import env_int, frame, hello, read_frame
+from sec_helpers import T_HELLO_RESPONSE, env_int, frame, hello, read_frame
 from tunnel_helpers import client_count, map_tunnel, start_client, tunnel_server
 
 TOKEN = "tok-default-0123456789"
@@ -481,3 +482,84 @@ def test_client_session_buffer_limit_rejects_bad_values():
                             "--session-buffer-limit", bad], capture_output=True, timeout=10)
         assert r.returncode == 2, (bad, r.returncode, r.stderr)
         assert b"--session-buffer-limit: expected bytes" in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------------
+# What the server (or anyone answering in its place) can make the client do
+
+
+def _fake_server_with_nodes(listener, nodes, done):
+    """Answers one client's Hello with a HelloResponse that lists nodes, then holds the
+    session until done is set."""
+    c, _ = listener.accept()
+    with c:
+        assert read_frame(c) is not None
+        c.sendall(frame(T_HELLO_RESPONSE, json.dumps(
+            {"ok": True, "message": "hello", "mappings": [], "nodes": nodes}).encode()))
+        done.wait(20)
+
+
+@pytest.mark.parametrize("flags,reached", [
+    (["--allow", "127.0.0.1:22"], False),
+    (["--allow", "127.0.0.1:22", "--allow-nodes", "127.0.0.1:1-65535"], True),
+    ([], True),
+])
+def test_node_list_bounded_by_allow(proc_factory, flags, reached):
+    """A node list is the server's word: with --allow (and no --allow-nodes) a listed node
+    outside it is not connected (no Hello, no token sent there); --allow-nodes admits
+    cluster nodes; without either, the client follows the list as SPEC §7 says."""
+    fake = socket.create_server(("127.0.0.1", 0))
+    victim = socket.create_server(("127.0.0.1", 0))
+    fake.settimeout(10)
+    done = threading.Event()
+    port = fake.getsockname()[1]
+    nodes = [f"127.0.0.1:{port}", f"127.0.0.1:{victim.getsockname()[1]}"]
+    server = threading.Thread(target=_fake_server_with_nodes, args=(fake, nodes, done),
+                              daemon=True)
+    server.start()
+    cli = proc_factory([CLIENT_BIN, "--server", f"127.0.0.1:{port}", "--token", "tok-x",
+                        "--log-level", "debug", *flags], name="client")
+    try:
+        victim.settimeout(3 if reached else 2)
+        try:
+            c, _ = victim.accept()
+        except socket.timeout:
+            c = None
+        if reached:
+            assert c is not None, "the listed node was not connected"
+            with c:
+                fr = read_frame(c)
+            assert fr is not None and fr[0] == 0x06, fr  # its Hello
+        else:
+            assert c is None, "a node outside --allow was connected"
+            cli.wait_log(r"node 127\.0\.0\.1:\d+ not connected: not in --allow", timeout=5)
+    finally:
+        done.set()
+        cli.kill()
+        server.join(10)
+        fake.close()
+        victim.close()
+
+
+def test_client_log_lines_per_public_connection_are_bounded(server_factory, tmp_path, logs):
+    """Each public connection through a tunnel mapping whose target the client refuses
+    (not in --allow) or cannot reach makes a line in the client's log; hundreds of them in
+    a burst make one line of each kind, with the count held back in the next one."""
+    srv = tunnel_server(server_factory, clients=CLIENTS)
+    dead = free_port()  # nothing listens there
+    cli = start_client(tmp_path, logs, srv, TOKEN, "--allow", f"127.0.0.1:{dead}")
+    refused = map_tunnel(srv, 9)         # 127.0.0.1:9: not in --allow
+    failing = map_tunnel(srv, dead)      # allowed, but connection refused
+    for port in (refused, failing):
+        for _ in range(150):
+            with connect(port) as s:
+                s.settimeout(5)
+                try:
+                    s.recv(1)
+                except OSError:
+                    pass
+    wait_until(lambda: srv.mapping(failing)["failed_connections"] >= 150, timeout=10,
+               desc="every dial to fail")
+    text = cli.log_text()
+    assert 1 <= text.count("not in --allow") <= 2, text[-3000:]
+    assert 1 <= len(re.findall(r"Connection refused", text)) <= 2, text[-3000:]
