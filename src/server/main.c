@@ -127,15 +127,25 @@ static int apply_env(struct config *cfg)
 }
 
 /* SPEC §3 "Safe defaults": an API reachable from elsewhere must have a token, or anyone who
- * can reach the port can point mappings anywhere (the cloud metadata service, say). */
+ * can reach the port can point mappings anywhere (the cloud metadata service, say); and one
+ * at least as long as a tunnel client's (SPEC §4: 16 characters). */
+#define API_TOKEN_MIN 16
 static int check_safe_defaults(const struct config *cfg)
 {
-    if (api_guard_is_loopback(cfg->api_listen_addr) || cfg->api_token[0] != '\0')
+    size_t len = strlen(cfg->api_token);
+    if (api_guard_is_loopback(cfg->api_listen_addr) || len >= API_TOKEN_MIN)
         return 0;
-    fprintf(stderr,
-            "portmux-server: refusing to start: api.listen_addr %s is not a loopback address "
-            "and no API token is set (set api.token or PORTMUX_API_TOKEN)\n",
-            cfg->api_listen_addr);
+    if (len == 0)
+        fprintf(stderr,
+                "portmux-server: refusing to start: api.listen_addr %s is not a loopback "
+                "address and no API token is set (set api.token or PORTMUX_API_TOKEN)\n",
+                cfg->api_listen_addr);
+    else /* a token of a few characters is guessed as easily as none is bypassed */
+        fprintf(stderr,
+                "portmux-server: refusing to start: api.listen_addr %s is not a loopback "
+                "address and the API token (api.token or PORTMUX_API_TOKEN) has %zu "
+                "characters; it needs at least %d (e.g. openssl rand -hex 24)\n",
+                cfg->api_listen_addr, len, API_TOKEN_MIN);
     return EXIT_CONFIG;
 }
 

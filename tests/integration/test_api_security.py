@@ -76,6 +76,27 @@ def test_open_api_off_loopback_refuses_to_start(tmp_path, addr, env_token):
     assert not (tmp_path / "db").exists(), "the store was opened before the check"
 
 
+@pytest.mark.parametrize("token", [" ", "short-token-15c", "x" * 15])
+def test_short_api_token_off_loopback_refuses_to_start(tmp_path, token):
+    """A token of a few characters off loopback is refused like none (SPEC §4's 16
+    characters, the bar for a tunnel client's token); 16 are enough."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PORTMUX_API_TOKEN"}
+    path = _config_file(tmp_path, {"listen_addr": "0.0.0.0", "listen_port": port,
+                                   "token": token})
+    r = run_once([SERVER_BIN, "--config", path], timeout=10, env=env)
+    out = (r.stdout + r.stderr).decode(errors="replace")
+    assert r.returncode == 2, f"exit {r.returncode}:\n{out}"
+    assert f"has {len(token)} characters; it needs at least 16" in out, out
+    assert token.strip() == "" or token not in out, "the token was printed"
+    assert not (tmp_path / "db").exists(), "the store was opened before the check"
+    # The same through the environment.
+    path = _config_file(tmp_path, {"listen_addr": "0.0.0.0", "listen_port": port})
+    r = run_once([SERVER_BIN, "--config", path], timeout=10,
+                 env=dict(env, PORTMUX_API_TOKEN=token))
+    assert r.returncode == 2, (r.stdout + r.stderr).decode(errors="replace")
+
+
 @pytest.mark.parametrize("addr", ["127.0.0.1", "127.0.0.2", "::1"])
 def test_loopback_api_needs_no_token(tmp_path, server_factory, addr):
     srv = server_factory(config={"api": {"listen_addr": addr}}, start=False)
