@@ -392,6 +392,10 @@ static int run(struct client_args *a, SSL_CTX *ssl)
     if (a->allow.len == 0)
         log_warn("client", "no --allow given: any host:port the server asks for is dialled "
                            "(restrict it with --allow ADDR[/PREFIX]:PORT[-PORT])");
+    if (!a->tls && !netaddr_host_is_local(a->host))
+        log_warn("client", "no TLS: the token in the Hello and every forwarded byte cross the "
+                           "network in clear (use --tls with --ca once the server has "
+                           "tunnel.tls)");
     struct timeval now = {0, 0};
     evtimer_add(cm.retry, &now);
     cm.attempt = 0;

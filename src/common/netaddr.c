@@ -279,3 +279,15 @@ const char *netaddr_format(const struct sockaddr *sa, char *buf, size_t buflen)
     }
     return buf;
 }
+
+bool netaddr_host_is_local(const char *host)
+{
+    struct sockaddr_storage ss;
+    socklen_t len;
+    if (host == NULL)
+        return false;
+    if (netaddr_is_localhost_name(host))
+        return true;
+    return netaddr_ip_sockaddr(host, 0, &ss, &len) == 0 &&
+           netaddr_is_self_by_definition((const struct sockaddr *)&ss);
+}

@@ -53,6 +53,11 @@ bool netaddr_is_self_by_definition(const struct sockaddr *sa);
  * without a final dot. */
 bool netaddr_is_localhost_name(const char *name);
 
+/* True when host (a name or an IP literal, no brackets, no port) is this host by
+ * definition: "localhost" and its subdomains, or a literal netaddr_is_self_by_definition
+ * accepts. Looks nothing up: any other name is taken as elsewhere. */
+bool netaddr_host_is_local(const char *host);
+
 /* Formats sa as "1.2.3.4:80" or "[::1]:80" into buf. Returns buf. */
 const char *netaddr_format(const struct sockaddr *sa, char *buf, size_t buflen);
 

@@ -257,6 +257,19 @@ static void test_self_addresses(void)
     CHECK(!netaddr_is_localhost_name(""));
     CHECK(!netaddr_is_localhost_name(NULL));
 
+    /* Hosts the client needs no TLS for: this machine by definition, nothing looked up. */
+    CHECK(netaddr_host_is_local("127.0.0.1"));
+    CHECK(netaddr_host_is_local("127.3.2.1"));
+    CHECK(netaddr_host_is_local("::1"));
+    CHECK(netaddr_host_is_local("localhost"));
+    CHECK(netaddr_host_is_local("tunnel.localhost"));
+    CHECK(!netaddr_host_is_local("192.0.2.1"));
+    CHECK(!netaddr_host_is_local("2001:db8::1"));
+    CHECK(!netaddr_host_is_local("portmux.example.com"));
+    CHECK(!netaddr_host_is_local("[::1]"));
+    CHECK(!netaddr_host_is_local(""));
+    CHECK(!netaddr_host_is_local(NULL));
+
     /* One key for both spellings of an IPv4 address. */
     struct sockaddr_storage a, b;
     socklen_t len;
