@@ -183,6 +183,20 @@ def _connect_from(src, port):
     return socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(src, 0))
 
 
+def _closed_at_accept(socks, why):
+    for s in socks:
+        assert closed_by_peer(s, timeout=5), why
+        s.close()
+
+
+def _still_waiting(socks):
+    """Each of socks is still open, waiting for its Hello."""
+    for s in socks:
+        s.settimeout(0.1)
+        with pytest.raises(socket.timeout):
+            s.recv(1)
+
+
 def test_max_pending(server_factory, tmp_path, logs):
     """More than tunnel.max_pending connections waiting for their Hello: the extra ones
     are closed at accept; a real client still logs in once the idle ones go."""
@@ -216,13 +230,8 @@ def test_max_pending_default_is_128(server_factory):
     idle = [_connect_from(f"127.0.10.{1 + i // 16}", srv.tunnel_port) for i in range(128)]
     try:
         extra = [_connect_from("127.0.11.1", srv.tunnel_port) for _ in range(4)]
-        for s in extra:
-            assert closed_by_peer(s, timeout=5), "a connection beyond 128 pending stayed"
-            s.close()
-        for s in idle[:8] + idle[-8:]:
-            s.settimeout(0.1)
-            with pytest.raises(socket.timeout):
-                s.recv(1)
+        _closed_at_accept(extra, "a connection beyond 128 pending stayed")
+        _still_waiting(idle[:8] + idle[-8:])
     finally:
         for s in idle:
             s.close()
@@ -235,13 +244,8 @@ def test_one_source_cannot_hold_every_pending_place(server_factory, tmp_path, lo
     idle = [_connect_from("127.0.12.1", srv.tunnel_port) for _ in range(16)]
     try:
         extra = [_connect_from("127.0.12.1", srv.tunnel_port) for _ in range(40)]
-        for s in extra:
-            assert closed_by_peer(s, timeout=5), "a 17th idle connection of one source stayed"
-            s.close()
-        for s in idle[:4] + idle[-4:]:
-            s.settimeout(0.1)
-            with pytest.raises(socket.timeout):
-                s.recv(1)
+        _closed_at_accept(extra, "a 17th idle connection of one source stayed")
+        _still_waiting(idle[:4] + idle[-4:])
         srv.wait_log(r"16 of them from its address \(at most 16\)", timeout=5)
         # Another source is not refused: a real client (from 127.0.0.1) logs in.
         start_client(tmp_path, logs, srv, TOKEN)
