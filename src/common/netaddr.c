@@ -291,3 +291,16 @@ bool netaddr_host_is_local(const char *host)
     return netaddr_ip_sockaddr(host, 0, &ss, &len) == 0 &&
            netaddr_is_self_by_definition((const struct sockaddr *)&ss);
 }
+
+bool netaddr_same_source(const struct sockaddr *a, const struct sockaddr *b)
+{
+    uint8_t x[16], y[16];
+    if (netaddr_key(a, x) != 0 || netaddr_key(b, y) != 0)
+        return false;
+    /* An IPv4 address (in its mapped form) is compared whole, IPv6 by its /64. */
+    static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    bool v4 = memcmp(x, mapped, 12) == 0;
+    if (v4 != (memcmp(y, mapped, 12) == 0))
+        return false;
+    return memcmp(x, y, v4 ? 16 : 8) == 0;
+}

@@ -49,6 +49,12 @@ int netaddr_key(const struct sockaddr *sa, uint8_t out[16]);
  * which connect() takes as this host). */
 bool netaddr_is_self_by_definition(const struct sockaddr *sa);
 
+/* True when a and b count as one source for the per-source limits (the tunnel's pending
+ * connections and Hello failures, the API's connections): the same IPv4 address
+ * (::ffff:a.b.c.d is a.b.c.d), or the same IPv6 /64, the share one host or site usually
+ * holds (its other addresses cost an attacker nothing). */
+bool netaddr_same_source(const struct sockaddr *a, const struct sockaddr *b);
+
 /* True for "localhost" and names under ".localhost" (RFC 6761), any letter case, with or
  * without a final dot. */
 bool netaddr_is_localhost_name(const char *name);

@@ -16,6 +16,7 @@
 #include "api.h"
 
 #include <arpa/inet.h>
+#include <netinet/in.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -37,6 +38,7 @@
 #include "cluster_sync.h"
 #include "config.h"
 #include "log.h"
+#include "log_limit.h"
 #include "loop_guard.h"
 #include "mapping.h"
 #include "mapping_request.h"
@@ -71,6 +73,7 @@ struct api {
     struct event *ev_timer;
     int port;
     unsigned open_connections;     /* counted by api_notify_connection */
+    struct log_limit refused_log;  /* "connection refused" lines: one per 10 s */
     TAILQ_HEAD(, api_conn) conns;  /* every open connection, for the slow-request sweep */
     TAILQ_HEAD(, api_request) suspended; /* waiting for a store write (api_pending) */
     struct event *ev_sweep;
@@ -85,6 +88,7 @@ struct api_conn {
     TAILQ_ENTRY(api_conn) link;
     struct MHD_Connection *conn;
     struct timespec progress;      /* connected, or last request completed */
+    struct sockaddr_storage peer;  /* for the per-source share (api_accept_policy) */
 };
 
 /* Per request, kept by MHD between calls of the access handler. */
@@ -998,6 +1002,14 @@ static void api_notify_connection(void *cls, struct MHD_Connection *conn, void *
         if (ac) {
             ac->conn = conn;
             clock_gettime(CLOCK_MONOTONIC, &ac->progress);
+            const union MHD_ConnectionInfo *ci =
+                MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+            if (ci && ci->client_addr) {
+                socklen_t len = ci->client_addr->sa_family == AF_INET6
+                                    ? sizeof(struct sockaddr_in6)
+                                    : sizeof(struct sockaddr_in);
+                memcpy(&ac->peer, ci->client_addr, len);
+            }
             TAILQ_INSERT_TAIL(&api->conns, ac, link);
         }
         *socket_ctx = ac;
@@ -1037,15 +1049,48 @@ static void api_sweep_cb(evutil_socket_t fd, short what, void *arg)
     }
 }
 
+/* Connections one address may hold when the API listens beyond loopback: an eighth of
+ * api.max_connections (32 of 256), so one peer that keeps idle connections open
+ * (reopening each the sweep closes) cannot take every place and lock the operator and
+ * /health out. On loopback every peer is this machine (a local user can do worse; a
+ * reverse proxy there is all its clients), so only api.max_connections applies. */
+static unsigned api_per_source(const struct api *api)
+{
+    unsigned n = (unsigned)api->srv->cfg->api_max_connections / 8;
+    return n ? n : 1;
+}
+
+static unsigned api_conns_from(const struct api *api, const struct sockaddr *addr)
+{
+    unsigned n = 0;
+    const struct api_conn *ac;
+    TAILQ_FOREACH(ac, &api->conns, link)
+        n += netaddr_same_source((const struct sockaddr *)&ac->peer, addr);
+    return n;
+}
+
 static enum MHD_Result api_accept_policy(void *cls, const struct sockaddr *addr,
                                          socklen_t addrlen)
 {
     struct api *api = cls;
-    if (api->open_connections < (unsigned)api->srv->cfg->api_max_connections)
+    unsigned from = 0;
+    bool full = api->open_connections >= (unsigned)api->srv->cfg->api_max_connections;
+    if (!full && (api_guard_is_loopback(api->srv->cfg->api_listen_addr) ||
+                  (from = api_conns_from(api, addr)) < api_per_source(api)))
         return MHD_YES;
     api->srv->limits.api_connections++;
-    log_debug("api", "connection refused: %u open (api.max_connections)",
-              api->open_connections);
+    unsigned long held;
+    if (log_limit_take(&api->refused_log, time(NULL), 10, &held)) {
+        char who[64];
+        if (full)
+            log_warn("api", "connection from %s refused: %u open (api.max_connections); %lu "
+                            "more refused in the last 10 s",
+                     netaddr_format(addr, who, sizeof(who)), api->open_connections, held);
+        else
+            log_warn("api", "connection from %s refused: it has %u open, an eighth of "
+                            "api.max_connections; %lu more refused in the last 10 s",
+                     netaddr_format(addr, who, sizeof(who)), from, held);
+    }
     return MHD_NO;
 }
 

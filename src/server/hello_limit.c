@@ -56,14 +56,6 @@ static void hl_key_of(const struct sockaddr *sa, struct hl_key *k)
     }
 }
 
-bool hello_limit_same_source(const struct sockaddr *a, const struct sockaddr *b)
-{
-    struct hl_key x, y;
-    hl_key_of(a, &x);
-    hl_key_of(b, &y);
-    return x.family != 0 && memcmp(&x, &y, sizeof(x)) == 0;
-}
-
 static size_t hl_hash(const struct hl_key *k, size_t n)
 {
     /* FNV-1a: the table is small and bounded, so an adversary aiming at one bucket only

@@ -2,7 +2,8 @@
  * after HELLO_LIMIT_FAILURES failed Hellos within HELLO_LIMIT_WINDOW_MS the source is
  * refused unchecked for HELLO_LIMIT_BLOCK_MS; and every log line a peer can trigger goes
  * through hello_limit_log (one per kind per source per HELLO_LIMIT_LOG_MS, with the count
- * of those suppressed). A source is an IPv4 address or an IPv6 /64. The table of sources
+ * of those suppressed). A source is an IPv4 address or an IPv6 /64, as in
+ * netaddr_same_source. The table of sources
  * is bounded: at most max_sources entries, the least recently active one that is not
  * blocked evicted for a new source (so new addresses cannot wash a block out). Pure: the
  * caller passes the time. */
@@ -48,10 +49,6 @@ bool hello_limit_failure(struct hello_limit *hl, const struct sockaddr *sa, int6
  * were held back since the last one logged (and is reset). */
 bool hello_limit_log(struct hello_limit *hl, const struct sockaddr *sa,
                      enum hello_log_kind kind, int64_t now_ms, uint64_t *suppressed);
-/* True when a and b count as one source here and in the Hello limits: the same IPv4
- * address (::ffff:a.b.c.d is a.b.c.d), or the same IPv6 /64, the share one host or site
- * usually holds (its other addresses cost an attacker nothing). */
-bool hello_limit_same_source(const struct sockaddr *a, const struct sockaddr *b);
 /* Sources in the table (tests, metrics). */
 size_t hello_limit_sources(const struct hello_limit *hl);
 

@@ -681,7 +681,7 @@ static size_t ts_pending_from(const struct tunnel_server *ts, const struct socka
     size_t n = 0;
     const struct tsession *sess;
     TAILQ_FOREACH(sess, &ts->pending, pending_link)
-        n += hello_limit_same_source((const struct sockaddr *)&sess->peer, sa);
+        n += netaddr_same_source((const struct sockaddr *)&sess->peer, sa);
     return n;
 }
 

@@ -576,3 +576,55 @@ def test_second_server_on_same_api_port_fails(server_factory):
     # The first one still gets every connection (SO_REUSEPORT would split them).
     for _ in range(20):
         assert _health_ok(first)
+
+
+def test_one_address_cannot_take_every_api_connection(server_factory):
+    """With the API beyond loopback, one address holds at most an eighth of
+    api.max_connections (idle connections it reopens as the sweep closes them would
+    otherwise lock the operator and /health out); other addresses are still served."""
+    srv = server_factory(config={"api": {"listen_addr": "0.0.0.0", "token": TOKEN,
+                                         "max_connections": 64, "connection_timeout": 30}})
+    src = ("127.0.5.1", 0)
+    held = [socket.create_connection(("127.0.0.1", srv.api_port), timeout=5,
+                                     source_address=src) for _ in range(8)]
+    try:
+        for s in held:
+            s.sendall(b"GET /")  # a request that never ends
+        r = raw_exchange_from(srv.api_port, src,
+                              b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert r is None, f"a 9th connection of one address was served: {r!r}"
+        # Another address (and this one's own held connections) are not affected.
+        assert srv.api("GET", "/health")[0] == 200
+        other = raw_exchange_from(srv.api_port, ("127.0.5.2", 0),
+                                  b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert other is not None and other.startswith(b"HTTP/1.1 200"), other
+        srv.wait_log(r"connection from 127\.0\.5\.1:\d+ refused: it has 8 open", timeout=5)
+        text = srv.api("GET", "/metrics", headers=bearer(TOKEN))[2]
+        assert metric(text, "portmux_limit_refused_total", limit="api_max_connections") >= 1
+    finally:
+        for s in held:
+            s.close()
+    # Its place back, the address is served again.
+    wait_until(lambda: raw_exchange_from(srv.api_port, src, b"GET /health HTTP/1.1\r\n"
+                                         b"Host: 127.0.0.1\r\n\r\n") is not None,
+               timeout=5, desc="127.0.5.1 served again")
+
+
+def raw_exchange_from(port, src, request, timeout=3.0):
+    """Sends request from source address src; the response bytes, or None when the
+    server closed (or reset) the connection without answering."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                  source_address=src) as s:
+        try:
+            s.sendall(request)
+            data = b""
+            while True:
+                c = s.recv(65536)
+                if not c:
+                    break
+                data += c
+                if b"\r\n\r\n" in data:
+                    break
+        except (ConnectionResetError, BrokenPipeError):
+            return None
+    return data or None

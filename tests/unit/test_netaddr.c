@@ -278,6 +278,20 @@ static void test_self_addresses(void)
     CHECK(netaddr_ip_sockaddr("::ffff:192.0.2.7", 2, &b, &len) == 0);
     CHECK(netaddr_key((struct sockaddr *)&a, ka) == 0 && netaddr_key((struct sockaddr *)&b, kb) == 0);
     CHECK(memcmp(ka, kb, 16) == 0);
+
+    /* One source: an IPv4 address in either spelling, an IPv6 /64. */
+    struct sockaddr_storage c, d;
+    CHECK(netaddr_same_source((struct sockaddr *)&a, (struct sockaddr *)&b));
+    CHECK(netaddr_ip_sockaddr("192.0.2.8", 1, &c, &len) == 0);
+    CHECK(!netaddr_same_source((struct sockaddr *)&a, (struct sockaddr *)&c));
+    CHECK(netaddr_ip_sockaddr("2001:db8:1:2::1", 1, &c, &len) == 0);
+    CHECK(netaddr_ip_sockaddr("2001:db8:1:2:ffff:ffff:ffff:ffff", 9, &d, &len) == 0);
+    CHECK(netaddr_same_source((struct sockaddr *)&c, (struct sockaddr *)&d));
+    CHECK(netaddr_ip_sockaddr("2001:db8:1:3::1", 1, &d, &len) == 0);
+    CHECK(!netaddr_same_source((struct sockaddr *)&c, (struct sockaddr *)&d));
+    /* ::c000:207 is not ::ffff:192.0.2.7, and its /64 is not an IPv4 address's. */
+    CHECK(netaddr_ip_sockaddr("::c000:207", 1, &d, &len) == 0);
+    CHECK(!netaddr_same_source((struct sockaddr *)&a, (struct sockaddr *)&d));
 }
 
 int main(void)
