@@ -21,9 +21,13 @@
 extern const struct embedded_file embedded_migrations[];
 extern const size_t embedded_migrations_count;
 
-/* Long enough to ride out a second process (sqlite3 shell, backup) holding the lock for a
- * moment; short enough that the event loop is never frozen for long. */
+/* Opening and migrating (nothing is served yet) may wait this long for a second process
+ * (sqlite3 shell, backup) holding the lock for a moment. */
 #define SQ_BUSY_MS 5000
+/* Every later write runs on the event loop: each relay, tunnel and API request waits
+ * while it does. A lock held longer than this is a write the database cannot take now
+ * (STORE_UNAVAILABLE, 503), not a frozen server. */
+#define SQ_LOOP_BUSY_MS 200
 /* foreach reads this many rows at a time, so callbacks run with no statement open. */
 #define SQ_PAGE_ROWS 64
 
@@ -382,6 +386,7 @@ static void *sq_open(const char *location, struct store_open_info *info,
         sq_migrate(sq, newest, info, result, err, errlen) != 0 ||
         sq_prepare_all(sq, err, errlen) != 0)
         goto fail;
+    sqlite3_busy_timeout(sq->db, SQ_LOOP_BUSY_MS);
     return sq;
 fail:
     sq_close(sq);
@@ -403,6 +408,15 @@ static int sq_run(struct sq_store *sq, enum sq_stmt_id id, const char *what, int
     }
     sqlite3_reset(sq->stmt[id]);
     return rc;
+}
+
+/* What a failed write reports: another connection holding the database's write lock
+ * (a sqlite3 shell left in a transaction, a backup) past the busy timeout is "cannot take
+ * the write now, nothing changed" (503 store_unavailable), not an internal error. */
+static enum store_result sq_failure(int rc)
+{
+    int primary = rc & 0xff;
+    return primary == SQLITE_BUSY || primary == SQLITE_LOCKED ? STORE_UNAVAILABLE : STORE_ERR;
 }
 
 static void sq_rollback(struct sq_store *sq)
@@ -458,7 +472,7 @@ static enum store_result sq_insert_row(struct sq_store *sq, const struct mapping
         return STORE_DUPLICATE;
     }
     if (rc != SQLITE_DONE)
-        return STORE_ERR;
+        return sq_failure(rc);
     *id = sqlite3_last_insert_rowid(sq->db);
     *created_at = now;
     return STORE_OK;
@@ -482,8 +496,9 @@ static enum store_result sq_remove(void *impl, int port)
         sq_log(sq, "binding a port");
         return STORE_ERR;
     }
-    if (sq_run(sq, SQ_DELETE, "deleting a mapping", 0) != SQLITE_DONE)
-        return STORE_ERR;
+    int rc = sq_run(sq, SQ_DELETE, "deleting a mapping", 0);
+    if (rc != SQLITE_DONE)
+        return sq_failure(rc);
     return sqlite3_changes(sq->db) == 0 ? STORE_NOT_FOUND : STORE_OK;
 }
 
@@ -492,8 +507,9 @@ static enum store_result sq_update(void *impl, const struct mapping_record *rec)
     struct sq_store *sq = impl;
     if (sq_bind_record(sq, SQ_UPDATE, rec, 0) != SQLITE_OK)
         return STORE_ERR;
-    if (sq_run(sq, SQ_UPDATE, "updating a mapping", 0) != SQLITE_DONE)
-        return STORE_ERR;
+    int rc = sq_run(sq, SQ_UPDATE, "updating a mapping", 0);
+    if (rc != SQLITE_DONE)
+        return sq_failure(rc);
     return sqlite3_changes(sq->db) == 0 ? STORE_NOT_FOUND : STORE_OK;
 }
 
@@ -501,13 +517,15 @@ static enum store_result sq_replace(void *impl, struct mapping_record *rec)
 {
     struct sq_store *sq = impl;
     int64_t id, created_at;
-    if (sq_run(sq, SQ_BEGIN, "starting a replace", 0) != SQLITE_DONE)
-        return STORE_ERR;
+    int rc = sq_run(sq, SQ_BEGIN, "starting a replace", 0);
+    if (rc != SQLITE_DONE)
+        return sq_failure(rc);
     enum store_result res = sq_remove(sq, rec->port);
     if (res == STORE_OK)
         res = sq_insert_row(sq, rec, &id, &created_at);
-    if (res == STORE_OK && sq_run(sq, SQ_COMMIT, "committing a replace", 0) != SQLITE_DONE)
-        res = STORE_ERR;
+    if (res == STORE_OK &&
+        (rc = sq_run(sq, SQ_COMMIT, "committing a replace", 0)) != SQLITE_DONE)
+        res = sq_failure(rc);
     if (res != STORE_OK) {
         /* A failed COMMIT (SQLITE_BUSY) leaves the transaction open: close it here. */
         sq_rollback(sq);
@@ -659,7 +677,7 @@ static enum store_result sqc_insert(void *impl, struct client_record *rec)
     if (rc == SQLITE_CONSTRAINT_UNIQUE)
         return STORE_DUPLICATE;
     if (rc != SQLITE_DONE)
-        return STORE_ERR;
+        return sq_failure(rc);
     rec->created_at = now;
     if (!rec->source[0])
         snprintf(rec->source, sizeof(rec->source), "api");
@@ -678,8 +696,9 @@ static enum store_result sqc_update(void *impl, const struct client_record *rec)
         sq_log(sq, "binding a client");
         return STORE_ERR;
     }
-    if (sqc_run(sq, SQC_UPDATE, "updating a client", 0) != SQLITE_DONE)
-        return STORE_ERR;
+    rc = sqc_run(sq, SQC_UPDATE, "updating a client", 0);
+    if (rc != SQLITE_DONE)
+        return sq_failure(rc);
     return sqlite3_changes(sq->db) == 0 ? STORE_NOT_FOUND : STORE_OK;
 }
 
@@ -690,8 +709,9 @@ static enum store_result sqc_delete(void *impl, const char *name)
         sq_log(sq, "binding a client name");
         return STORE_ERR;
     }
-    if (sqc_run(sq, SQC_DELETE, "deleting a client", 0) != SQLITE_DONE)
-        return STORE_ERR;
+    int rc = sqc_run(sq, SQC_DELETE, "deleting a client", 0);
+    if (rc != SQLITE_DONE)
+        return sq_failure(rc);
     return sqlite3_changes(sq->db) == 0 ? STORE_NOT_FOUND : STORE_OK;
 }
 

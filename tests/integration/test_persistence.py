@@ -117,3 +117,38 @@ def test_error_mapping_can_be_removed(server):
     server.restart()
     assert server.list() == []
     assert sqlite(server.db_path, "SELECT count(*) FROM mappings") == [["0"]]
+
+
+def test_database_locked_by_another_process_is_503_not_a_frozen_server(server, http_backend):
+    """Another process holding SQLite's write lock (a sqlite3 shell left in a transaction)
+    makes a write answer 503 store_unavailable within a fraction of a second, with
+    nothing changed, not a 5 s freeze of every relay and a 500; once the lock goes, the
+    same write works."""
+    import sqlite3
+    import time
+    kept = free_port()
+    server.create_ok(port=kept, target_ip="127.0.0.1", target_port=http_backend.port)
+    port = free_port()
+    db = sqlite3.connect(server.db_path, timeout=1, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        t0 = time.monotonic()
+        status, body = server.create(port=port, target_ip="127.0.0.1",
+                                     target_port=http_backend.port)
+        took = time.monotonic() - t0
+        assert status == 503 and body["error"] == "store_unavailable", (status, body)
+        assert took < 2.0, f"the write held the server for {took:.2f} s"
+        assert connect_refused(port), "a listener stayed for a write that was not stored"
+        status, body = server.remove(kept)
+        assert status == 503 and body["error"] == "store_unavailable", (status, body)
+        t0 = time.monotonic()
+        server.health()
+        assert time.monotonic() - t0 < 1.0
+        assert fetch(kept) == http_backend.files["hello.txt"]  # relaying goes on
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    server.create_ok(port=port, target_ip="127.0.0.1", target_port=http_backend.port)
+    assert fetch(port) == http_backend.files["hello.txt"]
+    assert sorted(int(r[0]) for r in sqlite(server.db_path, "SELECT port FROM mappings")) \
+        == sorted([kept, port])
