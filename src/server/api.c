@@ -340,7 +340,8 @@ static void handle_update(struct server *srv, const struct api_req *rq, struct a
     }
     *rec = m->rec;
     e = mapping_request_parse_update(srv->cfg, body, rq->len, &port, rec, msg, sizeof(msg));
-    if (e == API_OK && api_client_known(srv, rec, &m->rec, msg, sizeof(msg)) != 0)
+    if (e == API_OK && (api_client_known(srv, rec, &m->rec, msg, sizeof(msg)) != 0 ||
+                        loop_guard_check_create(srv, rec, msg, sizeof(msg)) != 0))
         e = API_E_INVALID_FIELD;
     struct api_pending *p;
     if (e != API_OK) {

@@ -170,7 +170,10 @@ int loop_guard_check_create(struct server *srv, const struct mapping_record *rec
 {
     if (rec->use_tunnel || !rec->target_ip[0])
         return 0;
-    if (!loop_guard_is_server_port(srv, rec->target_port, rec->port))
+    /* Port and target_port both omitted: the target is the port the server will pick,
+     * the mapping's own listener, whichever it is. */
+    bool own_port = rec->port == 0 && rec->target_port == 0;
+    if (!own_port && !loop_guard_is_server_port(srv, rec->target_port, rec->port))
         return 0;
     struct sockaddr_storage ss;
     socklen_t len;
@@ -182,6 +185,11 @@ int loop_guard_check_create(struct server *srv, const struct mapping_record *rec
         self = loop_guard_name_is_self(srv, rec->target_ip);
     if (!self)
         return 0;
+    if (own_port) {
+        snprintf(msg, msglen, "target_port is required when port is omitted and target_ip "
+                              "%.64s is this host (a forwarding loop)", rec->target_ip);
+        return -1;
+    }
     snprintf(msg, msglen,
              "target_ip %.64s:%d is this server itself (port %d is one it listens on): "
              "a forwarding loop",

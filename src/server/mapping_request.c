@@ -6,6 +6,7 @@
 
 #include <jansson.h>
 
+#include "client_name.h"
 #include "clients.h"
 #include "config.h"
 #include "netaddr.h"
@@ -273,10 +274,11 @@ static json_t *load_object(const char *body, size_t len, enum api_error *e, char
     return root;
 }
 
+/* This host by the text alone (any 127.x, ::1, 0.0.0.0, ::, localhost in any letter
+ * case): loop_guard_check_create also knows the interfaces' addresses and the host's name. */
 static bool is_loopback_name(const char *s)
 {
-    return strcmp(s, "127.0.0.1") == 0 || strcmp(s, "localhost") == 0 ||
-           strcmp(s, "0.0.0.0") == 0 || strcmp(s, "::1") == 0 || strcmp(s, "::") == 0;
+    return netaddr_host_is_local(s);
 }
 
 /* Mode and the checks that need the config, after each field was parsed on its own. */
@@ -290,9 +292,13 @@ static enum api_error resolve_mode(const struct config *cfg, json_t *obj, bool u
     }
     if (t || !update)
         rec->use_tunnel = t ? json_is_true(t) : (!rec->target_ip[0] && cfg->tunnel_enabled);
-    /* SPEC §2: a direct mapping has no client; "" in the API, the store and /metrics. */
+    /* SPEC §2: a direct mapping has no client; "" in the API, the store and /metrics. A
+     * mapping an update turns into a tunnel one without naming a client gets the default,
+     * as a create does. */
     if (!rec->use_tunnel)
         rec->client[0] = '\0';
+    else if (!rec->client[0])
+        snprintf(rec->client, sizeof(rec->client), "%s", CLIENT_NAME_DEFAULT);
     /* Port 0 on create: the registry picks one inside the range. */
     if (!update && rec->port != 0 && !config_port_allowed(cfg, rec->port)) {
         snprintf(msg, msglen, "port %d is outside port_range %d-%d or blacklisted", rec->port,

@@ -78,6 +78,39 @@ def test_create_refuses_self_target(server_factory, target):
     srv.health()
 
 
+@pytest.mark.parametrize("target", ["127.0.0.2", "LOCALHOST", "::1", "0.0.0.0"])
+def test_create_without_ports_refuses_self_target(server_factory, target):
+    """port and target_port omitted: the target is whichever port the server picks, the
+    mapping's own listener."""
+    srv = server_factory()
+    status, body = srv.create(target_ip=target)
+    assert status == 400 and body["error"] == "invalid_field", (status, body)
+    assert "loop" in body["message"] or "target_port is required" in body["message"], body
+    assert srv.list() == []
+
+
+def test_update_refuses_self_target(server_factory):
+    """An update cannot make a direct mapping a loop that a create would refuse."""
+    srv = tunnel_server(server_factory, clients=[{"name": "default", "token": TOKEN}])
+    port, other = free_ports(2)
+    srv.create_ok(port=other, target_ip="192.0.2.55", target_port=80)
+    srv.create_ok(port=port, target_ip="192.0.2.55", target_port=80)
+    for target in ("127.0.0.2", "localhost", "::1"):
+        for target_port in (port, other, srv.api_port, srv.tunnel_port):
+            status, body = srv.api("POST", "/api/mapping/update",
+                                   body={"port": port, "target_ip": target,
+                                         "target_port": target_port})[::2]
+            assert status == 400 and body["error"] == "invalid_field", (status, body)
+            assert "loop" in body["message"], body
+    m = srv.mapping(port)
+    assert (m["target_ip"], m["target_port"]) == ("192.0.2.55", 80), m
+    # An ordinary target is still fine.
+    status, body = srv.api("POST", "/api/mapping/update",
+                           body={"port": port, "target_ip": "127.0.0.2",
+                                 "target_port": free_port()})[::2]
+    assert status == 200, body
+
+
 def test_create_refuses_host_address(server_factory):
     addrs = host_addresses()
     if not addrs:

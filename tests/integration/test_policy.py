@@ -187,13 +187,15 @@ def test_port_omitted_gets_lowest_free_port_then_range_exhausted(server_factory,
     assert first["target_port"] == echo_backend.port
     with connect(first["port"]) as s:
         assert echo_ok(s)
-    # Without target_port, it defaults to the picked port.
-    second = srv.create_ok(target_ip="127.0.0.9")
+    # Without target_port, it defaults to the picked port (of another host: a loopback
+    # address such as 127.0.0.9 is this host, and the mapping would be its own target).
+    second = srv.create_ok(target_ip="192.0.2.9")
     assert second["port"] == base + 2 and second["target_port"] == base + 2, second
     # Without target_port a loopback target would be the picked port itself: refused.
-    status, body = srv.create(target_ip="127.0.0.1")
-    assert status == 400 and body["error"] == "invalid_field", body
-    assert body["message"].startswith("target_port"), body
+    for target in ("127.0.0.1", "127.0.0.9", "LocalHost"):
+        status, body = srv.create(target_ip=target)
+        assert status == 400 and body["error"] == "invalid_field", body
+        assert body["message"].startswith("target_port"), body
     with PortHolder(base + 3):  # bound by someone else: not bindable, skipped
         status, body = srv.create(target_ip="127.0.0.1", target_port=echo_backend.port)
         assert status == 409 and body["error"] == "range_exhausted", (status, body)
@@ -624,6 +626,22 @@ def test_enable_fails_cleanly_when_port_taken(server):
 
 
 # ---- update ----
+
+def test_update_direct_to_tunnel_and_back(server_factory, tmp_path, logs, echo_backend):
+    """use_tunnel: true on a direct mapping, no client named: the default client, as a
+    create gives; and back to direct, where the client is "" again."""
+    srv, _ = tunnel_env(server_factory, tmp_path, logs)
+    port = free_port()
+    srv.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port,
+                  use_tunnel=False)
+    data = update_ok(srv, port=port, use_tunnel=True)
+    assert data["use_tunnel"] is True and data["client"] == "default", data
+    wait_status(srv, port, "listening")
+    with connect(port) as s:
+        assert echo_ok(s)  # through the tunnel now
+    data = update_ok(srv, port=port, use_tunnel=False)
+    assert data["use_tunnel"] is False and data["client"] == "", data
+
 
 def test_update_keeps_listener_and_live_targets(server, echo_backend):
     other = ProxyTarget()  # a second target, told apart by the header it gets
