@@ -50,6 +50,8 @@ static void reload_restart_keys(const struct config *cur, const struct config *n
 {
     const char *env = getenv("PORTMUX_DATABASE_URL");
     bool env_db_url = env && *env;
+    const char *env_tok = getenv("PORTMUX_API_TOKEN");
+    bool env_token = env_tok && *env_tok;
     const struct {
         const char *key;
         bool changed;
@@ -65,7 +67,8 @@ static void reload_restart_keys(const struct config *cur, const struct config *n
         {"tunnel.heartbeat_timeout", cur->heartbeat_timeout != next->heartbeat_timeout},
         {"api.listen_addr", reload_str_changed(cur->api_listen_addr, next->api_listen_addr)},
         {"api.listen_port", cur->api_listen_port != next->api_listen_port},
-        {"api.token", reload_str_changed(cur->api_token, next->api_token)},
+        /* PORTMUX_API_TOKEN wins over the file in the same way. */
+        {"api.token", !env_token && reload_str_changed(cur->api_token, next->api_token)},
         {"api.max_connections", cur->api_max_connections != next->api_max_connections},
         {"database.path", reload_str_changed(cur->db_path, next->db_path)},
         /* PORTMUX_DATABASE_URL wins over the file (SPEC §7), so the file's url is only

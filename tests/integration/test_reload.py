@@ -120,3 +120,18 @@ def test_bad_config_on_reload_keeps_the_running_one(server):
     # The running config is the last good one: a later good reload changes nothing.
     log = reload(server, good)
     assert "nothing changed that applies live" in log, log
+
+
+def test_env_token_is_not_a_changed_api_token(server_factory):
+    """With PORTMUX_API_TOKEN set, the file's api.token is not the running one: a reload
+    does not warn that api.token changed, and the environment's token stays in force."""
+    import os
+    token = "env-token-0123456789abcdef"
+    srv = server_factory(start=False)
+    srv.proc.env = dict(os.environ, PORTMUX_API_TOKEN=token)
+    srv.start()
+    log = reload(srv, srv.config)
+    assert "api.token" not in log, log
+    assert srv.api("GET", "/api/mapping/list")[0] == 401
+    assert srv.api("GET", "/api/mapping/list",
+                   headers={"Authorization": f"Bearer {token}"})[0] == 200
