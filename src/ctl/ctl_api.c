@@ -6,6 +6,7 @@
 
 #include "ctl.h"
 #include "ctl_http.h"
+#include "ctl_table.h"
 
 int ctl_api(const struct ctl_opts *o, const char *method, const char *path, json_t *body,
             struct ctl_reply *rep, json_t **data)
@@ -27,7 +28,11 @@ int ctl_api(const struct ctl_opts *o, const char *method, const char *path, json
     const char *msg = json_string_value(json_object_get(j, "message"));
     if (code) {
         /* The code first: it is what scripts and the SPEC's error table name. */
-        fprintf(stderr, "portmux-ctl: %s: %s (HTTP %d)\n", code, msg ? msg : "", rep->status);
+        char c[128], m[512];
+        snprintf(c, sizeof(c), "%s", code);
+        snprintf(m, sizeof(m), "%s", msg ? msg : "");
+        fprintf(stderr, "portmux-ctl: %s: %s (HTTP %d)\n", ctl_clean(c), ctl_clean(m),
+                rep->status);
     } else {
         fprintf(stderr, "portmux-ctl: HTTP %d from %s%s: not an answer from the portmux API\n",
                 rep->status, o->api_url, path);

@@ -24,29 +24,35 @@ static int ctl_client_post(const struct ctl_opts *o, const char *path, json_t *b
     return rc;
 }
 
-static const char *ctl_str(const json_t *data, const char *key)
+/* The string at key, cleaned for the terminal (ctl_clean), or "-". */
+static const char *ctl_str(const json_t *data, const char *key, char *buf, size_t len)
 {
     const char *s = json_string_value(json_object_get(data, key));
-    return s ? s : "-";
+    snprintf(buf, len, "%s", s ? s : "-");
+    return ctl_clean(buf);
 }
 
 static void ctl_show_created(const json_t *d)
 {
+    char name[128], token[256];
     printf("created client %s\ntoken: %s\n(the token is shown this once: give it to "
-           "portmux-client --token)\n", ctl_str(d, "name"), ctl_str(d, "token"));
+           "portmux-client --token)\n", ctl_str(d, "name", name, sizeof(name)),
+           ctl_str(d, "token", token, sizeof(token)));
 }
 
 static void ctl_show_rotated(const json_t *d)
 {
-    char until[64];
+    char until[64], name[128], token[256];
     ctl_cell(json_object_get(d, "old_token_valid_until"), until, sizeof(until));
     printf("rotated client %s\ntoken: %s\nthe old token is valid until %s\n",
-           ctl_str(d, "name"), ctl_str(d, "token"), until);
+           ctl_str(d, "name", name, sizeof(name)), ctl_str(d, "token", token, sizeof(token)),
+           until);
 }
 
 static void ctl_show_removed(const json_t *d)
 {
-    printf("removed client %s\n", ctl_str(d, "name"));
+    char name[128];
+    printf("removed client %s\n", ctl_str(d, "name", name, sizeof(name)));
 }
 
 static int ctl_need_name(int argc, char **argv, const char *usage)
@@ -186,9 +192,10 @@ int ctl_health_main(const struct ctl_opts *o, int argc, char **argv)
         const char *key;
         json_t *v;
         json_object_foreach(data, key, v) {
-            char cell[320];
+            char cell[320], k[64];
             ctl_cell(v, cell, sizeof(cell));
-            printf("%-17s %s\n", key, cell);
+            snprintf(k, sizeof(k), "%s", key);
+            printf("%-17s %s\n", ctl_clean(k), cell);
         }
     }
     ctl_reply_clear(&rep);

@@ -159,10 +159,16 @@ static int ctl_mapping_print(const json_t *mappings)
         json_int_t port = json_integer_value(json_object_get(m, "port"));
         const char *err = json_string_value(json_object_get(m, "error"));
         const char *last = json_string_value(json_object_get(m, "last_error"));
-        if (err)
-            printf("port %lld: error: %s\n", (long long)port, err);
-        if (last)
-            printf("port %lld: last failed connection: %s\n", (long long)port, last);
+        char text[512];
+        if (err) {
+            snprintf(text, sizeof(text), "%s", err);
+            printf("port %lld: error: %s\n", (long long)port, ctl_clean(text));
+        }
+        if (last) {
+            snprintf(text, sizeof(text), "%s", last);
+            printf("port %lld: last failed connection: %s\n", (long long)port,
+                   ctl_clean(text));
+        }
     }
     return CTL_OK;
 }

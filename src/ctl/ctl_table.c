@@ -11,14 +11,25 @@ struct ctl_table {
     char **cells;        /* nrows * ncols */
 };
 
+char *ctl_clean(char *s)
+{
+    for (unsigned char *p = (unsigned char *)s; *p; p++) {
+        if (*p < 0x20 || *p == 0x7f) {
+            *p = '?';
+        } else if (*p == 0xc2 && p[1] >= 0x80 && p[1] <= 0x9f) {
+            /* U+0080..U+009F, the C1 controls (CSI, OSC...) in UTF-8; jansson's strings
+             * are valid UTF-8, so no such byte stands alone */
+            p[0] = p[1] = '?';
+            p++;
+        }
+    }
+    return s;
+}
+
 static char *ctl_clean_dup(const char *s)
 {
     char *d = strdup(s ? s : "");
-    for (char *p = d; p && *p; p++) {
-        if ((unsigned char)*p < 0x20 || *p == 0x7f)
-            *p = '?';
-    }
-    return d;
+    return d ? ctl_clean(d) : NULL;
 }
 
 /* Width on a terminal, counting UTF-8 code points rather than bytes (labels may be
@@ -114,4 +125,5 @@ void ctl_cell(const json_t *v, char *buf, size_t len)
         snprintf(buf, len, "%s", json_is_true(v) ? "yes" : "no");
     else
         snprintf(buf, len, "-");
+    ctl_clean(buf);
 }

@@ -193,3 +193,68 @@ def test_client_add_rotate_rm(server_factory):
     assert rc == 0 and "removed client edge-ctl" in out, err
     rc, out, err = ctl(srv, "client", "rm", "edge-ctl")
     assert rc == 1 and "not_found" in err, (rc, err)
+
+
+ESC = "\x1b]0;pwned\x07\x1b[2J\x1b[31mFAKE\x1b[0m\u009b2J\x7f"
+
+
+class _HostileApi:
+    """An "API" on 127.0.0.1 whose every string carries terminal escape sequences."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def _send(self, code, obj):
+                b = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(b)))
+                self.end_headers()
+                self.wfile.write(b)
+
+            def do_GET(self):
+                if self.path == "/health":
+                    self._send(200, {"status": "ok", "ver" + ESC: ESC})
+                else:
+                    self._send(200, {"success": True, "message": "", "data": {
+                        "count": 1, "mappings": [{
+                            "port": 1, "target_ip": "x" + ESC, "target_port": 1,
+                            "status": "error", "name": ESC, "error": ESC,
+                            "last_error": ESC}]}})
+
+            def do_POST(self):
+                if self.path == "/api/client/create":
+                    self._send(201, {"success": True, "message": "", "data": {
+                        "name": "n" + ESC, "token": "t" + ESC}})
+                else:
+                    self._send(400, {"success": False, "error": "bad" + ESC, "message": ESC})
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("args", [["health"], ["mapping", "list"], ["client", "add", "x"],
+                                  ["mapping", "rm", "1"]])
+def test_hostile_server_strings_cannot_drive_the_terminal(args):
+    """Whatever the server (or anyone answering in its place) puts in a string, portmux-ctl
+    prints no control character: no OSC title, no clear screen, no colour, no C1 CSI."""
+    api = _HostileApi()
+    try:
+        rc, out, err = ctl(None, *args, api=api.url)
+    finally:
+        api.close()
+    both = out + err
+    assert "pwned" in both or "FAKE" in both or "bad" in both, (rc, out, err)
+    for ch in ("\x1b", "\x07", "\x7f", "\u009b"):
+        assert ch not in both, (args, repr(both))
