@@ -301,11 +301,22 @@ static struct evconnlistener *mapping_listen(struct mapping *m, char *err, size_
         goto fail;
     evconnlistener_set_error_cb(l, mapping_accept_error_cb);
     return l;
-fail:
-    snprintf(err, errlen, "cannot listen on port %d: %s", m->rec.port, strerror(errno));
+fail:;
+    int e = errno;
+    snprintf(err, errlen, "cannot listen on port %d: %s", m->rec.port, strerror(e));
     if (fd >= 0)
         close(fd);
+    errno = e; /* for mapping_listen_failure */
     return NULL;
+}
+
+/* Why mapping_listen just failed: the port (in use, not allowed), or the server itself
+ * (out of descriptors or memory, which every other port would meet too). */
+static enum mapping_result mapping_listen_failure(enum mapping_result port_fault)
+{
+    int e = errno;
+    return e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM ? MAPPING_E_RESOURCES
+                                                                     : port_fault;
 }
 
 static struct mapping *mapping_new(struct server *srv, const struct mapping_record *rec)
@@ -464,9 +475,12 @@ static struct evconnlistener *mapping_listen_any(struct mapping_registry *reg,
                 m->rec.target_port = p;
             return l;
         }
+        if (mapping_listen_failure(MAPPING_E_EXHAUSTED) == MAPPING_E_RESOURCES)
+            return NULL; /* err says why; errno still does too */
     }
     snprintf(err, errlen, "no free port left in port_range %d-%d", cfg->port_from,
              cfg->port_end);
+    errno = 0; /* the range's fault, whatever the last bind said */
     return NULL;
 }
 
@@ -639,8 +653,10 @@ void mapping_registry_create_async(struct mapping_registry *reg,
     struct evconnlistener *l = rec->port ? mapping_listen(m, err, sizeof(err))
                                          : mapping_listen_any(reg, m, err, sizeof(err));
     if (!l) {
+        enum mapping_result r =
+            mapping_listen_failure(rec->port ? MAPPING_E_IN_USE : MAPPING_E_EXHAUSTED);
         mapping_free(m);
-        done(rec->port ? MAPPING_E_IN_USE : MAPPING_E_EXHAUSTED, NULL, err, arg);
+        done(r, NULL, err, arg);
         return;
     }
     mapping_hold_listener(l, m);
@@ -701,8 +717,9 @@ void mapping_registry_update_async(struct mapping_registry *reg,
     if (op->next.enabled && !m->listener) {
         op->l = mapping_listen(m, err, sizeof(err));
         if (!op->l && !m->rec.enabled) {
+            enum mapping_result r = mapping_listen_failure(MAPPING_E_IN_USE);
             free(op);
-            done(MAPPING_E_IN_USE, NULL, err, arg);
+            done(r, NULL, err, arg);
             return;
         }
         if (!op->l)

@@ -84,6 +84,8 @@ enum mapping_result {
     MAPPING_E_EXHAUSTED = -4,  /* port 0 asked for and no port of the range is free */
     MAPPING_E_UNAVAILABLE = -5,/* the database did not answer in time (§7); nothing changed */
     MAPPING_E_BUSY = -6,       /* a write for this mapping is in flight: try again */
+    MAPPING_E_RESOURCES = -7,  /* no descriptor (or memory) for a listener: not the port's
+                                * fault, and no other port of the range would do better */
 };
 
 /* ---- asynchronous create, update and remove (SPEC §7: nothing waits on the database) ----

@@ -739,3 +739,27 @@ def test_bind_addr_dual_stack(server_factory, echo_backend):
     with connect_from(port, src=None, host="127.0.0.1") as s:
         assert echo_ok(s)  # an IPv4 client on "::" matches an IPv4 allow_from
     assert reset_at_connect(port, src=None, host="::1")  # ::1 is not in allow_from
+
+
+def test_out_of_descriptors_is_not_range_exhausted(server_factory):
+    """Under a hard limit of 64 descriptors, creates with the port omitted fill the
+    descriptors with listeners long before the range of 200 ports is used: the create
+    that finds none says so (500, "Too many open files") instead of range_exhausted,
+    and after a remove frees one a create works again."""
+    base = free_range(200)
+    srv = server_factory(config={"port_range": {"from": base, "end": base + 199,
+                                                "blacklist": []}}, start=False)
+    srv.proc.args = ["prlimit", "--nofile=64:64", *srv.proc.args]
+    srv.start()
+    made = []
+    for _ in range(200):
+        status, body = srv.create(target_ip="192.0.2.1", target_port=80)
+        if status != 201:
+            break
+        made.append(body["data"]["port"])
+    assert 0 < len(made) < 60, len(made)
+    assert status == 500 and body["error"] == "internal_error", (status, body)
+    assert "Too many open files" in body["message"], body
+    assert srv.remove(made[-1])[0] == 200
+    again = srv.create_ok(target_ip="192.0.2.1", target_port=80)
+    assert again["port"] == made[-1], again
