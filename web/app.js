@@ -884,20 +884,31 @@
     $('e-proxy-protocol').value = m.proxy_protocol || 'none';
     $('e-max-connections').value = String(m.max_connections ?? '');
     $('e-rate-limit').value = String(m.rate_limit ?? 0);
+    // What the form showed when it opened: a save sends only the fields changed since, so
+    // it neither pins values the server filled in (max_connections shows the config's
+    // default when the mapping has none of its own) nor undoes a change made elsewhere
+    // meanwhile to a field this dialog did not touch.
+    state.editShown = {};
+    for (const f of EDIT_FIELDS) state.editShown[editInput(f).id] = editInput(f).value.trim();
     $('edit-dialog').showModal();
     $('e-target-ip').focus();
   }
 
   function readEdit() {
     const v = (id) => $(id).value.trim();
+    const changed = (id) => v(id) !== (state.editShown || {})[id];
     const body = { port: state.editing };
-    if (v('e-target-ip') !== '') body.target_ip = v('e-target-ip');
-    body.target_port = numberOrRaw(v('e-target-port'));
-    body.name = v('e-name');
-    body.allow_from = cidrList(v('e-allow-from'));
-    body.proxy_protocol = v('e-proxy-protocol');
-    if (v('e-max-connections') !== '') body.max_connections = numberOrRaw(v('e-max-connections'));
-    body.rate_limit = v('e-rate-limit') === '' ? 0 : numberOrRaw(v('e-rate-limit'));
+    if (changed('e-target-ip') && v('e-target-ip') !== '') body.target_ip = v('e-target-ip');
+    if (changed('e-target-port')) body.target_port = numberOrRaw(v('e-target-port'));
+    if (changed('e-name')) body.name = v('e-name');
+    if (changed('e-allow-from')) body.allow_from = cidrList(v('e-allow-from'));
+    if (changed('e-proxy-protocol')) body.proxy_protocol = v('e-proxy-protocol');
+    if (changed('e-max-connections') && v('e-max-connections') !== '') {
+      body.max_connections = numberOrRaw(v('e-max-connections'));
+    }
+    if (changed('e-rate-limit')) {
+      body.rate_limit = v('e-rate-limit') === '' ? 0 : numberOrRaw(v('e-rate-limit'));
+    }
     return body;
   }
 
@@ -922,6 +933,11 @@
     ev.preventDefault();
     clearEditErrors();
     const body = readEdit();
+    if (Object.keys(body).length === 1) {  // only the port: nothing was changed
+      $('edit-dialog').close();
+      notice('Nothing changed on port ' + body.port + '.');
+      return;
+    }
     $('edit-save').disabled = true;
     try {
       const r = await api('POST', '/api/mapping/update', body);

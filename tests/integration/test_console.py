@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (BUILD_DIR, CLIENT_BIN, SOURCE_DIR, PortHolder, connect, connect_refused,
-                      free_port, recv_all, wait_until)
+                      free_port, recv_all, sqlite, wait_until)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -824,6 +824,37 @@ def test_console_policy_edit_and_toggle(server, http_backend, browser_factory):
     until(drv, lambda d: row_status(d, port) == "listening", "row enabled again")
     assert server.mapping(port)["enabled"] is True
     assert http_get_via(port, "/blob.bin").endswith(http_backend.files["blob.bin"])
+
+
+def test_console_edit_sends_only_what_changed(server, browser_factory):
+    """Renaming a mapping in the edit dialog changes its name and nothing else: the
+    default max_connections the list shows is not pinned into the mapping, and a change
+    made through the API while the dialog was open is not undone."""
+    drv = browser_factory()
+    open_console(drv, server)
+    port = free_port()
+    server.create_ok(port=port, target_ip="127.0.0.1", target_port=9, name="before")
+    until(drv, lambda d: row_status(d, port) == "listening", f"row {port} listening")
+    mapping_row(drv, port).find_element(By.CSS_SELECTOR, "button.edit").click()
+    dialog = by_id(drv, "edit-dialog")
+    until(drv, lambda d: dialog.get_attribute("open") is not None, "edit dialog open")
+    # Meanwhile, elsewhere: allow_from tightened through the API.
+    status, _, body = server.api("POST", "/api/mapping/update",
+                                 body={"port": port, "allow_from": ["10.0.0.0/8"]})
+    assert status == 200, body
+    fill(drv, "e-name", "after")
+    by_id(drv, "edit-save").click()
+    until(drv, lambda d: dialog.get_attribute("open") is None, "edit dialog closed")
+    m = server.mapping(port)
+    assert m["name"] == "after" and m["allow_from"] == ["10.0.0.0/8"], m
+    stored = sqlite(server.db_path, f"SELECT max_connections FROM mappings WHERE port={port}")
+    assert stored == [["0"]], f"the default max_connections was pinned: {stored}"
+    # A save with nothing changed sends nothing.
+    mapping_row(drv, port).find_element(By.CSS_SELECTOR, "button.edit").click()
+    until(drv, lambda d: dialog.get_attribute("open") is not None, "edit dialog open again")
+    by_id(drv, "edit-save").click()
+    until(drv, lambda d: dialog.get_attribute("open") is None, "edit dialog closed again")
+    assert server.mapping(port)["name"] == "after"
 
 
 def test_console_public_address_range_client_state_directions(server_factory, proc_factory,
