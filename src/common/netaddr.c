@@ -304,3 +304,8 @@ bool netaddr_same_source(const struct sockaddr *a, const struct sockaddr *b)
         return false;
     return memcmp(x, y, v4 ? 16 : 8) == 0;
 }
+
+size_t netaddr_source_share(size_t total)
+{
+    return total / 8 ? total / 8 : 1;
+}

@@ -55,6 +55,10 @@ bool netaddr_is_self_by_definition(const struct sockaddr *sa);
  * holds (its other addresses cost an attacker nothing). */
 bool netaddr_same_source(const struct sockaddr *a, const struct sockaddr *b);
 
+/* What one source may hold of a shared limit of total places (pending tunnel
+ * connections, API connections): an eighth, at least one. */
+size_t netaddr_source_share(size_t total);
+
 /* True for "localhost" and names under ".localhost" (RFC 6761), any letter case, with or
  * without a final dot. */
 bool netaddr_is_localhost_name(const char *name);

@@ -1057,8 +1057,7 @@ static void api_sweep_cb(evutil_socket_t fd, short what, void *arg)
  * reverse proxy there is all its clients), so only api.max_connections applies. */
 static unsigned api_per_source(const struct api *api)
 {
-    unsigned n = (unsigned)api->srv->cfg->api_max_connections / 8;
-    return n ? n : 1;
+    return (unsigned)netaddr_source_share((size_t)api->srv->cfg->api_max_connections);
 }
 
 static unsigned api_conns_from(const struct api *api, const struct sockaddr *addr)

@@ -672,8 +672,7 @@ fail:
  * of the default 128), so one address cannot take every place and lock the clients out. */
 static size_t ts_pending_per_source(const struct tunnel_server *ts)
 {
-    size_t n = (size_t)ts->srv->cfg->tunnel_max_pending / 8;
-    return n ? n : 1;
+    return netaddr_source_share((size_t)ts->srv->cfg->tunnel_max_pending);
 }
 
 static size_t ts_pending_from(const struct tunnel_server *ts, const struct sockaddr *sa)

@@ -289,6 +289,9 @@ static void test_self_addresses(void)
     CHECK(netaddr_same_source((struct sockaddr *)&c, (struct sockaddr *)&d));
     CHECK(netaddr_ip_sockaddr("2001:db8:1:3::1", 1, &d, &len) == 0);
     CHECK(!netaddr_same_source((struct sockaddr *)&c, (struct sockaddr *)&d));
+    CHECK(netaddr_source_share(128) == 16 && netaddr_source_share(256) == 32);
+    CHECK(netaddr_source_share(8) == 1 && netaddr_source_share(1) == 1 &&
+          netaddr_source_share(0) == 1);
     /* ::c000:207 is not ::ffff:192.0.2.7, and its /64 is not an IPv4 address's. */
     CHECK(netaddr_ip_sockaddr("::c000:207", 1, &d, &len) == 0);
     CHECK(!netaddr_same_source((struct sockaddr *)&a, (struct sockaddr *)&d));
