@@ -909,7 +909,9 @@ static size_t mux_whole_chains(struct evbuffer *src, size_t limit)
     size_t total = 0;
     for (int i = 0; i < n && i < 8 && total + vec[i].iov_len <= limit; i++)
         total += vec[i].iov_len;
-    return total >= limit / 2 ? total : limit;
+    /* Never 0: with limit 1 (a window of one byte left) "half a frame" is 0 too, and a
+     * count of 0 made an empty Data frame per turn of the caller's loop. */
+    return total > 0 && total >= limit / 2 ? total : limit;
 }
 
 /* Payloads up to this size are copied in behind their header rather than moved as

@@ -245,3 +245,50 @@ def _skip_keepalives(t, timeout=5.0):
             t.sendall(frame(0x05, fr[1]))
         if time.monotonic() >= deadline:
             return None
+
+
+WINDOW = 256 * 1024
+
+
+def test_one_byte_of_window_is_one_byte_not_empty_frames(server_factory):
+    """A stream whose send window is down to exactly 1 byte, with more to send: the
+    server sends that byte and waits for a WindowUpdate. It used to send empty Data
+    frames in a loop (about 100,000 per drain of the tunnel's output) at full CPU."""
+    srv = tunnel_server(server_factory, connect_timeout=30)
+    t = socket.create_connection(("127.0.0.1", srv.tunnel_port), timeout=5)
+    t.sendall(hello("default", "tok-default-0123456789"))
+    assert _frame_type(read_frame(t)) == T_HELLO_RESPONSE
+    port = free_port()
+    srv.create_ok(port=port, target_ip="127.0.0.1", target_port=9, use_tunnel=True)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as pub:
+        cid = _conn_id(_skip_keepalives(t), 0x01)
+        t.sendall(frame(0x02, struct.pack(">IB", cid, 0)))
+        pub.sendall(b"a" * (WINDOW - 1))  # read by us, no window given back
+        got = 0
+        while got < WINDOW - 1:
+            fr = _skip_keepalives(t)
+            assert fr is not None, f"tunnel closed after {got} bytes"
+            if fr[0] == 0x03:
+                got += len(fr[1]) - 4
+        assert got == WINDOW - 1
+        pub.sendall(b"b" * 100)  # the window lets 1 through
+        empty = payload = 0
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            fr = read_frame(t, timeout=0.5)
+            if fr is None:
+                break
+            if fr[0] == 0x03:
+                empty += len(fr[1]) == 4
+                payload += len(fr[1]) - 4
+        assert (empty, payload) == (0, 1), (empty, payload)
+        # A WindowUpdate lets the rest through.
+        t.sendall(frame(0x08, struct.pack(">II", cid, WINDOW)))
+        while payload < 100:
+            fr = _skip_keepalives(t)
+            assert fr is not None and fr[0] in (0x03, 0x08), fr
+            if fr[0] == 0x03:
+                assert len(fr[1]) > 4, "an empty Data frame"
+                payload += len(fr[1]) - 4
+        assert payload == 100
+    t.close()

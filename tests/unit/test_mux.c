@@ -315,6 +315,33 @@ static void test_frames_follow_chains(void)
     pair_free(&p);
 }
 
+/* A window of exactly one byte and a chain of several in the source: one Data frame of
+ * one byte, never a stream of empty frames (the output grew by 100,000 of them a call). */
+static void test_one_byte_window(void)
+{
+    struct pair p;
+    struct end se;
+    struct end *ce;
+    pair_init(&p);
+    struct mux_stream *st = open_stream(&p, &se, &ce);
+    struct evbuffer *most = pattern(MUX_INITIAL_WINDOW - 1, 5);
+    CHECK(mux_stream_write(st, most) == (int)MUX_INITIAL_WINDOW - 1);
+    CHECK(mux_stream_send_window(st) == 1);
+    size_t before = evbuffer_get_length(p.out_srv);
+    struct evbuffer *more = pattern(5000, 6);
+    CHECK(mux_stream_write(st, more) == 1);
+    CHECK(evbuffer_get_length(p.out_srv) - before == FRAME_HEADER_LEN + 4 + 1);
+    CHECK(evbuffer_get_length(more) == 4999);
+    CHECK(mux_stream_send_window(st) == 0);
+    CHECK(mux_stream_write(st, more) == 0);
+    CHECK(evbuffer_get_length(p.out_srv) - before == FRAME_HEADER_LEN + 4 + 1);
+    CHECK(pump(&p) == 0);
+    CHECK(ce->data == MUX_INITIAL_WINDOW);
+    evbuffer_free(most);
+    evbuffer_free(more);
+    pair_free(&p);
+}
+
 static void test_flow_control(void)
 {
     struct pair p;
@@ -1327,6 +1354,7 @@ int main(void)
     test_open_data_close();
     test_frames_follow_chains();
     test_flow_control();
+    test_one_byte_window();
     test_output_bound();
     test_refusal_and_race();
     test_close_inside_callback_and_session_free();
