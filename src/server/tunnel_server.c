@@ -47,6 +47,15 @@
  * FRAME_MAX_JSON (4 KiB), and the rest of the HelloResponse (message, client) needs room;
  * a list over it would make the frame unencodable and the HelloResponse never sent. */
 #define TS_HELLO_MAPPINGS_BUDGET (FRAME_MAX_JSON - 512u)
+/* The node list's share of the HelloResponse (and of a "nodes" Notice): the nodes in
+ * order (this one first) while they fit, each advertise being up to 255 characters. Its
+ * size comes off the mappings' budget, so the whole answer stays within one JSON frame
+ * (a larger one is not sent at all: the client would wait for an answer that never
+ * comes). */
+#define TS_HELLO_NODES_BUDGET 2048u
+/* Nodes a client is told of at most: itself and the 32 others portmux-client keeps a
+ * session to (STATUS_NODES_MAX). */
+#define TS_NODES_TOLD_MAX 33
 
 struct tsession {
     TAILQ_ENTRY(tsession) link;
@@ -243,7 +252,9 @@ static void tsession_hello_timer_cb(evutil_socket_t fd, short what, void *arg)
 /* Sends j (stolen) as the HelloResponse. */
 static void tsession_respond(struct tsession *sess, json_t *j)
 {
-    mux_conn_send_json(sess->conn, FRAME_HELLO_RESPONSE, j);
+    if (mux_conn_send_json(sess->conn, FRAME_HELLO_RESPONSE, j) < 0)
+        log_error(TS_MOD, "tunnel from %s: the HelloResponse could not be sent (larger than "
+                          "a JSON frame, or out of memory)", sess->remote);
 }
 
 /* Refuses the Hello: the answer is flushed, then the tunnel closes. */
@@ -257,10 +268,10 @@ static int tsession_refuse(struct tsession *sess, const char *message, const cha
 /* The tunnel mappings the client serves, [{"port":P,"target":"host:port"}], so that it can
  * show "tcp://server:P -> target". Targets are spelt as the client spells what it dials.
  * In the HelloResponse, and again in a Notice when it changes (tsession_notify_mappings). */
-static json_t *ts_client_mappings_json(const struct tunnel_server *ts, const char *name)
+static json_t *ts_client_mappings_json(const struct tunnel_server *ts, const char *name,
+                                       size_t budget)
 {
     json_t *arr = json_array();
-    size_t budget = TS_HELLO_MAPPINGS_BUDGET;
     struct mapping *m = ts->srv->mappings ? mapping_registry_first(ts->srv->mappings) : NULL;
     for (; m && arr; m = mapping_registry_next(m)) {
         const char *client = client_name_or_default(m->rec.client);
@@ -287,7 +298,8 @@ static json_t *ts_client_mappings_json(const struct tunnel_server *ts, const cha
 static void tsession_notify_mappings(struct tsession *sess, bool send)
 {
     json_t *j = json_pack("{s:s, s:o}", "event", "mappings", "mappings",
-                          ts_client_mappings_json(sess->ts, sess->name));
+                          ts_client_mappings_json(sess->ts, sess->name,
+                                                  TS_HELLO_MAPPINGS_BUDGET));
     char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
     json_decref(j);
     if (!text)
@@ -316,20 +328,46 @@ static void tsession_notify_nodes(struct tsession *sess, const char *nodes, bool
                               json_loads(nodes, 0, NULL));
         char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
         json_decref(j);
-        if (text)
-            mux_session_send_json(sess->mux, FRAME_NOTICE, text, strlen(text));
+        int rc = text ? mux_session_send_json(sess->mux, FRAME_NOTICE, text, strlen(text)) : -1;
         free(text);
+        if (rc < 0) { /* not told: the next tick tries again */
+            free(copy);
+            return;
+        }
     }
     free(sess->nodes_last);
     sess->nodes_last = copy;
 }
 
+/* The live nodes' advertise addresses as the client is told them: in order while they fit
+ * TS_HELLO_NODES_BUDGET (dumped, compact), at most as many as a client keeps sessions to.
+ * NULL without a cluster. */
+static char *ts_nodes_text(const struct tunnel_server *ts)
+{
+    json_t *all = ts->nodes_json ? ts->nodes_json(ts->nodes_arg) : NULL;
+    if (!all)
+        return NULL;
+    json_t *kept = json_array();
+    size_t used = 2, i; /* the brackets */
+    json_t *v;
+    json_array_foreach(all, i, v) {
+        const char *a = json_string_value(v);
+        size_t cost = a ? strlen(a) + 3 : 0; /* quotes and comma; advertise is printable */
+        if (!a || !kept || used + cost > TS_HELLO_NODES_BUDGET || i >= TS_NODES_TOLD_MAX)
+            break;
+        used += cost;
+        json_array_append(kept, v);
+    }
+    json_decref(all);
+    char *text = kept ? json_dumps(kept, JSON_COMPACT) : NULL;
+    json_decref(kept);
+    return text;
+}
+
 static void ts_nodes_tick(evutil_socket_t fd, short what, void *arg)
 {
     struct tunnel_server *ts = arg;
-    json_t *arr = ts->nodes_json ? ts->nodes_json(ts->nodes_arg) : NULL;
-    char *text = arr ? json_dumps(arr, JSON_COMPACT) : NULL;
-    json_decref(arr);
+    char *text = ts_nodes_text(ts);
     struct tsession *sess;
     TAILQ_FOREACH(sess, &ts->sessions, link) {
         if (text && sess->authed && !mux_conn_closing(sess->conn) && sess->notices)
@@ -369,14 +407,17 @@ static void tsession_accept(struct tsession *sess, const char *name)
                                   "takeovers", (json_int_t)ce->takeovers, "refused",
                                   (json_int_t)ce->refused)
                       : NULL;
-    json_t *nodes = sess->ts->nodes_json ? sess->ts->nodes_json(sess->ts->nodes_arg) : NULL;
-    char *nodes_text = nodes && sess->notices ? json_dumps(nodes, JSON_COMPACT) : NULL;
+    char *nodes_text = ts_nodes_text(sess->ts);
+    json_t *nodes = nodes_text ? json_loads(nodes_text, 0, NULL) : NULL;
+    size_t budget = TS_HELLO_MAPPINGS_BUDGET - (nodes_text ? strlen(nodes_text) : 0);
     tsession_respond(sess, json_pack("{s:b, s:s, s:o*, s:o*, s:o*}", "ok", 1, "message", msg,
-                                     "mappings", ts_client_mappings_json(sess->ts, sess->name),
+                                     "mappings",
+                                     ts_client_mappings_json(sess->ts, sess->name, budget),
                                      "client", self, "nodes", nodes));
     if (sess->notices)
         tsession_notify_mappings(sess, false);
-    tsession_notify_nodes(sess, nodes_text, false);
+    if (sess->notices)
+        tsession_notify_nodes(sess, nodes_text, false);
     free(nodes_text);
     mux_conn_start_keepalive(sess->conn,
                              cfg->heartbeat_interval > 0 ? cfg->heartbeat_interval : 10,

@@ -280,3 +280,35 @@ def test_a_node_that_knows_only_itself_lists_no_nodes(pg, server_factory, echo_b
     assert f"node {b_addr} left the cluster" not in client.text(), client.text()[-3000:]
     assert client.stop() == 0, client.text()[-2000:]
     assert "Sanitizer" not in client.text() and "runtime error" not in client.text()
+
+
+def test_hello_response_fits_one_frame_with_many_nodes_and_mappings(pg, server_factory,  # noqa: F811
+                                                                    echo_backend):
+    """Many live nodes with long advertise names and many tunnel mappings: the
+    HelloResponse still fits one 4 KiB JSON frame (the node list has its share, the
+    mappings the rest), so the client gets an answer; it used to get none and wait
+    forever while the server counted it as connected."""
+    import json
+    import socket
+    from sec_helpers import T_HELLO_RESPONSE, frame, read_frame
+    a = node(server_factory, pg, "a", "127.0.0.2")
+    long_name = "node-with-a-rather-long-dns-name-" + "x" * 24
+    rows = ",".join(f"('fake-{i}', '{long_name}-{i}.example.internal:{20000 + i}', 1, "
+                    f"extract(epoch from now())::bigint + 100000)" for i in range(150))
+    pg.psql(f"INSERT INTO nodes (name, advertise, started_at, heartbeat_at) VALUES {rows}")
+    for _ in range(80):
+        a.create_ok(port=free_port(), target_port=echo_backend.port, use_tunnel=True,
+                    client="edge")
+    wait_until(lambda: len(a.api("GET", "/api/cluster")[2]["data"]["nodes"]) >= 151,
+               timeout=20, desc="a reads the nodes table")
+    with socket.create_connection(("127.0.0.2", a.tunnel_port), timeout=5) as t:
+        t.sendall(frame(0x06, json.dumps({"name": "edge", "token": TOKEN, "version": "t",
+                                          "notices": True}).encode()))
+        fr = read_frame(t, timeout=5)
+    assert fr is not None and fr[0] == T_HELLO_RESPONSE, "no HelloResponse"
+    assert len(fr[1]) <= 4096, len(fr[1])
+    hello = json.loads(fr[1])
+    assert hello["ok"] is True, hello
+    assert hello["nodes"][0] == a.config["cluster"]["advertise"], hello["nodes"][:2]
+    assert 1 < len(hello["nodes"]) <= 33, len(hello["nodes"])
+    assert len(hello["mappings"]) > 0, hello
