@@ -653,7 +653,9 @@ static const struct field tunnel_fields[] = {
     INT_KEY("connect_timeout", connect_timeout, 1, CONFIG_MAX_SECONDS, MARK_NONE),
     INT_KEY("hello_timeout", hello_timeout, 1, CONFIG_MAX_SECONDS, MARK_NONE),
     INT_KEY("max_streams_per_client", max_streams_per_client, 1, CONFIG_MAX_COUNT, MARK_NONE),
-    INT_KEY("takeover_probe_ms", takeover_probe_ms, 1, CONFIG_MAX_SECONDS, MARK_NONE),
+    /* At most 5 s: the new client waits for its HelloResponse through the probe, and gives
+     * up after its own connect timeout (10 s by default), leaving the name to nobody. */
+    INT_KEY("takeover_probe_ms", takeover_probe_ms, 1, 5000, MARK_NONE),
     INT_KEY("max_pending", tunnel_max_pending, 1, CONFIG_MAX_COUNT, MARK_NONE),
     INT_KEY("session_buffer_limit", session_buffer_limit, 0, INT_MAX, MARK_NONE),
     END_KEYS,

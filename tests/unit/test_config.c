@@ -322,6 +322,8 @@ static const struct bad_case bad_cases[] = {
         "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa, token: xxxxxxxxxxxxxxxx}\n",
         "t.yaml:3: tunnel.clients[0].name: must be 1-64 characters"),
     BAD("tunnel: {takeover_probe_ms: 0}\n", "t.yaml:1: tunnel.takeover_probe_ms: 0 is"),
+    BAD("tunnel: {takeover_probe_ms: 12000}\n",
+        "t.yaml:1: tunnel.takeover_probe_ms: 12000 is"),
     /* TLS halves */
     BAD("tunnel:\n  tls:\n    cert_file: /c.pem\n", "t.yaml:3: tunnel.tls.cert_file: set without"),
     BAD("tunnel:\n  tls:\n    key_file: /k.pem\n", "t.yaml:3: tunnel.tls.key_file: set without"),
