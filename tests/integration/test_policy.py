@@ -760,6 +760,13 @@ def test_out_of_descriptors_is_not_range_exhausted(server_factory):
     assert 0 < len(made) < 60, len(made)
     assert status == 500 and body["error"] == "internal_error", (status, body)
     assert "Too many open files" in body["message"], body
-    assert srv.remove(made[-1])[0] == 200
-    again = srv.create_ok(target_ip="192.0.2.1", target_port=80)
-    assert again["port"] == made[-1], again
+    # Descriptors back (an API connection of the moment may hold one of them): creates
+    # work again, on the lowest ports freed.
+    for port in made[-3:]:
+        assert srv.remove(port)[0] == 200
+
+    def created():
+        status, body = srv.create(target_ip="192.0.2.1", target_port=80)
+        return body["data"] if status == 201 else None
+    again = wait_until(created, timeout=10, interval=0.2, desc="a create to work again")
+    assert again["port"] in made[-3:], again
