@@ -501,7 +501,8 @@ static int tsession_start_probe(struct tsession *sess, struct tsession *old, con
     struct tsession *other;
     TAILQ_FOREACH(other, &ts->sessions, link) {
         if (other->probing && other->probe_old == old) {
-            /* One probe at a time: a third machine with the name waits its turn. */
+            /* One probe at a time: a third Hello for the name meanwhile is refused as
+             * one the old session answered for would be (already_connected), not queued. */
             ts->srv->limits.tunnel_already_connected++;
             ts_peer_warn(sess, HELLO_LOG_ALREADY_CONNECTED,
                          "tunnel from %s: client \"%s\" refused: a takeover is in progress",
