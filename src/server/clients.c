@@ -556,13 +556,12 @@ void clients_touch(struct clients_registry *reg, const char *name, int64_t now)
     if (!e)
         return;
     e->last_seen = now;
-    /* A rotate in flight carries last_seen too; a second write of the old hashes queued
-     * behind it would undo the rotation in the store. */
-    if (e->source != CLIENTS_SOURCE_API || !reg->store || e->writing)
+    /* last_seen alone: this node's hashes may be older than the row's (another node
+     * rotated or re-created the client and the change is still on its way here), and a
+     * session's start or end must never write them back over the new ones. */
+    if (e->source != CLIENTS_SOURCE_API || !reg->store)
         return;
-    struct client_record rec;
-    cl_to_record(e, &rec);
-    store_client_update_async(reg->store, &rec, cl_touched, NULL);
+    store_client_touch_async(reg->store, e->name, now, cl_touched, NULL);
 }
 
 void clients_note(struct clients_registry *reg, const char *name, enum clients_event ev)

@@ -348,7 +348,7 @@ void store_fail_pending(struct store *st)
 static bool store_op_is_client(enum store_op_kind k)
 {
     return k == STORE_OP_CLIENT_INSERT || k == STORE_OP_CLIENT_UPDATE ||
-           k == STORE_OP_CLIENT_DELETE;
+           k == STORE_OP_CLIENT_DELETE || k == STORE_OP_CLIENT_TOUCH;
 }
 
 /* The backend is done with op: count it, tell the caller, free it. */
@@ -357,7 +357,7 @@ static void store_op_complete(struct store_op *op, enum store_result r)
     struct store *st = op->st;
     store_count(st, r);
     bool filled = r == STORE_OK && op->kind != STORE_OP_DELETE &&
-                  op->kind != STORE_OP_CLIENT_DELETE;
+                  op->kind != STORE_OP_CLIENT_DELETE && op->kind != STORE_OP_CLIENT_TOUCH;
     if (store_op_is_client(op->kind) && op->client_done)
         op->client_done(r, filled ? &op->crec : NULL, op->arg);
     else if (!store_op_is_client(op->kind) && op->mapping_done)
@@ -386,6 +386,8 @@ static enum store_result store_op_run(struct store *st, struct store_op *op)
         return b->client_update(st->impl, &op->crec);
     case STORE_OP_CLIENT_DELETE:
         return b->client_delete(st->impl, op->crec.name);
+    case STORE_OP_CLIENT_TOUCH:
+        return b->client_touch(st->impl, op->crec.name, op->crec.last_seen);
     }
     return STORE_ERR;
 }
@@ -501,5 +503,18 @@ void store_client_delete_async(struct store *st, const char *name, store_client_
     if (!op)
         return;
     snprintf(op->crec.name, sizeof(op->crec.name), "%s", name);
+    store_submit(st, op);
+}
+
+void store_client_touch_async(struct store *st, const char *name, int64_t last_seen,
+                              store_client_done_fn done, void *arg)
+{
+    bool valid = store_client_name_ok(name);
+    struct store_op *op = store_op_new(STORE_OP_CLIENT_TOUCH, st && valid,
+                                       st ? STORE_NOT_FOUND : STORE_ERR, NULL, done, arg);
+    if (!op)
+        return;
+    snprintf(op->crec.name, sizeof(op->crec.name), "%s", name);
+    op->crec.last_seen = last_seen;
     store_submit(st, op);
 }

@@ -129,5 +129,8 @@ void store_client_update_async(struct store *st, const struct client_record *rec
                                store_client_done_fn done, void *arg);
 void store_client_delete_async(struct store *st, const char *name, store_client_done_fn done,
                                void *arg);
+/* Writes the client's last_seen and nothing else (done gets no record). */
+void store_client_touch_async(struct store *st, const char *name, int64_t last_seen,
+                              store_client_done_fn done, void *arg);
 
 #endif

@@ -22,6 +22,7 @@ struct store_open_info {
 enum store_op_kind {
     STORE_OP_INSERT, STORE_OP_REPLACE, STORE_OP_UPDATE, STORE_OP_DELETE,
     STORE_OP_CLIENT_INSERT, STORE_OP_CLIENT_UPDATE, STORE_OP_CLIENT_DELETE,
+    STORE_OP_CLIENT_TOUCH, /* crec.name and crec.last_seen only */
 };
 
 struct store_op {
@@ -59,6 +60,9 @@ struct store_backend {
     enum store_result (*client_insert)(void *impl, struct client_record *rec);
     enum store_result (*client_update)(void *impl, const struct client_record *rec);
     enum store_result (*client_delete)(void *impl, const char *name);
+    /* last_seen alone: a node's copy of the hashes may be older than the row's (another
+     * node rotated), and must never be written back by a session's start or end. */
+    enum store_result (*client_touch)(void *impl, const char *name, int64_t last_seen);
     enum store_result (*client_get)(void *impl, const char *name, struct client_record *rec);
     enum store_result (*client_foreach)(void *impl, store_client_fn fn, void *arg);
     /* Optional (NULL: store.c runs the synchronous function above and completes at once).

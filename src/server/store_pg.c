@@ -664,6 +664,14 @@ static void pg_stmt_build(struct pg_stmt *s, const struct store_op *op)
         s->what = "deleting a client";
         s->sql = "DELETE FROM clients WHERE name = $1";
         return;
+    case STORE_OP_CLIENT_TOUCH:
+        snprintf(s->num[0], sizeof(s->num[0]), "%" PRId64, c->last_seen);
+        s->v[0] = c->name;
+        s->v[1] = s->num[0];
+        s->n = 2;
+        s->what = "storing a client's last_seen";
+        s->sql = "UPDATE clients SET last_seen = $2 WHERE name = $1";
+        return;
     }
 }
 
@@ -767,6 +775,14 @@ static enum store_result pgc_delete(void *impl, const char *name)
     struct client_record rec = {0};
     snprintf(rec.name, sizeof(rec.name), "%s", name);
     return pgc_sync(impl, STORE_OP_CLIENT_DELETE, &rec);
+}
+
+static enum store_result pgc_touch(void *impl, const char *name, int64_t last_seen)
+{
+    struct client_record rec = {0};
+    snprintf(rec.name, sizeof(rec.name), "%s", name);
+    rec.last_seen = last_seen;
+    return pgc_sync(impl, STORE_OP_CLIENT_TOUCH, &rec);
 }
 
 /* Copies a text value, cut at a UTF-8 boundary when it would not fit (a hand edit). */
@@ -1256,6 +1272,7 @@ const struct store_backend store_backend_pg = {
     .foreach = pg_foreach,
     .client_insert = pgc_insert,
     .client_update = pgc_update,
+    .client_touch = pgc_touch,
     .client_delete = pgc_delete,
     .client_get = pgc_get,
     .client_foreach = pgc_foreach,

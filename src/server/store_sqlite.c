@@ -58,7 +58,7 @@ static const char *const sq_sql[SQ_COUNT] = {
 
 /* Tunnel client statements (migration 0002), kept apart from the mapping ones. */
 enum sq_client_stmt_id {
-    SQC_INSERT, SQC_UPDATE, SQC_DELETE, SQC_GET, SQC_PAGE, SQC_COUNT
+    SQC_INSERT, SQC_UPDATE, SQC_DELETE, SQC_TOUCH, SQC_GET, SQC_PAGE, SQC_COUNT
 };
 
 static const char *const sqc_sql[SQC_COUNT] = {
@@ -67,6 +67,7 @@ static const char *const sqc_sql[SQC_COUNT] = {
     [SQC_UPDATE] = "UPDATE clients SET token_hash = ?2, prev_hash = ?3, prev_valid_until = ?4, "
                    "last_seen = ?5 WHERE name = ?1",
     [SQC_DELETE] = "DELETE FROM clients WHERE name = ?1",
+    [SQC_TOUCH] = "UPDATE clients SET last_seen = ?2 WHERE name = ?1",
     [SQC_GET] = "SELECT name, token_hash, prev_hash, prev_valid_until, source, created_at, "
                 "last_seen FROM clients WHERE name = ?1",
     [SQC_PAGE] = "SELECT name, token_hash, prev_hash, prev_valid_until, source, created_at, "
@@ -715,6 +716,21 @@ static enum store_result sqc_delete(void *impl, const char *name)
     return sqlite3_changes(sq->db) == 0 ? STORE_NOT_FOUND : STORE_OK;
 }
 
+static enum store_result sqc_touch(void *impl, const char *name, int64_t last_seen)
+{
+    struct sq_store *sq = impl;
+    sqlite3_stmt *s = sq->cstmt[SQC_TOUCH];
+    if (sqlite3_bind_text(s, 1, name, -1, SQLITE_TRANSIENT) != SQLITE_OK ||
+        sqlite3_bind_int64(s, 2, last_seen) != SQLITE_OK) {
+        sq_log(sq, "binding a client's last_seen");
+        return STORE_ERR;
+    }
+    int rc = sqc_run(sq, SQC_TOUCH, "storing a client's last_seen", 0);
+    if (rc != SQLITE_DONE)
+        return sq_failure(rc);
+    return sqlite3_changes(sq->db) == 0 ? STORE_NOT_FOUND : STORE_OK;
+}
+
 /* Copies a text column; the CHECKs and store.c keep every stored value within cap, so a
  * longer one (a hand edit) is cut rather than overflowing. */
 static void sqc_copy(char *dst, size_t cap, sqlite3_stmt *s, int col)
@@ -809,6 +825,7 @@ const struct store_backend store_backend_sqlite = {
     .foreach = sq_foreach,
     .client_insert = sqc_insert,
     .client_update = sqc_update,
+    .client_touch = sqc_touch,
     .client_delete = sqc_delete,
     .client_get = sqc_get,
     .client_foreach = sqc_foreach,

@@ -312,3 +312,52 @@ def test_hello_response_fits_one_frame_with_many_nodes_and_mappings(pg, server_f
     assert hello["nodes"][0] == a.config["cluster"]["advertise"], hello["nodes"][:2]
     assert 1 < len(hello["nodes"]) <= 33, len(hello["nodes"])
     assert len(hello["mappings"]) > 0, hello
+
+
+def test_a_node_behind_on_a_rotation_never_writes_the_old_token_back(pg, server_factory):  # noqa: F811
+    """Node a rotates a client's token (grace 0) while node b has not read the change
+    yet, and a session with the old token starts on b meanwhile. b records that session
+    (last_seen) and must write nothing else: the row keeps the new hash, so the new token
+    works on both nodes and the old one on neither once b catches up. b used to write its
+    whole copy back, old hash included, and undo the rotation for the cluster."""
+    import json
+    import socket
+    from sec_helpers import hello, read_frame
+    a = node(server_factory, pg, "a", "127.0.0.2")
+    b = node(server_factory, pg, "b", "127.0.0.3")
+    for srv in (a, b):
+        srv.wait_log("listening for changes from other nodes", timeout=10)
+
+    def hello_ok(srv, addr, token, keep=False):
+        s = socket.create_connection((addr, srv.tunnel_port), timeout=10)
+        s.sendall(hello("api-edge", token))
+        fr = read_frame(s, 10)
+        ok = fr is not None and json.loads(fr[1]).get("ok") is True
+        if keep:
+            return ok, s
+        s.close()
+        return ok
+
+    def names(srv):
+        return {c["name"] for c in srv.api("GET", "/api/clients")[2]["data"]["clients"]}
+
+    status, _, body = a.api("POST", "/api/client/create", body={"name": "api-edge"})
+    assert status == 201, body
+    old = body["data"]["token"]
+    wait_until(lambda: "api-edge" in names(b), timeout=10, desc="b knows api-edge")
+    with TableLock(pg, "mappings"):  # b's read of the change waits behind the lock
+        status, _, body = a.api("POST", "/api/client/rotate",
+                                body={"name": "api-edge", "grace_s": 0})
+        assert status == 200, body
+        new = body["data"]["token"]
+        rotated = pg.psql("SELECT token_hash FROM clients WHERE name='api-edge'")
+        ok, s = hello_ok(b, "127.0.0.3", old, keep=True)
+        assert ok, "b had not caught up: the old token was still good there"
+        time.sleep(0.5)  # b's last_seen write goes out now
+    s.close()
+    wait_until(lambda: hello_ok(b, "127.0.0.3", new), timeout=10,
+               desc="the new token works on b once it caught up")
+    assert pg.psql("SELECT token_hash FROM clients WHERE name='api-edge'") == rotated
+    assert hello_ok(a, "127.0.0.2", new)
+    assert not hello_ok(a, "127.0.0.2", old)
+    assert not hello_ok(b, "127.0.0.3", old)
