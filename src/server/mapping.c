@@ -40,6 +40,11 @@ struct mapping_client_up {
 struct mapping_registry {
     struct server *srv;
     TAILQ_HEAD(, mapping) list;
+    /* The same mappings by port: a lookup by port is the API's, a port-0 create's (once
+     * per port of the range) and a cluster resync's (once per row), and a walk of the list
+     * made those O(mappings) each. 65,536 pointers, of which only the pages of ports in
+     * use are ever touched. */
+    struct mapping **by_port;
     TAILQ_HEAD(, mapping) creating; /* created, not stored yet (mapping_registry_create_async) */
     size_t count;
     struct mapping_handlers handlers;   /* where accepted connections go (main.c) */
@@ -356,12 +361,34 @@ static void mapping_free(struct mapping *m)
     free(m);
 }
 
+/* Every mapping enters and leaves the registry through these two, which keep the list,
+ * the count and the by-port index together. */
+static void mapping_registry_link(struct mapping_registry *reg, struct mapping *m)
+{
+    TAILQ_INSERT_TAIL(&reg->list, m, link);
+    reg->by_port[(uint16_t)m->rec.port] = m;
+    reg->count++;
+}
+
+static void mapping_registry_unlink(struct mapping_registry *reg, struct mapping *m)
+{
+    TAILQ_REMOVE(&reg->list, m, link);
+    if (reg->by_port[(uint16_t)m->rec.port] == m)
+        reg->by_port[(uint16_t)m->rec.port] = NULL;
+    reg->count--;
+}
+
 struct mapping_registry *mapping_registry_new(struct server *srv)
 {
     struct mapping_registry *reg = calloc(1, sizeof(*reg));
     if (!reg)
         return NULL;
     reg->srv = srv;
+    reg->by_port = calloc(65536, sizeof(*reg->by_port));
+    if (!reg->by_port) {
+        free(reg);
+        return NULL;
+    }
     TAILQ_INIT(&reg->list);
     TAILQ_INIT(&reg->creating);
     TAILQ_INIT(&reg->up);
@@ -374,7 +401,7 @@ void mapping_registry_free(struct mapping_registry *reg)
         return;
     struct mapping *m;
     while ((m = TAILQ_FIRST(&reg->list)) != NULL) {
-        TAILQ_REMOVE(&reg->list, m, link);
+        mapping_registry_unlink(reg, m);
         mapping_free(m);
     }
     while ((m = TAILQ_FIRST(&reg->creating)) != NULL) {
@@ -386,6 +413,7 @@ void mapping_registry_free(struct mapping_registry *reg)
         TAILQ_REMOVE(&reg->up, u, link);
         free(u);
     }
+    free(reg->by_port);
     free(reg);
 }
 
@@ -409,8 +437,7 @@ static int mapping_restore_one(const struct mapping_record *rec, void *arg)
     if (rec->use_tunnel && reg->srv->clients && !clients_find(reg->srv->clients, rec->client))
         log_warn("mapping", "port %d: tunnel client \"%s\" does not exist; the mapping "
                  "waits until a client of that name is created", rec->port, rec->client);
-    TAILQ_INSERT_TAIL(&reg->list, m, link);
-    reg->count++;
+    mapping_registry_link(reg, m);
     return 0;
 }
 
@@ -423,11 +450,7 @@ int mapping_registry_restore(struct mapping_registry *reg)
 
 struct mapping *mapping_registry_find(struct mapping_registry *reg, int port)
 {
-    struct mapping *m;
-    TAILQ_FOREACH(m, &reg->list, link)
-        if (m->rec.port == port)
-            return m;
-    return NULL;
+    return port >= 1 && port <= 65535 ? reg->by_port[port] : NULL;
 }
 
 size_t mapping_registry_count(struct mapping_registry *reg) { return reg->count; }
@@ -452,7 +475,10 @@ static void mapping_attach_if_enabled(struct mapping *m, struct evconnlistener *
  * the API answers 503 store_unavailable for the first, 500 for the second. */
 static enum mapping_result mapping_store_failure(enum store_result sr)
 {
-    return sr == STORE_UNAVAILABLE ? MAPPING_E_UNAVAILABLE : MAPPING_E_STORE;
+    /* NOT_FOUND: another node removed the row while this write was on its way. */
+    return sr == STORE_UNAVAILABLE ? MAPPING_E_UNAVAILABLE
+           : sr == STORE_NOT_FOUND ? MAPPING_E_NOT_FOUND
+                                   : MAPPING_E_STORE;
 }
 
 static struct mapping *mapping_find_creating(const struct mapping_registry *reg, int port);
@@ -624,8 +650,7 @@ static void mapping_created(enum store_result sr, const struct mapping_record *r
     }
     m->rec = *rec;
     mapping_attach_held(m, op->l);
-    TAILQ_INSERT_TAIL(&reg->list, m, link);
-    reg->count++;
+    mapping_registry_link(reg, m);
     mapping_op_end(op, MAPPING_OK, m, NULL);
 }
 
@@ -683,7 +708,11 @@ static void mapping_updated(enum store_result sr, const struct mapping_record *r
         char err[160];
         if (op->l)
             evconnlistener_free(op->l);
-        snprintf(err, sizeof(err), "database error while storing port %d", m->rec.port);
+        if (sr == STORE_NOT_FOUND)
+            snprintf(err, sizeof(err), "no mapping on port %d (removed meanwhile)",
+                     m->rec.port);
+        else
+            snprintf(err, sizeof(err), "database error while storing port %d", m->rec.port);
         mapping_op_end(op, mapping_store_failure(sr), NULL, err);
         return;
     }
@@ -740,8 +769,7 @@ static void mapping_removed(enum store_result sr, const struct mapping_record *r
         return;
     }
     struct mapping_registry *reg = op->reg;
-    TAILQ_REMOVE(&reg->list, m, link);
-    reg->count--;
+    mapping_registry_unlink(reg, m);
     op->m = NULL;
     m->op = NULL;
     mapping_free(m);
@@ -839,8 +867,7 @@ bool mapping_registry_forget(struct mapping_registry *reg, int port)
     struct mapping *m = mapping_registry_find(reg, port);
     if (!m || m->op) /* a write in flight: as in mapping_registry_apply */
         return false;
-    TAILQ_REMOVE(&reg->list, m, link);
-    reg->count--;
+    mapping_registry_unlink(reg, m);
     mapping_free(m);
     log_info("mapping", "port %d removed by another node", port);
     return true;

@@ -55,39 +55,55 @@ def _as_pg(args):
     return [str(a) for a in args]
 
 
-class TableLock:
-    """A psql session holding one table locked (ACCESS EXCLUSIVE: every read and write of
-    it waits) until release() or the end of a with block."""
+class OpenTransaction:
+    """A psql session that ran BEGIN and sql, and holds the transaction open (its locks
+    with it) until commit() or rollback() (or the end of a with block: rollback)."""
 
-    def __init__(self, pg, table):
+    def __init__(self, pg, sql):
         self.proc = subprocess.Popen(
             _as_pg([pg.bindir / "psql", "-X", "-q", "-A", "-t", "-h", pg.sockdir, "-p", pg.port,
                     "-U", PG_USER, "-d", pg.dbname, "-v", "ON_ERROR_STOP=1"]),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             cwd="/")  # the postgres user may not enter the test's own directory
-        self.proc.stdin.write(f"BEGIN;\nLOCK TABLE {table} IN ACCESS EXCLUSIVE MODE;\n"
-                              "SELECT 'locked';\n")
+        self.proc.stdin.write(f"BEGIN;\n{sql};\nSELECT 'ready';\n")
         self.proc.stdin.flush()
-        # psql answers at once; anything else it says (a warning) comes first.
+        # psql answers at once; anything else it says (a warning, a row count) comes first.
         said = []
-        while not said or said[-1] not in ("locked", ""):
+        while not said or said[-1] not in ("ready", ""):
             said.append(self.proc.stdout.readline().strip())
-        if said[-1] != "locked":
+        if said[-1] != "ready":
             self.proc.kill()
-            raise AssertionError(f"LOCK TABLE {table}: {said}")
+            raise AssertionError(f"{sql}: {said}")
 
-    def release(self):
+    def _end(self, how):
         if self.proc.stdin.closed:
             return
-        self.proc.stdin.write("ROLLBACK;\n")
+        self.proc.stdin.write(f"{how};\n")
         self.proc.stdin.close()
         self.proc.wait(timeout=30)
+
+    def commit(self):
+        self._end("COMMIT")
+
+    def rollback(self):
+        self._end("ROLLBACK")
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.release()
+        self.rollback()
+
+
+class TableLock(OpenTransaction):
+    """A psql session holding one table locked (ACCESS EXCLUSIVE: every read and write of
+    it waits) until release() or the end of a with block."""
+
+    def __init__(self, pg, table):
+        super().__init__(pg, f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+
+    def release(self):
+        self.rollback()
 
 
 class PgServer:

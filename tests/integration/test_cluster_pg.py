@@ -9,9 +9,9 @@ import socket
 import threading
 import time
 
-from conftest import (SERVER_BIN, Proc, connect, connect_refused, free_port, recv_exact,
+from conftest import (SERVER_BIN, Proc, Worker, connect, connect_refused, free_port, recv_exact,
                       wait_until)
-from pg_helpers import pg  # noqa: F401  (fixture)
+from pg_helpers import OpenTransaction, pg  # noqa: F401  (fixture)
 
 
 def pg_node(server_factory, pg, name=None, start=True, **config):  # noqa: F811
@@ -445,3 +445,25 @@ def test_long_stall_reconnects_and_resyncs(pg, server_factory, echo_backend):  #
     wait_until(lambda: (a.mapping(port) or {}).get("status") == "listening", timeout=10,
                desc="a applies b's change on its new connection")
     echo_ok(port, host="127.0.0.2")
+
+
+def test_update_of_a_mapping_removed_elsewhere_is_404(pg, server_factory):  # noqa: F811
+    """Another node's remove commits while this node's update of the same mapping waits on
+    the row: the update answers 404 not_found, not a 500 internal_error."""
+    a = pg_node(server_factory, pg, name="a")
+    a.wait_log("listening for changes from other nodes", timeout=10)
+    port = free_port()
+    a.create_ok(port=port, target_ip="192.0.2.1", target_port=80)
+    remove = OpenTransaction(pg, f"DELETE FROM mappings WHERE port = {port}")
+    try:
+        update = Worker(lambda: a.api("POST", "/api/mapping/update",
+                                      body={"port": port, "name": "x"}))
+        update.start()
+        time.sleep(0.4)  # the UPDATE waits on the row the DELETE holds
+        remove.commit()
+        status, _, body = update.join_result(10)
+    finally:
+        remove.rollback()
+    assert status == 404 and body["error"] == "not_found", (status, body)
+    wait_until(lambda: a.mapping(port) is None, timeout=15, desc="a forgets the mapping")
+    assert healthy(a)
