@@ -59,6 +59,8 @@ struct mapping_op {
     struct mapping_record next;    /* update: the record to apply once stored */
     mapping_done_fn done;
     void *arg;
+    /* create with port 0: this node picked the port, and target_port followed it */
+    bool picked, default_target;
 };
 
 static struct mapping_client_up *mapping_find_up(const struct mapping_registry *reg,
@@ -486,11 +488,12 @@ static struct mapping *mapping_find_creating(const struct mapping_registry *reg,
 /* Port 0: tries the range from its start, skipping blacklisted and mapped ports, until a
  * bind succeeds; m->rec.port (and target_port, when it defaulted) become that port. */
 static struct evconnlistener *mapping_listen_any(struct mapping_registry *reg,
-                                                 struct mapping *m, char *err, size_t errlen)
+                                                 struct mapping *m, int from, char *err,
+                                                 size_t errlen)
 {
     const struct config *cfg = reg->srv->cfg;
     bool default_target = m->rec.target_port == 0;
-    for (int p = cfg->port_from; p <= cfg->port_end; p++) {
+    for (int p = from > cfg->port_from ? from : cfg->port_from; p <= cfg->port_end; p++) {
         if (!config_port_allowed(cfg, p) || mapping_registry_find(reg, p) ||
             mapping_find_creating(reg, p))
             continue;
@@ -635,6 +638,30 @@ static void mapping_created(enum store_result sr, const struct mapping_record *r
     struct mapping_registry *reg = op->reg;
     struct mapping *m = op->m;
     TAILQ_REMOVE(&reg->creating, m, link);
+    if (sr == STORE_DUPLICATE && op->picked) {
+        /* Another node stored the port this one picked (their creates crossed): the next
+         * free port of the range, as if that one had been taken before. */
+        char err[192];
+        evconnlistener_free(op->l);
+        op->l = NULL;
+        if (op->default_target)
+            m->rec.target_port = 0;
+        struct evconnlistener *l = mapping_listen_any(reg, m, m->rec.port + 1, err,
+                                                      sizeof(err));
+        if (l) {
+            mapping_hold_listener(l, m);
+            op->l = l;
+            TAILQ_INSERT_TAIL(&reg->creating, m, link);
+            store_mapping_insert_async(reg->srv->store, &m->rec, mapping_created, op);
+            return;
+        }
+        enum mapping_result r = mapping_listen_failure(MAPPING_E_EXHAUSTED);
+        op->m = NULL;
+        m->op = NULL;
+        mapping_free(m);
+        mapping_op_end(op, r, NULL, err);
+        return;
+    }
     if (sr != STORE_OK) {
         char err[160];
         snprintf(err, sizeof(err), sr == STORE_DUPLICATE ? "port %d is already mapped"
@@ -676,7 +703,7 @@ void mapping_registry_create_async(struct mapping_registry *reg,
         return;
     }
     struct evconnlistener *l = rec->port ? mapping_listen(m, err, sizeof(err))
-                                         : mapping_listen_any(reg, m, err, sizeof(err));
+                                         : mapping_listen_any(reg, m, 0, err, sizeof(err));
     if (!l) {
         enum mapping_result r =
             mapping_listen_failure(rec->port ? MAPPING_E_IN_USE : MAPPING_E_EXHAUSTED);
@@ -695,6 +722,8 @@ void mapping_registry_create_async(struct mapping_registry *reg,
     /* Listed as being created: the port is taken for creates and the port-0 search, but
      * the mapping is neither listed nor found until it is stored. */
     op->l = l;
+    op->picked = rec->port == 0;
+    op->default_target = rec->target_port == 0;
     m->op = op;
     TAILQ_INSERT_TAIL(&reg->creating, m, link);
     store_mapping_insert_async(reg->srv->store, &m->rec, mapping_created, op);

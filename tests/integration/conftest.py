@@ -107,6 +107,27 @@ def free_port():
     raise RuntimeError("no free port found")
 
 
+def free_range(n):
+    """n consecutive ports that are free now (for a port_range of its own)."""
+    for _ in range(200):
+        base = free_port()
+        if base + n > 65535:
+            continue
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.bind(("0.0.0.0", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError("no run of free ports")
+
+
 def free_ports(n):
     return [free_port() for _ in range(n)]
 

@@ -9,8 +9,8 @@ import socket
 import threading
 import time
 
-from conftest import (SERVER_BIN, Proc, Worker, connect, connect_refused, free_port, recv_exact,
-                      wait_until)
+from conftest import (SERVER_BIN, Proc, Worker, connect, connect_refused, free_port, free_range,
+                      recv_exact, wait_until)
 from pg_helpers import OpenTransaction, pg  # noqa: F401  (fixture)
 
 
@@ -467,3 +467,36 @@ def test_update_of_a_mapping_removed_elsewhere_is_404(pg, server_factory):  # no
     assert status == 404 and body["error"] == "not_found", (status, body)
     wait_until(lambda: a.mapping(port) is None, timeout=15, desc="a forgets the mapping")
     assert healthy(a)
+
+
+def test_port0_creates_on_two_nodes_at_once_both_succeed(pg, server_factory):  # noqa: F811
+    """Two nodes create a mapping without a port at the same moment: they pick the same
+    lowest free port, one stores it first, and the other takes the next free one rather
+    than answering 409 port_in_use. Ten rounds, both 201 each time, the nodes agree."""
+    lo = free_range(40)
+    nodes = []
+    for name, addr in (("a", "127.0.0.2"), ("b", "127.0.0.3")):
+        n = pg_node(server_factory, pg, name=name, mappings={"bind_addr": addr},
+                    port_range={"from": lo, "end": lo + 39, "blacklist": []},
+                    cluster={"node_name": f"node-{name}"})
+        n.wait_log("listening for changes from other nodes", timeout=10)
+        nodes.append(n)
+    for i in range(10):
+        go = threading.Event()
+
+        def create(n):
+            go.wait(5)
+            return n.api("POST", "/api/mapping/create",
+                         body={"target_ip": "192.0.2.1", "target_port": 80})
+        workers = [Worker(create, n) for n in nodes]
+        for w in workers:
+            w.start()
+        go.set()
+        got = [w.join_result(15) for w in workers]
+        assert [g[0] for g in got] == [201, 201], (i, [(g[0], g[2]) for g in got])
+        ports = {g[2]["data"]["port"] for g in got}
+        assert len(ports) == 2, ports
+    rows = len(pg.psql("SELECT port FROM mappings"))
+    assert rows == 20
+    for n in nodes:
+        wait_until(lambda: len(n.list()) == 20, timeout=10, desc=f"{n.name} lists 20")

@@ -68,10 +68,17 @@ def test_direct_relay_sockets_have_nodelay(server_factory, echo_backend):
     with connect(port) as c:
         echo_once(c)
         assert nodelay_of(srv.pid, port, c.getsockname()[1]) == 1, "the accepted public socket"
-        # Only the server talks to the backend: its one connection there is the dialed one.
-        dialed = [k for k in tcp_socket_inodes() if k[1] == echo_backend.port]
+        # Only the server talks to the backend: its one connection there is the dialed one
+        # (a socket of an earlier test's backend on that port, closed, has no owner).
+        dialed = dialed_to(srv.pid, echo_backend.port)
         assert len(dialed) == 1, dialed
         assert nodelay_of(srv.pid, *dialed[0]) == 1, "the server's dialed socket"
+
+
+def dialed_to(pid, port):
+    """(local port, remote port) of the sockets pid (or a descendant) holds to port."""
+    return [k for k, inode in tcp_socket_inodes().items()
+            if k[1] == port and inode and socket_owner(pid, inode)]
 
 
 @pytest.mark.skipif(not CLIENT_BIN.exists(), reason=f"portmux-client not built at {CLIENT_BIN}")
@@ -85,6 +92,6 @@ def test_tunnel_relay_sockets_have_nodelay(server_factory, echo_backend, tmp_pat
         assert nodelay_of(srv.pid, port, c.getsockname()[1]) == 1, \
             "the server's accepted public socket"
         # The client's dial to the backend (only the client talks to it).
-        dialed = [k for k in tcp_socket_inodes() if k[1] == echo_backend.port]
+        dialed = dialed_to(client.pid, echo_backend.port)
         assert len(dialed) == 1, dialed
         assert nodelay_of(client.pid, *dialed[0]) == 1, "the client's dialed socket"

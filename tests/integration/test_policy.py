@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from conftest import (PortHolder, Worker, connect, free_port, recv_all, recv_exact, recv_hash,
-                      recv_hash_n, send_stream, wait_until)
+from conftest import (PortHolder, Worker, connect, free_port, free_range, recv_all,
+                      recv_exact, recv_hash, recv_hash_n, send_stream, wait_until)
 from sec_helpers import metric
 from tunnel_helpers import map_tunnel, tunnel_env, wait_status
 
@@ -88,27 +88,6 @@ def ended(sock, timeout=5.0):
         return True
     except socket.timeout:
         return False
-
-
-def free_range(n):
-    """n consecutive ports that are free now (for a port_range of its own)."""
-    for _ in range(200):
-        base = free_port()
-        if base + n > 65535:
-            continue
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                s.bind(("0.0.0.0", p))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise AssertionError("no run of free ports")
 
 
 def parse_proxy_header(data):
