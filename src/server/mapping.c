@@ -693,6 +693,14 @@ void mapping_registry_create_async(struct mapping_registry *reg,
         done(MAPPING_E_IN_USE, NULL, err, arg);
         return;
     }
+    if (old && reg->srv->cfg->db_url[0]) {
+        /* In a cluster the stored mapping is every node's: that this node could not bind
+         * it does not make the port free, and a replace would change it everywhere. */
+        snprintf(err, sizeof(err), "port %d is already mapped (this node could not bind "
+                                   "it: %.100s)", rec->port, old->error);
+        done(MAPPING_E_IN_USE, NULL, err, arg);
+        return;
+    }
     if (old) {
         mapping_retry_async(reg, old, rec, done, arg);
         return;

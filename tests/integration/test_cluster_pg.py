@@ -9,8 +9,8 @@ import socket
 import threading
 import time
 
-from conftest import (SERVER_BIN, Proc, Worker, connect, connect_refused, free_port, free_range,
-                      recv_exact, wait_until)
+from conftest import (SERVER_BIN, PortHolder, Proc, Worker, connect, connect_refused, free_port,
+                      free_range, recv_exact, wait_until)
 from pg_helpers import OpenTransaction, pg  # noqa: F401  (fixture)
 
 
@@ -500,3 +500,25 @@ def test_port0_creates_on_two_nodes_at_once_both_succeed(pg, server_factory):  #
     assert rows == 20
     for n in nodes:
         wait_until(lambda: len(n.list()) == 20, timeout=10, desc=f"{n.name} lists 20")
+
+
+def test_create_on_a_node_where_the_port_is_in_error_is_409(pg, server_factory):  # noqa: F811
+    """A node that could not bind a stored mapping shows it in status error; a create of
+    that port sent to that node answers 409 port_in_use and leaves the cluster's mapping
+    as it is (it used to replace it, for every node)."""
+    nodes = {}
+    for name, addr in (("a", "127.0.0.2"), ("b", "127.0.0.3")):
+        nodes[name] = pg_node(server_factory, pg, name=name, mappings={"bind_addr": addr},
+                              cluster={"node_name": f"node-{name}"})
+        nodes[name].wait_log("listening for changes from other nodes", timeout=10)
+    a, b = nodes["a"], nodes["b"]
+    port = free_port()
+    with PortHolder(port, "127.0.0.3"):
+        a.create_ok(port=port, target_ip="192.0.2.1", target_port=80)
+        wait_until(lambda: (b.mapping(port) or {}).get("status") == "error", timeout=10,
+                   desc="b cannot bind the port")
+    status, body = b.create(port=port, target_ip="192.0.2.9", target_port=9)
+    assert status == 409 and body["error"] == "port_in_use", (status, body)
+    assert pg.psql(f"SELECT target_ip, target_port FROM mappings WHERE port = {port}") == \
+        [["192.0.2.1", "80"]]
+    assert (a.mapping(port)["target_ip"], a.mapping(port)["target_port"]) == ("192.0.2.1", 80)
