@@ -274,13 +274,6 @@ static json_t *load_object(const char *body, size_t len, enum api_error *e, char
     return root;
 }
 
-/* This host by the text alone (any 127.x, ::1, 0.0.0.0, ::, localhost in any letter
- * case): loop_guard_check_create also knows the interfaces' addresses and the host's name. */
-static bool is_loopback_name(const char *s)
-{
-    return netaddr_host_is_local(s);
-}
-
 /* Mode and the checks that need the config, after each field was parsed on its own. */
 static enum api_error resolve_mode(const struct config *cfg, json_t *obj, bool update,
                                    struct mapping_record *rec, char *msg, size_t msglen)
@@ -316,12 +309,12 @@ static enum api_error resolve_mode(const struct config *cfg, json_t *obj, bool u
     /* Port omitted: target_port would default to the picked port, and a loopback target
      * would be this very listener. */
     if (!rec->use_tunnel && rec->port == 0 && rec->target_port == 0 &&
-        is_loopback_name(rec->target_ip)) {
+        netaddr_host_is_local(rec->target_ip)) {
         snprintf(msg, msglen, "target_port is required when port is omitted and target_ip "
                  "is this host");
         return API_E_INVALID_FIELD;
     }
-    if (!rec->use_tunnel && rec->target_port == rec->port && is_loopback_name(rec->target_ip)) {
+    if (!rec->use_tunnel && rec->target_port == rec->port && netaddr_host_is_local(rec->target_ip)) {
         snprintf(msg, msglen,
                  "target_ip %s:%d is this server itself (port %d is one it listens on): "
                  "a forwarding loop",
