@@ -17,6 +17,7 @@
 #include "client_name.h"
 #include "config.h"
 #include "log.h"
+#include "log_limit.h"
 
 #define CL_MOD "clients"
 
@@ -533,21 +534,16 @@ enum clients_result clients_remove(struct clients_registry *reg, const char *nam
 /* last_seen is informational: a failed write costs a log line, at most one a minute.
  * The count lives here, not in the registry: a write queued by a session that ends at
  * shutdown completes (STORE_UNAVAILABLE) when the store closes, after the registry. */
-static time_t cl_touch_log_at;
-static unsigned long cl_touch_failed;
+static struct log_limit cl_touch_log;
 
 static void cl_touched(enum store_result sr, const struct client_record *rec, void *arg)
 {
     if (sr == STORE_OK || sr == STORE_NOT_FOUND)
         return;
-    time_t now = time(NULL);
-    cl_touch_failed++;
-    if (cl_touch_log_at && now - cl_touch_log_at < 60 && now >= cl_touch_log_at)
-        return;
-    log_warn(CL_MOD, "storing a client's last_seen failed (%lu time(s) since the last line)",
-             cl_touch_failed);
-    cl_touch_log_at = now;
-    cl_touch_failed = 0;
+    unsigned long held;
+    if (log_limit_take(&cl_touch_log, time(NULL), 60, &held))
+        log_warn(CL_MOD, "storing a client's last_seen failed (%lu time(s) since the last "
+                 "line)", held + 1);
 }
 
 void clients_touch(struct clients_registry *reg, const char *name, int64_t now)

@@ -28,6 +28,7 @@
 
 #include "config.h"
 #include "log.h"
+#include "log_limit.h"
 #include "loop_guard.h"
 #include "mapping.h"
 #include "netaddr.h"
@@ -43,8 +44,7 @@
  * connection to such a mapping hits it. */
 #define FORWARD_LOOP_LOG_SECONDS 10
 
-static time_t loop_logged;
-static unsigned long loop_suppressed;
+static struct log_limit loop_log;
 
 struct forward_conn {
     struct mapping_conn mc;      /* first: mapping removal aborts through it */
@@ -107,16 +107,11 @@ static void forward_free(struct forward_conn *fc, bool failed)
 static void forward_refuse_loop(struct forward_conn *fc, const char *target)
 {
     struct mapping *m = fc->mc.mapping;
-    time_t now = time(NULL);
-    if (now - loop_logged >= FORWARD_LOOP_LOG_SECONDS || now < loop_logged) {
+    unsigned long held;
+    if (log_limit_take(&loop_log, time(NULL), FORWARD_LOOP_LOG_SECONDS, &held))
         log_warn("forward", "port %d: target %.64s:%d is this server itself (a forwarding "
                             "loop); connection refused (%lu more since the last such line)",
-                 m->rec.port, target, m->rec.target_port, loop_suppressed);
-        loop_logged = now;
-        loop_suppressed = 0;
-    } else {
-        loop_suppressed++;
-    }
+                 m->rec.port, target, m->rec.target_port, held);
     forward_free(fc, true);
 }
 

@@ -836,18 +836,14 @@ void mapping_dial_failed(struct mapping *m, const char *fmt, ...)
     va_end(ap);
     time_t now = time(NULL);
     m->dial.last_error_at = now;
-    if (m->dial.log_at && now - m->dial.log_at < MAPPING_DIAL_LOG_SECONDS &&
-        now >= m->dial.log_at) {
-        m->dial.log_suppressed++;
+    unsigned long held;
+    if (!log_limit_take(&m->dial.log, now, MAPPING_DIAL_LOG_SECONDS, &held))
         return;
-    }
-    if (m->dial.log_suppressed)
-        log_info("mapping", "port %d: dial failed: %s (%llu more failed since the last line)",
-                 m->rec.port, m->dial.last_error, (unsigned long long)m->dial.log_suppressed);
+    if (held)
+        log_info("mapping", "port %d: dial failed: %s (%lu more failed since the last line)",
+                 m->rec.port, m->dial.last_error, held);
     else
         log_info("mapping", "port %d: dial failed: %s", m->rec.port, m->dial.last_error);
-    m->dial.log_at = now;
-    m->dial.log_suppressed = 0;
 }
 
 /* ---- changes made by another node (SPEC §7) ----

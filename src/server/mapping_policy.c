@@ -57,22 +57,17 @@ bool mapping_policy_allows(const struct mapping *m, const struct sockaddr *sa)
  * the count of those left out. */
 void mapping_policy_log_refused(struct mapping *m, const struct sockaddr *sa, const char *why)
 {
-    time_t now = time(NULL);
-    if (now - m->refused_log_at < MAPPING_REFUSED_LOG_SECONDS) {
-        m->refused_log_suppressed++;
+    unsigned long held;
+    if (!log_limit_take(&m->refused_log, time(NULL), MAPPING_REFUSED_LOG_SECONDS, &held))
         return;
-    }
     char addr[64];
     netaddr_format(sa, addr, sizeof(addr));
-    if (m->refused_log_suppressed)
-        log_warn("mapping", "port %d: connection from %s refused (%s); %llu more refused "
-                 "since the last line", m->rec.port, addr, why,
-                 (unsigned long long)m->refused_log_suppressed);
+    if (held)
+        log_warn("mapping", "port %d: connection from %s refused (%s); %lu more refused "
+                 "since the last line", m->rec.port, addr, why, held);
     else
         log_warn("mapping", "port %d: connection from %s refused (%s)", m->rec.port, addr,
                  why);
-    m->refused_log_at = now;
-    m->refused_log_suppressed = 0;
 }
 
 

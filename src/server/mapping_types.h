@@ -10,6 +10,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
+#include "log_limit.h"
 #include "netaddr.h"
 #include "store_types.h"
 #include "token_bucket.h"
@@ -63,13 +64,11 @@ struct mapping {
     struct token_bucket bucket[2];      /* rate_limit: [0] public->target, [1] back */
     struct bufferevent_rate_limit_group *rl_group; /* rate_limit for bufferevents */
     const struct sockaddr *accepting;   /* the peer, during the accept callback only */
-    time_t refused_log_at;              /* refusal log lines: one per 10 s ... */
-    uint64_t refused_log_suppressed;    /* ... and how many were left out */
+    struct log_limit refused_log;       /* refusal log lines: one per 10 s */
     struct {                            /* failed dials (mapping_dial_failed) */
         char last_error[200];
         time_t last_error_at;           /* 0 = none since start */
-        time_t log_at;                  /* the info line: one per 10 s ... */
-        uint64_t log_suppressed;        /* ... and how many were left out */
+        struct log_limit log;           /* the info line: one per 10 s */
     } dial;
     TAILQ_HEAD(mapping_conn_list, mapping_conn) conns;
     TAILQ_ENTRY(mapping) link;

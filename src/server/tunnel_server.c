@@ -29,6 +29,7 @@
 #include "frame.h"
 #include "hello_limit.h"
 #include "log.h"
+#include "log_limit.h"
 #include "mapping.h"
 #include "mux.h"
 #include "mux_conn.h"
@@ -93,8 +94,7 @@ struct tunnel_server {
     struct hello_limit *hello_limit;
     TAILQ_HEAD(, tsession) pending; /* sessions without a successful Hello yet */
     size_t npending;              /* their number (max_pending) */
-    time_t pending_logged;        /* last "max_pending reached" line */
-    unsigned long pending_suppressed;
+    struct log_limit pending_log; /* "max_pending reached": one line per 10 s */
     /* HelloResponse's "nodes" (SPEC §7): who knows the cluster's live nodes (main.c wires
      * it to the cluster sync); NULL without a cluster. */
     struct json_t *(*nodes_json)(void *arg);
@@ -736,18 +736,14 @@ static void ts_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct so
         /* Idle connections that never say Hello must not pin descriptors and memory
          * without bound: the newest is closed at once. */
         ts->srv->limits.tunnel_pending++;
-        time_t now = time(NULL);
-        if (now - ts->pending_logged >= 10) {
+        unsigned long held;
+        if (log_limit_take(&ts->pending_log, time(NULL), 10, &held)) {
             char who[64];
             log_warn(TS_MOD, "tunnel from %s closed at accept: %zu connections waiting for "
                              "their Hello (tunnel.max_pending), %zu of them from its "
                              "address (at most %zu); %lu more since the last such line",
                      netaddr_format(sa, who, sizeof(who)), ts->npending, from_source,
-                     ts_pending_per_source(ts), ts->pending_suppressed);
-            ts->pending_logged = now;
-            ts->pending_suppressed = 0;
-        } else {
-            ts->pending_suppressed++;
+                     ts_pending_per_source(ts), held);
         }
         evutil_closesocket(fd);
         return;
