@@ -132,6 +132,7 @@ static void cl_to_record(const struct clients_entry *e, struct client_record *re
     snprintf(rec->source, sizeof(rec->source), "api");
     rec->created_at = e->created_at;
     rec->last_seen = e->last_seen;
+    rec->id = e->id;
 }
 
 static int cl_load_stored(const struct client_record *rec, void *arg)
@@ -162,6 +163,7 @@ static int cl_load_stored(const struct client_record *rec, void *arg)
     }
     e->created_at = rec->created_at;
     e->last_seen = rec->last_seen;
+    e->id = rec->id;
     cl_sort_last(reg);
     return 0;
 }
@@ -284,6 +286,7 @@ static void cl_created(enum store_result sr, const struct client_record *rec, vo
         return;
     }
     op->next.created_at = rec->created_at;
+    op->next.id = rec->id;
     /* A resync may have brought the stored row in already: it is this one. */
     struct clients_entry *slot = cl_find(reg, op->next.name);
     if (!slot) {
@@ -655,7 +658,8 @@ void clients_sync_begin(struct clients_registry *reg)
         reg->v[i].synced = false;
 }
 
-int clients_sync_row(struct clients_registry *reg, const struct client_record *rec)
+int clients_sync_row(struct clients_registry *reg, const struct client_record *rec,
+                     void (*gone)(const char *name, void *arg), void *arg)
 {
     struct clients_entry *e = cl_find(reg, rec->name);
     if (!e) {
@@ -676,16 +680,32 @@ int clients_sync_row(struct clients_registry *reg, const struct client_record *r
     if (cl_unhex(rec->token_hash, h) != 0 || (prev && cl_unhex(rec->prev_hash, ph) != 0))
         return 0;
     int64_t valid = prev ? rec->prev_valid_until : 0;
-    if (memcmp(e->hash, h, 32) == 0 && e->has_prev == prev &&
-        (!prev || (memcmp(e->prev_hash, ph, 32) == 0 && e->prev_valid_until == valid)))
+    /* Removed and created again while this node was not reading: another client under
+     * the old name, and the sessions, which were the old client's, end as a remove ends
+     * them. */
+    bool anew = e->id && rec->id && e->id != rec->id;
+    if (!anew && memcmp(e->hash, h, 32) == 0 && e->has_prev == prev &&
+        (!prev || (memcmp(e->prev_hash, ph, 32) == 0 && e->prev_valid_until == valid))) {
+        e->id = e->id ? e->id : rec->id;
         return 0;
+    }
     memcpy(e->hash, h, 32);
     e->has_prev = prev;
     memset(e->prev_hash, 0, sizeof(e->prev_hash));
     if (prev)
         memcpy(e->prev_hash, ph, 32);
     e->prev_valid_until = valid;
-    log_info(CL_MOD, "tunnel client \"%s\": token rotated by another node", rec->name);
+    e->id = rec->id ? rec->id : e->id;
+    if (!anew) {
+        log_info(CL_MOD, "tunnel client \"%s\": token rotated by another node", rec->name);
+        return 1;
+    }
+    e->created_at = rec->created_at;
+    e->last_seen = rec->last_seen;
+    log_info(CL_MOD, "tunnel client \"%s\" removed and created anew by another node",
+             rec->name);
+    if (gone)
+        gone(rec->name, arg);
     return 1;
 }
 

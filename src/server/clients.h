@@ -47,6 +47,7 @@ struct clients_entry {
     int64_t prev_valid_until;   /* unix seconds */
     int64_t created_at;         /* 0 for config clients */
     int64_t last_seen;          /* 0 = never */
+    int64_t id;                 /* the stored row's; 0 for config clients, or not known */
     /* Since this server started (not stored), for /metrics and the status block. */
     uint64_t takeovers;         /* a silent session of this client was replaced */
     uint64_t refused;           /* a Hello with its credentials lost to a live session */
@@ -81,10 +82,13 @@ bool clients_check(const struct clients_registry *reg, const char *name, const c
 
 /* SPEC §7: brings the API clients in line with a read of the shared store (another
  * node created, rotated or removed some). begin, then row for every stored client, then
- * end, which drops the API clients no row named, calling gone(name) for each first (to
- * close their sessions). Config clients are never touched. Returns how many changed. */
+ * end, which drops the API clients no row named. gone(name) is called for every client
+ * that goes (to close its sessions): one no row names, and one whose row has another id
+ * (removed and created anew between two reads). Config clients are never touched.
+ * Returns how many changed. */
 void clients_sync_begin(struct clients_registry *reg);
-int clients_sync_row(struct clients_registry *reg, const struct client_record *rec);
+int clients_sync_row(struct clients_registry *reg, const struct client_record *rec,
+                     void (*gone)(const char *name, void *arg), void *arg);
 int clients_sync_end(struct clients_registry *reg, void (*gone)(const char *name, void *arg),
                      void *arg);
 

@@ -32,7 +32,7 @@
 #define CSYNC_BACKOFF_MAX_S 30
 /* Both shared tables in one query (two results): a notice about either reads both. */
 #define CSYNC_SELECT "SELECT " PG_MAP_COLS " FROM mappings ORDER BY port; " \
-                     "SELECT " PG_CLIENT_COLS " FROM clients ORDER BY name"
+                     "SELECT " PG_CLIENT_READ_COLS " FROM clients ORDER BY name"
 #define CSYNC_HEARTBEAT_S 5
 /* A query unanswered this long: the database is taken as stalled (the store's gate). */
 #define CSYNC_STALL_MS 1000
@@ -288,7 +288,7 @@ static void csync_clients_apply(struct cluster_sync *cs, PGresult *res)
     clients_sync_begin(cs->srv->clients);
     for (int i = 0; i < PQntuples(res); i++) {
         store_pg_read_client(res, i, &rec);
-        changed += clients_sync_row(cs->srv->clients, &rec);
+        changed += clients_sync_row(cs->srv->clients, &rec, csync_client_gone, cs);
     }
     changed += clients_sync_end(cs->srv->clients, csync_client_gone, cs);
     if (changed)

@@ -737,6 +737,21 @@ void mapping_registry_create_async(struct mapping_registry *reg,
     store_mapping_insert_async(reg->srv->store, &m->rec, mapping_created, op);
 }
 
+/* An enabled mapping without a listener (enabled by another node, or in status error):
+ * binds it now, or keeps the error. */
+static void mapping_listen_if_enabled(struct mapping *m)
+{
+    if (!m->rec.enabled || m->listener)
+        return;
+    struct evconnlistener *l = mapping_listen(m, m->error, sizeof(m->error));
+    if (l) {
+        mapping_attach_listener(m, l);
+        m->error[0] = '\0';
+    } else {
+        log_error("mapping", "port %d kept with status error: %s", m->rec.port, m->error);
+    }
+}
+
 static void mapping_updated(enum store_result sr, const struct mapping_record *rec, void *arg)
 {
     struct mapping_op *op = arg;
@@ -753,14 +768,19 @@ static void mapping_updated(enum store_result sr, const struct mapping_record *r
         mapping_op_end(op, mapping_store_failure(sr), NULL, err);
         return;
     }
-    m->rec = op->next;
+    /* rec is the row as stored: in a cluster, another node's change to the parts this
+     * update left alone may be in it, a disable included. */
+    m->rec = *rec;
     if (!m->rec.enabled) {
         mapping_detach_listener(m);
         mapping_abort_conns(m);
     }
     if (op->l) {
-        mapping_attach_held(m, op->l);
-        m->error[0] = '\0';
+        mapping_attach_held(m, op->l); /* frees it when the row is disabled after all */
+        if (m->listener)
+            m->error[0] = '\0';
+    } else {
+        mapping_listen_if_enabled(m);
     }
     mapping_policy_apply(m, true);
     mapping_op_end(op, MAPPING_OK, m, NULL);
@@ -794,7 +814,7 @@ void mapping_registry_update_async(struct mapping_registry *reg,
             mapping_hold_listener(op->l, m);
     }
     m->op = op;
-    store_mapping_update_async(reg->srv->store, &op->next, mapping_updated, op);
+    store_mapping_update_async(reg->srv->store, &m->rec, &op->next, mapping_updated, op);
 }
 
 static void mapping_removed(enum store_result sr, const struct mapping_record *rec, void *arg)
@@ -875,21 +895,23 @@ bool mapping_registry_apply(struct mapping_registry *reg, const struct mapping_r
     }
     if (mapping_record_same(&m->rec, rec))
         return false;
+    if (m->rec.id && rec->id && m->rec.id != rec->id) {
+        /* Removed and created anew while this node was not reading (its change feed down,
+         * or both in one transaction): a new mapping, not a change of the old one. Its
+         * connections end as a remove ends them, whatever the new row says. */
+        mapping_registry_unlink(reg, m);
+        mapping_free(m);
+        log_info("mapping", "port %d removed and created anew by another node", rec->port);
+        mapping_restore_one(rec, reg);
+        return true;
+    }
     bool was_enabled = m->rec.enabled;
     m->rec = *rec;
     if (!rec->enabled && was_enabled) {
         mapping_detach_listener(m);
         mapping_abort_conns(m);
     }
-    if (rec->enabled && !m->listener) {
-        struct evconnlistener *l = mapping_listen(m, m->error, sizeof(m->error));
-        if (l) {
-            mapping_attach_listener(m, l);
-            m->error[0] = '\0';
-        } else {
-            log_error("mapping", "port %d kept with status error: %s", rec->port, m->error);
-        }
-    }
+    mapping_listen_if_enabled(m);
     mapping_policy_apply(m, true);
     log_info("mapping", "port %d changed by another node", rec->port);
     return true;

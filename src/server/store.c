@@ -453,10 +453,39 @@ void store_mapping_replace_async(struct store *st, const struct mapping_record *
     store_mapping_async(st, STORE_OP_REPLACE, rec, done, arg);
 }
 
-void store_mapping_update_async(struct store *st, const struct mapping_record *rec,
-                                store_mapping_done_fn done, void *arg)
+unsigned store_mapping_changed_fields(const struct mapping_record *a,
+                                      const struct mapping_record *b)
 {
-    store_mapping_async(st, STORE_OP_UPDATE, rec, done, arg);
+    unsigned f = 0;
+    if (strcmp(a->target_ip, b->target_ip) != 0 || a->target_port != b->target_port ||
+        a->use_tunnel != b->use_tunnel || strcmp(a->client, b->client) != 0)
+        f |= STORE_F_DEST;
+    if (strcmp(a->name, b->name) != 0)
+        f |= STORE_F_NAME;
+    if (strcmp(a->allow_from, b->allow_from) != 0)
+        f |= STORE_F_ALLOW_FROM;
+    if (a->proxy_protocol != b->proxy_protocol)
+        f |= STORE_F_PROXY_PROTOCOL;
+    if (a->max_connections != b->max_connections)
+        f |= STORE_F_MAX_CONNECTIONS;
+    if (a->rate_limit != b->rate_limit)
+        f |= STORE_F_RATE_LIMIT;
+    if (a->enabled != b->enabled)
+        f |= STORE_F_ENABLED;
+    return f;
+}
+
+void store_mapping_update_async(struct store *st, const struct mapping_record *base,
+                                const struct mapping_record *rec, store_mapping_done_fn done,
+                                void *arg)
+{
+    struct store_op *op =
+        store_op_new(STORE_OP_UPDATE, st && store_record_ok(rec), STORE_ERR, done, NULL, arg);
+    if (!op)
+        return;
+    op->rec = *rec;
+    op->fields = base ? store_mapping_changed_fields(base, rec) : STORE_F_ALL;
+    store_submit(st, op);
 }
 
 void store_mapping_delete_async(struct store *st, int port, store_mapping_done_fn done,

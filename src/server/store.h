@@ -119,8 +119,16 @@ void store_mapping_insert_async(struct store *st, const struct mapping_record *r
                                 store_mapping_done_fn done, void *arg);
 void store_mapping_replace_async(struct store *st, const struct mapping_record *rec,
                                  store_mapping_done_fn done, void *arg);
-void store_mapping_update_async(struct store *st, const struct mapping_record *rec,
-                                store_mapping_done_fn done, void *arg);
+/* The parts (enum store_field) in which a and b differ. */
+unsigned store_mapping_changed_fields(const struct mapping_record *a,
+                                      const struct mapping_record *b);
+/* Stores the parts of rec that differ from base, the record the change was made from
+ * (NULL: all of it), into the row of rec->port if it is still rec->id's (else
+ * STORE_NOT_FOUND). done gets the row as stored: in a cluster it may hold another node's
+ * change to the parts this one left alone. */
+void store_mapping_update_async(struct store *st, const struct mapping_record *base,
+                                const struct mapping_record *rec, store_mapping_done_fn done,
+                                void *arg);
 void store_mapping_delete_async(struct store *st, int port, store_mapping_done_fn done,
                                 void *arg);
 void store_client_insert_async(struct store *st, const struct client_record *rec,

@@ -569,7 +569,7 @@ static enum store_result pg_changed(PGresult *res)
 struct pg_stmt {
     const char *sql;
     int n;
-    const char *v[12];
+    const char *v[13];
     ExecStatusType want;
     const char *what;
     struct pg_map_params mp;
@@ -610,17 +610,36 @@ static void pg_stmt_build(struct pg_stmt *s, const struct store_op *op)
                  "rate_limit = $11, enabled = $12 WHERE port = $1 RETURNING id, created_at";
         return;
     case STORE_OP_UPDATE: {
+        /* Only the parts this node changed are written ($12, enum store_field), and only
+         * to the row this node knows ($13, its id): another node may have changed the
+         * rest meanwhile, or removed the mapping and created the port anew. RETURNING
+         * gives the row as it now is, both changes in it. */
         pg_map_params(&s->mp, rec, rec->created_at);
-        /* created_at ($7 of insert) is kept: PostgreSQL cannot infer the type of a parameter
-         * the statement never names, so this statement is numbered without it. */
         const int order[11] = {0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11};
         for (int i = 0; i < 11; i++)
             s->v[i] = s->mp.v[order[i]];
-        s->n = 11;
+        snprintf(s->num[0], sizeof(s->num[0]), "%u", op->fields);
+        snprintf(s->num[1], sizeof(s->num[1]), "%" PRId64, rec->id);
+        s->v[11] = s->num[0];
+        s->v[12] = s->num[1];
+        s->n = 13;
+        s->want = PGRES_TUPLES_OK;
         s->what = "updating a mapping";
-        s->sql = "UPDATE mappings SET target_ip = $2, target_port = $3, use_tunnel = $4, "
-                 "client = $5, name = $6, allow_from = $7, proxy_protocol = $8, "
-                 "max_connections = $9, rate_limit = $10, enabled = $11 WHERE port = $1";
+        s->sql = "UPDATE mappings SET "
+                 "target_ip = CASE WHEN $12::int & 1 <> 0 THEN $2::text ELSE target_ip END, "
+                 "target_port = CASE WHEN $12::int & 1 <> 0 THEN $3::int ELSE target_port END, "
+                 "use_tunnel = CASE WHEN $12::int & 1 <> 0 THEN $4::boolean ELSE use_tunnel END, "
+                 "client = CASE WHEN $12::int & 1 <> 0 THEN $5::text ELSE client END, "
+                 "name = CASE WHEN $12::int & 2 <> 0 THEN $6::text ELSE name END, "
+                 "allow_from = CASE WHEN $12::int & 4 <> 0 THEN $7::text ELSE allow_from END, "
+                 "proxy_protocol = CASE WHEN $12::int & 8 <> 0 THEN $8::text "
+                 "ELSE proxy_protocol END, "
+                 "max_connections = CASE WHEN $12::int & 16 <> 0 THEN $9::int "
+                 "ELSE max_connections END, "
+                 "rate_limit = CASE WHEN $12::int & 32 <> 0 THEN $10::bigint ELSE rate_limit END, "
+                 "enabled = CASE WHEN $12::int & 64 <> 0 THEN $11::boolean ELSE enabled END "
+                 "WHERE port = $1::int AND ($13::bigint = 0 OR id = $13::bigint) "
+                 "RETURNING " PG_MAP_COLS;
         return;
     }
     case STORE_OP_DELETE:
@@ -642,8 +661,10 @@ static void pg_stmt_build(struct pg_stmt *s, const struct store_op *op)
         s->v[5] = s->num[1];
         s->v[6] = s->num[2];
         s->n = 7;
+        s->want = PGRES_TUPLES_OK;
         s->what = "inserting a client";
-        s->sql = "INSERT INTO clients (" PG_CLIENT_COLS ") VALUES ($1, $2, $3, $4, $5, $6, $7)";
+        s->sql = "INSERT INTO clients (" PG_CLIENT_COLS ") VALUES ($1, $2, $3, $4, $5, $6, $7) "
+                 "RETURNING id";
         return;
     case STORE_OP_CLIENT_UPDATE:
         snprintf(s->num[0], sizeof(s->num[0]), "%" PRId64, c->prev_valid_until);
@@ -683,7 +704,17 @@ static enum store_result pg_stmt_finish(struct store_op *op, const struct pg_stm
     case STORE_OP_INSERT:
     case STORE_OP_REPLACE:
         return pg_returned(res, &op->rec);
+    case STORE_OP_UPDATE:
+        if (PQntuples(res) != 1) {
+            PQclear(res);
+            return STORE_NOT_FOUND;
+        }
+        store_pg_read_mapping(res, 0, &op->rec);
+        PQclear(res);
+        return STORE_OK;
     case STORE_OP_CLIENT_INSERT:
+        if (PQntuples(res) == 1)
+            op->crec.id = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
         PQclear(res);
         op->crec.created_at = s->now;
         if (!op->crec.source[0])
@@ -712,6 +743,7 @@ static enum store_result pg_sync_mapping(void *impl, enum store_op_kind kind,
     if (!op)
         return STORE_ERR;
     op->kind = kind;
+    op->fields = STORE_F_ALL; /* no loop, no other write of this node's in between */
     if (rec)
         op->rec = *rec;
     else
@@ -858,6 +890,7 @@ void store_pg_read_client(PGresult *res, int i, struct client_record *rec)
     pg_copy(rec->source, sizeof(rec->source), res, i, 4);
     rec->created_at = strtoll(PQgetvalue(res, i, 5), NULL, 10);
     rec->last_seen = strtoll(PQgetvalue(res, i, 6), NULL, 10);
+    rec->id = strtoll(PQgetvalue(res, i, 7), NULL, 10);
 }
 
 static enum store_result pgc_get(void *impl, const char *name, struct client_record *rec)
@@ -865,7 +898,7 @@ static enum store_result pgc_get(void *impl, const char *name, struct client_rec
     const char *v[1] = {name};
     PGresult *res = NULL;
     enum store_result r = pg_command(impl,
-                                     "SELECT " PG_CLIENT_COLS " FROM clients WHERE name = $1",
+                                     "SELECT " PG_CLIENT_READ_COLS " FROM clients WHERE name = $1",
                                      1, v, PGRES_TUPLES_OK, "reading a client", &res);
     if (r != STORE_OK)
         return r;
@@ -880,7 +913,7 @@ static enum store_result pgc_foreach(void *impl, store_client_fn fn, void *arg)
 {
     PGresult *res = NULL;
     enum store_result r = pg_command(impl,
-                                     "SELECT " PG_CLIENT_COLS " FROM clients ORDER BY name", 0,
+                                     "SELECT " PG_CLIENT_READ_COLS " FROM clients ORDER BY name", 0,
                                      NULL, PGRES_TUPLES_OK, "reading clients", &res);
     if (r != STORE_OK)
         return r;

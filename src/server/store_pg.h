@@ -18,7 +18,10 @@ void store_pg_read_mapping(PGresult *res, int i, struct mapping_record *rec);
 #define PG_CLIENT_COLS "name, token_hash, prev_hash, prev_valid_until, source, created_at, " \
                        "last_seen"
 
-/* Reads row i of a result of "SELECT " PG_CLIENT_COLS into rec. */
+/* What a read of clients selects: the columns an insert writes, then id. */
+#define PG_CLIENT_READ_COLS PG_CLIENT_COLS ", id"
+
+/* Reads row i of a result of "SELECT " PG_CLIENT_READ_COLS into rec. */
 void store_pg_read_client(PGresult *res, int i, struct client_record *rec);
 
 /* libpq notice processor: server notices and connection-loss messages go to the debug

@@ -69,9 +69,9 @@ static const char *const sqc_sql[SQC_COUNT] = {
     [SQC_DELETE] = "DELETE FROM clients WHERE name = ?1",
     [SQC_TOUCH] = "UPDATE clients SET last_seen = ?2 WHERE name = ?1",
     [SQC_GET] = "SELECT name, token_hash, prev_hash, prev_valid_until, source, created_at, "
-                "last_seen FROM clients WHERE name = ?1",
+                "last_seen, id FROM clients WHERE name = ?1",
     [SQC_PAGE] = "SELECT name, token_hash, prev_hash, prev_valid_until, source, created_at, "
-                 "last_seen FROM clients WHERE name > ?1 ORDER BY name LIMIT ?2",
+                 "last_seen, id FROM clients WHERE name > ?1 ORDER BY name LIMIT ?2",
 };
 
 struct sq_store {
@@ -680,6 +680,7 @@ static enum store_result sqc_insert(void *impl, struct client_record *rec)
     if (rc != SQLITE_DONE)
         return sq_failure(rc);
     rec->created_at = now;
+    rec->id = sqlite3_last_insert_rowid(sq->db);
     if (!rec->source[0])
         snprintf(rec->source, sizeof(rec->source), "api");
     return STORE_OK;
@@ -749,6 +750,7 @@ static void sqc_read_row(sqlite3_stmt *s, struct client_record *rec)
     sqc_copy(rec->source, sizeof(rec->source), s, 4);
     rec->created_at = sqlite3_column_int64(s, 5);
     rec->last_seen = sqlite3_column_int64(s, 6);
+    rec->id = sqlite3_column_int64(s, 7);
 }
 
 static enum store_result sqc_get(void *impl, const char *name, struct client_record *rec)

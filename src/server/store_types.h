@@ -44,6 +44,21 @@ struct mapping_record {
     bool enabled;
 };
 
+/* The parts of a mapping an update can change, for writes that must not undo a change
+ * another node made meanwhile (PostgreSQL, SPEC §7). The destination travels as one part:
+ * its fields are checked together (mode, client, loop guard), so two halves of two
+ * requests never meet. */
+enum store_field {
+    STORE_F_DEST = 1u << 0,        /* target_ip, target_port, use_tunnel, client */
+    STORE_F_NAME = 1u << 1,
+    STORE_F_ALLOW_FROM = 1u << 2,
+    STORE_F_PROXY_PROTOCOL = 1u << 3,
+    STORE_F_MAX_CONNECTIONS = 1u << 4,
+    STORE_F_RATE_LIMIT = 1u << 5,
+    STORE_F_ENABLED = 1u << 6,
+    STORE_F_ALL = (1u << 7) - 1,
+};
+
 /* ---- tunnel clients (SPEC §4a) ---- */
 
 #define STORE_CLIENT_NAME_MAX 64   /* [A-Za-z0-9._-], so bytes = characters */
@@ -57,6 +72,9 @@ struct client_record {
     char source[8];                     /* "api" */
     int64_t created_at;                 /* unix seconds, assigned by insert */
     int64_t last_seen;                  /* unix seconds of the last Hello or session end */
+    /* Assigned by insert, never reused: a client removed and created again under its
+     * name is another client (0: not known). */
+    int64_t id;
 };
 
 #endif

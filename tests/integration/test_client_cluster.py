@@ -361,3 +361,56 @@ def test_a_node_behind_on_a_rotation_never_writes_the_old_token_back(pg, server_
     assert hello_ok(a, "127.0.0.2", new)
     assert not hello_ok(a, "127.0.0.2", old)
     assert not hello_ok(b, "127.0.0.3", old)
+
+
+def test_a_client_removed_and_created_again_elsewhere_loses_its_sessions(
+        pg, server_factory):  # noqa: F811
+    """Another node removes a client and creates one of the same name in one
+    transaction (as a node whose change feed was down sees a remove and a create between
+    two reads): the old client's session ends, as a remove ends it, and only the new
+    token works. It used to be taken for a rotation, and the old session went on."""
+    import hashlib
+    import json
+    import socket
+    from sec_helpers import hello, read_frame
+    a = node(server_factory, pg, "a", "127.0.0.2")
+    a.wait_log("listening for changes from other nodes", timeout=10)
+    status, _, body = a.api("POST", "/api/client/create", body={"name": "api-edge"})
+    assert status == 201, body
+    old = body["data"]["token"]
+    s = socket.create_connection(("127.0.0.2", a.tunnel_port), timeout=10)
+    try:
+        s.sendall(hello("api-edge", old))
+        fr = read_frame(s, 10)
+        assert fr is not None and json.loads(fr[1]).get("ok") is True, fr
+        new = "new-" + os.urandom(16).hex()
+        digest = hashlib.sha256(new.encode()).hexdigest()
+        pg.psql("BEGIN; DELETE FROM clients WHERE name = 'api-edge'; "
+                "INSERT INTO clients (name, token_hash, created_at) "
+                f"VALUES ('api-edge', '{digest}', 1); COMMIT")
+        assert a.wait_log('tunnel client "api-edge" removed and created anew by another node')
+        # The session ends: whatever frames come first, then the end of the stream.
+        s.settimeout(10)
+        deadline = time.monotonic() + 10
+        ended = False
+        while time.monotonic() < deadline:
+            try:
+                if not s.recv(65536):
+                    ended = True
+                    break
+            except ConnectionResetError:
+                ended = True
+                break
+        assert ended, "the old client's session outlived it"
+        # Ended for that reason, not by the heartbeat this hand-spoken client never answers.
+        assert a.wait_log('client "api-edge" disconnected: client removed')
+    finally:
+        s.close()
+
+    def hello_ok(token):
+        with socket.create_connection(("127.0.0.2", a.tunnel_port), timeout=10) as c:
+            c.sendall(hello("api-edge", token))
+            fr = read_frame(c, 10)
+            return fr is not None and json.loads(fr[1]).get("ok") is True
+    assert hello_ok(new)
+    assert not hello_ok(old)

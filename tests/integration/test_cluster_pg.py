@@ -469,6 +469,108 @@ def test_update_of_a_mapping_removed_elsewhere_is_404(pg, server_factory):  # no
     assert healthy(a)
 
 
+def test_updates_of_different_fields_on_two_nodes_both_stay(pg, server_factory):  # noqa: F811
+    """Two nodes update different fields of one mapping at the same moment: both answer
+    200 and both changes stay, in the row and on both nodes. Each node used to write its
+    whole copy of the mapping, so the later write undid the earlier one."""
+    nodes = []
+    for name, addr in (("a", "127.0.0.2"), ("b", "127.0.0.3")):
+        n = pg_node(server_factory, pg, name=name, mappings={"bind_addr": addr},
+                    cluster={"node_name": f"node-{name}"})
+        n.wait_log("listening for changes from other nodes", timeout=10)
+        nodes.append(n)
+    a, b = nodes
+    port = free_port()
+    a.create_ok(port=port, target_ip="192.0.2.1", target_port=80)
+    wait_until(lambda: b.mapping(port) is not None, timeout=10, desc="b has the mapping")
+    # Both updates wait on the row, each made from the same copy, then go one after the
+    # other in whatever order PostgreSQL picks.
+    hold = OpenTransaction(pg, f"SELECT 1 FROM mappings WHERE port = {port} FOR UPDATE")
+    try:
+        wa = Worker(lambda: a.api("POST", "/api/mapping/update",
+                                  body={"port": port, "target_port": 8080}))
+        wb = Worker(lambda: b.api("POST", "/api/mapping/update",
+                                  body={"port": port, "rate_limit": 5000, "name": "web"}))
+        wa.start()
+        wb.start()
+        time.sleep(0.5)
+        hold.commit()
+        got = [wa.join_result(10), wb.join_result(10)]
+    finally:
+        hold.rollback()
+    assert [g[0] for g in got] == [200, 200], [(g[0], g[2]) for g in got]
+    row = pg.psql(f"SELECT target_port, rate_limit, name FROM mappings WHERE port = {port}")
+    assert row == [["8080", "5000", "web"]], row
+    # The later answer shows both changes; each node ends with both.
+    later = [g[2]["data"] for g in got]
+    assert any(d["target_port"] == 8080 and d["rate_limit"] == 5000 for d in later), later
+    for n in nodes:
+        wait_until(lambda: (lambda m: m and m["target_port"] == 8080 and
+                            m["rate_limit"] == 5000 and m["name"] == "web")(n.mapping(port)),
+                   timeout=10, desc=f"{n.name} has both changes")
+    assert healthy(a) and healthy(b)
+
+
+def test_update_made_on_a_disabled_copy_binds_when_another_node_enabled(
+        pg, server_factory):  # noqa: F811
+    """A node renames a mapping it knows as disabled while another node enables it: the
+    row comes back enabled, and the renaming node binds the port at once rather than
+    waiting for a resync that would see nothing to change."""
+    a = pg_node(server_factory, pg, name="a")
+    a.wait_log("listening for changes from other nodes", timeout=10)
+    port = free_port()
+    a.create_ok(port=port, target_ip="192.0.2.1", target_port=80, enabled=False)
+    connect_refused(port)
+    # Another node's enable, straight into the row, its transaction held open: a's
+    # UPDATE waits on the row and runs on the enabled row once the enable commits.
+    enable = OpenTransaction(pg, f"UPDATE mappings SET enabled = true WHERE port = {port}")
+    try:
+        rename = Worker(lambda: a.api("POST", "/api/mapping/update",
+                                      body={"port": port, "name": "renamed"}))
+        rename.start()
+        time.sleep(0.4)
+        enable.commit()
+        status, _, body = rename.join_result(10)
+    finally:
+        enable.rollback()
+    assert status == 200, body
+    assert body["data"]["enabled"] is True and body["data"]["name"] == "renamed", body
+    assert body["data"]["status"] == "listening", body
+    with connect(port):
+        pass
+
+
+def test_remove_and_create_again_elsewhere_ends_the_old_connections(
+        pg, server_factory, echo_backend):  # noqa: F811
+    """Another node removes a mapping and creates the port anew in one transaction (as a
+    node whose change feed was down sees a remove and a create between two reads): the
+    old mapping's connections end, as a remove ends them, and the port serves the new
+    mapping. It used to be taken for an update, and the old connections went on."""
+    a = pg_node(server_factory, pg, name="a")
+    a.wait_log("listening for changes from other nodes", timeout=10)
+    port = free_port()
+    old = a.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+    s = connect(port)
+    try:
+        s.sendall(b"ping")
+        assert recv_exact(s, 4) == b"ping"
+        pg.psql(f"BEGIN; DELETE FROM mappings WHERE port = {port}; "
+                f"INSERT INTO mappings (port, target_ip, target_port, use_tunnel, created_at) "
+                f"VALUES ({port}, '127.0.0.1', {echo_backend.port}, false, 1); COMMIT")
+        wait_until(lambda: (a.mapping(port) or {}).get("id") not in (None, old["id"]),
+                   timeout=10, desc="a has the new mapping")
+        s.settimeout(10)
+        try:
+            end = s.recv(16)
+        except ConnectionResetError:
+            end = b""
+        assert end == b"", end
+    finally:
+        s.close()
+    echo_ok(port)
+    assert a.wait_log(f"port {port} removed and created anew by another node")
+
+
 def test_port0_creates_on_two_nodes_at_once_both_succeed(pg, server_factory):  # noqa: F811
     """Two nodes create a mapping without a port at the same moment: they pick the same
     lowest free port, one stores it first, and the other takes the next free one rather

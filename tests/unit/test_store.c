@@ -705,6 +705,38 @@ static void async_hook(enum store_result r, void *arg)
 static bool gate_open;
 static bool async_gate(void *arg) { return gate_open; }
 
+/* What an update sends to a cluster's database: the parts that changed, the destination's
+ * four fields as one part. */
+static void test_changed_fields(void)
+{
+    struct mapping_record a = rec_make(4100, "10.0.0.4", 22, false, "", "x");
+    struct mapping_record b = a;
+    CHECK(store_mapping_changed_fields(&a, &b) == 0);
+    b.target_port = 23;
+    CHECK(store_mapping_changed_fields(&a, &b) == STORE_F_DEST);
+    b = a;
+    b.use_tunnel = true;
+    snprintf(b.client, sizeof(b.client), "default");
+    CHECK(store_mapping_changed_fields(&a, &b) == STORE_F_DEST);
+    b = a;
+    snprintf(b.name, sizeof(b.name), "y");
+    b.rate_limit = 1000;
+    CHECK(store_mapping_changed_fields(&a, &b) == (STORE_F_NAME | STORE_F_RATE_LIMIT));
+    b = a;
+    snprintf(b.allow_from, sizeof(b.allow_from), "10.0.0.0/8");
+    b.proxy_protocol = 2;
+    b.max_connections = 5;
+    b.enabled = !a.enabled;
+    CHECK(store_mapping_changed_fields(&a, &b) ==
+          (STORE_F_ALLOW_FROM | STORE_F_PROXY_PROTOCOL | STORE_F_MAX_CONNECTIONS |
+           STORE_F_ENABLED));
+    /* id and created_at are not parts an update changes. */
+    b = a;
+    b.id = a.id + 1;
+    b.created_at = a.created_at + 1;
+    CHECK(store_mapping_changed_fields(&a, &b) == 0);
+}
+
 static void test_async_sqlite(void)
 {
     char path[PATH_MAX];
@@ -729,7 +761,7 @@ static void test_async_sqlite(void)
     struct mapping_record u = a;
     snprintf(u.name, sizeof(u.name), "renamed");
     memset(&s, 0, sizeof(s));
-    store_mapping_update_async(st, &u, async_mapping_done, &s);
+    store_mapping_update_async(st, &a, &u, async_mapping_done, &s);
     memset(&u, 0, sizeof(u));
     CHECK(s.calls == 1 && s.r == STORE_OK);
     CHECK(sql_int(path, "SELECT count(*) FROM mappings WHERE name = 'renamed'") == 1);
@@ -808,6 +840,7 @@ int main(void)
     test_clients();
     test_single_instance_lock();
     test_ids_not_reused();
+    test_changed_fields();
     test_async_sqlite();
     nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
     return check_summary();
