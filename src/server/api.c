@@ -321,8 +321,8 @@ static void handle_update(struct server *srv, const struct api_req *rq, struct a
     const char *body = rq->body ? rq->body : "";
     char msg[256];
     int port = 0;
-    enum api_error e = mapping_request_parse_update(srv->cfg, body, rq->len, &port, NULL, msg,
-                                                    sizeof(msg));
+    enum api_error e = mapping_request_parse_update(srv->cfg, body, rq->len, &port, NULL, NULL,
+                                                    msg, sizeof(msg));
     if (e != API_OK) {
         api_fail(out, e, msg, NULL);
         return;
@@ -339,7 +339,9 @@ static void handle_update(struct server *srv, const struct api_req *rq, struct a
         return;
     }
     *rec = m->rec;
-    e = mapping_request_parse_update(srv->cfg, body, rq->len, &port, rec, msg, sizeof(msg));
+    unsigned named = 0;
+    e = mapping_request_parse_update(srv->cfg, body, rq->len, &port, rec, &named, msg,
+                                     sizeof(msg));
     if (e == API_OK && (api_client_known(srv, rec, &m->rec, msg, sizeof(msg)) != 0 ||
                         loop_guard_check_create(srv, rec, msg, sizeof(msg)) != 0))
         e = API_E_INVALID_FIELD;
@@ -348,7 +350,7 @@ static void handle_update(struct server *srv, const struct api_req *rq, struct a
         api_fail(out, e, msg, NULL);
     } else if ((p = api_pending_new(srv, out)) != NULL) {
         p->port = port;
-        mapping_registry_update_async(srv->mappings, rec, api_updated, p);
+        mapping_registry_update_async(srv->mappings, rec, named, api_updated, p);
     }
     free(rec);
 }
@@ -360,10 +362,7 @@ static void api_removed(enum mapping_result r, struct mapping *m, const char *er
     if (r == MAPPING_E_NOT_FOUND) {
         snprintf(msg, sizeof(msg), "no mapping on port %d", p->port);
         api_fail(&p->reply, API_E_NOT_FOUND, msg, NULL);
-    } else if (r == MAPPING_E_UNAVAILABLE) {
-        api_fail(&p->reply, API_E_STORE_UNAVAILABLE, "the database did not answer in time",
-                 NULL);
-    } else if (r == MAPPING_E_BUSY) {
+    } else if (r == MAPPING_E_UNAVAILABLE || r == MAPPING_E_BUSY) {
         api_fail(&p->reply, API_E_STORE_UNAVAILABLE, err, NULL);
     } else if (r != MAPPING_OK) {
         api_fail(&p->reply, API_E_INTERNAL, "database error", NULL);
@@ -545,6 +544,12 @@ static void api_client_fail(struct api_reply *out, enum clients_result r, const 
         return;
     case CLIENTS_UNAVAILABLE:
         api_fail(out, API_E_STORE_UNAVAILABLE, "the database did not answer in time", NULL);
+        return;
+    case CLIENTS_UNCONFIRMED:
+        snprintf(msg, sizeof(msg), "the database did not confirm the write of client \"%s\" "
+                 "in time: it may be stored (GET /api/clients shows the outcome once this "
+                 "node has read it back)", name);
+        api_fail(out, API_E_STORE_UNAVAILABLE, msg, NULL);
         return;
     case CLIENTS_BUSY:
         snprintf(msg, sizeof(msg), "a change of client \"%s\" is being stored; try again",

@@ -270,7 +270,12 @@ static void cl_op_end(struct cl_op *op, enum clients_result r, bool with_token)
 
 static enum clients_result cl_store_failure(enum store_result sr)
 {
-    return sr == STORE_UNAVAILABLE ? CLIENTS_UNAVAILABLE : CLIENTS_ERR;
+    /* NOT_FOUND: another node removed it (or removed it and created another of that
+     * name) while this write was on its way. */
+    return sr == STORE_UNAVAILABLE   ? CLIENTS_UNAVAILABLE
+           : sr == STORE_UNCONFIRMED ? CLIENTS_UNCONFIRMED
+           : sr == STORE_NOT_FOUND   ? CLIENTS_NOT_FOUND
+                                     : CLIENTS_ERR;
 }
 
 static void cl_created(enum store_result sr, const struct client_record *rec, void *arg)
@@ -292,7 +297,7 @@ static void cl_created(enum store_result sr, const struct client_record *rec, vo
     if (!slot) {
         slot = cl_push(reg);
         if (!slot) {
-            store_client_delete_async(reg->store, op->next.name, NULL, NULL);
+            store_client_delete_async(reg->store, op->next.name, op->next.id, NULL, NULL);
             cl_op_end(op, CLIENTS_ERR, false);
             return;
         }
@@ -464,7 +469,7 @@ void clients_remove_async(struct clients_registry *reg, const char *name,
     if (!op)
         return;
     e->writing = true;
-    store_client_delete_async(reg->store, name, cl_removed, op);
+    store_client_delete_async(reg->store, name, e->id, cl_removed, op);
 }
 
 /* ---- the synchronous forms (start-up, tests) ---- */

@@ -475,12 +475,44 @@ static void mapping_attach_if_enabled(struct mapping *m, struct evconnlistener *
 
 /* A database that did not answer (PostgreSQL, §7) is told apart from one that failed:
  * the API answers 503 store_unavailable for the first, 500 for the second. */
+/* What the API says about a write the store did not take. */
+static void mapping_store_error(enum store_result sr, int port, char *err, size_t errlen)
+{
+    switch (sr) {
+    case STORE_DUPLICATE:
+        snprintf(err, errlen, "port %d is already mapped", port);
+        return;
+    case STORE_NOT_FOUND:
+        snprintf(err, errlen, "no mapping on port %d (removed meanwhile)", port);
+        return;
+    case STORE_UNAVAILABLE:
+        snprintf(err, errlen, "the database did not answer in time; port %d is unchanged",
+                 port);
+        return;
+    case STORE_CONFLICT:
+        snprintf(err, errlen, "port %d was changed by another node meanwhile; nothing "
+                 "changed, try again", port);
+        return;
+    case STORE_UNCONFIRMED:
+        /* SPEC §3 says a 503 changed nothing; once the COMMIT is sent nobody can promise
+         * that, so the answer says what is known. */
+        snprintf(err, errlen, "the database did not confirm the write of port %d in time: "
+                 "it may be stored (the list shows the outcome once this node has read it "
+                 "back)", port);
+        return;
+    default:
+        snprintf(err, errlen, "database error while storing port %d", port);
+        return;
+    }
+}
+
 static enum mapping_result mapping_store_failure(enum store_result sr)
 {
     /* NOT_FOUND: another node removed the row while this write was on its way. */
-    return sr == STORE_UNAVAILABLE ? MAPPING_E_UNAVAILABLE
-           : sr == STORE_NOT_FOUND ? MAPPING_E_NOT_FOUND
-                                   : MAPPING_E_STORE;
+    return sr == STORE_UNAVAILABLE || sr == STORE_UNCONFIRMED ? MAPPING_E_UNAVAILABLE
+           : sr == STORE_CONFLICT                           ? MAPPING_E_BUSY
+           : sr == STORE_NOT_FOUND                          ? MAPPING_E_NOT_FOUND
+                                                            : MAPPING_E_STORE;
 }
 
 static struct mapping *mapping_find_creating(const struct mapping_registry *reg, int port);
@@ -592,10 +624,10 @@ static void mapping_retried(enum store_result sr, const struct mapping_record *r
 {
     struct mapping_op *op = arg;
     struct mapping *m = op->m;
-    char err[160];
+    char err[192];
     if (sr != STORE_OK) {
         evconnlistener_free(op->l);
-        snprintf(err, sizeof(err), "database error while storing port %d", m->rec.port);
+        mapping_store_error(sr, m->rec.port, err, sizeof(err));
         mapping_op_end(op, mapping_store_failure(sr), NULL, err);
         return;
     }
@@ -663,10 +695,8 @@ static void mapping_created(enum store_result sr, const struct mapping_record *r
         return;
     }
     if (sr != STORE_OK) {
-        char err[160];
-        snprintf(err, sizeof(err), sr == STORE_DUPLICATE ? "port %d is already mapped"
-                                                         : "database error while storing port %d",
-                 m->rec.port);
+        char err[192];
+        mapping_store_error(sr, m->rec.port, err, sizeof(err));
         evconnlistener_free(op->l);
         op->m = NULL;
         m->op = NULL;
@@ -757,14 +787,10 @@ static void mapping_updated(enum store_result sr, const struct mapping_record *r
     struct mapping_op *op = arg;
     struct mapping *m = op->m;
     if (sr != STORE_OK) {
-        char err[160];
+        char err[192];
         if (op->l)
             evconnlistener_free(op->l);
-        if (sr == STORE_NOT_FOUND)
-            snprintf(err, sizeof(err), "no mapping on port %d (removed meanwhile)",
-                     m->rec.port);
-        else
-            snprintf(err, sizeof(err), "database error while storing port %d", m->rec.port);
+        mapping_store_error(sr, m->rec.port, err, sizeof(err));
         mapping_op_end(op, mapping_store_failure(sr), NULL, err);
         return;
     }
@@ -787,8 +813,8 @@ static void mapping_updated(enum store_result sr, const struct mapping_record *r
 }
 
 void mapping_registry_update_async(struct mapping_registry *reg,
-                                   const struct mapping_record *rec, mapping_done_fn done,
-                                   void *arg)
+                                   const struct mapping_record *rec, unsigned named,
+                                   mapping_done_fn done, void *arg)
 {
     char err[192];
     struct mapping_op *op = mapping_op_for_port(reg, rec->port, done, arg);
@@ -814,7 +840,8 @@ void mapping_registry_update_async(struct mapping_registry *reg,
             mapping_hold_listener(op->l, m);
     }
     m->op = op;
-    store_mapping_update_async(reg->srv->store, &m->rec, &op->next, mapping_updated, op);
+    store_mapping_update_async(reg->srv->store, &m->rec, &op->next, named, mapping_updated,
+                               op);
 }
 
 static void mapping_removed(enum store_result sr, const struct mapping_record *rec, void *arg)
@@ -822,7 +849,9 @@ static void mapping_removed(enum store_result sr, const struct mapping_record *r
     struct mapping_op *op = arg;
     struct mapping *m = op->m;
     if (sr != STORE_OK && sr != STORE_NOT_FOUND) {
-        mapping_op_end(op, mapping_store_failure(sr), NULL, "database error");
+        char err[192];
+        mapping_store_error(sr, m->rec.port, err, sizeof(err));
+        mapping_op_end(op, mapping_store_failure(sr), NULL, err);
         return;
     }
     struct mapping_registry *reg = op->reg;

@@ -110,10 +110,11 @@ void mapping_registry_create_async(struct mapping_registry *reg,
  * are kept): stored first, then applied. The listener stays open through it; enabled
  * false closes it and every live connection, enabled true opens it again (a failed bind
  * of a disabled mapping changes nothing: MAPPING_E_IN_USE). allow_from, max_connections
- * and rate_limit apply to live connections at once once stored. */
+ * and rate_limit apply to live connections at once once stored. named: the parts (enum
+ * store_field) the request named, stored even where they equal this node's copy. */
 void mapping_registry_update_async(struct mapping_registry *reg,
-                                   const struct mapping_record *rec, mapping_done_fn done,
-                                   void *arg);
+                                   const struct mapping_record *rec, unsigned named,
+                                   mapping_done_fn done, void *arg);
 
 /* Deletes from the store, then closes the listener and every live connection (done gets
  * m NULL: it is gone). */

@@ -391,9 +391,31 @@ enum api_error mapping_request_parse_remove(const char *body, size_t len, int *p
     return e;
 }
 
+/* The parts of a mapping an update body names: a write in a cluster stores those even
+ * where this node's copy already holds the value (it may be behind another node's). */
+static unsigned named_fields(json_t *obj)
+{
+    static const struct {
+        const char *key;
+        unsigned field;
+    } parts[] = {
+        {"target_ip", STORE_F_DEST}, {"target_port", STORE_F_DEST},
+        {"use_tunnel", STORE_F_DEST}, {"client", STORE_F_DEST},
+        {"name", STORE_F_NAME}, {"allow_from", STORE_F_ALLOW_FROM},
+        {"proxy_protocol", STORE_F_PROXY_PROTOCOL},
+        {"max_connections", STORE_F_MAX_CONNECTIONS}, {"rate_limit", STORE_F_RATE_LIMIT},
+        {"enabled", STORE_F_ENABLED},
+    };
+    unsigned f = 0;
+    for (size_t i = 0; i < sizeof(parts) / sizeof(parts[0]); i++)
+        if (json_object_get(obj, parts[i].key))
+            f |= parts[i].field;
+    return f;
+}
+
 enum api_error mapping_request_parse_update(const struct config *cfg, const char *body,
                                             size_t len, int *port, struct mapping_record *rec,
-                                            char *msg, size_t msglen)
+                                            unsigned *named, char *msg, size_t msglen)
 {
     enum api_error e;
     json_t *obj = load_object(body, len, &e, msg, msglen);
@@ -406,6 +428,8 @@ enum api_error mapping_request_parse_update(const struct config *cfg, const char
             e = API_E_INVALID_FIELD;
         } else {
             e = parse_common_fields(cfg, obj, true, rec, msg, msglen);
+            if (named)
+                *named = named_fields(obj);
         }
     }
     json_decref(obj);

@@ -47,10 +47,11 @@ extern const char *const mapping_request_proxy_names[3];
 
 /* Parses an update body {"port": n, <fields>}. Called first with rec NULL, it only checks
  * the body and reads *port (to find the mapping); called again with the stored record in
- * rec, it applies the given fields onto it and validates the result as create does. */
+ * rec, it applies the given fields onto it and validates the result as create does, and
+ * sets *named (when not NULL) to the parts (enum store_field) the body names. */
 enum api_error mapping_request_parse_update(const struct config *cfg, const char *body,
                                             size_t len, int *port, struct mapping_record *rec,
-                                            char *msg, size_t msglen);
+                                            unsigned *named, char *msg, size_t msglen);
 
 /* Parses a remove body {"port": n}. */
 enum api_error mapping_request_parse_remove(const char *body, size_t len, int *port,

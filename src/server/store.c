@@ -476,15 +476,20 @@ unsigned store_mapping_changed_fields(const struct mapping_record *a,
 }
 
 void store_mapping_update_async(struct store *st, const struct mapping_record *base,
-                                const struct mapping_record *rec, store_mapping_done_fn done,
-                                void *arg)
+                                const struct mapping_record *rec, unsigned named,
+                                store_mapping_done_fn done, void *arg)
 {
     struct store_op *op =
         store_op_new(STORE_OP_UPDATE, st && store_record_ok(rec), STORE_ERR, done, NULL, arg);
     if (!op)
         return;
     op->rec = *rec;
-    op->fields = base ? store_mapping_changed_fields(base, rec) : STORE_F_ALL;
+    op->fields = base ? (store_mapping_changed_fields(base, rec) | named) & STORE_F_ALL
+                      : STORE_F_ALL;
+    if (base) {
+        op->base = *base;
+        op->has_base = true;
+    }
     store_submit(st, op);
 }
 
@@ -523,8 +528,8 @@ void store_client_update_async(struct store *st, const struct client_record *rec
     store_submit(st, op);
 }
 
-void store_client_delete_async(struct store *st, const char *name, store_client_done_fn done,
-                               void *arg)
+void store_client_delete_async(struct store *st, const char *name, int64_t id,
+                               store_client_done_fn done, void *arg)
 {
     bool valid = store_client_name_ok(name);
     struct store_op *op = store_op_new(STORE_OP_CLIENT_DELETE, st && valid,
@@ -532,6 +537,7 @@ void store_client_delete_async(struct store *st, const char *name, store_client_
     if (!op)
         return;
     snprintf(op->crec.name, sizeof(op->crec.name), "%s", name);
+    op->crec.id = id;
     store_submit(st, op);
 }
 

@@ -123,20 +123,25 @@ void store_mapping_replace_async(struct store *st, const struct mapping_record *
 unsigned store_mapping_changed_fields(const struct mapping_record *a,
                                       const struct mapping_record *b);
 /* Stores the parts of rec that differ from base, the record the change was made from
- * (NULL: all of it), into the row of rec->port if it is still rec->id's (else
- * STORE_NOT_FOUND). done gets the row as stored: in a cluster it may hold another node's
- * change to the parts this one left alone. */
+ * (NULL: all of it), and the parts named (enum store_field), into the row of rec->port.
+ * In a cluster: STORE_NOT_FOUND when no row holds the port any more; STORE_CONFLICT when
+ * it is another mapping's (removed and created anew) or the destination is to change
+ * and the row's is no longer base's. done gets the row as stored: it may hold another
+ * node's change to the parts this one left alone. */
 void store_mapping_update_async(struct store *st, const struct mapping_record *base,
-                                const struct mapping_record *rec, store_mapping_done_fn done,
-                                void *arg);
+                                const struct mapping_record *rec, unsigned named,
+                                store_mapping_done_fn done, void *arg);
 void store_mapping_delete_async(struct store *st, int port, store_mapping_done_fn done,
                                 void *arg);
 void store_client_insert_async(struct store *st, const struct client_record *rec,
                                store_client_done_fn done, void *arg);
+/* Update and delete touch the row of rec->name / name only while it is the client of that
+ * id (0: whichever), else STORE_NOT_FOUND: in a cluster another node may have removed it
+ * and created another of that name. */
 void store_client_update_async(struct store *st, const struct client_record *rec,
                                store_client_done_fn done, void *arg);
-void store_client_delete_async(struct store *st, const char *name, store_client_done_fn done,
-                               void *arg);
+void store_client_delete_async(struct store *st, const char *name, int64_t id,
+                               store_client_done_fn done, void *arg);
 /* Writes the client's last_seen and nothing else (done gets no record). */
 void store_client_touch_async(struct store *st, const char *name, int64_t last_seen,
                               store_client_done_fn done, void *arg);

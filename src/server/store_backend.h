@@ -29,9 +29,12 @@ struct store_op {
     enum store_op_kind kind;
     struct mapping_record rec;    /* INSERT, REPLACE, UPDATE (DELETE: rec.port); filled */
     struct client_record crec;    /* CLIENT_*: CLIENT_DELETE uses crec.name only */
-    /* UPDATE: the parts of rec that changed (enum store_field); the row must still be
-     * rec.id's. A backend may write the rest too when no other writer can exist. */
+    /* UPDATE: the parts of rec to store (enum store_field); the row must still be rec.id's,
+     * and with has_base its destination still base's when the destination is to change.
+     * A backend may write the rest too when no other writer can exist. */
     unsigned fields;
+    bool has_base;
+    struct mapping_record base;
     /* Set by store.c: the backend calls it exactly once, then never touches op again. */
     void (*complete)(struct store_op *op, enum store_result r);
     /* Free for the backend while it holds op. */

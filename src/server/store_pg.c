@@ -569,10 +569,11 @@ static enum store_result pg_changed(PGresult *res)
 struct pg_stmt {
     const char *sql;
     int n;
-    const char *v[13];
+    const char *v[18];
     ExecStatusType want;
     const char *what;
     struct pg_map_params mp;
+    struct pg_map_params base; /* UPDATE: the record the change was made from */
     char num[3][24];
     int64_t now;
 };
@@ -610,10 +611,13 @@ static void pg_stmt_build(struct pg_stmt *s, const struct store_op *op)
                  "rate_limit = $11, enabled = $12 WHERE port = $1 RETURNING id, created_at";
         return;
     case STORE_OP_UPDATE: {
-        /* Only the parts this node changed are written ($12, enum store_field), and only
-         * to the row this node knows ($13, its id): another node may have changed the
-         * rest meanwhile, or removed the mapping and created the port anew. RETURNING
-         * gives the row as it now is, both changes in it. */
+        /* Only the named and changed parts are written ($12, enum store_field): another
+         * node may have changed the rest meanwhile. cur locks the row of the port and says
+         * whether this write still fits it: the mapping this node knows ($13, its id),
+         * and, when the destination is to change, the destination it was made from
+         * ($14-$17; $18 false skips that check). No row: removed (STORE_NOT_FOUND); a row
+         * that does not fit: STORE_CONFLICT, nothing written; else the row as it now
+         * is, both nodes' changes in it. */
         pg_map_params(&s->mp, rec, rec->created_at);
         const int order[11] = {0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11};
         for (int i = 0; i < 11; i++)
@@ -622,10 +626,20 @@ static void pg_stmt_build(struct pg_stmt *s, const struct store_op *op)
         snprintf(s->num[1], sizeof(s->num[1]), "%" PRId64, rec->id);
         s->v[11] = s->num[0];
         s->v[12] = s->num[1];
-        s->n = 13;
+        pg_map_params(&s->base, &op->base, op->base.created_at);
+        s->v[13] = s->base.v[1];
+        s->v[14] = s->base.v[2];
+        s->v[15] = s->base.v[3];
+        s->v[16] = s->base.v[4];
+        s->v[17] = op->has_base && (op->fields & STORE_F_DEST) ? "t" : "f";
+        s->n = 18;
         s->want = PGRES_TUPLES_OK;
         s->what = "updating a mapping";
-        s->sql = "UPDATE mappings SET "
+        s->sql = "WITH cur AS (SELECT port, (id = $13::bigint OR $13::bigint = 0) AND "
+                 "(NOT $18::boolean OR (target_ip, target_port, use_tunnel, client) = "
+                 "($14::text, $15::int, $16::boolean, $17::text)) AS fits "
+                 "FROM mappings WHERE port = $1::int FOR UPDATE), "
+                 "upd AS (UPDATE mappings SET "
                  "target_ip = CASE WHEN $12::int & 1 <> 0 THEN $2::text ELSE target_ip END, "
                  "target_port = CASE WHEN $12::int & 1 <> 0 THEN $3::int ELSE target_port END, "
                  "use_tunnel = CASE WHEN $12::int & 1 <> 0 THEN $4::boolean ELSE use_tunnel END, "
@@ -638,8 +652,8 @@ static void pg_stmt_build(struct pg_stmt *s, const struct store_op *op)
                  "ELSE max_connections END, "
                  "rate_limit = CASE WHEN $12::int & 32 <> 0 THEN $10::bigint ELSE rate_limit END, "
                  "enabled = CASE WHEN $12::int & 64 <> 0 THEN $11::boolean ELSE enabled END "
-                 "WHERE port = $1::int AND ($13::bigint = 0 OR id = $13::bigint) "
-                 "RETURNING " PG_MAP_COLS;
+                 "WHERE port = (SELECT port FROM cur WHERE fits) RETURNING " PG_MAP_COLS ") "
+                 "SELECT upd.*, cur.fits FROM cur LEFT JOIN upd ON true";
         return;
     }
     case STORE_OP_DELETE:
@@ -667,23 +681,29 @@ static void pg_stmt_build(struct pg_stmt *s, const struct store_op *op)
                  "RETURNING id";
         return;
     case STORE_OP_CLIENT_UPDATE:
+        /* Only the client this node knows ($6, its id; 0: any): one removed and created
+         * anew elsewhere must not get the old one's hash as its previous token. */
         snprintf(s->num[0], sizeof(s->num[0]), "%" PRId64, c->prev_valid_until);
         snprintf(s->num[1], sizeof(s->num[1]), "%" PRId64, c->last_seen);
+        snprintf(s->num[2], sizeof(s->num[2]), "%" PRId64, c->id);
         s->v[0] = c->name;
         s->v[1] = c->token_hash;
         s->v[2] = c->prev_hash;
         s->v[3] = s->num[0];
         s->v[4] = s->num[1];
-        s->n = 5;
+        s->v[5] = s->num[2];
+        s->n = 6;
         s->what = "updating a client";
         s->sql = "UPDATE clients SET token_hash = $2, prev_hash = $3, prev_valid_until = $4, "
-                 "last_seen = $5 WHERE name = $1";
+                 "last_seen = $5 WHERE name = $1 AND ($6::bigint = 0 OR id = $6::bigint)";
         return;
     case STORE_OP_CLIENT_DELETE:
+        snprintf(s->num[0], sizeof(s->num[0]), "%" PRId64, c->id);
         s->v[0] = c->name;
-        s->n = 1;
+        s->v[1] = s->num[0];
+        s->n = 2;
         s->what = "deleting a client";
-        s->sql = "DELETE FROM clients WHERE name = $1";
+        s->sql = "DELETE FROM clients WHERE name = $1 AND ($2::bigint = 0 OR id = $2::bigint)";
         return;
     case STORE_OP_CLIENT_TOUCH:
         snprintf(s->num[0], sizeof(s->num[0]), "%" PRId64, c->last_seen);
@@ -704,14 +724,15 @@ static enum store_result pg_stmt_finish(struct store_op *op, const struct pg_stm
     case STORE_OP_INSERT:
     case STORE_OP_REPLACE:
         return pg_returned(res, &op->rec);
-    case STORE_OP_UPDATE:
-        if (PQntuples(res) != 1) {
-            PQclear(res);
-            return STORE_NOT_FOUND;
-        }
-        store_pg_read_mapping(res, 0, &op->rec);
+    case STORE_OP_UPDATE: {
+        enum store_result r = PQntuples(res) != 1                    ? STORE_NOT_FOUND
+                              : strcmp(PQgetvalue(res, 0, 13), "t") ? STORE_CONFLICT
+                                                                     : STORE_OK;
+        if (r == STORE_OK)
+            store_pg_read_mapping(res, 0, &op->rec);
         PQclear(res);
-        return STORE_OK;
+        return r;
+    }
     case STORE_OP_CLIENT_INSERT:
         if (PQntuples(res) == 1)
             op->crec.id = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
@@ -1230,6 +1251,18 @@ static void pgw_on_deadline(evutil_socket_t fd, short what, void *arg)
         return;
     if (head->deadline_ms > pg_now_ms()) {
         pgw_arm(pg); /* woke early (timer granularity) */
+        return;
+    }
+    if (pg->wstate == PGW_BUSY && pg->wstep == PGW_END && pg->wstmt_ok) {
+        /* Its COMMIT is on its way or done: dropping the connection cannot take it back
+         * (the server commits what it has read; a commit waiting for a synchronous
+         * standby stays committed locally). The head says so; the rest changed nothing. */
+        log_warn("store", "%s: a COMMIT got no answer within %d ms: that write may be "
+                          "stored; dropping the write connection", pg->where, PG_CALL_MS);
+        pgw_drop(pg);
+        pg_backoff(pg);
+        pgw_complete_head(pg, STORE_UNCONFIRMED);
+        pgw_fail_all(pg);
         return;
     }
     log_warn("store", "%s: a write got no answer within %d ms", pg->where, PG_CALL_MS);

@@ -25,6 +25,13 @@ enum store_result {
     STORE_DUPLICATE = -3,  /* port already stored */
     STORE_TOO_NEW = -4,    /* schema is newer than this binary knows */
     STORE_UNAVAILABLE = -5,/* the database did not answer in time (§7); nothing changed */
+    /* The statement succeeded and its COMMIT got no answer in time (§7): the write may be
+     * stored (a synchronous standby that is gone, a stalled server that wakes up). The
+     * resync after a failed write brings the outcome once the database tells it. */
+    STORE_UNCONFIRMED = -6,
+    /* The row changed meanwhile in a part this write was made from (another node's
+     * write, or the mapping removed and created anew); nothing changed. */
+    STORE_CONFLICT = -7,
 };
 
 struct mapping_record {

@@ -49,18 +49,20 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         abort();
     /* Update: the body applied onto a stored record (one on the port it names). */
     int uport = 0;
-    e = mapping_request_parse_update(&fuzz_cfg, (const char *)data, size, &uport, NULL, msg,
-                                     sizeof(msg));
+    e = mapping_request_parse_update(&fuzz_cfg, (const char *)data, size, &uport, NULL, NULL,
+                                     msg, sizeof(msg));
     if (e == API_OK) {
         struct mapping_record cur;
         memset(&cur, 0, sizeof(cur));
         cur.port = cur.target_port = uport;
         strcpy(cur.target_ip, "127.0.0.1");
         cur.enabled = 1;
+        unsigned named = 0;
         e = mapping_request_parse_update(&fuzz_cfg, (const char *)data, size, &uport, &cur,
-                                         msg, sizeof(msg));
+                                         &named, msg, sizeof(msg));
         if (e == API_OK && (cur.port != uport || cur.target_port < 1 ||
-                            memchr(cur.allow_from, 0, sizeof(cur.allow_from)) == NULL))
+                            memchr(cur.allow_from, 0, sizeof(cur.allow_from)) == NULL ||
+                            (named & ~(unsigned)STORE_F_ALL) != 0))
             abort();
     }
     if (e != API_OK && (api_error_status(e) < 400 || !msg[0]))

@@ -414,3 +414,39 @@ def test_a_client_removed_and_created_again_elsewhere_loses_its_sessions(
             return fr is not None and json.loads(fr[1]).get("ok") is True
     assert hello_ok(new)
     assert not hello_ok(old)
+
+
+def test_a_rotate_on_a_node_behind_a_re_creation_is_404(pg, server_factory):  # noqa: F811
+    """Another node removed a client and created another of the same name; this node has
+    not read that yet when it is asked to rotate the client. The rotate answers 404 and
+    writes nothing: it used to make the removed client's token the new client's
+    previous one (accepted for the grace period) and replace the new client's token."""
+    import hashlib
+    import json
+    import socket
+    from sec_helpers import hello, read_frame
+    a = node(server_factory, pg, "a", "127.0.0.2")
+    a.wait_log("listening for changes from other nodes", timeout=10)
+
+    def hello_ok(token):
+        with socket.create_connection(("127.0.0.2", a.tunnel_port), timeout=10) as c:
+            c.sendall(hello("api-edge", token))
+            fr = read_frame(c, 10)
+            return fr is not None and json.loads(fr[1]).get("ok") is True
+
+    status, _, body = a.api("POST", "/api/client/create", body={"name": "api-edge"})
+    assert status == 201, body
+    old = body["data"]["token"]
+    new = "new-" + os.urandom(16).hex()
+    digest = hashlib.sha256(new.encode()).hexdigest()
+    with TableLock(pg, "mappings"):  # a's read of the change waits behind the lock
+        pg.psql("BEGIN; DELETE FROM clients WHERE name = 'api-edge'; "
+                "INSERT INTO clients (name, token_hash, created_at) "
+                f"VALUES ('api-edge', '{digest}', 1); COMMIT")
+        status, _, body = a.api("POST", "/api/client/rotate",
+                                body={"name": "api-edge", "grace_s": 300})
+        assert status == 404 and body["error"] == "not_found", (status, body)
+        assert pg.psql("SELECT token_hash, prev_hash FROM clients WHERE name = 'api-edge'") \
+            == [[digest, ""]]
+    wait_until(lambda: hello_ok(new), timeout=10, desc="the new client's token works on a")
+    assert not hello_ok(old)

@@ -86,7 +86,7 @@ def test_path_and_url_together_is_a_config_error(pg, server_factory):  # noqa: F
     srv.write_config()
     srv.proc.start()
     assert srv.proc.wait(10) == 2
-    assert "must start with postgres://" in srv.log_text()
+    assert "must be a postgres:// or postgresql:// URL" in srv.log_text()
 
 
 def test_env_url_overrides_the_file(pg, server_factory, tmp_path, echo_backend):  # noqa: F811
@@ -102,7 +102,16 @@ def test_env_url_overrides_the_file(pg, server_factory, tmp_path, echo_backend):
     bad = Proc([SERVER_BIN, "--config", srv.config_path], tmp_path / "bad.log",
                env=dict(os.environ, PORTMUX_DATABASE_URL="file:///tmp/x.db")).start()
     assert bad.wait(10) == 2
-    assert "PORTMUX_DATABASE_URL must start with postgres://" in bad.log_text()
+    assert "PORTMUX_DATABASE_URL must be a postgres:// or postgresql:// URL" in bad.log_text()
+    # One libpq cannot parse is refused the same way, and its password never reaches the
+    # log (libpq's own message quotes the whole URL).
+    for url in ("postgres://u:SECRETPW@[zz/x", "postgres://u:SEC%zzRETPW@127.0.0.1/db"):
+        bad = Proc([SERVER_BIN, "--config", srv.config_path], tmp_path / "bad2.log",
+                   env=dict(os.environ, PORTMUX_DATABASE_URL=url)).start()
+        assert bad.wait(10) == 2, bad.log_text()
+        assert "PORTMUX_DATABASE_URL must be a postgres:// or postgresql:// URL" in \
+            bad.log_text()
+        assert "SECRETPW" not in bad.log_text() and "RETPW" not in bad.log_text()
 
 
 def test_nodes_starting_together_migrate_once(pg, server_factory):  # noqa: F811
@@ -511,6 +520,68 @@ def test_updates_of_different_fields_on_two_nodes_both_stay(pg, server_factory):
     assert healthy(a) and healthy(b)
 
 
+def test_an_update_stores_what_it_names_where_the_node_is_behind(pg, server_factory):  # noqa: F811
+    """Another node disables a mapping while this node, which still has it enabled, is
+    asked to enable it: this node's write comes later and the mapping ends enabled, as
+    the request said. A write of only what differed from this node's copy stored nothing
+    and left the mapping disabled behind a 200 that said enabled."""
+    a = pg_node(server_factory, pg, name="a")
+    a.wait_log("listening for changes from other nodes", timeout=10)
+    port = free_port()
+    a.create_ok(port=port, target_ip="192.0.2.1", target_port=80)
+    disable = OpenTransaction(pg, f"UPDATE mappings SET enabled = false WHERE port = {port}")
+    try:
+        enable = Worker(lambda: a.api("POST", "/api/mapping/update",
+                                      body={"port": port, "enabled": True}))
+        enable.start()
+        time.sleep(0.4)  # a's UPDATE waits on the row
+        disable.commit()
+        status, _, body = enable.join_result(10)
+    finally:
+        disable.rollback()
+    assert status == 200 and body["data"]["enabled"] is True, (status, body)
+    assert pg.psql(f"SELECT enabled FROM mappings WHERE port = {port}") == [["t"]]
+    time.sleep(1)  # a reads the table again after its write: it must stay enabled
+    assert a.mapping(port)["status"] == "listening", a.mapping(port)
+    with connect(port):
+        pass
+
+
+def test_a_destination_changed_meanwhile_is_503_and_nothing_changes(pg, server_factory):  # noqa: F811
+    """The destination (target_ip, target_port, use_tunnel, client) is checked as one:
+    this node changes target_port while another node changes target_ip. Writing this
+    node's whole destination would undo the other change; half of it could pair fields
+    nobody checked together. So the later write answers 503 store_unavailable ("changed
+    by another node meanwhile"), stores nothing, and this node catches up."""
+    a = pg_node(server_factory, pg, name="a")
+    a.wait_log("listening for changes from other nodes", timeout=10)
+    port = free_port()
+    a.create_ok(port=port, target_ip="192.0.2.1", target_port=80)
+    other = OpenTransaction(pg, f"UPDATE mappings SET target_ip = '192.0.2.7' "
+                                f"WHERE port = {port}")
+    try:
+        upd = Worker(lambda: a.api("POST", "/api/mapping/update",
+                                   body={"port": port, "target_port": 8080}))
+        upd.start()
+        time.sleep(0.4)
+        other.commit()
+        status, _, body = upd.join_result(10)
+    finally:
+        other.rollback()
+    assert status == 503 and body["error"] == "store_unavailable", (status, body)
+    assert "changed by another node meanwhile" in body["message"], body
+    assert pg.psql(f"SELECT target_ip, target_port FROM mappings WHERE port = {port}") == \
+        [["192.0.2.7", "80"]]
+    wait_until(lambda: a.mapping(port)["target_ip"] == "192.0.2.7", timeout=10,
+               desc="a catches up with the other change")
+    # Tried again, the update applies to what is stored now.
+    status, _, body = a.api("POST", "/api/mapping/update",
+                            body={"port": port, "target_port": 8080})
+    assert status == 200, body
+    assert pg.psql(f"SELECT target_ip, target_port FROM mappings WHERE port = {port}") == \
+        [["192.0.2.7", "8080"]]
+
+
 def test_update_made_on_a_disabled_copy_binds_when_another_node_enabled(
         pg, server_factory):  # noqa: F811
     """A node renames a mapping it knows as disabled while another node enables it: the
@@ -569,6 +640,36 @@ def test_remove_and_create_again_elsewhere_ends_the_old_connections(
         s.close()
     echo_ok(port)
     assert a.wait_log(f"port {port} removed and created anew by another node")
+
+
+def test_a_commit_left_unanswered_says_the_write_may_be_stored(pg, server_factory):  # noqa: F811
+    """The COMMIT of a create gets no answer within the node's deadline (here a deferred
+    trigger that sleeps 3 s at commit; in life a synchronous standby that is gone, or a
+    stalled server): the answer is 503 store_unavailable within 2 s, and it says the
+    mapping may be stored, because dropping the connection cannot take a COMMIT back.
+    It was: the node then reads it back and listens. The old answer, "database error",
+    said nothing of the kind."""
+    a = pg_node(server_factory, pg, name="a")
+    a.wait_log("listening for changes from other nodes", timeout=10)
+    port = free_port()
+    pg.psql("CREATE FUNCTION slow_commit() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(3); "
+            "RETURN NULL; END $$ LANGUAGE plpgsql")
+    pg.psql("CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON mappings "
+            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+            f"WHEN (NEW.port = {port}) EXECUTE FUNCTION slow_commit()")
+    t0 = time.monotonic()
+    status, _, body = a.api("POST", "/api/mapping/create",
+                            body={"port": port, "target_ip": "192.0.2.1", "target_port": 80})
+    took = time.monotonic() - t0
+    assert status == 503 and body["error"] == "store_unavailable", (status, body)
+    assert "may be stored" in body["message"], body
+    assert took < 2.5, took
+    wait_until(lambda: (a.mapping(port) or {}).get("status") == "listening", timeout=20,
+               desc="a reads the stored mapping back and listens")
+    assert pg.psql(f"SELECT count(*) FROM mappings WHERE port = {port}") == [["1"]]
+    with connect(port):
+        pass
+    assert healthy(a)
 
 
 def test_port0_creates_on_two_nodes_at_once_both_succeed(pg, server_factory):  # noqa: F811

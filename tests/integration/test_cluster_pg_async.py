@@ -177,8 +177,10 @@ class RowLock:
 
 
 def write_waits_on_lock(pg, table="mappings"):  # noqa: F811
+    """The node's write connection waits on a lock in a statement that changes table."""
     return pg.psql("SELECT count(*) FROM pg_stat_activity WHERE "
-                   f"query LIKE 'UPDATE {table}%' AND wait_event_type = 'Lock'") == [["1"]]
+                   "application_name = 'portmux-store' AND wait_event_type = 'Lock' AND "
+                   f"query ~ '(UPDATE|DELETE FROM) {table} '") == [["1"]]
 
 
 def raw_update(node, port, name):

@@ -761,7 +761,7 @@ static void test_async_sqlite(void)
     struct mapping_record u = a;
     snprintf(u.name, sizeof(u.name), "renamed");
     memset(&s, 0, sizeof(s));
-    store_mapping_update_async(st, &a, &u, async_mapping_done, &s);
+    store_mapping_update_async(st, &a, &u, 0, async_mapping_done, &s);
     memset(&u, 0, sizeof(u));
     CHECK(s.calls == 1 && s.r == STORE_OK);
     CHECK(sql_int(path, "SELECT count(*) FROM mappings WHERE name = 'renamed'") == 1);
@@ -812,10 +812,10 @@ static void test_async_sqlite(void)
     store_client_touch_async(st, "nobody", 1, async_client_done, &s);
     CHECK(s.calls == 1 && s.r == STORE_NOT_FOUND);
     memset(&s, 0, sizeof(s));
-    store_client_delete_async(st, "a/b", async_client_done, &s);
+    store_client_delete_async(st, "a/b", 0, async_client_done, &s);
     CHECK(s.calls == 1 && s.r == STORE_NOT_FOUND);
     memset(&s, 0, sizeof(s));
-    store_client_delete_async(st, "edge", async_client_done, &s);
+    store_client_delete_async(st, "edge", 0, async_client_done, &s);
     CHECK(s.calls == 1 && s.r == STORE_OK && !s.had_rec);
     store_fail_pending(st); /* nothing queued: a no-op */
     store_close(st);
