@@ -9,6 +9,7 @@
 #include <openssl/x509v3.h>
 
 #include "netaddr.h"
+#include "regular_file.h"
 #include "tls_bev.h"
 #include "tls_error.h"
 
@@ -42,6 +43,18 @@ SSL_CTX *client_tls_ctx_new(const char *ca, const char *cert, const char *key, c
     if (tls_bev_ctx_defaults(ctx) != 0)
         return tls_ctx_fail(ctx, err, errlen, "", "cannot set the TLS ciphers", "");
     SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+    /* OpenSSL would block reading a FIFO named here: refuse what is not a file first. */
+    const struct {
+        const char *flag, *path;
+    } files[] = {{"--ca", ca}, {"--cert", cert}, {"--key", key}};
+    for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++) {
+        const char *why = files[i].path ? regular_file_check(files[i].path) : NULL;
+        if (why) {
+            snprintf(err, errlen, "cannot load %s %s: %s", files[i].flag, files[i].path, why);
+            SSL_CTX_free(ctx);
+            return NULL;
+        }
+    }
     if (ca) {
         if (SSL_CTX_load_verify_locations(ctx, ca, NULL) != 1)
             return tls_ctx_fail(ctx, err, errlen, "", "cannot load --ca", ca);

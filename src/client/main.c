@@ -22,6 +22,7 @@
 #include "netaddr.h"
 #include "nodes.h"
 #include "status.h"
+#include "token_text.h"
 #include "tunnel_client.h"
 
 #define CLIENT_EXIT_OK 0
@@ -231,6 +232,19 @@ static int check_args(struct client_args *a, const char *server)
         a->token = getenv("PORTMUX_TOKEN");
     if (!a->token || !a->token[0]) {
         fprintf(stderr, "portmux-client: --token is required (or PORTMUX_TOKEN)\n");
+        return -1;
+    }
+    if (!token_text_ok(a->token)) {
+        fprintf(stderr, "portmux-client: the token (--token or PORTMUX_TOKEN) must be "
+                        "printable ASCII without spaces (a trailing newline?)\n");
+        return -1;
+    }
+    if (a->heartbeat_timeout <= a->heartbeat_interval) {
+        /* The server refuses the same in its config: a timeout within one interval
+         * drops a healthy session between two KeepAlives. */
+        fprintf(stderr, "portmux-client: --heartbeat-timeout (%d) must be greater than "
+                        "--heartbeat-interval (%d)\n", a->heartbeat_timeout,
+                a->heartbeat_interval);
         return -1;
     }
     if (!a->name[0] || strlen(a->name) > 64) {

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "ctl.h"
+#include "token_text.h"
 
 #define CTL_DEFAULT_API "http://127.0.0.1:8080"
 #define CTL_DEFAULT_TIMEOUT 10
@@ -79,6 +80,11 @@ static int ctl_parse_globals(int argc, char **argv, struct ctl_opts *o)
             ctl_usage(stderr);
             return CTL_USAGE;
         }
+    }
+    if (!token_text_ok(o->token)) {
+        fprintf(stderr, "portmux-ctl: the token (--token or PORTMUX_API_TOKEN) must be "
+                        "printable ASCII without spaces (a trailing newline?)\n");
+        return CTL_USAGE;
     }
     return CTL_OK;
 }

@@ -601,6 +601,23 @@ static struct clients_entry *cl_find_config(const struct clients_registry *reg, 
  * A kept config client keeps its counters and last_seen; a changed token replaces the old
  * one at once (no grace: the file is the only copy), while its live session stays, as
  * after a rotate. */
+/* A config client is gone: a stored client of that name, shadowed until now, serves
+ * again (it would otherwise be neither listed nor creatable until a restart). SQLite
+ * answers at once; a cluster's store is not read on the loop, and its next resync (at most
+ * CSYNC_RESYNC_S later) brings the row in as one created by another node. */
+static void cl_unshadow(struct clients_registry *reg, const char *name)
+{
+    struct client_record rec;
+    if (!reg->store || store_writes_async(reg->store) ||
+        store_client_get(reg->store, name, &rec) != STORE_OK)
+        return;
+    size_t before = reg->len;
+    cl_load_stored(&rec, reg);
+    if (reg->len > before)
+        log_info(CL_MOD, "stored client \"%s\" is no longer shadowed by the config", name);
+    OPENSSL_cleanse(&rec, sizeof(rec));
+}
+
 int clients_reload_config(struct clients_registry *reg, const struct config *cfg,
                           void (*removed)(const char *name, void *arg), void *arg)
 {
@@ -649,6 +666,7 @@ int clients_reload_config(struct clients_registry *reg, const struct config *cfg
         log_info(CL_MOD, "tunnel client \"%s\" removed from the config", old_v[i].name);
         if (removed)
             removed(old_v[i].name, arg);
+        cl_unshadow(reg, old_v[i].name);
     }
     OPENSSL_cleanse(old_v, old_cap * sizeof(*old_v));
     free(old_v);

@@ -19,9 +19,12 @@
 #include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <libpq-fe.h>
 #include <yaml.h>
 
 #include "client_name.h"
+#include "regular_file.h"
+#include "token_text.h"
 
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -548,10 +551,21 @@ static int parse_client_name(struct loader *ld, const struct field *f, void *bas
     return 0;
 }
 
+/* A token with a space or control character in it (a newline a secret file ended with)
+ * would never match what the peer sends. */
+static int parse_token(struct loader *ld, const struct field *f, void *base)
+{
+    if (parse_str(ld, f, base) != 0)
+        return -1;
+    if (!token_text_ok(*FIELD_PTR(char *, base, f)))
+        return fail(ld, "must be printable ASCII without spaces (a trailing newline?)");
+    return 0;
+}
+
 /* A short token is guessable; "change-me" and friends are refused outright. */
 static int parse_client_token(struct loader *ld, const struct field *f, void *base)
 {
-    if (parse_str(ld, f, base) != 0)
+    if (parse_token(ld, f, base) != 0)
         return -1;
     if (strlen(*FIELD_PTR(char *, base, f)) < CLIENT_TOKEN_MIN_CONFIG)
         return fail(ld, "must be at least %d characters", CLIENT_TOKEN_MIN_CONFIG);
@@ -664,7 +678,7 @@ static const struct field tunnel_fields[] = {
 static const struct field api_fields[] = {
     KEY("listen_addr", parse_addr, api_listen_addr, MARK_NONE),
     INT_KEY("listen_port", api_listen_port, 0, 65535, MARK_NONE),
-    KEY("token", parse_str, api_token, MARK_NONE),
+    KEY("token", parse_token, api_token, MARK_NONE),
     KEY("allowed_ips", parse_cidrs, allowed_ips, MARK_NONE),
     KEY("allowed_hosts", parse_hosts, allowed_hosts, MARK_NONE),
     INT_KEY("max_connections", api_max_connections, 1, CONFIG_MAX_COUNT, MARK_NONE),
@@ -785,9 +799,15 @@ static int tls_no_password(char *buf, int size, int rwflag, void *u)
 /* Opens a file named by a TLS key; a failure is reported as the shell would (errno). */
 static FILE *tls_open(struct loader *ld, enum config_mark m, const char *key, const char *path)
 {
-    FILE *f = fopen(path, "re");
+    const char *why = NULL;
+    int fd = regular_file_open(path, &why);
+    FILE *f = fd >= 0 ? fdopen(fd, "r") : NULL;
+    if (fd >= 0 && !f) {
+        why = strerror(errno);
+        close(fd);
+    }
     if (!f)
-        fail_file(ld, m, key, strerror(errno), path);
+        fail_file(ld, m, key, why, path);
     return f;
 }
 
@@ -856,7 +876,8 @@ static int validate_database(struct loader *ld)
                          "database.path and database.url are both set; keep one");
     if (!config_db_url_ok(c->db_url))
         return fail_mark(ld, MARK_DB_URL, "database.url",
-                         "must start with postgres:// or postgresql://");
+                         "must be a postgres:// or postgresql:// URL that libpq can parse "
+                         "(check its percent-escapes and brackets)");
     return 0;
 }
 
@@ -892,8 +913,10 @@ static int load_events(struct loader *ld)
 {
     if (next_event(ld) != 0 || next_event(ld) != 0)
         return -1;
-    if (ld->ev.type == YAML_STREAM_END_EVENT)
-        return validate(ld); /* empty file, or only comments */
+    if (ld->ev.type == YAML_STREAM_END_EVENT) {
+        ld->cfg->empty_document = true; /* empty file, or only comments */
+        return validate(ld);
+    }
     if (next_event(ld) != 0)
         return -1;
     if (ld->ev.type == YAML_MAPPING_START_EVENT) {
@@ -902,6 +925,8 @@ static int load_events(struct loader *ld)
     } else if (!ev_is_null(ld)) {
         return fail_at(ld, ev_line(ld), "(root)", "top level must be a mapping, got %s",
                        ev_kind(ld));
+    } else {
+        ld->cfg->empty_document = true;
     }
     if (next_event(ld) != 0 || next_event(ld) != 0) /* document-end, then what follows */
         return -1;
@@ -940,17 +965,16 @@ int config_load_string(struct config *cfg, const char *yaml, size_t len, const c
     return config_load_mem(cfg, yaml, len, name, false, err, errlen);
 }
 
-/* Reads the whole file; returns 0, or an errno value. */
-static int read_whole_file(const char *path, char **out, size_t *outlen)
+/* Reads the whole file; returns 0, or -1 with *why set (a static message). */
+static int read_whole_file(const char *path, char **out, size_t *outlen, const char **why)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = regular_file_open(path, why);
     if (fd < 0)
-        return errno;
-    struct stat st;
-    int rc = fstat(fd, &st) != 0 ? errno : S_ISDIR(st.st_mode) ? EISDIR : 0;
+        return -1;
+    int rc = 0;
     size_t len = 0, cap = 4096;
-    char *buf = rc == 0 ? malloc(cap) : NULL;
-    if (rc == 0 && buf == NULL)
+    char *buf = malloc(cap);
+    if (buf == NULL)
         rc = ENOMEM;
     while (rc == 0) {
         if (len == cap) {
@@ -972,7 +996,8 @@ static int read_whole_file(const char *path, char **out, size_t *outlen)
     close(fd);
     if (rc != 0) {
         free(buf);
-        return rc;
+        *why = strerror(rc);
+        return -1;
     }
     *out = buf;
     *outlen = len;
@@ -983,15 +1008,15 @@ int config_load_file(struct config *cfg, const char *path, char *err, size_t err
 {
     char *buf = NULL;
     size_t len = 0;
-    int rc = read_whole_file(path, &buf, &len);
-    if (rc != 0) {
+    const char *why = NULL;
+    if (read_whole_file(path, &buf, &len, &why) != 0) {
         if (err != NULL && errlen > 0) {
-            snprintf(err, errlen, "%s: cannot read: %s", path, strerror(rc));
+            snprintf(err, errlen, "%s: cannot read: %s", path, why);
             sanitize_line(err);
         }
         return -1;
     }
-    rc = config_load_mem(cfg, buf, len, path, true, err, errlen);
+    int rc = config_load_mem(cfg, buf, len, path, true, err, errlen);
     free(buf);
     return rc;
 }
@@ -1041,7 +1066,15 @@ int config_init_defaults(struct config *cfg)
 
 bool config_db_url_ok(const char *url)
 {
-    return strncmp(url, "postgres://", 11) == 0 || strncmp(url, "postgresql://", 13) == 0;
+    if (strncmp(url, "postgres://", 11) != 0 && strncmp(url, "postgresql://", 13) != 0)
+        return false;
+    /* Parsed here, where the error can be told without the URL: libpq's own message
+     * about a malformed one quotes it, password and all, and it would reach the log. */
+    char *msg = NULL;
+    PQconninfoOption *opts = PQconninfoParse(url, &msg);
+    PQfreemem(msg);
+    PQconninfoFree(opts);
+    return opts != NULL;
 }
 
 bool config_port_allowed(const struct config *cfg, int port)

@@ -65,6 +65,11 @@ struct config {
 
     /* log */
     enum log_level log_level;    /* default info */
+
+    /* Set by a load whose document set nothing (an empty file, only comments, a null
+     * document): at start that means the defaults; a reload refuses it (a truncated
+     * write must not reset the running server to them). */
+    bool empty_document;
 };
 
 /* Fills cfg with the defaults of SPEC §5. Strings are heap copies owned by cfg. */

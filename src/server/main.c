@@ -21,6 +21,7 @@
 #include "reload.h"
 #include "server.h"
 #include "store.h"
+#include "token_text.h"
 #include "tunnel_server.h"
 #include "forward.h"
 
@@ -105,8 +106,9 @@ static int apply_env(struct config *cfg)
     const char *url = getenv("PORTMUX_DATABASE_URL");
     if (url && *url) {
         if (!config_db_url_ok(url)) {
-            log_error("server", "PORTMUX_DATABASE_URL must start with postgres:// or "
-                                "postgresql://");
+            log_error("server", "PORTMUX_DATABASE_URL must be a postgres:// or "
+                                "postgresql:// URL that libpq can parse (check its "
+                                "percent-escapes and brackets)");
             return -2;
         }
         char *copy = strdup(url);
@@ -118,6 +120,11 @@ static int apply_env(struct config *cfg)
     const char *tok = getenv("PORTMUX_API_TOKEN");
     if (!tok || !*tok)
         return 0;
+    if (!token_text_ok(tok)) {
+        log_error("server", "PORTMUX_API_TOKEN must be printable ASCII without spaces (a "
+                            "trailing newline?)");
+        return -2;
+    }
     char *copy = strdup(tok);
     if (!copy)
         return -1;
@@ -313,6 +320,9 @@ int main(int argc, char **argv)
     struct event *sigint = NULL, *sigterm = NULL, *sighup = NULL;
     struct main_reload rl = {.srv = &srv};
     setvbuf(stderr, NULL, _IOLBF, 0);
+    /* A reload sent while the config is still being read (systemctl reload, logrotate)
+     * would end the process: ignored until the loop's handler takes the signal over. */
+    signal(SIGHUP, SIG_IGN);
     heap_tune_for_relay();
     if (config_init_defaults(&cfg) < 0)
         return 1;

@@ -78,6 +78,10 @@ static void reload_restart_keys(const struct config *cur, const struct config *n
          reload_str_changed(cur->cluster_node_name, next->cluster_node_name)},
         {"cluster.advertise",
          reload_str_changed(cur->cluster_advertise, next->cluster_advertise)},
+        /* Every listener would move; one address for old mappings and another for new
+         * ones would be a surprise. */
+        {"mappings.bind_addr",
+         reload_str_changed(cur->mappings_bind_addr, next->mappings_bind_addr)},
     };
     buf[0] = '\0';
     for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
@@ -157,6 +161,11 @@ static void reload_apply_live(struct config *cur, struct config *next, bool leve
          next->max_streams_per_client},
         {"tunnel.connect_timeout", &cur->connect_timeout, next->connect_timeout},
         {"tunnel.hello_timeout", &cur->hello_timeout, next->hello_timeout},
+        /* These three apply to connections and sessions that start after the reload. */
+        {"tunnel.max_pending", &cur->tunnel_max_pending, next->tunnel_max_pending},
+        {"tunnel.takeover_probe_ms", &cur->takeover_probe_ms, next->takeover_probe_ms},
+        {"tunnel.session_buffer_limit", &cur->session_buffer_limit,
+         next->session_buffer_limit},
         {"api.connection_timeout", &cur->api_connection_timeout, next->api_connection_timeout},
     };
     for (size_t i = 0; i < sizeof(ints) / sizeof(ints[0]); i++) {
@@ -198,6 +207,14 @@ int reload_config(struct server *srv, const char *path, bool level_pinned)
     }
     if (config_load_file(&next, path, err, sizeof(err)) < 0) {
         log_error(RELOAD_MOD, "reload failed, keeping the running config: %s", err);
+        config_free(&next);
+        return -1;
+    }
+    if (next.empty_document) {
+        /* A file caught while being written, or emptied by mistake: applying it would
+         * reset allowed_ips, the port range and the config's clients to the defaults. */
+        log_error(RELOAD_MOD, "reload refused, keeping the running config: %s sets "
+                  "nothing (empty, or only comments); to run on the defaults, restart", path);
         config_free(&next);
         return -1;
     }

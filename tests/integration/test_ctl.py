@@ -141,6 +141,18 @@ def test_token_from_flag_and_environment(server_factory):
     assert rc == 0 and json.loads(out)["count"] == 0, err
 
 
+def test_a_token_with_a_newline_is_a_usage_error(server_factory):
+    """A token read from a secret file often ends in a newline: it would never match, and
+    the ctl said "out of memory". It is a usage error (exit 2) that says why."""
+    token = "ctl-test-token-0123456789"
+    srv = server_factory(config={"api": {"token": token}})
+    rc, _, err = ctl(srv, "mapping", "list", token=token + "\n")
+    assert rc == 2 and "printable ASCII without spaces" in err, (rc, err)
+    env = {"PORTMUX_API_TOKEN": token + "\n"}
+    rc, _, err = ctl(srv, "mapping", "list", env_extra=env)
+    assert rc == 2 and "PORTMUX_API_TOKEN" in err, (rc, err)
+
+
 def test_client_list(server_factory):
     srv = server_factory(config={"tunnel": {"enabled": True}})
     rc, out, err = ctl(srv, "client", "list")

@@ -2,6 +2,7 @@
 create and update, warned about at restore), a mutual-TLS server refusing a client that
 has no certificate (exit 2, no retry), SIGHUP applying api.allowed_hosts and the config's
 tunnel clients, failed dials logged and shown per mapping (last_error)."""
+import os
 import re
 import secrets
 import subprocess
@@ -269,3 +270,39 @@ def test_hello_response_with_many_mappings_fits_one_frame(server_factory):
     body = json.loads(f[1])
     assert body["ok"] is True and 10 < len(body["mappings"]) < 150, len(body["mappings"])
     assert len(f[1]) <= 4096
+
+
+def test_client_refuses_bad_tokens_heartbeats_and_non_files(tmp_path):
+    """portmux-client checks what the server would refuse anyway, before connecting:
+    a token with a space or newline, a heartbeat timeout within one interval (the session
+    would drop between two KeepAlives), and a FIFO named by --ca (OpenSSL would block
+    reading it). Each is one line on stderr and exit 2, at once."""
+    port = free_port()  # nothing listens: nothing may be dialled
+    base = [CLIENT_BIN, "--server", f"127.0.0.1:{port}"]
+    env = {k: v for k, v in os.environ.items() if k != "PORTMUX_TOKEN"}
+    cases = [
+        (["--token", "tok-0123456789abcdef\n"], "printable ASCII without spaces"),
+        (["--token", "tok 0123456789abcdef"], "printable ASCII without spaces"),
+        (["--token", "tok-0123456789abcdef", "--heartbeat-interval", "10",
+          "--heartbeat-timeout", "5"], "must be greater than --heartbeat-interval"),
+    ]
+    fifo = tmp_path / "ca.fifo"
+    os.mkfifo(fifo)
+    cases.append((["--token", "tok-0123456789abcdef", "--tls", "--ca", str(fifo)],
+                  "not a regular file"))
+    for args, want in cases:
+        r = run_once(base + args, timeout=10, env=env)
+        err = r.stderr.decode()
+        assert r.returncode == 2 and want in err, (args, r.returncode, err)
+    r = run_once(base, timeout=10, env=dict(env, PORTMUX_TOKEN="tok-0123456789abcdef\n"))
+    assert r.returncode == 2 and "PORTMUX_TOKEN" in r.stderr.decode(), r.stderr
+
+
+def test_server_refuses_an_env_token_with_a_newline(server_factory):
+    """PORTMUX_API_TOKEN with a trailing newline (a secret file read as it is) would lock
+    every client out with 401s and nothing to say why: the server refuses to start."""
+    srv = server_factory(start=False)
+    srv.proc.env = dict(os.environ, PORTMUX_API_TOKEN="env-token-0123456789abcdef\n")
+    srv.proc.start()
+    assert srv.proc.wait(10) == 2, srv.log_tail()
+    assert "PORTMUX_API_TOKEN must be printable ASCII without spaces" in srv.log_text()

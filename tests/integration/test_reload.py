@@ -1,9 +1,11 @@
 """SIGHUP reloads the config (issue 17): the live keys apply at once, keys that need a
 restart are named in a warning and keep their running value, and a config that does not
 load is logged while the running one stays. The server never dies of a SIGHUP."""
+import os
 import signal
+import time
 
-from conftest import connect, free_port, to_yaml, wait_until
+from conftest import SERVER_BIN, Proc, connect, free_port, to_yaml, wait_until
 
 
 def reload(srv, config=None, text=None):
@@ -15,7 +17,7 @@ def reload(srv, config=None, text=None):
     srv.config_path.write_text(text + "\n")
     mark = srv.log_mark()
     srv.proc.send_signal(signal.SIGHUP)
-    srv.wait_log(r"reloaded |reload failed", after=mark)
+    srv.wait_log(r"reloaded |reload failed|reload refused", after=mark)
     assert srv.running(), f"server died on SIGHUP:\n{srv.log_tail()}"
     return srv.log_text()[mark:]
 
@@ -135,3 +137,110 @@ def test_env_token_is_not_a_changed_api_token(server_factory):
     assert srv.api("GET", "/api/mapping/list")[0] == 401
     assert srv.api("GET", "/api/mapping/list",
                    headers={"Authorization": f"Bearer {token}"})[0] == 200
+
+
+def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(server, tmp_path):
+    """A FIFO where the config or a TLS file should be: opening it for reading would
+    wait for a writer, with the whole server (reload runs on its loop) or its start-up
+    stuck. It is refused at once, like a directory."""
+    good = server.config_path.read_text()
+    server.config_path.unlink()
+    os.mkfifo(server.config_path)
+    try:
+        mark = server.log_mark()
+        server.proc.send_signal(signal.SIGHUP)
+        line = server.wait_log(r"reload failed.*", after=mark).group(0)
+        assert "not a regular file" in line, line
+        assert server.health()["status"] == "ok"
+        # At start: exit 2 with one line, not a process waiting forever.
+        p = Proc([SERVER_BIN, "--config", server.config_path], tmp_path / "fifo.log").start()
+        assert p.wait(10) == 2, p.log_text()
+        assert "not a regular file" in p.log_text()
+    finally:
+        server.config_path.unlink()
+        server.config_path.write_text(good)
+    fifo = tmp_path / "cert.fifo"
+    os.mkfifo(fifo)
+    log = reload(server, with_(server.config, "tunnel", enabled=True,
+                               tls={"cert_file": str(fifo), "key_file": str(fifo)}))
+    assert "reload failed" in log and "not a regular file" in log, log
+    assert server.health()["status"] == "ok"
+
+
+def test_an_empty_config_on_reload_is_refused(server):
+    """An empty file (caught mid-write, truncated by mistake) would put every key back to
+    its default: allowed_ips open again, the port range reset, config clients gone. A
+    reload refuses it and keeps the running config; at start an empty file still means
+    the defaults."""
+    reload(server, with_(server.config, "api", allowed_ips=["127.0.0.1/32"]))
+    for text in ("", "# only a comment\n", "---\n"):
+        log = reload(server, text=text)
+        assert "reload refused, keeping the running config" in log and "sets nothing" in log, \
+            (text, log)
+        assert "reloaded" not in log, log
+    # The running allowed_ips still stands: a peer outside it would be refused, and a
+    # later reload of the same list changes nothing.
+    log = reload(server, with_(server.config, "api", allowed_ips=["127.0.0.1/32"]))
+    assert "nothing changed that applies live" in log, log
+
+
+def test_tunnel_keys_apply_and_bind_addr_waits_for_a_restart(server):
+    """tunnel.max_pending, takeover_probe_ms and session_buffer_limit apply to what starts
+    after the reload; mappings.bind_addr would move every listener, so a restart is named
+    for it. They used to be dropped without a word."""
+    cfg = with_(server.config, "tunnel", max_pending=64, takeover_probe_ms=1500,
+                session_buffer_limit=32 * 1024 * 1024)
+    cfg = with_(cfg, "mappings", bind_addr="127.0.0.3")
+    log = reload(server, cfg)
+    live = [ln for ln in log.splitlines() if "reloaded" in ln]
+    assert live and all(k in live[0] for k in ("tunnel.max_pending", "tunnel.takeover_probe_ms",
+                                                "tunnel.session_buffer_limit")), log
+    warn = [ln for ln in log.splitlines() if " WARN " in ln]
+    assert len(warn) == 1 and "mappings.bind_addr" in warn[0] and "restart" in warn[0], log
+    port = free_port()
+    server.create_ok(port=port, target_ip="127.0.0.1", target_port=9)
+    with connect(port):
+        pass  # the running bind address still serves new mappings
+
+
+def test_a_stored_client_shadowed_by_the_config_comes_back_when_the_config_drops_it(
+        server_factory):
+    """An API client whose name a config client takes is shadowed; when a later reload
+    drops the config client, the stored one serves again at once (listed, rotatable).
+    It used to be neither listed nor creatable until a restart."""
+    srv = server_factory(config={"tunnel": {"enabled": True}})
+    status, _, body = srv.api("POST", "/api/client/create", body={"name": "c1"})
+    assert status == 201, body
+    shadow = with_(srv.config, "tunnel", clients=[{"name": "c1",
+                                                  "token": "config-token-0123456789"}])
+    log = reload(srv, shadow)
+    assert "shadowed" in log, log
+    plain = with_(srv.config, "tunnel", clients=[])
+    log = reload(srv, plain)
+    assert 'stored client "c1" is no longer shadowed' in log, log
+    clients = {c["name"]: c for c in srv.api("GET", "/api/clients")[2]["data"]["clients"]}
+    assert "c1" in clients and clients["c1"]["source"] == "api", clients
+    status, _, body = srv.api("POST", "/api/client/rotate", body={"name": "c1"})
+    assert status == 200, body
+
+
+def test_sighup_during_start_up_does_not_kill_the_server(server_factory):
+    """A reload sent while the config is still being read (systemctl reload during
+    start) used to end the process (SIGHUP's default) before the loop's handler was in
+    place. A config with many tunnel clients makes that read take a while."""
+    srv = server_factory(start=False)
+    srv.config.setdefault("tunnel", {})["clients"] = [
+        {"name": f"c{i}", "token": f"token-{i:06d}-0123456789abcdef"} for i in range(30000)]
+    srv.write_config()
+    srv.proc.start()
+    # Past exec and the dynamic loader (nothing can ignore a signal before main), and
+    # well inside the ~2 s the config takes to read.
+    time.sleep(0.3)
+    deadline = time.monotonic() + 0.8
+    while time.monotonic() < deadline and srv.proc.popen.poll() is None:
+        srv.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.05)
+    wait_until(lambda: "ready" in srv.log_text() or srv.proc.popen.poll() is not None,
+               timeout=60, desc="ready, or the end of the process")
+    assert srv.running(), f"exit {srv.proc.popen.poll()}: {srv.log_tail()}"
+    assert srv.health()["status"] == "ok"

@@ -94,7 +94,7 @@ static const char full_yaml[] =
     "api:\n"
     "  listen_addr: localhost\n"
     "  listen_port: 18080\n"
-    "  token: 'tok en'\n"
+    "  token: 'tok#en'\n"
     "  allowed_ips:\n"
     "    - 127.0.0.1\n"
     "    - 10.0.0.0/8\n"
@@ -126,7 +126,7 @@ static void check_full(const struct config *c)
     CHECK(c->max_streams_per_client == 50);
     CHECK(c->tunnel_max_pending == 7 && c->session_buffer_limit == 0);
     CHECK(strcmp(c->api_listen_addr, "localhost") == 0 && c->api_listen_port == 18080);
-    CHECK(strcmp(c->api_token, "tok en") == 0);
+    CHECK(strcmp(c->api_token, "tok#en") == 0);
     CHECK(c->allowed_ips_len == 3);
     CHECK(c->allowed_ips[0].family == AF_INET && c->allowed_ips[0].prefix == 32);
     CHECK(c->allowed_ips[1].family == AF_INET && c->allowed_ips[1].prefix == 8);
@@ -351,8 +351,23 @@ static const struct bad_case bad_cases[] = {
         "t.yaml:3: database.url: database.path and database.url are both set; keep one"),
     BAD("database:\n  url: postgres://u@h/db\n  path: /x.db\n",
         "t.yaml:3: database.path: database.path and database.url are both set"),
+    /* A token with a space or a control character never matches what a peer sends. */
+    BAD("api: {token: 'tok en-0123456789'}\n",
+        "t.yaml:1: api.token: must be printable ASCII without spaces (a trailing newline?)"),
+    BAD("api: {token: \"tok-0123456789abcdef\\n\"}\n",
+        "t.yaml:1: api.token: must be printable ASCII without spaces (a trailing newline?)"),
+    BAD("tunnel: {clients: [{name: a, token: \"tok-0123456789abcdef\\t\"}]}\n",
+        "t.yaml:1: tunnel.clients[0].token: must be printable ASCII without spaces"),
     BAD("database: {url: 'mysql://u@h/db'}\n",
-        "t.yaml:1: database.url: must start with postgres:// or postgresql://"),
+        "t.yaml:1: database.url: must be a postgres:// or postgresql:// URL that libpq can "
+        "parse (check its percent-escapes and brackets)"),
+    /* Malformed for libpq: refused here, where the message need not quote the password. */
+    BAD("database: {url: 'postgres://u:SECRETPW@[zz/x'}\n",
+        "t.yaml:1: database.url: must be a postgres:// or postgresql:// URL that libpq can "
+        "parse (check its percent-escapes and brackets)"),
+    BAD("database: {url: 'postgres://u:SEC%zzRETPW@h/db'}\n",
+        "t.yaml:1: database.url: must be a postgres:// or postgresql:// URL that libpq can "
+        "parse (check its percent-escapes and brackets)"),
     BAD("cluster: {node_name: 'a b'}\n",
         "t.yaml:1: cluster.node_name: must be at most 64 characters of A-Z a-z 0-9 . _ -"),
     BAD("cluster: {nodename: a}\n", "t.yaml:1: cluster.nodename: unknown key"),
@@ -444,7 +459,7 @@ static void test_files(void)
     CHECK(config_load_file(&c, "/nonexistent/portmux.yaml", err, sizeof(err)) == -1);
     CHECK(strcmp(err, "/nonexistent/portmux.yaml: cannot read: No such file or directory") == 0);
     CHECK(config_load_file(&c, "/", err, sizeof(err)) == -1);
-    CHECK(strcmp(err, "/: cannot read: Is a directory") == 0);
+    CHECK(strcmp(err, "/: cannot read: is a directory") == 0);
     check_defaults(&c, __LINE__);
 
     char path[] = "/tmp/test_config_XXXXXX";
