@@ -85,6 +85,12 @@ static int ctl_parse_url(const char *url, char *host, size_t hostlen, char *host
                  "API's host or through an SSH tunnel)", url);
         goto out;
     }
+    if (evhttp_uri_get_userinfo(uri)) {
+        /* Not echoed: it may hold a password, and the API takes none there. */
+        snprintf(err, errlen, "--api: a user or password in the URL is not used; give the "
+                 "token with --token or PORTMUX_API_TOKEN");
+        goto out;
+    }
     const char *h = evhttp_uri_get_host(uri);
     size_t hl = strlen(h);
     *port = evhttp_uri_get_port(uri) < 0 ? CTL_DEFAULT_PORT : evhttp_uri_get_port(uri);

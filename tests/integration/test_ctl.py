@@ -141,6 +141,14 @@ def test_token_from_flag_and_environment(server_factory):
     assert rc == 0 and json.loads(out)["count"] == 0, err
 
 
+def test_credentials_in_the_api_url_are_refused_and_not_echoed():
+    """A user and password in --api are not used (the API takes a bearer token): a usage
+    error that does not print them, where the "cannot reach" line used to."""
+    port = free_port()  # nothing listens there
+    rc, _, err = ctl(None, "health", api=f"http://user:SECRETPW@127.0.0.1:{port}")
+    assert rc == 2 and "--token" in err and "SECRETPW" not in err, (rc, err)
+
+
 def test_a_token_with_a_newline_is_a_usage_error(server_factory):
     """A token read from a secret file often ends in a newline: it would never match, and
     the ctl said "out of memory". It is a usage error (exit 2) that says why."""
