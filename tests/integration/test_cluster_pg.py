@@ -456,23 +456,36 @@ def test_long_stall_reconnects_and_resyncs(pg, server_factory, echo_backend):  #
     echo_ok(port, host="127.0.0.2")
 
 
-def test_update_of_a_mapping_removed_elsewhere_is_404(pg, server_factory):  # noqa: F811
-    """Another node's remove commits while this node's update of the same mapping waits on
-    the row: the update answers 404 not_found, not a 500 internal_error."""
+def node_with_a_mapping(server_factory, pg, **fields):  # noqa: F811
+    """Node a, listening for changes, with one mapping (fields); returns (a, port)."""
     a = pg_node(server_factory, pg, name="a")
     a.wait_log("listening for changes from other nodes", timeout=10)
     port = free_port()
-    a.create_ok(port=port, target_ip="192.0.2.1", target_port=80)
-    remove = OpenTransaction(pg, f"DELETE FROM mappings WHERE port = {port}")
+    a.create_ok(port=port, **fields)
+    return a, port
+
+
+def update_behind(node, pg, other_sql, body):  # noqa: F811
+    """node's update (body) waits on the mapping's row while another writer's open
+    transaction (other_sql) holds it; the other commits first. Returns (status, reply)."""
+    other = OpenTransaction(pg, other_sql)
     try:
-        update = Worker(lambda: a.api("POST", "/api/mapping/update",
-                                      body={"port": port, "name": "x"}))
+        update = Worker(lambda: node.api("POST", "/api/mapping/update", body=body))
         update.start()
-        time.sleep(0.4)  # the UPDATE waits on the row the DELETE holds
-        remove.commit()
-        status, _, body = update.join_result(10)
+        time.sleep(0.4)  # the node's statement is waiting on the row by now
+        other.commit()
+        status, _, reply = update.join_result(10)
     finally:
-        remove.rollback()
+        other.rollback()
+    return status, reply
+
+
+def test_update_of_a_mapping_removed_elsewhere_is_404(pg, server_factory):  # noqa: F811
+    """Another node's remove commits while this node's update of the same mapping waits on
+    the row: the update answers 404 not_found, not a 500 internal_error."""
+    a, port = node_with_a_mapping(server_factory, pg, target_ip="192.0.2.1", target_port=80)
+    status, body = update_behind(a, pg, f"DELETE FROM mappings WHERE port = {port}",
+                                 {"port": port, "name": "x"})
     assert status == 404 and body["error"] == "not_found", (status, body)
     wait_until(lambda: a.mapping(port) is None, timeout=15, desc="a forgets the mapping")
     assert healthy(a)
@@ -525,20 +538,9 @@ def test_an_update_stores_what_it_names_where_the_node_is_behind(pg, server_fact
     asked to enable it: this node's write comes later and the mapping ends enabled, as
     the request said. A write of only what differed from this node's copy stored nothing
     and left the mapping disabled behind a 200 that said enabled."""
-    a = pg_node(server_factory, pg, name="a")
-    a.wait_log("listening for changes from other nodes", timeout=10)
-    port = free_port()
-    a.create_ok(port=port, target_ip="192.0.2.1", target_port=80)
-    disable = OpenTransaction(pg, f"UPDATE mappings SET enabled = false WHERE port = {port}")
-    try:
-        enable = Worker(lambda: a.api("POST", "/api/mapping/update",
-                                      body={"port": port, "enabled": True}))
-        enable.start()
-        time.sleep(0.4)  # a's UPDATE waits on the row
-        disable.commit()
-        status, _, body = enable.join_result(10)
-    finally:
-        disable.rollback()
+    a, port = node_with_a_mapping(server_factory, pg, target_ip="192.0.2.1", target_port=80)
+    status, body = update_behind(a, pg, "UPDATE mappings SET enabled = false "
+                                 f"WHERE port = {port}", {"port": port, "enabled": True})
     assert status == 200 and body["data"]["enabled"] is True, (status, body)
     assert pg.psql(f"SELECT enabled FROM mappings WHERE port = {port}") == [["t"]]
     time.sleep(1)  # a reads the table again after its write: it must stay enabled
@@ -553,21 +555,9 @@ def test_a_destination_changed_meanwhile_is_503_and_nothing_changes(pg, server_f
     node's whole destination would undo the other change; half of it could pair fields
     nobody checked together. So the later write answers 503 store_unavailable ("changed
     by another node meanwhile"), stores nothing, and this node catches up."""
-    a = pg_node(server_factory, pg, name="a")
-    a.wait_log("listening for changes from other nodes", timeout=10)
-    port = free_port()
-    a.create_ok(port=port, target_ip="192.0.2.1", target_port=80)
-    other = OpenTransaction(pg, f"UPDATE mappings SET target_ip = '192.0.2.7' "
-                                f"WHERE port = {port}")
-    try:
-        upd = Worker(lambda: a.api("POST", "/api/mapping/update",
-                                   body={"port": port, "target_port": 8080}))
-        upd.start()
-        time.sleep(0.4)
-        other.commit()
-        status, _, body = upd.join_result(10)
-    finally:
-        other.rollback()
+    a, port = node_with_a_mapping(server_factory, pg, target_ip="192.0.2.1", target_port=80)
+    status, body = update_behind(a, pg, "UPDATE mappings SET target_ip = '192.0.2.7' "
+                                 f"WHERE port = {port}", {"port": port, "target_port": 8080})
     assert status == 503 and body["error"] == "store_unavailable", (status, body)
     assert "changed by another node meanwhile" in body["message"], body
     assert pg.psql(f"SELECT target_ip, target_port FROM mappings WHERE port = {port}") == \
@@ -587,23 +577,11 @@ def test_update_made_on_a_disabled_copy_binds_when_another_node_enabled(
     """A node renames a mapping it knows as disabled while another node enables it: the
     row comes back enabled, and the renaming node binds the port at once rather than
     waiting for a resync that would see nothing to change."""
-    a = pg_node(server_factory, pg, name="a")
-    a.wait_log("listening for changes from other nodes", timeout=10)
-    port = free_port()
-    a.create_ok(port=port, target_ip="192.0.2.1", target_port=80, enabled=False)
+    a, port = node_with_a_mapping(server_factory, pg, target_ip="192.0.2.1", target_port=80, enabled=False)
     connect_refused(port)
-    # Another node's enable, straight into the row, its transaction held open: a's
-    # UPDATE waits on the row and runs on the enabled row once the enable commits.
-    enable = OpenTransaction(pg, f"UPDATE mappings SET enabled = true WHERE port = {port}")
-    try:
-        rename = Worker(lambda: a.api("POST", "/api/mapping/update",
-                                      body={"port": port, "name": "renamed"}))
-        rename.start()
-        time.sleep(0.4)
-        enable.commit()
-        status, _, body = rename.join_result(10)
-    finally:
-        enable.rollback()
+    # Another node's enable, straight into the row: a's update runs on the enabled row.
+    status, body = update_behind(a, pg, "UPDATE mappings SET enabled = true "
+                                 f"WHERE port = {port}", {"port": port, "name": "renamed"})
     assert status == 200, body
     assert body["data"]["enabled"] is True and body["data"]["name"] == "renamed", body
     assert body["data"]["status"] == "listening", body
