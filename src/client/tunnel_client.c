@@ -506,6 +506,12 @@ static int tc_on_json(struct mux_session *mux, uint8_t type, const char *json, s
         if (c->ever_authed && strcmp(error, "already_connected") == 0) {
             c->refusal[0] = '\0';
             c->already_connected = true;
+        } else if (strcmp(error, "rate_limited") == 0) {
+            /* This address's Hellos are blocked for a while, perhaps by someone else's
+             * failures behind the same NAT: giving up would leave a supervised client
+             * stopped for good (its unit does not restart exit 2). Backoff and retry. */
+            log_warn("client", "%.200s; trying again later", c->refusal);
+            c->refusal[0] = '\0';
         }
     }
     json_decref(root);

@@ -270,6 +270,28 @@ def test_failed_hellos_are_limited_per_source(server_factory, tmp_path, logs):
     assert srv.running()
 
 
+def test_a_client_whose_address_is_blocked_retries_instead_of_exiting(server_factory, tmp_path,
+                                                                       logs):
+    """Anyone sharing the client's address (a NAT, a balancer) can get that address's
+    Hellos blocked for 60 s with ten bad ones. A client refused as rate_limited used to
+    exit 2, which its systemd unit does not restart: stopped for good by a stranger. It
+    backs off and tries again, and is in once the block is over."""
+    srv = tunnel_server(server_factory, [{"name": "edge", "token": CFG_TOKEN}])
+    for i in range(10):
+        assert hello_answer(srv.tunnel_port, "edge", f"wrong-token-{i:08d}")["error"] == \
+            "auth_failed"
+    assert hello_answer(srv.tunnel_port, "edge", CFG_TOKEN)["error"] == "rate_limited"
+    cli = client_proc(tmp_path, srv, CFG_TOKEN, name="edge")
+    logs.append(cli)
+    cli.start()
+    cli.wait_log(r"too many failed Hellos.*trying again later", timeout=10)
+    cli.wait_log(r"reconnecting in", timeout=10)
+    assert cli.running(), cli.log_tail()
+    wait_until(lambda: client_count(srv, "edge") == 1, timeout=100, interval=0.5,
+               desc="the client in once the 60 s block is over")
+    assert cli.running()
+
+
 # ---------------------------------------------------------------------------
 # Takeover (SPEC §4)
 
