@@ -98,7 +98,8 @@ static void sq_open_error(struct sq_store *sq, const char *what, char *err, size
 
 /* ---- opening ---------------------------------------------------------------------------- */
 
-/* Creates every missing directory above path, as mkdir -p does. */
+/* Creates every missing directory above path, as mkdir -p does; the ones it creates are
+ * the server's alone (0700): the database lists every target and client. */
 static int sq_make_parent_dirs(const char *path, char *err, size_t errlen)
 {
     const char *slash = strrchr(path, '/');
@@ -115,7 +116,7 @@ static int sq_make_parent_dirs(const char *path, char *err, size_t errlen)
             continue;
         char c = *p;
         *p = '\0';
-        if (mkdir(dir, 0755) != 0 && errno != EEXIST) {
+        if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
             store_set_err(err, errlen, "cannot create directory %s: %s", dir, strerror(errno));
             rc = -1;
             break;
@@ -371,6 +372,14 @@ static void *sq_open(const char *location, struct store_open_info *info,
     }
     if (sq_make_parent_dirs(location, err, errlen) != 0 || sq_lock(sq, err, errlen) != 0)
         goto fail;
+    /* A new database is created 0600 here, whatever the umask: it holds every mapping's
+     * target and the clients' token hashes, and SQLite gives its -wal and -shm files the
+     * mode of the database file. An existing one keeps the mode its owner gave it. */
+    if (strcmp(location, ":memory:") != 0) {
+        int fd = open(location, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+        if (fd >= 0)
+            close(fd);
+    }
     if (sqlite3_open_v2(location, &sq->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL) !=
         SQLITE_OK) {
         sq_open_error(sq, "opening", err, errlen);

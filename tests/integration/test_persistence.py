@@ -152,3 +152,26 @@ def test_database_locked_by_another_process_is_503_not_a_frozen_server(server, h
     assert fetch(port) == http_backend.files["hello.txt"]
     assert sorted(int(r[0]) for r in sqlite(server.db_path, "SELECT port FROM mappings")) \
         == sorted([kept, port])
+
+
+def test_a_new_database_is_the_servers_alone(server_factory):
+    """The database lists every target and the tunnel clients' token hashes: a new one,
+    its -wal and -shm files and the directories the server creates for it are not
+    readable by other users, whatever the umask (here 022, the usual one)."""
+    import os
+    import stat
+    old = os.umask(0o022)
+    try:
+        srv = server_factory(start=False)
+        db = srv.dir / "state" / "sub" / "m.db"
+        srv.config["database"] = {"path": str(db)}
+        srv.write_config()
+        srv.start()
+    finally:
+        os.umask(old)
+    srv.create_ok(port=free_port(), target_ip="127.0.0.1", target_port=9)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode)
+             for p in (srv.dir / "state", db.parent, db, db.with_name("m.db-wal"),
+                       db.with_name("m.db-shm"), db.with_name("m.db.lock")) if p.exists()}
+    assert {"m.db", "m.db-wal", "state", "sub"} <= set(modes), modes
+    assert all(m & 0o077 == 0 for m in modes.values()), {k: oct(v) for k, v in modes.items()}
