@@ -72,6 +72,11 @@ struct config {
     bool empty_document;
 };
 
+/* The shortest API token accepted where the API can be reached from elsewhere (listening
+ * off loopback, or behind a reverse proxy named in api.allowed_hosts): SPEC §4's bar for a
+ * tunnel client's token. */
+#define CONFIG_API_TOKEN_MIN 16
+
 /* Fills cfg with the defaults of SPEC §5. Strings are heap copies owned by cfg. */
 int config_init_defaults(struct config *cfg);
 

@@ -136,11 +136,22 @@ static int apply_env(struct config *cfg)
 /* SPEC §3 "Safe defaults": an API reachable from elsewhere must have a token, or anyone who
  * can reach the port can point mappings anywhere (the cloud metadata service, say); and one
  * at least as long as a tunnel client's (SPEC §4: 16 characters). */
-#define API_TOKEN_MIN 16
 static int check_safe_defaults(const struct config *cfg)
 {
     size_t len = strlen(cfg->api_token);
-    if (api_guard_is_loopback(cfg->api_listen_addr) || len >= API_TOKEN_MIN)
+    if (len >= CONFIG_API_TOKEN_MIN)
+        return 0;
+    if (api_guard_is_loopback(cfg->api_listen_addr) && cfg->allowed_hosts_len > 0) {
+        /* api.allowed_hosts names the hosts a reverse proxy forwards from: the API is then
+         * reached from elsewhere although it listens on loopback. */
+        fprintf(stderr,
+                "portmux-server: refusing to start: api.allowed_hosts lets a reverse proxy "
+                "bring requests from elsewhere, and the API token (api.token or "
+                "PORTMUX_API_TOKEN) has %zu characters; it needs at least %d (e.g. openssl "
+                "rand -hex 24)\n", len, CONFIG_API_TOKEN_MIN);
+        return EXIT_CONFIG;
+    }
+    if (api_guard_is_loopback(cfg->api_listen_addr))
         return 0;
     if (len == 0)
         fprintf(stderr,
@@ -152,7 +163,7 @@ static int check_safe_defaults(const struct config *cfg)
                 "portmux-server: refusing to start: api.listen_addr %s is not a loopback "
                 "address and the API token (api.token or PORTMUX_API_TOKEN) has %zu "
                 "characters; it needs at least %d (e.g. openssl rand -hex 24)\n",
-                cfg->api_listen_addr, len, API_TOKEN_MIN);
+                cfg->api_listen_addr, len, CONFIG_API_TOKEN_MIN);
     return EXIT_CONFIG;
 }
 

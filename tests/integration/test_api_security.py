@@ -216,10 +216,24 @@ def test_unknown_host_is_421_everywhere(guarded, host):
 def test_allowed_hosts_in_config_file(server_factory):
     """Without api.allowed_hosts the reverse proxy's name is refused; with it, answered."""
     for allowed, want in (([], 421), ([ALLOWED_NAME], 200)):
-        srv = server_factory(config={"api": {"allowed_hosts": allowed}})
+        srv = server_factory(config={"api": {"allowed_hosts": allowed, "token": TOKEN}})
         r = raw(srv, "GET", "/health", [("Host", f"{ALLOWED_NAME}:8443")])
         assert r.status == want, (allowed, r)
         srv.stop()
+
+
+@pytest.mark.parametrize("token", ["", "short-token-15c"])
+def test_allowed_hosts_need_a_token_although_the_api_is_on_loopback(server_factory, token):
+    """api.allowed_hosts names what a reverse proxy forwards from: the API is then within
+    everyone's reach although it listens on 127.0.0.1, so it needs a token of 16+
+    characters, as off loopback. It used to start with none."""
+    srv = server_factory(config={"api": {"allowed_hosts": [ALLOWED_NAME], "token": token}},
+                         start=False)
+    env = {k: v for k, v in os.environ.items() if k != "PORTMUX_API_TOKEN"}
+    r = run_once([SERVER_BIN, "--config", srv.config_path], timeout=10, env=env)
+    out = (r.stdout + r.stderr).decode(errors="replace")
+    assert r.returncode == 2, out
+    assert "api.allowed_hosts" in out and f"has {len(token)} characters" in out, out
 
 
 def test_listen_address_is_a_known_host(server_factory):
