@@ -79,6 +79,14 @@ def test_files_in_place(deb):
     assert "User=portmux" in server and "ExecReload=" in server, server
     assert "ExecStart=/usr/bin/portmux-client " in client, client
     assert re.search(r"^RestartPreventExitStatus=2$", client, re.M), client
+    # Hardening: files they create are theirs alone, and secrets stay off command lines
+    # (the client's token in PORTMUX_TOKEN; the server's in an EnvironmentFile).
+    for unit in (server, client):
+        assert re.search(r"^UMask=0077$", unit, re.M) and "ProtectProc=invisible" in unit, unit
+    assert re.search(r"^EnvironmentFile=-/etc/portmux/portmux.env$", server, re.M), server
+    example = [ln for ln in client.splitlines() if "PORTMUX_CLIENT_ARGS=" in ln]
+    assert example and all("--token" not in ln for ln in example), example
+    assert "PORTMUX_TOKEN=" in client, client
 
 
 def test_binaries_run_from_the_package(deb, tmp_path, logs):
