@@ -244,6 +244,10 @@ def run_curl(env, cmd, exp, cwd):
 def start_client(env, cmd, proc_factory):
     args = shlex.split(env.rewrite(cmd))
     args[0] = str(CLIENT_BIN)
+    # "$OFFICE_TOKEN": the README's placeholder for the token its marker gave "office".
+    tokens = {f"{c['name'].upper()}_TOKEN": c["token"]
+              for c in env.srv.config.get("tunnel", {}).get("clients", [])}
+    args = [re.sub(r"\$(\w+)", lambda m: tokens.get(m.group(1), m.group(0)), a) for a in args]
     name = args[args.index("--name") + 1] if "--name" in args else "default"
     # Without --token the client reads PORTMUX_TOKEN, exported as the quick start says.
     p = proc_factory(args, f"readme-client-{env.name}-{name}",
