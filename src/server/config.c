@@ -676,7 +676,8 @@ static const struct field tunnel_fields[] = {
 };
 
 static const struct field api_fields[] = {
-    KEY("listen_addr", parse_addr, api_listen_addr, MARK_NONE),
+    /* Bound as it is, and compared with loopback for the token rule: a literal. */
+    KEY("listen_addr", parse_ip, api_listen_addr, MARK_NONE),
     INT_KEY("listen_port", api_listen_port, 0, 65535, MARK_NONE),
     KEY("token", parse_token, api_token, MARK_NONE),
     KEY("allowed_ips", parse_cidrs, allowed_ips, MARK_NONE),

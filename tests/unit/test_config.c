@@ -92,7 +92,7 @@ static const char full_yaml[] =
     "  max_pending: 7\n"
     "  session_buffer_limit: 0\n"
     "api:\n"
-    "  listen_addr: localhost\n"
+    "  listen_addr: '::1'\n"
     "  listen_port: 18080\n"
     "  token: 'tok#en'\n"
     "  allowed_ips:\n"
@@ -125,7 +125,7 @@ static void check_full(const struct config *c)
     CHECK(c->connect_timeout == 3 && c->hello_timeout == 4);
     CHECK(c->max_streams_per_client == 50);
     CHECK(c->tunnel_max_pending == 7 && c->session_buffer_limit == 0);
-    CHECK(strcmp(c->api_listen_addr, "localhost") == 0 && c->api_listen_port == 18080);
+    CHECK(strcmp(c->api_listen_addr, "::1") == 0 && c->api_listen_port == 18080);
     CHECK(strcmp(c->api_token, "tok#en") == 0);
     CHECK(c->allowed_ips_len == 3);
     CHECK(c->allowed_ips[0].family == AF_INET && c->allowed_ips[0].prefix == 32);
@@ -358,6 +358,9 @@ static const struct bad_case bad_cases[] = {
         "t.yaml:1: api.token: must be printable ASCII without spaces (a trailing newline?)"),
     BAD("tunnel: {clients: [{name: a, token: \"tok-0123456789abcdef\\t\"}]}\n",
         "t.yaml:1: tunnel.clients[0].token: must be printable ASCII without spaces"),
+    /* The API binds a literal (and the token rule compares it with loopback). */
+    BAD("api: {listen_addr: localhost}\n",
+        "t.yaml:1: api.listen_addr: not an IPv4 or IPv6 address: \"localhost\""),
     BAD("database: {url: 'mysql://u@h/db'}\n",
         "t.yaml:1: database.url: must be a postgres:// or postgresql:// URL that libpq can "
         "parse (check its percent-escapes and brackets)"),
