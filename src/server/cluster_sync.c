@@ -84,6 +84,7 @@ struct cluster_sync {
     int64_t connect_at_ms;   /* CLOCK_MONOTONIC of the connect in progress */
     int tuples_seen;         /* row-returning results of the query in flight so far */
     bool stale;              /* its mappings read was overtaken: skip the clients read too */
+    bool passed_over;        /* a read left a port alone for a write in flight */
     bool announce;           /* the LISTEN and first read in flight: log when they are done */
 };
 
@@ -250,14 +251,17 @@ static void csync_apply(struct cluster_sync *cs, PGresult *res)
         if (rec->port < 1 || rec->port > 65535)
             continue;
         csync_mark(cs, rec->port);
+        cs->passed_over = cs->passed_over || mapping_registry_writing(reg, rec->port);
         changed += mapping_registry_apply(reg, rec);
     }
     free(rec);
     struct mapping *m = mapping_registry_first(reg);
     while (m) {
         struct mapping *next = mapping_registry_next(m);
-        if (!csync_marked(cs, m->rec.port))
+        if (!csync_marked(cs, m->rec.port)) {
+            cs->passed_over = cs->passed_over || mapping_registry_writing(reg, m->rec.port);
             changed += mapping_registry_forget(reg, m->rec.port);
+        }
         m = next;
     }
     cs->resyncs++;
@@ -684,8 +688,12 @@ void cluster_sync_metrics(struct cluster_sync *cs, FILE *f)
 static void csync_after_write(enum store_result r, void *arg)
 {
     struct cluster_sync *cs = arg;
-    if (r == STORE_OK)
-        return; /* its own notification brings a read */
+    /* Its own notification brings a read, but it may have come (with another node's
+     * change of the same row) while the write was in flight, and that read passed the
+     * port over: nothing else would bring the other change before the periodic resync. */
+    if (r == STORE_OK && !cs->passed_over)
+        return;
+    cs->passed_over = false;
     cs->dirty = true;
     csync_kick(cs);
 }

@@ -946,6 +946,12 @@ bool mapping_registry_apply(struct mapping_registry *reg, const struct mapping_r
     return true;
 }
 
+bool mapping_registry_writing(struct mapping_registry *reg, int port)
+{
+    const struct mapping *m = mapping_registry_find(reg, port);
+    return mapping_find_creating(reg, port) || (m && m->op);
+}
+
 bool mapping_registry_forget(struct mapping_registry *reg, int port)
 {
     struct mapping *m = mapping_registry_find(reg, port);

@@ -140,5 +140,9 @@ bool mapping_registry_apply(struct mapping_registry *reg, const struct mapping_r
 /* Closes and drops the mapping on port (removed by another node), without the store.
  * Returns true when there was one. */
 bool mapping_registry_forget(struct mapping_registry *reg, int port);
+/* True while a write of this node's for port is in flight (create, update, remove): apply
+ * and forget leave that port alone until its answer, so whoever reads the shared table
+ * must read it again after the write. */
+bool mapping_registry_writing(struct mapping_registry *reg, int port);
 
 #endif
