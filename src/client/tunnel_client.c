@@ -60,6 +60,7 @@ struct tclient {
     bool authed;
     bool ever_authed;
     bool already_connected;      /* the last attempt's Hello: "already_connected" */
+    bool rate_limited;           /* the last attempt's Hello: "rate_limited" */
     struct timespec authed_at;
     size_t streams;              /* bridges alive */
     size_t ndials;               /* entries in dials */
@@ -512,6 +513,7 @@ static int tc_on_json(struct mux_session *mux, uint8_t type, const char *json, s
              * stopped for good (its unit does not restart exit 2). Backoff and retry. */
             log_warn("client", "%.200s; trying again later", c->refusal);
             c->refusal[0] = '\0';
+            c->rate_limited = true;
         }
     }
     json_decref(root);
@@ -533,6 +535,8 @@ static void tc_on_stop(struct mux_conn *conn, int rc, void *arg)
         tc_end(c, TCLIENT_LOST, reason);
     } else if (c->refusal[0]) {
         tc_end(c, TCLIENT_REFUSED, c->refusal);
+    } else if (c->rate_limited) {
+        tc_end(c, TCLIENT_LOST, "Hellos from this address are blocked for a while");
     } else {
         tc_end(c, TCLIENT_LOST, "server says this client is still connected");
     }
@@ -605,6 +609,7 @@ int tclient_connect(struct tclient *c)
         return -1;
     c->refusal[0] = '\0';
     c->already_connected = false;
+    c->rate_limited = false;
     SSL *ssl = NULL;
     if (c->opts.ssl && !(ssl = client_tls_ssl_new(c->opts.ssl, c->opts.server_name)))
         return -1;

@@ -15,7 +15,11 @@ static const char *regular_file_why(const struct stat *st)
 
 int regular_file_open(const char *path, const char **why)
 {
-    /* O_NONBLOCK: opening a FIFO for reading otherwise waits for a writer. */
+    /* Looked at before it is opened: opening some devices does something. */
+    if ((*why = regular_file_check(path)) != NULL)
+        return -1;
+    /* O_NONBLOCK: should it have become a FIFO meanwhile, opening it for reading would
+     * otherwise wait for a writer; fstat below has the last word. */
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
     if (fd < 0) {
         *why = strerror(errno);

@@ -73,6 +73,13 @@ static int ctl_parse_url(const char *url, char *host, size_t hostlen, char *host
                          size_t hdrlen, int *port, char *prefix, size_t prefixlen, char *err,
                          size_t errlen)
 {
+    if (strchr(url, '@')) {
+        /* Checked before any message that shows the URL: a user part may hold a
+         * password, and the API takes none there. */
+        snprintf(err, errlen, "--api: a user or password in the URL is not used; give the "
+                 "token with --token or PORTMUX_API_TOKEN");
+        return -1;
+    }
     struct evhttp_uri *uri = evhttp_uri_parse_with_flags(url, 0);
     int rc = -1;
     if (!uri || !evhttp_uri_get_host(uri) || !evhttp_uri_get_host(uri)[0]) {
@@ -83,12 +90,6 @@ static int ctl_parse_url(const char *url, char *host, size_t hostlen, char *host
     if (!scheme || strcmp(scheme, "http") != 0) {
         snprintf(err, errlen, "--api %s: only http:// is supported (run portmux-ctl on the "
                  "API's host or through an SSH tunnel)", url);
-        goto out;
-    }
-    if (evhttp_uri_get_userinfo(uri)) {
-        /* Not echoed: it may hold a password, and the API takes none there. */
-        snprintf(err, errlen, "--api: a user or password in the URL is not used; give the "
-                 "token with --token or PORTMUX_API_TOKEN");
         goto out;
     }
     const char *h = evhttp_uri_get_host(uri);

@@ -525,7 +525,7 @@ out:
 
 static void api_client_fail(struct api_reply *out, enum clients_result r, const char *name)
 {
-    char msg[160];
+    char msg[256];
     switch (r) {
     case CLIENTS_EXISTS:
         snprintf(msg, sizeof(msg), "client \"%s\" exists", name);
@@ -544,6 +544,11 @@ static void api_client_fail(struct api_reply *out, enum clients_result r, const 
         return;
     case CLIENTS_UNAVAILABLE:
         api_fail(out, API_E_STORE_UNAVAILABLE, "the database did not answer in time", NULL);
+        return;
+    case CLIENTS_CONFLICT:
+        snprintf(msg, sizeof(msg), "client \"%s\" was removed and created anew by another "
+                 "node meanwhile; nothing changed, try again", name);
+        api_fail(out, API_E_STORE_UNAVAILABLE, msg, NULL);
         return;
     case CLIENTS_UNCONFIRMED:
         snprintf(msg, sizeof(msg), "the database did not confirm the write of client \"%s\" "

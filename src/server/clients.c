@@ -270,11 +270,12 @@ static void cl_op_end(struct cl_op *op, enum clients_result r, bool with_token)
 
 static enum clients_result cl_store_failure(enum store_result sr)
 {
-    /* NOT_FOUND: another node removed it (or removed it and created another of that
-     * name) while this write was on its way. */
+    /* NOT_FOUND: another node removed it while this write was on its way; CONFLICT: it
+     * also created another client of that name. */
     return sr == STORE_UNAVAILABLE   ? CLIENTS_UNAVAILABLE
            : sr == STORE_UNCONFIRMED ? CLIENTS_UNCONFIRMED
            : sr == STORE_NOT_FOUND   ? CLIENTS_NOT_FOUND
+           : sr == STORE_CONFLICT    ? CLIENTS_CONFLICT
                                      : CLIENTS_ERR;
 }
 
@@ -565,7 +566,7 @@ void clients_touch(struct clients_registry *reg, const char *name, int64_t now)
      * session's start or end must never write them back over the new ones. */
     if (e->source != CLIENTS_SOURCE_API || !reg->store)
         return;
-    store_client_touch_async(reg->store, e->name, now, cl_touched, NULL);
+    store_client_touch_async(reg->store, e->name, e->id, now, cl_touched, NULL);
 }
 
 void clients_note(struct clients_registry *reg, const char *name, enum clients_event ev)
@@ -597,10 +598,6 @@ static struct clients_entry *cl_find_config(const struct clients_registry *reg, 
     return NULL;
 }
 
-/* Builds the new array aside and swaps it in, so a failed allocation changes nothing.
- * A kept config client keeps its counters and last_seen; a changed token replaces the old
- * one at once (no grace: the file is the only copy), while its live session stays, as
- * after a rotate. */
 /* A config client is gone: a stored client of that name, shadowed until now, serves
  * again (it would otherwise be neither listed nor creatable until a restart). SQLite
  * answers at once; a cluster's store is not read on the loop, and its next resync (at most
@@ -618,6 +615,10 @@ static void cl_unshadow(struct clients_registry *reg, const char *name)
     OPENSSL_cleanse(&rec, sizeof(rec));
 }
 
+/* Builds the new array aside and swaps it in, so a failed allocation changes nothing.
+ * A kept config client keeps its counters and last_seen; a changed token replaces the old
+ * one at once (no grace: the file is the only copy), while its live session stays, as
+ * after a rotate. */
 int clients_reload_config(struct clients_registry *reg, const struct config *cfg,
                           void (*removed)(const char *name, void *arg), void *arg)
 {

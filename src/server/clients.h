@@ -37,6 +37,7 @@ enum clients_result {
     CLIENTS_UNAVAILABLE = -6,  /* the database did not answer in time (§7); nothing changed */
     CLIENTS_BUSY = -7,         /* a write for this client is in flight: try again */
     CLIENTS_UNCONFIRMED = -8,  /* the database did not confirm in time: it may be stored */
+    CLIENTS_CONFLICT = -9,     /* another node re-created the client meanwhile; nothing changed */
 };
 
 struct clients_entry {

@@ -26,6 +26,7 @@
 #include "regular_file.h"
 #include "token_text.h"
 
+#include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
@@ -1018,6 +1019,7 @@ int config_load_file(struct config *cfg, const char *path, char *err, size_t err
         return -1;
     }
     int rc = config_load_mem(cfg, buf, len, path, true, err, errlen);
+    OPENSSL_cleanse(buf, len); /* tokens, and perhaps the database password */
     free(buf);
     return rc;
 }
@@ -1073,9 +1075,10 @@ bool config_db_url_ok(const char *url)
      * about a malformed one quotes it, password and all, and it would reach the log. */
     char *msg = NULL;
     PQconninfoOption *opts = PQconninfoParse(url, &msg);
+    bool ok = opts != NULL;
     PQfreemem(msg);
     PQconninfoFree(opts);
-    return opts != NULL;
+    return ok;
 }
 
 bool config_port_allowed(const struct config *cfg, int port)

@@ -473,8 +473,6 @@ static void mapping_attach_if_enabled(struct mapping *m, struct evconnlistener *
         evconnlistener_free(l);
 }
 
-/* A database that did not answer (PostgreSQL, §7) is told apart from one that failed:
- * the API answers 503 store_unavailable for the first, 500 for the second. */
 /* What the API says about a write the store did not take. */
 static void mapping_store_error(enum store_result sr, int port, char *err, size_t errlen)
 {
@@ -506,6 +504,8 @@ static void mapping_store_error(enum store_result sr, int port, char *err, size_
     }
 }
 
+/* A database that did not answer (PostgreSQL, §7) is told apart from one that failed:
+ * the API answers 503 store_unavailable for the first, 500 for the second. */
 static enum mapping_result mapping_store_failure(enum store_result sr)
 {
     /* NOT_FOUND: another node removed the row while this write was on its way. */

@@ -541,8 +541,8 @@ void store_client_delete_async(struct store *st, const char *name, int64_t id,
     store_submit(st, op);
 }
 
-void store_client_touch_async(struct store *st, const char *name, int64_t last_seen,
-                              store_client_done_fn done, void *arg)
+void store_client_touch_async(struct store *st, const char *name, int64_t id,
+                              int64_t last_seen, store_client_done_fn done, void *arg)
 {
     bool valid = store_client_name_ok(name);
     struct store_op *op = store_op_new(STORE_OP_CLIENT_TOUCH, st && valid,
@@ -550,6 +550,7 @@ void store_client_touch_async(struct store *st, const char *name, int64_t last_s
     if (!op)
         return;
     snprintf(op->crec.name, sizeof(op->crec.name), "%s", name);
+    op->crec.id = id;
     op->crec.last_seen = last_seen;
     store_submit(st, op);
 }

@@ -136,14 +136,15 @@ void store_mapping_delete_async(struct store *st, int port, store_mapping_done_f
 void store_client_insert_async(struct store *st, const struct client_record *rec,
                                store_client_done_fn done, void *arg);
 /* Update and delete touch the row of rec->name / name only while it is the client of that
- * id (0: whichever), else STORE_NOT_FOUND: in a cluster another node may have removed it
- * and created another of that name. */
+ * id (0: whichever): STORE_NOT_FOUND when no client has that name any more,
+ * STORE_CONFLICT when another node removed it and created another of that name. */
 void store_client_update_async(struct store *st, const struct client_record *rec,
                                store_client_done_fn done, void *arg);
 void store_client_delete_async(struct store *st, const char *name, int64_t id,
                                store_client_done_fn done, void *arg);
-/* Writes the client's last_seen and nothing else (done gets no record). */
-void store_client_touch_async(struct store *st, const char *name, int64_t last_seen,
-                              store_client_done_fn done, void *arg);
+/* Writes the client's last_seen and nothing else (done gets no record), while the row of
+ * name is the client of that id (0: whichever). */
+void store_client_touch_async(struct store *st, const char *name, int64_t id,
+                              int64_t last_seen, store_client_done_fn done, void *arg);
 
 #endif

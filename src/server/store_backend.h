@@ -28,7 +28,7 @@ enum store_op_kind {
 struct store_op {
     enum store_op_kind kind;
     struct mapping_record rec;    /* INSERT, REPLACE, UPDATE (DELETE: rec.port); filled */
-    struct client_record crec;    /* CLIENT_*: CLIENT_DELETE uses crec.name only */
+    struct client_record crec;    /* CLIENT_*: CLIENT_DELETE uses crec.name and crec.id */
     /* UPDATE: the parts of rec to store (enum store_field); the row must still be rec.id's,
      * and with has_base its destination still base's when the destination is to change.
      * A backend may write the rest too when no other writer can exist. */

@@ -682,7 +682,9 @@ static void pg_stmt_build(struct pg_stmt *s, const struct store_op *op)
         return;
     case STORE_OP_CLIENT_UPDATE:
         /* Only the client this node knows ($6, its id; 0: any): one removed and created
-         * anew elsewhere must not get the old one's hash as its previous token. */
+         * anew elsewhere must not get the old one's hash as its previous token. cur tells
+         * "no such name" (STORE_NOT_FOUND) from "another client of that name"
+         * (STORE_CONFLICT), as the mapping update does. */
         snprintf(s->num[0], sizeof(s->num[0]), "%" PRId64, c->prev_valid_until);
         snprintf(s->num[1], sizeof(s->num[1]), "%" PRId64, c->last_seen);
         snprintf(s->num[2], sizeof(s->num[2]), "%" PRId64, c->id);
@@ -693,25 +695,38 @@ static void pg_stmt_build(struct pg_stmt *s, const struct store_op *op)
         s->v[4] = s->num[1];
         s->v[5] = s->num[2];
         s->n = 6;
+        s->want = PGRES_TUPLES_OK;
         s->what = "updating a client";
-        s->sql = "UPDATE clients SET token_hash = $2, prev_hash = $3, prev_valid_until = $4, "
-                 "last_seen = $5 WHERE name = $1 AND ($6::bigint = 0 OR id = $6::bigint)";
+        s->sql = "WITH cur AS (SELECT id FROM clients WHERE name = $1 FOR UPDATE), "
+                 "done AS (UPDATE clients SET token_hash = $2, prev_hash = $3, "
+                 "prev_valid_until = $4, last_seen = $5 WHERE id = (SELECT id FROM cur "
+                 "WHERE $6::bigint = 0 OR id = $6::bigint) RETURNING 1) "
+                 "SELECT (SELECT count(*) FROM cur), (SELECT count(*) FROM done)";
         return;
     case STORE_OP_CLIENT_DELETE:
         snprintf(s->num[0], sizeof(s->num[0]), "%" PRId64, c->id);
         s->v[0] = c->name;
         s->v[1] = s->num[0];
         s->n = 2;
+        s->want = PGRES_TUPLES_OK;
         s->what = "deleting a client";
-        s->sql = "DELETE FROM clients WHERE name = $1 AND ($2::bigint = 0 OR id = $2::bigint)";
+        s->sql = "WITH cur AS (SELECT id FROM clients WHERE name = $1 FOR UPDATE), "
+                 "done AS (DELETE FROM clients WHERE id = (SELECT id FROM cur "
+                 "WHERE $2::bigint = 0 OR id = $2::bigint) RETURNING 1) "
+                 "SELECT (SELECT count(*) FROM cur), (SELECT count(*) FROM done)";
         return;
     case STORE_OP_CLIENT_TOUCH:
+        /* A session's end may come after its client was re-created elsewhere: the new
+         * client's last_seen is not the old one's to write. */
         snprintf(s->num[0], sizeof(s->num[0]), "%" PRId64, c->last_seen);
+        snprintf(s->num[1], sizeof(s->num[1]), "%" PRId64, c->id);
         s->v[0] = c->name;
         s->v[1] = s->num[0];
-        s->n = 2;
+        s->v[2] = s->num[1];
+        s->n = 3;
         s->what = "storing a client's last_seen";
-        s->sql = "UPDATE clients SET last_seen = $2 WHERE name = $1";
+        s->sql = "UPDATE clients SET last_seen = $2 WHERE name = $1 AND "
+                 "($3::bigint = 0 OR id = $3::bigint)";
         return;
     }
 }
@@ -725,11 +740,24 @@ static enum store_result pg_stmt_finish(struct store_op *op, const struct pg_stm
     case STORE_OP_REPLACE:
         return pg_returned(res, &op->rec);
     case STORE_OP_UPDATE: {
+        /* No row: gone. A row that does not fit, or (cannot happen: cur locked it) no
+         * updated row beside it: nothing written. */
         enum store_result r = PQntuples(res) != 1                    ? STORE_NOT_FOUND
                               : strcmp(PQgetvalue(res, 0, 13), "t") ? STORE_CONFLICT
+                              : PQgetisnull(res, 0, 0)               ? STORE_CONFLICT
                                                                      : STORE_OK;
         if (r == STORE_OK)
             store_pg_read_mapping(res, 0, &op->rec);
+        PQclear(res);
+        return r;
+    }
+    case STORE_OP_CLIENT_UPDATE:
+    case STORE_OP_CLIENT_DELETE: {
+        /* (rows of the name, rows written): none of the name, or one of another id. */
+        enum store_result r = PQntuples(res) != 1 || strcmp(PQgetvalue(res, 0, 0), "0") == 0
+                                  ? STORE_NOT_FOUND
+                              : strcmp(PQgetvalue(res, 0, 1), "0") == 0 ? STORE_CONFLICT
+                                                                        : STORE_OK;
         PQclear(res);
         return r;
     }

@@ -79,8 +79,9 @@ struct client_record {
     char source[8];                     /* "api" */
     int64_t created_at;                 /* unix seconds, assigned by insert */
     int64_t last_seen;                  /* unix seconds of the last Hello or session end */
-    /* Assigned by insert, never reused: a client removed and created again under its
-     * name is another client (0: not known). */
+    /* Assigned by insert (0: not known). PostgreSQL's come from a sequence and are never
+     * reused, so a client removed and created again under its name has another id; the
+     * single-node SQLite store may reuse one, and has no other writer to tell apart. */
     int64_t id;
 };
 

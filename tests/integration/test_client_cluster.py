@@ -416,11 +416,14 @@ def test_a_client_removed_and_created_again_elsewhere_loses_its_sessions(
     assert not hello_ok(old)
 
 
-def test_a_rotate_on_a_node_behind_a_re_creation_is_404(pg, server_factory):  # noqa: F811
+def test_rotate_and_remove_on_a_node_behind_a_re_creation_change_nothing(
+        pg, server_factory):  # noqa: F811
     """Another node removed a client and created another of the same name; this node has
-    not read that yet when it is asked to rotate the client. The rotate answers 404 and
-    writes nothing: it used to make the removed client's token the new client's
-    previous one (accepted for the grace period) and replace the new client's token."""
+    not read that yet when it is asked to rotate or remove the client. Both answer 503
+    ("created anew ... meanwhile") and write nothing: the rotate used to make the removed
+    client's token the new client's previous one (accepted for the grace period) and
+    replace the new client's token, and the remove to delete the new client. A rotate of
+    a client simply removed elsewhere is 404 (it was 500)."""
     import hashlib
     import json
     import socket
@@ -428,25 +431,33 @@ def test_a_rotate_on_a_node_behind_a_re_creation_is_404(pg, server_factory):  # 
     a = node(server_factory, pg, "a", "127.0.0.2")
     a.wait_log("listening for changes from other nodes", timeout=10)
 
-    def hello_ok(token):
+    def hello_ok(name, token):
         with socket.create_connection(("127.0.0.2", a.tunnel_port), timeout=10) as c:
-            c.sendall(hello("api-edge", token))
+            c.sendall(hello(name, token))
             fr = read_frame(c, 10)
             return fr is not None and json.loads(fr[1]).get("ok") is True
 
-    status, _, body = a.api("POST", "/api/client/create", body={"name": "api-edge"})
-    assert status == 201, body
-    old = body["data"]["token"]
+    tokens = {}
+    for name in ("api-edge", "gone-edge"):
+        status, _, body = a.api("POST", "/api/client/create", body={"name": name})
+        assert status == 201, body
+        tokens[name] = body["data"]["token"]
     new = "new-" + os.urandom(16).hex()
     digest = hashlib.sha256(new.encode()).hexdigest()
-    with TableLock(pg, "mappings"):  # a's read of the change waits behind the lock
+    with TableLock(pg, "mappings"):  # a's read of the changes waits behind the lock
         pg.psql("BEGIN; DELETE FROM clients WHERE name = 'api-edge'; "
                 "INSERT INTO clients (name, token_hash, created_at) "
-                f"VALUES ('api-edge', '{digest}', 1); COMMIT")
-        status, _, body = a.api("POST", "/api/client/rotate",
-                                body={"name": "api-edge", "grace_s": 300})
-        assert status == 404 and body["error"] == "not_found", (status, body)
+                f"VALUES ('api-edge', '{digest}', 1); "
+                "DELETE FROM clients WHERE name = 'gone-edge'; COMMIT")
+        for path, body in (("/api/client/rotate", {"name": "api-edge", "grace_s": 300}),
+                           ("/api/client/remove", {"name": "api-edge"})):
+            status, _, reply = a.api("POST", path, body=body)
+            assert status == 503 and reply["error"] == "store_unavailable", (path, reply)
+            assert "created anew by another node meanwhile" in reply["message"], reply
         assert pg.psql("SELECT token_hash, prev_hash FROM clients WHERE name = 'api-edge'") \
             == [[digest, ""]]
-    wait_until(lambda: hello_ok(new), timeout=10, desc="the new client's token works on a")
-    assert not hello_ok(old)
+        status, _, reply = a.api("POST", "/api/client/rotate", body={"name": "gone-edge"})
+        assert status == 404 and reply["error"] == "not_found", reply
+    wait_until(lambda: hello_ok("api-edge", new), timeout=10,
+               desc="the new client's token works on a")
+    assert not hello_ok("api-edge", tokens["api-edge"])

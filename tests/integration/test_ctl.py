@@ -145,8 +145,10 @@ def test_credentials_in_the_api_url_are_refused_and_not_echoed():
     """A user and password in --api are not used (the API takes a bearer token): a usage
     error that does not print them, where the "cannot reach" line used to."""
     port = free_port()  # nothing listens there
-    rc, _, err = ctl(None, "health", api=f"http://user:SECRETPW@127.0.0.1:{port}")
-    assert rc == 2 and "--token" in err and "SECRETPW" not in err, (rc, err)
+    for api in (f"http://user:SECRETPW@127.0.0.1:{port}", f"https://user:SECRETPW@127.0.0.1:{port}",
+                "user:SECRETPW@127.0.0.1:8080"):
+        rc, _, err = ctl(None, "health", api=api)
+        assert rc == 2 and "--token" in err and "SECRETPW" not in err, (api, rc, err)
 
 
 def test_a_token_with_a_newline_is_a_usage_error(server_factory):

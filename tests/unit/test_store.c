@@ -802,14 +802,14 @@ static void test_async_sqlite(void)
     struct client_record other = client_make("edge", 'd');
     store_client_update_async(st, &other, NULL, NULL);
     memset(&s, 0, sizeof(s));
-    store_client_touch_async(st, "edge", 5151, async_client_done, &s);
+    store_client_touch_async(st, "edge", 0, 5151, async_client_done, &s);
     CHECK(s.calls == 1 && s.r == STORE_OK && !s.had_rec);
     CHECK(sql_int(path, "SELECT last_seen FROM clients WHERE name = 'edge'") == 5151);
     struct client_record got;
     CHECK(store_client_get(st, "edge", &got) == STORE_OK);
     CHECK(strcmp(got.token_hash, other.token_hash) == 0);
     memset(&s, 0, sizeof(s));
-    store_client_touch_async(st, "nobody", 1, async_client_done, &s);
+    store_client_touch_async(st, "nobody", 0, 1, async_client_done, &s);
     CHECK(s.calls == 1 && s.r == STORE_NOT_FOUND);
     memset(&s, 0, sizeof(s));
     store_client_delete_async(st, "a/b", 0, async_client_done, &s);
