@@ -75,6 +75,62 @@ if _soft != resource.RLIM_INFINITY and _soft < _want:
 
 _handed_out = set()
 _port_lock = threading.Lock()
+# Ports handed out by every test process on this machine (ctest -j runs many): one file
+# per port holding the owner's pid. Without it two processes could pick the same free
+# port, and the one that binds it second fails (a restored mapping "Address already in
+# use" after a restart, say). A file whose pid is gone is taken over.
+_PORT_CLAIMS = Path(os.environ.get("PORTMUX_TEST_PORT_DIR", "/tmp/portmux-test-ports"))
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim_port(port):
+    """True when port is now this process's (no other live test process claimed it)."""
+    _PORT_CLAIMS.mkdir(mode=0o777, parents=True, exist_ok=True)
+    path = _PORT_CLAIMS / str(port)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            try:
+                owner = int(path.read_text() or "0")
+            except (OSError, ValueError):
+                owner = 0
+            if owner == os.getpid():
+                return True
+            if owner and _pid_alive(owner):
+                return False
+            try:
+                path.unlink()  # a dead process's claim (or one half written: retried)
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _release_claims():
+    for port in _handed_out:
+        path = _PORT_CLAIMS / str(port)
+        try:
+            if path.read_text() == str(os.getpid()):
+                path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+import atexit  # noqa: E402  (beside the claims it cleans up)
+atexit.register(_release_claims)
 
 
 def _can_bind(port):
@@ -101,14 +157,15 @@ def free_port():
             port = rng.randrange(20000, 32700)
             if port in _handed_out:
                 continue
-            if _can_bind(port):
+            if _can_bind(port) and _claim_port(port):
                 _handed_out.add(port)
                 return port
     raise RuntimeError("no free port found")
 
 
 def free_range(n):
-    """n consecutive ports that are free now (for a port_range of its own)."""
+    """n consecutive ports that are free now (for a port_range of its own), each claimed
+    as free_port claims one."""
     for _ in range(200):
         base = free_port()
         if base + n > 65535:
@@ -119,12 +176,17 @@ def free_range(n):
                 s = socket.socket()
                 s.bind(("0.0.0.0", p))
                 socks.append(s)
-            return base
         except OSError:
             continue
         finally:
             for s in socks:
                 s.close()
+        with _port_lock:
+            claimed = [p for p in range(base + 1, base + n)
+                       if p not in _handed_out and _claim_port(p)]
+            _handed_out.update(claimed)
+            if len(claimed) == n - 1:
+                return base
     raise AssertionError("no run of free ports")
 
 
