@@ -119,14 +119,18 @@ def _claim_port(port):
     return False
 
 
+def _unclaim_port(port):
+    path = _PORT_CLAIMS / str(port)
+    try:
+        if path.read_text() == str(os.getpid()):
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
 def _release_claims():
     for port in _handed_out:
-        path = _PORT_CLAIMS / str(port)
-        try:
-            if path.read_text() == str(os.getpid()):
-                path.unlink()
-        except (OSError, ValueError):
-            pass
+        _unclaim_port(port)
 
 
 import atexit  # noqa: E402  (beside the claims it cleans up)
@@ -182,11 +186,16 @@ def free_range(n):
             for s in socks:
                 s.close()
         with _port_lock:
-            claimed = [p for p in range(base + 1, base + n)
-                       if p not in _handed_out and _claim_port(p)]
-            _handed_out.update(claimed)
+            claimed = []
+            for p in range(base + 1, base + n):
+                if p in _handed_out or not _claim_port(p):
+                    break
+                claimed.append(p)
             if len(claimed) == n - 1:
+                _handed_out.update(claimed)
                 return base
+            for p in claimed:  # another process's port inside: give these back
+                _unclaim_port(p)
     raise AssertionError("no run of free ports")
 
 
