@@ -169,11 +169,12 @@ def free_port():
 
 def free_range(n):
     """n consecutive ports that are free now (for a port_range of its own), each claimed
-    as free_port claims one."""
-    for _ in range(200):
-        base = free_port()
-        if base + n > 65535:
-            continue
+    as free_port claims one. Drawn from 15000-19999, below free_port's ports, so a run
+    meets only other runs: among the single ports every test file holds for its whole
+    life, a long run would seldom find a gap."""
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(500):
+        base = rng.randrange(15000, 20000 - n)
         socks = []
         try:
             for p in range(base, base + n):
@@ -187,11 +188,11 @@ def free_range(n):
                 s.close()
         with _port_lock:
             claimed = []
-            for p in range(base + 1, base + n):
+            for p in range(base, base + n):
                 if p in _handed_out or not _claim_port(p):
                     break
                 claimed.append(p)
-            if len(claimed) == n - 1:
+            if len(claimed) == n:
                 _handed_out.update(claimed)
                 return base
             for p in claimed:  # another process's port inside: give these back
