@@ -909,15 +909,19 @@ static bool mapping_record_same(const struct mapping_record *a, const struct map
            strcmp(a->name, b->name) == 0 && strcmp(a->allow_from, b->allow_from) == 0;
 }
 
+bool mapping_registry_writing(struct mapping_registry *reg, int port)
+{
+    const struct mapping *m = mapping_registry_find(reg, port);
+    return mapping_find_creating(reg, port) || (m && m->op);
+}
+
 bool mapping_registry_apply(struct mapping_registry *reg, const struct mapping_record *rec)
 {
-    /* A write of ours is in flight for that port: its answer decides, and the resync
-     * after it (or the periodic one) brings the rest in line. */
-    if (mapping_find_creating(reg, rec->port))
+    /* A write of ours is in flight for that port: its answer decides, and the read after
+     * it brings the rest in line. */
+    if (mapping_registry_writing(reg, rec->port))
         return false;
     struct mapping *m = mapping_registry_find(reg, rec->port);
-    if (m && m->op)
-        return false;
     if (!m) {
         mapping_restore_one(rec, reg);
         return true;
@@ -944,12 +948,6 @@ bool mapping_registry_apply(struct mapping_registry *reg, const struct mapping_r
     mapping_policy_apply(m, true);
     log_info("mapping", "port %d changed by another node", rec->port);
     return true;
-}
-
-bool mapping_registry_writing(struct mapping_registry *reg, int port)
-{
-    const struct mapping *m = mapping_registry_find(reg, port);
-    return mapping_find_creating(reg, port) || (m && m->op);
 }
 
 bool mapping_registry_forget(struct mapping_registry *reg, int port)

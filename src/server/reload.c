@@ -141,16 +141,18 @@ static void reload_apply_live(struct config *cur, struct config *next, bool leve
         RELOAD_SWAP(cur, next, allowed_ips, allowed_ips_len);
         reload_note(buf, len, "api.allowed_ips");
     }
-    if (reload_hosts_changed(cur, next) && next->allowed_hosts_len > 0 &&
-        strlen(cur->api_token) < CONFIG_API_TOKEN_MIN) {
+    if (reload_hosts_changed(cur, next)) {
         /* As at start (main.c): names a proxy forwards from put the API within reach of
          * others, which a short or absent token must not. */
-        log_error(RELOAD_MOD, "reload: api.allowed_hosts keeps its running value: it lets a "
-                  "reverse proxy bring requests from elsewhere, and the API token has fewer "
-                  "than %d characters (it changes with a restart)", CONFIG_API_TOKEN_MIN);
-    } else if (reload_hosts_changed(cur, next)) {
-        RELOAD_SWAP(cur, next, allowed_hosts, allowed_hosts_len);
-        reload_note(buf, len, "api.allowed_hosts");
+        if (next->allowed_hosts_len > 0 && strlen(cur->api_token) < CONFIG_API_TOKEN_MIN) {
+            log_error(RELOAD_MOD, "reload: api.allowed_hosts keeps its running value: it "
+                      "lets a reverse proxy bring requests from elsewhere, and the API token "
+                      "has fewer than %d characters (it changes with a restart)",
+                      CONFIG_API_TOKEN_MIN);
+        } else {
+            RELOAD_SWAP(cur, next, allowed_hosts, allowed_hosts_len);
+            reload_note(buf, len, "api.allowed_hosts");
+        }
     }
     if (reload_blacklist_changed(cur, next)) {
         RELOAD_SWAP(cur, next, blacklist, blacklist_len);

@@ -528,29 +528,36 @@ void store_client_update_async(struct store *st, const struct client_record *rec
     store_submit(st, op);
 }
 
+/* A write of the client called name, of that id; NULL after answering done (no such name
+ * can be stored: STORE_NOT_FOUND; out of memory). The caller fills the rest, submits. */
+static struct store_op *store_client_op(struct store *st, enum store_op_kind kind,
+                                        const char *name, int64_t id,
+                                        store_client_done_fn done, void *arg)
+{
+    bool valid = store_client_name_ok(name);
+    struct store_op *op = store_op_new(kind, st && valid, st ? STORE_NOT_FOUND : STORE_ERR,
+                                       NULL, done, arg);
+    if (op) {
+        snprintf(op->crec.name, sizeof(op->crec.name), "%s", name);
+        op->crec.id = id;
+    }
+    return op;
+}
+
 void store_client_delete_async(struct store *st, const char *name, int64_t id,
                                store_client_done_fn done, void *arg)
 {
-    bool valid = store_client_name_ok(name);
-    struct store_op *op = store_op_new(STORE_OP_CLIENT_DELETE, st && valid,
-                                       st ? STORE_NOT_FOUND : STORE_ERR, NULL, done, arg);
-    if (!op)
-        return;
-    snprintf(op->crec.name, sizeof(op->crec.name), "%s", name);
-    op->crec.id = id;
-    store_submit(st, op);
+    struct store_op *op = store_client_op(st, STORE_OP_CLIENT_DELETE, name, id, done, arg);
+    if (op)
+        store_submit(st, op);
 }
 
 void store_client_touch_async(struct store *st, const char *name, int64_t id,
                               int64_t last_seen, store_client_done_fn done, void *arg)
 {
-    bool valid = store_client_name_ok(name);
-    struct store_op *op = store_op_new(STORE_OP_CLIENT_TOUCH, st && valid,
-                                       st ? STORE_NOT_FOUND : STORE_ERR, NULL, done, arg);
+    struct store_op *op = store_client_op(st, STORE_OP_CLIENT_TOUCH, name, id, done, arg);
     if (!op)
         return;
-    snprintf(op->crec.name, sizeof(op->crec.name), "%s", name);
-    op->crec.id = id;
     op->crec.last_seen = last_seen;
     store_submit(st, op);
 }

@@ -564,6 +564,17 @@ static enum store_result pg_changed(PGresult *res)
     return none ? STORE_NOT_FOUND : STORE_OK;
 }
 
+/* A rotate or remove (change) of the client named $1 while it is the one of id $2 (0:
+ * whichever): one removed and created anew elsewhere must not get the old one's hash as
+ * its previous token, nor be removed in its place. The two counts tell "no such name"
+ * (STORE_NOT_FOUND) from "another client of that name" (STORE_CONFLICT), as the mapping
+ * update's cur does. */
+#define PG_CLIENT_OF_ID(change)                                                             \
+    "WITH cur AS (SELECT id FROM clients WHERE name = $1 FOR UPDATE), "                    \
+    "done AS (" change " WHERE id = (SELECT id FROM cur WHERE $2::bigint = 0 OR "          \
+    "id = $2::bigint) RETURNING 1) "                                                       \
+    "SELECT (SELECT count(*) FROM cur), (SELECT count(*) FROM done)"
+
 /* One write's statement: its SQL and text parameters. The parameters point into the op
  * and into this struct, and are copied by libpq when the statement is sent. */
 struct pg_stmt {
@@ -681,27 +692,20 @@ static void pg_stmt_build(struct pg_stmt *s, const struct store_op *op)
                  "RETURNING id";
         return;
     case STORE_OP_CLIENT_UPDATE:
-        /* Only the client this node knows ($6, its id; 0: any): one removed and created
-         * anew elsewhere must not get the old one's hash as its previous token. cur tells
-         * "no such name" (STORE_NOT_FOUND) from "another client of that name"
-         * (STORE_CONFLICT), as the mapping update does. */
-        snprintf(s->num[0], sizeof(s->num[0]), "%" PRId64, c->prev_valid_until);
-        snprintf(s->num[1], sizeof(s->num[1]), "%" PRId64, c->last_seen);
-        snprintf(s->num[2], sizeof(s->num[2]), "%" PRId64, c->id);
+        snprintf(s->num[0], sizeof(s->num[0]), "%" PRId64, c->id);
+        snprintf(s->num[1], sizeof(s->num[1]), "%" PRId64, c->prev_valid_until);
+        snprintf(s->num[2], sizeof(s->num[2]), "%" PRId64, c->last_seen);
         s->v[0] = c->name;
-        s->v[1] = c->token_hash;
-        s->v[2] = c->prev_hash;
-        s->v[3] = s->num[0];
+        s->v[1] = s->num[0];
+        s->v[2] = c->token_hash;
+        s->v[3] = c->prev_hash;
         s->v[4] = s->num[1];
         s->v[5] = s->num[2];
         s->n = 6;
         s->want = PGRES_TUPLES_OK;
         s->what = "updating a client";
-        s->sql = "WITH cur AS (SELECT id FROM clients WHERE name = $1 FOR UPDATE), "
-                 "done AS (UPDATE clients SET token_hash = $2, prev_hash = $3, "
-                 "prev_valid_until = $4, last_seen = $5 WHERE id = (SELECT id FROM cur "
-                 "WHERE $6::bigint = 0 OR id = $6::bigint) RETURNING 1) "
-                 "SELECT (SELECT count(*) FROM cur), (SELECT count(*) FROM done)";
+        s->sql = PG_CLIENT_OF_ID("UPDATE clients SET token_hash = $3, prev_hash = $4, "
+                                 "prev_valid_until = $5, last_seen = $6");
         return;
     case STORE_OP_CLIENT_DELETE:
         snprintf(s->num[0], sizeof(s->num[0]), "%" PRId64, c->id);
@@ -710,10 +714,7 @@ static void pg_stmt_build(struct pg_stmt *s, const struct store_op *op)
         s->n = 2;
         s->want = PGRES_TUPLES_OK;
         s->what = "deleting a client";
-        s->sql = "WITH cur AS (SELECT id FROM clients WHERE name = $1 FOR UPDATE), "
-                 "done AS (DELETE FROM clients WHERE id = (SELECT id FROM cur "
-                 "WHERE $2::bigint = 0 OR id = $2::bigint) RETURNING 1) "
-                 "SELECT (SELECT count(*) FROM cur), (SELECT count(*) FROM done)";
+        s->sql = PG_CLIENT_OF_ID("DELETE FROM clients");
         return;
     case STORE_OP_CLIENT_TOUCH:
         /* A session's end may come after its client was re-created elsewhere: the new
