@@ -44,6 +44,7 @@
 #include "mapping_request.h"
 #include "metrics.h"
 #include "netaddr.h"
+#include "proxy_wait.h"
 #include "secret.h"
 #include "server.h"
 #include "tunnel_server.h"
@@ -69,6 +70,7 @@ struct api {
     struct MHD_Daemon *mhd;
     struct evconnlistener *listener;   /* ours, not MHD's: see api_start_listener */
     struct accept_guard *accept_guard;
+    struct proxy_waits *proxy_waits; /* from trusted_proxies, before their header */
     struct event *ev_io;
     struct event *ev_timer;
     int port;
@@ -1176,15 +1178,30 @@ static void api_mhd_log(void *cls, const char *fmt, va_list ap)
  * readable, so the loop spins and MHD logs a line per turn) or stops polling it until one of
  * its own connections closes. The guard instead pauses accepting for 100 ms and retries, so
  * the API answers again as soon as any descriptor is free, without spinning. */
+static void api_accept_from(evutil_socket_t fd, const struct sockaddr *sa, socklen_t salen,
+                            void *arg)
+{
+    struct api *api = arg;
+    /* MHD closes fd itself when it refuses it (api_accept_policy, out of memory). */
+    if (MHD_add_connection(api->mhd, fd, sa, salen) != MHD_YES)
+        log_debug("api", "connection not taken by libmicrohttpd");
+    MHD_run(api->mhd);
+    api_schedule(api);
+}
+
+/* From a trusted balancer the connection waits for its PROXY header first, so
+ * api.allowed_ips and the per-source share see the client behind it. */
 static void api_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
                           int salen, void *arg)
 {
     struct api *api = arg;
-    /* MHD closes fd itself when it refuses it (api_accept_policy, out of memory). */
-    if (MHD_add_connection(api->mhd, fd, sa, (socklen_t)salen) != MHD_YES)
-        log_debug("api", "connection not taken by libmicrohttpd");
-    MHD_run(api->mhd);
-    api_schedule(api);
+    if (!proxy_waits_trusted(api->srv->cfg, sa)) {
+        api_accept_from(fd, sa, (socklen_t)salen, api);
+        return;
+    }
+    size_t max = (size_t)api->srv->cfg->api_max_connections;
+    size_t room = api->open_connections < max ? max - api->open_connections : 0;
+    proxy_waits_add(api->proxy_waits, fd, sa, (socklen_t)salen, room);
 }
 
 static void api_accept_error_cb(struct evconnlistener *l, void *arg)
@@ -1217,7 +1234,9 @@ static int api_start_listener(struct api *api, char *err, size_t errlen)
     }
     evconnlistener_set_error_cb(api->listener, api_accept_error_cb);
     api->accept_guard = accept_guard_new(api->srv->base, api->listener, "api", "API");
-    if (!api->accept_guard) {
+    api->proxy_waits = proxy_waits_new(api->srv->base, "api", api_accept_from, api,
+                                       &api->srv->limits.proxy_header);
+    if (!api->accept_guard || !api->proxy_waits) {
         snprintf(err, errlen, "out of memory");
         return -1;
     }
@@ -1296,6 +1315,7 @@ void api_free(struct api *api)
     accept_guard_free(api->accept_guard);
     if (api->listener)
         evconnlistener_free(api->listener);
+    proxy_waits_free(api->proxy_waits);
     if (api->ev_io)
         event_free(api->ev_io);
     if (api->ev_timer)

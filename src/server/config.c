@@ -498,6 +498,32 @@ static int parse_cidrs(struct loader *ld, const struct field *f, void *base)
     return 0;
 }
 
+/* A balancer's address or network. 0.0.0.0/0 and ::/0 are refused: they would let anyone
+ * on the network claim any source address with a header of their own. */
+static int trusted_item(struct loader *ld, struct vec *v, size_t index)
+{
+    if (cidr_item(ld, v, index) != 0)
+        return -1;
+    const struct netaddr_cidr *c = (const struct netaddr_cidr *)v->items + v->len - 1;
+    if (c->prefix == 0)
+        return fail(ld, "\"%.60s\" trusts every address: name the balancers (10.0.0.5, "
+                    "10.0.0.0/24)", ev_text(ld));
+    return 0;
+}
+
+static int parse_trusted_proxies(struct loader *ld, const struct field *f, void *base)
+{
+    struct vec v = {.size = sizeof(struct netaddr_cidr)};
+    if (parse_seq(ld, trusted_item, &v) != 0) {
+        free(v.items);
+        return -1;
+    }
+    free(ld->cfg->trusted_proxies);
+    ld->cfg->trusted_proxies = v.items;
+    ld->cfg->trusted_proxies_len = v.len;
+    return 0;
+}
+
 /* A Host name the API answers to: a DNS name or an IP literal, kept in lower case because
  * the API compares Host headers case-insensitively against it. */
 static int host_item(struct loader *ld, struct vec *v, size_t index)
@@ -748,6 +774,7 @@ static const struct field root_fields[] = {
     SECTION("limits", limits_fields),
     SECTION("log", log_fields),
     SECTION("cluster", cluster_fields),
+    KEY("trusted_proxies", parse_trusted_proxies, trusted_proxies, MARK_NONE),
     END_KEYS,
 };
 
@@ -1105,6 +1132,7 @@ void config_free(struct config *cfg)
     free(cfg->api_listen_addr);
     free(cfg->api_token);
     free(cfg->allowed_ips);
+    free(cfg->trusted_proxies);
     hosts_free(cfg->allowed_hosts, cfg->allowed_hosts_len);
     free(cfg->db_path);
     free(cfg->db_url);

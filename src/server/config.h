@@ -44,6 +44,10 @@ struct config {
     char *api_token;             /* "" = no auth */
     struct netaddr_cidr *allowed_ips; /* empty = any */
     size_t allowed_ips_len;
+    /* Balancers whose connections start with a PROXY protocol header (proxy_wait.h):
+     * on the tunnel port, the mapping ports and the API. Empty: none. */
+    struct netaddr_cidr *trusted_proxies;
+    size_t trusted_proxies_len;
     char **allowed_hosts;        /* extra Host names the API answers to (lower case) */
     size_t allowed_hosts_len;
     int api_max_connections;     /* default 256 */

@@ -22,6 +22,7 @@
 #include "config.h"
 #include "log.h"
 #include "mapping_policy.h"
+#include "proxy_wait.h"
 #include "server.h"
 
 #define MAPPING_BACKLOG 1024
@@ -205,8 +206,10 @@ static bool mapping_fd_in_reserve(evutil_socket_t fd)
            (rlim_t)fd >= soft - MAPPING_FD_RESERVE;
 }
 
-static void mapping_accept_cb(struct evconnlistener *l, evutil_socket_t fd,
-                              struct sockaddr *sa, int socklen, void *arg)
+/* A public connection whose source is known: the peer's, or the client a trusted
+ * balancer's PROXY header names. */
+static void mapping_accept_from(evutil_socket_t fd, const struct sockaddr *sa,
+                                socklen_t socklen, void *arg)
 {
     struct mapping *m = arg;
     struct server *srv = m->srv;
@@ -251,6 +254,32 @@ static void mapping_accept_cb(struct evconnlistener *l, evutil_socket_t fd,
     m->accepting = NULL;
 }
 
+static void mapping_accept_cb(struct evconnlistener *l, evutil_socket_t fd,
+                              struct sockaddr *sa, int socklen, void *arg)
+{
+    struct mapping *m = arg;
+    if (!proxy_waits_trusted(m->srv->cfg, sa)) {
+        mapping_accept_from(fd, sa, (socklen_t)socklen, m);
+        return;
+    }
+    if (!m->proxy_waits) {
+        char what[32];
+        snprintf(what, sizeof(what), "port %d", m->rec.port);
+        m->proxy_waits = proxy_waits_new(m->srv->base, what, mapping_accept_from, m,
+                                         &m->srv->limits.proxy_header);
+        if (!m->proxy_waits) {
+            log_error("mapping", "port %d: out of memory accepting a connection", m->rec.port);
+            evutil_closesocket(fd);
+            return;
+        }
+    }
+    /* Those waiting hold a descriptor each, like open connections: both within the
+     * mapping's limit. */
+    uint64_t max = (uint64_t)mapping_max_connections(m);
+    size_t room = m->stats.active < max ? (size_t)(max - m->stats.active) : 0;
+    proxy_waits_add(m->proxy_waits, fd, sa, (socklen_t)socklen, room);
+}
+
 static void mapping_accept_error_cb(struct evconnlistener *l, void *arg)
 {
     struct mapping *m = arg;
@@ -272,6 +301,8 @@ static void mapping_detach_listener(struct mapping *m)
 {
     accept_guard_free(m->accept_guard);
     m->accept_guard = NULL;
+    proxy_waits_free(m->proxy_waits);
+    m->proxy_waits = NULL;
     if (m->listener)
         evconnlistener_free(m->listener);
     m->listener = NULL;

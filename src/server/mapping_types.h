@@ -56,6 +56,8 @@ struct mapping {
     struct server *srv;
     struct evconnlistener *listener;    /* NULL when status is error */
     struct accept_guard *accept_guard;  /* with the listener */
+    struct proxy_waits *proxy_waits;    /* with the listener, made at the first balancer's
+                                           connection (trusted_proxies) */
     char error[192];                    /* reason, when the listener could not be bound */
     struct mapping_stats stats;
     /* Policy, parsed from rec by mapping_apply_policy. */

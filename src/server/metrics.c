@@ -172,6 +172,11 @@ static void render_limits(FILE *f, struct server *srv)
             (unsigned long long)l->api_connections);
     fprintf(f, "portmux_limit_refused_total{limit=\"hello_failures\"} %llu\n",
             (unsigned long long)l->tunnel_rate_limited);
+    put_header(f, "portmux_proxy_header_refused_total", "counter",
+               "Connections from trusted_proxies closed without a usable PROXY header, or "
+               "because too many waited for theirs.");
+    fprintf(f, "portmux_proxy_header_refused_total %llu\n",
+            (unsigned long long)l->proxy_header);
     put_header(f, "portmux_tunnel_auth_failures_total", "counter", "Hello refused.");
     fprintf(f, "portmux_tunnel_auth_failures_total %llu\n",
             (unsigned long long)l->tunnel_auth_failed);

@@ -90,11 +90,10 @@ static void reload_restart_keys(const struct config *cur, const struct config *n
     }
 }
 
-static bool reload_cidrs_changed(const struct config *a, const struct config *b)
+static bool reload_cidrs_changed(const struct netaddr_cidr *a, size_t alen,
+                                 const struct netaddr_cidr *b, size_t blen)
 {
-    return a->allowed_ips_len != b->allowed_ips_len ||
-           (a->allowed_ips_len &&
-            memcmp(a->allowed_ips, b->allowed_ips, a->allowed_ips_len * sizeof(*a->allowed_ips)));
+    return alen != blen || (alen && memcmp(a, b, alen * sizeof(*a)));
 }
 
 static bool reload_blacklist_changed(const struct config *a, const struct config *b)
@@ -137,9 +136,16 @@ static void reload_apply_live(struct config *cur, struct config *next, bool leve
         log_set_level(cur->log_level);
         reload_note(buf, len, "log.level");
     }
-    if (reload_cidrs_changed(cur, next)) {
+    if (reload_cidrs_changed(cur->allowed_ips, cur->allowed_ips_len, next->allowed_ips,
+                             next->allowed_ips_len)) {
         RELOAD_SWAP(cur, next, allowed_ips, allowed_ips_len);
         reload_note(buf, len, "api.allowed_ips");
+    }
+    /* Read at each accept: connections accepted from now on follow the new list. */
+    if (reload_cidrs_changed(cur->trusted_proxies, cur->trusted_proxies_len,
+                             next->trusted_proxies, next->trusted_proxies_len)) {
+        RELOAD_SWAP(cur, next, trusted_proxies, trusted_proxies_len);
+        reload_note(buf, len, "trusted_proxies");
     }
     if (reload_hosts_changed(cur, next)) {
         /* As at start (main.c): names a proxy forwards from put the API within reach of

@@ -34,6 +34,7 @@
 #include "mux.h"
 #include "mux_conn.h"
 #include "netaddr.h"
+#include "proxy_wait.h"
 #include "secret.h"
 #include "server.h"
 #include "tls_bev.h"
@@ -92,6 +93,7 @@ struct tunnel_server {
     int port;
     TAILQ_HEAD(, tsession) sessions;
     struct hello_limit *hello_limit;
+    struct proxy_waits *proxy_waits; /* from trusted_proxies, before their header */
     TAILQ_HEAD(, tsession) pending; /* sessions without a successful Hello yet */
     size_t npending;              /* their number (max_pending) */
     struct log_limit pending_log; /* "max_pending reached": one line per 10 s */
@@ -726,8 +728,10 @@ static size_t ts_pending_from(const struct tunnel_server *ts, const struct socka
     return n;
 }
 
-static void ts_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
-                         int socklen, void *arg)
+/* A tunnel connection whose source is known: the peer's, or the client a trusted
+ * balancer's PROXY header names. */
+static void ts_accept_from(evutil_socket_t fd, const struct sockaddr *sa, socklen_t socklen,
+                           void *arg)
 {
     struct tunnel_server *ts = arg;
     size_t from_source = ts_pending_from(ts, sa);
@@ -762,6 +766,21 @@ static void ts_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct so
     ts->npending++;
     TAILQ_INSERT_TAIL(&ts->pending, sess, pending_link);
     log_debug(TS_MOD, "tunnel connection from %s", sess->remote);
+}
+
+static void ts_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa,
+                         int socklen, void *arg)
+{
+    struct tunnel_server *ts = arg;
+    if (!proxy_waits_trusted(ts->srv->cfg, sa)) {
+        ts_accept_from(fd, sa, (socklen_t)socklen, ts);
+        return;
+    }
+    /* Waiting for a header counts against max_pending as a whole: the per-source share
+     * is checked once the header names the source. */
+    size_t total = (size_t)ts->srv->cfg->tunnel_max_pending;
+    size_t room = ts->npending < total ? total - ts->npending : 0;
+    proxy_waits_add(ts->proxy_waits, fd, sa, (socklen_t)socklen, room);
 }
 
 static void ts_accept_error_cb(struct evconnlistener *l, void *arg)
@@ -844,10 +863,11 @@ struct tunnel_server *tunnel_server_new(struct server *srv, char *err, size_t er
     TAILQ_INIT(&ts->sessions);
     TAILQ_INIT(&ts->pending);
     ts->hello_limit = hello_limit_new(HELLO_LIMIT_DEFAULT_SOURCES);
-    if (!ts->hello_limit) {
+    ts->proxy_waits = proxy_waits_new(srv->base, "tunnel", ts_accept_from, ts,
+                                      &srv->limits.proxy_header);
+    if (!ts->hello_limit || !ts->proxy_waits) {
         snprintf(err, errlen, "out of memory");
-        free(ts);
-        return NULL;
+        goto fail;
     }
     if (cfg->tls_cert_file && cfg->tls_cert_file[0]) {
         ts->ssl = ts_tls_new(cfg, err, errlen);
@@ -864,6 +884,7 @@ struct tunnel_server *tunnel_server_new(struct server *srv, char *err, size_t er
 fail:
     SSL_CTX_free(ts->ssl);
     hello_limit_free(ts->hello_limit);
+    proxy_waits_free(ts->proxy_waits);
     free(ts);
     return NULL;
 }
@@ -877,6 +898,7 @@ void tunnel_server_free(struct tunnel_server *ts)
         event_free(ts->nodes_timer);
     if (ts->listener)
         evconnlistener_free(ts->listener);
+    proxy_waits_free(ts->proxy_waits);
     struct tsession *sess;
     while ((sess = TAILQ_FIRST(&ts->sessions)) != NULL)
         tsession_close(sess, "server shutting down");

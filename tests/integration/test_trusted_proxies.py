@@ -1,0 +1,223 @@
+"""trusted_proxies: a real haproxy in front of the server sends a PROXY protocol header
+(send-proxy / send-proxy-v2) from 127.0.0.3, as the cluster compose's balancer does. The
+server takes the client's address from it on the tunnel port, the mapping ports and the
+API, so allow_from, the per-source Hello limit, api.allowed_ips and the logs see the
+client (127.0.0.5, 127.0.0.6 …) instead of the one balancer. Without it every client
+behind a balancer shared one address: ten bad Hellos from anyone blocked them all."""
+import re
+import shutil
+import socket
+import time
+
+import pytest
+
+from conftest import SERVER_BIN, connect, free_port, recv_exact, run_once, to_yaml, wait_until
+from test_clients import CFG_TOKEN, hello_answer
+from test_reload import reload
+from tunnel_helpers import client_count, client_info, client_proc, map_tunnel
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+BALANCER = "127.0.0.3"
+
+pytestmark = pytest.mark.skipif(not shutil.which("haproxy") and
+                                not __import__("os").path.exists(HAPROXY),
+                                reason="haproxy not installed")
+
+
+def haproxy_config(routes):
+    """routes: [(front_port, back_port, send)] with send "send-proxy" or "send-proxy-v2"."""
+    parts = ["""global
+    maxconn 500
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s"""]
+    for i, (front, back, send) in enumerate(routes):
+        parts.append(f"""listen r{i}
+    bind 127.0.0.1:{front}
+    server s 127.0.0.1:{back} source {BALANCER} {send}""")
+    return "\n".join(parts) + "\n"
+
+
+def start_haproxy(proc_factory, tmp_path, routes):
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(haproxy_config(routes))
+    p = proc_factory([HAPROXY, "-db", "-f", cfg], "haproxy")
+    for front, _, _ in routes:
+        wait_until(lambda: _listening(front), timeout=10, desc=f"haproxy on {front}")
+    return p
+
+
+def _listening(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def echo_once(port, payload, source, timeout=5.0):
+    """Connects from source, sends payload, returns what comes back until EOF or timeout
+    (b"" when the connection is refused or reset)."""
+    got = b""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                      source_address=(source, 0)) as s:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+    except OSError:
+        pass
+    return got
+
+
+def api_health_from(port, source):
+    """GET /health from source; returns the raw reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5,
+                                  source_address=(source, 0)) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    return reply
+
+
+def metric(srv, name):
+    text = srv.api("GET", "/metrics")[2]
+    m = re.search(r"^%s (\d+)$" % re.escape(name), text, re.M)
+    assert m, name
+    return int(m.group(1))
+
+
+def trusted_server(server_factory, extra=None):
+    cfg = {"trusted_proxies": [f"{BALANCER}/32"],
+           "tunnel": {"enabled": True, "clients": [{"name": "edge", "token": CFG_TOKEN}]},
+           "api": {"allowed_ips": ["127.0.0.1/32", "127.0.0.5/32"]}}
+    for k, v in (extra or {}).items():
+        cfg[k] = v
+    return server_factory(config=cfg)
+
+
+def test_mappings_and_the_api_see_the_client_behind_the_balancer(server_factory, proc_factory,
+                                                                  echo_backend, tmp_path):
+    srv = trusted_server(server_factory)
+    port = free_port()
+    # The echo target receives our own v1 header first: it says whom the server saw.
+    srv.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port,
+                  proxy_protocol="v1", allow_from=["127.0.0.5"])
+    front_map, front_api = free_port(), free_port()
+    start_haproxy(proc_factory, tmp_path, [(front_map, port, "send-proxy"),
+                                           (front_api, srv.api_port, "send-proxy-v2")])
+
+    got = echo_once(front_map, b"hello", "127.0.0.5")
+    assert re.match(rb"PROXY TCP4 127\.0\.0\.5 127\.0\.0\.1 \d+ %d\r\nhello$" % port, got), got
+    # Another client behind the same balancer is not in allow_from: reset at accept.
+    assert echo_once(front_map, b"hello", "127.0.0.6") == b""
+    wait_until(lambda: srv.mapping(port)["refused_connections"] >= 1, timeout=5,
+               desc="the refusal counted")
+
+    # The API through the balancer: api.allowed_ips sees each client.
+    assert api_health_from(front_api, "127.0.0.5").startswith(b"HTTP/1.1 200"), \
+        api_health_from(front_api, "127.0.0.5")[:200]
+    assert api_health_from(front_api, "127.0.0.6").startswith(b"HTTP/1.1 403")
+
+    # A connection from the balancer's address without a header: closed, counted, logged
+    # once; the header is never taken from anyone else.
+    before = metric(srv, "portmux_proxy_header_refused_total")
+    assert echo_once(port, b"GET / HTTP/1.0\r\n\r\n", BALANCER) == b""
+    wait_until(lambda: metric(srv, "portmux_proxy_header_refused_total") == before + 1,
+               timeout=5, desc="the headerless connection counted")
+    srv.wait_log(r"port %d: connection from balancer 127\.0\.0\.3:\d+ closed: no valid PROXY "
+                 r"protocol header" % port, timeout=5)
+    forged = b"PROXY TCP4 127.0.0.5 127.0.0.1 1111 %d\r\nhello" % port
+    assert echo_once(port, forged, "127.0.0.1") == b"", "a forged header let 127.0.0.1 in"
+    # A health check (connect, close, no byte) is no refusal.
+    before = metric(srv, "portmux_proxy_header_refused_total")
+    socket.create_connection(("127.0.0.1", port), source_address=(BALANCER, 0)).close()
+    time.sleep(0.3)
+    assert metric(srv, "portmux_proxy_header_refused_total") == before
+    assert srv.running()
+
+
+def test_a_balancer_that_stalls_in_its_header_is_closed(server_factory):
+    srv = trusted_server(server_factory)
+    port = free_port()
+    srv.create_ok(port=port, target_ip="127.0.0.1", target_port=9)
+    with socket.create_connection(("127.0.0.1", port), timeout=10,
+                                  source_address=(BALANCER, 0)) as s:
+        s.sendall(b"PROXY TCP4 127.0.0.5 ")
+        t0 = time.monotonic()
+        s.settimeout(10)
+        try:
+            assert s.recv(1) == b""
+        except ConnectionResetError:
+            pass
+        waited = time.monotonic() - t0
+    assert 4 <= waited <= 8, waited
+    srv.wait_log(r"port %d: connection from balancer .* no PROXY header within 5 s" % port,
+                 timeout=5)
+
+
+def test_tunnel_clients_behind_the_balancer_are_told_apart(server_factory, proc_factory,
+                                                           echo_backend, tmp_path, logs):
+    srv = trusted_server(server_factory)
+    front = free_port()
+    start_haproxy(proc_factory, tmp_path, [(front, srv.tunnel_port, "send-proxy-v2")])
+    # Ten bad Hellos from 127.0.0.7 through the balancer block 127.0.0.7 ...
+    for i in range(10):
+        assert hello_answer(front, "edge", f"wrong-token-{i:08d}",
+                            source="127.0.0.7")["error"] == "auth_failed"
+    assert hello_answer(front, "edge", CFG_TOKEN, source="127.0.0.7")["error"] == \
+        "rate_limited"
+    # ... and nobody else behind it: the real client from 127.0.0.1 gets in at once.
+    cli = client_proc(tmp_path, srv, CFG_TOKEN, name="edge")
+    cli.args[cli.args.index("--server") + 1] = f"127.0.0.1:{front}"
+    logs.append(cli)
+    cli.start()
+    wait_until(lambda: client_count(srv, "edge") == 1, timeout=10,
+               desc="the client in through the balancer")
+    assert client_info(srv, "edge")["remote_addr"].startswith("127.0.0.1:")
+    port = map_tunnel(srv, echo_backend.port, client="edge")
+    with connect(port) as s:
+        s.sendall(b"through")
+        assert recv_exact(s, 7) == b"through"
+    log = srv.log_text()
+    assert "127.0.0.7" in log
+    assert not re.search(r"Hello.*from 127\.0\.0\.3", log), "the balancer was blamed"
+
+
+def test_trusted_proxies_follow_a_reload(server_factory, echo_backend):
+    srv = trusted_server(server_factory)
+    port = free_port()
+    srv.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+    assert echo_once(port, b"plain", BALANCER) == b""
+    cfg = dict(srv.config)
+    cfg["trusted_proxies"] = []
+    log = reload(srv, cfg)
+    assert "trusted_proxies" in log, log
+    assert echo_once(port, b"plain", BALANCER) == b"plain"
+    cfg["trusted_proxies"] = ["127.0.0.0/29"]
+    reload(srv, cfg)
+    assert echo_once(port, b"PROXY TCP4 127.0.0.9 127.0.0.1 1 2\r\nv1", BALANCER) == b"v1"
+    assert echo_once(port, b"plain", BALANCER) == b""
+
+
+@pytest.mark.parametrize("value,message", [
+    (["0.0.0.0/0"], r"trusts every address"),
+    (["::/0"], r"trusts every address"),
+    (["balancer.example"], r"invalid CIDR"),
+    ("10.0.0.1", r"expected a sequence|expected a list"),
+])
+def test_bad_trusted_proxies_stop_the_start(tmp_path, value, message):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(to_yaml({"trusted_proxies": value,
+                            "database": {"path": str(tmp_path / "db")}}) + "\n")
+    r = run_once([SERVER_BIN, "--config", cfg])
+    assert r.returncode == 2, r
+    assert re.search(message, r.stderr.decode() + r.stdout.decode()), r
+    assert "trusted_proxies" in r.stderr.decode() + r.stdout.decode()
