@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import SERVER_BIN, connect, free_port, recv_exact, run_once, to_yaml, wait_until
+from conftest import SERVER_BIN, SOURCE_DIR, connect, free_port, recv_exact, run_once, to_yaml, wait_until
 from test_clients import CFG_TOKEN, hello_answer
 from test_reload import reload
 from tunnel_helpers import client_count, client_info, client_proc, map_tunnel
@@ -221,3 +221,28 @@ def test_bad_trusted_proxies_stop_the_start(tmp_path, value, message):
     assert r.returncode == 2, r
     assert re.search(message, r.stderr.decode() + r.stdout.decode()), r
     assert "trusted_proxies" in r.stderr.decode() + r.stdout.decode()
+
+
+def test_the_cluster_compose_trusts_its_own_balancer(server_factory):
+    """docker/: haproxy sends send-proxy-v2 to every node, from the fixed address the
+    nodes' config trusts, and that config starts."""
+    docker = SOURCE_DIR / "docker"
+    haproxy = (docker / "haproxy.cfg").read_text()
+    servers = re.findall(r"^\s*server .*$", haproxy, re.M)
+    assert servers and all("send-proxy-v2" in s for s in servers), servers
+    compose = (docker / "docker-compose.cluster.yml").read_text()
+    addr = re.search(r"ipv4_address: ([0-9.]+)", compose).group(1)
+    assert "./cluster-node.yaml:/etc/portmux/config.yaml" in compose
+    text = (docker / "cluster-node.yaml").read_text()
+    assert re.search(r"^trusted_proxies: \[%s\]" % re.escape(addr), text, re.M), text
+    api_port = free_port()
+    text = text.replace("/var/lib/portmux/mappings.db", str(SOURCE_DIR / "nonexistent"))
+    text = text.replace("listen_addr: 0.0.0.0", "listen_addr: 127.0.0.1")
+    text = text.replace("listen_port: 8080", f"listen_port: {api_port}")
+    text = text.replace("listen_port: 9000", f"listen_port: {free_port()}")
+    srv = server_factory(config_text=text, api_port=api_port, start=False)
+    text = text.replace(str(SOURCE_DIR / "nonexistent"), str(srv.dir / "m.db"))
+    srv.config_text = text
+    srv.write_config()
+    srv.start()
+    assert srv.health()["status"] == "ok"
