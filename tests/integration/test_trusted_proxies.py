@@ -246,3 +246,26 @@ def test_the_cluster_compose_trusts_its_own_balancer(server_factory):
     srv.write_config()
     srv.start()
     assert srv.health()["status"] == "ok"
+
+
+def test_a_tls_tunnel_through_the_balancer(server_factory, proc_factory, pki, echo_backend,
+                                           tmp_path, logs):
+    """The header comes before the TLS handshake: the server reads it off the raw socket,
+    then TLS starts on the bytes after it."""
+    srv = trusted_server(server_factory, {"tunnel": {
+        "enabled": True, "clients": [{"name": "edge", "token": CFG_TOKEN}],
+        "tls": {"cert_file": str(pki["server"]), "key_file": str(pki["server_key"])}}})
+    front = free_port()
+    start_haproxy(proc_factory, tmp_path, [(front, srv.tunnel_port, "send-proxy-v2")])
+    cli = client_proc(tmp_path, srv, CFG_TOKEN, "--tls", "--ca", str(pki["ca"]),
+                      "--server-name", "localhost", name="edge")
+    cli.args[cli.args.index("--server") + 1] = f"127.0.0.1:{front}"
+    logs.append(cli)
+    cli.start()
+    wait_until(lambda: client_count(srv, "edge") == 1, timeout=15,
+               desc="the TLS client in through the balancer")
+    assert client_info(srv, "edge")["remote_addr"].startswith("127.0.0.1:")
+    port = map_tunnel(srv, echo_backend.port, client="edge")
+    with connect(port) as s:
+        s.sendall(b"over tls")
+        assert recv_exact(s, 8) == b"over tls"
