@@ -62,6 +62,7 @@ struct pg_store {
     PGresult *wgot;        /* the first result of the step in progress */
     PGresult *wres;        /* the statement's result, while COMMIT or ROLLBACK runs */
     bool wstmt_ok;         /* the statement succeeded: the end step is COMMIT */
+    bool wsent;            /* the current step's query left libpq (some of it may be out) */
 };
 
 static const char *const pg_proxy_names[] = {"none", "v1", "v2"};
@@ -1032,11 +1033,24 @@ static void pgw_complete_head(struct pg_store *pg, enum store_result r)
     pgw_next(pg);
 }
 
-/* Every queued write answers STORE_UNAVAILABLE (connection gone, shutdown). */
-static void pgw_fail_all(struct pg_store *pg)
+/* True while the head write's COMMIT is sent and unanswered: from then on no one can take
+ * it back (the server commits what it has read, whatever becomes of the connection; a
+ * commit waiting for a synchronous standby stays committed locally), so a write ended
+ * now may be stored. Ask before pgw_drop, which forgets the step. */
+static bool pgw_commit_in_flight(const struct pg_store *pg)
 {
-    struct store_op *op;
-    while ((op = TAILQ_FIRST(&pg->wqueue)) != NULL)
+    return pg->wstate == PGW_BUSY && pg->wstep == PGW_END && pg->wstmt_ok && pg->wstmt &&
+           pg->wsent;
+}
+
+/* Every queued write answers STORE_UNAVAILABLE (connection gone, shutdown); the head
+ * answers STORE_UNCONFIRMED instead when its COMMIT was in flight (pgw_commit_in_flight,
+ * asked before the connection was dropped). */
+static void pgw_fail_all(struct pg_store *pg, bool head_commit_in_flight)
+{
+    if (head_commit_in_flight && !TAILQ_EMPTY(&pg->wqueue))
+        pgw_complete_head(pg, STORE_UNCONFIRMED);
+    while (!TAILQ_EMPTY(&pg->wqueue))
         pgw_complete_head(pg, STORE_UNAVAILABLE);
 }
 
@@ -1058,12 +1072,14 @@ static void pgw_lost_why(struct pg_store *pg, const char *what, const char *why,
 {
     char msg[256];
     pg_one_line(msg, sizeof(msg), why ? why : pg->wconn ? PQerrorMessage(pg->wconn) : "");
-    log_warn("store", "%s: %s%s%s; dropping the write connection", pg->where, what,
-             msg[0] ? ": " : "", msg);
+    bool in_flight = pgw_commit_in_flight(pg);
+    log_warn("store", "%s: %s%s%s; dropping the write connection%s", pg->where, what,
+             msg[0] ? ": " : "", msg,
+             in_flight ? " (a COMMIT was on its way: that write may be stored)" : "");
     pgw_drop(pg);
     if (backoff)
         pg_backoff(pg);
-    pgw_fail_all(pg);
+    pgw_fail_all(pg, in_flight);
 }
 
 static void pgw_lost(struct pg_store *pg, const char *what, bool backoff)
@@ -1093,10 +1109,12 @@ static void pgw_on_flush(evutil_socket_t fd, short what, void *arg)
 
 static void pgw_send(struct pg_store *pg, const char *sql, int n, const char *const *vals)
 {
+    pg->wsent = false;
     if (!PQsendQueryParams(pg->wconn, sql, n, NULL, vals, NULL, NULL, 0)) {
         pgw_lost(pg, "sending a write failed", true);
         return;
     }
+    pg->wsent = true;
     pgw_flush(pg);
 }
 
@@ -1282,16 +1300,13 @@ static void pgw_on_deadline(evutil_socket_t fd, short what, void *arg)
         pgw_arm(pg); /* woke early (timer granularity) */
         return;
     }
-    if (pg->wstate == PGW_BUSY && pg->wstep == PGW_END && pg->wstmt_ok) {
-        /* Its COMMIT is on its way or done: dropping the connection cannot take it back
-         * (the server commits what it has read; a commit waiting for a synchronous
-         * standby stays committed locally). The head says so; the rest changed nothing. */
+    if (pgw_commit_in_flight(pg)) {
+        /* The head says it may be stored; the rest changed nothing. */
         log_warn("store", "%s: a COMMIT got no answer within %d ms: that write may be "
                           "stored; dropping the write connection", pg->where, PG_CALL_MS);
         pgw_drop(pg);
         pg_backoff(pg);
-        pgw_complete_head(pg, STORE_UNCONFIRMED);
-        pgw_fail_all(pg);
+        pgw_fail_all(pg, true);
         return;
     }
     log_warn("store", "%s: a write got no answer within %d ms", pg->where, PG_CALL_MS);
@@ -1339,10 +1354,12 @@ static int pgw_attach(void *impl, struct event_base *base, struct evdns_base *dn
 static void pgw_fail_pending(void *impl)
 {
     struct pg_store *pg = impl;
-    /* A write in progress must not commit after it was answered STORE_UNAVAILABLE. */
+    /* A write in progress must not commit after it was answered STORE_UNAVAILABLE; one
+     * whose COMMIT is already sent may have, and is answered so. */
+    bool in_flight = pgw_commit_in_flight(pg);
     if (!TAILQ_EMPTY(&pg->wqueue) || pg->wstate == PGW_BUSY)
         pgw_drop(pg);
-    pgw_fail_all(pg);
+    pgw_fail_all(pg, in_flight);
 }
 
 static void pgw_close(struct pg_store *pg)

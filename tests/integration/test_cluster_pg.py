@@ -650,6 +650,74 @@ def test_a_commit_left_unanswered_says_the_write_may_be_stored(pg, server_factor
     assert healthy(a)
 
 
+def test_a_connection_lost_during_commit_says_the_write_may_be_stored(pg, server_factory):  # noqa: F811,E501
+    """The write connection breaks while the COMMIT of a create is on its way (here the
+    backend is terminated while a deferred trigger holds the commit; in life the server
+    crashes or the network drops): whether the commit happened is unknown, so the 503
+    says the mapping may be stored, not that it is unchanged. (Here it was not: the
+    trigger ran before the commit, so the node lists nothing once it has read back.)"""
+    a = pg_node(server_factory, pg, name="a")
+    a.wait_log("listening for changes from other nodes", timeout=10)
+    port = free_port()
+    pg.psql("CREATE FUNCTION slow_commit() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(1.2); "
+            "RETURN NULL; END $$ LANGUAGE plpgsql")
+    pg.psql("CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON mappings "
+            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+            f"WHEN (NEW.port = {port}) EXECUTE FUNCTION slow_commit()")
+    create = Worker(a.api, "POST", "/api/mapping/create",
+                    body={"port": port, "target_ip": "192.0.2.1", "target_port": 80})
+    create.start()
+    committing = ("SELECT pid FROM pg_stat_activity WHERE application_name = 'portmux-store' "
+                  "AND state = 'active' AND query = 'COMMIT'")
+    wait_until(lambda: pg.psql(committing), timeout=5, interval=0.01,
+               desc="the node's COMMIT waiting on the trigger")
+    pg.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'portmux-store' AND query = 'COMMIT'")
+    status, _, body = create.join_result(10)
+    assert status == 503 and body["error"] == "store_unavailable", (status, body)
+    assert "may be stored" in body["message"], body
+    a.wait_log(r"COMMIT was on its way: that write may be stored", timeout=5)
+    assert pg.psql(f"SELECT count(*) FROM mappings WHERE port = {port}") == [["0"]]
+    # The next write works on a new connection, and nothing of the lost one is listed.
+    wait_until(lambda: a.api("POST", "/api/mapping/create",
+                             body={"port": free_port(), "target_ip": "192.0.2.1",
+                                   "target_port": 80})[0] == 201, timeout=10,
+               desc="the next create stored")
+    assert a.mapping(port) is None
+    assert healthy(a)
+
+
+def test_a_shutdown_during_commit_says_the_write_may_be_stored(pg, server_factory):  # noqa: F811
+    """SIGTERM while the COMMIT of a create waits (a deferred trigger sleeping 3 s): the
+    node still stops within 2 s, and the answer it gives the waiting request says the
+    mapping may be stored. It is: PostgreSQL finishes the commit after the node is gone,
+    and the next start lists it."""
+    a = pg_node(server_factory, pg, name="a")
+    a.wait_log("listening for changes from other nodes", timeout=10)
+    port = free_port()
+    pg.psql("CREATE FUNCTION slow_commit() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(3); "
+            "RETURN NULL; END $$ LANGUAGE plpgsql")
+    pg.psql("CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON mappings "
+            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+            f"WHEN (NEW.port = {port}) EXECUTE FUNCTION slow_commit()")
+    create = Worker(a.api, "POST", "/api/mapping/create",
+                    body={"port": port, "target_ip": "192.0.2.1", "target_port": 80})
+    create.start()
+    wait_until(lambda: pg.psql("SELECT 1 FROM pg_stat_activity WHERE application_name = "
+                               "'portmux-store' AND state = 'active' AND query = 'COMMIT'"),
+               timeout=5, interval=0.01, desc="the node's COMMIT waiting on the trigger")
+    t0 = time.monotonic()
+    assert a.stop(timeout=5) == 0
+    assert time.monotonic() - t0 < 2.5
+    status, _, body = create.join_result(10)
+    assert status == 503 and "may be stored" in body["message"], (status, body)
+    wait_until(lambda: pg.psql(f"SELECT count(*) FROM mappings WHERE port = {port}") ==
+               [["1"]], timeout=10, desc="the commit finished without the node")
+    a.start()
+    wait_until(lambda: (a.mapping(port) or {}).get("status") == "listening", timeout=10,
+               desc="the restarted node lists and binds it")
+
+
 def test_port0_creates_on_two_nodes_at_once_both_succeed(pg, server_factory):  # noqa: F811
     """Two nodes create a mapping without a port at the same moment: they pick the same
     lowest free port, one stores it first, and the other takes the next free one rather
