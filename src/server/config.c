@@ -1007,11 +1007,15 @@ static int read_whole_file(const char *path, char **out, size_t *outlen, const c
         rc = ENOMEM;
     while (rc == 0) {
         if (len == cap) {
-            char *p = cap < CONFIG_MAX_FILE ? realloc(buf, cap * 2) : NULL;
+            /* Not realloc: the old block holds tokens and is wiped before it is freed. */
+            char *p = cap < CONFIG_MAX_FILE ? malloc(cap * 2) : NULL;
             if (p == NULL) {
                 rc = cap < CONFIG_MAX_FILE ? ENOMEM : EFBIG;
                 break;
             }
+            memcpy(p, buf, len);
+            OPENSSL_cleanse(buf, cap);
+            free(buf);
             buf = p;
             cap *= 2;
         }
@@ -1024,6 +1028,8 @@ static int read_whole_file(const char *path, char **out, size_t *outlen, const c
     }
     close(fd);
     if (rc != 0) {
+        if (buf)
+            OPENSSL_cleanse(buf, len);
         free(buf);
         *why = strerror(rc);
         return -1;
