@@ -485,17 +485,24 @@ static int cidr_item(struct loader *ld, struct vec *v, size_t index)
     return 0;
 }
 
-static int parse_cidrs(struct loader *ld, const struct field *f, void *base)
+/* A CIDR list read with item into *list / *len, replacing what was there. */
+static int parse_cidr_list(struct loader *ld, item_fn item,
+                           struct netaddr_cidr **list, size_t *len)
 {
     struct vec v = {.size = sizeof(struct netaddr_cidr)};
-    if (parse_seq(ld, cidr_item, &v) != 0) {
+    if (parse_seq(ld, item, &v) != 0) {
         free(v.items);
         return -1;
     }
-    free(ld->cfg->allowed_ips);
-    ld->cfg->allowed_ips = v.items;
-    ld->cfg->allowed_ips_len = v.len;
+    free(*list);
+    *list = v.items;
+    *len = v.len;
     return 0;
+}
+
+static int parse_cidrs(struct loader *ld, const struct field *f, void *base)
+{
+    return parse_cidr_list(ld, cidr_item, &ld->cfg->allowed_ips, &ld->cfg->allowed_ips_len);
 }
 
 /* A balancer's address or network. 0.0.0.0/0 and ::/0 are refused: they would let anyone
@@ -513,15 +520,8 @@ static int trusted_item(struct loader *ld, struct vec *v, size_t index)
 
 static int parse_trusted_proxies(struct loader *ld, const struct field *f, void *base)
 {
-    struct vec v = {.size = sizeof(struct netaddr_cidr)};
-    if (parse_seq(ld, trusted_item, &v) != 0) {
-        free(v.items);
-        return -1;
-    }
-    free(ld->cfg->trusted_proxies);
-    ld->cfg->trusted_proxies = v.items;
-    ld->cfg->trusted_proxies_len = v.len;
-    return 0;
+    return parse_cidr_list(ld, trusted_item, &ld->cfg->trusted_proxies,
+                           &ld->cfg->trusted_proxies_len);
 }
 
 /* A Host name the API answers to: a DNS name or an IP literal, kept in lower case because

@@ -620,6 +620,34 @@ def test_remove_and_create_again_elsewhere_ends_the_old_connections(
     assert a.wait_log(f"port {port} removed and created anew by another node")
 
 
+def node_with_a_slow_commit(server_factory, pg, seconds):  # noqa: F811
+    """A node, and a port whose create waits `seconds` at COMMIT (a deferred trigger that
+    sleeps, as a synchronous standby that is gone or a stalled server would)."""
+    a = pg_node(server_factory, pg, name="a")
+    a.wait_log("listening for changes from other nodes", timeout=10)
+    port = free_port()
+    pg.psql("CREATE FUNCTION slow_commit() RETURNS trigger AS $$ BEGIN "
+            f"PERFORM pg_sleep({seconds}); RETURN NULL; END $$ LANGUAGE plpgsql")
+    pg.psql("CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON mappings "
+            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+            f"WHEN (NEW.port = {port}) EXECUTE FUNCTION slow_commit()")
+    return a, port
+
+
+COMMITTING = ("FROM pg_stat_activity WHERE application_name = 'portmux-store' "
+              "AND state = 'active' AND query = 'COMMIT'")
+
+
+def create_until_committing(a, pg, port):  # noqa: F811
+    """Starts a create of port on a (a Worker) and returns once its COMMIT waits."""
+    create = Worker(a.api, "POST", "/api/mapping/create",
+                    body={"port": port, "target_ip": "192.0.2.1", "target_port": 80})
+    create.start()
+    wait_until(lambda: pg.psql("SELECT pid " + COMMITTING), timeout=5, interval=0.01,
+               desc="the node's COMMIT waiting on the trigger")
+    return create
+
+
 def test_a_commit_left_unanswered_says_the_write_may_be_stored(pg, server_factory):  # noqa: F811
     """The COMMIT of a create gets no answer within the node's deadline (here a deferred
     trigger that sleeps 3 s at commit; in life a synchronous standby that is gone, or a
@@ -627,14 +655,7 @@ def test_a_commit_left_unanswered_says_the_write_may_be_stored(pg, server_factor
     mapping may be stored, because dropping the connection cannot take a COMMIT back.
     It was: the node then reads it back and listens. The old answer, "database error",
     said nothing of the kind."""
-    a = pg_node(server_factory, pg, name="a")
-    a.wait_log("listening for changes from other nodes", timeout=10)
-    port = free_port()
-    pg.psql("CREATE FUNCTION slow_commit() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(3); "
-            "RETURN NULL; END $$ LANGUAGE plpgsql")
-    pg.psql("CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON mappings "
-            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
-            f"WHEN (NEW.port = {port}) EXECUTE FUNCTION slow_commit()")
+    a, port = node_with_a_slow_commit(server_factory, pg, 3)
     t0 = time.monotonic()
     status, _, body = a.api("POST", "/api/mapping/create",
                             body={"port": port, "target_ip": "192.0.2.1", "target_port": 80})
@@ -656,23 +677,9 @@ def test_a_connection_lost_during_commit_says_the_write_may_be_stored(pg, server
     crashes or the network drops): whether the commit happened is unknown, so the 503
     says the mapping may be stored, not that it is unchanged. (Here it was not: the
     trigger ran before the commit, so the node lists nothing once it has read back.)"""
-    a = pg_node(server_factory, pg, name="a")
-    a.wait_log("listening for changes from other nodes", timeout=10)
-    port = free_port()
-    pg.psql("CREATE FUNCTION slow_commit() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(1.2); "
-            "RETURN NULL; END $$ LANGUAGE plpgsql")
-    pg.psql("CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON mappings "
-            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
-            f"WHEN (NEW.port = {port}) EXECUTE FUNCTION slow_commit()")
-    create = Worker(a.api, "POST", "/api/mapping/create",
-                    body={"port": port, "target_ip": "192.0.2.1", "target_port": 80})
-    create.start()
-    committing = ("SELECT pid FROM pg_stat_activity WHERE application_name = 'portmux-store' "
-                  "AND state = 'active' AND query = 'COMMIT'")
-    wait_until(lambda: pg.psql(committing), timeout=5, interval=0.01,
-               desc="the node's COMMIT waiting on the trigger")
-    pg.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE application_name = 'portmux-store' AND query = 'COMMIT'")
+    a, port = node_with_a_slow_commit(server_factory, pg, 1.2)
+    create = create_until_committing(a, pg, port)
+    pg.psql("SELECT pg_terminate_backend(pid) " + COMMITTING)
     status, _, body = create.join_result(10)
     assert status == 503 and body["error"] == "store_unavailable", (status, body)
     assert "may be stored" in body["message"], body
@@ -692,20 +699,8 @@ def test_a_shutdown_during_commit_says_the_write_may_be_stored(pg, server_factor
     node still stops within 2 s, and the answer it gives the waiting request says the
     mapping may be stored. It is: PostgreSQL finishes the commit after the node is gone,
     and the next start lists it."""
-    a = pg_node(server_factory, pg, name="a")
-    a.wait_log("listening for changes from other nodes", timeout=10)
-    port = free_port()
-    pg.psql("CREATE FUNCTION slow_commit() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(3); "
-            "RETURN NULL; END $$ LANGUAGE plpgsql")
-    pg.psql("CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON mappings "
-            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
-            f"WHEN (NEW.port = {port}) EXECUTE FUNCTION slow_commit()")
-    create = Worker(a.api, "POST", "/api/mapping/create",
-                    body={"port": port, "target_ip": "192.0.2.1", "target_port": 80})
-    create.start()
-    wait_until(lambda: pg.psql("SELECT 1 FROM pg_stat_activity WHERE application_name = "
-                               "'portmux-store' AND state = 'active' AND query = 'COMMIT'"),
-               timeout=5, interval=0.01, desc="the node's COMMIT waiting on the trigger")
+    a, port = node_with_a_slow_commit(server_factory, pg, 3)
+    create = create_until_committing(a, pg, port)
     t0 = time.monotonic()
     assert a.stop(timeout=5) == 0
     assert time.monotonic() - t0 < 2.5

@@ -94,6 +94,19 @@ def metric(srv, name):
     return int(m.group(1))
 
 
+def client_through(tmp_path, logs, srv, front, *extra):
+    """Starts portmux-client "edge" with --server the balancer's front port; returns once
+    the server lists it, from the address the balancer's header names."""
+    cli = client_proc(tmp_path, srv, CFG_TOKEN, *extra, name="edge")
+    cli.args[cli.args.index("--server") + 1] = f"127.0.0.1:{front}"
+    logs.append(cli)
+    cli.start()
+    wait_until(lambda: client_count(srv, "edge") == 1, timeout=15,
+               desc="the client in through the balancer")
+    assert client_info(srv, "edge")["remote_addr"].startswith("127.0.0.1:")
+    return cli
+
+
 def trusted_server(server_factory, extra=None):
     cfg = {"trusted_proxies": [f"{BALANCER}/32"],
            "tunnel": {"enabled": True, "clients": [{"name": "edge", "token": CFG_TOKEN}]},
@@ -175,13 +188,7 @@ def test_tunnel_clients_behind_the_balancer_are_told_apart(server_factory, proc_
     assert hello_answer(front, "edge", CFG_TOKEN, source="127.0.0.7")["error"] == \
         "rate_limited"
     # ... and nobody else behind it: the real client from 127.0.0.1 gets in at once.
-    cli = client_proc(tmp_path, srv, CFG_TOKEN, name="edge")
-    cli.args[cli.args.index("--server") + 1] = f"127.0.0.1:{front}"
-    logs.append(cli)
-    cli.start()
-    wait_until(lambda: client_count(srv, "edge") == 1, timeout=10,
-               desc="the client in through the balancer")
-    assert client_info(srv, "edge")["remote_addr"].startswith("127.0.0.1:")
+    client_through(tmp_path, logs, srv, front)
     port = map_tunnel(srv, echo_backend.port, client="edge")
     with connect(port) as s:
         s.sendall(b"through")
@@ -257,14 +264,8 @@ def test_a_tls_tunnel_through_the_balancer(server_factory, proc_factory, pki, ec
         "tls": {"cert_file": str(pki["server"]), "key_file": str(pki["server_key"])}}})
     front = free_port()
     start_haproxy(proc_factory, tmp_path, [(front, srv.tunnel_port, "send-proxy-v2")])
-    cli = client_proc(tmp_path, srv, CFG_TOKEN, "--tls", "--ca", str(pki["ca"]),
-                      "--server-name", "localhost", name="edge")
-    cli.args[cli.args.index("--server") + 1] = f"127.0.0.1:{front}"
-    logs.append(cli)
-    cli.start()
-    wait_until(lambda: client_count(srv, "edge") == 1, timeout=15,
-               desc="the TLS client in through the balancer")
-    assert client_info(srv, "edge")["remote_addr"].startswith("127.0.0.1:")
+    client_through(tmp_path, logs, srv, front, "--tls", "--ca", str(pki["ca"]),
+                   "--server-name", "localhost")
     port = map_tunnel(srv, echo_backend.port, client="edge")
     with connect(port) as s:
         s.sendall(b"over tls")
