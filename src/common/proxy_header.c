@@ -210,7 +210,9 @@ static long proxy_v2_parse(const unsigned char *buf, size_t len, struct proxy_he
     unsigned version = buf[12] >> 4, command = buf[12] & 0x0f;
     unsigned family = buf[13] >> 4, transport = buf[13] & 0x0f;
     size_t body = (size_t)buf[14] << 8 | buf[15];
-    if (version != 2 || command > 1 || family > 3 || transport > 2)
+    /* The spec's list: UNSPEC with UNSPEC, or INET, INET6, UNIX with STREAM or DGRAM. */
+    if (version != 2 || command > 1 || family > 3 || transport > 2 ||
+        (family == 0) != (transport == 0))
         return -1;
     memset(out, 0, sizeof(*out));
     /* LOCAL (the balancer's own connection, a health check), and anything but TCP over

@@ -71,6 +71,7 @@ struct api {
     struct evconnlistener *listener;   /* ours, not MHD's: see api_start_listener */
     struct accept_guard *accept_guard;
     struct proxy_waits *proxy_waits; /* from trusted_proxies, before their header */
+    bool via_balancer;             /* the connection being added came through one */
     struct event *ev_io;
     struct event *ev_timer;
     int port;
@@ -1087,8 +1088,10 @@ static enum MHD_Result api_accept_policy(void *cls, const struct sockaddr *addr,
     struct api *api = cls;
     unsigned from = 0;
     bool full = api->open_connections >= (unsigned)api->srv->cfg->api_max_connections;
-    if (!full && (api_guard_is_loopback(api->srv->cfg->api_listen_addr) ||
-                  (from = api_conns_from(api, addr)) < api_per_source(api)))
+    /* A peer of a loopback API is this machine; a client a trusted balancer's header named
+     * (trusted_proxies) is elsewhere and gets the share as on any other address. */
+    bool local = api_guard_is_loopback(api->srv->cfg->api_listen_addr) && !api->via_balancer;
+    if (!full && (local || (from = api_conns_from(api, addr)) < api_per_source(api)))
         return MHD_YES;
     api->srv->limits.api_connections++;
     unsigned long held;
@@ -1178,15 +1181,23 @@ static void api_mhd_log(void *cls, const char *fmt, va_list ap)
  * readable, so the loop spins and MHD logs a line per turn) or stops polling it until one of
  * its own connections closes. The guard instead pauses accepting for 100 ms and retries, so
  * the API answers again as soon as any descriptor is free, without spinning. */
+static void api_add_connection(struct api *api, evutil_socket_t fd, const struct sockaddr *sa,
+                               socklen_t salen, bool via_balancer)
+{
+    /* MHD closes fd itself when it refuses it (api_accept_policy, which it calls from
+     * here and which reads via_balancer; out of memory). */
+    api->via_balancer = via_balancer;
+    if (MHD_add_connection(api->mhd, fd, sa, salen) != MHD_YES)
+        log_debug("api", "connection not taken by libmicrohttpd");
+    api->via_balancer = false;
+    MHD_run(api->mhd);
+    api_schedule(api);
+}
+
 static void api_accept_from(evutil_socket_t fd, const struct sockaddr *sa, socklen_t salen,
                             void *arg)
 {
-    struct api *api = arg;
-    /* MHD closes fd itself when it refuses it (api_accept_policy, out of memory). */
-    if (MHD_add_connection(api->mhd, fd, sa, salen) != MHD_YES)
-        log_debug("api", "connection not taken by libmicrohttpd");
-    MHD_run(api->mhd);
-    api_schedule(api);
+    api_add_connection(arg, fd, sa, salen, true);
 }
 
 /* From a trusted balancer the connection waits for its PROXY header first, so
@@ -1196,7 +1207,7 @@ static void api_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct s
 {
     struct api *api = arg;
     if (!proxy_waits_trusted(api->srv->cfg, sa)) {
-        api_accept_from(fd, sa, (socklen_t)salen, api);
+        api_add_connection(api, fd, sa, (socklen_t)salen, false);
         return;
     }
     size_t max = (size_t)api->srv->cfg->api_max_connections;

@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <netinet/in.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -505,17 +506,49 @@ static int parse_cidrs(struct loader *ld, const struct field *f, void *base)
     return parse_cidr_list(ld, cidr_item, &ld->cfg->allowed_ips, &ld->cfg->allowed_ips_len);
 }
 
-/* A balancer's address or network. 0.0.0.0/0 and ::/0 are refused: they would let anyone
- * on the network claim any source address with a header of their own. */
+/* True when c is an IPv4-mapped IPv6 range (::ffff:0:0/96 and inside it); *v4prefix then
+ * gets its prefix as an IPv4 one. */
+static bool cidr_v4_mapped(const struct netaddr_cidr *c, int *v4prefix)
+{
+    static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    if (c->family != AF_INET6 || c->prefix < 96 || memcmp(c->addr, mapped, 12) != 0)
+        return false;
+    *v4prefix = c->prefix - 96;
+    return true;
+}
+
+/* A balancer's address or network. Short prefixes are refused: with 0.0.0.0/1 and
+ * 128.0.0.0/1, say, anyone on the network could claim any source address with a header
+ * of their own. The floor (an IPv4 /8, an IPv6 /16) still takes any real site. */
 static int trusted_item(struct loader *ld, struct vec *v, size_t index)
 {
     if (cidr_item(ld, v, index) != 0)
         return -1;
     const struct netaddr_cidr *c = (const struct netaddr_cidr *)v->items + v->len - 1;
-    if (c->prefix == 0)
-        return fail(ld, "\"%.60s\" trusts every address: name the balancers (10.0.0.5, "
-                    "10.0.0.0/24)", ev_text(ld));
+    int v4prefix = c->prefix;
+    bool v4 = c->family == AF_INET || cidr_v4_mapped(c, &v4prefix);
+    if ((v4 && v4prefix < 8) || (!v4 && c->prefix < 16))
+        return fail(ld, "\"%.60s\" trusts too many addresses (at most an IPv4 /8 or an "
+                    "IPv6 /16): name the balancers (10.0.0.5, 10.0.0.0/24)", ev_text(ld));
     return 0;
+}
+
+bool config_trusts_loopback(const struct config *cfg)
+{
+    for (size_t i = 0; i < cfg->trusted_proxies_len; i++) {
+        const struct netaddr_cidr *c = &cfg->trusted_proxies[i];
+        int v4prefix;
+        if (c->family == AF_INET || cidr_v4_mapped(c, &v4prefix)) {
+            /* Prefixes of /8 and longer (trusted_item): inside 127/8 or apart from it. */
+            if (c->addr[c->family == AF_INET ? 0 : 12] == 127)
+                return true;
+        } else {
+            struct sockaddr_in6 lo = {.sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+            if (netaddr_cidr_match(c, (const struct sockaddr *)&lo))
+                return true;
+        }
+    }
+    return false;
 }
 
 static int parse_trusted_proxies(struct loader *ld, const struct field *f, void *base)

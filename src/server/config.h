@@ -96,6 +96,11 @@ int config_load_string(struct config *cfg, const char *yaml, size_t len, const c
 
 /* True when port may be mapped: inside the range and not blacklisted. */
 bool config_port_allowed(const struct config *cfg, int port);
+
+/* True when trusted_proxies lets a loopback peer (a balancer on this host: 127.0.0.0/8,
+ * ::1, ::ffff:127.0.0.0/104) speak for others: an API on loopback is then reached from
+ * elsewhere, and needs a token as one listening beyond loopback does. */
+bool config_trusts_loopback(const struct config *cfg);
 /* True when url names a PostgreSQL database (postgres:// or postgresql://), SPEC §7. */
 bool config_db_url_ok(const char *url);
 

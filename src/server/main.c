@@ -141,14 +141,18 @@ static int check_safe_defaults(const struct config *cfg)
     size_t len = strlen(cfg->api_token);
     if (len >= CONFIG_API_TOKEN_MIN)
         return 0;
-    if (api_guard_is_loopback(cfg->api_listen_addr) && cfg->allowed_hosts_len > 0) {
-        /* api.allowed_hosts names the hosts a reverse proxy forwards from: the API is then
-         * reached from elsewhere although it listens on loopback. */
+    if (api_guard_is_loopback(cfg->api_listen_addr) &&
+        (cfg->allowed_hosts_len > 0 || config_trusts_loopback(cfg))) {
+        /* api.allowed_hosts names the hosts a reverse proxy forwards from, and a balancer
+         * on this host in trusted_proxies speaks for clients elsewhere: either way the API
+         * is reached from elsewhere although it listens on loopback. */
         fprintf(stderr,
-                "portmux-server: refusing to start: api.allowed_hosts lets a reverse proxy "
-                "bring requests from elsewhere, and the API token (api.token or "
-                "PORTMUX_API_TOKEN) has %zu characters; it needs at least %d (e.g. openssl "
-                "rand -hex 24)\n", len, CONFIG_API_TOKEN_MIN);
+                "portmux-server: refusing to start: %s requests from elsewhere, and the API "
+                "token (api.token or PORTMUX_API_TOKEN) has %zu characters; it needs at least "
+                "%d (e.g. openssl rand -hex 24)\n",
+                cfg->allowed_hosts_len > 0 ? "api.allowed_hosts lets a reverse proxy bring"
+                                           : "trusted_proxies lets a balancer on this host bring",
+                len, CONFIG_API_TOKEN_MIN);
         return EXIT_CONFIG;
     }
     if (api_guard_is_loopback(cfg->api_listen_addr))

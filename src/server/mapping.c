@@ -258,7 +258,9 @@ static void mapping_accept_cb(struct evconnlistener *l, evutil_socket_t fd,
                               struct sockaddr *sa, int socklen, void *arg)
 {
     struct mapping *m = arg;
-    if (!proxy_waits_trusted(m->srv->cfg, sa)) {
+    if (!proxy_waits_trusted(m->srv->cfg, sa) || mapping_fd_in_reserve(fd)) {
+        /* The reserve is checked (and counted) there: a waiting connection would hold a
+         * descriptor of the reserve for up to PROXY_WAIT_SECONDS. */
         mapping_accept_from(fd, sa, (socklen_t)socklen, m);
         return;
     }

@@ -157,9 +157,9 @@ static int proxy_wait_read(struct proxy_wait *w)
         }
         /* Look first: the header's end is known only once its bytes are seen. */
         ssize_t n = recv(w->fd, w->buf + w->have, sizeof(w->buf) - w->have, MSG_PEEK);
-        if (n == 0 && w->have == 0) {
-            /* Connected and closed without a byte: the balancer's health check (haproxy's
-             * "check" sends no header). Nothing to refuse or log. */
+        if (w->have == 0 && (n == 0 || (n < 0 && errno == ECONNRESET))) {
+            /* Connected and closed (or reset) without a byte: the balancer's health check
+             * (haproxy's "check" sends no header). Nothing to refuse or log. */
             log_debug(PW_MOD, "%s: a balancer's connection closed before sending anything",
                       w->pw->what);
             proxy_wait_free(w, true);

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "api_guard.h"
 #include "clients.h"
 #include "config.h"
 #include "log.h"
@@ -144,8 +145,17 @@ static void reload_apply_live(struct config *cur, struct config *next, bool leve
     /* Read at each accept: connections accepted from now on follow the new list. */
     if (reload_cidrs_changed(cur->trusted_proxies, cur->trusted_proxies_len,
                              next->trusted_proxies, next->trusted_proxies_len)) {
-        RELOAD_SWAP(cur, next, trusted_proxies, trusted_proxies_len);
-        reload_note(buf, len, "trusted_proxies");
+        /* As at start (main.c): a balancer on this host brings others to the API. */
+        if (config_trusts_loopback(next) && api_guard_is_loopback(cur->api_listen_addr) &&
+            strlen(cur->api_token) < CONFIG_API_TOKEN_MIN) {
+            log_error(RELOAD_MOD, "reload: trusted_proxies keeps its running value: the new "
+                      "list trusts a balancer on this host, which brings requests from "
+                      "elsewhere to the API on loopback, and the API token has fewer than "
+                      "%d characters (it changes with a restart)", CONFIG_API_TOKEN_MIN);
+        } else {
+            RELOAD_SWAP(cur, next, trusted_proxies, trusted_proxies_len);
+            reload_note(buf, len, "trusted_proxies");
+        }
     }
     if (reload_hosts_changed(cur, next)) {
         /* As at start (main.c): names a proxy forwards from put the API within reach of

@@ -7,6 +7,7 @@ behind a balancer shared one address: ten bad Hellos from anyone blocked them al
 import re
 import shutil
 import socket
+import struct
 import time
 
 import pytest
@@ -76,11 +77,12 @@ def echo_once(port, payload, source, timeout=5.0):
     return got
 
 
-def api_health_from(port, source):
-    """GET /health from source; returns the raw reply."""
+def api_list_from(port, source):
+    """GET /api/mapping/list (with the token) from source; returns the raw reply."""
     with socket.create_connection(("127.0.0.1", port), timeout=5,
                                   source_address=(source, 0)) as s:
-        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        s.sendall(b"GET /api/mapping/list HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                  b"Authorization: Bearer " + API_TOKEN.encode() + b"\r\n\r\n")
         reply = b""
         while chunk := s.recv(65536):
             reply += chunk
@@ -107,13 +109,31 @@ def client_through(tmp_path, logs, srv, front, *extra):
     return cli
 
 
+API_TOKEN = "trusted-proxies-api-token-0123"
+
+
+def with_token(srv):
+    """srv.api (and what calls it) sends the API token."""
+    plain = srv.api
+
+    def api(method, path, body=None, raw=None, headers=None, timeout=10.0):
+        h = dict(headers or {})
+        h.setdefault("Authorization", f"Bearer {API_TOKEN}")
+        return plain(method, path, body=body, raw=raw, headers=h, timeout=timeout)
+    srv.api = api
+    return srv
+
+
 def trusted_server(server_factory, extra=None):
+    """A server trusting the balancer at 127.0.0.3. A balancer on this host brings others
+    to the API on loopback, so the API has a token (the server refuses to start without
+    one: test_a_balancer_on_this_host_needs_an_api_token)."""
     cfg = {"trusted_proxies": [f"{BALANCER}/32"],
            "tunnel": {"enabled": True, "clients": [{"name": "edge", "token": CFG_TOKEN}]},
-           "api": {"allowed_ips": ["127.0.0.1/32", "127.0.0.5/32"]}}
+           "api": {"allowed_ips": ["127.0.0.1/32", "127.0.0.5/32"], "token": API_TOKEN}}
     for k, v in (extra or {}).items():
         cfg[k] = v
-    return server_factory(config=cfg)
+    return with_token(server_factory(config=cfg))
 
 
 def test_mappings_and_the_api_see_the_client_behind_the_balancer(server_factory, proc_factory,
@@ -135,9 +155,9 @@ def test_mappings_and_the_api_see_the_client_behind_the_balancer(server_factory,
                desc="the refusal counted")
 
     # The API through the balancer: api.allowed_ips sees each client.
-    assert api_health_from(front_api, "127.0.0.5").startswith(b"HTTP/1.1 200"), \
-        api_health_from(front_api, "127.0.0.5")[:200]
-    assert api_health_from(front_api, "127.0.0.6").startswith(b"HTTP/1.1 403")
+    assert api_list_from(front_api, "127.0.0.5").startswith(b"HTTP/1.1 200"), \
+        api_list_from(front_api, "127.0.0.5")[:200]
+    assert api_list_from(front_api, "127.0.0.6").startswith(b"HTTP/1.1 403")
 
     # A connection from the balancer's address without a header: closed, counted, logged
     # once; the header is never taken from anyone else.
@@ -215,8 +235,11 @@ def test_trusted_proxies_follow_a_reload(server_factory, echo_backend):
 
 
 @pytest.mark.parametrize("value,message", [
-    (["0.0.0.0/0"], r"trusts every address"),
-    (["::/0"], r"trusts every address"),
+    (["0.0.0.0/0"], r"trusts too many addresses"),
+    (["::/0"], r"trusts too many addresses"),
+    (["10.0.0.0/8", "0.0.0.0/1"], r"trusts too many addresses"),
+    (["::ffff:0.0.0.0/96"], r"trusts too many addresses"),
+    (["2001::/15"], r"trusts too many addresses"),
     (["balancer.example"], r"invalid CIDR"),
     ("10.0.0.1", r"expected a sequence|expected a list"),
 ])
@@ -270,3 +293,84 @@ def test_a_tls_tunnel_through_the_balancer(server_factory, proc_factory, pki, ec
     with connect(port) as s:
         s.sendall(b"over tls")
         assert recv_exact(s, 8) == b"over tls"
+
+
+def test_a_balancer_on_this_host_needs_an_api_token(tmp_path, server_factory):
+    """A balancer on loopback in trusted_proxies brings requests from elsewhere to an API
+    that listens on loopback, as api.allowed_hosts does: no start without a token of 16+
+    characters, and a reload cannot add such a balancer to a server that has none."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(to_yaml({"trusted_proxies": ["127.0.0.3"], "api": {"listen_port": 0},
+                            "database": {"path": str(tmp_path / "db")}}) + "\n")
+    r = run_once([SERVER_BIN, "--config", cfg])
+    assert r.returncode == 2, r
+    assert b"trusted_proxies lets a balancer on this host" in r.stderr, r.stderr
+    # A balancer elsewhere cannot reach the API on loopback: no token needed.
+    srv = server_factory(config={"trusted_proxies": ["10.0.0.5"]})
+    log = reload(srv, dict(srv.config, trusted_proxies=["10.0.0.5", "::1"]))
+    assert "trusted_proxies keeps its running value" in log, log
+    # Still the old list: 127.0.0.1 is no balancer, its bytes are its own.
+    port = free_port()
+    srv.create_ok(port=port, target_ip="127.0.0.1", target_port=9)
+    assert srv.running()
+
+
+def test_the_api_share_applies_to_clients_a_balancer_names(server_factory, proc_factory,
+                                                             tmp_path):
+    """On loopback the API lets this machine hold any number of connections; a client
+    behind a balancer on this host is not this machine and gets an eighth of
+    api.max_connections, as it would on any other address."""
+    srv = trusted_server(server_factory, {"api": {"token": API_TOKEN, "max_connections": 16,
+                                                  "allowed_ips": []}})
+    front = free_port()
+    start_haproxy(proc_factory, tmp_path, [(front, srv.api_port, "send-proxy-v2")])
+    held = []
+    try:
+        for _ in range(4):
+            # Half a request (haproxy may dial the server only once bytes come).
+            s = socket.create_connection(("127.0.0.1", front), timeout=5,
+                                         source_address=("127.0.0.5", 0))
+            s.sendall(b"GET /api/mapping/list HTTP/1.1\r\n")
+            held.append(s)
+        wait_until(lambda: srv.log_text().count("refused: it has 2 open") >= 1, timeout=5,
+                   desc="the third and fourth connection from 127.0.0.5 refused")
+        # Another client behind the balancer, and this machine directly, still get in.
+        assert api_list_from(front, "127.0.0.6").startswith(b"HTTP/1.1 ")
+        assert srv.api("GET", "/api/mapping/list")[0] == 200
+    finally:
+        for s in held:
+            s.close()
+
+
+@pytest.mark.parametrize("header", [
+    b"PROXY UNKNOWN\r\n",
+    b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00",        # v2 LOCAL
+    b"\r\n\r\n\x00\r\nQUIT\n\x21\x31\x00\x00"[:16],    # v2 PROXY, UNIX: names no TCP client
+])
+def test_a_header_naming_no_client_leaves_the_balancer_as_the_source(server_factory,
+                                                                    echo_backend, header):
+    """As the spec asks: the connection's own addresses then. So a mapping whose allow_from
+    does not list the balancer refuses it, and one that lists it admits it (README: do
+    not list a balancer in allow_from unless its own connections should pass)."""
+    srv = trusted_server(server_factory)
+    closed, open_ = free_port(), free_port()
+    srv.create_ok(port=closed, target_ip="127.0.0.1", target_port=echo_backend.port,
+                  allow_from=["127.0.0.5"])
+    srv.create_ok(port=open_, target_ip="127.0.0.1", target_port=echo_backend.port,
+                  allow_from=[BALANCER])
+    assert echo_once(closed, header + b"x", BALANCER) == b""
+    assert echo_once(open_, header + b"x", BALANCER) == b"x"
+
+
+def test_a_health_check_that_resets_is_no_refusal(server_factory):
+    srv = trusted_server(server_factory)
+    port = free_port()
+    srv.create_ok(port=port, target_ip="127.0.0.1", target_port=9)
+    before = metric(srv, "portmux_proxy_header_refused_total")
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", port), source_address=(BALANCER, 0))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    time.sleep(0.3)
+    assert metric(srv, "portmux_proxy_header_refused_total") == before
+    assert "closed: Connection reset" not in srv.log_text()

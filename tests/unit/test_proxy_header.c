@@ -159,6 +159,14 @@ static void test_v2(void)
     CHECK(proxy_header_parse(buf, 16, &info) == -1);
     buf[13] = 0x13;
     CHECK(proxy_header_parse(buf, 16, &info) == -1);
+    /* A family without a transport, or the reverse: not on the spec's list. */
+    const unsigned char unlisted[] = {0x01, 0x02, 0x10, 0x20, 0x30};
+    for (size_t i = 0; i < sizeof(unlisted); i++) {
+        buf[13] = unlisted[i];
+        CHECK(proxy_header_parse(buf, 16, &info) == -1);
+    }
+    buf[13] = 0x00; /* UNSPEC: names no client */
+    CHECK(proxy_header_parse(buf, 16, &info) == 28 && info.src.ss_family == AF_UNSPEC);
     buf[13] = 0x11;
     CHECK(proxy_header_parse(buf, 28, &info) == 28);
     buf[7] = 0x52;
