@@ -1210,9 +1210,13 @@ static void api_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct s
         api_add_connection(api, fd, sa, (socklen_t)salen, false);
         return;
     }
+    /* Full: api.max_connections refuses it (api_accept_policy), counted as such. */
     size_t max = (size_t)api->srv->cfg->api_max_connections;
     size_t room = api->open_connections < max ? max - api->open_connections : 0;
-    proxy_waits_add(api->proxy_waits, fd, sa, (socklen_t)salen, room);
+    if (room == 0)
+        api_add_connection(api, fd, sa, (socklen_t)salen, true);
+    else
+        proxy_waits_add(api->proxy_waits, fd, sa, (socklen_t)salen, room);
 }
 
 static void api_accept_error_cb(struct evconnlistener *l, void *arg)

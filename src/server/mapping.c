@@ -258,9 +258,17 @@ static void mapping_accept_cb(struct evconnlistener *l, evutil_socket_t fd,
                               struct sockaddr *sa, int socklen, void *arg)
 {
     struct mapping *m = arg;
-    if (!proxy_waits_trusted(m->srv->cfg, sa) || mapping_fd_in_reserve(fd)) {
-        /* The reserve is checked (and counted) there: a waiting connection would hold a
-         * descriptor of the reserve for up to PROXY_WAIT_SECONDS. */
+    if (!proxy_waits_trusted(m->srv->cfg, sa)) {
+        mapping_accept_from(fd, sa, (socklen_t)socklen, m);
+        return;
+    }
+    /* Those waiting hold a descriptor each, like open connections: both within the
+     * mapping's limit. */
+    uint64_t max = (uint64_t)mapping_max_connections(m);
+    size_t room = m->stats.active < max ? (size_t)(max - m->stats.active) : 0;
+    if (room == 0 || mapping_fd_in_reserve(fd)) {
+        /* The limit and the descriptor reserve refuse (and count) there, before a
+         * connection could hold a descriptor for up to PROXY_WAIT_SECONDS waiting. */
         mapping_accept_from(fd, sa, (socklen_t)socklen, m);
         return;
     }
@@ -275,10 +283,6 @@ static void mapping_accept_cb(struct evconnlistener *l, evutil_socket_t fd,
             return;
         }
     }
-    /* Those waiting hold a descriptor each, like open connections: both within the
-     * mapping's limit. */
-    uint64_t max = (uint64_t)mapping_max_connections(m);
-    size_t room = m->stats.active < max ? (size_t)(max - m->stats.active) : 0;
     proxy_waits_add(m->proxy_waits, fd, sa, (socklen_t)socklen, room);
 }
 

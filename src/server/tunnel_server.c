@@ -772,15 +772,15 @@ static void ts_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct so
                          int socklen, void *arg)
 {
     struct tunnel_server *ts = arg;
-    if (!proxy_waits_trusted(ts->srv->cfg, sa)) {
-        ts_accept_from(fd, sa, (socklen_t)socklen, ts);
-        return;
-    }
     /* Waiting for a header counts against max_pending as a whole: the per-source share
-     * is checked once the header names the source. */
+     * is checked once the header names the source. When no place is left the refusal is
+     * max_pending's own (counted and logged as such). */
     size_t total = (size_t)ts->srv->cfg->tunnel_max_pending;
     size_t room = ts->npending < total ? total - ts->npending : 0;
-    proxy_waits_add(ts->proxy_waits, fd, sa, (socklen_t)socklen, room);
+    if (!proxy_waits_trusted(ts->srv->cfg, sa) || room == 0)
+        ts_accept_from(fd, sa, (socklen_t)socklen, ts);
+    else
+        proxy_waits_add(ts->proxy_waits, fd, sa, (socklen_t)socklen, room);
 }
 
 static void ts_accept_error_cb(struct evconnlistener *l, void *arg)

@@ -374,3 +374,28 @@ def test_a_health_check_that_resets_is_no_refusal(server_factory):
     time.sleep(0.3)
     assert metric(srv, "portmux_proxy_header_refused_total") == before
     assert "closed: Connection reset" not in srv.log_text()
+
+
+def test_a_full_mapping_refuses_a_balancers_connection_as_full(server_factory, proc_factory,
+                                                               echo_backend, tmp_path):
+    """max_connections counts what waits for a header; once it is reached the refusal is
+    the limit's (refused_connections), not a header problem."""
+    srv = trusted_server(server_factory)
+    port = free_port()
+    srv.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port,
+                  max_connections=1)
+    front = free_port()
+    start_haproxy(proc_factory, tmp_path, [(front, port, "send-proxy")])
+    # start_haproxy's probe of the front port went through to the mapping: let it end.
+    wait_until(lambda: srv.mapping(port)["active_connections"] == 0, timeout=5,
+               desc="the probe's connection gone")
+    refused = srv.mapping(port)["refused_connections"]
+    before = metric(srv, "portmux_proxy_header_refused_total")
+    with socket.create_connection(("127.0.0.1", front), timeout=5) as held:
+        held.sendall(b"one")
+        assert recv_exact(held, 3) == b"one"
+        assert echo_once(front, b"two", "127.0.0.5") == b""
+        # (haproxy may try its server again: one refusal or more.)
+        wait_until(lambda: srv.mapping(port)["refused_connections"] > refused, timeout=5,
+                   desc="the second connection refused by the limit")
+    assert metric(srv, "portmux_proxy_header_refused_total") == before
