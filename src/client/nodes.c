@@ -1,6 +1,7 @@
 /* Extra cluster node sessions of portmux-client (see nodes.h). */
 #include "nodes.h"
 
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,8 +21,14 @@
 #define NS_MOD "client"
 /* Node sessions at most: a list is the server's to send, our descriptors are ours. */
 #define NS_NODES_MAX STATUS_NODES_MAX
+#define NS_STR(x) #x
+#define NS_XSTR(x) NS_STR(x)
+#define NS_NODES_MAX_TEXT NS_XSTR(STATUS_NODES_MAX)
 #define NS_ADDR_MAX 300
 #define NS_REFUSED_LOG_SECONDS 10
+/* Join and leave lines written per NS_REFUSED_LOG_SECONDS: a full list coming and going
+ * twice, then only a count. */
+#define NS_CHURN_LINES (4 * NS_NODES_MAX)
 #define NS_BACKOFF_CAP_SECONDS 30.0
 
 struct ns_node {
@@ -53,7 +60,49 @@ struct nodeset {
     size_t nnodes;
     struct log_limit refused_log; /* "not in --allow-nodes": lists come as often as the
                                    * server sends them */
+    struct log_limit list_log;    /* addresses skipped as malformed, and the same bound */
+    time_t churn_at;              /* the window of ns_churn_log */
+    unsigned churn_lines;
+    unsigned long churn_held;
 };
+
+/* A list that keeps changing (the server's doing) could write a join and a leave line per
+ * node per Notice: the first NS_CHURN_LINES of each window are written, the rest counted
+ * and summed up when the next window opens. */
+static void ns_churn_log(struct nodeset *ns, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static void ns_churn_log(struct nodeset *ns, const char *fmt, ...)
+{
+    time_t now = time(NULL);
+    if (now < ns->churn_at || now - ns->churn_at >= NS_REFUSED_LOG_SECONDS) {
+        if (ns->churn_held)
+            log_warn(NS_MOD, "node list: %lu join and leave lines not logged: the server "
+                             "changed the list that often", ns->churn_held);
+        ns->churn_at = now;
+        ns->churn_lines = 0;
+        ns->churn_held = 0;
+    }
+    if (ns->churn_lines >= NS_CHURN_LINES) {
+        ns->churn_held++;
+        return;
+    }
+    ns->churn_lines++;
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof(line), fmt, ap);
+    va_end(ap);
+    log_info(NS_MOD, "%s", line);
+}
+
+/* A malformed entry: one line per NS_REFUSED_LOG_SECONDS, with the count of the rest. */
+static void ns_list_skip(struct nodeset *ns, const char *why)
+{
+    unsigned long held;
+    if (log_limit_take(&ns->list_log, time(NULL), NS_REFUSED_LOG_SECONDS, &held))
+        log_warn(NS_MOD, "node list: skipping %s (%lu more skipped in the last %d s)", why,
+                 held, NS_REFUSED_LOG_SECONDS);
+}
 
 static bool ns_listed(const struct nodeset *ns, const char *addr)
 {
@@ -196,7 +245,7 @@ static void ns_apply(evutil_socket_t fd, short what, void *arg)
     for (n = TAILQ_FIRST(&ns->nodes); n; n = next) {
         next = TAILQ_NEXT(n, link);
         if (n->gone || !ns_listed(ns, n->addr)) {
-            log_info(NS_MOD, "node %s left the cluster: session closed", n->addr);
+            ns_churn_log(ns, "node %s left the cluster: session closed", n->addr);
             ns_node_free(n);
         }
     }
@@ -217,11 +266,11 @@ static void ns_apply(evutil_socket_t fd, short what, void *arg)
             if (*p < 0x21 || *p > 0x7e)
                 addr = NULL;
         if (!addr) {
-            log_warn(NS_MOD, "node list: skipping an address with unprintable bytes");
+            ns_list_skip(ns, "an address with unprintable bytes");
             continue;
         }
         if (netaddr_split_host_port(addr, host, sizeof(host), &port) != 0) {
-            log_warn(NS_MOD, "node list: skipping an address that is not HOST:PORT");
+            ns_list_skip(ns, "an address that is not HOST:PORT");
             continue;
         }
         if (!ns_node_allowed(ns, host, port)) {
@@ -236,8 +285,8 @@ static void ns_apply(evutil_socket_t fd, short what, void *arg)
             continue;
         }
         if (ns->nnodes >= NS_NODES_MAX) {
-            log_warn(NS_MOD, "node list: more than %d other nodes, the rest are not connected",
-                     NS_NODES_MAX);
+            ns_list_skip(ns, "the nodes beyond the first " NS_NODES_MAX_TEXT
+                             " others: they are not connected");
             break;
         }
         n = ns_node_new(ns, addr, host, port);
@@ -245,7 +294,7 @@ static void ns_apply(evutil_socket_t fd, short what, void *arg)
             log_error(NS_MOD, "node %s: out of memory", addr);
             continue;
         }
-        log_info(NS_MOD, "node %s joined the cluster: connecting", addr);
+        ns_churn_log(ns, "node %s joined the cluster: connecting", addr);
         if (tclient_connect(n->tc) != 0) {
             log_error(NS_MOD, "node %s: cannot start a connection", addr);
             if (!ns->no_reconnect)

@@ -699,11 +699,14 @@ void status_mappings_clear(struct status *s)
     for (t = TAILQ_FIRST(&s->targets); t; t = next) {
         next = TAILQ_NEXT(t, link);
         t->nports = 0;
-        /* A target only an old announcement knew (never dialled) goes; no stream holds it. */
+        /* A target only an old announcement knew (never dialled) is no longer drawn. It is
+         * hidden, not freed: a dial in flight on another session (a cluster node's) may
+         * hold the pointer and count into it when it ends. */
         if (t->total == 0 && t->failed == 0 && t->active == 0 && t != s->other) {
             TAILQ_REMOVE(&s->targets, t, link);
             s->ntargets--;
-            free(t);
+            TAILQ_INSERT_TAIL(&s->hidden, t, link);
+            s->nhidden++;
         }
     }
 }

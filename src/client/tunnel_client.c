@@ -296,16 +296,31 @@ static void tc_on_connect_request(struct mux_session *mux, struct mux_stream *st
 {
     struct tclient *c = arg;
     char target[FRAME_MAX_HOST + 10];
+    char literal[FRAME_MAX_HOST + 1];
+    const char *why = "not in --allow";
+    /* What is dialled must be what --allow judged: "[::1]" is the literal ::1 (allow_list
+     * reads it so), never a name for the resolver; and anything that is neither an IP
+     * literal nor a host name is refused rather than looked up. */
+    size_t hn = strlen(host);
+    if (hn >= 3 && host[0] == '[' && host[hn - 1] == ']' && hn - 2 < sizeof(literal)) {
+        memcpy(literal, host + 1, hn - 2);
+        literal[hn - 2] = '\0';
+        if (netaddr_is_ip_literal(literal))
+            host = literal;
+    }
+    bool dialable = netaddr_is_ip_literal(host) || netaddr_is_hostname(host);
+    if (!dialable)
+        why = "not an IP address or host name";
     /* Spelt as the server spells the targets it announces in the HelloResponse. */
     snprintf(target, sizeof(target), strchr(host, ':') ? "[%s]:%u" : "%s:%u", host,
              (unsigned)port);
-    if (!allow_list_match(c->opts.allow, host, port)) {
+    if (!dialable || !allow_list_match(c->opts.allow, host, port)) {
         char note[80];
         unsigned long held;
         if (log_limit_take(&c->not_allowed_log, time(NULL), TC_LOG_PERIOD, &held))
-            log_warn(TC_MOD, "stream %u: %s refused: not in --allow%s",
-                     (unsigned)mux_stream_id(st), target, tc_held_note(note, sizeof(note), held));
-        status_target_failed(status_target_get(c->opts.status, target), "not in --allow");
+            log_warn(TC_MOD, "stream %u: %s refused: %s%s", (unsigned)mux_stream_id(st),
+                     target, why, tc_held_note(note, sizeof(note), held));
+        status_target_failed(status_target_get(c->opts.status, target), why);
         mux_stream_respond(st, FRAME_STATUS_NOT_ALLOWED);
         return;
     }
@@ -503,6 +518,11 @@ static int tc_on_json(struct mux_session *mux, uint8_t type, const char *json, s
     } else {
         snprintf(c->refusal, sizeof(c->refusal), "server refused: %s",
                  message[0] ? message : "(no reason given)");
+        /* main prints it to stderr as it is: the server's text must not carry a terminal
+         * escape or a line of its own. */
+        for (char *p = c->refusal; *p; p++)
+            if ((unsigned char)*p < 0x20 || *p == 0x7f)
+                *p = '?';
         /* Our own previous session may still look alive to the server: retry then. */
         if (c->ever_authed && strcmp(error, "already_connected") == 0) {
             c->refusal[0] = '\0';
@@ -563,7 +583,14 @@ static void tc_on_event(struct mux_conn *conn, short what, void *arg)
         return;
     }
     bool cert = c->opts.ssl && client_tls_failure(bev, c->ssl, reason, sizeof(reason));
-    if (!c->authed && !(what & BEV_EVENT_TIMEOUT) && client_tls_cert_requested(c->ssl)) {
+    /* A certificate problem at the first connection is a configuration to fix: refused
+     * (exit 2). Once this client has been in, the same failure is anyone on the path (one
+     * forged alert, a certificate of their own) or a server's certificate being replaced:
+     * taken as a lost connection and retried with backoff, so it cannot stop us for good. */
+    if (c->ever_authed)
+        cert = false;
+    if (!c->ever_authed && !c->authed && !(what & BEV_EVENT_TIMEOUT) &&
+        client_tls_cert_requested(c->ssl)) {
         snprintf(c->refusal, sizeof(c->refusal),
                  "the server wants a client certificate (mutual TLS): give --cert FILE "
                  "--key FILE%s%s", reason[0] ? "; TLS: " : "", reason);

@@ -414,7 +414,7 @@ def test_connect_request_host_with_newline_not_logged_raw(proc_factory):
         host = b"evil\n2026-01-01T00:00:00Z INFO client forged\x1b[2J"
         fake.sock.sendall(frame(T_CONNECT_REQUEST, struct.pack(">IHB", 7, 22, len(host)) + host))
         assert fake.responses(1, timeout=10) == {7: 2}
-        client.wait_log(r"refused: not in --allow", timeout=10)
+        client.wait_log(r"refused: not an IP address or host name", timeout=10)
         log = client.log_text()
         assert "evil\\x0a2026-01-01T00:00:00Z INFO client forged\\x1b[2J" in log, log
         for line in log.splitlines():
@@ -569,3 +569,59 @@ def test_client_log_lines_per_public_connection_are_bounded(server_factory, tmp_
     assert 1 <= len(re.findall(r"Connection refused", text)) <= 2, text[-3000:]
     # A tunnel that never leaves this machine is not warned about as plaintext.
     assert "no TLS" not in text, text[:2000]
+
+
+def test_a_bracketed_literal_is_dialled_as_the_literal_it_was_allowed_as(proc_factory,
+                                                                         echo_backend):
+    """--allow reads "[127.0.0.1]" as the literal 127.0.0.1; the dial used to hand the
+    bracketed text to the resolver instead (a name whose answer anyone controlling DNS
+    picks, past --allow). Now it dials the literal; a host that is neither an address nor
+    a name is refused without a lookup. (No DNS query is made here: both hosts are
+    refused or dialled without the resolver.)"""
+    fake = FakeServer()
+    try:
+        client = proc_factory([CLIENT_BIN, "--server", f"127.0.0.1:{fake.port}", "--token",
+                               TOKEN, "--no-reconnect", "--allow",
+                               f"127.0.0.1:{echo_backend.port}"], "client")
+        fake.accept_hello()
+        for conn_id, host in ((7, b"[127.0.0.1]"), (9, b"bad host!")):
+            fake.sock.sendall(frame(T_CONNECT_REQUEST, struct.pack(
+                ">IHB", conn_id, echo_backend.port, len(host)) + host))
+        assert fake.responses(2, timeout=10) == {7: 0, 9: 2}
+        client.wait_log(r"bad host!:\d+ refused: not an IP address or host name", timeout=5)
+    finally:
+        fake.close()
+
+
+T_NOTICE = 0x0A
+
+
+def test_node_list_lines_are_bounded(proc_factory):
+    """A server sending node lists full of malformed entries, or nodes that come and go,
+    as fast as it likes: the client's log grows by a few lines, not one per entry."""
+    fake = FakeServer()
+    try:
+        client = proc_factory([CLIENT_BIN, "--server", f"127.0.0.1:{fake.port}", "--token",
+                               TOKEN, "--no-reconnect", "--allow",
+                               "127.0.0.1:22", "--allow-nodes", "127.0.0.9:9"], "client")
+        fake.sock = None
+        fake.lsock.settimeout(10)
+        fake.sock, _ = fake.lsock.accept()
+        f = read_frame(fake.sock, 10)
+        assert f is not None and f[0] == T_HELLO and json.loads(f[1]).get("notices"), f
+        fake.sock.sendall(frame(T_HELLO_RESPONSE, json.dumps(
+            {"ok": True, "message": "hi", "mappings": []}).encode()))
+        bad = ["not an address"] * 40 + ["\u0001x:1"] * 40
+        for i in range(200):
+            nodes = bad + ([f"127.0.0.9:9"] if i % 2 else [])
+            fake.sock.sendall(frame(T_NOTICE, json.dumps(
+                {"event": "nodes", "nodes": nodes}).encode()))
+        time.sleep(1.0)
+        assert client.running(), client.log_tail()
+        lines = client.log_text().splitlines()
+        skipped = [ln for ln in lines if "node list: skipping" in ln]
+        churn = [ln for ln in lines if "joined the cluster" in ln or "left the cluster" in ln]
+        assert 1 <= len(skipped) <= 2, skipped[:5]
+        assert len(churn) <= 4 * 32, len(churn)
+    finally:
+        fake.close()

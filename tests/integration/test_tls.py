@@ -284,3 +284,47 @@ def test_tls_unusable_files_stop_startup(server_factory, pki, tmp_path, case):
     assert rc != 0, f"{case}: exit status 0"
     assert named[1] in srv.log_text(), f"{case}: the message does not name {named[1]}:\n" \
                                        f"{srv.log_tail()}"
+
+
+def test_a_forged_tls_alert_does_not_stop_a_client_that_was_in(server_factory, pki, tmp_path,
+                                                                logs):
+    """Once the client has been in, one packet from anyone on the path (a TLS alert
+    "bad certificate" answering its ClientHello) used to count as a refusal: exit 2, which
+    its unit does not restart. It is now a lost connection: retried with backoff, and the
+    client is back once the real server answers again."""
+    token = "tok-" + secrets.token_hex(12)
+    srv = tls_server(server_factory, pki, token)
+    cli = start_client(tmp_path, logs, srv, token, client_args(pki))
+    port = srv.tunnel_port
+    assert srv.stop() == 0
+    fake = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    fake.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    fake.bind(("127.0.0.1", port))
+    fake.listen(8)
+    fake.settimeout(0.2)
+    mark = cli.log_mark()
+    answered = 0
+    deadline = time.monotonic() + 20
+    try:
+        while answered < 2 and time.monotonic() < deadline:
+            try:
+                c, _ = fake.accept()
+            except socket.timeout:
+                assert cli.running(), f"client exited {cli.poll()}:\n{cli.log_tail()}"
+                continue
+            with c:
+                c.settimeout(5)
+                try:
+                    c.recv(4096)  # its ClientHello
+                    c.sendall(b"\x15\x03\x03\x00\x02\x02\x2a")  # fatal alert: bad_certificate
+                except OSError:
+                    pass
+            answered += 1
+        assert answered == 2, "the client did not come back after the first alert"
+        cli.wait_log(r"reconnecting in", timeout=10, after=mark)
+        assert cli.running(), f"client exited {cli.poll()}:\n{cli.log_tail()}"
+    finally:
+        fake.close()
+    srv.start()
+    wait_until(lambda: srv.health()["clients"] == 1, timeout=30, interval=0.2,
+               desc="the client back once the real server answers")
