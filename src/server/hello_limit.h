@@ -33,6 +33,7 @@ enum hello_log_kind {
     HELLO_LOG_TIMEOUT,
     HELLO_LOG_PROTOCOL,
     HELLO_LOG_TLS,
+    HELLO_LOG_BLOCKED,          /* "N failed Hellos …: refused for 60 s" */
     HELLO_LOG_KINDS
 };
 

@@ -437,11 +437,13 @@ static int tsession_refuse_failed(struct tsession *sess, enum hello_log_kind kin
                                   const char *message, const char *error, const char *why)
 {
     struct tunnel_server *ts = sess->ts;
+    /* Once per block per source, but many sources (IPv6 /64s cost nothing) must not
+     * write one line each: through the same global cap as the other peer lines. */
     if (hello_limit_failure(ts->hello_limit, (const struct sockaddr *)&sess->peer,
                             ts_now_ms()))
-        log_warn(TS_MOD, "%d failed Hellos from %s within %d s: its Hellos are refused "
-                         "for %d s", HELLO_LIMIT_FAILURES, sess->source,
-                 HELLO_LIMIT_WINDOW_MS / 1000, HELLO_LIMIT_BLOCK_MS / 1000);
+        ts_peer_warn(sess, HELLO_LOG_BLOCKED, "%d failed Hellos from %s within %d s: its "
+                     "Hellos are refused for %d s", HELLO_LIMIT_FAILURES, sess->source,
+                     HELLO_LIMIT_WINDOW_MS / 1000, HELLO_LIMIT_BLOCK_MS / 1000);
     ts_peer_warn(sess, kind, "tunnel from %s: %s", sess->remote, why);
     return tsession_refuse(sess, message, error);
 }

@@ -379,3 +379,19 @@ def test_client_api_needs_the_api_token(server_factory):
     token = FIRST_START.search(srv.log_text()).group(1)
     assert srv.sqlite("SELECT name, token_hash FROM clients") == \
         [["default", hashlib.sha256(token.encode()).hexdigest()]]
+
+
+def test_blocked_source_lines_share_the_global_cap(server_factory):
+    """Each source blocked for failed Hellos wrote its own line, outside the cap that
+    bounds every other line a peer can cause: many addresses (an IPv6 prefix costs
+    nothing) made one line each. Now at most HELLO_LIMIT_LOG_GLOBAL (20) per 10 s."""
+    srv = tunnel_server(server_factory, [{"name": "edge", "token": CFG_TOKEN}])
+    sources = [f"127.0.1.{i}" for i in range(1, 26)]
+    for src in sources:
+        for i in range(10):
+            assert hello_answer(srv.tunnel_port, "edge", f"wrong-token-{i:08d}",
+                                source=src)["error"] == "auth_failed"
+    blocked = [ln for ln in srv.log_text().splitlines() if "refused for 60 s" in ln]
+    assert 1 <= len(blocked) <= 20, len(blocked)
+    assert hello_answer(srv.tunnel_port, "edge", CFG_TOKEN, source=sources[-1])["error"] == \
+        "rate_limited"
