@@ -24,12 +24,17 @@
 
 struct relay_pipe {
     int rd, wr;
+    size_t size;    /* its capacity, as the kernel reports it */
 };
 
 /* The loop is single-threaded, so one pool per process needs no lock. */
 static struct relay_pipe relay_pool[SPLICE_RELAY_POOL_MAX];
 static int relay_pool_len;
 static int relay_pipe_size = SPLICE_RELAY_PIPE_SIZE;
+/* Growing a pipe failed (pipe-user-pages-soft reached by pipes held elsewhere, say): not
+ * tried again before this time, but tried again then, rather than given up for the life
+ * of the process. */
+static time_t relay_pipe_grow_after;
 
 struct splice_dir {
     struct relay_pipe pipe;  /* rd == -1 when none is held */
@@ -69,11 +74,18 @@ static int relay_pipe_get(struct relay_pipe *p)
     int fds[2];
     if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0)
         return -1;
-    /* A bigger pipe moves more per splice; without the privilege to grow it, 64 KiB works. */
-    if (relay_pipe_size > 0 && fcntl(fds[1], F_SETPIPE_SZ, relay_pipe_size) < 0)
-        relay_pipe_size = 0;
+    /* A bigger pipe moves more per splice; without it the default works. Its real size is
+     * asked, not assumed: past pipe-user-pages-soft the kernel makes new pipes smaller
+     * than 64 KiB, and a relay that counted on more room than the pipe has would find it
+     * full with the source still readable. */
+    time_t now = time(NULL);
+    if (relay_pipe_size > 0 && now >= relay_pipe_grow_after &&
+        fcntl(fds[1], F_SETPIPE_SZ, relay_pipe_size) < 0)
+        relay_pipe_grow_after = now + 10;
+    int size = fcntl(fds[1], F_GETPIPE_SZ);
     p->rd = fds[0];
     p->wr = fds[1];
+    p->size = size > 0 ? (size_t)size : 4096;
     return 0;
 }
 
@@ -169,13 +181,13 @@ static size_t relay_read_room(struct splice_relay *r, int d, size_t room)
 static ssize_t relay_fill(struct splice_relay *r, int d)
 {
     struct splice_dir *dir = &r->dir[d];
-    size_t room = (size_t)(relay_pipe_size ? relay_pipe_size : 65536) - dir->in_pipe;
-    if (dir->state != RELAY_DIR_OPEN || room == 0)
-        return 0;
-    if ((room = relay_read_room(r, d, room)) == 0)
+    if (dir->state != RELAY_DIR_OPEN)
         return 0;
     if (dir->pipe.rd < 0 && relay_pipe_get(&dir->pipe) < 0)
         return -1;
+    size_t room = dir->pipe.size - dir->in_pipe;
+    if (room == 0 || (room = relay_read_room(r, d, room)) == 0)
+        return 0;
     ssize_t n = splice(r->fd[d], NULL, dir->pipe.wr, NULL, room,
                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
     if (d == 1 && n >= 0 && !r->connected)
@@ -325,8 +337,7 @@ static int relay_pump(struct splice_relay *r, int d)
             return -1;
         /* A read that did not fill the pipe took what was there: the next byte or FIN
          * comes with the next readiness, not with another splice now. */
-        more = in > 0 && before + (size_t)in ==
-                             (size_t)(relay_pipe_size ? relay_pipe_size : 65536);
+        more = in > 0 && before + (size_t)in == dir->pipe.size;
     } while (more && (out > 0 || dir->in_pipe == 0));
     if (dir->in_pipe > 0) {
         /* Destination full: wait for it, and stop reading so the pipe stays bounded. */
