@@ -42,6 +42,9 @@
 #include "tunnel_stream.h"
 
 #define TS_MOD "tunnel"
+/* A connection without a Hello keeps its place while tunnel.max_pending is full for a
+ * tenth of tunnel.hello_timeout (1 s by default; ts_pending_make_room). */
+#define TS_PENDING_EVICT_SHARE 10
 /* A refused or closing tunnel gets this long to flush its last frames. */
 #define TS_CLOSE_GRACE_SECONDS 5
 #define TS_NAME_MAX 64
@@ -79,6 +82,7 @@ struct tsession {
     time_t connected_at;
     bool authed;
     bool pending;                 /* counted in ts->npending: no successful Hello yet */
+    int64_t accepted_ms;          /* ts_now_ms() at accept */
     struct tunnel_stream_set streams; /* public connections and their counters */
     bool notices;                 /* its Hello said "notices": true (docs/PROTOCOL.md) */
     char *notice_last;            /* the last mappings Notice it was sent (or would be) */
@@ -732,11 +736,30 @@ static size_t ts_pending_from(const struct tunnel_server *ts, const struct socka
 
 /* A tunnel connection whose source is known: the peer's, or the client a trusted
  * balancer's PROXY header names. */
+/* tunnel.max_pending is full: the connection that has waited longest for its Hello makes
+ * room, once it has waited a tenth of hello_timeout (a client's handshake takes less).
+ * Without this, eight sources holding their share of idle connections, renewed every
+ * hello_timeout, kept every client out; now they would have to renew all of them ten
+ * times as often. Returns true when a place was freed. */
+static bool ts_pending_make_room(struct tunnel_server *ts)
+{
+    struct tsession *oldest = TAILQ_FIRST(&ts->pending);
+    int hello = ts->srv->cfg->hello_timeout > 0 ? ts->srv->cfg->hello_timeout : 10;
+    if (!oldest || ts_now_ms() - oldest->accepted_ms < hello * 1000 / TS_PENDING_EVICT_SHARE)
+        return false;
+    ts->srv->limits.tunnel_pending++;
+    tsession_close(oldest, "no Hello yet, and its place was needed (tunnel.max_pending)");
+    return true;
+}
+
 static void ts_accept_from(evutil_socket_t fd, const struct sockaddr *sa, socklen_t socklen,
                            void *arg)
 {
     struct tunnel_server *ts = arg;
     size_t from_source = ts_pending_from(ts, sa);
+    if (ts->npending >= (size_t)ts->srv->cfg->tunnel_max_pending &&
+        from_source < ts_pending_per_source(ts))
+        ts_pending_make_room(ts);
     if (ts->npending >= (size_t)ts->srv->cfg->tunnel_max_pending ||
         from_source >= ts_pending_per_source(ts)) {
         /* Idle connections that never say Hello must not pin descriptors and memory
@@ -765,6 +788,7 @@ static void ts_accept_from(evutil_socket_t fd, const struct sockaddr *sa, sockle
     evtimer_add(sess->hello_timer, &tv);
     TAILQ_INSERT_TAIL(&ts->sessions, sess, link);
     sess->pending = true;
+    sess->accepted_ms = ts_now_ms();
     ts->npending++;
     TAILQ_INSERT_TAIL(&ts->pending, sess, pending_link);
     log_debug(TS_MOD, "tunnel connection from %s", sess->remote);

@@ -625,3 +625,23 @@ def test_node_list_lines_are_bounded(proc_factory):
         assert len(churn) <= 4 * 32, len(churn)
     finally:
         fake.close()
+
+
+def test_eight_sources_cannot_keep_every_client_out(server_factory, tmp_path, logs):
+    """Eight addresses each holding their share (16) of idle connections fill
+    tunnel.max_pending (128); renewed every hello_timeout they kept every client out. Now
+    a connection that finds the table full takes the place of the one that has waited
+    longest, once that one has waited a tenth of hello_timeout (here 1 s). The client must
+    be in well before the idle ones' hello_timeout (10 s) would have freed their places."""
+    srv = tunnel_server(server_factory, clients=CLIENTS, hello_timeout=10)
+    idle = [_connect_from(f"127.0.13.{1 + i // 16}", srv.tunnel_port) for i in range(128)]
+    try:
+        time.sleep(1.2)
+        start_client(tmp_path, logs, srv, TOKEN, timeout=5)
+        assert client_count(srv, "default") == 1
+        # The oldest idle connection gave its place; the newest ones still wait.
+        assert closed_by_peer(idle[0], timeout=5)
+        _still_waiting(idle[-8:])
+    finally:
+        for s in idle:
+            s.close()
