@@ -191,7 +191,7 @@ static void mapping_reset(evutil_socket_t fd)
 /* True when fd lies in the reserve. Linux hands out the lowest free descriptor, so an
  * accepted fd this high means only the reserve is left. The limit is read once a second
  * (it may be raised while we run). */
-static bool mapping_fd_in_reserve(evutil_socket_t fd)
+bool mapping_fd_in_reserve(evutil_socket_t fd)
 {
     static rlim_t soft = RLIM_INFINITY;
     static time_t read_at;

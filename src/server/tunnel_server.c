@@ -756,6 +756,13 @@ static void ts_accept_from(evutil_socket_t fd, const struct sockaddr *sa, sockle
                            void *arg)
 {
     struct tunnel_server *ts = arg;
+    if (mapping_fd_in_reserve(fd)) {
+        /* Idle connections to the tunnel port must not take the API's descriptors. */
+        ts->srv->limits.descriptors++;
+        log_debug(TS_MOD, "tunnel connection refused: descriptors nearly exhausted");
+        evutil_closesocket(fd);
+        return;
+    }
     size_t from_source = ts_pending_from(ts, sa);
     if (ts->npending >= (size_t)ts->srv->cfg->tunnel_max_pending &&
         from_source < ts_pending_per_source(ts))
@@ -803,7 +810,7 @@ static void ts_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct so
      * max_pending's own (counted and logged as such). */
     size_t total = (size_t)ts->srv->cfg->tunnel_max_pending;
     size_t room = ts->npending < total ? total - ts->npending : 0;
-    if (!proxy_waits_trusted(ts->srv->cfg, sa) || room == 0)
+    if (!proxy_waits_trusted(ts->srv->cfg, sa) || room == 0 || mapping_fd_in_reserve(fd))
         ts_accept_from(fd, sa, (socklen_t)socklen, ts);
     else
         proxy_waits_add(ts->proxy_waits, fd, sa, (socklen_t)socklen, room);

@@ -3,6 +3,7 @@ Hello header), session buffering (tunnel.session_buffer_limit), the client's pen
 cap and --allow warning, and peer strings in log lines. Each test reproduces the attack
 from the issue on the real binaries over 127.0.0.1 and shows it now fails."""
 import json
+import os
 import re
 import socket
 import struct
@@ -642,6 +643,39 @@ def test_eight_sources_cannot_keep_every_client_out(server_factory, tmp_path, lo
         # The oldest idle connection gave its place; the newest ones still wait.
         assert closed_by_peer(idle[0], timeout=5)
         _still_waiting(idle[-8:])
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_idle_tunnel_connections_leave_the_api_its_descriptors(server_factory):
+    """With 400 descriptors, idle connections to the tunnel port from many sources (each
+    within its share of max_pending, which is large here) stop short of the last 64, as
+    public mapping connections do: /health keeps answering."""
+    srv = tunnel_server(server_factory, clients=CLIENTS, max_pending=2000, hello_timeout=60)
+    if not os.path.realpath(f"/proc/{srv.pid}/exe").endswith("portmux-server"):
+        pytest.skip("the server runs under a wrapper (valgrind): prlimit would not reach it")
+    r = subprocess.run(["prlimit", "--pid", str(srv.pid), "--nofile=400:400"],
+                       capture_output=True, text=True, timeout=10)
+    if r.returncode != 0:
+        pytest.skip(f"prlimit failed: {r.stderr.strip()}")
+    idle = []
+    try:
+        for i in range(420):
+            try:
+                idle.append(_connect_from(f"127.0.14.{1 + i // 200}", srv.tunnel_port))
+            except OSError:
+                break
+        time.sleep(0.5)
+        for _ in range(5):
+            t0 = time.monotonic()
+            srv.health()
+            assert time.monotonic() - t0 < 1.0
+        open_fds = len(os.listdir(f"/proc/{srv.pid}/fd"))
+        assert open_fds <= 400 - 32, open_fds
+        text = srv.api("GET", "/metrics")[2]
+        m = re.search(r'portmux_limit_refused_total\{limit="descriptor_reserve"\} (\d+)', text)
+        assert m and int(m.group(1)) > 0, m and m.group(0)
     finally:
         for s in idle:
             s.close()
