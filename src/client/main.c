@@ -59,6 +59,7 @@ struct client_main {
      * again once none of them is up. */
     bool standby;
     int status;
+    size_t dials_total;      /* dials pending in every session (tclient_opts.dials_total) */
 };
 
 static void usage(FILE *out)
@@ -388,7 +389,7 @@ static int run(struct client_args *a, SSL_CTX *ssl)
         .server_name = a->server_name, .allow = &a->allow, .allow_nodes = &a->allow_nodes,
         .heartbeat_interval = a->heartbeat_interval, .heartbeat_timeout = a->heartbeat_timeout,
         .connect_timeout = a->connect_timeout, .max_pending_dials = a->max_pending_dials, .status = cm.view,
-        .session_buffer_limit = a->session_buffer_limit,
+        .session_buffer_limit = a->session_buffer_limit, .dials_total = &cm.dials_total,
     };
     /* Every node session gets these options; --server-name only when given explicitly. */
     cm.nodes = nodeset_new(cm.base, dns, &o, a->server_name != a->host ? a->server_name : NULL,

@@ -68,7 +68,7 @@ struct tclient {
     unsigned long dial_cap_suppressed;
     /* Lines a public client causes once per connection (a refused or failed dial): one
      * per TC_LOG_PERIOD each, with a count of those held back. */
-    struct log_limit not_allowed_log, dial_failed_log;
+    struct log_limit not_allowed_log, dial_failed_log, dial_fail_log;
     char refusal[400];
     TAILQ_HEAD(, dial) dials;
 };
@@ -105,6 +105,8 @@ static void dial_free(struct dial *d, bool keep_bev)
 {
     TAILQ_REMOVE(&d->c->dials, d, link);
     d->c->ndials--;
+    if (d->c->opts.dials_total)
+        (*d->c->opts.dials_total)--;
     if (d->timer)
         event_free(d->timer);
     if (d->bev && !keep_bev)
@@ -266,6 +268,8 @@ static int dial_start(struct tclient *c, struct mux_stream *st, const char *targ
     d->shown = status_target_get(c->opts.status, target);
     TAILQ_INSERT_TAIL(&c->dials, d, link);
     c->ndials++;
+    if (c->opts.dials_total)
+        (*c->opts.dials_total)++;
     d->bev = bufferevent_socket_new(c->base, -1, TC_BEV_OPTS);
     d->timer = evtimer_new(c->base, dial_timeout_cb, d);
     if (!d->bev || !d->timer) {
@@ -326,7 +330,8 @@ static void tc_on_connect_request(struct mux_session *mux, struct mux_stream *st
     }
     size_t cap = c->opts.max_pending_dials > 0 ? (size_t)c->opts.max_pending_dials
                                                : TC_MAX_PENDING_DIALS;
-    if (c->ndials >= cap) {
+    size_t pending = c->opts.dials_total ? *c->opts.dials_total : c->ndials;
+    if (pending >= cap) {
         /* The flood is the server's doing: one line per second, with a count. */
         time_t now = time(NULL);
         if (now != c->dial_cap_logged) {
@@ -341,8 +346,17 @@ static void tc_on_connect_request(struct mux_session *mux, struct mux_stream *st
         mux_stream_respond(st, FRAME_STATUS_REFUSED);
         return;
     }
-    if (dial_start(c, st, target, host, port) != 0)
+    if (dial_start(c, st, target, host, port) != 0) {
+        /* Out of descriptors, most likely (the server decides how many streams are open):
+         * said once per TC_LOG_PERIOD, with the count. */
+        char note[80];
+        unsigned long held;
+        if (log_limit_take(&c->dial_fail_log, time(NULL), TC_LOG_PERIOD, &held))
+            log_warn(TC_MOD, "stream %u: %s refused: cannot start a dial (%s)%s",
+                     (unsigned)mux_stream_id(st), target, strerror(errno),
+                     tc_held_note(note, sizeof(note), held));
         mux_stream_respond(st, FRAME_STATUS_REFUSED);
+    }
 }
 
 /* ---- session ---- */

@@ -32,6 +32,10 @@ struct tclient_opts {
     int heartbeat_timeout;         /* seconds of silence before the tunnel is dropped */
     int connect_timeout;           /* seconds for connect + TLS + Hello, and for each dial */
     int max_pending_dials;         /* dials at once; more ConnectRequests get status 1 */
+    /* Dials pending across the process, shared by the --server session and every cluster
+     * node session, so max_pending_dials bounds them all together (each may hold a
+     * window of early data); NULL = this session's own count. Not owned. */
+    size_t *dials_total;
     /* What all window growth of the session together may reach (the server's
      * tunnel.session_buffer_limit, on this side); 0 = no stream grows past its initial
      * window. main.c's default is MUX_SESSION_BUFFER_LIMIT. */

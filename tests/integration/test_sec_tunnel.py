@@ -679,3 +679,50 @@ def test_idle_tunnel_connections_leave_the_api_its_descriptors(server_factory):
     finally:
         for s in idle:
             s.close()
+
+
+def test_pending_dials_are_capped_across_node_sessions(proc_factory):
+    """--max-pending-dials bounds the dials of the --server session and every cluster node
+    session together: each pending dial may hold a window of early data, and a server that
+    lists itself as 32 nodes multiplied the bound by 33."""
+    blackhole = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    bh_port = blackhole.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", bh_port))
+        fillers.append(s)
+    primary, node = FakeServer(), FakeServer()
+    try:
+        client = proc_factory([CLIENT_BIN, "--server", f"127.0.0.1:{primary.port}", "--token",
+                               TOKEN, "--no-reconnect", "--connect-timeout", "60",
+                               "--max-pending-dials", "10", "--allow", f"127.0.0.1:{bh_port}",
+                               "--allow-nodes", "127.0.0.1:1-65535"], "client")
+        primary.lsock.settimeout(10)
+        primary.sock, _ = primary.lsock.accept()
+        assert read_frame(primary.sock, 10)[0] == T_HELLO
+        primary.sock.sendall(frame(T_HELLO_RESPONSE, json.dumps(
+            {"ok": True, "message": "hi", "mappings": [],
+             "nodes": [f"127.0.0.1:{primary.port}", f"127.0.0.1:{node.port}"]}).encode()))
+        node.accept_hello()
+        host = b"127.0.0.1"
+
+        def requests(first, n):
+            return b"".join(frame(T_CONNECT_REQUEST, struct.pack(
+                ">IHB", first + i, bh_port, len(host)) + host) for i in range(n))
+        primary.sock.sendall(requests(1, 10))
+        time.sleep(0.5)
+        node.sock.sendall(requests(1, 5))
+        got = node.responses(5, timeout=10)
+        assert got == {i: 1 for i in range(1, 6)}, got
+        assert primary.responses(1, timeout=0.5) == {}, "the primary's dials still wait"
+        assert client.running(), client.log_tail()
+    finally:
+        primary.close()
+        node.close()
+        for s in fillers:
+            s.close()
+        blackhole.close()
