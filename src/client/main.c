@@ -82,7 +82,7 @@ static void usage(FILE *out)
             "      --ca FILE             CA bundle that must verify the server (default:\n"
             "                            the system store); implies --tls\n"
             "      --server-name NAME    name the server certificate must carry (default:\n"
-            "                            the host of --server)\n"
+            "                            the host of --server); implies --tls\n"
             "      --cert FILE --key FILE  client certificate for mutual TLS; implies --tls\n"
             "      --heartbeat-interval S  KeepAlive period (default 10)\n"
             "      --heartbeat-timeout S   drop a silent tunnel after S s (default 30)\n"
@@ -206,7 +206,7 @@ static int parse_one(int opt, const char *v, struct client_args *a, const char *
     case OPT_CA: a->ca = v; a->tls = true; return 0;
     case OPT_CERT: a->cert = v; a->tls = true; return 0;
     case OPT_KEY: a->key = v; a->tls = true; return 0;
-    case OPT_SERVER_NAME: a->server_name = v; return 0;
+    case OPT_SERVER_NAME: a->server_name = v; a->tls = true; return 0; /* a name to check: TLS */
     case OPT_HB_INTERVAL: return arg_seconds("--heartbeat-interval", v, &a->heartbeat_interval);
     case OPT_HB_TIMEOUT: return arg_seconds("--heartbeat-timeout", v, &a->heartbeat_timeout);
     case OPT_CONNECT_TIMEOUT: return arg_seconds("--connect-timeout", v, &a->connect_timeout);

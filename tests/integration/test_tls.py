@@ -328,3 +328,22 @@ def test_a_forged_tls_alert_does_not_stop_a_client_that_was_in(server_factory, p
     srv.start()
     wait_until(lambda: srv.health()["clients"] == 1, timeout=30, interval=0.2,
                desc="the client back once the real server answers")
+
+
+def test_server_name_alone_means_tls(proc_factory):
+    """--server-name names the certificate to check, so it turns TLS on as --ca does; it
+    used to leave the session in plaintext, token and all."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    port = listener.getsockname()[1]
+    try:
+        proc_factory([CLIENT_BIN, "--server", f"127.0.0.1:{port}", "--token",
+                      "tok-" + secrets.token_hex(12), "--server-name", "localhost",
+                      "--no-reconnect"], "client")
+        c, _ = listener.accept()
+        with c:
+            c.settimeout(10)
+            first = c.recv(1)
+        assert first == b"\x16", f"not a TLS handshake record: {first!r}"
+    finally:
+        listener.close()
