@@ -761,6 +761,7 @@ static const struct field mappings_fields[] = {
 static const struct field limits_fields[] = {
     INT_KEY("max_connections_per_mapping", max_connections_per_mapping, 1, CONFIG_MAX_COUNT,
             MARK_NONE),
+    INT_KEY("idle_timeout", idle_timeout, 0, CONFIG_MAX_SECONDS, MARK_NONE),
     END_KEYS,
 };
 

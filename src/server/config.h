@@ -66,6 +66,7 @@ struct config {
 
     /* limits */
     int max_connections_per_mapping; /* default 10000 */
+    int idle_timeout;                /* seconds without a byte either way; 0 = never */
 
     /* log */
     enum log_level log_level;    /* default info */

@@ -14,6 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <event2/event.h>
 #include <event2/listener.h>
 
 #include "accept_guard.h"
@@ -21,6 +22,7 @@
 #include "clients.h"
 #include "config.h"
 #include "log.h"
+#include "log_limit.h"
 #include "mapping_policy.h"
 #include "proxy_wait.h"
 #include "server.h"
@@ -50,6 +52,8 @@ struct mapping_registry {
     size_t count;
     struct mapping_handlers handlers;   /* where accepted connections go (main.c) */
     TAILQ_HEAD(, mapping_client_up) up; /* clients connected now */
+    struct event *idle_sweep;           /* once a second: limits.idle_timeout */
+    struct log_limit idle_log;
 };
 
 /* A store write in flight for one mapping (m->op), and what to finish with. */
@@ -110,6 +114,13 @@ bool mapping_registry_client_is_up(const struct mapping_registry *reg, const cha
     return mapping_find_up(reg, client_name_or_default(name)) != NULL;
 }
 
+static int64_t mapping_now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec;
+}
+
 void mapping_conn_begin(struct mapping *m, struct mapping_conn *mc,
                         void (*abort_fn)(struct mapping_conn *mc))
 {
@@ -117,6 +128,8 @@ void mapping_conn_begin(struct mapping *m, struct mapping_conn *mc,
     mc->abort = abort_fn;
     mc->policy_changed = NULL;
     mc->bytes_in = mc->bytes_out = 0;
+    mc->idle_bytes = 0;
+    mc->idle_since = mapping_now_s();
     memset(&mc->peer, 0, sizeof(mc->peer));
     if (m->accepting)
         memcpy(&mc->peer, m->accepting,
@@ -417,6 +430,43 @@ static void mapping_registry_unlink(struct mapping_registry *reg, struct mapping
     reg->count--;
 }
 
+/* limits.idle_timeout: a connection whose byte counts have not moved for that long is
+ * closed. Without it a public peer that vanished (or was reset while its direction waited
+ * on a target that does not read) kept its descriptors, pipe and buffers for good. The
+ * counts are compared once a second, so the hot paths pay nothing for it. */
+static void mapping_idle_sweep_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct mapping_registry *reg = arg;
+    int timeout = reg->srv->cfg->idle_timeout;
+    if (timeout <= 0)
+        return;
+    int64_t now = mapping_now_s();
+    unsigned long closed = 0;
+    struct mapping *m;
+    TAILQ_FOREACH(m, &reg->list, link) {
+        struct mapping_conn *mc, *next;
+        for (mc = TAILQ_FIRST(&m->conns); mc; mc = next) {
+            next = TAILQ_NEXT(mc, link);
+            uint64_t moved = mc->bytes_in + mc->bytes_out;
+            if (moved != mc->idle_bytes) {
+                mc->idle_bytes = moved;
+                mc->idle_since = now;
+            } else if (now - mc->idle_since >= timeout && mc->abort) {
+                closed++;
+                mc->abort(mc); /* unlinks mc; next stays valid */
+            }
+        }
+    }
+    if (!closed)
+        return;
+    reg->srv->limits.idle_closed += closed;
+    unsigned long held;
+    if (log_limit_take(&reg->idle_log, time(NULL), 10, &held))
+        log_info("mapping", "closed %lu connection(s) after %d s without a byte either way "
+                 "(limits.idle_timeout; %lu more such closes in the last 10 s not logged)",
+                 closed, timeout, held);
+}
+
 struct mapping_registry *mapping_registry_new(struct server *srv)
 {
     struct mapping_registry *reg = calloc(1, sizeof(*reg));
@@ -424,7 +474,15 @@ struct mapping_registry *mapping_registry_new(struct server *srv)
         return NULL;
     reg->srv = srv;
     reg->by_port = calloc(65536, sizeof(*reg->by_port));
-    if (!reg->by_port) {
+    /* No loop (unit tests of the registry): nothing to sweep on. */
+    struct timeval one_second = {1, 0};
+    if (srv->base)
+        reg->idle_sweep = event_new(srv->base, -1, EV_PERSIST, mapping_idle_sweep_cb, reg);
+    if (!reg->by_port || (srv->base && (!reg->idle_sweep ||
+                                        event_add(reg->idle_sweep, &one_second) != 0))) {
+        if (reg->idle_sweep)
+            event_free(reg->idle_sweep);
+        free(reg->by_port);
         free(reg);
         return NULL;
     }
@@ -452,6 +510,8 @@ void mapping_registry_free(struct mapping_registry *reg)
         TAILQ_REMOVE(&reg->up, u, link);
         free(u);
     }
+    if (reg->idle_sweep)
+        event_free(reg->idle_sweep);
     free(reg->by_port);
     free(reg);
 }

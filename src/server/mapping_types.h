@@ -47,6 +47,10 @@ struct mapping_conn {
     void (*policy_changed)(struct mapping_conn *mc);
     uint64_t bytes_in;                  /* this connection's share of the stats */
     uint64_t bytes_out;
+    /* limits.idle_timeout (mapping_registry's sweep): bytes_in + bytes_out when the sweep
+     * last saw them change, and when (CLOCK_MONOTONIC seconds). */
+    uint64_t idle_bytes;
+    int64_t idle_since;
     struct timespec opened;             /* CLOCK_MONOTONIC, for the close log line */
     struct sockaddr_storage peer;       /* the public client (family 0 when unknown) */
 };

@@ -172,6 +172,9 @@ static void render_limits(FILE *f, struct server *srv)
             (unsigned long long)l->api_connections);
     fprintf(f, "portmux_limit_refused_total{limit=\"hello_failures\"} %llu\n",
             (unsigned long long)l->tunnel_rate_limited);
+    put_header(f, "portmux_idle_closed_total", "counter",
+               "Connections closed after limits.idle_timeout without a byte either way.");
+    fprintf(f, "portmux_idle_closed_total %llu\n", (unsigned long long)l->idle_closed);
     put_header(f, "portmux_proxy_header_refused_total", "counter",
                "Connections from trusted_proxies closed without a usable PROXY header, or "
                "because too many waited for theirs.");

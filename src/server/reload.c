@@ -182,6 +182,7 @@ static void reload_apply_live(struct config *cur, struct config *next, bool leve
         {"port_range.end", &cur->port_end, next->port_end},
         {"limits.max_connections_per_mapping", &cur->max_connections_per_mapping,
          next->max_connections_per_mapping},
+        {"limits.idle_timeout", &cur->idle_timeout, next->idle_timeout},
         {"tunnel.max_streams_per_client", &cur->max_streams_per_client,
          next->max_streams_per_client},
         {"tunnel.connect_timeout", &cur->connect_timeout, next->connect_timeout},

@@ -773,3 +773,82 @@ def test_a_rate_limited_direct_connection_waits_instead_of_spinning(server_facto
     used, wall = _cpu_seconds(srv.pid) - cpu0, time.monotonic() - t0
     assert took >= 2.0, took  # still limited
     assert used < wall / 3, f"{used:.2f} s of CPU in {wall:.2f} s"
+
+
+class _DeafTarget:
+    """A target that accepts and never reads nor closes: what a hung backend looks like."""
+
+    def __init__(self):
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.lsock.getsockname()[1]
+        self.conns = []
+        self._stop = threading.Event()
+        self.lsock.settimeout(0.2)
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                c, _ = self.lsock.accept()
+                self.conns.append(c)
+            except OSError:
+                pass
+
+    def stop(self):
+        self._stop.set()
+        self.t.join(5)
+        for c in self.conns:
+            c.close()
+        self.lsock.close()
+
+
+@pytest.mark.parametrize("mode", ["direct", "tunnel"])
+def test_idle_timeout_closes_what_no_longer_moves(server_factory, tmp_path, logs, mode):
+    """limits.idle_timeout: a connection without a byte either way for that long is closed
+    (a peer that vanished, or was reset while its bytes waited on a target that does not
+    read, held its descriptors and buffers for good); one that keeps talking stays. The
+    target here accepts and never reads nor answers."""
+    deaf = _DeafTarget()
+    try:
+        if mode == "direct":
+            srv = server_factory(config={"limits": {"idle_timeout": 2}})
+            port = free_port()
+            srv.create_ok(port=port, target_ip="127.0.0.1", target_port=deaf.port)
+        else:
+            srv, _ = tunnel_env(server_factory, tmp_path, logs)
+            srv.stop()
+            srv.config.setdefault("limits", {})["idle_timeout"] = 2
+            srv.write_config()
+            srv.start()
+            wait_until(lambda: srv.health()["clients"] == 1, timeout=15,
+                       desc="the client back after the restart")
+            port = map_tunnel(srv, deaf.port)
+        quiet = connect(port)
+        talker = connect(port)
+        wait_until(lambda: srv.mapping(port)["active_connections"] == 2, timeout=5,
+                   desc="two connections open")
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 4.5:
+            talker.sendall(b"y")
+            time.sleep(0.4)
+        wait_until(lambda: srv.mapping(port)["active_connections"] == 1, timeout=5,
+                   desc="the quiet connection closed")
+        assert closed_by_peer_within(quiet, 2)
+        talker.sendall(b"still here")
+        assert srv.mapping(port)["active_connections"] == 1
+        text = srv.api("GET", "/metrics")[2]
+        assert metric(text, "portmux_idle_closed_total") == 1
+        talker.close()
+    finally:
+        deaf.stop()
+
+
+def closed_by_peer_within(sock, timeout):
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
