@@ -594,6 +594,17 @@ class Proc:
                           desc=f"{self.name} log to match {pattern!r}")
 
 
+def limit_descriptors(srv, n):
+    """Sets the running server's open-file limit (soft and hard) to n with prlimit, or
+    skips the test where that cannot reach it (a valgrind wrapper) or is not allowed."""
+    if not os.path.realpath(f"/proc/{srv.pid}/exe").endswith("portmux-server"):
+        pytest.skip("the server runs under a wrapper (valgrind): prlimit would not reach it")
+    r = subprocess.run(["prlimit", "--pid", str(srv.pid), f"--nofile={n}:{n}"],
+                       capture_output=True, text=True, timeout=10)
+    if r.returncode != 0:
+        pytest.skip(f"prlimit failed: {r.stderr.strip()}")
+
+
 def run_once(args, timeout=10.0, env=None):
     """Runs a command to completion with separate stdout/stderr; returns CompletedProcess."""
     return subprocess.run([str(a) for a in args], stdin=subprocess.DEVNULL,

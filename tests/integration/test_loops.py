@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import connect, free_port, free_ports, wait_until
+from conftest import connect, free_port, free_ports, limit_descriptors, wait_until
 from sec_helpers import env_int, metric
 from tunnel_helpers import client_info, start_client, tunnel_server
 
@@ -272,12 +272,7 @@ def test_loop_with_few_descriptors_keeps_api(server_factory, tmp_path, logs):
     srv.config["log"] = {"level": "info"}
     srv.write_config()
     srv.start()
-    if not os.path.realpath(f"/proc/{srv.pid}/exe").endswith("portmux-server"):
-        pytest.skip("the server runs under a wrapper (valgrind): prlimit would not reach it")
-    r = subprocess.run(["prlimit", "--pid", str(srv.pid), "--nofile=400:400"],
-                       capture_output=True, text=True, timeout=10)
-    if r.returncode != 0:
-        pytest.skip(f"prlimit failed: {r.stderr.strip()}")
+    limit_descriptors(srv, 400)
     start_client(tmp_path, logs, srv, TOKEN)
     port = free_port()
     srv.create_ok(port=port, target_ip="127.0.0.1", target_port=port, use_tunnel=True)

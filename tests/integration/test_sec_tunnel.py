@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import CLIENT_BIN, connect, free_port, wait_until
+from conftest import CLIENT_BIN, connect, free_port, limit_descriptors, wait_until
 from sec_helpers import T_HELLO_RESPONSE, env_int, frame, hello, read_frame
 from tunnel_helpers import client_count, map_tunnel, start_client, tunnel_server
 
@@ -86,12 +86,9 @@ class FakeServer:
         self.lsock.close()
 
 
-def test_client_caps_pending_dials(proc_factory):
-    """A server floods ConnectRequests at a target that never answers the SYN: the client
-    dials at most --max-pending-dials (default 1024; 64 here) at once and answers the rest
-    with status 1 (refused) at once, rather than holding a descriptor and a timer for each
-    until connect_timeout."""
-    # A listener whose accept queue is full drops further SYNs: connects to it hang.
+def _blackhole():
+    """A listener whose accept queue is full, so it drops further SYNs and connects to it
+    hang: returns (listener, port, the connections that fill the queue)."""
     blackhole = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     blackhole.bind(("127.0.0.1", 0))
     blackhole.listen(0)
@@ -102,6 +99,15 @@ def test_client_caps_pending_dials(proc_factory):
         s.setblocking(False)
         s.connect_ex(("127.0.0.1", bh_port))
         fillers.append(s)
+    return blackhole, bh_port, fillers
+
+
+def test_client_caps_pending_dials(proc_factory):
+    """A server floods ConnectRequests at a target that never answers the SYN: the client
+    dials at most --max-pending-dials (default 1024; 64 here) at once and answers the rest
+    with status 1 (refused) at once, rather than holding a descriptor and a timer for each
+    until connect_timeout."""
+    blackhole, bh_port, fillers = _blackhole()
     fake = FakeServer()
     try:
         client = proc_factory([CLIENT_BIN, "--server", f"127.0.0.1:{fake.port}", "--token",
@@ -614,7 +620,7 @@ def test_node_list_lines_are_bounded(proc_factory):
             {"ok": True, "message": "hi", "mappings": []}).encode()))
         bad = ["not an address"] * 40 + ["\u0001x:1"] * 40
         for i in range(200):
-            nodes = bad + ([f"127.0.0.9:9"] if i % 2 else [])
+            nodes = bad + (["127.0.0.9:9"] if i % 2 else [])
             fake.sock.sendall(frame(T_NOTICE, json.dumps(
                 {"event": "nodes", "nodes": nodes}).encode()))
         time.sleep(1.0)
@@ -653,12 +659,7 @@ def test_idle_tunnel_connections_leave_the_api_its_descriptors(server_factory):
     within its share of max_pending, which is large here) stop short of the last 64, as
     public mapping connections do: /health keeps answering."""
     srv = tunnel_server(server_factory, clients=CLIENTS, max_pending=2000, hello_timeout=60)
-    if not os.path.realpath(f"/proc/{srv.pid}/exe").endswith("portmux-server"):
-        pytest.skip("the server runs under a wrapper (valgrind): prlimit would not reach it")
-    r = subprocess.run(["prlimit", "--pid", str(srv.pid), "--nofile=400:400"],
-                       capture_output=True, text=True, timeout=10)
-    if r.returncode != 0:
-        pytest.skip(f"prlimit failed: {r.stderr.strip()}")
+    limit_descriptors(srv, 400)
     idle = []
     try:
         for i in range(420):
@@ -685,16 +686,7 @@ def test_pending_dials_are_capped_across_node_sessions(proc_factory):
     """--max-pending-dials bounds the dials of the --server session and every cluster node
     session together: each pending dial may hold a window of early data, and a server that
     lists itself as 32 nodes multiplied the bound by 33."""
-    blackhole = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    blackhole.bind(("127.0.0.1", 0))
-    blackhole.listen(0)
-    bh_port = blackhole.getsockname()[1]
-    fillers = []
-    for _ in range(4):
-        s = socket.socket()
-        s.setblocking(False)
-        s.connect_ex(("127.0.0.1", bh_port))
-        fillers.append(s)
+    blackhole, bh_port, fillers = _blackhole()
     primary, node = FakeServer(), FakeServer()
     try:
         client = proc_factory([CLIENT_BIN, "--server", f"127.0.0.1:{primary.port}", "--token",
