@@ -170,7 +170,7 @@ static size_t forward_read_room(int d, size_t room, void *arg)
         return room; /* the limit may have just been lifted */
     uint64_t share = forward_rl_share(m, tb);
     uint64_t want = room < share ? room : share;
-    uint64_t chunk = forward_rl_chunk(m, tb);
+    uint64_t chunk = share < FORWARD_RL_CHUNK ? share : FORWARD_RL_CHUNK;
     uint64_t avail = token_bucket_available(tb, want, forward_now_ns());
     return avail < (want < chunk ? want : chunk) ? 0 : (size_t)avail;
 }

@@ -129,7 +129,7 @@ void mapping_conn_begin(struct mapping *m, struct mapping_conn *mc,
     mc->policy_changed = NULL;
     mc->bytes_in = mc->bytes_out = 0;
     mc->idle_bytes = 0;
-    mc->idle_since = mapping_now_s();
+    mc->idle_since = 0; /* the sweep's first look starts the clock: no clock read here */
     memset(&mc->peer, 0, sizeof(mc->peer));
     if (m->accepting)
         memcpy(&mc->peer, m->accepting,
@@ -448,7 +448,7 @@ static void mapping_idle_sweep_cb(evutil_socket_t fd, short what, void *arg)
         for (mc = TAILQ_FIRST(&m->conns); mc; mc = next) {
             next = TAILQ_NEXT(mc, link);
             uint64_t moved = mc->bytes_in + mc->bytes_out;
-            if (moved != mc->idle_bytes) {
+            if (moved != mc->idle_bytes || mc->idle_since == 0) {
                 mc->idle_bytes = moved;
                 mc->idle_since = now;
             } else if (now - mc->idle_since >= timeout && mc->abort) {

@@ -250,8 +250,7 @@ def test_failed_hellos_are_limited_per_source(server_factory, tmp_path, logs):
     # What the client's status block shows about itself.
     assert ok["client"] == {"source": "config", "takeovers": 0, "refused": 0}, ok
     wait_until(lambda: client_count(srv, "edge") == 0, timeout=5, desc="raw session gone")
-    cli = client_proc(tmp_path, srv, CFG_TOKEN, name="edge")
-    cli.args[cli.args.index("--server") + 1] = f"[::1]:{srv.tunnel_port}"
+    cli = client_proc(tmp_path, srv, CFG_TOKEN, name="edge", server=f"[::1]:{srv.tunnel_port}")
     logs.append(cli)
     cli.start()
     wait_until(lambda: client_count(srv, "edge") == 1, timeout=10,

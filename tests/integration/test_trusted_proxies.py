@@ -99,8 +99,8 @@ def metric(srv, name):
 def client_through(tmp_path, logs, srv, front, *extra):
     """Starts portmux-client "edge" with --server the balancer's front port; returns once
     the server lists it, from the address the balancer's header names."""
-    cli = client_proc(tmp_path, srv, CFG_TOKEN, *extra, name="edge")
-    cli.args[cli.args.index("--server") + 1] = f"127.0.0.1:{front}"
+    cli = client_proc(tmp_path, srv, CFG_TOKEN, *extra, name="edge",
+                      server=f"127.0.0.1:{front}")
     logs.append(cli)
     cli.start()
     wait_until(lambda: client_count(srv, "edge") == 1, timeout=15,
@@ -295,7 +295,7 @@ def test_a_tls_tunnel_through_the_balancer(server_factory, proc_factory, pki, ec
         assert recv_exact(s, 8) == b"over tls"
 
 
-def test_a_balancer_on_this_host_needs_an_api_token(tmp_path, server_factory):
+def test_a_balancer_on_this_host_needs_an_api_token(tmp_path, server_factory, echo_backend):
     """A balancer on loopback in trusted_proxies brings requests from elsewhere to an API
     that listens on loopback, as api.allowed_hosts does: no start without a token of 16+
     characters, and a reload cannot add such a balancer to a server that has none."""
@@ -307,11 +307,13 @@ def test_a_balancer_on_this_host_needs_an_api_token(tmp_path, server_factory):
     assert b"trusted_proxies lets a balancer on this host" in r.stderr, r.stderr
     # A balancer elsewhere cannot reach the API on loopback: no token needed.
     srv = server_factory(config={"trusted_proxies": ["10.0.0.5"]})
-    log = reload(srv, dict(srv.config, trusted_proxies=["10.0.0.5", "::1"]))
-    assert "trusted_proxies keeps its running value" in log, log
-    # Still the old list: 127.0.0.1 is no balancer, its bytes are its own.
     port = free_port()
-    srv.create_ok(port=port, target_ip="127.0.0.1", target_port=9)
+    srv.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
+    log = reload(srv, dict(srv.config, trusted_proxies=["10.0.0.5", "127.0.0.1"]))
+    assert "trusted_proxies keeps its running value" in log, log
+    # Still the old list: 127.0.0.1 is no balancer, so its bytes without a header are
+    # relayed (as a trusted balancer's they would be closed).
+    assert echo_once(port, b"plain", "127.0.0.1") == b"plain"
     assert srv.running()
 
 

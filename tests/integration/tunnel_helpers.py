@@ -26,9 +26,11 @@ def tunnel_server(server_factory, clients=None, **tunnel):
     return server_factory(config=tunnel_config(clients, **tunnel))
 
 
-def client_proc(log_dir, srv, token, *extra, name="default", log_name=None):
-    """A portmux-client Proc (not started) for srv's tunnel port."""
-    args = [CLIENT_BIN, "--server", f"127.0.0.1:{srv.tunnel_port}", "--token", token,
+def client_proc(log_dir, srv, token, *extra, name="default", log_name=None, server=None):
+    """A portmux-client Proc (not started) for srv's tunnel port, or for server
+    ("host:port": a balancer in front of it, another address of it)."""
+    server = server or f"127.0.0.1:{srv.tunnel_port}"
+    args = [CLIENT_BIN, "--server", server, "--token", token,
             "--name", name, "--log-level", "debug", *extra]
     return Proc(args, Path(log_dir) / f"{log_name or 'client-' + name}.log",
                 name=log_name or f"client-{name}")
