@@ -30,12 +30,12 @@ _portmux_client()
             COMPREPLY=($(compgen -W "debug info warn error" -- "$cur"))
             return ;;
         -s|--server|-t|--token|-n|--name|-a|--allow|--allow-nodes|--server-name|--heartbeat-interval|\
-        --heartbeat-timeout|--connect-timeout|--max-pending-dials|--session-buffer-limit)
+        --heartbeat-timeout|--connect-timeout|--max-pending-dials|--max-streams|--session-buffer-limit)
             return ;;
     esac
     COMPREPLY=($(compgen -W "--server --token --name --allow --allow-nodes --no-reconnect --tls --ca
         --server-name --cert --key --heartbeat-interval --heartbeat-timeout
-        --connect-timeout --max-pending-dials --session-buffer-limit --log-level --help
+        --connect-timeout --max-pending-dials --max-streams --session-buffer-limit --log-level --help
         --version" -- "$cur"))
 }
 

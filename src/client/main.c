@@ -43,6 +43,7 @@ struct client_args {
     struct allow_list allow_nodes; /* cluster nodes this client may connect to (nodes.c) */
     int heartbeat_interval, heartbeat_timeout, connect_timeout;
     int max_pending_dials;
+    int max_streams;
     size_t session_buffer_limit;
 };
 
@@ -60,6 +61,7 @@ struct client_main {
     bool standby;
     int status;
     size_t dials_total;      /* dials pending in every session (tclient_opts.dials_total) */
+    size_t streams_total;    /* streams bridged in every session (tclient_opts.streams_total) */
 };
 
 static void usage(FILE *out)
@@ -89,6 +91,9 @@ static void usage(FILE *out)
             "      --connect-timeout S     connect/Hello and dial timeout (default 10)\n"
             "      --max-pending-dials N   targets dialled at once; more ConnectRequests are\n"
             "                            refused (status 1) until some answer (default 1024)\n"
+            "      --max-streams N         streams open at once, dialling or connected, in\n"
+            "                            all sessions; more are refused (status 1)\n"
+            "                            (default 10000)\n"
             "      --session-buffer-limit BYTES  all window growth of the session together\n"
             "                            (default 67108864): one stream moves at most about\n"
             "                            this much per round trip\n"
@@ -147,7 +152,7 @@ static int arg_count(const char *flag, const char *v, int *out)
 }
 
 enum { OPT_NO_RECONNECT = 256, OPT_TLS, OPT_CA, OPT_CERT, OPT_KEY, OPT_SERVER_NAME,
-       OPT_HB_INTERVAL, OPT_HB_TIMEOUT, OPT_CONNECT_TIMEOUT, OPT_MAX_PENDING_DIALS,
+       OPT_HB_INTERVAL, OPT_HB_TIMEOUT, OPT_CONNECT_TIMEOUT, OPT_MAX_PENDING_DIALS, OPT_MAX_STREAMS,
        OPT_SESSION_BUFFER_LIMIT, OPT_ALLOW_NODES };
 
 static const struct option client_options[] = {
@@ -169,6 +174,7 @@ static const struct option client_options[] = {
     {"heartbeat-timeout", required_argument, NULL, OPT_HB_TIMEOUT},
     {"connect-timeout", required_argument, NULL, OPT_CONNECT_TIMEOUT},
     {"max-pending-dials", required_argument, NULL, OPT_MAX_PENDING_DIALS},
+    {"max-streams", required_argument, NULL, OPT_MAX_STREAMS},
     {"session-buffer-limit", required_argument, NULL, OPT_SESSION_BUFFER_LIMIT},
     {NULL, 0, NULL, 0},
 };
@@ -212,6 +218,7 @@ static int parse_one(int opt, const char *v, struct client_args *a, const char *
     case OPT_CONNECT_TIMEOUT: return arg_seconds("--connect-timeout", v, &a->connect_timeout);
     case OPT_MAX_PENDING_DIALS:
         return arg_count("--max-pending-dials", v, &a->max_pending_dials);
+    case OPT_MAX_STREAMS: return arg_count("--max-streams", v, &a->max_streams);
     case OPT_SESSION_BUFFER_LIMIT:
         return arg_bytes("--session-buffer-limit", v, &a->session_buffer_limit);
     default: return -1;
@@ -269,6 +276,7 @@ static int parse_args(int argc, char **argv, struct client_args *a)
     a->name = "default";
     a->heartbeat_interval = 10;
     a->max_pending_dials = 1024;
+    a->max_streams = 10000;
     a->session_buffer_limit = MUX_SESSION_BUFFER_LIMIT;
     a->heartbeat_timeout = 30;
     a->connect_timeout = 10;
@@ -390,6 +398,7 @@ static int run(struct client_args *a, SSL_CTX *ssl)
         .heartbeat_interval = a->heartbeat_interval, .heartbeat_timeout = a->heartbeat_timeout,
         .connect_timeout = a->connect_timeout, .max_pending_dials = a->max_pending_dials, .status = cm.view,
         .session_buffer_limit = a->session_buffer_limit, .dials_total = &cm.dials_total,
+        .max_streams = a->max_streams, .streams_total = &cm.streams_total,
     };
     /* Every node session gets these options; --server-name only when given explicitly. */
     cm.nodes = nodeset_new(cm.base, dns, &o, a->server_name != a->host ? a->server_name : NULL,

@@ -42,6 +42,9 @@
  * every descriptor we have. Generous, because a burst of public connections arrives as
  * one batch of requests before any dial's completion is seen. */
 #define TC_MAX_PENDING_DIALS 1024
+/* Default for opts.max_streams: the server's own default tunnel.max_streams_per_client,
+ * so a client left at its defaults never refuses what a server at its defaults sends. */
+#define TC_MAX_STREAMS 10000
 
 struct dial;
 
@@ -68,7 +71,7 @@ struct tclient {
     unsigned long dial_cap_suppressed;
     /* Lines a public client causes once per connection (a refused or failed dial): one
      * per TC_LOG_PERIOD each, with a count of those held back. */
-    struct log_limit not_allowed_log, dial_failed_log, dial_fail_log;
+    struct log_limit not_allowed_log, dial_failed_log, dial_fail_log, streams_cap_log;
     char refusal[400];
     TAILQ_HEAD(, dial) dials;
 };
@@ -125,6 +128,8 @@ static void dial_bridge_close(const char *why, void *arg)
 {
     struct served *sv = arg;
     sv->c->streams--;
+    if (sv->c->opts.streams_total)
+        (*sv->c->opts.streams_total)--;
     status_target_closed(sv->shown);
     free(sv);
 }
@@ -186,6 +191,8 @@ static void dial_connected(struct dial *d)
         log_debug(TC_MOD, "stream %u: %zu bytes sent ahead written first",
                   (unsigned)mux_stream_id(st), held);
     c->streams++;
+    if (c->opts.streams_total)
+        (*c->opts.streams_total)++;
     status_target_opened(d->shown);
     dial_free(d, true);
 }
@@ -343,6 +350,19 @@ static void tc_on_connect_request(struct mux_session *mux, struct mux_stream *st
         } else {
             c->dial_cap_suppressed++;
         }
+        mux_stream_respond(st, FRAME_STATUS_REFUSED);
+        return;
+    }
+    size_t max_streams = c->opts.max_streams > 0 ? (size_t)c->opts.max_streams : TC_MAX_STREAMS;
+    size_t bridged = c->opts.streams_total ? *c->opts.streams_total : c->streams;
+    if (bridged + pending >= max_streams) {
+        char note[80];
+        unsigned long held;
+        if (log_limit_take(&c->streams_cap_log, time(NULL), TC_LOG_PERIOD, &held))
+            log_warn(TC_MOD, "stream %u: %s refused: %zu streams already open (--max-streams)%s",
+                     (unsigned)mux_stream_id(st), target, bridged + pending,
+                     tc_held_note(note, sizeof(note), held));
+        status_target_failed(status_target_get(c->opts.status, target), "too many streams");
         mux_stream_respond(st, FRAME_STATUS_REFUSED);
         return;
     }

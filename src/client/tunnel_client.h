@@ -36,6 +36,12 @@ struct tclient_opts {
      * node session, so max_pending_dials bounds them all together (each may hold a
      * window of early data); NULL = this session's own count. Not owned. */
     size_t *dials_total;
+    /* Streams at once, dialling or bridged: more ConnectRequests get status 1. Each holds
+     * a descriptor and up to a window of bytes for its target, and the server decides how
+     * many it opens, so this is the client's own bound on both. 0 = TC_MAX_STREAMS. */
+    int max_streams;
+    /* Bridged streams across the process (as dials_total); NULL = this session's own. */
+    size_t *streams_total;
     /* What all window growth of the session together may reach (the server's
      * tunnel.session_buffer_limit, on this side); 0 = no stream grows past its initial
      * window. main.c's default is MUX_SESSION_BUFFER_LIMIT. */

@@ -23,6 +23,7 @@ CLIENTS = [{"name": "default", "token": TOKEN}]
 T_CONNECT_REQUEST = 0x01
 T_CONNECT_RESPONSE = 0x02
 T_DATA = 0x03
+T_CLOSE = 0x04
 T_HELLO = 0x06
 T_HELLO_RESPONSE = 0x07
 T_WINDOW_UPDATE = 0x08
@@ -682,6 +683,24 @@ def test_idle_tunnel_connections_leave_the_api_its_descriptors(server_factory):
             s.close()
 
 
+def _accept_with_a_node(primary, node):
+    """The client's Hello on primary is answered with a node list naming node too, and
+    the client's session to node is accepted."""
+    primary.lsock.settimeout(10)
+    primary.sock, _ = primary.lsock.accept()
+    assert read_frame(primary.sock, 10)[0] == T_HELLO
+    primary.sock.sendall(frame(T_HELLO_RESPONSE, json.dumps(
+        {"ok": True, "message": "hi", "mappings": [],
+         "nodes": [f"127.0.0.1:{primary.port}", f"127.0.0.1:{node.port}"]}).encode()))
+    node.accept_hello()
+
+
+def _requests(first, n, port, host=b"127.0.0.1"):
+    """ConnectRequests for conn_ids first .. first + n - 1, to host:port."""
+    return b"".join(frame(T_CONNECT_REQUEST, struct.pack(">IHB", first + i, port, len(host))
+                          + host) for i in range(n))
+
+
 def test_pending_dials_are_capped_across_node_sessions(proc_factory):
     """--max-pending-dials bounds the dials of the --server session and every cluster node
     session together: each pending dial may hold a window of early data, and a server that
@@ -693,21 +712,10 @@ def test_pending_dials_are_capped_across_node_sessions(proc_factory):
                                TOKEN, "--no-reconnect", "--connect-timeout", "60",
                                "--max-pending-dials", "10", "--allow", f"127.0.0.1:{bh_port}",
                                "--allow-nodes", "127.0.0.1:1-65535"], "client")
-        primary.lsock.settimeout(10)
-        primary.sock, _ = primary.lsock.accept()
-        assert read_frame(primary.sock, 10)[0] == T_HELLO
-        primary.sock.sendall(frame(T_HELLO_RESPONSE, json.dumps(
-            {"ok": True, "message": "hi", "mappings": [],
-             "nodes": [f"127.0.0.1:{primary.port}", f"127.0.0.1:{node.port}"]}).encode()))
-        node.accept_hello()
-        host = b"127.0.0.1"
-
-        def requests(first, n):
-            return b"".join(frame(T_CONNECT_REQUEST, struct.pack(
-                ">IHB", first + i, bh_port, len(host)) + host) for i in range(n))
-        primary.sock.sendall(requests(1, 10))
+        _accept_with_a_node(primary, node)
+        primary.sock.sendall(_requests(1, 10, bh_port))
         time.sleep(0.5)
-        node.sock.sendall(requests(1, 5))
+        node.sock.sendall(_requests(1, 5, bh_port))
         got = node.responses(5, timeout=10)
         assert got == {i: 1 for i in range(1, 6)}, got
         assert primary.responses(1, timeout=0.5) == {}, "the primary's dials still wait"
@@ -718,3 +726,43 @@ def test_pending_dials_are_capped_across_node_sessions(proc_factory):
         for s in fillers:
             s.close()
         blackhole.close()
+
+
+def test_streams_are_capped_across_node_sessions(proc_factory):
+    """--max-streams bounds the streams open at once, dialled or bridged, in the --server
+    session and every node session together: the server decides how many it opens, and
+    each holds a descriptor and up to a window of bytes on the client's machine. Beyond it
+    a ConnectRequest gets status 1; a closed stream gives its place back."""
+    target = socket.socket()
+    target.bind(("127.0.0.1", 0))
+    target.listen(64)  # never accepted: each dial completes in the backlog and stays open
+    tport = target.getsockname()[1]
+    primary, node = FakeServer(), FakeServer()
+    try:
+        client = proc_factory([CLIENT_BIN, "--server", f"127.0.0.1:{primary.port}", "--token",
+                               TOKEN, "--no-reconnect", "--max-streams", "4",
+                               "--allow", f"127.0.0.1:{tport}",
+                               "--allow-nodes", "127.0.0.1:1-65535"], "client")
+        _accept_with_a_node(primary, node)
+        primary.sock.sendall(_requests(1, 3, tport))
+        assert primary.responses(3, timeout=10) == {1: 0, 2: 0, 3: 0}
+        node.sock.sendall(_requests(1, 2, tport))
+        assert node.responses(2, timeout=10) == {1: 0, 2: 1}
+        client.wait_log(r"refused: 4 streams already open \(--max-streams\)", timeout=10)
+        # The server ends stream 1 on the primary: one more may open on the node.
+        primary.sock.sendall(frame(T_CLOSE, struct.pack(">I", 1)))
+        got, cid, deadline = None, 3, time.monotonic() + 10
+        while got != 0 and time.monotonic() < deadline:
+            node.sock.sendall(_requests(cid, 1, tport))
+            got = node.responses(1, timeout=5).get(cid)
+            cid += 1
+            if got != 0:
+                time.sleep(0.1)
+        assert got == 0, "a closed stream did not give its place back"
+        node.sock.sendall(_requests(cid, 1, tport))
+        assert node.responses(1, timeout=10) == {cid: 1}
+        assert client.running(), client.log_tail()
+    finally:
+        primary.close()
+        node.close()
+        target.close()
