@@ -435,6 +435,14 @@ static const struct mux_stream_callbacks bridge_stream_cb = {
     .on_close = bridge_on_close,
 };
 
+bool bridge_paused_socket_dead(const struct bridge *b)
+{
+    if (b->up != RELAY_DIR_OPEN || b->flushing || event_pending(b->rd, EV_READ, NULL) ||
+        (bufferevent_get_enabled(b->bev) & EV_READ))
+        return false;
+    return relay_dir_source_dead(bufferevent_getfd(b->bev));
+}
+
 int bridge_set_rate_group(struct bridge *b, struct bufferevent_rate_limit_group *g)
 {
     /* The reader changes hands (see bridge_read_on); the new one's registration first,

@@ -10,6 +10,7 @@
 #ifndef PORTMUX_BRIDGE_H
 #define PORTMUX_BRIDGE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -45,6 +46,11 @@ int bridge_set_rate_group(struct bridge *b, struct bufferevent_rate_limit_group 
 
 uint64_t bridge_bytes_to_stream(const struct bridge *b);
 uint64_t bridge_bytes_to_socket(const struct bridge *b);
+
+/* Whether reading the socket is paused (the stream's window or the tunnel is full) while
+ * the socket is dead (reset, see relay_dir_source_dead): nothing reads it meanwhile, so
+ * nothing else would notice. Asks the kernel only about a paused socket. */
+bool bridge_paused_socket_dead(const struct bridge *b);
 
 /* Sets TCP_NODELAY on fd (a best effort: errors are ignored). */
 void bridge_set_nodelay(int fd);

@@ -1,6 +1,19 @@
 #include "relay_dir.h"
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
 #include "log.h"
+
+bool relay_dir_source_dead(int fd)
+{
+    struct tcp_info ti;
+    socklen_t len = sizeof(ti);
+    /* TCP_CLOSE while we still hold the socket open: tcp_done() ran, which only a reset
+     * or a timeout does (an orderly close of ours would have freed the socket). */
+    return getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) == 0 && ti.tcpi_state == TCP_CLOSE;
+}
 
 const char *relay_dir_state_name(enum relay_dir_state s)
 {

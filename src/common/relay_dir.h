@@ -6,6 +6,8 @@
 #ifndef PORTMUX_RELAY_DIR_H
 #define PORTMUX_RELAY_DIR_H
 
+#include <stdbool.h>
+
 enum relay_dir_state {
     RELAY_DIR_OPEN = 0,   /* bytes may come */
     RELAY_DIR_EOF,        /* the source sent FIN: no more bytes; what is held still goes */
@@ -18,5 +20,12 @@ void relay_dir_set(enum relay_dir_state *state, enum relay_dir_state next, const
                    const char *kind, unsigned long id, const char *dir);
 
 const char *relay_dir_state_name(enum relay_dir_state s);
+
+/* Whether the TCP connection on fd is dead: reset by its peer, or given up on by the
+ * kernel (retransmissions or keepalives unanswered). A relay that has paused reading fd
+ * (its destination is full) hears of neither, as nothing watches fd meanwhile; its owner
+ * asks this of a connection that has not moved for a while. A FIN (half-close) is not
+ * dead. One getsockopt, which changes nothing on the socket. */
+bool relay_dir_source_dead(int fd);
 
 #endif

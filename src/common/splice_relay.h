@@ -59,6 +59,11 @@ void splice_relay_free(struct splice_relay *r);
  * why). */
 int splice_relay_target_state(struct splice_relay *r);
 
+/* Whether a direction waits on a full destination while its source is dead (reset, see
+ * relay_dir_source_dead): nothing reads that source meanwhile, so nothing else would
+ * notice. Asks the kernel only about such a paused direction. */
+bool splice_relay_paused_source_dead(const struct splice_relay *r);
+
 #define SPLICE_RELAY_HEADER_MAX PROXY_HEADER_MAX
 
 #endif

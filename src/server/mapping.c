@@ -52,8 +52,9 @@ struct mapping_registry {
     size_t count;
     struct mapping_handlers handlers;   /* where accepted connections go (main.c) */
     TAILQ_HEAD(, mapping_client_up) up; /* clients connected now */
-    struct event *idle_sweep;           /* once a second: limits.idle_timeout */
-    struct log_limit idle_log;
+    struct event *idle_sweep;           /* once a second: limits.idle_timeout, and dead
+                                           sources of paused directions */
+    struct log_limit idle_log, dead_log;
 };
 
 /* A store write in flight for one mapping (m->op), and what to finish with. */
@@ -127,6 +128,7 @@ void mapping_conn_begin(struct mapping *m, struct mapping_conn *mc,
     mc->mapping = m;
     mc->abort = abort_fn;
     mc->policy_changed = NULL;
+    mc->paused_source_dead = NULL;
     mc->bytes_in = mc->bytes_out = 0;
     mc->idle_bytes = 0;
     mc->idle_since = 0; /* the sweep's first look starts the clock: no clock read here */
@@ -430,18 +432,31 @@ static void mapping_registry_unlink(struct mapping_registry *reg, struct mapping
     reg->count--;
 }
 
-/* limits.idle_timeout: a connection whose byte counts have not moved for that long is
- * closed. Without it a public peer that vanished (or was reset while its direction waited
- * on a target that does not read) kept its descriptors, pipe and buffers for good. The
- * counts are compared once a second, so the hot paths pay nothing for it. */
+/* Once a second, each connection's byte counts are compared with the last look, so the
+ * hot paths pay nothing for what follows:
+ * - limits.idle_timeout: a connection that has not moved for that long is closed. Without
+ *   it a public peer that vanished kept its descriptors, pipe and buffers for good.
+ * - A connection that has not moved for MAPPING_STALL_CHECK_S is asked whether a paused
+ *   direction's source is dead: a peer that reset while its bytes waited on a target that
+ *   does not read was heard by nothing (its socket is not watched while paused), and held
+ *   the connection until the target read or closed, whatever idle_timeout says. */
+#define MAPPING_STALL_CHECK_S 2
+
+static void mapping_sweep_log(struct log_limit *l, unsigned long closed, const char *what,
+                              int timeout)
+{
+    unsigned long held;
+    if (closed && log_limit_take(l, time(NULL), 10, &held))
+        log_info("mapping", "closed %lu connection(s) %s%d s (%lu more such closes in the "
+                 "last 10 s not logged)", closed, what, timeout, held);
+}
+
 static void mapping_idle_sweep_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct mapping_registry *reg = arg;
     int timeout = reg->srv->cfg->idle_timeout;
-    if (timeout <= 0)
-        return;
     int64_t now = mapping_now_s();
-    unsigned long closed = 0;
+    unsigned long idle = 0, dead = 0;
     struct mapping *m;
     TAILQ_FOREACH(m, &reg->list, link) {
         struct mapping_conn *mc, *next;
@@ -451,20 +466,24 @@ static void mapping_idle_sweep_cb(evutil_socket_t fd, short what, void *arg)
             if (moved != mc->idle_bytes || mc->idle_since == 0) {
                 mc->idle_bytes = moved;
                 mc->idle_since = now;
-            } else if (now - mc->idle_since >= timeout && mc->abort) {
-                closed++;
+            } else if (!mc->abort) {
+                continue;
+            } else if (timeout > 0 && now - mc->idle_since >= timeout) {
+                idle++;
                 mc->abort(mc); /* unlinks mc; next stays valid */
+            } else if (now - mc->idle_since >= MAPPING_STALL_CHECK_S &&
+                       mc->paused_source_dead && mc->paused_source_dead(mc)) {
+                dead++;
+                mc->abort(mc);
             }
         }
     }
-    if (!closed)
-        return;
-    reg->srv->limits.idle_closed += closed;
-    unsigned long held;
-    if (log_limit_take(&reg->idle_log, time(NULL), 10, &held))
-        log_info("mapping", "closed %lu connection(s) after %d s without a byte either way "
-                 "(limits.idle_timeout; %lu more such closes in the last 10 s not logged)",
-                 closed, timeout, held);
+    reg->srv->limits.idle_closed += idle;
+    reg->srv->limits.dead_source_closed += dead;
+    mapping_sweep_log(&reg->idle_log, idle, "after limits.idle_timeout: no byte either way for ",
+                      timeout);
+    mapping_sweep_log(&reg->dead_log, dead, "whose peer reset while its bytes waited on the "
+                      "other side, unmoved for ", MAPPING_STALL_CHECK_S);
 }
 
 struct mapping_registry *mapping_registry_new(struct server *srv)

@@ -175,6 +175,11 @@ static void render_limits(FILE *f, struct server *srv)
     put_header(f, "portmux_idle_closed_total", "counter",
                "Connections closed after limits.idle_timeout without a byte either way.");
     fprintf(f, "portmux_idle_closed_total %llu\n", (unsigned long long)l->idle_closed);
+    put_header(f, "portmux_dead_source_closed_total", "counter",
+               "Connections closed because a peer reset while its bytes waited on the other "
+               "side (found by the once-a-second sweep).");
+    fprintf(f, "portmux_dead_source_closed_total %llu\n",
+            (unsigned long long)l->dead_source_closed);
     put_header(f, "portmux_proxy_header_refused_total", "counter",
                "Connections from trusted_proxies closed without a usable PROXY header, or "
                "because too many waited for theirs.");

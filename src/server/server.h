@@ -31,6 +31,7 @@ struct server_limit_counters {
     uint64_t tunnel_takeovers;      /* silent session replaced by a new Hello */
     uint64_t proxy_header;          /* from trusted_proxies without a usable PROXY header */
     uint64_t idle_closed;           /* connections closed by limits.idle_timeout */
+    uint64_t dead_source_closed;    /* closed: a paused direction's source was reset */
 };
 
 struct server {

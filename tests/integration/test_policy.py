@@ -844,6 +844,60 @@ def test_idle_timeout_closes_what_no_longer_moves(server_factory, tmp_path, logs
         deaf.stop()
 
 
+def _fill_until_blocked(sock, limit_s=20.0, limit_bytes=256 << 20):
+    """Sends until the socket takes no more for 1 s: the bytes then wait on the far side
+    (the target does not read), and the server has stopped reading this connection."""
+    sock.setblocking(False)
+    chunk = b"z" * 65536
+    sent, blocked_since, deadline = 0, None, time.monotonic() + limit_s
+    while time.monotonic() < deadline and sent < limit_bytes:
+        try:
+            sent += sock.send(chunk)
+            blocked_since = None
+        except BlockingIOError:
+            blocked_since = blocked_since or time.monotonic()
+            if time.monotonic() - blocked_since >= 1.0:
+                return sent
+            time.sleep(0.05)
+    raise AssertionError(f"the connection never filled up ({sent} bytes sent)")
+
+
+@pytest.mark.parametrize("mode", ["direct", "tunnel"])
+def test_a_peer_reset_while_its_bytes_wait_is_closed(server_factory, tmp_path, logs, mode):
+    """With limits.idle_timeout at its default (0, never), a public peer that resets while
+    its bytes wait on a target that does not read is still noticed: nothing watches its
+    socket while that direction is paused, and the connection held its descriptors and
+    buffers until the target read or closed. An idle connection that is not paused
+    stays."""
+    deaf = _DeafTarget()
+    try:
+        if mode == "direct":
+            srv = server_factory()
+            port = free_port()
+            srv.create_ok(port=port, target_ip="127.0.0.1", target_port=deaf.port)
+        else:
+            srv, _ = tunnel_env(server_factory, tmp_path, logs)
+            port = map_tunnel(srv, deaf.port)
+        idle = connect(port)
+        pusher = connect(port)
+        wait_until(lambda: srv.mapping(port)["active_connections"] == 2, timeout=5,
+                   desc="two connections open")
+        assert _fill_until_blocked(pusher) > 0
+        pusher.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        pusher.close()  # a reset
+        wait_until(lambda: srv.mapping(port)["active_connections"] == 1, timeout=10,
+                   desc="the reset connection closed")
+        text = srv.api("GET", "/metrics")[2]
+        assert metric(text, "portmux_dead_source_closed_total") == 1
+        assert metric(text, "portmux_idle_closed_total") == 0
+        time.sleep(3)  # past the sweep's 2 s: the idle one is not paused, and stays
+        idle.sendall(b"still here")
+        assert srv.mapping(port)["active_connections"] == 1
+        idle.close()
+    finally:
+        deaf.stop()
+
+
 def closed_by_peer_within(sock, timeout):
     sock.settimeout(timeout)
     try:
