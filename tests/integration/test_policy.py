@@ -37,6 +37,18 @@ def update_ok(srv, **fields):
     return body["data"]
 
 
+def _mapped(mode, server_factory, tmp_path, logs, target_port, **fields):
+    """A server with one mapping to 127.0.0.1:target_port, direct or through a tunnel
+    client: returns (server, public port)."""
+    if mode == "direct":
+        srv = server_factory()
+        port = free_port()
+        srv.create_ok(port=port, target_ip="127.0.0.1", target_port=target_port, **fields)
+        return srv, port
+    srv, _ = tunnel_env(server_factory, tmp_path, logs)
+    return srv, map_tunnel(srv, target_port, **fields)
+
+
 def metrics(srv):
     status, _, text = srv.api("GET", "/metrics")
     assert status == 200, status
@@ -199,14 +211,8 @@ def test_allow_from_resets_others_and_never_dials(server_factory, tmp_path, logs
     backend.listen(16)
     backend.setblocking(False)
     bport = backend.getsockname()[1]
-    if mode == "direct":
-        srv = server_factory()
-        port = free_port()
-        srv.create_ok(port=port, target_ip="127.0.0.1", target_port=bport,
-                      allow_from=["127.0.0.2", "10.0.0.0/8"])
-    else:
-        srv, _ = tunnel_env(server_factory, tmp_path, logs)
-        port = map_tunnel(srv, bport, allow_from=["127.0.0.2", "10.0.0.0/8"])
+    srv, port = _mapped(mode, server_factory, tmp_path, logs, bport,
+                        allow_from=["127.0.0.2", "10.0.0.0/8"])
     m = srv.mapping(port)
     assert m["allow_from"] == ["127.0.0.2/32", "10.0.0.0/8"], m
     mark = srv.log_mark()
@@ -374,14 +380,7 @@ def test_proxy_protocol_with_nginx(server_factory, tmp_path, logs, nginx, versio
 
 @pytest.mark.parametrize("mode", ["direct", "tunnel"])
 def test_max_connections_per_mapping(server_factory, tmp_path, logs, echo_backend, mode):
-    if mode == "direct":
-        srv = server_factory()
-        port = free_port()
-        srv.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port,
-                      max_connections=2)
-    else:
-        srv, _ = tunnel_env(server_factory, tmp_path, logs)
-        port = map_tunnel(srv, echo_backend.port, max_connections=2)
+    srv, port = _mapped(mode, server_factory, tmp_path, logs, echo_backend.port, max_connections=2)
     assert srv.mapping(port)["max_connections"] == 2
     live = [connect(port), connect(port)]
     for s in live:
@@ -423,13 +422,7 @@ def _echo_transfer(port, total):
 
 @pytest.mark.parametrize("mode", ["direct", "tunnel"])
 def test_rate_limit_holds_and_applies_live(server_factory, tmp_path, logs, echo_backend, mode):
-    if mode == "direct":
-        srv = server_factory()
-        port = free_port()
-        srv.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
-    else:
-        srv, _ = tunnel_env(server_factory, tmp_path, logs)
-        port = map_tunnel(srv, echo_backend.port)
+    srv, port = _mapped(mode, server_factory, tmp_path, logs, echo_backend.port)
     # A connection opened before the limit is set is limited too.
     with connect(port, timeout=60) as s:
         assert echo_ok(s)
@@ -480,14 +473,7 @@ def test_rate_limit_applies_to_a_bulk_tunnel_stream(server_factory, tmp_path, lo
 
 @pytest.mark.parametrize("mode", ["direct", "tunnel"])
 def test_rate_limit_shared_by_connections(server_factory, tmp_path, logs, echo_backend, mode):
-    if mode == "direct":
-        srv = server_factory()
-        port = free_port()
-        srv.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port,
-                      rate_limit=RATE)
-    else:
-        srv, _ = tunnel_env(server_factory, tmp_path, logs)
-        port = map_tunnel(srv, echo_backend.port, rate_limit=RATE)
+    srv, port = _mapped(mode, server_factory, tmp_path, logs, echo_backend.port, rate_limit=RATE)
     t0 = time.monotonic()
     workers = [Worker(_echo_transfer, port, TOTAL // 2) for _ in range(2)]
     for w in workers:
@@ -557,13 +543,7 @@ def test_rate_limit_invalid(server, bad):
 @pytest.mark.parametrize("mode", ["direct", "tunnel"])
 def test_disable_closes_listener_and_connections(server_factory, tmp_path, logs, echo_backend,
                                                 mode):
-    if mode == "direct":
-        srv = server_factory()
-        port = free_port()
-        srv.create_ok(port=port, target_ip="127.0.0.1", target_port=echo_backend.port)
-    else:
-        srv, _ = tunnel_env(server_factory, tmp_path, logs)
-        port = map_tunnel(srv, echo_backend.port)
+    srv, port = _mapped(mode, server_factory, tmp_path, logs, echo_backend.port)
     s = connect(port)
     assert echo_ok(s)
     data = update_ok(srv, port=port, enabled=False)
@@ -871,13 +851,7 @@ def test_a_peer_reset_while_its_bytes_wait_is_closed(server_factory, tmp_path, l
     stays."""
     deaf = _DeafTarget()
     try:
-        if mode == "direct":
-            srv = server_factory()
-            port = free_port()
-            srv.create_ok(port=port, target_ip="127.0.0.1", target_port=deaf.port)
-        else:
-            srv, _ = tunnel_env(server_factory, tmp_path, logs)
-            port = map_tunnel(srv, deaf.port)
+        srv, port = _mapped(mode, server_factory, tmp_path, logs, deaf.port)
         idle = connect(port)
         pusher = connect(port)
         wait_until(lambda: srv.mapping(port)["active_connections"] == 2, timeout=5,
