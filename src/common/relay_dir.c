@@ -10,9 +10,15 @@ bool relay_dir_source_dead(int fd)
 {
     struct tcp_info ti;
     socklen_t len = sizeof(ti);
-    /* TCP_CLOSE while we still hold the socket open: tcp_done() ran, which only a reset
-     * or a timeout does (an orderly close of ours would have freed the socket). */
-    return getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) == 0 && ti.tcpi_state == TCP_CLOSE;
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) != 0 || ti.tcpi_state != TCP_CLOSE)
+        return false;
+    /* TCP_CLOSE is also where an orderly close ends (the peer's FIN queued behind bytes we
+     * have not read, our own FIN sent and acknowledged): those bytes must still go. A
+     * reset or a timeout leaves an error as well. Reading it clears it, and it matters no
+     * more: the connection is closed for it. */
+    int err = 0;
+    len = sizeof(err);
+    return getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err != 0;
 }
 
 const char *relay_dir_state_name(enum relay_dir_state s)

@@ -24,8 +24,9 @@ const char *relay_dir_state_name(enum relay_dir_state s);
 /* Whether the TCP connection on fd is dead: reset by its peer, or given up on by the
  * kernel (retransmissions or keepalives unanswered). A relay that has paused reading fd
  * (its destination is full) hears of neither, as nothing watches fd meanwhile; its owner
- * asks this of a connection that has not moved for a while. A FIN (half-close) is not
- * dead. One getsockopt, which changes nothing on the socket. */
+ * asks this of a connection that has not moved for a while. A FIN, even one that ended
+ * the connection in both directions, is not dead: the bytes before it still go. One
+ * getsockopt for a live socket; a dead one's pending error is read (and so cleared). */
 bool relay_dir_source_dead(int fd);
 
 #endif

@@ -872,6 +872,106 @@ def test_a_peer_reset_while_its_bytes_wait_is_closed(server_factory, tmp_path, l
         deaf.stop()
 
 
+class _SaysByeThenReadsLater:
+    """A target that answers each connection "bye" and half-closes at once, then reads
+    nothing but what read() asks for."""
+
+    def __init__(self):
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.lsock.getsockname()[1]
+        self.conns = []
+        self._stop = threading.Event()
+        self.lsock.settimeout(0.2)
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                c, _ = self.lsock.accept()
+                c.sendall(b"bye")
+                c.shutdown(socket.SHUT_WR)
+                self.conns.append(c)
+            except OSError:
+                pass
+
+    def read(self, i, limit=None, timeout=30):
+        """Reads connection i's bytes up to limit (None: up to its EOF); returns how many
+        it read."""
+        c = self.conns[i]
+        c.settimeout(timeout)
+        n = 0
+        while limit is None or n < limit:
+            chunk = c.recv(1 << 20 if limit is None else min(1 << 20, limit - n))
+            if not chunk:
+                break
+            n += len(chunk)
+        return n
+
+    def stop(self):
+        self._stop.set()
+        self.t.join(5)
+        for c in self.conns:
+            c.close()
+        self.lsock.close()
+
+
+def _tcp_state(lport, rport):
+    """The state (/proc/net/tcp's hex code) of the IPv4 TCP socket lport -> rport, or None."""
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            cols = line.split()
+            if (int(cols[1].rsplit(":", 1)[1], 16), int(cols[2].rsplit(":", 1)[1], 16)) == \
+                    (lport, rport):
+                return cols[3]
+    return None
+
+
+TCP_TIME_WAIT = "06"
+
+
+@pytest.mark.parametrize("mode", ["direct", "tunnel"])
+def test_an_orderly_close_while_bytes_wait_delivers_them(server_factory, tmp_path, logs, mode):
+    """The dead-source check above must not take a closed connection for a reset one. A
+    target says "bye" and half-closes; the public side uploads until it blocks, then
+    half-closes too; the target reads 64 KiB at a time until the public FIN gets in behind
+    bytes still waiting (the server's public socket turns TIME_WAIT), then nothing for
+    4 s. Every byte reaches the target once it reads again. (Whether the public socket
+    still holds unread bytes when the sweep looks depends on how much the kernel's buffers
+    toward the target absorb; unit test_relay_dir checks that state itself.)"""
+    target = _SaysByeThenReadsLater()
+    up = None
+    try:
+        srv, port = _mapped(mode, server_factory, tmp_path, logs, target.port)
+        up = socket.socket()
+        up.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)  # little behind the FIN
+        up.settimeout(10)
+        up.connect(("127.0.0.1", port))
+        assert recv_all(up) == b"bye"
+        sent = _fill_until_blocked(up)
+        up.setblocking(True)
+        up.shutdown(socket.SHUT_WR)
+        wait_until(lambda: len(target.conns) == 1, timeout=5, desc="the target's side")
+        server_side = (port, up.getsockname()[1])
+        got, deadline = 0, time.monotonic() + 20
+        while _tcp_state(*server_side) != TCP_TIME_WAIT and time.monotonic() < deadline:
+            got += target.read(0, limit=64 * 1024)
+            time.sleep(0.1)
+        assert _tcp_state(*server_side) == TCP_TIME_WAIT, "the public FIN never got in"
+        assert got < sent, "nothing was left waiting"
+        time.sleep(4)  # twice past the sweep's 2 s
+        got += target.read(0)
+        assert got == sent
+        wait_until(lambda: srv.mapping(port)["active_connections"] == 0, timeout=10,
+                   desc="the connection done")
+        assert metric(srv.api("GET", "/metrics")[2], "portmux_dead_source_closed_total") == 0
+    finally:
+        if up:
+            up.close()
+        target.stop()
+
+
 def closed_by_peer_within(sock, timeout):
     sock.settimeout(timeout)
     try:
