@@ -241,21 +241,30 @@ def connect(port, host="127.0.0.1", timeout=10.0):
 # ---- sockets of a running process, found through /proc ----
 
 
-def tcp_socket_inodes():
-    """{(local port, remote port): socket inode} of every TCP socket on this host."""
-    found = {}
+def _tcp_rows():
+    """(local port, remote port, state as /proc/net/tcp's hex code, inode) of every TCP
+    socket on this host."""
     for path in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(path) as f:
                 next(f)
                 for line in f:
                     cols = line.split()
-                    lport = int(cols[1].rsplit(":", 1)[1], 16)
-                    rport = int(cols[2].rsplit(":", 1)[1], 16)
-                    found[(lport, rport)] = int(cols[9])
+                    yield (int(cols[1].rsplit(":", 1)[1], 16), int(cols[2].rsplit(":", 1)[1], 16),
+                           cols[3], int(cols[9]))
         except FileNotFoundError:
             pass
-    return found
+
+
+def tcp_socket_inodes():
+    """{(local port, remote port): socket inode} of every TCP socket on this host."""
+    return {(lport, rport): inode for lport, rport, _, inode in _tcp_rows()}
+
+
+def tcp_state(lport, rport):
+    """The state (/proc/net/tcp's hex code, "06" = TIME_WAIT) of the TCP socket
+    lport -> rport, or None."""
+    return next((st for lp, rp, st, _ in _tcp_rows() if (lp, rp) == (lport, rport)), None)
 
 
 def _fd_of(pid, inode):

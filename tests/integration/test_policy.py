@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import (PortHolder, Worker, connect, free_port, free_range, recv_all,
-                      recv_exact, recv_hash, recv_hash_n, send_stream, wait_until)
+                      recv_exact, recv_hash, recv_hash_n, send_stream, tcp_state, wait_until)
 from sec_helpers import metric
 from tunnel_helpers import map_tunnel, tunnel_env, wait_status
 
@@ -771,9 +771,13 @@ class _DeafTarget:
         while not self._stop.is_set():
             try:
                 c, _ = self.lsock.accept()
+                self.accepted(c)
                 self.conns.append(c)
             except OSError:
                 pass
+
+    def accepted(self, conn):
+        """What a subclass does first with each connection; this one, nothing."""
 
     def stop(self):
         self._stop.set()
@@ -872,28 +876,13 @@ def test_a_peer_reset_while_its_bytes_wait_is_closed(server_factory, tmp_path, l
         deaf.stop()
 
 
-class _SaysByeThenReadsLater:
+class _SaysByeThenReadsLater(_DeafTarget):
     """A target that answers each connection "bye" and half-closes at once, then reads
     nothing but what read() asks for."""
 
-    def __init__(self):
-        self.lsock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.lsock.getsockname()[1]
-        self.conns = []
-        self._stop = threading.Event()
-        self.lsock.settimeout(0.2)
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                c, _ = self.lsock.accept()
-                c.sendall(b"bye")
-                c.shutdown(socket.SHUT_WR)
-                self.conns.append(c)
-            except OSError:
-                pass
+    def accepted(self, conn):
+        conn.sendall(b"bye")
+        conn.shutdown(socket.SHUT_WR)
 
     def read(self, i, limit=None, timeout=30):
         """Reads connection i's bytes up to limit (None: up to its EOF); returns how many
@@ -907,25 +896,6 @@ class _SaysByeThenReadsLater:
                 break
             n += len(chunk)
         return n
-
-    def stop(self):
-        self._stop.set()
-        self.t.join(5)
-        for c in self.conns:
-            c.close()
-        self.lsock.close()
-
-
-def _tcp_state(lport, rport):
-    """The state (/proc/net/tcp's hex code) of the IPv4 TCP socket lport -> rport, or None."""
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            cols = line.split()
-            if (int(cols[1].rsplit(":", 1)[1], 16), int(cols[2].rsplit(":", 1)[1], 16)) == \
-                    (lport, rport):
-                return cols[3]
-    return None
 
 
 TCP_TIME_WAIT = "06"
@@ -955,10 +925,10 @@ def test_an_orderly_close_while_bytes_wait_delivers_them(server_factory, tmp_pat
         wait_until(lambda: len(target.conns) == 1, timeout=5, desc="the target's side")
         server_side = (port, up.getsockname()[1])
         got, deadline = 0, time.monotonic() + 20
-        while _tcp_state(*server_side) != TCP_TIME_WAIT and time.monotonic() < deadline:
+        while tcp_state(*server_side) != TCP_TIME_WAIT and time.monotonic() < deadline:
             got += target.read(0, limit=64 * 1024)
             time.sleep(0.1)
-        assert _tcp_state(*server_side) == TCP_TIME_WAIT, "the public FIN never got in"
+        assert tcp_state(*server_side) == TCP_TIME_WAIT, "the public FIN never got in"
         assert got < sent, "nothing was left waiting"
         time.sleep(4)  # twice past the sweep's 2 s
         got += target.read(0)
