@@ -202,6 +202,21 @@ def test_port_omitted_gets_lowest_free_port_then_range_exhausted(server_factory,
     assert sorted(m["port"] for m in srv.list()) == [base + 1, base + 2, base + 3]
 
 
+def test_port_omitted_never_picks_a_local_targets_own_port(server_factory):
+    """A target on this host at exactly the next free port: the server would have picked
+    that port and stored a mapping whose target is itself. The pick skips it; a remote
+    target at the same port may have it."""
+    base = free_range(3)
+    srv = server_factory(config={"port_range": {"from": base, "end": base + 2}})
+    m = srv.create_ok(target_ip="127.0.0.1", target_port=base)
+    assert m["port"] == base + 1, m
+    status, body = srv.create(port=base, target_ip="127.0.0.1", target_port=base)
+    assert status == 400 and body["error"] == "invalid_field", body  # as with port given
+    remote = srv.create_ok(target_ip="192.0.2.9", target_port=base)
+    assert remote["port"] == base, remote
+    assert sorted(r["port"] for r in srv.list()) == [base, base + 1]
+
+
 # ---- allow_from ----
 
 @pytest.mark.parametrize("mode", ["direct", "tunnel"])
