@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/queue.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -48,6 +49,7 @@
 #include "secret.h"
 #include "server.h"
 #include "tunnel_server.h"
+#include "utf8.h"
 #include "web.h"
 
 #define API_MAX_BODY (64 * 1024)
@@ -77,6 +79,7 @@ struct api {
     int port;
     unsigned open_connections;     /* counted by api_notify_connection */
     struct log_limit refused_log;  /* "connection refused" lines: one per 10 s */
+    struct log_limit write_refused_log; /* "create/update port N refused" lines: the same */
     TAILQ_HEAD(, api_conn) conns;  /* every open connection, for the slow-request sweep */
     TAILQ_HEAD(, api_request) suspended; /* waiting for a store write (api_pending) */
     struct event *ev_sweep;
@@ -152,10 +155,14 @@ static void api_reply_json(struct api_reply *out, unsigned status, json_t *json,
     out->allow = allow;
 }
 
+/* msg may quote a peer's bytes (a key, a parse error's text, cut by a bound), and jansson
+ * packs nothing that is not UTF-8: cleaned first, so every error gets its answer. */
 static void api_fail(struct api_reply *out, enum api_error e, const char *msg,
                      const char *allow)
 {
-    json_t *j = json_pack("{s:b, s:s, s:s}", "success", 0, "message", msg, "error",
+    char text[512];
+    utf8_clean_copy(text, sizeof(text), msg);
+    json_t *j = json_pack("{s:b, s:s, s:s}", "success", 0, "message", text, "error",
                           api_error_code(e));
     api_reply_json(out, api_error_status(e), j, allow);
 }
@@ -252,11 +259,26 @@ static int api_client_known(struct server *srv, const struct mapping_record *rec
     return -1;
 }
 
+/* A refused create or update, at most one line per 10 s: a client decides how often
+ * (a loop on a taken port). Without the API's state (the fuzz target) every line goes. */
+static void api_log_write_refused(struct server *srv, const char *what, int port,
+                                  const char *err)
+{
+    unsigned long held = 0;
+    if (srv->api && !log_limit_take(&srv->api->write_refused_log, time(NULL), 10, &held))
+        return;
+    if (held)
+        log_warn("api", "%s port %d refused: %s (%lu more creates or updates refused in the "
+                        "last 10 s)", what, port, err, held);
+    else
+        log_warn("api", "%s port %d refused: %s", what, port, err);
+}
+
 static void api_created(enum mapping_result r, struct mapping *m, const char *err, void *arg)
 {
     struct api_pending *p = arg;
     if (r != MAPPING_OK) {
-        log_warn("api", "create port %d refused: %s", p->port, err);
+        api_log_write_refused(p->srv, "create", p->port, err);
         api_fail(&p->reply,
                  r == MAPPING_E_IN_USE        ? API_E_PORT_IN_USE
                  : r == MAPPING_E_EXHAUSTED   ? API_E_RANGE_EXHAUSTED
@@ -299,7 +321,7 @@ static void api_updated(enum mapping_result r, struct mapping *m, const char *er
 {
     struct api_pending *p = arg;
     if (r != MAPPING_OK) {
-        log_warn("api", "update port %d refused: %s", p->port, err);
+        api_log_write_refused(p->srv, "update", p->port, err);
         api_fail(&p->reply,
                  r == MAPPING_E_IN_USE        ? API_E_PORT_IN_USE
                  : r == MAPPING_E_UNAVAILABLE ? API_E_STORE_UNAVAILABLE
@@ -732,7 +754,7 @@ static bool api_token_ok(const struct config *cfg, const struct api_req *rq)
     if (!token || !*token)
         return true;
     const char *h = api_header(rq, "Authorization");
-    if (!h || strncmp(h, "Bearer ", 7) != 0)
+    if (!h || strncasecmp(h, "Bearer ", 7) != 0)
         return false;
     return secret_equal(token, h + 7, strlen(h + 7));
 }
@@ -749,7 +771,9 @@ bool api_admit(struct server *srv, const struct api_req *rq, struct api_reply *o
 {
     const struct config *cfg = srv->cfg;
     if (!api_peer_allowed(cfg, rq->peer)) {
+        /* Its connection is one of the few outsiders share (api_accept_policy): free it. */
         api_fail(out, API_E_FORBIDDEN, "address not allowed", NULL);
+        out->last = true;
         return false;
     }
     const char *host = api_header(rq, "Host");
@@ -831,6 +855,8 @@ static enum MHD_Result api_send(struct api *api, struct MHD_Connection *conn,
                 MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, r->allow);
         }
     }
+    if (resp && r->last)
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     unsigned status = r->status;
     api_reply_clear(r);
     if (!resp)
@@ -1082,29 +1108,54 @@ static unsigned api_conns_from(const struct api *api, const struct sockaddr *add
     return n;
 }
 
+/* Connections open from addresses outside api.allowed_ips. */
+static unsigned api_conns_outside(const struct api *api)
+{
+    unsigned n = 0;
+    const struct api_conn *ac;
+    TAILQ_FOREACH(ac, &api->conns, link)
+        n += !api_peer_allowed(api->srv->cfg, (const struct sockaddr *)&ac->peer);
+    return n;
+}
+
+/* Addresses outside api.allowed_ips still get their 403 (SPEC §3), so they are accepted,
+ * but all of them together hold at most one address's share, and each answer closes its
+ * connection: however many addresses an outsider has, the operators inside keep the rest
+ * of api.max_connections. */
 static enum MHD_Result api_accept_policy(void *cls, const struct sockaddr *addr,
                                          socklen_t addrlen)
 {
     struct api *api = cls;
+    const struct config *cfg = api->srv->cfg;
     unsigned from = 0;
-    bool full = api->open_connections >= (unsigned)api->srv->cfg->api_max_connections;
+    bool full = api->open_connections >= (unsigned)cfg->api_max_connections;
+    bool outside = !full && !api_peer_allowed(cfg, addr);
     /* A peer of a loopback API is this machine; a client a trusted balancer's header named
      * (trusted_proxies) is elsewhere and gets the share as on any other address. */
-    bool local = api_guard_is_loopback(api->srv->cfg->api_listen_addr) && !api->via_balancer;
-    if (!full && (local || (from = api_conns_from(api, addr)) < api_per_source(api)))
+    bool local = api_guard_is_loopback(cfg->api_listen_addr) && !api->via_balancer;
+    if (outside) {
+        if ((from = api_conns_outside(api)) < api_per_source(api))
+            return MHD_YES;
+    } else if (!full && (local || (from = api_conns_from(api, addr)) < api_per_source(api)))
         return MHD_YES;
     api->srv->limits.api_connections++;
     unsigned long held;
     if (log_limit_take(&api->refused_log, time(NULL), 10, &held)) {
         char who[64];
+        netaddr_format(addr, who, sizeof(who));
         if (full)
             log_warn("api", "connection from %s refused: %u open (api.max_connections); %lu "
                             "more refused in the last 10 s",
-                     netaddr_format(addr, who, sizeof(who)), api->open_connections, held);
+                     who, api->open_connections, held);
+        else if (outside)
+            log_warn("api", "connection from %s refused: addresses outside api.allowed_ips "
+                            "have %u open, an eighth of api.max_connections; %lu more refused "
+                            "in the last 10 s",
+                     who, from, held);
         else
             log_warn("api", "connection from %s refused: it has %u open, an eighth of "
                             "api.max_connections; %lu more refused in the last 10 s",
-                     netaddr_format(addr, who, sizeof(who)), from, held);
+                     who, from, held);
     }
     return MHD_NO;
 }

@@ -45,6 +45,7 @@ struct api_reply {
     const struct web_asset *asset; /* set instead of body for the console's files */
     const char *allow;             /* Allow header for 405, static */
     bool close;                    /* no answer possible (out of memory): drop the connection */
+    bool last;                     /* answer, then close (Connection: close) */
     /* Set when a handler started a write that finishes later (SPEC §7): the answer is not
      * there yet. api_dispatch clears it when the write finished before it returned
      * (SQLite always does), so only a caller on a loop with PostgreSQL ever sees it; the

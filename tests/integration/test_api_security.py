@@ -645,3 +645,80 @@ def raw_exchange_from(port, src, request, timeout=3.0):
         except (ConnectionResetError, BrokenPipeError):
             return None
     return data or None
+
+
+def test_addresses_outside_allowed_ips_share_one_place(server_factory):
+    """Peers outside api.allowed_ips get their 403 (SPEC §3), but however many addresses
+    they come from, together they hold one address's share of api.max_connections and
+    each 403 closes its connection: idle connections from 16 outside addresses used to
+    fill the API and lock out the operators inside the list."""
+    srv = server_factory(config={"api": {"allowed_ips": ["127.0.0.1/32"], "max_connections": 16,
+                                         "connection_timeout": 30}})
+    held = []
+    try:
+        for i in range(16):
+            s = socket.create_connection(("127.0.0.1", srv.api_port), timeout=5,
+                                         source_address=(f"127.0.6.{i + 1}", 0))
+            s.sendall(b"GET /")  # a request that never ends
+            held.append(s)
+        # An operator inside the list is served.
+        assert srv.api("GET", "/health")[0] == 200
+        open_ = [s for s in held if not _closed_soon(s)]
+        assert len(open_) <= 2, f"{len(open_)} idle outside connections kept (share: 2)"
+        srv.wait_log(r"connection from 127\.0\.6\.\d+:\d+ refused: addresses outside "
+                     r"api\.allowed_ips have 2 open", timeout=5)
+    finally:
+        for s in held:
+            s.close()
+    # An outsider's request is answered 403, and its connection closed after it.
+    with socket.create_connection(("127.0.0.1", srv.api_port), timeout=5,
+                                  source_address=("127.0.6.99", 0)) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        data = b""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            c = s.recv(65536)
+            if not c:
+                break
+            data += c
+        assert data.startswith(b"HTTP/1.1 403"), data
+        assert b'"forbidden"' in data and c == b"", data
+
+
+def _closed_soon(s, timeout=0.5):
+    s.settimeout(timeout)
+    try:
+        return s.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+@pytest.mark.parametrize("body", [
+    b'{"target_ip":"\\\xc3\xbf"}',          # a parse error's text cut inside a character
+    '{"a\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9":1}'.encode(),  # an unknown key cut in the message
+    '{"a\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9":99999999999999999999999}'.encode(),
+], ids=["cut-escape", "cut-key", "cut-key-bignum"])
+@pytest.mark.parametrize("path", ["/api/mapping/create", "/api/mapping/update",
+                                  "/api/mapping/remove", "/api/client/create"])
+def test_error_quoting_a_cut_character_is_still_answered(server, body, path):
+    """An error message that quotes a peer's bytes cut inside a UTF-8 character (jansson
+    packs no invalid UTF-8) used to leave the request with no answer at all."""
+    r = raw(server, "POST", path, [("Host", "127.0.0.1"), ("Content-Type", "application/json")],
+            body)
+    assert r.status == 400, r
+    j = r.json_body()
+    assert j and j["error"] in ("invalid_json", "invalid_field"), r
+    assert server.api("GET", "/health")[0] == 200
+
+
+def test_bearer_scheme_is_case_insensitive(server_factory):
+    """RFC 7235: the scheme is case-insensitive (the token is not)."""
+    srv = server_factory(config={"api": {"token": TOKEN}})
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        status = srv.api("GET", "/api/mapping/list",
+                         headers={"Authorization": f"{scheme} {TOKEN}"})[0]
+        assert status == 200, scheme
+    assert srv.api("GET", "/api/mapping/list",
+                   headers={"Authorization": f"Bearer {TOKEN.upper()}x"})[0] == 401

@@ -111,6 +111,18 @@ def test_create_connect_and_refusals_are_logged(server_factory, tmp_path, logs):
         wait_line(srv, "WARN", "api", rf"create port {held.port} refused: .*Address already in use")
 
 
+def test_refused_writes_log_one_line_per_10_s(server):
+    """A client that loops on a taken port decides how often "create port N refused" would
+    be written: one line per 10 s, each refusal still answered."""
+    with PortHolder(free_port()) as held:
+        mark = server.log_mark()
+        for _ in range(50):
+            assert server.create(port=held.port, target_ip="127.0.0.1", target_port=9)[0] == 409
+        wait_line(server, "WARN", "api", rf"create port {held.port} refused: .*", after=mark)
+        time.sleep(0.3)
+        lines = [ln for ln in server.log_text()[mark:].splitlines() if " refused: " in ln]
+        assert len(lines) == 1, lines
+
 def test_limit_refusal_is_logged(server_factory, echo_backend):
     srv = server_factory(config={"limits": {"max_connections_per_mapping": 1}})
     port = free_port()
