@@ -355,12 +355,16 @@ static void tc_on_connect_request(struct mux_session *mux, struct mux_stream *st
     }
     size_t max_streams = c->opts.max_streams > 0 ? (size_t)c->opts.max_streams : TC_MAX_STREAMS;
     size_t bridged = c->opts.streams_total ? *c->opts.streams_total : c->streams;
-    if (bridged + pending >= max_streams) {
+    /* Streams this session closed whose Close the server has not answered keep their
+     * entries until it does: a server that never does would grow them for ever. */
+    size_t open = bridged + pending + mux_session_closing_count(mux);
+    if (open >= max_streams) {
         char note[80];
         unsigned long held;
         if (log_limit_take(&c->streams_cap_log, time(NULL), TC_LOG_PERIOD, &held))
-            log_warn(TC_MOD, "stream %u: %s refused: %zu streams already open (--max-streams)%s",
-                     (unsigned)mux_stream_id(st), target, bridged + pending,
+            log_warn(TC_MOD, "stream %u: %s refused: %zu streams already open or closing "
+                             "(--max-streams)%s",
+                     (unsigned)mux_stream_id(st), target, open,
                      tc_held_note(note, sizeof(note), held));
         status_target_failed(status_target_get(c->opts.status, target), "too many streams");
         mux_stream_respond(st, FRAME_STATUS_REFUSED);

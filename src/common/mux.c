@@ -315,6 +315,11 @@ double mux_session_rtt_ms(const struct mux_session *s) { return s->rtt_ms; }
 
 size_t mux_session_stream_count(const struct mux_session *s) { return s->app_streams; }
 
+size_t mux_session_closing_count(const struct mux_session *s)
+{
+    return s->nstreams - s->app_streams;
+}
+
 /* Appends an encoded control frame; n is the encoder's result. */
 static int mux_emit(struct mux_session *s, const uint8_t *buf, int n)
 {

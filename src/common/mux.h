@@ -188,6 +188,10 @@ double mux_session_rtt_ms(const struct mux_session *s);
 void mux_session_output_drained(struct mux_session *s);
 /* Streams the application holds (not those only waiting for the peer's Close). */
 size_t mux_session_stream_count(const struct mux_session *s);
+/* Streams the application closed that wait for the peer's Close: each holds a table entry
+ * until it comes, so a peer that never sends one would grow them for ever unless the
+ * application counts them in its stream cap. */
+size_t mux_session_closing_count(const struct mux_session *s);
 
 /* Server role: opens a stream and sends ConnectRequest(host, port). NULL on failure. */
 struct mux_stream *mux_stream_open(struct mux_session *s, const char *host, uint16_t port,

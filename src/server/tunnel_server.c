@@ -1029,13 +1029,16 @@ void tunnel_server_forward(struct tunnel_server *ts, struct mapping *m, evutil_s
         tunnel_stream_refuse(m, fd);
         return;
     }
-    size_t open = sess->streams.nstreams;
+    /* Closed streams whose Close the client has not answered count too: each keeps its
+     * entry until it does, and a client that never does would grow them for ever. */
+    size_t open = sess->streams.nstreams + mux_session_closing_count(sess->mux);
     if (cfg->max_streams_per_client > 0 && open >= (size_t)cfg->max_streams_per_client) {
         ts->srv->limits.tunnel_streams++;
         /* Every public connection can hit this: the reason goes through the mapping's
          * rate-limited dial log, the line here is for debugging only. */
-        log_debug(TS_MOD, "client \"%s\": stream refused, %zu open (limit)", sess->name, open);
-        mapping_dial_failed(m, "client \"%s\" has %zu streams open "
+        log_debug(TS_MOD, "client \"%s\": stream refused, %zu open or closing (limit)",
+                  sess->name, open);
+        mapping_dial_failed(m, "client \"%s\" has %zu streams open or closing "
                             "(tunnel.max_streams_per_client)", sess->name, open);
         tunnel_stream_refuse(m, fd);
         return;

@@ -748,7 +748,8 @@ def test_streams_are_capped_across_node_sessions(proc_factory):
         assert primary.responses(3, timeout=10) == {1: 0, 2: 0, 3: 0}
         node.sock.sendall(_requests(1, 2, tport))
         assert node.responses(2, timeout=10) == {1: 0, 2: 1}
-        client.wait_log(r"refused: 4 streams already open \(--max-streams\)", timeout=10)
+        client.wait_log(r"refused: 4 streams already open or closing \(--max-streams\)",
+                        timeout=10)
         # The server ends stream 1 on the primary: one more may open on the node.
         primary.sock.sendall(frame(T_CLOSE, struct.pack(">I", 1)))
         got, cid, deadline = None, 3, time.monotonic() + 10
@@ -766,3 +767,106 @@ def test_streams_are_capped_across_node_sessions(proc_factory):
         primary.close()
         node.close()
         target.close()
+
+
+T_SHUT_WRITE = 0x09
+
+
+def _closes(sock, want, timeout):
+    """The conn_ids of the Close frames read from sock until want arrived or timeout."""
+    got = set()
+    deadline = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < deadline:
+        f = read_frame(sock, max(0.05, deadline - time.monotonic()))
+        if f is None:
+            break
+        if f[0] == T_CLOSE:
+            got.add(struct.unpack(">I", f[1][:4])[0])
+    return got
+
+
+def test_streams_whose_close_is_unanswered_count_toward_max_streams(proc_factory):
+    """A stream the client closed keeps its entry until the server's Close answers it; a
+    server that never answers grew the client by about 300 bytes per stream without end,
+    --max-streams counting only bridged streams. They count now: beyond the cap a
+    ConnectRequest gets status 1, and an answered Close gives the place back."""
+    target = socket.socket()
+    target.bind(("127.0.0.1", 0))
+    target.listen(64)
+    tport = target.getsockname()[1]
+    stop = threading.Event()
+
+    def accept_and_close():  # a service that hangs up at once
+        target.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                target.accept()[0].close()
+            except socket.timeout:
+                pass
+            except OSError:
+                return
+
+    threading.Thread(target=accept_and_close, daemon=True).start()
+    srv = FakeServer()
+    try:
+        client = proc_factory([CLIENT_BIN, "--server", f"127.0.0.1:{srv.port}", "--token",
+                               TOKEN, "--no-reconnect", "--max-streams", "3",
+                               "--allow", f"127.0.0.1:{tport}"], "client")
+        srv.accept_hello()
+        for cid in (1, 2, 3):
+            srv.sock.sendall(_requests(cid, 1, tport))
+            assert srv.responses(1, timeout=10) == {cid: 0}
+            srv.sock.sendall(frame(T_SHUT_WRITE, struct.pack(">I", cid)))
+            assert _closes(srv.sock, 1, timeout=10) == {cid}
+        # Three closed streams wait for the server's Close: no place for a fourth.
+        srv.sock.sendall(_requests(4, 1, tport))
+        assert srv.responses(1, timeout=10) == {4: 1}
+        client.wait_log(r"refused: 3 streams already open or closing \(--max-streams\)",
+                        timeout=10)
+        # The server answers one Close: its place is back.
+        srv.sock.sendall(frame(T_CLOSE, struct.pack(">I", 1)))
+        srv.sock.sendall(_requests(5, 1, tport))
+        assert srv.responses(1, timeout=10) == {5: 0}
+        assert client.running(), client.log_tail()
+    finally:
+        stop.set()
+        srv.close()
+        target.close()
+
+
+def test_streams_whose_close_the_client_leaves_unanswered_count_toward_the_cap(server_factory):
+    """A client that answers every ConnectRequest and never a Close: each stream the server
+    closed kept its entry (about 275 bytes) until the session ended, uncounted by
+    tunnel.max_streams_per_client, so public connections to its mappings grew the server
+    without end. They count now: at the cap a public connection is refused at once."""
+    srv = tunnel_server(server_factory, CLIENTS, max_streams_per_client=3)
+    with socket.create_connection(("127.0.0.1", srv.tunnel_port), timeout=5) as tun:
+        tun.sendall(hello("default", TOKEN))
+        f = read_frame(tun, 5)
+        assert f is not None and f[0] == T_HELLO_RESPONSE and json.loads(f[1])["ok"], f
+        wait_until(lambda: client_count(srv) == 1, timeout=10, desc="session up")
+        port = map_tunnel(srv, 9)
+        for _ in range(3):
+            pub = connect(port)
+            f = read_frame(tun, 5)
+            while f is not None and f[0] != T_CONNECT_REQUEST:
+                f = read_frame(tun, 5)
+            assert f is not None, "no ConnectRequest"
+            cid = struct.unpack(">I", f[1][:4])[0]
+            tun.sendall(frame(T_CONNECT_RESPONSE, struct.pack(">IB", cid, 0)))
+            # The public side resets: the server sends Close, which this client ignores.
+            pub.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            pub.close()
+            while f is not None and f[0] != T_CLOSE:
+                f = read_frame(tun, 5)
+            assert f is not None and struct.unpack(">I", f[1][:4])[0] == cid, f
+        wait_until(lambda: srv.mapping(port)["active_connections"] == 0, timeout=10,
+                   desc="the public connections to end")
+        with connect(port) as pub:
+            pub.settimeout(5)
+            try:
+                assert pub.recv(1) == b"", "a 4th stream was opened"
+            except ConnectionResetError:
+                pass
+        assert read_frame(tun, 0.5) is None, "a ConnectRequest beyond the cap"
+        assert srv.mapping(port)["failed_connections"] >= 1

@@ -249,9 +249,12 @@ static void test_open_data_close(void)
     /* Close from the server: the client hears it once and answers; both free it. */
     mux_stream_close(st);
     CHECK(mux_session_stream_count(p.srv) == 0);
+    /* Until the client's Close comes back the stream keeps its entry, and says so. */
+    CHECK(mux_session_closing_count(p.srv) == 1 && mux_session_closing_count(p.cli) == 0);
     CHECK(pump(&p) == 0);
     CHECK(ce->closed == 1 && ce->why == MUX_CLOSE_PEER && se.closed == 0);
     CHECK(mux_session_stream_count(p.cli) == 0);
+    CHECK(mux_session_closing_count(p.srv) == 0 && mux_session_closing_count(p.cli) == 0);
     evbuffer_free(a);
     evbuffer_free(b);
     pair_free(&p);
