@@ -8,9 +8,10 @@
 #include <time.h>
 
 struct log_limit {
-    time_t at;             /* when the last line of this kind was written */
+    time_t at;             /* when the last line (a burst: the window's first) was written */
     bool written;          /* at least one was */
     unsigned long held;    /* held back since */
+    unsigned in_window;    /* lines written in the window that began at `at` (bursts) */
 };
 
 /* True when a line may be written at now (none written yet, or period seconds have gone
@@ -18,5 +19,12 @@ struct log_limit {
  * many were held back since the last one written, and the count starts again. False:
  * the line is held back (and counted). */
 bool log_limit_take(struct log_limit *l, time_t now, int period, unsigned long *held);
+
+/* The same with up to burst lines per window of period seconds (the window opens with its
+ * first line): for lines an operator wants to see each time while they are few (a client
+ * connecting), which a peer must still not be able to repeat without end. log_limit_take
+ * is a burst of 1. */
+bool log_limit_take_burst(struct log_limit *l, time_t now, int period, unsigned burst,
+                          unsigned long *held);
 
 #endif

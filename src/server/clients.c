@@ -569,6 +569,15 @@ void clients_touch(struct clients_registry *reg, const char *name, int64_t now)
     store_client_touch_async(reg->store, e->name, e->id, now, cl_touched, NULL);
 }
 
+bool clients_session_log_take(struct clients_registry *reg, const char *name, time_t now,
+                              unsigned long *held)
+{
+    *held = 0;
+    struct clients_entry *e = reg ? cl_find(reg, name) : NULL;
+    return !e || log_limit_take_burst(&e->session_log, now, CLIENTS_SESSION_LOG_PERIOD,
+                                      CLIENTS_SESSION_LOG_BURST, held);
+}
+
 void clients_note(struct clients_registry *reg, const char *name, enum clients_event ev)
 {
     struct clients_entry *e = cl_find(reg, name);

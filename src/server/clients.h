@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "client_name.h"
+#include "log_limit.h"
 #include "store.h"
 
 struct config;
@@ -55,9 +56,15 @@ struct clients_entry {
     uint64_t refused;           /* a Hello with its credentials lost to a live session */
     bool synced;                /* clients_sync_*: seen in the read being applied */
     bool writing;               /* a rotate or remove is being stored (clients_*_async) */
+    struct log_limit session_log; /* its sessions' lines: clients_session_log_take */
 };
 
 enum clients_event { CLIENTS_EVENT_TAKEOVER, CLIENTS_EVENT_REFUSED };
+
+/* Lines a client's sessions write (connected, disconnected, a protocol error) per
+ * CLIENTS_SESSION_LOG_PERIOD seconds before the rest are held back and counted. */
+#define CLIENTS_SESSION_LOG_BURST 6
+#define CLIENTS_SESSION_LOG_PERIOD 10
 
 struct clients_registry;
 
@@ -95,6 +102,13 @@ int clients_sync_end(struct clients_registry *reg, void (*gone)(const char *name
                      void *arg);
 
 const struct clients_entry *clients_find(const struct clients_registry *reg, const char *name);
+
+/* True when a line about a session of client name may be written now; *held gets how many
+ * were held back before it. A client holding the token decides how often its sessions
+ * start and end (a reconnect loop wrote 10,000 lines a second): CLIENTS_SESSION_LOG_BURST
+ * per period. A name the registry does not know (reg NULL, or just removed) writes. */
+bool clients_session_log_take(struct clients_registry *reg, const char *name, time_t now,
+                              unsigned long *held);
 size_t clients_count(const struct clients_registry *reg);
 /* The i-th client, config clients first, then stored ones in name order. */
 const struct clients_entry *clients_at(const struct clients_registry *reg, size_t i);

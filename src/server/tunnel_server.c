@@ -209,11 +209,33 @@ static void tsession_free(struct tsession *sess)
     free(sess);
 }
 
+/* " (N more ... held back)" after a client's session line, or "" when none was. */
+static const char *ts_session_held_note(char *buf, size_t len, unsigned long held)
+{
+    if (!held)
+        return "";
+    snprintf(buf, len, " (%lu more lines about this client's sessions held back in the last "
+                       "%d s)", held, CLIENTS_SESSION_LOG_PERIOD);
+    return buf;
+}
+
+/* A line about an authenticated session, within the client's budget (a client with the
+ * token decides how often its sessions start and end). */
+static bool ts_session_log_take(struct tsession *sess, char *note, size_t len)
+{
+    unsigned long held;
+    bool ok = clients_session_log_take(sess->ts->srv->clients, sess->name, time(NULL), &held);
+    ts_session_held_note(note, len, held);
+    return ok;
+}
+
 static void tsession_close(struct tsession *sess, const char *reason)
 {
-    if (sess->authed)
-        log_info(TS_MOD, "client \"%s\" disconnected: %s", sess->name, reason);
-    else
+    char note[112] = "";
+    if (sess->authed) {
+        if (ts_session_log_take(sess, note, sizeof(note)))
+            log_info(TS_MOD, "client \"%s\" disconnected: %s%s", sess->name, reason, note);
+    } else
         log_debug(TS_MOD, "tunnel from %s closed: %s", sess->remote, reason);
     tsession_free(sess);
 }
@@ -232,9 +254,12 @@ static void tsession_close_after_flush(struct tsession *sess)
 static void tsession_protocol_error(struct tsession *sess, const char *what)
 {
     sess->ts->srv->limits.tunnel_protocol_errors++;
-    if (sess->authed)
-        log_warn(TS_MOD, "client \"%s\" disconnected: protocol error: %s", sess->name, what);
-    else
+    char note[112] = "";
+    if (sess->authed) {
+        if (ts_session_log_take(sess, note, sizeof(note)))
+            log_warn(TS_MOD, "client \"%s\" disconnected: protocol error: %s%s", sess->name,
+                     what, note);
+    } else
         ts_peer_warn(sess, HELLO_LOG_PROTOCOL, "tunnel from %s closed: protocol error: %s",
                      sess->remote, what);
     tsession_free(sess);
@@ -432,7 +457,9 @@ static void tsession_accept(struct tsession *sess, const char *name)
         clients_touch(sess->ts->srv->clients, sess->name, (int64_t)sess->connected_at);
     if (sess->ts->srv->mappings)
         mapping_registry_client_up(sess->ts->srv->mappings, sess->name);
-    log_info(TS_MOD, "client \"%s\" connected from %s", sess->name, sess->remote);
+    char note[112] = "";
+    if (ts_session_log_take(sess, note, sizeof(note)))
+        log_info(TS_MOD, "client \"%s\" connected from %s%s", sess->name, sess->remote, note);
 }
 
 /* A Hello refused before its credentials were looked at, or because they were wrong:

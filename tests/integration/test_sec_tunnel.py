@@ -870,3 +870,24 @@ def test_streams_whose_close_the_client_leaves_unanswered_count_toward_the_cap(s
                 pass
         assert read_frame(tun, 0.5) is None, "a ConnectRequest beyond the cap"
         assert srv.mapping(port)["failed_connections"] >= 1
+
+
+def test_a_client_reconnecting_in_a_loop_writes_a_bounded_number_of_lines(server_factory):
+    """A client with the token decides how often its sessions start and end: a reconnect
+    loop wrote two lines per session, thousands a second. Each client's session lines are
+    bounded (6 per 10 s), every session is still served."""
+    srv = tunnel_server(server_factory, CLIENTS)
+    mark = srv.log_mark()
+    for i in range(30):
+        with socket.create_connection(("127.0.0.1", srv.tunnel_port), timeout=5) as tun:
+            tun.sendall(hello("default", TOKEN))
+            f = read_frame(tun, 5)
+            assert f is not None and f[0] == T_HELLO_RESPONSE and json.loads(f[1])["ok"], (i, f)
+            if i % 2:
+                tun.sendall(frame(0x7F, b""))  # an unknown frame: a protocol error
+                closed_by_peer(tun, 5)
+    wait_until(lambda: client_count(srv) == 0, timeout=10, desc="the last session to end")
+    time.sleep(0.3)
+    lines = [ln for ln in srv.log_text()[mark:].splitlines() if 'client "default"' in ln]
+    assert 1 <= len(lines) <= 6, lines
+    assert srv.api("GET", "/health")[0] == 200

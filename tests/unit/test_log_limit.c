@@ -21,5 +21,16 @@ int main(void)
     struct log_limit z = {0};
     CHECK(log_limit_take(&z, 0, 10, &held) && held == 0);
     CHECK(!log_limit_take(&z, 3, 10, &held));
+    /* A burst of 3 per 10 s: three lines, then held back until the window ends; the
+     * next window's first line carries the count. */
+    struct log_limit b = {0};
+    for (int i = 0; i < 3; i++) {
+        held = 99;
+        CHECK(log_limit_take_burst(&b, 2000 + i, 10, 3, &held) && held == 0);
+    }
+    CHECK(!log_limit_take_burst(&b, 2005, 10, 3, &held));
+    CHECK(!log_limit_take_burst(&b, 2009, 10, 3, &held));
+    CHECK(log_limit_take_burst(&b, 2010, 10, 3, &held) && held == 2);
+    CHECK(log_limit_take_burst(&b, 2011, 10, 3, &held) && held == 0);
     return check_summary();
 }
