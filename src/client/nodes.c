@@ -30,6 +30,13 @@
  * twice, then only a count. */
 #define NS_CHURN_LINES (4 * NS_NODES_MAX)
 #define NS_BACKOFF_CAP_SECONDS 30.0
+/* Node connection attempts, new nodes' and retries together: a full list at once, then
+ * NS_NODES_MAX per NS_CONNECTS_PERIOD seconds. A list that keeps changing (the server's,
+ * or any node's, doing) made the client connect, and send its token, 3,000 times a second
+ * to whatever the list named. */
+#define NS_CONNECTS_PERIOD 10.0
+/* "reconnecting in" lines per NS_REFUSED_LOG_SECONDS, all nodes together. */
+#define NS_RETRY_LINES 8
 
 struct ns_node {
     TAILQ_ENTRY(ns_node) link;
@@ -64,6 +71,10 @@ struct nodeset {
     time_t churn_at;              /* the window of ns_churn_log */
     unsigned churn_lines;
     unsigned long churn_held;
+    double connect_tokens;        /* ns_connect_token's bucket */
+    double tokens_at;             /* monotonic seconds of its last refill; 0 = full */
+    struct log_limit end_log;     /* the node sessions' end lines (tclient_opts.end_log) */
+    struct log_limit retry_log;   /* "reconnecting in", and refusals */
 };
 
 /* A list that keeps changing (the server's doing) could write a join and a leave line per
@@ -137,24 +148,78 @@ static double ns_backoff(int attempt)
     return d > NS_BACKOFF_CAP_SECONDS ? NS_BACKOFF_CAP_SECONDS : d;
 }
 
+/* " (N more ... held back)" after a bounded node line, or "". */
+static const char *ns_held_note(char *buf, size_t len, unsigned long held)
+{
+    if (!held)
+        return "";
+    snprintf(buf, len, " (%lu more such lines held back in the last %d s)", held,
+             NS_REFUSED_LOG_SECONDS);
+    return buf;
+}
+
+static struct timeval ns_timeval(double d)
+{
+    struct timeval tv = {(time_t)d, (suseconds_t)((d - (double)(time_t)d) * 1e6)};
+    return tv;
+}
+
 static void ns_schedule_retry(struct ns_node *n)
 {
     n->attempt++;
     double d = ns_backoff(n->attempt);
-    struct timeval tv = {(time_t)d, (suseconds_t)((d - (double)(time_t)d) * 1e6)};
-    log_info(NS_MOD, "node %s: reconnecting in %.1f s (attempt %d)", n->addr, d, n->attempt);
+    struct timeval tv = ns_timeval(d);
+    char note[80];
+    unsigned long held;
+    if (log_limit_take_burst(&n->ns->retry_log, time(NULL), NS_REFUSED_LOG_SECONDS,
+                             NS_RETRY_LINES, &held))
+        log_info(NS_MOD, "node %s: reconnecting in %.1f s (attempt %d)%s", n->addr, d,
+                 n->attempt, ns_held_note(note, sizeof(note), held));
     status_node_retry(n->row, d, n->attempt);
     evtimer_add(n->retry, &tv);
 }
 
-static void ns_retry_cb(evutil_socket_t fd, short what, void *arg)
+/* Takes one attempt from the bucket; false with *wait the seconds until one is there. */
+static bool ns_connect_token(struct nodeset *ns, double *wait)
 {
-    struct ns_node *n = arg;
+    const double burst = NS_NODES_MAX, rate = NS_NODES_MAX / NS_CONNECTS_PERIOD;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    double now = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+    if (ns->tokens_at == 0)
+        ns->connect_tokens = burst;
+    else if (now > ns->tokens_at)
+        ns->connect_tokens += (now - ns->tokens_at) * rate;
+    if (ns->connect_tokens > burst)
+        ns->connect_tokens = burst;
+    ns->tokens_at = now;
+    if (ns->connect_tokens >= 1) {
+        ns->connect_tokens -= 1;
+        return true;
+    }
+    *wait = (1 - ns->connect_tokens) / rate;
+    return false;
+}
+
+/* Connects n now, or when the bucket has an attempt for it (its retry timer again). */
+static void ns_connect(struct ns_node *n)
+{
+    double wait;
+    if (!ns_connect_token(n->ns, &wait)) {
+        struct timeval tv = ns_timeval(wait);
+        evtimer_add(n->retry, &tv);
+        return;
+    }
     if (tclient_connect(n->tc) != 0) {
         log_error(NS_MOD, "node %s: cannot start a connection", n->addr);
         if (!n->ns->no_reconnect)
             ns_schedule_retry(n);
     }
+}
+
+static void ns_retry_cb(evutil_socket_t fd, short what, void *arg)
+{
+    ns_connect(arg);
 }
 
 /* A node session ended (its tclient is idle). Called from inside the tclient: the node
@@ -164,7 +229,12 @@ static void ns_on_end(enum tclient_end how, bool healthy, void *arg)
     struct ns_node *n = arg;
     struct nodeset *ns = n->ns;
     if (how == TCLIENT_REFUSED) {
-        log_warn(NS_MOD, "node %s: %s", n->addr, tclient_refusal(n->tc));
+        char note[80];
+        unsigned long held;
+        if (log_limit_take_burst(&ns->retry_log, time(NULL), NS_REFUSED_LOG_SECONDS,
+                                 NS_RETRY_LINES, &held))
+            log_warn(NS_MOD, "node %s: %s%s", n->addr, tclient_refusal(n->tc),
+                     ns_held_note(note, sizeof(note), held));
         status_node_lost(n->row, tclient_refusal(n->tc));
     }
     if (ns->on_all_down && nodeset_up(ns) == 0)
@@ -207,6 +277,7 @@ static struct ns_node *ns_node_new(struct nodeset *ns, const char *addr, const c
     o.node = n->row;
     o.on_nodes = ns_on_nodes_from_node;
     o.nodes_arg = n;
+    o.end_log = &ns->end_log;
     n->tc = tclient_new(ns->base, ns->dns, &o, ns_on_end, n);
     n->retry = evtimer_new(ns->base, ns_retry_cb, n);
     if (!n->tc || !n->retry) {
@@ -295,11 +366,7 @@ static void ns_apply(evutil_socket_t fd, short what, void *arg)
             continue;
         }
         ns_churn_log(ns, "node %s joined the cluster: connecting", addr);
-        if (tclient_connect(n->tc) != 0) {
-            log_error(NS_MOD, "node %s: cannot start a connection", addr);
-            if (!ns->no_reconnect)
-                ns_schedule_retry(n);
-        }
+        ns_connect(n);
     }
 }
 

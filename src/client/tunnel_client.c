@@ -35,6 +35,8 @@
 #define TC_HEALTHY_SECONDS 10
 /* Lines a public client can cause per connection: at most one of each kind per this. */
 #define TC_LOG_PERIOD 10
+/* Session end lines the node sessions write together per TC_LOG_PERIOD (opts.end_log). */
+#define TC_END_LINES 8
 #define TC_BEV_OPTS (BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS)
 /* Default for opts.max_pending_dials: ConnectRequests being dialled at once. Each holds a
  * descriptor and a timer until its target answers or connect_timeout passes; a server
@@ -425,14 +427,20 @@ static void tc_status_lost(struct tclient *c, const char *reason)
 static void tc_end(struct tclient *c, enum tclient_end how, const char *reason)
 {
     bool healthy = c->authed && tc_elapsed(&c->authed_at) >= TC_HEALTHY_SECONDS;
-    if (how == TCLIENT_LOST && c->authed && c->opts.node)
-        log_warn(TC_MOD, "disconnected from node %s:%u: %s", c->opts.host,
-                 (unsigned)c->opts.port, reason);
-    else if (how == TCLIENT_LOST && c->authed)
-        log_warn(TC_MOD, "disconnected from server: %s", reason);
-    else if (how == TCLIENT_LOST)
-        log_warn(TC_MOD, "cannot connect to %s:%u: %s", c->opts.host, (unsigned)c->opts.port,
-                 reason);
+    char note[80] = "";
+    unsigned long held = 0;
+    bool say = how == TCLIENT_LOST &&
+               (!c->opts.end_log || log_limit_take_burst(c->opts.end_log, time(NULL),
+                                                         TC_LOG_PERIOD, TC_END_LINES, &held));
+    tc_held_note(note, sizeof(note), held);
+    if (say && c->authed && c->opts.node)
+        log_warn(TC_MOD, "disconnected from node %s:%u: %s%s", c->opts.host,
+                 (unsigned)c->opts.port, reason, note);
+    else if (say && c->authed)
+        log_warn(TC_MOD, "disconnected from server: %s%s", reason, note);
+    else if (say)
+        log_warn(TC_MOD, "cannot connect to %s:%u: %s%s", c->opts.host,
+                 (unsigned)c->opts.port, reason, note);
     if (how == TCLIENT_LOST)
         tc_status_lost(c, reason);
     tc_close_session(c);

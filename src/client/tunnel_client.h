@@ -12,6 +12,7 @@
 struct event_base;
 struct evdns_base;
 struct allow_list;
+struct log_limit;
 struct status;
 struct status_node;
 struct tclient;
@@ -56,6 +57,11 @@ struct tclient_opts {
      * NULL = ignored. */
     void (*on_nodes)(struct json_t *nodes, void *arg);
     void *nodes_arg;
+    /* Shared by the node sessions (nodes.c): how many "cannot connect" / "disconnected"
+     * lines they write together, since the server decides how many nodes there are and
+     * how often they come and go. NULL = every line (the --server session, whose
+     * reconnects back off). Not owned. */
+    struct log_limit *end_log;
 };
 
 enum tclient_end {

@@ -5,6 +5,7 @@ from the issue on the real binaries over 127.0.0.1 and shows it now fails."""
 import json
 import os
 import re
+import select
 import socket
 import struct
 import subprocess
@@ -891,3 +892,57 @@ def test_a_client_reconnecting_in_a_loop_writes_a_bounded_number_of_lines(server
     lines = [ln for ln in srv.log_text()[mark:].splitlines() if 'client "default"' in ln]
     assert 1 <= len(lines) <= 6, lines
     assert srv.api("GET", "/health")[0] == 200
+
+
+def test_a_churning_node_list_cannot_make_the_client_flood(proc_factory):
+    """A server that lists 32 nodes and takes them back every few milliseconds made the
+    client connect to each again at once, sending its token each time: 3,000 connections
+    and 1,600 log lines a second at the server's will, toward whatever it listed. Node
+    connection attempts now come from a bucket (a full list at once, then 32 per 10 s),
+    and the node sessions' end and retry lines are bounded."""
+    nodes = [socket.create_server(("127.0.0.1", 0), backlog=512) for _ in range(16)]
+    closed = free_port()  # nothing listens: "cannot connect" lines
+    accepted = [0]
+    stop = threading.Event()
+
+    def count():  # accepts and hangs up: each node session ends at once
+        while not stop.is_set():
+            try:
+                readable, _, _ = select.select(nodes, [], [], 0.1)
+                for ls in readable:
+                    c, _ = ls.accept()
+                    accepted[0] += 1
+                    c.close()
+            except OSError:  # closed at the end
+                return
+
+    counter = threading.Thread(target=count, daemon=True)
+    counter.start()
+    fake = FakeServer()
+    try:
+        client = proc_factory([CLIENT_BIN, "--server", f"127.0.0.1:{fake.port}", "--token",
+                               TOKEN, "--no-reconnect", "--allow", "127.0.0.1:22",
+                               "--allow-nodes", "127.0.0.1:1-65535"], "client")
+        fake.accept_hello()
+        listed = [f"127.0.0.1:{ls.getsockname()[1]}" for ls in nodes] + [f"127.0.0.1:{closed}"]
+        deadline = time.monotonic() + 3
+        i = 0
+        while time.monotonic() < deadline:
+            fake.sock.sendall(frame(T_NOTICE, json.dumps(
+                {"event": "nodes", "nodes": listed if i % 2 == 0 else []}).encode()))
+            i += 1
+            time.sleep(0.005)
+        time.sleep(0.5)
+        assert client.running(), client.log_tail()
+        # 32 at once, then 3.2 a second: about 42 in 3 s; the old client made thousands.
+        assert accepted[0] <= 60, f"{accepted[0]} node connections in 3 s ({i} lists)"
+        lines = client.log_text().splitlines()
+        ends = [ln for ln in lines if "cannot connect to" in ln or "disconnected from node" in ln]
+        retries = [ln for ln in lines if "reconnecting in" in ln]
+        assert len(ends) <= 8 and len(retries) <= 8, (len(ends), len(retries))
+    finally:
+        stop.set()
+        counter.join(5)
+        fake.close()
+        for ls in nodes:
+            ls.close()
