@@ -17,6 +17,7 @@
 #include "config.h"
 #include "heap_tune.h"
 #include "log.h"
+#include "loop_guard.h"
 #include "mapping.h"
 #include "reload.h"
 #include "server.h"
@@ -221,6 +222,13 @@ static struct evdns_base *dns_new(struct event_base *base)
 }
 
 /* Opens the store and the listeners. Returns 0, or the exit status. */
+/* The registry's loop check for the port it picks (mapping_handlers.targets_self). */
+static bool main_targets_self(struct server *srv, const struct mapping_record *rec)
+{
+    char msg[192];
+    return loop_guard_check_create(srv, rec, msg, sizeof(msg)) != 0;
+}
+
 /* The registry's tunnel handler (mapping_handlers.tunnel_ctx is the tunnel server). */
 static void main_tunnel_forward(void *ctx, struct mapping *m, evutil_socket_t fd)
 {
@@ -274,6 +282,7 @@ static int server_start(struct server *srv)
             .direct = forward_start,
             .tunnel = srv->tunnel ? main_tunnel_forward : NULL,
             .tunnel_ctx = srv->tunnel,
+            .targets_self = main_targets_self,
         };
         mapping_registry_set_handlers(srv->mappings, &h);
     }

@@ -23,7 +23,6 @@
 #include "config.h"
 #include "log.h"
 #include "log_limit.h"
-#include "loop_guard.h"
 #include "mapping_policy.h"
 #include "proxy_wait.h"
 #include "server.h"
@@ -649,9 +648,8 @@ static struct evconnlistener *mapping_listen_any(struct mapping_registry *reg,
         m->rec.port = p;
         /* A target on this host at the port about to be picked: the mapping would be its
          * own target, which the create's loop check could not see before the pick. */
-        char loop_msg[160];
-        if (p == m->rec.target_port &&
-            loop_guard_check_create(reg->srv, &m->rec, loop_msg, sizeof(loop_msg)) != 0)
+        if (p == m->rec.target_port && reg->handlers.targets_self &&
+            reg->handlers.targets_self(reg->srv, &m->rec))
             continue;
         struct evconnlistener *l = mapping_listen(m, err, errlen);
         if (l) {

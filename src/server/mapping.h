@@ -26,6 +26,10 @@ struct mapping_handlers {
     void (*direct)(struct mapping *m, evutil_socket_t fd);
     void (*tunnel)(void *ctx, struct mapping *m, evutil_socket_t fd); /* NULL: tunnel off */
     void *tunnel_ctx;
+    /* The create-time loop check (loop_guard_check_create), run again on the port the
+     * registry picks for a create without one: true when rec, with that port, would be
+     * its own target. NULL: not checked. */
+    bool (*targets_self)(struct server *srv, const struct mapping_record *rec);
 };
 
 /* Counts a new connection (active, total) and links it for abort. Inside the mapping's
