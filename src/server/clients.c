@@ -168,6 +168,17 @@ static int cl_load_stored(const struct client_record *rec, void *arg)
     return 0;
 }
 
+/* The settings key that says the first start made its client (migration 0005). */
+#define CL_FIRST_CLIENT "first_client"
+
+/* A database that cannot be read counts as one where it was made: a second "default"
+ * is the worse mistake (the operator can create one; nobody can take a token back). */
+static bool cl_first_client_made(struct store *st)
+{
+    char v[8];
+    return store_setting_get(st, CL_FIRST_CLIENT, v, sizeof(v)) != STORE_NOT_FOUND;
+}
+
 struct clients_registry *clients_registry_new(const struct config *cfg, struct store *st,
                                               char *err, size_t errlen)
 {
@@ -189,8 +200,10 @@ struct clients_registry *clients_registry_new(const struct config *cfg, struct s
         goto fail;
     }
     /* Nothing anywhere: a first start. A random token, never a built-in one. Without
-     * the tunnel nobody could use it, so it waits for the first start with the tunnel. */
-    if (reg->len == 0 && st && cfg->tunnel_enabled) {
+     * the tunnel nobody could use it, so it waits for the first start with the tunnel.
+     * Only the first: an operator who removed every client revoked them, and a fresh
+     * "default" on the next start would undo that (CL_FIRST_CLIENT says it was made). */
+    if (reg->len == 0 && st && cfg->tunnel_enabled && !cl_first_client_made(st)) {
         char token[CLIENTS_TOKEN_LEN + 1];
         enum clients_result r = clients_create(reg, CLIENT_NAME_DEFAULT, token, sizeof(token));
         /* Nodes of a cluster starting together (SPEC §7): another one stored it first,
@@ -207,6 +220,12 @@ struct clients_registry *clients_registry_new(const struct config *cfg, struct s
                          "(shown once; rotate it with POST /api/client/rotate)", token);
         OPENSSL_cleanse(token, sizeof(token));
     }
+    /* Also a database from before the setting, or a start that stopped right after the
+     * create: any client at start means the first one was made. */
+    if (reg->len > 0 && st && !cl_first_client_made(st) &&
+        store_setting_put(st, CL_FIRST_CLIENT, "1") != STORE_OK)
+        log_warn(CL_MOD, "cannot record that the first tunnel client was made; if every "
+                         "client is removed, the next start makes \"default\" again");
     return reg;
 nomem:
     snprintf(err, errlen, "out of memory");

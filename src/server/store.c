@@ -311,6 +311,23 @@ enum store_result store_client_foreach(struct store *st,
 }
 
 
+enum store_result store_setting_get(struct store *st, const char *key, char *value,
+                                    size_t len)
+{
+    if (!st || !key || !value || len == 0)
+        return STORE_ERR;
+    return st->backend->setting_get(st->impl, key, value, len);
+}
+
+enum store_result store_setting_put(struct store *st, const char *key, const char *value)
+{
+    if (!st || !key || !value)
+        return STORE_ERR;
+    if (store_gated(st))
+        return STORE_UNAVAILABLE;
+    return store_count(st, st->backend->setting_put(st->impl, key, value));
+}
+
 /* ---- asynchronous writes ---- */
 
 int store_attach_loop(struct store *st, struct event_base *base, struct evdns_base *dns)

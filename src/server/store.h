@@ -82,6 +82,16 @@ enum store_result store_client_foreach(struct store *st,
                                        int (*fn)(const struct client_record *rec, void *arg),
                                        void *arg);
 
+/* ---- settings: facts about the database itself (start-up only, synchronous) ---- */
+
+/* Reads the setting key into value (len bytes, cut if longer). STORE_NOT_FOUND when it
+ * was never put. */
+enum store_result store_setting_get(struct store *st, const char *key, char *value,
+                                    size_t len);
+
+/* Stores value under key (durable on STORE_OK), replacing what was there. */
+enum store_result store_setting_put(struct store *st, const char *key, const char *value);
+
 /* ---- asynchronous writes (SPEC §7: the loop never waits on the database) ----
  * Each *_async takes a copy of its arguments and calls done exactly once with the result
  * and, for inserts and replaces, the record with id and created_at filled (NULL for a

@@ -71,6 +71,10 @@ struct store_backend {
     enum store_result (*client_touch)(void *impl, const char *name, int64_t last_seen);
     enum store_result (*client_get)(void *impl, const char *name, struct client_record *rec);
     enum store_result (*client_foreach)(void *impl, store_client_fn fn, void *arg);
+    /* The settings table (migration 0005): read into value (len bytes), and insert or
+     * replace. Start-up only. */
+    enum store_result (*setting_get)(void *impl, const char *key, char *value, size_t len);
+    enum store_result (*setting_put)(void *impl, const char *key, const char *value);
     /* Optional (NULL: store.c runs the synchronous function above and completes at once).
      * attach starts the backend's own writes on base, resolving names with dns (0, or -1
      * when it cannot); submit

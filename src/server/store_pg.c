@@ -978,6 +978,31 @@ static enum store_result pgc_foreach(void *impl, store_client_fn fn, void *arg)
     return STORE_OK;
 }
 
+static enum store_result pgs_get(void *impl, const char *key, char *value, size_t len)
+{
+    PGresult *res = NULL;
+    const char *vals[] = {key};
+    enum store_result r = pg_command(impl, "SELECT value FROM settings WHERE key = $1", 1,
+                                     vals, PGRES_TUPLES_OK, "reading a setting", &res);
+    if (r != STORE_OK)
+        return r;
+    r = STORE_NOT_FOUND;
+    if (PQntuples(res) > 0) {
+        pg_copy(value, len, res, 0, 0);
+        r = STORE_OK;
+    }
+    PQclear(res);
+    return r;
+}
+
+static enum store_result pgs_put(void *impl, const char *key, const char *value)
+{
+    const char *vals[] = {key, value};
+    return pg_write(impl, "INSERT INTO settings (key, value) VALUES ($1, $2) "
+                          "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                    2, vals, PGRES_COMMAND_OK, "storing a setting", NULL);
+}
+
 /* ---- the write connection on the loop (SPEC §7) ----
  * After store_attach_loop every write goes through here: queued FIFO, one at a time, each
  * as BEGIN, the statement, COMMIT (pg_call says why a transaction), every step sent with
@@ -1388,6 +1413,8 @@ const struct store_backend store_backend_pg = {
     .client_delete = pgc_delete,
     .client_get = pgc_get,
     .client_foreach = pgc_foreach,
+    .setting_get = pgs_get,
+    .setting_put = pgs_put,
     .attach = pgw_attach,
     .submit = pgw_submit,
     .fail_pending = pgw_fail_pending,

@@ -825,6 +825,57 @@ done:
     return res;
 }
 
+/* Settings are read and written once at start: statements prepared for the call. */
+static enum store_result sqs_get(void *impl, const char *key, char *value, size_t len)
+{
+    struct sq_store *sq = impl;
+    sqlite3_stmt *s = NULL;
+    enum store_result res = STORE_ERR;
+    if (sqlite3_prepare_v2(sq->db, "SELECT value FROM settings WHERE key = ?1", -1, &s,
+                           NULL) != SQLITE_OK ||
+        sqlite3_bind_text(s, 1, key, -1, SQLITE_TRANSIENT) != SQLITE_OK) {
+        sq_log(sq, "reading a setting");
+        goto out;
+    }
+    int rc = sqlite3_step(s);
+    if (rc == SQLITE_ROW) {
+        const unsigned char *v = sqlite3_column_text(s, 0);
+        snprintf(value, len, "%s", v ? (const char *)v : "");
+        res = STORE_OK;
+    } else if (rc == SQLITE_DONE) {
+        res = STORE_NOT_FOUND;
+    } else {
+        sq_log(sq, "reading a setting");
+    }
+out:
+    sqlite3_finalize(s);
+    return res;
+}
+
+static enum store_result sqs_put(void *impl, const char *key, const char *value)
+{
+    struct sq_store *sq = impl;
+    sqlite3_stmt *s = NULL;
+    enum store_result res = STORE_ERR;
+    if (sqlite3_prepare_v2(sq->db, "INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)",
+                           -1, &s, NULL) != SQLITE_OK ||
+        sqlite3_bind_text(s, 1, key, -1, SQLITE_TRANSIENT) != SQLITE_OK ||
+        sqlite3_bind_text(s, 2, value, -1, SQLITE_TRANSIENT) != SQLITE_OK) {
+        sq_log(sq, "storing a setting");
+        goto out;
+    }
+    int rc = sqlite3_step(s);
+    if (rc == SQLITE_DONE)
+        res = STORE_OK;
+    else {
+        sq_log(sq, "storing a setting");
+        res = sq_failure(sqlite3_extended_errcode(sq->db));
+    }
+out:
+    sqlite3_finalize(s);
+    return res;
+}
+
 const struct store_backend store_backend_sqlite = {
     .name = "sqlite",
     .open = sq_open,
@@ -840,4 +891,6 @@ const struct store_backend store_backend_sqlite = {
     .client_delete = sqc_delete,
     .client_get = sqc_get,
     .client_foreach = sqc_foreach,
+    .setting_get = sqs_get,
+    .setting_put = sqs_put,
 };

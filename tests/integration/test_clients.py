@@ -107,6 +107,18 @@ def test_first_start_creates_default_with_a_random_token(server_factory, tmp_pat
     assert list(all_clients(srv)) == ["default"]
     wait_until(lambda: client_count(srv, "default") == 1, timeout=15,
                desc="the client back after the restart, same token")
+    assert srv.sqlite("SELECT value FROM settings WHERE key = 'first_client'") == [["1"]]
+
+    # Removing it revokes it: the next start is not a first start and makes no new
+    # "default" (whose token, in the log, would serve its mappings again).
+    api_ok(srv, "/api/client/remove", {"name": "default"})
+    assert all_clients(srv) == {}
+    mark = srv.log_mark()
+    assert srv.stop() == 0
+    srv.start()
+    assert "with token" not in srv.log_text()[mark:], srv.log_tail()
+    assert all_clients(srv) == {}
+    assert srv.sqlite("SELECT count(*) FROM clients") == [["0"]]
 
 
 @pytest.mark.parametrize("client, line, key, why", [

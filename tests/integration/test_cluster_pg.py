@@ -131,6 +131,15 @@ def test_nodes_starting_together_migrate_once(pg, server_factory):  # noqa: F811
     # Each migration once: a second apply would have failed on CREATE TABLE anyway.
     versions = pg.psql("SELECT version FROM schema_migrations ORDER BY version")
     assert len(versions) >= 2 and len({v[0] for v in versions}) == len(versions)
+    # Removed, "default" stays removed: a node's next start is no first start.
+    assert pg.psql("SELECT value FROM settings WHERE key = 'first_client'") == [["1"]]
+    status, _, body = nodes[0].api("POST", "/api/client/remove", body={"name": "default"})
+    assert status == 200, body
+    mark = nodes[1].log_mark()
+    assert nodes[1].stop() == 0
+    nodes[1].start()
+    assert 'created tunnel client "default"' not in nodes[1].log_text()[mark:]
+    assert pg.psql("SELECT count(*) FROM clients") == [["0"]]
 
 
 def test_same_port_on_two_nodes_one_201_one_409(pg, server_factory, echo_backend):  # noqa: F811

@@ -617,6 +617,30 @@ static void test_clients(void)
 
 /* A second open of the same database fails at once and changes nothing; the lock goes
  * with the first store. */
+/* Settings: absent until put, then read back (cut to the buffer), replaced, and kept
+ * across a reopen. */
+static void test_settings(void)
+{
+    char path[PATH_MAX], v[16];
+    tpath(path, sizeof(path), "settings.db");
+    struct store *st = open_ok(path);
+    CHECK(store_setting_get(st, "first_client", v, sizeof(v)) == STORE_NOT_FOUND);
+    CHECK(store_setting_put(st, "first_client", "1") == STORE_OK);
+    CHECK(store_setting_get(st, "first_client", v, sizeof(v)) == STORE_OK && strcmp(v, "1") == 0);
+    CHECK(store_setting_put(st, "first_client", "a long value") == STORE_OK);
+    char small[5];
+    CHECK(store_setting_get(st, "first_client", small, sizeof(small)) == STORE_OK &&
+          strcmp(small, "a lo") == 0);
+    CHECK(store_setting_get(st, "other", v, sizeof(v)) == STORE_NOT_FOUND);
+    CHECK(store_setting_put(st, "", "x") == STORE_ERR); /* the key's CHECK */
+    store_close(st);
+    st = open_ok(path);
+    CHECK(store_setting_get(st, "first_client", v, sizeof(v)) == STORE_OK &&
+          strcmp(v, "a long value") == 0);
+    CHECK(sql_int(path, "SELECT count(*) FROM settings") == 1);
+    store_close(st);
+}
+
 static void test_single_instance_lock(void)
 {
     char path[PATH_MAX], lock[PATH_MAX + 8], err[512] = "";
@@ -838,6 +862,7 @@ int main(void)
     test_bad_input();
     test_many_ops_integrity();
     test_clients();
+    test_settings();
     test_single_instance_lock();
     test_ids_not_reused();
     test_changed_fields();
