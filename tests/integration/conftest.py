@@ -261,6 +261,17 @@ def tcp_socket_inodes():
     return {(lport, rport): inode for lport, rport, _, inode in _tcp_rows()}
 
 
+def closed_by_peer_within(sock, timeout):
+    """True when the peer closes sock (EOF or reset) within timeout without sending."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
 def tcp_state(lport, rport):
     """The state (/proc/net/tcp's hex code, "06" = TIME_WAIT) of the TCP socket
     lport -> rport, or None."""

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (SERVER_BIN, SOURCE_DIR, EchoBackend, free_port, http_request, run_once, to_yaml,
-                      wait_until)
+from conftest import (SERVER_BIN, SOURCE_DIR, EchoBackend, closed_by_peer_within, free_port,
+                      http_request, run_once, to_yaml, wait_until)
 from sec_helpers import (assert_envelope_failure, bearer, http_complete, metric, raw_exchange,
                          start_server)
 
@@ -663,7 +663,7 @@ def test_addresses_outside_allowed_ips_share_one_place(server_factory):
             held.append(s)
         # An operator inside the list is served.
         assert srv.api("GET", "/health")[0] == 200
-        open_ = [s for s in held if not _closed_soon(s)]
+        open_ = [s for s in held if not closed_by_peer_within(s, 0.5)]
         assert len(open_) <= 2, f"{len(open_)} idle outside connections kept (share: 2)"
         srv.wait_log(r"connection from 127\.0\.6\.\d+:\d+ refused: addresses outside "
                      r"api\.allowed_ips have 2 open", timeout=5)
@@ -683,16 +683,6 @@ def test_addresses_outside_allowed_ips_share_one_place(server_factory):
             data += c
         assert data.startswith(b"HTTP/1.1 403"), data
         assert b'"forbidden"' in data and c == b"", data
-
-
-def _closed_soon(s, timeout=0.5):
-    s.settimeout(timeout)
-    try:
-        return s.recv(4096) == b""
-    except ConnectionResetError:
-        return True
-    except socket.timeout:
-        return False
 
 
 @pytest.mark.parametrize("body", [

@@ -15,8 +15,9 @@ import time
 
 import pytest
 
-from conftest import (PortHolder, Worker, connect, free_port, free_range, recv_all,
-                      recv_exact, recv_hash, recv_hash_n, send_stream, tcp_state, wait_until)
+from conftest import (PortHolder, Worker, closed_by_peer_within, connect, free_port, free_range,
+                      recv_all, recv_exact, recv_hash, recv_hash_n, send_stream, tcp_state,
+                      wait_until)
 from sec_helpers import metric
 from tunnel_helpers import map_tunnel, tunnel_env, wait_status
 
@@ -956,12 +957,3 @@ def test_an_orderly_close_while_bytes_wait_delivers_them(server_factory, tmp_pat
             up.close()
         target.stop()
 
-
-def closed_by_peer_within(sock, timeout):
-    sock.settimeout(timeout)
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except socket.timeout:
-        return False
