@@ -506,15 +506,11 @@ static void handle_clients(struct server *srv, const struct api_req *rq, struct 
 static enum api_error api_client_body(const struct api_req *rq, char *name, size_t namelen,
                                       int64_t *grace, char *msg, size_t msglen)
 {
-    json_error_t jerr;
-    json_t *obj = json_loadb(rq->body ? rq->body : "", rq->len, JSON_REJECT_DUPLICATES,
-                             &jerr);
     enum api_error e = API_OK;
-    if (!obj || !json_is_object(obj)) {
-        snprintf(msg, msglen, "body must be a JSON object");
-        json_decref(obj);
-        return API_E_INVALID_JSON;
-    }
+    json_t *obj = mapping_request_load_object(rq->body ? rq->body : "", rq->len, &e, msg,
+                                              msglen);
+    if (!obj)
+        return e;
     const char *key;
     json_t *v;
     json_object_foreach(obj, key, v) {

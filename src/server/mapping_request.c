@@ -249,9 +249,7 @@ static const char *overflowing_key(const char *body, size_t len)
     return key_copy;
 }
 
-/* Returns the body's object, or NULL with *e set: a number beyond 64 bits is well-formed
- * JSON with a field out of range (invalid_field), anything else invalid_json. */
-static json_t *load_object(const char *body, size_t len, enum api_error *e, char *msg,
+json_t *mapping_request_load_object(const char *body, size_t len, enum api_error *e, char *msg,
                            size_t msglen)
 {
     json_error_t jerr;
@@ -271,6 +269,7 @@ static json_t *load_object(const char *body, size_t len, enum api_error *e, char
         snprintf(msg, msglen, "body must be a JSON object");
         return NULL;
     }
+    *e = API_OK;
     return root;
 }
 
@@ -361,7 +360,7 @@ enum api_error mapping_request_parse_create(const struct config *cfg, const char
     strcpy(rec->client, CLIENT_NAME_DEFAULT);
     rec->enabled = true;
     enum api_error e;
-    json_t *obj = load_object(body, len, &e, msg, msglen);
+    json_t *obj = mapping_request_load_object(body, len, &e, msg, msglen);
     if (!obj)
         return e;
     e = parse_create_fields(cfg, obj, rec, msg, msglen);
@@ -373,7 +372,7 @@ enum api_error mapping_request_parse_remove(const char *body, size_t len, int *p
                                             char *msg, size_t msglen)
 {
     enum api_error e;
-    json_t *obj = load_object(body, len, &e, msg, msglen);
+    json_t *obj = mapping_request_load_object(body, len, &e, msg, msglen);
     if (!obj)
         return e;
     e = API_OK;
@@ -418,7 +417,7 @@ enum api_error mapping_request_parse_update(const struct config *cfg, const char
                                             unsigned *named, char *msg, size_t msglen)
 {
     enum api_error e;
-    json_t *obj = load_object(body, len, &e, msg, msglen);
+    json_t *obj = mapping_request_load_object(body, len, &e, msg, msglen);
     if (!obj)
         return e;
     if ((e = check_unknown_fields(obj, msg, msglen)) == API_OK &&

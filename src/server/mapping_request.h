@@ -8,6 +8,7 @@
 #include "store.h"
 
 struct config;
+struct json_t;
 
 /* API error codes of SPEC §3, with their HTTP status. */
 enum api_error {
@@ -52,6 +53,12 @@ extern const char *const mapping_request_proxy_names[3];
 enum api_error mapping_request_parse_update(const struct config *cfg, const char *body,
                                             size_t len, int *port, struct mapping_record *rec,
                                             unsigned *named, char *msg, size_t msglen);
+
+/* Loads a request body that must be one JSON object (duplicate keys refused). NULL with
+ * *e and msg set: a number beyond 64 bits is well-formed JSON with a field out of range
+ * (invalid_field), anything else invalid_json with jansson's reason. New reference. */
+struct json_t *mapping_request_load_object(const char *body, size_t len, enum api_error *e,
+                                    char *msg, size_t msglen);
 
 /* Parses a remove body {"port": n}. */
 enum api_error mapping_request_parse_remove(const char *body, size_t len, int *port,

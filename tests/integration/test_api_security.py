@@ -712,3 +712,17 @@ def test_bearer_scheme_is_case_insensitive(server_factory):
         assert status == 200, scheme
     assert srv.api("GET", "/api/mapping/list",
                    headers={"Authorization": f"Bearer {TOKEN.upper()}x"})[0] == 401
+
+
+@pytest.mark.parametrize("path, body, error, says", [
+    ("/api/client/create", b'{"name":"a","name":"b"}', "invalid_json", "duplicate"),
+    ("/api/client/rotate", b'{"name":"a","grace_s":1e400}', "invalid_field", "out of range"),
+    ("/api/client/remove", b'{"name":"a"', "invalid_json", "not valid JSON"),
+])
+def test_client_bodies_are_judged_as_mapping_bodies(server, path, body, error, says):
+    """The client endpoints load their bodies as the mapping endpoints do: they answered
+    every such body "body must be a JSON object"."""
+    r = raw(server, "POST", path, [("Host", "127.0.0.1"), ("Content-Type", "application/json")],
+            body)
+    j = r.json_body()
+    assert r.status == 400 and j["error"] == error and says in j["message"], (r.status, j)
