@@ -564,10 +564,11 @@ static int tc_on_json(struct mux_session *mux, uint8_t type, const char *json, s
     } else {
         snprintf(c->refusal, sizeof(c->refusal), "server refused: %s",
                  message[0] ? message : "(no reason given)");
-        /* main prints it to stderr as it is: the server's text must not carry a terminal
-         * escape or a line of its own. */
+        /* main prints it to stderr as it is, and the status block shows it: the server's
+         * text must not carry a terminal escape (C0, DEL, or UTF-8's C1 controls) or a
+         * line of its own. Printable ASCII only, as the status block's other fields. */
         for (char *p = c->refusal; *p; p++)
-            if ((unsigned char)*p < 0x20 || *p == 0x7f)
+            if ((unsigned char)*p < 0x20 || (unsigned char)*p >= 0x7f)
                 *p = '?';
         /* Our own previous session may still look alive to the server: retry then. */
         if (c->ever_authed && strcmp(error, "already_connected") == 0) {

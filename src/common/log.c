@@ -1,5 +1,7 @@
 #include "log.h"
 
+#include "utf8.h"
+
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -31,17 +33,24 @@ const char *log_level_name(enum log_level level)
 }
 
 /* Appends msg[0..mlen) to line from len on, at most up to cap. Control bytes (a peer's
- * newline, escape sequences) become \xNN, so no peer-supplied string can forge a line
- * or drive a terminal. Returns the new length. */
+ * newline, escape sequences, the C1 controls of UTF-8) and bytes that are not UTF-8
+ * become \xNN, so no peer-supplied string can forge a line or drive a terminal. Returns
+ * the new length. */
 static size_t log_escape(char *line, size_t len, size_t cap, const char *msg, size_t mlen)
 {
     static const char hex[] = "0123456789abcdef";
     for (size_t i = 0; i < mlen; i++) {
-        unsigned char c = (unsigned char)msg[i];
-        if (c >= 0x20 && c != 0x7f) {
-            if (len + 1 > cap)
+        const unsigned char *u = (const unsigned char *)msg + i;
+        unsigned char c = *u;
+        size_t k = c < 0x80 ? (c >= 0x20 && c != 0x7f) : utf8_seq_len(u, mlen - i);
+        if (k > 1 && utf8_is_c1(u))
+            k = 0;
+        if (k > 0) {
+            if (len + k > cap)
                 break;
-            line[len++] = (char)c;
+            memcpy(line + len, u, k);
+            len += k;
+            i += k - 1;
             continue;
         }
         if (len + 4 > cap)

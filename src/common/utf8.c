@@ -3,8 +3,7 @@
 
 #include <string.h>
 
-/* Length of the well-formed sequence at s (n bytes left, n >= 1), 0 when it is not one. */
-static size_t utf8_seq_len(const unsigned char *s, size_t n)
+size_t utf8_seq_len(const unsigned char *s, size_t n)
 {
     unsigned char c = s[0];
     if (c < 0x80)

@@ -11,4 +11,11 @@
  * bytes (a key, a parse error's text) could not otherwise be sent. Returns dst's length. */
 size_t utf8_clean_copy(char *dst, size_t cap, const char *src);
 
+/* Length of the well-formed UTF-8 sequence at s (n >= 1 bytes left), 0 when it is none. */
+size_t utf8_seq_len(const unsigned char *s, size_t n);
+
+/* True when the well-formed sequence at s is a C1 control (U+0080-U+009F: CSI, OSC, ST
+ * and their kin, which some terminals act on as they do on ESC). */
+static inline int utf8_is_c1(const unsigned char *s) { return s[0] == 0xC2 && s[1] < 0xA0; }
+
 #endif

@@ -42,9 +42,19 @@ int ctl_api(const struct ctl_opts *o, const char *method, const char *path, json
 
 void ctl_print_json(const json_t *data)
 {
-    char *text = json_dumps(data, JSON_INDENT(2) | JSON_REAL_PRECISION(15) | JSON_ENCODE_ANY);
+    /* \uXXXX for everything beyond ASCII, and for DEL, which jansson leaves raw: still the
+     * same JSON, and a string holding UTF-8's C1 controls (CSI, OSC) reaches no terminal
+     * raw. A raw 0x7f can only be inside a string. */
+    char *text = json_dumps(data, JSON_INDENT(2) | JSON_REAL_PRECISION(15) | JSON_ENCODE_ANY |
+                                      JSON_ENSURE_ASCII);
     if (text) {
-        printf("%s\n", text);
+        for (const char *p = text; *p; p++) {
+            if (*p == 0x7f)
+                fputs("\\u007f", stdout);
+            else
+                putchar(*p);
+        }
+        putchar('\n');
         free(text);
     }
 }

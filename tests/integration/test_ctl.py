@@ -267,7 +267,8 @@ class _HostileApi:
 
 
 @pytest.mark.parametrize("args", [["health"], ["mapping", "list"], ["client", "add", "x"],
-                                  ["mapping", "rm", "1"]])
+                                  ["mapping", "rm", "1"], ["--json", "health"],
+                                  ["--json", "mapping", "list"]])
 def test_hostile_server_strings_cannot_drive_the_terminal(args):
     """Whatever the server (or anyone answering in its place) puts in a string, portmux-ctl
     prints no control character: no OSC title, no clear screen, no colour, no C1 CSI."""

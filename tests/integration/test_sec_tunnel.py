@@ -946,3 +946,36 @@ def test_a_churning_node_list_cannot_make_the_client_flood(proc_factory):
         fake.close()
         for ls in nodes:
             ls.close()
+
+
+def test_a_servers_words_reach_the_terminal_without_c1_controls(proc_factory):
+    """A HelloResponse refusal and a ConnectRequest host are the server's text: their C0
+    controls were replaced, but UTF-8's C1 controls (CSI U+009B, OSC U+009D, ST U+009C),
+    which some terminals act on as on ESC, reached stderr and the status block raw."""
+    evil = "nope \u009b2J\u009d0;pwned\u009c \x1b[31m"
+    for case in ("refused", "connect"):
+        srv = FakeServer()
+        try:
+            client = proc_factory([CLIENT_BIN, "--server", f"127.0.0.1:{srv.port}", "--token",
+                                   TOKEN, "--no-reconnect", "--allow", "127.0.0.1:22"], case)
+            srv.lsock.settimeout(10)
+            srv.sock, _ = srv.lsock.accept()
+            assert read_frame(srv.sock, 10)[0] == T_HELLO
+            if case == "refused":
+                srv.sock.sendall(frame(T_HELLO_RESPONSE, json.dumps(
+                    {"ok": False, "message": evil, "error": "auth_failed"}).encode()))
+                assert client.wait(10) == 2
+            else:
+                srv.sock.sendall(frame(T_HELLO_RESPONSE, json.dumps(
+                    {"ok": True, "message": "hi"}).encode()))
+                host = ("x" + evil).encode()
+                srv.sock.sendall(frame(T_CONNECT_REQUEST, struct.pack(">IHB", 1, 22, len(host))
+                                       + host))
+                assert srv.responses(1, timeout=10) == {1: 2}  # not an address: status 2
+                client.wait_log(r"stream 1: .* refused", timeout=10)
+            raw = client.log_path.read_bytes()
+            assert b"pwned" in raw, raw[-500:]
+            for seq in (b"\xc2\x9b", b"\xc2\x9c", b"\xc2\x9d", b"\x1b"):
+                assert seq not in raw, (case, raw[-500:])
+        finally:
+            srv.close()

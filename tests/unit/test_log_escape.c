@@ -40,6 +40,11 @@ static void test_control_bytes_escaped(void)
     /* Printable text and UTF-8 pass unchanged. */
     s = capture("b\xc3\xbcro-1");
     CHECK(strstr(s, "WARN test client \"b\xc3\xbcro-1\" refused\n") != NULL);
+    /* UTF-8's C1 controls (CSI U+009B, OSC U+009D, ST U+009C) and bytes that are no UTF-8
+     * (a lone 0x9b is CSI to an 8-bit terminal) are escaped; U+00A0 and up are not. */
+    s = capture("x\xc2\x9b" "2J\xc2\x9d" "0;t\xc2\x9c|\x9b" "1m|\xc2\xa0|\xe2\x82\xac|\xff");
+    CHECK(strstr(s, "client \"x\\xc2\\x9b2J\\xc2\\x9d0;t\\xc2\\x9c|\\x9b1m|\xc2\xa0|\xe2\x82\xac|"
+                    "\\xff\" refused") != NULL);
 }
 
 static void test_long_message_cut_to_one_line(void)
