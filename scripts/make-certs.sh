@@ -48,8 +48,15 @@ for n in "${names[@]}"; do
     fi
 done
 
-mkdir -p "$dir"
+# Keys are written into DIR: it is made 0700, and one that others may write to (or that
+# someone else owns) is refused, since they could swap a key or plant a symlink there
+# before a re-run renews the leaves.
 umask 077
+mkdir -p "$dir"
+if [ "$(stat -c %u "$dir")" != "$(id -u)" ] || [ -n "$(find "$dir" -maxdepth 0 -perm /022)" ]; then
+    echo "make-certs: $dir is writable by others or not yours; use a directory only you can write to" >&2
+    exit 2
+fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)

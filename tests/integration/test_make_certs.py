@@ -46,6 +46,23 @@ def test_files_modes_and_chain(tmp_path):
     assert r.returncode == 0
 
 
+def test_key_directory_is_private_and_a_shared_one_refused(tmp_path):
+    """Under umask 000 the directory came out 0777: anyone could swap a key or plant a
+    symlink before a re-run renewed the leaves. It is 0700 now, and a directory others may
+    write to is refused before anything is written."""
+    d = tmp_path / "certs"
+    r = run_once(["bash", "-c", f'umask 000; exec "{SCRIPT}" -d "{d}"'], timeout=60)
+    assert r.returncode == 0, r.stderr.decode()
+    assert d.stat().st_mode & 0o777 == 0o700
+    assert (d / "server.key").stat().st_mode & 0o777 == 0o600
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    r = run_once([SCRIPT, "-d", shared], timeout=60)
+    assert r.returncode == 2 and b"writable by others" in r.stderr, r
+    assert list(shared.iterdir()) == []
+
+
 @pytest.mark.parametrize("args", [["-D", "x"], ["-c", "bad name"], ["not a host!"], ["-z"]])
 def test_bad_arguments_exit_2(tmp_path, args):
     r = run_once([SCRIPT, "-d", tmp_path / "c", *args])
