@@ -76,6 +76,30 @@ install_each() {
   done
 }
 
+# The test and bench sets bring network daemons (sshd, nginx, prometheus, redis, PostgreSQL,
+# haproxy, rinetd) only for their binaries: the tests start their own on 127.0.0.1. Debian
+# starts and enables a daemon it installs, on every interface (sshd with passwords,
+# prometheus without any); a daemon this run installs is neither started (policy-rc.d,
+# while the script runs, unless the machine has its own) nor enabled at boot. One that
+# was installed before is left as the machine's owner set it.
+DAEMONS="openssh-server:ssh nginx:nginx prometheus:prometheus redis-server:redis-server postgresql:postgresql haproxy:haproxy rinetd:rinetd"
+NEW_DAEMONS=
+POLICY=${INSTALL_DEPS_POLICY_RC_D:-/usr/sbin/policy-rc.d}  # the variable: for its test
+OUR_POLICY=0
+if [ "$(id -u)" = 0 ]; then
+  for d in $DAEMONS; do
+    dpkg-query -W -f='${Status}' "${d%%:*}" 2>/dev/null | grep -q "install ok installed" ||
+      NEW_DAEMONS="$NEW_DAEMONS $d"
+  done
+  if [ ! -e "$POLICY" ]; then
+    printf '#!/bin/sh\n# install-deps.sh: no daemon starts while it installs\nexit 101\n' >"$POLICY" &&
+      chmod 755 "$POLICY" && OUR_POLICY=1
+  fi
+fi
+# shellcheck disable=SC2317 # run by the trap
+remove_policy() { if [ "$OUR_POLICY" = 1 ]; then rm -f "$POLICY"; fi; }
+trap remove_policy EXIT
+
 # Package lists first, as a fresh machine needs. Offline, the installs below still work
 # for what is installed already (and fail, naming the package, for what is not).
 apt-get update -q || echo "install-deps: apt-get update failed; installing from the lists at hand" >&2
@@ -97,6 +121,21 @@ if want bench; then
 apt-get install -y -q --no-install-recommends --no-upgrade python3 curl procps iproute2 util-linux openssl iperf3 wrk nginx haproxy socat rinetd openssh-server openssh-client linux-perf valgrind git
 [ $? -eq 0 ] || install_each bench
 fi
+
+# The daemons this run installed: not enabled at boot, and stopped should one have started
+# all the same (a machine with its own policy-rc.d that allows it).
+for d in $NEW_DAEMONS; do
+  dpkg-query -W -f='${Status}' "${d%%:*}" 2>/dev/null | grep -q "install ok installed" || continue
+  unit=${d#*:}
+  if command -v deb-systemd-helper >/dev/null 2>&1; then
+    deb-systemd-helper disable "$unit.service" >/dev/null 2>&1 || true
+  fi
+  if [ -d /run/systemd/system ]; then
+    systemctl stop "$unit.service" >/dev/null 2>&1 || true
+  elif [ "$OUR_POLICY" = 0 ] && [ -x "/etc/init.d/$unit" ]; then
+    "/etc/init.d/$unit" stop >/dev/null 2>&1 || true
+  fi
+done
 
 # shellcheck disable=SC2086,SC2116 # the words again with one space between them
 FAILED=$(echo $FAILED)
