@@ -14,6 +14,7 @@ set -u
 [ $# -eq 2 ] || { echo "usage: $0 BASE_BUILD_DIR HEAD_BUILD_DIR" >&2; exit 2; }
 BASE=$1 HEAD=$2 REPS=${REPS:-5} D=${D:-5}
 BENCH=$(cd "$(dirname "$0")" && pwd)
+. "$BENCH/work_dir.sh"  # BENCH_WORK: ours, 0700
 W=${BENCH_WORK:-${TMPDIR:-/tmp}/portmux-bench}/close-ab; rm -rf "$W"; mkdir -p "$W/nginx"
 export PUB=${PUB:-19400} PORTMUX_API_PORT=${PORTMUX_API_PORT:-19402}
 export PORTMUX_TUNNEL_PORT=${PORTMUX_TUNNEL_PORT:-19403} BENCH_WORK=$W

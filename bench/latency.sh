@@ -36,6 +36,7 @@
 set -u
 BENCH=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$BENCH")
+. "$BENCH/work_dir.sh"  # BENCH_WORK: ours, 0700
 export BENCH_WORK=${BENCH_WORK:-${TMPDIR:-/tmp}/portmux-bench}
 L=$BENCH_WORK/latency
 RUN=$L/run

@@ -23,6 +23,7 @@
 set -u
 cd "$(dirname "$0")"
 BENCH=$(pwd)
+. "$BENCH/work_dir.sh"  # BENCH_WORK: ours, 0700
 WORK=${BENCH_WORK:-${TMPDIR:-/tmp}/portmux-bench}
 export BENCH_WORK=$WORK
 RUN=$WORK/run

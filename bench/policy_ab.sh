@@ -27,6 +27,7 @@ while [ $# -gt 0 ]; do
 done
 BENCH=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$BENCH")
+. "$BENCH/work_dir.sh"  # BENCH_WORK: ours, 0700
 WORK=${BENCH_WORK:-${TMPDIR:-/tmp}/portmux-bench}/policy-ab
 HEAD_BUILD=${PORTMUX_BUILD_DIR:-$REPO/build}
 export PUB=${PUB:-19300}

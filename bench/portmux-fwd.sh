@@ -23,6 +23,7 @@ BENCH=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$BENCH")
 SERVER=${PORTMUX_SERVER:-$REPO/build/portmux-server}
 CLIENT=${PORTMUX_CLIENT:-$REPO/build/portmux-client}
+. "$BENCH/work_dir.sh"  # BENCH_WORK: ours, 0700
 WORK=${BENCH_WORK:-${TMPDIR:-/tmp}/portmux-bench}
 API_PORT=${PORTMUX_API_PORT:-18090}
 TUN_PORT=${PORTMUX_TUNNEL_PORT:-18091}

@@ -15,6 +15,7 @@
 set -u
 BENCH=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$BENCH")
+. "$BENCH/work_dir.sh"  # BENCH_WORK: ours, 0700
 export BENCH_WORK=${BENCH_WORK:-${TMPDIR:-/tmp}/portmux-bench}
 OUT=$BENCH_WORK/profile
 mkdir -p "$OUT" "$BENCH_WORK/run"

@@ -44,6 +44,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 
+. "$BENCH/work_dir.sh"  # BENCH_WORK: ours, 0700
 export BENCH_WORK=${BENCH_WORK:-${TMPDIR:-/tmp}/portmux-bench}
 WORK=$BENCH_WORK
 BUILD_DIR=${PORTMUX_BUILD_DIR:-$REPO/build}
