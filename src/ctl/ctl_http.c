@@ -18,6 +18,8 @@
 /* The API's largest answer is a mapping list; far below this even with thousands. */
 #define CTL_MAX_BODY (64 * 1024 * 1024)
 #define CTL_DEFAULT_PORT 80
+/* An answer's headers: the API's are a few hundred bytes. */
+#define CTL_MAX_HEADERS (64 * 1024)
 
 struct ctl_call {
     struct event_base *base;
@@ -26,6 +28,7 @@ struct ctl_call {
     bool have_error;
     int sock_errno;
     bool answered;
+    bool deadline;                 /* --timeout passed before the whole answer was in */
 };
 
 static const char *ctl_http_error_name(enum evhttp_request_error e)
@@ -66,6 +69,16 @@ static void ctl_on_done(struct evhttp_request *req, void *arg)
     call->rep->text = text;
     call->rep->json = json_loadb(text, len, 0, NULL);
     call->answered = true;
+}
+
+/* --timeout is for the whole answer: evhttp's own timeout starts again with every byte,
+ * so a server that trickles its answer (or headers without end) kept ctl waiting for
+ * ever. */
+static void ctl_on_deadline(evutil_socket_t fd, short what, void *arg)
+{
+    struct ctl_call *call = arg;
+    call->deadline = true;
+    event_base_loopexit(call->base, NULL);
 }
 
 /* Splits the API URL into what the connection needs. host_hdr keeps IPv6 brackets. */
@@ -139,6 +152,7 @@ int ctl_http_call(const struct ctl_opts *o, const char *method, const char *path
     int port = 0, rc = CTL_UNREACHABLE;
     struct ctl_call call = {.rep = rep};
     struct evhttp_connection *conn = NULL;
+    struct event *deadline = NULL;
     char *text = NULL;
     memset(rep, 0, sizeof(*rep));
     if (ctl_parse_url(o->api_url, host, sizeof(host), host_hdr, sizeof(host_hdr), &port,
@@ -156,6 +170,14 @@ int ctl_http_call(const struct ctl_opts *o, const char *method, const char *path
     evhttp_connection_set_timeout(conn, o->timeout_s);
     evhttp_connection_set_retries(conn, 0);
     evhttp_connection_set_max_body_size(conn, CTL_MAX_BODY);
+    evhttp_connection_set_max_headers_size(conn, CTL_MAX_HEADERS);
+    deadline = evtimer_new(call.base, ctl_on_deadline, &call);
+    struct timeval tv = {o->timeout_s, 0};
+    if (!deadline || evtimer_add(deadline, &tv) != 0) {
+        evhttp_request_free(req);
+        snprintf(err, errlen, "out of memory");
+        goto out;
+    }
     evhttp_request_set_error_cb(req, ctl_on_error);
     text = body ? json_dumps(body, JSON_COMPACT) : NULL;
     if ((body && !text) || ctl_add_headers(req, o, host_hdr, body != NULL) != 0 ||
@@ -174,10 +196,15 @@ int ctl_http_call(const struct ctl_opts *o, const char *method, const char *path
     event_base_dispatch(call.base);
     if (call.answered) {
         rc = CTL_OK;
+    } else if (call.deadline) {
+        snprintf(err, errlen, "cannot reach the API at %s: no whole answer within %d s",
+                 o->api_url, o->timeout_s);
     } else {
         const char *why = call.have_error ? ctl_http_error_name(call.error)
                                           : "cannot connect";
-        if (call.sock_errno != 0)
+        /* A connect in progress leaves EINPROGRESS behind: not the reason. */
+        if (call.sock_errno != 0 && call.sock_errno != EINPROGRESS &&
+            call.sock_errno != EAGAIN)
             snprintf(err, errlen, "cannot reach the API at %s: %s (%s)", o->api_url, why,
                      strerror(call.sock_errno));
         else
@@ -185,6 +212,8 @@ int ctl_http_call(const struct ctl_opts *o, const char *method, const char *path
     }
 out:
     free(text);
+    if (deadline)
+        event_free(deadline);
     if (conn)
         evhttp_connection_free(conn);
     if (call.base)

@@ -37,7 +37,7 @@ static void ctl_usage(FILE *f)
         "  --api URL      the API (default $PORTMUX_API, else " CTL_DEFAULT_API ")\n"
         "  --token TOKEN  bearer token (default $PORTMUX_API_TOKEN)\n"
         "  --json         print the API's data as JSON instead of a table\n"
-        "  --timeout S    seconds to wait for an answer (default 10)\n"
+        "  --timeout S    seconds to wait for the whole answer (default 10)\n"
         "  -h, --help     this text;  -V, --version  the version\n"
         "\n"
         "Exit status: 0 done, 1 the API refused (its error code is printed), 2 usage,\n"

@@ -281,3 +281,69 @@ def test_hostile_server_strings_cannot_drive_the_terminal(args):
     assert "pwned" in both or "FAKE" in both or "bad" in both, (rc, out, err)
     for ch in ("\x1b", "\x07", "\x7f", "\u009b"):
         assert ch not in both, (args, repr(both))
+
+
+class _SlowApi:
+    """A listener on 127.0.0.1 that answers every request slowly: "trickle" sends a
+    response's headers and then one body byte every 0.3 s; "headers" sends header lines
+    without end."""
+
+    def __init__(self, mode):
+        import socket
+        import threading
+        self.mode, self.stop = mode, threading.Event()
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.lsock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        import time
+        self.lsock.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                continue
+            with c:
+                try:
+                    c.recv(65536)
+                    if self.mode == "trickle":
+                        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                  b"Content-Length: 1000\r\n\r\n")
+                    else:
+                        c.sendall(b"HTTP/1.1 200 OK\r\n")
+                    deadline = time.monotonic() + 20
+                    while not self.stop.is_set() and time.monotonic() < deadline:
+                        if self.mode == "trickle":
+                            c.sendall(b" ")
+                            time.sleep(0.3)
+                        else:
+                            c.sendall(b"X-Filler: " + b"a" * 8000 + b"\r\n")
+                            time.sleep(0.01)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        self.lsock.close()
+
+
+@pytest.mark.parametrize("mode", ["trickle", "headers"])
+def test_timeout_bounds_the_whole_answer(mode):
+    """--timeout S is "seconds to wait for an answer": evhttp's timeout counted only
+    silence, so a server trickling a byte every 0.3 s kept ctl waiting as long as it liked,
+    and endless header lines grew it by 20 MB a second. Now it gives up after S seconds, and
+    headers are bounded."""
+    import time
+    api = _SlowApi(mode)
+    try:
+        t0 = time.monotonic()
+        rc, out, err = ctl(None, "--timeout", "2", "health", api=api.url)
+        took = time.monotonic() - t0
+    finally:
+        api.close()
+    assert rc == 3 and "cannot reach the API" in err, (rc, out, err)
+    assert took < 10, f"gave up after {took:.1f} s"
+    assert "in progress" not in err, err
