@@ -940,7 +940,7 @@ static int validate_database(struct loader *ld)
     if (!config_db_url_ok(c->db_url))
         return fail_mark(ld, MARK_DB_URL, "database.url",
                          "must be a postgres:// or postgresql:// URL that libpq can parse "
-                         "(check its percent-escapes and brackets)");
+                         "(check its percent-escapes, brackets and port)");
     return 0;
 }
 
@@ -1143,6 +1143,21 @@ bool config_db_url_ok(const char *url)
     char *msg = NULL;
     PQconninfoOption *opts = PQconninfoParse(url, &msg);
     bool ok = opts != NULL;
+    /* libpq takes any port text here and fails only when it connects, which would make a
+     * mistyped port look like a database that is down (exit 1, restarted for ever by a
+     * supervisor) instead of a config error. Each port of a host list: 1-65535. */
+    for (PQconninfoOption *o = opts; ok && o->keyword; o++) {
+        if (strcmp(o->keyword, "port") != 0 || !o->val)
+            continue;
+        for (const char *p = o->val; ok && *p;) {
+            char *end;
+            errno = 0;
+            long port = strtol(p, &end, 10);
+            ok = end != p && errno == 0 && port >= 1 && port <= 65535 &&
+                 (*end == '\0' || *end == ',');
+            p = *end == ',' ? end + 1 : end;
+        }
+    }
     PQfreemem(msg);
     PQconninfoFree(opts);
     return ok;

@@ -109,7 +109,7 @@ static int apply_env(struct config *cfg)
         if (!config_db_url_ok(url)) {
             log_error("server", "PORTMUX_DATABASE_URL must be a postgres:// or "
                                 "postgresql:// URL that libpq can parse (check its "
-                                "percent-escapes and brackets)");
+                                "percent-escapes, brackets and port)");
             return -2;
         }
         char *copy = strdup(url);

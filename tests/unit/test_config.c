@@ -363,14 +363,22 @@ static const struct bad_case bad_cases[] = {
         "t.yaml:1: api.listen_addr: not an IPv4 or IPv6 address: \"localhost\""),
     BAD("database: {url: 'mysql://u@h/db'}\n",
         "t.yaml:1: database.url: must be a postgres:// or postgresql:// URL that libpq can "
-        "parse (check its percent-escapes and brackets)"),
+        "parse (check its percent-escapes, brackets and port)"),
     /* Malformed for libpq: refused here, where the message need not quote the password. */
     BAD("database: {url: 'postgres://u:SECRETPW@[zz/x'}\n",
         "t.yaml:1: database.url: must be a postgres:// or postgresql:// URL that libpq can "
-        "parse (check its percent-escapes and brackets)"),
+        "parse (check its percent-escapes, brackets and port)"),
     BAD("database: {url: 'postgres://u:SEC%zzRETPW@h/db'}\n",
         "t.yaml:1: database.url: must be a postgres:// or postgresql:// URL that libpq can "
-        "parse (check its percent-escapes and brackets)"),
+        "parse (check its percent-escapes, brackets and port)"),
+    /* A port libpq would only refuse when it connects (exit 1, as if the database were
+     * down), refused as the config error it is. */
+    BAD("database: {url: 'postgres://u:SECRETPW@h:99999/db'}\n",
+        "t.yaml:1: database.url: must be a postgres:// or postgresql:// URL that libpq can "
+        "parse (check its percent-escapes, brackets and port)"),
+    BAD("database: {url: 'postgres://u@h1:5432,h2:0/db'}\n",
+        "t.yaml:1: database.url: must be a postgres:// or postgresql:// URL that libpq can "
+        "parse (check its percent-escapes, brackets and port)"),
     BAD("cluster: {node_name: 'a b'}\n",
         "t.yaml:1: cluster.node_name: must be at most 64 characters of A-Z a-z 0-9 . _ -"),
     BAD("cluster: {nodename: a}\n", "t.yaml:1: cluster.nodename: unknown key"),
@@ -413,6 +421,13 @@ static void test_cluster_keys(void)
     CHECK(config_db_url_ok("postgres://x") && config_db_url_ok("postgresql://x"));
     CHECK(!config_db_url_ok("postgres:/x") && !config_db_url_ok("") &&
           !config_db_url_ok("file:///x.db"));
+    /* Ports: 1-65535, each of a host list. */
+    CHECK(config_db_url_ok("postgres://u@h:5432/db") &&
+          config_db_url_ok("postgres://u@h1:5432,h2:5433/db") &&
+          config_db_url_ok("postgresql://u@[::1]:65535/db"));
+    CHECK(!config_db_url_ok("postgres://u@h:0/db") && !config_db_url_ok("postgres://u@h:65536/db") &&
+          !config_db_url_ok("postgres://u@h:54x/db") &&
+          !config_db_url_ok("postgres://u@h1:5432,h2:99999/db"));
 }
 
 static void test_errors(void)
