@@ -3,6 +3,7 @@
 
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <event2/bufferevent_ssl.h>
 #include <openssl/err.h>
@@ -43,12 +44,18 @@ SSL_CTX *client_tls_ctx_new(const char *ca, const char *cert, const char *key, c
     if (tls_bev_ctx_defaults(ctx) != 0)
         return tls_ctx_fail(ctx, err, errlen, "", "cannot set the TLS ciphers", "");
     SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
-    /* OpenSSL would block reading a FIFO named here: refuse what is not a file first. */
+    /* OpenSSL would block reading a FIFO named here: refuse what is not a file first.
+     * Opened, not only looked at: a key this user may not read (a 0600 root key under
+     * the unit's DynamicUser) then says "Permission denied", where OpenSSL says "system
+     * lib". */
     const struct {
         const char *flag, *path;
     } files[] = {{"--ca", ca}, {"--cert", cert}, {"--key", key}};
     for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++) {
-        const char *why = files[i].path ? regular_file_check(files[i].path) : NULL;
+        const char *why = NULL;
+        int fd = files[i].path ? regular_file_open(files[i].path, &why) : -1;
+        if (fd >= 0)
+            close(fd);
         if (why) {
             snprintf(err, errlen, "cannot load %s %s: %s", files[i].flag, files[i].path, why);
             SSL_CTX_free(ctx);

@@ -3,6 +3,7 @@ create and update, warned about at restore), a mutual-TLS server refusing a clie
 has no certificate (exit 2, no retry), SIGHUP applying api.allowed_hosts and the config's
 tunnel clients, failed dials logged and shown per mapping (last_error)."""
 import os
+import shutil
 import re
 import secrets
 import subprocess
@@ -312,3 +313,37 @@ def test_server_refuses_an_env_token_with_a_newline(server_factory):
     srv.proc.start()
     assert srv.proc.wait(10) == 2, srv.log_tail()
     assert "PORTMUX_API_TOKEN must be printable ASCII without spaces" in srv.log_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root to run the client as another user")
+def test_client_names_an_unreadable_key_as_such():
+    """A key the client's user may not read (a 0600 root key under the unit's DynamicUser)
+    was reported as OpenSSL's "system lib"; it is "Permission denied" now."""
+    import tempfile
+    from pathlib import Path
+    d = Path(tempfile.mkdtemp(prefix="portmux-keys-", dir="/tmp"))  # reachable by nobody
+    d.chmod(0o755)
+    try:
+        _unreadable_key_case(d)
+    finally:
+        shutil.rmtree(d)
+
+
+def _unreadable_key_case(d):
+    for name in ("ca.pem", "client.pem", "client.key"):
+        (d / name).write_text("-----BEGIN X-----\n-----END X-----\n")
+    (d / "client.key").chmod(0o600)
+    for f in ("ca.pem", "client.pem"):
+        (d / f).chmod(0o644)
+    # A copy nobody may run wherever the checkout is (a CI clone may be 0700 root's).
+    client = d / "portmux-client"
+    shutil.copy(CLIENT_BIN, client)
+    client.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "PORTMUX_TOKEN"}
+    r = run_once(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", client,
+                  "--server", f"127.0.0.1:{free_port()}", "--token", "tok-0123456789abcdef",
+                  "--tls", "--ca", d / "ca.pem", "--cert", d / "client.pem",
+                  "--key", d / "client.key"], timeout=10, env=env)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "--key" in err and "Permission denied" in err, err
