@@ -304,6 +304,12 @@ static void bridge_flush_cb(evutil_socket_t fd, short what, void *arg)
     struct evbuffer *out = bufferevent_get_output(b->bev);
     if (evbuffer_get_length(out) == 0 || (bufferevent_get_enabled(b->bev) & EV_WRITE))
         return;
+    /* In a rate-limit group only libevent's own writes draw from the buckets: written
+     * here, the bytes would pass the mapping's rate_limit by. */
+    if (b->rate_limited) {
+        bufferevent_enable(b->bev, EV_WRITE);
+        return;
+    }
     /* A socket bufferevent keeps its output's front frozen outside its own writes: this
      * is one. */
     evbuffer_unfreeze(out, 1);
@@ -348,8 +354,12 @@ static void bridge_drain_cb(struct evbuffer *buf, const struct evbuffer_cb_info 
                             void *arg)
 {
     struct bridge *b = arg;
-    if (info->n_added > 0 && !(bufferevent_get_enabled(b->bev) & EV_WRITE))
-        event_active(b->flush, EV_WRITE, 0);
+    if (info->n_added > 0 && !(bufferevent_get_enabled(b->bev) & EV_WRITE)) {
+        if (b->rate_limited) /* only libevent's writes are limited (bridge_flush_cb) */
+            bufferevent_enable(b->bev, EV_WRITE);
+        else
+            event_active(b->flush, EV_WRITE, 0);
+    }
     if (info->n_deleted == 0)
         return;
     b->to_socket += info->n_deleted;
@@ -456,6 +466,8 @@ int bridge_set_rate_group(struct bridge *b, struct bufferevent_rate_limit_group 
         return bufferevent_remove_from_rate_limit_group(b->bev);
     }
     b->rate_limited = true;
+    if (evbuffer_get_length(bufferevent_get_output(b->bev)) > 0)
+        bufferevent_enable(b->bev, EV_WRITE); /* what waits now goes out limited */
     if (event_pending(b->rd, EV_READ, NULL)) {
         bufferevent_enable(b->bev, EV_READ);
         event_del(b->rd);

@@ -487,6 +487,60 @@ def test_rate_limit_applies_to_a_bulk_tunnel_stream(server_factory, tmp_path, lo
     assert again < 4 * limited, (free, limited, again)
 
 
+class _Source:
+    """A target on 127.0.0.1 that sends total bytes to each connection, then closes."""
+
+    def __init__(self, total):
+        self.total, self.stop = total, threading.Event()
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.lsock.getsockname()[1]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        self.lsock.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                continue
+            with c:
+                try:
+                    c.sendall(b"d" * self.total)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(10)
+        self.lsock.close()
+
+
+@pytest.mark.parametrize("mode", ["direct", "tunnel"])
+def test_rate_limit_holds_for_downloads(server_factory, tmp_path, logs, mode):
+    """rate_limit is per direction: a target that only sends is limited as well. Through a
+    tunnel the bytes toward the public client were written past the limit (a write-through
+    of the bridge that libevent's rate-limit group never saw): 4 MB at 100 KB/s in 0.01 s."""
+    source = _Source(TOTAL)
+    try:
+        srv, port = _mapped(mode, server_factory, tmp_path, logs, source.port, rate_limit=RATE)
+        t0 = time.monotonic()
+        with connect(port, timeout=60) as s:
+            s.settimeout(60)
+            got = 0
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += len(chunk)
+        took = time.monotonic() - t0
+    finally:
+        source.close()
+    assert got == TOTAL
+    # 3 MB at 1 MB/s, with at most a quarter second's burst: >= 2.5 s.
+    assert took >= 2.0, f"{mode}: 3 MB downloaded in {took:.2f} s at a 1 MB/s limit"
+
+
 @pytest.mark.parametrize("mode", ["direct", "tunnel"])
 def test_rate_limit_shared_by_connections(server_factory, tmp_path, logs, echo_backend, mode):
     srv, port = _mapped(mode, server_factory, tmp_path, logs, echo_backend.port, rate_limit=RATE)
