@@ -445,10 +445,11 @@ static const struct mux_stream_callbacks bridge_stream_cb = {
     .on_close = bridge_on_close,
 };
 
-bool bridge_paused_socket_dead(const struct bridge *b)
+bool bridge_unwatched_socket_dead(const struct bridge *b)
 {
-    if (b->up != RELAY_DIR_OPEN || b->flushing || event_pending(b->rd, EV_READ, NULL) ||
-        (bufferevent_get_enabled(b->bev) & EV_READ))
+    bool reading = b->up == RELAY_DIR_OPEN && (event_pending(b->rd, EV_READ, NULL) ||
+                                               (bufferevent_get_enabled(b->bev) & EV_READ));
+    if (b->flushing || reading)
         return false;
     return relay_dir_source_dead(bufferevent_getfd(b->bev));
 }

@@ -47,10 +47,10 @@ int bridge_set_rate_group(struct bridge *b, struct bufferevent_rate_limit_group 
 uint64_t bridge_bytes_to_stream(const struct bridge *b);
 uint64_t bridge_bytes_to_socket(const struct bridge *b);
 
-/* Whether reading the socket is paused (the stream's window or the tunnel is full) while
- * the socket is dead (reset, see relay_dir_source_dead): nothing reads it meanwhile, so
- * nothing else would notice. Asks the kernel only about a paused socket. */
-bool bridge_paused_socket_dead(const struct bridge *b);
+/* Whether the socket is dead (reset, see relay_dir_source_dead) while nothing reads it:
+ * reading paused (the stream's window or the tunnel is full), or over (it sent its FIN).
+ * Nothing else would notice. Asks the kernel only about such a socket. */
+bool bridge_unwatched_socket_dead(const struct bridge *b);
 
 /* Sets TCP_NODELAY on fd (a best effort: errors are ignored). */
 void bridge_set_nodelay(int fd);

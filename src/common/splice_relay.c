@@ -138,12 +138,13 @@ int splice_relay_target_state(struct splice_relay *r)
     return errno == ENOTCONN ? 0 : -1;
 }
 
-bool splice_relay_paused_source_dead(const struct splice_relay *r)
+bool splice_relay_unwatched_source_dead(const struct splice_relay *r)
 {
-    for (int d = 0; d < 2; d++)
-        if (r->dir[d].state == RELAY_DIR_OPEN && r->dir[d].in_pipe > 0 &&
-            relay_dir_source_dead(r->fd[d]))
+    for (int d = 0; d < 2; d++) {
+        bool unread = r->dir[d].state != RELAY_DIR_OPEN || r->dir[d].in_pipe > 0;
+        if (unread && relay_dir_source_dead(r->fd[d]))
             return true;
+    }
     return false;
 }
 

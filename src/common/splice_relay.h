@@ -59,10 +59,12 @@ void splice_relay_free(struct splice_relay *r);
  * why). */
 int splice_relay_target_state(struct splice_relay *r);
 
-/* Whether a direction waits on a full destination while its source is dead (reset, see
- * relay_dir_source_dead): nothing reads that source meanwhile, so nothing else would
- * notice. Asks the kernel only about such a paused direction. */
-bool splice_relay_paused_source_dead(const struct splice_relay *r);
+/* Whether a socket nothing reads is dead (reset, see relay_dir_source_dead): the source
+ * of a direction that waits on a full destination, or of one that has had its FIN (a peer
+ * that sent FIN, then RST, to a target that ignores half-closes held its connection, and
+ * the mapping's place, for ever). Nothing else would notice. Asks the kernel only about
+ * such sockets. */
+bool splice_relay_unwatched_source_dead(const struct splice_relay *r);
 
 #define SPLICE_RELAY_HEADER_MAX PROXY_HEADER_MAX
 

@@ -121,10 +121,10 @@ static void forward_abort(struct mapping_conn *mc)
     forward_free(fc, forward_target_state(fc) != 1);
 }
 
-static bool forward_paused_source_dead(struct mapping_conn *mc)
+static bool forward_unwatched_source_dead(struct mapping_conn *mc)
 {
     struct forward_conn *fc = (struct forward_conn *)mc;
-    return fc->relay && splice_relay_paused_source_dead(fc->relay);
+    return fc->relay && splice_relay_unwatched_source_dead(fc->relay);
 }
 
 static void set_nodelay(int fd)
@@ -323,7 +323,7 @@ void forward_start(struct mapping *m, evutil_socket_t fd)
     fc->connect_timer = (struct event *)(void *)((unsigned char *)fc + head);
     fc->fd = fd;  /* accepted non-blocking by evconnlistener */
     mapping_conn_begin(m, &fc->mc, forward_abort);
-    fc->mc.paused_source_dead = forward_paused_source_dead;
+    fc->mc.unwatched_source_dead = forward_unwatched_source_dead;
     fc->pp_len = (size_t)mapping_conn_proxy_header(&fc->mc, fd, fc->pp);
     /* TCP_NODELAY comes with the accept, from the mapping's listener. */
     /* A target that never answers fails after tunnel.connect_timeout rather than the

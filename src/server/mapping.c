@@ -128,7 +128,7 @@ void mapping_conn_begin(struct mapping *m, struct mapping_conn *mc,
     mc->mapping = m;
     mc->abort = abort_fn;
     mc->policy_changed = NULL;
-    mc->paused_source_dead = NULL;
+    mc->unwatched_source_dead = NULL;
     mc->bytes_in = mc->bytes_out = 0;
     mc->idle_bytes = 0;
     mc->idle_since = 0; /* the sweep's first look starts the clock: no clock read here */
@@ -472,7 +472,7 @@ static void mapping_idle_sweep_cb(evutil_socket_t fd, short what, void *arg)
                 idle++;
                 mc->abort(mc); /* unlinks mc; next stays valid */
             } else if (now - mc->idle_since >= MAPPING_STALL_CHECK_S &&
-                       mc->paused_source_dead && mc->paused_source_dead(mc)) {
+                       mc->unwatched_source_dead && mc->unwatched_source_dead(mc)) {
                 dead++;
                 mc->abort(mc);
             }
@@ -482,8 +482,9 @@ static void mapping_idle_sweep_cb(evutil_socket_t fd, short what, void *arg)
     reg->srv->limits.dead_source_closed += dead;
     mapping_sweep_log(&reg->idle_log, idle, "after limits.idle_timeout: no byte either way for ",
                       timeout);
-    mapping_sweep_log(&reg->dead_log, dead, "whose peer reset while its bytes waited on the "
-                      "other side, unmoved for ", MAPPING_STALL_CHECK_S);
+    mapping_sweep_log(&reg->dead_log, dead, "whose peer reset while nothing read it (its "
+                      "bytes waiting on the other side, or after its FIN), unmoved for ",
+                      MAPPING_STALL_CHECK_S);
 }
 
 struct mapping_registry *mapping_registry_new(struct server *srv)

@@ -45,11 +45,12 @@ struct mapping_conn {
     /* Optional, set by the owner after begin: the mapping's policy changed (update), so
      * a connection that holds policy state of its own (a rate-limit group) takes it up. */
     void (*policy_changed)(struct mapping_conn *mc);
-    /* Optional, set by the owner after begin: whether a direction waits on a full
-     * destination while its source socket is dead (reset). The registry's sweep asks it
+    /* Optional, set by the owner after begin: whether a socket nothing reads (its
+     * direction waits on a full destination, or had its FIN) is dead (reset). The
+     * registry's sweep asks it
      * of a connection that has not moved for MAPPING_STALL_CHECK_S, and aborts the
      * connection when it says so: nothing else would notice such a reset. */
-    bool (*paused_source_dead)(struct mapping_conn *mc);
+    bool (*unwatched_source_dead)(struct mapping_conn *mc);
     uint64_t bytes_in;                  /* this connection's share of the stats */
     uint64_t bytes_out;
     /* limits.idle_timeout (mapping_registry's sweep): bytes_in + bytes_out when the sweep

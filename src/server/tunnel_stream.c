@@ -106,10 +106,10 @@ static const struct bridge_hooks tstream_hooks = {
     .log_module = TSTREAM_MOD,
 };
 
-static bool tstream_paused_source_dead(struct mapping_conn *mc)
+static bool tstream_unwatched_source_dead(struct mapping_conn *mc)
 {
     struct tunnel_stream *t = tstream_of(mc);
-    return t->bridge && bridge_paused_socket_dead(t->bridge);
+    return t->bridge && bridge_unwatched_socket_dead(t->bridge);
 }
 
 /* A mapping update changed rate_limit: the bridged socket joins or leaves its group (and
@@ -190,7 +190,7 @@ static void tstream_bridge(struct tunnel_stream *t)
     t->state = TSTREAM_BRIDGED;
     t->set->nestablished++;
     t->mc.policy_changed = tstream_policy_changed;
-    t->mc.paused_source_dead = tstream_paused_source_dead;
+    t->mc.unwatched_source_dead = tstream_unwatched_source_dead;
     if (t->mc.mapping->rl_group)
         tstream_policy_changed(&t->mc);
 }

@@ -946,6 +946,39 @@ def test_a_peer_reset_while_its_bytes_wait_is_closed(server_factory, tmp_path, l
         deaf.stop()
 
 
+@pytest.mark.parametrize("mode", ["direct", "tunnel"])
+def test_a_peer_that_half_closes_then_resets_gives_its_place_back(server_factory, tmp_path,
+                                                                  logs, mode):
+    """A public peer sends FIN, then RST, to a target that ignores half-closes and says
+    nothing: after the FIN nothing read its socket, so the reset went unseen and the
+    connection kept its place in max_connections for ever (idle_timeout 0). A half-closed
+    peer that stays connected keeps its place."""
+    deaf = _DeafTarget()
+    try:
+        srv, port = _mapped(mode, server_factory, tmp_path, logs, deaf.port, max_connections=2)
+        half = connect(port)
+        resetter = connect(port)
+        wait_until(lambda: srv.mapping(port)["active_connections"] == 2, timeout=5,
+                   desc="two connections open")
+        for s in (half, resetter):
+            s.sendall(b"x")
+            s.shutdown(socket.SHUT_WR)
+        time.sleep(0.5)  # both FINs read by the server
+        resetter.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        resetter.close()  # a reset
+        wait_until(lambda: srv.mapping(port)["active_connections"] == 1, timeout=10,
+                   desc="the reset connection closed")
+        with connect(port) as again:  # its place is free again
+            wait_until(lambda: srv.mapping(port)["active_connections"] == 2, timeout=5,
+                       desc="a new connection in the freed place")
+        time.sleep(3)  # past the sweep's 2 s: the half-closed, live one stays
+        assert srv.mapping(port)["active_connections"] >= 1
+        assert not closed_by_peer_within(half, 0.2)
+        half.close()
+    finally:
+        deaf.stop()
+
+
 class _SaysByeThenReadsLater(_DeafTarget):
     """A target that answers each connection "bye" and half-closes at once, then reads
     nothing but what read() asks for."""
