@@ -9,17 +9,17 @@
 #include <event2/listener.h>
 
 #include "log.h"
+#include "log_limit.h"
 
 /* Long enough for connections to close and free descriptors, short enough to go unseen. */
 #define ACCEPT_PAUSE_MS 100
+#define ACCEPT_LOG_SECONDS 10
 
 struct accept_guard {
     struct evconnlistener *listener;
     struct event *resume;
     const char *module;
     char what[64];
-    time_t last_log;
-    unsigned long suppressed;
 };
 
 static void accept_guard_resume_cb(evutil_socket_t fd, short events, void *arg)
@@ -53,18 +53,19 @@ void accept_guard_free(struct accept_guard *g)
     free(g);
 }
 
+/* Every listener of the process shares one line per ACCEPT_LOG_SECONDS: out of
+ * descriptors, each of a thousand mappings' listeners would say so every pause, and the
+ * peers holding the descriptors decide how long that lasts. One thread runs the loop. */
+static struct log_limit accept_guard_log;
+
 void accept_guard_on_error(struct accept_guard *g)
 {
     int err = EVUTIL_SOCKET_ERROR();
-    time_t now = time(NULL);
-    if (now != g->last_log) {
-        log_warn(g->module, "%s: accept failed: %s; pausing %d ms%s", g->what, strerror(err),
-                 ACCEPT_PAUSE_MS, g->suppressed ? " (repeated)" : "");
-        g->last_log = now;
-        g->suppressed = 0;
-    } else {
-        g->suppressed++;
-    }
+    unsigned long held;
+    if (log_limit_take(&accept_guard_log, time(NULL), ACCEPT_LOG_SECONDS, &held))
+        log_warn(g->module, "%s: accept failed: %s; pausing %d ms (%lu more such failures "
+                            "on this server's listeners in the last %d s)",
+                 g->what, strerror(err), ACCEPT_PAUSE_MS, held, ACCEPT_LOG_SECONDS);
     evconnlistener_disable(g->listener);
     struct timeval tv = {0, ACCEPT_PAUSE_MS * 1000};
     evtimer_add(g->resume, &tv);

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -21,6 +22,12 @@
  * at once, and at most this often, so it moves few large chunks. */
 #define SPLICE_RELAY_RL_MAX_WAIT_NS (100 * 1000 * 1000ull)
 #define SPLICE_RELAY_RL_MIN_WAIT_NS (1000 * 1000ull)
+/* Pipes leave the last this many descriptors of RLIMIT_NOFILE to others (the API, the
+ * tunnel's accepts, the store): connections admitted while descriptors were left would
+ * otherwise take them all once their bytes began to flow. */
+#define SPLICE_RELAY_FD_SPARE 32
+/* A direction that found no descriptor for its pipe tries again after this long. */
+#define SPLICE_RELAY_NO_PIPE_WAIT_NS SPLICE_RELAY_RL_MAX_WAIT_NS
 
 struct relay_pipe {
     int rd, wr;
@@ -41,6 +48,7 @@ struct splice_dir {
     size_t in_pipe;          /* bytes read from the source, not yet written */
     enum relay_dir_state state;
     bool throttled;          /* rate_limit: no tokens; rl_timer resumes reading */
+    bool no_pipe;            /* no descriptor for a pipe: rl_timer tries again */
     struct event *rl_timer;  /* created on the first throttle */
 };
 
@@ -65,6 +73,23 @@ struct splice_relay {
     size_t pp_len, pp_sent;
 };
 
+/* True when descriptor fd is among the last SPLICE_RELAY_FD_SPARE (the limit is read
+ * at most once a second; it may be raised while we run). */
+static bool relay_fd_in_spare(int fd)
+{
+    static rlim_t soft = RLIM_INFINITY;
+    static time_t read_at;
+    time_t now = time(NULL);
+    if (now != read_at) {
+        struct rlimit rl;
+        if (getrlimit(RLIMIT_NOFILE, &rl) == 0)
+            soft = rl.rlim_cur;
+        read_at = now;
+    }
+    rlim_t spare = soft / 8 < SPLICE_RELAY_FD_SPARE ? soft / 8 : SPLICE_RELAY_FD_SPARE;
+    return soft != RLIM_INFINITY && (rlim_t)fd >= soft - spare;
+}
+
 static int relay_pipe_get(struct relay_pipe *p)
 {
     if (relay_pool_len > 0) {
@@ -74,6 +99,12 @@ static int relay_pipe_get(struct relay_pipe *p)
     int fds[2];
     if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0)
         return -1;
+    if (relay_fd_in_spare(fds[0] > fds[1] ? fds[0] : fds[1])) {
+        close(fds[0]);
+        close(fds[1]);
+        errno = EMFILE;
+        return -1;
+    }
     /* A bigger pipe moves more per splice; without it the default works. Its real size is
      * asked, not assumed: past pipe-user-pages-soft the kernel makes new pipes smaller
      * than 64 KiB, and a relay that counted on more room than the pipe has would find it
@@ -193,8 +224,16 @@ static ssize_t relay_fill(struct splice_relay *r, int d)
     struct splice_dir *dir = &r->dir[d];
     if (dir->state != RELAY_DIR_OPEN)
         return 0;
-    if (dir->pipe.rd < 0 && relay_pipe_get(&dir->pipe) < 0)
-        return -1;
+    if (dir->pipe.rd < 0 && relay_pipe_get(&dir->pipe) < 0) {
+        /* Out of descriptors (the process's or the system's): this connection is not
+         * at fault, and closing it would turn a shortage into lost connections. Wait and
+         * try again, as a rate limit waits for tokens. */
+        if (errno != EMFILE && errno != ENFILE)
+            return -1;
+        dir->throttled = dir->no_pipe = true;
+        return 0;
+    }
+    dir->no_pipe = false;
     size_t room = dir->pipe.size - dir->in_pipe;
     if (room == 0 || (room = relay_read_room(r, d, room)) == 0)
         return 0;
@@ -315,7 +354,9 @@ static int relay_throttle(struct splice_relay *r, int d)
         if (!dir->rl_timer)
             return -1;
     }
-    uint64_t ns = r->hooks.read_wait_ns ? r->hooks.read_wait_ns(d, r->arg) : 0;
+    uint64_t ns = dir->no_pipe                ? SPLICE_RELAY_NO_PIPE_WAIT_NS
+                  : r->hooks.read_wait_ns ? r->hooks.read_wait_ns(d, r->arg)
+                                          : 0;
     if (ns < SPLICE_RELAY_RL_MIN_WAIT_NS)
         ns = SPLICE_RELAY_RL_MIN_WAIT_NS;
     if (ns > SPLICE_RELAY_RL_MAX_WAIT_NS)

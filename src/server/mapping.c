@@ -217,8 +217,10 @@ bool mapping_fd_in_reserve(evutil_socket_t fd)
             soft = rl.rlim_cur;
         read_at = now;
     }
-    return soft != RLIM_INFINITY && soft > 2 * MAPPING_FD_RESERVE &&
-           (rlim_t)fd >= soft - MAPPING_FD_RESERVE;
+    /* A small limit keeps a quarter: with none, the peers of a 128-descriptor server
+     * took every one and the API stopped answering. */
+    rlim_t reserve = soft / 4 < MAPPING_FD_RESERVE ? soft / 4 : MAPPING_FD_RESERVE;
+    return soft != RLIM_INFINITY && (rlim_t)fd >= soft - reserve;
 }
 
 /* A public connection whose source is known: the peer's, or the client a trusted

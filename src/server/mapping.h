@@ -50,9 +50,9 @@ static inline void mapping_conn_add_bytes(struct mapping_conn *mc, uint64_t in, 
     mc->mapping->stats.bytes_out += out;
 }
 
-/* True when an accepted fd lies in the last MAPPING_FD_RESERVE descriptors, kept for the
- * API and the store: public connections (mappings and the tunnel port) are refused
- * there. */
+/* True when an accepted fd lies in the last MAPPING_FD_RESERVE (64) descriptors, or the
+ * last quarter of a smaller limit, kept for the API and the store: public connections
+ * (mappings and the tunnel port) are refused there. */
 bool mapping_fd_in_reserve(evutil_socket_t fd);
 
 /* mapping_max_connections and mapping_conn_proxy_header: see mapping_policy.h. */

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from conftest import (PortHolder, Worker, closed_by_peer_within, connect, free_port, free_range,
+                      limit_descriptors,
                       recv_all, recv_exact, recv_hash, recv_hash_n, send_stream, tcp_state,
                       wait_until)
 from sec_helpers import metric
@@ -976,6 +977,78 @@ def test_a_peer_that_half_closes_then_resets_gives_its_place_back(server_factory
         assert not closed_by_peer_within(half, 0.2)
         half.close()
     finally:
+        deaf.stop()
+
+
+def test_running_out_of_descriptors_for_pipes_closes_no_connection(server_factory):
+    """Each direct connection takes a pipe (two descriptors) per direction only when bytes
+    flow. Connections admitted while descriptors were left found none when they began to
+    send to a target that reads slowly, and pipe2's EMFILE closed them (29 of 89 at a limit
+    of 256). Now such a direction waits and tries again, and pipes leave the last 32
+    descriptors to the API: every connection stays, and the API answers."""
+    deaf = _DeafTarget()
+    conns = []
+    try:
+        srv = server_factory()
+        port = free_port()
+        srv.create_ok(port=port, target_ip="127.0.0.1", target_port=deaf.port)
+        limit_descriptors(srv, 200)
+        for _ in range(52):  # 104 descriptors: below the accept reserve (the last 64)
+            conns.append(connect(port))
+        wait_until(lambda: srv.mapping(port)["active_connections"] == len(conns), timeout=10,
+                   desc="every connection admitted")
+        chunk = b"x" * 65536
+        deadline = time.monotonic() + 3
+        for s in conns:
+            s.setblocking(False)
+        while time.monotonic() < deadline:  # fill every path to the deaf target
+            for s in conns:
+                try:
+                    s.send(chunk)
+                except BlockingIOError:
+                    pass
+            time.sleep(0.01)
+        for s in conns:
+            s.setblocking(True)
+        closed = [i for i, s in enumerate(conns) if closed_by_peer_within(s, 0.05)]
+        assert closed == [], f"{len(closed)} connections closed by the server"
+        m = srv.mapping(port)
+        assert m["active_connections"] == len(conns) and m["failed_connections"] == 0, m
+        assert srv.api("GET", "/health")[0] == 200
+    finally:
+        for s in conns:
+            s.close()
+        deaf.stop()
+
+
+def test_a_small_descriptor_limit_still_keeps_a_reserve(server_factory):
+    """At a limit of 128 descriptors or less the reserve was off: peers holding connections
+    took every descriptor, /health stopped answering and each listener logged a line a
+    second. A quarter is kept now: the extra connections are refused at accept, the API
+    answers, and the log stays quiet."""
+    deaf = _DeafTarget()
+    conns = []
+    try:
+        srv = server_factory()
+        port = free_port()
+        srv.create_ok(port=port, target_ip="127.0.0.1", target_port=deaf.port)
+        limit_descriptors(srv, 128)
+        mark = srv.log_mark()
+        for _ in range(80):  # 160 descriptors wanted
+            try:
+                conns.append(connect(port))
+            except OSError:
+                pass
+        time.sleep(0.5)
+        status = srv.api("GET", "/health", timeout=5)[0]
+        assert status == 200
+        m = srv.mapping(port)
+        assert m["refused_connections"] > 0 and m["active_connections"] < 48, m
+        lines = [ln for ln in srv.log_text()[mark:].splitlines() if "accept failed" in ln]
+        assert len(lines) <= 1, lines
+    finally:
+        for s in conns:
+            s.close()
         deaf.stop()
 
 
