@@ -89,6 +89,11 @@ static void bridge_release(struct bridge *b)
     free(b);
 }
 
+size_t bridge_bytes_waiting(const struct bridge *b)
+{
+    return evbuffer_get_length(bufferevent_get_output(b->bev));
+}
+
 void bridge_free(struct bridge *b)
 {
     if (b)

@@ -47,6 +47,9 @@ int bridge_set_rate_group(struct bridge *b, struct bufferevent_rate_limit_group 
 uint64_t bridge_bytes_to_stream(const struct bridge *b);
 uint64_t bridge_bytes_to_socket(const struct bridge *b);
 
+/* Bytes from the stream that wait here for the socket to take them (its reader lags). */
+size_t bridge_bytes_waiting(const struct bridge *b);
+
 /* Whether the socket is dead (reset, see relay_dir_source_dead) while nothing reads it:
  * reading paused (the stream's window or the tunnel is full), or over (it sent its FIN).
  * Nothing else would notice. Asks the kernel only about such a socket. */

@@ -54,7 +54,7 @@ struct mapping_registry {
     TAILQ_HEAD(, mapping_client_up) up; /* clients connected now */
     struct event *idle_sweep;           /* once a second: limits.idle_timeout, and dead
                                            sources of paused directions */
-    struct log_limit idle_log, dead_log;
+    struct log_limit idle_log, dead_log, slow_log;
 };
 
 /* A store write in flight for one mapping (m->op), and what to finish with. */
@@ -129,6 +129,7 @@ void mapping_conn_begin(struct mapping *m, struct mapping_conn *mc,
     mc->abort = abort_fn;
     mc->policy_changed = NULL;
     mc->unwatched_source_dead = NULL;
+    mc->held_bytes = NULL;
     mc->bytes_in = mc->bytes_out = 0;
     mc->idle_bytes = 0;
     mc->idle_since = 0; /* the sweep's first look starts the clock: no clock read here */
@@ -443,6 +444,14 @@ static void mapping_registry_unlink(struct mapping_registry *reg, struct mapping
  *   does not read was heard by nothing (its socket is not watched while paused), and held
  *   the connection until the target read or closed, whatever idle_timeout says. */
 #define MAPPING_STALL_CHECK_S 2
+/* - Tunnel streams hold up to a window (256 KiB) each for a public peer that does not
+ *   read, in the server's own memory: 10,000 peers that ask a tunnelled web app for a big
+ *   file and never read would hold 2.5 GB. Past MAPPING_HELD_BUDGET_FACTOR times
+ *   tunnel.session_buffer_limit across the server, connections unmoved for
+ *   MAPPING_STALL_CHECK_S that hold at least MAPPING_HELD_CLOSE_MIN are closed until the
+ *   total is back within it; a peer that reads is never one of them. */
+#define MAPPING_HELD_BUDGET_FACTOR 4
+#define MAPPING_HELD_CLOSE_MIN (64 * 1024)
 
 static void mapping_sweep_log(struct log_limit *l, unsigned long closed, const char *what,
                               int timeout)
@@ -453,12 +462,42 @@ static void mapping_sweep_log(struct log_limit *l, unsigned long closed, const c
                  "last 10 s not logged)", closed, what, timeout, held);
 }
 
+/* Closes unmoved connections holding the most memory-bound bytes for peers that do not
+ * read, while the server's total is past its budget (see MAPPING_HELD_BUDGET_FACTOR). */
+static unsigned long mapping_close_slow_readers(struct mapping_registry *reg, size_t held,
+                                               int64_t now)
+{
+    size_t budget = (size_t)MAPPING_HELD_BUDGET_FACTOR *
+                    (size_t)(reg->srv->cfg->session_buffer_limit > 0
+                                 ? reg->srv->cfg->session_buffer_limit
+                                 : 64 << 20);
+    unsigned long closed = 0;
+    struct mapping *m;
+    TAILQ_FOREACH(m, &reg->list, link) {
+        struct mapping_conn *mc, *next;
+        for (mc = TAILQ_FIRST(&m->conns); mc && held > budget; mc = next) {
+            next = TAILQ_NEXT(mc, link);
+            if (!mc->held_bytes || !mc->abort || mc->idle_since == 0 ||
+                now - mc->idle_since < MAPPING_STALL_CHECK_S)
+                continue;
+            size_t h = mc->held_bytes(mc);
+            if (h < MAPPING_HELD_CLOSE_MIN)
+                continue;
+            held -= h < held ? h : held;
+            closed++;
+            mc->abort(mc);
+        }
+    }
+    return closed;
+}
+
 static void mapping_idle_sweep_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct mapping_registry *reg = arg;
     int timeout = reg->srv->cfg->idle_timeout;
     int64_t now = mapping_now_s();
     unsigned long idle = 0, dead = 0;
+    size_t held = 0;
     struct mapping *m;
     TAILQ_FOREACH(m, &reg->list, link) {
         struct mapping_conn *mc, *next;
@@ -468,20 +507,27 @@ static void mapping_idle_sweep_cb(evutil_socket_t fd, short what, void *arg)
             if (moved != mc->idle_bytes || mc->idle_since == 0) {
                 mc->idle_bytes = moved;
                 mc->idle_since = now;
-            } else if (!mc->abort) {
-                continue;
-            } else if (timeout > 0 && now - mc->idle_since >= timeout) {
+            } else if (mc->abort && timeout > 0 && now - mc->idle_since >= timeout) {
                 idle++;
                 mc->abort(mc); /* unlinks mc; next stays valid */
-            } else if (now - mc->idle_since >= MAPPING_STALL_CHECK_S &&
+                continue;
+            } else if (mc->abort && now - mc->idle_since >= MAPPING_STALL_CHECK_S &&
                        mc->unwatched_source_dead && mc->unwatched_source_dead(mc)) {
                 dead++;
                 mc->abort(mc);
+                continue;
             }
+            if (mc->held_bytes)
+                held += mc->held_bytes(mc);
         }
     }
+    unsigned long slow = mapping_close_slow_readers(reg, held, now);
     reg->srv->limits.idle_closed += idle;
     reg->srv->limits.dead_source_closed += dead;
+    reg->srv->limits.slow_reader_closed += slow;
+    mapping_sweep_log(&reg->slow_log, slow, "that held bytes for a peer not reading them, the "
+                      "server's total past 4 x tunnel.session_buffer_limit, unmoved for ",
+                      MAPPING_STALL_CHECK_S);
     mapping_sweep_log(&reg->idle_log, idle, "after limits.idle_timeout: no byte either way for ",
                       timeout);
     mapping_sweep_log(&reg->dead_log, dead, "whose peer reset while nothing read it (its "

@@ -51,6 +51,10 @@ struct mapping_conn {
      * of a connection that has not moved for MAPPING_STALL_CHECK_S, and aborts the
      * connection when it says so: nothing else would notice such a reset. */
     bool (*unwatched_source_dead)(struct mapping_conn *mc);
+    /* Optional: bytes this connection holds in the server's memory for a peer that has
+     * not taken them (a tunnel stream's output toward its public socket). The sweep adds
+     * them up across the server; see mapping.c, MAPPING_HELD_CLOSE_MIN. */
+    size_t (*held_bytes)(struct mapping_conn *mc);
     uint64_t bytes_in;                  /* this connection's share of the stats */
     uint64_t bytes_out;
     /* limits.idle_timeout (mapping_registry's sweep): bytes_in + bytes_out when the sweep

@@ -180,6 +180,11 @@ static void render_limits(FILE *f, struct server *srv)
                "side (found by the once-a-second sweep).");
     fprintf(f, "portmux_dead_source_closed_total %llu\n",
             (unsigned long long)l->dead_source_closed);
+    put_header(f, "portmux_slow_reader_closed_total", "counter",
+               "Tunnelled connections closed because their peer did not read while the bytes "
+               "held for such peers passed 4 x tunnel.session_buffer_limit.");
+    fprintf(f, "portmux_slow_reader_closed_total %llu\n",
+            (unsigned long long)l->slow_reader_closed);
     put_header(f, "portmux_proxy_header_refused_total", "counter",
                "Connections from trusted_proxies closed without a usable PROXY header, or "
                "because too many waited for theirs.");

@@ -32,6 +32,7 @@ struct server_limit_counters {
     uint64_t proxy_header;          /* from trusted_proxies without a usable PROXY header */
     uint64_t idle_closed;           /* connections closed by limits.idle_timeout */
     uint64_t dead_source_closed;    /* closed: a paused direction's source was reset */
+    uint64_t slow_reader_closed;    /* closed: held bytes past the server's budget, unread */
 };
 
 struct server {

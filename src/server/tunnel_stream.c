@@ -112,6 +112,12 @@ static bool tstream_unwatched_source_dead(struct mapping_conn *mc)
     return t->bridge && bridge_unwatched_socket_dead(t->bridge);
 }
 
+static size_t tstream_held_bytes(struct mapping_conn *mc)
+{
+    struct tunnel_stream *t = tstream_of(mc);
+    return t->bridge ? bridge_bytes_waiting(t->bridge) : 0;
+}
+
 /* A mapping update changed rate_limit: the bridged socket joins or leaves its group (and
  * so does a pending one reading ahead: the group must not go while it is a member). */
 static void tstream_policy_changed(struct mapping_conn *mc)
@@ -191,6 +197,7 @@ static void tstream_bridge(struct tunnel_stream *t)
     t->set->nestablished++;
     t->mc.policy_changed = tstream_policy_changed;
     t->mc.unwatched_source_dead = tstream_unwatched_source_dead;
+    t->mc.held_bytes = tstream_held_bytes;
     if (t->mc.mapping->rl_group)
         tstream_policy_changed(&t->mc);
 }

@@ -7,6 +7,7 @@ rate tests check that a limit holds (a transfer cannot finish faster than the li
 allows), not how fast anything is."""
 import json
 import os
+import random
 import signal
 import socket
 import struct
@@ -1050,6 +1051,48 @@ def test_a_small_descriptor_limit_still_keeps_a_reserve(server_factory):
         for s in conns:
             s.close()
         deaf.stop()
+
+
+def test_peers_that_do_not_read_cannot_make_the_server_hold_without_end(server_factory,
+                                                                        tmp_path, logs):
+    """Each tunnel stream holds up to a window (256 KiB) in the server's memory for a
+    public peer that does not read: 10,000 such peers asking a tunnelled web app for a big
+    file held 2.5 GB. Past 4 x tunnel.session_buffer_limit across the server, connections
+    that have not moved for 2 s and hold 64 KiB or more are closed until the total is back
+    within it; a peer that reads meanwhile gets every byte."""
+    source = _Source(TOTAL)
+    idle = []
+    try:
+        srv, _ = tunnel_env(server_factory, tmp_path, logs, session_buffer_limit=256 << 10)
+        port = map_tunnel(srv, source.port)
+        # From an address no earlier test used: the kernel caches a peer's congestion
+        # window (tcp_metrics), and one cached from bulk transfers grows the server's send
+        # buffers so far that they, not the server, hold every byte.
+        src = f"127.{random.randrange(10, 250)}.{random.randrange(1, 250)}.1"
+        for _ in range(32):  # up to 32 x 256 KiB = 8 MiB for peers that never read; budget 1 MiB
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel takes little
+            s.bind((src, 0))
+            s.settimeout(5)
+            s.connect(("127.0.0.1", port))
+            idle.append(s)
+        reader_done = Worker(recv_all, connect(port, timeout=60))
+        reader_done.start()
+        wait_until(lambda: metric(srv.api("GET", "/metrics")[2],
+                                  "portmux_slow_reader_closed_total") > 0,
+                   timeout=15, desc="connections holding bytes nobody reads closed")
+        assert len(reader_done.join_result(60)) == TOTAL
+        time.sleep(2.5)  # the sweeps after the first: the total is within the budget now
+        closed = metric(srv.api("GET", "/metrics")[2], "portmux_slow_reader_closed_total")
+        assert 0 < closed < len(idle), closed  # down to the budget, not every one
+        # The reader's connection may still count until its close is through.
+        assert srv.mapping(port)["active_connections"] in (len(idle) - closed,
+                                                           len(idle) - closed + 1)
+        srv.wait_log(r"closed \d+ connection\(s\) that held bytes for a peer not reading them")
+    finally:
+        for s in idle:
+            s.close()
+        source.close()
 
 
 class _SaysByeThenReadsLater(_DeafTarget):
