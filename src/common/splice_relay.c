@@ -5,13 +5,13 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <event2/event.h>
 
+#include "fd_limit.h"
 #include "relay_dir.h"
 
 /* Bytes one direction may hold in flight (in its pipe) before reading pauses. */
@@ -73,23 +73,6 @@ struct splice_relay {
     size_t pp_len, pp_sent;
 };
 
-/* True when descriptor fd is among the last SPLICE_RELAY_FD_SPARE (the limit is read
- * at most once a second; it may be raised while we run). */
-static bool relay_fd_in_spare(int fd)
-{
-    static rlim_t soft = RLIM_INFINITY;
-    static time_t read_at;
-    time_t now = time(NULL);
-    if (now != read_at) {
-        struct rlimit rl;
-        if (getrlimit(RLIMIT_NOFILE, &rl) == 0)
-            soft = rl.rlim_cur;
-        read_at = now;
-    }
-    rlim_t spare = soft / 8 < SPLICE_RELAY_FD_SPARE ? soft / 8 : SPLICE_RELAY_FD_SPARE;
-    return soft != RLIM_INFINITY && (rlim_t)fd >= soft - spare;
-}
-
 static int relay_pipe_get(struct relay_pipe *p)
 {
     if (relay_pool_len > 0) {
@@ -99,7 +82,9 @@ static int relay_pipe_get(struct relay_pipe *p)
     int fds[2];
     if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0)
         return -1;
-    if (relay_fd_in_spare(fds[0] > fds[1] ? fds[0] : fds[1])) {
+    /* An eighth at small limits: less than accepting keeps (a quarter), so connections
+     * admitted near the limit still find their pipes. */
+    if (fd_limit_in_reserve(fds[0] > fds[1] ? fds[0] : fds[1], SPLICE_RELAY_FD_SPARE, 8)) {
         close(fds[0]);
         close(fds[1]);
         errno = EMFILE;

@@ -9,7 +9,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -21,6 +20,7 @@
 #include "client_name.h"
 #include "clients.h"
 #include "config.h"
+#include "fd_limit.h"
 #include "log.h"
 #include "log_limit.h"
 #include "mapping_policy.h"
@@ -204,24 +204,11 @@ static void mapping_reset(evutil_socket_t fd)
     evutil_closesocket(fd);
 }
 
-/* True when fd lies in the reserve. Linux hands out the lowest free descriptor, so an
- * accepted fd this high means only the reserve is left. The limit is read once a second
- * (it may be raised while we run). */
 bool mapping_fd_in_reserve(evutil_socket_t fd)
 {
-    static rlim_t soft = RLIM_INFINITY;
-    static time_t read_at;
-    time_t now = time(NULL);
-    if (now != read_at) {
-        struct rlimit rl;
-        if (getrlimit(RLIMIT_NOFILE, &rl) == 0)
-            soft = rl.rlim_cur;
-        read_at = now;
-    }
     /* A small limit keeps a quarter: with none, the peers of a 128-descriptor server
      * took every one and the API stopped answering. */
-    rlim_t reserve = soft / 4 < MAPPING_FD_RESERVE ? soft / 4 : MAPPING_FD_RESERVE;
-    return soft != RLIM_INFINITY && (rlim_t)fd >= soft - reserve;
+    return fd_limit_in_reserve(fd, MAPPING_FD_RESERVE, 4);
 }
 
 /* A public connection whose source is known: the peer's, or the client a trusted

@@ -151,8 +151,9 @@ static void fuzz_check(const struct api_req *rq, const struct fuzz_headers *h,
                                  fuzz_header((void *)h, "Sec-Fetch-Site")))
             abort();
         const char *auth = fuzz_header((void *)h, "Authorization");
+        /* The scheme is case-insensitive (RFC 7235 section 2.1); the token is not. */
         if (fuzz_is_protected(rq->url) &&
-            (!auth || strcmp(auth, "Bearer " FUZZ_TOKEN) != 0))
+            (!auth || strncasecmp(auth, "Bearer ", 7) != 0 || strcmp(auth + 7, FUZZ_TOKEN) != 0))
             abort();
     }
     if (r->status == 421 && api_guard_host_ok(&fuzz_cfg, fuzz_header((void *)h, "Host")))

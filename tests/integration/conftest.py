@@ -903,6 +903,37 @@ class _Backend:
         self._stop.set()
 
 
+class SerialBackend(_Backend):
+    """Runs handle(conn, stopping) for each connection in turn on one thread, then closes
+    it; stopping is an Event set by stop(), for a handle that loops. Errors of the
+    connection (a peer that went away) end its turn."""
+
+    def __init__(self, handle):
+        super().__init__()
+        self.handle = handle
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.accepted += 1
+            with c:
+                try:
+                    self.handle(c, self._stop)
+                except OSError:
+                    pass
+
+    def stop(self):
+        super().stop()
+        self._thread.join(10)
+        self.sock.close()
+
+
 class EchoBackend(_Backend):
     """TCP echo on 127.0.0.1, one selector thread for every connection.
 

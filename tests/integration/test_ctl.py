@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from conftest import BUILD_DIR, connect, free_port, run_once, wait_until
+from conftest import BUILD_DIR, SerialBackend, connect, free_port, run_once, wait_until
 
 CTL = BUILD_DIR / "portmux-ctl"
 
@@ -283,51 +283,29 @@ def test_hostile_server_strings_cannot_drive_the_terminal(args):
         assert ch not in both, (args, repr(both))
 
 
-class _SlowApi:
+def _slow_api(mode):
     """A listener on 127.0.0.1 that answers every request slowly: "trickle" sends a
     response's headers and then one body byte every 0.3 s; "headers" sends header lines
-    without end."""
+    without end. Each answer stops after 20 s."""
+    import time
 
-    def __init__(self, mode):
-        import socket
-        import threading
-        self.mode, self.stop = mode, threading.Event()
-        self.lsock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.lsock.getsockname()[1]}"
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+    def answer(c, stopping):
+        c.recv(65536)
+        if mode == "trickle":
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n")
+        else:
+            c.sendall(b"HTTP/1.1 200 OK\r\n")
+        deadline = time.monotonic() + 20
+        while not stopping.is_set() and time.monotonic() < deadline:
+            if mode == "trickle":
+                c.sendall(b" ")
+                time.sleep(0.3)
+            else:
+                c.sendall(b"X-Filler: " + b"a" * 8000 + b"\r\n")
+                time.sleep(0.01)
 
-    def _serve(self):
-        import time
-        self.lsock.settimeout(0.2)
-        while not self.stop.is_set():
-            try:
-                c, _ = self.lsock.accept()
-            except OSError:
-                continue
-            with c:
-                try:
-                    c.recv(65536)
-                    if self.mode == "trickle":
-                        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                                  b"Content-Length: 1000\r\n\r\n")
-                    else:
-                        c.sendall(b"HTTP/1.1 200 OK\r\n")
-                    deadline = time.monotonic() + 20
-                    while not self.stop.is_set() and time.monotonic() < deadline:
-                        if self.mode == "trickle":
-                            c.sendall(b" ")
-                            time.sleep(0.3)
-                        else:
-                            c.sendall(b"X-Filler: " + b"a" * 8000 + b"\r\n")
-                            time.sleep(0.01)
-                except OSError:
-                    pass
-
-    def close(self):
-        self.stop.set()
-        self.thread.join(5)
-        self.lsock.close()
+    return SerialBackend(answer)
 
 
 @pytest.mark.parametrize("mode", ["trickle", "headers"])
@@ -337,13 +315,13 @@ def test_timeout_bounds_the_whole_answer(mode):
     and endless header lines grew it by 20 MB a second. Now it gives up after S seconds, and
     headers are bounded."""
     import time
-    api = _SlowApi(mode)
+    api = _slow_api(mode)
     try:
         t0 = time.monotonic()
-        rc, out, err = ctl(None, "--timeout", "2", "health", api=api.url)
+        rc, out, err = ctl(None, "--timeout", "2", "health", api=f"http://127.0.0.1:{api.port}")
         took = time.monotonic() - t0
     finally:
-        api.close()
+        api.stop()
     assert rc == 3 and "cannot reach the API" in err, (rc, out, err)
     assert took < 10, f"gave up after {took:.1f} s"
     assert "in progress" not in err, err

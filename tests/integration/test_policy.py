@@ -16,10 +16,9 @@ import time
 
 import pytest
 
-from conftest import (PortHolder, Worker, closed_by_peer_within, connect, free_port, free_range,
-                      limit_descriptors,
-                      recv_all, recv_exact, recv_hash, recv_hash_n, send_stream, tcp_state,
-                      wait_until)
+from conftest import (PortHolder, SerialBackend, Worker, closed_by_peer_within, connect, free_port,
+                      free_range, limit_descriptors, recv_all, recv_exact, recv_hash, recv_hash_n,
+                      send_stream, tcp_state, wait_until)
 from sec_helpers import metric
 from tunnel_helpers import map_tunnel, tunnel_env, wait_status
 
@@ -489,33 +488,9 @@ def test_rate_limit_applies_to_a_bulk_tunnel_stream(server_factory, tmp_path, lo
     assert again < 4 * limited, (free, limited, again)
 
 
-class _Source:
+def _source(total):
     """A target on 127.0.0.1 that sends total bytes to each connection, then closes."""
-
-    def __init__(self, total):
-        self.total, self.stop = total, threading.Event()
-        self.lsock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.lsock.getsockname()[1]
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        self.lsock.settimeout(0.2)
-        while not self.stop.is_set():
-            try:
-                c, _ = self.lsock.accept()
-            except OSError:
-                continue
-            with c:
-                try:
-                    c.sendall(b"d" * self.total)
-                except OSError:
-                    pass
-
-    def close(self):
-        self.stop.set()
-        self.thread.join(10)
-        self.lsock.close()
+    return SerialBackend(lambda c, stopping: c.sendall(b"d" * total))
 
 
 @pytest.mark.parametrize("mode", ["direct", "tunnel"])
@@ -523,7 +498,7 @@ def test_rate_limit_holds_for_downloads(server_factory, tmp_path, logs, mode):
     """rate_limit is per direction: a target that only sends is limited as well. Through a
     tunnel the bytes toward the public client were written past the limit (a write-through
     of the bridge that libevent's rate-limit group never saw): 4 MB at 100 KB/s in 0.01 s."""
-    source = _Source(TOTAL)
+    source = _source(TOTAL)
     try:
         srv, port = _mapped(mode, server_factory, tmp_path, logs, source.port, rate_limit=RATE)
         t0 = time.monotonic()
@@ -537,7 +512,7 @@ def test_rate_limit_holds_for_downloads(server_factory, tmp_path, logs, mode):
                 got += len(chunk)
         took = time.monotonic() - t0
     finally:
-        source.close()
+        source.stop()
     assert got == TOTAL
     # 3 MB at 1 MB/s, with at most a quarter second's burst: >= 2.5 s.
     assert took >= 2.0, f"{mode}: 3 MB downloaded in {took:.2f} s at a 1 MB/s limit"
@@ -981,6 +956,16 @@ def test_a_peer_that_half_closes_then_resets_gives_its_place_back(server_factory
         deaf.stop()
 
 
+def _direct_with_nofile(server_factory, target_port, nofile):
+    """A server with a direct mapping to 127.0.0.1:target_port, its descriptor limit set to
+    nofile: returns (server, public port)."""
+    srv = server_factory()
+    port = free_port()
+    srv.create_ok(port=port, target_ip="127.0.0.1", target_port=target_port)
+    limit_descriptors(srv, nofile)
+    return srv, port
+
+
 def test_running_out_of_descriptors_for_pipes_closes_no_connection(server_factory):
     """Each direct connection takes a pipe (two descriptors) per direction only when bytes
     flow. Connections admitted while descriptors were left found none when they began to
@@ -990,10 +975,7 @@ def test_running_out_of_descriptors_for_pipes_closes_no_connection(server_factor
     deaf = _DeafTarget()
     conns = []
     try:
-        srv = server_factory()
-        port = free_port()
-        srv.create_ok(port=port, target_ip="127.0.0.1", target_port=deaf.port)
-        limit_descriptors(srv, 200)
+        srv, port = _direct_with_nofile(server_factory, deaf.port, 200)
         for _ in range(52):  # 104 descriptors: below the accept reserve (the last 64)
             conns.append(connect(port))
         wait_until(lambda: srv.mapping(port)["active_connections"] == len(conns), timeout=10,
@@ -1030,10 +1012,7 @@ def test_a_small_descriptor_limit_still_keeps_a_reserve(server_factory):
     deaf = _DeafTarget()
     conns = []
     try:
-        srv = server_factory()
-        port = free_port()
-        srv.create_ok(port=port, target_ip="127.0.0.1", target_port=deaf.port)
-        limit_descriptors(srv, 128)
+        srv, port = _direct_with_nofile(server_factory, deaf.port, 128)
         mark = srv.log_mark()
         for _ in range(80):  # 160 descriptors wanted
             try:
@@ -1060,7 +1039,7 @@ def test_peers_that_do_not_read_cannot_make_the_server_hold_without_end(server_f
     file held 2.5 GB. Past 4 x tunnel.session_buffer_limit across the server, connections
     that have not moved for 2 s and hold 64 KiB or more are closed until the total is back
     within it; a peer that reads meanwhile gets every byte."""
-    source = _Source(TOTAL)
+    source = _source(TOTAL)
     idle = []
     try:
         srv, _ = tunnel_env(server_factory, tmp_path, logs, session_buffer_limit=256 << 10)
@@ -1092,7 +1071,7 @@ def test_peers_that_do_not_read_cannot_make_the_server_hold_without_end(server_f
     finally:
         for s in idle:
             s.close()
-        source.close()
+        source.stop()
 
 
 class _SaysByeThenReadsLater(_DeafTarget):
