@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include <event2/event.h>
+#include <openssl/rand.h>
 
 #include "clients.h"
 #include "config.h"
@@ -41,6 +42,10 @@
 #define CSYNC_SILENT_MS 20000
 #define CSYNC_GONE_S 15
 #define CSYNC_NODES_MAX 256   /* rows read from nodes; more is not a cluster we serve */
+/* Rows of nodes silent this long are deleted (any node's heartbeat does it): every name
+ * ever used keeps a row otherwise, and host names change with each container. */
+#define CSYNC_FORGET_S 86400
+#define CSYNC_CLASH_LOG_S 60  /* how often a taken node name is said again */
 #define CSYNC_NAME_MAX 64
 
 struct csync_node {
@@ -69,6 +74,7 @@ struct cluster_sync {
     struct event *retry;     /* reconnect after backoff */
     struct event *beat;      /* heartbeat every CSYNC_HEARTBEAT_S s */
     char node_name[CSYNC_NAME_MAX + 1];
+    char instance[17];       /* this process, in its row: tells two nodes of one name apart */
     enum csync_query inflight;
     bool want_beat;          /* send the heartbeat once idle */
     struct csync_node *nodes;
@@ -86,6 +92,8 @@ struct cluster_sync {
     bool stale;              /* its mappings read was overtaken: skip the clients read too */
     bool passed_over;        /* a read left a port alone for a write in flight */
     bool announce;           /* the LISTEN and first read in flight: log when they are done */
+    bool name_taken;         /* the last heartbeat found our name held by another live node */
+    int64_t clash_logged_ms; /* CLOCK_MONOTONIC of the last line saying so; 0 = never */
 };
 
 static void csync_connect(struct cluster_sync *cs);
@@ -270,6 +278,7 @@ static void csync_apply(struct cluster_sync *cs, PGresult *res)
 }
 
 static void csync_nodes_apply(struct cluster_sync *cs, PGresult *res);
+static void csync_name_check(struct cluster_sync *cs, bool registered);
 
 static void csync_client_gone(const char *name, void *arg)
 {
@@ -303,7 +312,10 @@ static void csync_on_result(struct cluster_sync *cs, PGresult *r)
 {
     ExecStatusType st = PQresultStatus(r);
     if (st == PGRES_TUPLES_OK && cs->inflight == CSYNC_Q_NODES) {
-        csync_nodes_apply(cs, r);
+        if (cs->tuples_seen++ == 0) /* the upsert's RETURNING: no row, it was refused */
+            csync_name_check(cs, PQntuples(r) > 0);
+        else
+            csync_nodes_apply(cs, r);
     } else if (st == PGRES_TUPLES_OK) {
         if (cs->tuples_seen++ == 0)
             csync_apply(cs, r);
@@ -501,6 +513,18 @@ static void csync_default_name(struct cluster_sync *cs)
     cs->node_name[j] = '\0';
 }
 
+static void csync_new_instance(struct cluster_sync *cs)
+{
+    unsigned char raw[8];
+    if (RAND_bytes(raw, sizeof(raw)) != 1) { /* not a secret: only has to differ */
+        snprintf(cs->instance, sizeof(cs->instance), "%08x%08x", (unsigned)getpid(),
+                 (unsigned)csync_now_ms());
+        return;
+    }
+    for (size_t i = 0; i < sizeof(raw); i++)
+        snprintf(cs->instance + 2 * i, 3, "%02x", raw[i]);
+}
+
 static size_t csync_listening(struct cluster_sync *cs)
 {
     size_t n = 0;
@@ -539,20 +563,36 @@ static char *csync_heartbeat_sql(struct cluster_sync *cs)
     char *sql = NULL;
     if (name && advertise && st) {
         size_t clients = cs->srv->tunnel ? tunnel_server_client_count(cs->srv->tunnel) : 0;
+        /* The row is ours to update when its holder is gone (silent CSYNC_GONE_S), or
+         * it is our own (this process's instance, or the same non-empty advertise: this
+         * node restarted). Another live node under the same name (two nodes on one host
+         * without cluster.node_name) is not overwritten: RETURNING then gives no row and
+         * csync_name_check says so. The read puts the live rows first, so rows of nodes
+         * gone for good can never push a live one past CSYNC_NODES_MAX. */
         const char *fmt =
             "INSERT INTO nodes (name, advertise, started_at, heartbeat_at, clients, "
-            "mappings_listening, statuses) VALUES (%s, %s, %lld, "
-            "extract(epoch FROM now())::bigint, %zu, %zu, %s) ON CONFLICT (name) DO UPDATE "
+            "mappings_listening, statuses, instance) VALUES (%s, %s, %lld, "
+            "extract(epoch FROM now())::bigint, %zu, %zu, %s, '%s') "
+            "ON CONFLICT (name) DO UPDATE "
             "SET advertise = EXCLUDED.advertise, started_at = EXCLUDED.started_at, "
             "heartbeat_at = EXCLUDED.heartbeat_at, clients = EXCLUDED.clients, "
-            "mappings_listening = EXCLUDED.mappings_listening, statuses = EXCLUDED.statuses; "
-            "SELECT name, advertise, heartbeat_at, clients, mappings_listening, statuses, "
-            "extract(epoch FROM now())::bigint FROM nodes ORDER BY name LIMIT %d";
-        size_t len = strlen(fmt) + strlen(name) + strlen(advertise) + strlen(st) + 128;
+            "mappings_listening = EXCLUDED.mappings_listening, statuses = EXCLUDED.statuses, "
+            "instance = EXCLUDED.instance "
+            "WHERE nodes.heartbeat_at < EXCLUDED.heartbeat_at - %d "
+            "OR nodes.instance = EXCLUDED.instance "
+            "OR (nodes.advertise = EXCLUDED.advertise AND EXCLUDED.advertise <> '') "
+            "RETURNING 1; "
+            "DELETE FROM nodes WHERE heartbeat_at < extract(epoch FROM now())::bigint - %d; "
+            "SELECT * FROM (SELECT name, advertise, heartbeat_at, clients, mappings_listening, "
+            "CASE WHEN heartbeat_at >= extract(epoch FROM now())::bigint - %d "
+            "THEN statuses END AS statuses, extract(epoch FROM now())::bigint AS now_s FROM nodes "
+            "ORDER BY heartbeat_at DESC, name LIMIT %d) AS recent ORDER BY name";
+        size_t len = strlen(fmt) + strlen(name) + strlen(advertise) + strlen(st) + 160;
         sql = malloc(len);
         if (sql)
             snprintf(sql, len, fmt, name, advertise, (long long)cs->srv->started_at, clients,
-                     csync_listening(cs), st, CSYNC_NODES_MAX);
+                     csync_listening(cs), st, cs->instance, CSYNC_GONE_S, CSYNC_FORGET_S, CSYNC_GONE_S,
+                     CSYNC_NODES_MAX);
     }
     PQfreemem(name);
     PQfreemem(advertise);
@@ -582,6 +622,30 @@ static void csync_nodes_apply(struct cluster_sync *cs, PGresult *res)
     csync_nodes_clear(cs);
     cs->nodes = v;
     cs->nodes_len = (size_t)n;
+}
+
+/* Two nodes under one name would take turns in one row, each listing only itself, and
+ * tunnel clients would never learn of the other: the one that finds the name taken says
+ * so (an error, again every CSYNC_CLASH_LOG_S while it lasts) and stays out of the row. */
+static void csync_name_check(struct cluster_sync *cs, bool registered)
+{
+    int64_t now = csync_now_ms();
+    if (registered) {
+        if (cs->name_taken)
+            log_info("cluster", "node name \"%s\" registered: the other node using it is gone",
+                     cs->node_name);
+        cs->name_taken = false;
+        return;
+    }
+    if (cs->name_taken && now - cs->clash_logged_ms < CSYNC_CLASH_LOG_S * 1000)
+        return;
+    cs->name_taken = true;
+    cs->clash_logged_ms = now;
+    log_error("cluster",
+              "node name \"%s\" is in use by another live node: this node is not "
+              "registered (other nodes and tunnel clients do not see it); give each node "
+              "its own cluster.node_name",
+              cs->node_name);
 }
 
 static bool csync_is_self(const struct cluster_sync *cs, const struct csync_node *d)
@@ -710,6 +774,7 @@ struct cluster_sync *cluster_sync_new(struct server *srv, const char *conninfo)
     cs->beat = event_new(srv->base, -1, EV_PERSIST, csync_on_beat, cs);
     struct timeval every = {CSYNC_RESYNC_S, 0}, beat = {CSYNC_HEARTBEAT_S, 0};
     csync_default_name(cs);
+    csync_new_instance(cs);
     if (!cs->conninfo || !cs->tick || !cs->retry || !cs->beat ||
         event_add(cs->tick, &every) != 0 || event_add(cs->beat, &beat) != 0) {
         cluster_sync_free(cs);

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <event2/dns.h>
 #include <event2/event.h>
@@ -196,6 +197,19 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
     event_base_loopbreak(srv->base);
 }
 
+/* Until the loop runs, SIGINT/SIGTERM end the process at once, exit 0 (SPEC 5): the
+ * loop's handler could not be run while a start waits (a database that does not answer,
+ * its migration lock held elsewhere). A start has nothing to save: an uncommitted
+ * transaction is rolled back by SQLite's journal or by PostgreSQL. */
+static void on_signal_starting(int sig)
+{
+    static const char msg[] = "portmux: signal received while starting: exiting\n";
+    (void)sig;
+    ssize_t w = write(STDERR_FILENO, msg, sizeof(msg) - 1);
+    (void)w;
+    _exit(0);
+}
+
 static void on_sighup(evutil_socket_t sig, short what, void *arg)
 {
     struct main_reload *rl = arg;
@@ -376,11 +390,16 @@ int main(int argc, char **argv)
     sigint = evsignal_new(srv.base, SIGINT, on_signal, &srv);
     sigterm = evsignal_new(srv.base, SIGTERM, on_signal, &srv);
     sighup = evsignal_new(srv.base, SIGHUP, on_sighup, &rl);
-    event_add(sigint, NULL);
-    event_add(sigterm, NULL);
     event_add(sighup, NULL);
+    struct sigaction starting = {.sa_handler = on_signal_starting};
+    sigemptyset(&starting.sa_mask);
+    sigaction(SIGINT, &starting, NULL);
+    sigaction(SIGTERM, &starting, NULL);
     status = server_start(&srv);
     if (status == 0) {
+        /* From here the loop's handler: a clean stop. */
+        event_add(sigint, NULL);
+        event_add(sigterm, NULL);
         log_info("server", "portmux %s ready", PORTMUX_VERSION);
         event_base_dispatch(srv.base);
     }

@@ -19,6 +19,12 @@
 
 /* Splits s at commas into at most max pieces (empty ones kept). Returns the count, or -1
  * when there are more than max pieces or memory ran out (nothing left allocated). */
+const char *pg_session_options(void)
+{
+    const char *env = getenv("PGOPTIONS");
+    return env && *env ? NULL : PG_SESSION_OPTIONS;
+}
+
 static int split_list(const char *s, char **out, size_t max)
 {
     size_t n = 0;
@@ -220,6 +226,8 @@ int pg_dial_plan_params(const struct pg_dial_plan *p, const char *app_name, char
             val = hostaddr;
         else if (rewrite && strcmp(o->keyword, "port") == 0)
             val = p->nports == p->nhosts ? port : o->val;
+        if (strcmp(o->keyword, "options") == 0 && !val)
+            val = pg_session_options();
         if (strcmp(o->keyword, "fallback_application_name") == 0 && val)
             have_fallback = true;
         if (!val)

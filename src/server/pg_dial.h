@@ -26,6 +26,17 @@ struct evdns_base;
 #define PG_DIAL_MAX_HOSTS 16
 #define PG_DIAL_MAX_ADDRS 8
 
+/* The libpq `options` each of our connections starts with, unless the URL or PGOPTIONS
+ * gives its own: a statement kept waiting this long (a lock an operator holds on a table,
+ * a stalled database) is cancelled by the server itself. The node gives up on a silent
+ * connection after 20 s (cluster_sync) or 1.5 s (writes) and opens another; without
+ * this, the backend it left kept waiting on the lock, one more for each retry, until
+ * the database ran out of connections. */
+#define PG_SESSION_OPTIONS "-c statement_timeout=15000"
+
+/* PG_SESSION_OPTIONS, or NULL when PGOPTIONS is set (libpq applies that one). */
+const char *pg_session_options(void);
+
 /* ---- the plan: pure, unit-tested (tests/unit/test_pg_dial.c) ---- */
 
 struct pg_dial_plan {

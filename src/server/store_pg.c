@@ -40,6 +40,9 @@ extern const size_t embedded_pg_migrations_count;
 #define PG_BACKOFF_MAX_S 30
 /* Any constant both backends agree on; it names the migration lock in pg_locks. */
 #define PG_MIGRATION_LOCK_KEY 0x706f72746d7578LL /* "portmux" */
+/* How long a start waits for another session's migration lock, and how often it asks. */
+#define PG_MIGRATION_WAIT_MS 60000
+#define PG_MIGRATION_POLL_MS 200
 
 struct pg_store {
     PGconn *conn;          /* NULL while disconnected */
@@ -116,8 +119,10 @@ void store_pg_notice(void *arg, const char *message)
  * by libpq (getaddrinfo); the loop's connections go through pg_dial. */
 static PGconn *store_pg_connect_start(const char *conninfo, const char *name)
 {
-    const char *const keys[] = {"dbname", "fallback_application_name", NULL};
-    const char *const values[] = {conninfo, name, NULL};
+    /* options first: a later keyword overrides it, the conninfo's own included. */
+    const char *opts = pg_session_options();
+    const char *const keys[] = {"options", "dbname", "fallback_application_name", NULL};
+    const char *const values[] = {opts ? opts : "", conninfo, name, NULL};
     return PQconnectStartParams(keys, values, 1); /* 1: dbname is the whole conninfo */
 }
 
@@ -382,6 +387,43 @@ static int pg_exec_open(struct pg_store *pg, const char *sql, const char *what, 
     return -1;
 }
 
+/* The migration lock, asked for every PG_MIGRATION_POLL_MS rather than waited on: another
+ * node applying migrations holds it for a moment, but one stuck in the middle of them (or
+ * a session an operator left open) would hold this start for ever, without a word. */
+static int pg_migration_lock(struct pg_store *pg, char *err, size_t errlen)
+{
+    char sql[128];
+    snprintf(sql, sizeof(sql), "SELECT pg_try_advisory_lock(%lld)", PG_MIGRATION_LOCK_KEY);
+    int64_t deadline = pg_now_ms() + PG_MIGRATION_WAIT_MS;
+    for (bool waited = false;; waited = true) {
+        PGresult *res = NULL;
+        if (pg_exec_open(pg, sql, "taking the migration lock", err, errlen, &res) != 0)
+            return -1;
+        bool taken = strcmp(PQgetvalue(res, 0, 0), "t") == 0;
+        PQclear(res);
+        if (taken) {
+            if (waited)
+                log_info("store", "database %s: migration lock taken", pg->where);
+            return 0;
+        }
+        if (!waited)
+            log_warn("store",
+                     "database %s: waiting for the migration lock: another session holds it "
+                     "(a node applying migrations, or one stuck: see pg_locks, advisory "
+                     "lock %lld)",
+                     pg->where, PG_MIGRATION_LOCK_KEY);
+        if (pg_now_ms() >= deadline) {
+            store_set_err(err, errlen,
+                          "database %s: the migration lock stayed held by another session "
+                          "for %d s",
+                          pg->where, PG_MIGRATION_WAIT_MS / 1000);
+            log_error("store", "%s", err ? err : "the migration lock stayed held");
+            return -1;
+        }
+        poll(NULL, 0, PG_MIGRATION_POLL_MS);
+    }
+}
+
 /* Applies pending migrations, each in its own transaction with its row in
  * schema_migrations, while holding the advisory lock: a second node starting at the same
  * moment waits here and then finds nothing left to apply. */
@@ -399,8 +441,7 @@ static int pg_migrate(struct pg_store *pg, struct store_open_info *info,
         }
         newest = v;
     }
-    snprintf(sql, sizeof(sql), "SELECT pg_advisory_lock(%lld)", PG_MIGRATION_LOCK_KEY);
-    if (pg_exec_open(pg, sql, "taking the migration lock", err, errlen, NULL) != 0)
+    if (pg_migration_lock(pg, err, errlen) != 0)
         return -1;
     if (pg_exec_open(pg,
                      "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY "
