@@ -112,7 +112,7 @@ fi
 
 if want test; then
 # set: test
-apt-get install -y -q --no-install-recommends --no-upgrade curl sqlite3 python3 python3-pytest procps iproute2 util-linux mount openssl prometheus openssh-server openssh-client redis-server redis-tools clang libclang-rt-14-dev valgrind iperf3 nginx haproxy postgresql postgresql-15 postgresql-client-common chromium chromium-driver python3-selenium systemd groff-base man-db mandoc dpkg-dev cmake
+apt-get install -y -q --no-install-recommends --no-upgrade curl sqlite3 python3 python3-pytest procps strace iproute2 util-linux mount openssl prometheus openssh-server openssh-client redis-server redis-tools clang libclang-rt-14-dev valgrind iperf3 nginx haproxy postgresql postgresql-15 postgresql-client-common chromium chromium-driver python3-selenium systemd groff-base man-db mandoc dpkg-dev cmake
 [ $? -eq 0 ] || install_each test
 fi
 

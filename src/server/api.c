@@ -564,7 +564,7 @@ static void api_client_fail(struct api_reply *out, enum clients_result r, const 
         api_fail(out, API_E_INVALID_FIELD, "invalid name or grace_s", NULL);
         return;
     case CLIENTS_UNAVAILABLE:
-        api_fail(out, API_E_STORE_UNAVAILABLE, "the database did not answer in time", NULL);
+        api_fail(out, API_E_STORE_UNAVAILABLE, "the database cannot take the write now (the server log says why); nothing changed", NULL);
         return;
     case CLIENTS_CONFLICT:
         snprintf(msg, sizeof(msg), "client \"%s\" was removed and created anew by another "

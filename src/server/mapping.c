@@ -334,6 +334,13 @@ static struct evconnlistener *mapping_listen(struct mapping *m, char *err, size_
     fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         goto fail;
+    /* Listeners leave the reserve to the API too: a restore of more mappings than the
+     * limit allows took every descriptor, the API could not start, and neither could
+     * any later start (no way left to remove a mapping). Those ports keep status error. */
+    if (mapping_fd_in_reserve(fd)) {
+        errno = EMFILE;
+        goto fail;
+    }
     int one = 1, zero = 0;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
     /* "::" means both families whatever net.ipv6.bindv6only says; "::1" only IPv6. */
@@ -636,8 +643,8 @@ static void mapping_store_error(enum store_result sr, int port, char *err, size_
         snprintf(err, errlen, "no mapping on port %d (removed meanwhile)", port);
         return;
     case STORE_UNAVAILABLE:
-        snprintf(err, errlen, "the database did not answer in time; port %d is unchanged",
-                 port);
+        snprintf(err, errlen, "the database cannot take the write now (the server log says "
+                 "why); port %d is unchanged", port);
         return;
     case STORE_CONFLICT:
         snprintf(err, errlen, "port %d was changed by another node meanwhile; nothing "

@@ -145,8 +145,13 @@ static int sq_lock(struct sq_store *sq, char *err, size_t errlen)
 {
     if (strcmp(sq->path, ":memory:") == 0)
         return 0; /* private to this connection anyway */
+    /* Named after the file itself: a second server given a symlink (or another path)
+     * to the same database must meet the same lock. */
+    char *real = realpath(sq->path, NULL);
     char *lock = NULL;
-    if (asprintf(&lock, "%s.lock", sq->path) < 0) {
+    int n = asprintf(&lock, "%s.lock", real ? real : sq->path);
+    free(real);
+    if (n < 0) {
         store_set_err(err, errlen, "out of memory");
         return -1;
     }
@@ -241,7 +246,10 @@ static int sq_set_pragmas(struct sq_store *sq, char *err, size_t errlen)
     if (!mode || strcasecmp(mode, "wal") != 0)
         log_warn("store", "%s: journal mode is %s, not wal", sq->path, mode ? mode : "?");
     sqlite3_finalize(stmt);
-    if (sq_exec(sq, "PRAGMA synchronous=NORMAL", "setting synchronous", err, errlen) != 0 ||
+    /* FULL: each commit's WAL frames reach the disk before the commit returns, so a
+     * mapping is durable when the API answers (SPEC 3). NORMAL synced only at
+     * checkpoints: a power cut could take back mappings already answered 201. */
+    if (sq_exec(sq, "PRAGMA synchronous=FULL", "setting synchronous", err, errlen) != 0 ||
         sq_exec(sq, "PRAGMA foreign_keys=ON", "enabling foreign keys", err, errlen) != 0)
         return -1;
     return 0;
@@ -386,6 +394,14 @@ static void *sq_open(const char *location, struct store_open_info *info,
         goto fail;
     }
     sqlite3_busy_timeout(sq->db, SQ_BUSY_MS);
+    /* SQLite opens a file it may not write read-only without a word; every write would
+     * then fail. Said now, while the operator is looking. */
+    if (sqlite3_db_readonly(sq->db, "main") == 1) {
+        store_set_err(err, errlen, "database %s is read-only to this process (check the "
+                                   "owner and mode of the file and its directory)", sq->path);
+        log_error("store", "%s", err ? err : "database is read-only");
+        goto fail;
+    }
     if (sq_read_version(sq, &version, err, errlen) != 0)
         goto fail;
     if (version > newest) {
@@ -405,11 +421,33 @@ fail:
 
 /* ---- statements ------------------------------------------------------------------------- */
 
+/* True when the database file was deleted, or another file put at its path, while the
+ * server runs: SQLite would go on writing into the unlinked file, every write answered
+ * 2xx and lost at the next start. Writes are refused instead (503), said once a minute. */
+static bool sq_file_moved(struct sq_store *sq)
+{
+    static time_t said;
+    int moved = 0;
+    if (sqlite3_file_control(sq->db, "main", SQLITE_FCNTL_HAS_MOVED, &moved) != SQLITE_OK ||
+        !moved)
+        return false;
+    time_t now = time(NULL);
+    if (now - said >= 60) {
+        said = now;
+        log_error("store", "%s was deleted or replaced while the server runs: writes are "
+                           "refused until it is restored and the server restarted",
+                  sq->path);
+    }
+    return true;
+}
+
 /* Steps a statement that returns no rows, then resets it. Returns SQLITE_DONE or the
  * extended error code; logs any error except `expected`, which the caller turns into a
  * result of its own (a UNIQUE violation is a duplicate, not a failure). */
 static int sq_run(struct sq_store *sq, enum sq_stmt_id id, const char *what, int expected)
 {
+    if (id != SQ_ROLLBACK && sq_file_moved(sq))
+        return SQLITE_CANTOPEN; /* sq_failure: unavailable */
     int rc = sqlite3_step(sq->stmt[id]);
     if (rc != SQLITE_DONE) {
         rc = sqlite3_extended_errcode(sq->db);
@@ -425,9 +463,21 @@ static int sq_run(struct sq_store *sq, enum sq_stmt_id id, const char *what, int
  * the write now, nothing changed" (503 store_unavailable), not an internal error. */
 static enum store_result sq_failure(int rc)
 {
-    int primary = rc & 0xff;
-    return primary == SQLITE_BUSY || primary == SQLITE_LOCKED ? STORE_UNAVAILABLE : STORE_ERR;
+    /* So is a full disk, an I/O error or a file made read-only meanwhile: the write is
+     * refused whole (its transaction rolled back) and can be sent again later. */
+    switch (rc & 0xff) {
+    case SQLITE_BUSY:
+    case SQLITE_LOCKED:
+    case SQLITE_FULL:
+    case SQLITE_IOERR:
+    case SQLITE_READONLY:
+    case SQLITE_CANTOPEN:
+        return STORE_UNAVAILABLE;
+    default:
+        return STORE_ERR;
+    }
 }
+
 
 static void sq_rollback(struct sq_store *sq)
 {
@@ -643,6 +693,8 @@ done:
 static int sqc_run(struct sq_store *sq, enum sq_client_stmt_id id, const char *what,
                    int expected)
 {
+    if (sq_file_moved(sq))
+        return SQLITE_CANTOPEN;
     int rc = sqlite3_step(sq->cstmt[id]);
     if (rc != SQLITE_DONE) {
         rc = sqlite3_extended_errcode(sq->db);
@@ -862,6 +914,10 @@ static enum store_result sqs_put(void *impl, const char *key, const char *value)
         sqlite3_bind_text(s, 1, key, -1, SQLITE_TRANSIENT) != SQLITE_OK ||
         sqlite3_bind_text(s, 2, value, -1, SQLITE_TRANSIENT) != SQLITE_OK) {
         sq_log(sq, "storing a setting");
+        goto out;
+    }
+    if (sq_file_moved(sq)) {
+        res = STORE_UNAVAILABLE;
         goto out;
     }
     int rc = sqlite3_step(s);
