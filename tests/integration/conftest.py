@@ -623,6 +623,9 @@ def limit_descriptors(srv, n):
                        capture_output=True, text=True, timeout=10)
     if r.returncode != 0:
         pytest.skip(f"prlimit failed: {r.stderr.strip()}")
+    # The server reads its limit at most once a second (fd_limit.c): one it read just
+    # before (a create checks it too) would stand for the rest of that second.
+    time.sleep(1.1)
 
 
 def run_once(args, timeout=10.0, env=None):
