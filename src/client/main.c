@@ -264,6 +264,12 @@ static int check_args(struct client_args *a, const char *server)
         fprintf(stderr, "portmux-client: --cert and --key go together\n");
         return -1;
     }
+    if (a->server_name && (!a->server_name[0] || strlen(a->server_name) > 255)) {
+        /* SNI and the name check need one (RFC 6066: at most 255 bytes); an empty one
+         * failed every connection as if the server were away, retried for ever. */
+        fprintf(stderr, "portmux-client: --server-name must be 1..255 characters\n");
+        return -1;
+    }
     if (!a->server_name)
         a->server_name = a->host;
     return 0;

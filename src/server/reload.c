@@ -247,6 +247,8 @@ int reload_config(struct server *srv, const char *path, bool level_pinned)
     reload_restart_keys(srv->cfg, &next, restart, sizeof(restart));
     reload_apply_live(srv->cfg, &next, level_pinned, live, sizeof(live));
     reload_apply_clients(srv, &next, live, sizeof(live));
+    if (srv->tunnel && tunnel_server_reload_tls(srv->tunnel) == 1)
+        reload_note(live, sizeof(live), "tunnel.tls certificate (files read again)");
     log_info(RELOAD_MOD, "reloaded %s: %s", path, live[0] ? live : "nothing changed that applies live");
     if (restart[0])
         log_warn(RELOAD_MOD, "reload: %s changed in %s; the running values stay until a restart",

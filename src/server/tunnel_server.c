@@ -39,6 +39,7 @@
 #include "server.h"
 #include "tls_bev.h"
 #include "tls_error.h"
+#include "tunnel_tls.h"
 #include "tunnel_stream.h"
 
 #define TS_MOD "tunnel"
@@ -852,31 +853,6 @@ static void ts_accept_error_cb(struct evconnlistener *l, void *arg)
 
 /* ---- server ---- */
 
-static SSL_CTX *ts_tls_new(const struct config *cfg, char *err, size_t errlen)
-{
-    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
-    if (!ctx)
-        return tls_ctx_fail(ctx, err, errlen, "tunnel TLS: ", "cannot create context for", cfg->tls_cert_file);
-    if (tls_bev_ctx_defaults(ctx) != 0)
-        return tls_ctx_fail(ctx, err, errlen, "tunnel TLS: ", "cannot set the ciphers for", cfg->tls_cert_file);
-    if (SSL_CTX_use_certificate_chain_file(ctx, cfg->tls_cert_file) != 1)
-        return tls_ctx_fail(ctx, err, errlen, "tunnel TLS: ", "cannot load certificate", cfg->tls_cert_file);
-    if (SSL_CTX_use_PrivateKey_file(ctx, cfg->tls_key_file, SSL_FILETYPE_PEM) != 1)
-        return tls_ctx_fail(ctx, err, errlen, "tunnel TLS: ", "cannot load key", cfg->tls_key_file);
-    if (SSL_CTX_check_private_key(ctx) != 1)
-        return tls_ctx_fail(ctx, err, errlen, "tunnel TLS: ", "key does not match certificate", cfg->tls_key_file);
-    if (cfg->tls_client_ca && cfg->tls_client_ca[0]) {
-        STACK_OF(X509_NAME) *names = SSL_load_client_CA_file(cfg->tls_client_ca);
-        if (!names || SSL_CTX_load_verify_locations(ctx, cfg->tls_client_ca, NULL) != 1) {
-            sk_X509_NAME_pop_free(names, X509_NAME_free);
-            return tls_ctx_fail(ctx, err, errlen, "tunnel TLS: ", "cannot load client CA", cfg->tls_client_ca);
-        }
-        SSL_CTX_set_client_CA_list(ctx, names);
-        SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
-    }
-    return ctx;
-}
-
 static int ts_listen(struct tunnel_server *ts, char *err, size_t errlen)
 {
     const struct config *cfg = ts->srv->cfg;
@@ -930,16 +906,18 @@ struct tunnel_server *tunnel_server_new(struct server *srv, char *err, size_t er
         goto fail;
     }
     if (cfg->tls_cert_file && cfg->tls_cert_file[0]) {
-        ts->ssl = ts_tls_new(cfg, err, errlen);
+        ts->ssl = tunnel_tls_new(cfg, err, errlen);
         if (!ts->ssl)
             goto fail;
     }
     if (ts_listen(ts, err, errlen) != 0)
         goto fail;
-    if (ts->ssl)
+    if (ts->ssl) {
         log_info(TS_MOD, "TLS on%s", cfg->tls_client_ca && cfg->tls_client_ca[0]
                                          ? ", client certificates required"
                                          : "");
+        tunnel_tls_check(cfg, ts->ssl);
+    }
     return ts;
 fail:
     SSL_CTX_free(ts->ssl);
@@ -1071,4 +1049,23 @@ void tunnel_server_forward(struct tunnel_server *ts, struct mapping *m, evutil_s
         return;
     }
     tunnel_stream_open(&sess->streams, sess->mux, ts->srv->base, m, fd, cfg->connect_timeout);
+}
+
+int tunnel_server_reload_tls(struct tunnel_server *ts)
+{
+    if (!ts || !ts->ssl)
+        return 0;
+    char err[512];
+    SSL_CTX *next = tunnel_tls_new(ts->srv->cfg, err, sizeof(err));
+    if (!next) {
+        log_error(TS_MOD, "reload: the TLS files were not read again, the running "
+                          "certificate stays: %s", err);
+        return -1;
+    }
+    bool changed = tunnel_tls_differs(ts->ssl, next);
+    /* Sessions hold their own reference to the context they began with. */
+    SSL_CTX_free(ts->ssl);
+    ts->ssl = next;
+    tunnel_tls_check(ts->srv->cfg, next);
+    return changed ? 1 : 0;
 }

@@ -20,6 +20,11 @@ struct tunnel_server;
 struct tunnel_server *tunnel_server_new(struct server *srv, char *err, size_t errlen);
 /* Closes every session and stream, then the listener. NULL-safe. */
 void tunnel_server_free(struct tunnel_server *ts);
+
+/* SIGHUP: reads the TLS files again (same paths); new sessions get the new certificate,
+ * live ones keep theirs. 1 when the certificate changed, 0 when not (or no TLS), -1 when
+ * the files did not load (logged; the running context stays). */
+int tunnel_server_reload_tls(struct tunnel_server *ts);
 /* The bound port (useful when listen_port is 0). */
 int tunnel_server_port(const struct tunnel_server *ts);
 

@@ -181,17 +181,18 @@ def _openssl(args, cwd):
 
 def _make_ca(d, name, cn):
     _openssl(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-              "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "3",
+              "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "30",
               "-subj", f"/CN={cn}", "-addext", "basicConstraints=critical,CA:TRUE",
               "-addext", "keyUsage=critical,keyCertSign,cRLSign"], d)
 
 
-def _make_leaf(d, name, cn, ca, ext):
+def _make_leaf(d, name, cn, ca, ext, days=30):
+    """A leaf valid for `days` (the server warns about one that ends within 14)."""
     (d / f"{name}.ext").write_text(ext)
     _openssl(["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
               "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}"], d)
     _openssl(["x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-              "-set_serial", str(random.getrandbits(63)), "-days", "3", "-out", f"{name}.pem",
+              "-set_serial", str(random.getrandbits(63)), "-days", str(days), "-out", f"{name}.pem",
               "-extfile", f"{name}.ext"], d)
 
 

@@ -347,3 +347,15 @@ def _unreadable_key_case(d):
                   "--key", d / "client.key"], timeout=10, env=env)
     err = r.stderr.decode()
     assert r.returncode == 2 and "--key" in err and "Permission denied" in err, err
+
+
+@needs_client
+def test_client_refuses_an_empty_or_overlong_server_name():
+    """--server-name "" failed every connection as if the server were away ("cannot start
+    a connection", then retries for ever): it is a usage error now, as is a name longer
+    than SNI allows (255 bytes)."""
+    for name in ("", "a" * 256):
+        r = run_once([CLIENT_BIN, "--server", f"127.0.0.1:{free_port()}", "--token",
+                      "tok-0123456789abcdef", "--server-name", name], timeout=10)
+        err = r.stderr.decode()
+        assert r.returncode == 2 and "--server-name must be 1..255 characters" in err, (r, err)

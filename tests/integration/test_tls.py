@@ -347,3 +347,66 @@ def test_server_name_alone_means_tls(proc_factory):
         assert first == b"\x16", f"not a TLS handshake record: {first!r}"
     finally:
         listener.close()
+
+
+SERVER_EXT = ("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+              "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
+
+
+def _own_pki(pki, tmp_path, days=30):
+    """A copy of the tunnel CA and a server leaf of its own in tmp_path (a test that
+    renews or loosens its files must not touch the shared ones)."""
+    import shutil
+    from sec_helpers import _make_leaf
+    d = tmp_path / "own-pki"
+    d.mkdir()
+    shutil.copy(pki["ca"], d / "ca.pem")
+    shutil.copy(pki["ca_key"], d / "ca.key")
+    _make_leaf(d, "server", "localhost", "ca", SERVER_EXT, days=days)
+    return dict(pki, server=d / "server.pem", server_key=d / "server.key", own_dir=d)
+
+
+def _served_serial(port):
+    """The serial of the certificate the tunnel port serves (not verified: only read)."""
+    import ssl
+    pem = ssl.get_server_certificate(("127.0.0.1", port), timeout=5)
+    r = subprocess.run(["openssl", "x509", "-noout", "-serial"], input=pem.encode(),
+                       capture_output=True, timeout=10)
+    return r.stdout.decode().strip()
+
+
+def test_sighup_serves_a_certificate_renewed_in_place(server_factory, pki, tmp_path):
+    """A renewal hook writes the new certificate over the old and reloads (the unit's
+    ExecReload is SIGHUP): the reload compared only the paths, said "nothing changed", and
+    the old certificate was served until it expired. The files are read again now."""
+    from sec_helpers import _make_leaf
+    own = _own_pki(pki, tmp_path)
+    token = secrets.token_hex(16)
+    srv = tls_server(server_factory, own, token)
+    before = _served_serial(srv.tunnel_port)
+    _make_leaf(own["own_dir"], "server", "localhost", "ca", SERVER_EXT)
+    mark = srv.log_mark()
+    srv.proc.send_signal(1)  # SIGHUP
+    srv.wait_log(r"reloaded .*tunnel\.tls certificate \(files read again\)", after=mark)
+    after = _served_serial(srv.tunnel_port)
+    assert after != before, (before, after)
+    # A renewal that does not load (a key of another certificate) keeps the running one.
+    (own["own_dir"] / "server.key").write_bytes(pki["client_key"].read_bytes())
+    mark = srv.log_mark()
+    srv.proc.send_signal(1)
+    srv.wait_log(r"reload failed, keeping the running config|the running certificate stays",
+                 after=mark)
+    assert _served_serial(srv.tunnel_port) == after
+    still_serving(srv)
+
+
+def test_a_certificate_near_its_end_and_a_key_others_may_read_are_warned_about(
+        server_factory, pki, tmp_path):
+    """The server started with an expiring (or expired) certificate and a key every user
+    could read without a word; clients then failed with "certificate has expired"."""
+    own = _own_pki(pki, tmp_path, days=5)
+    own["server_key"].chmod(0o644)
+    srv = tls_server(server_factory, own, secrets.token_hex(16))
+    srv.wait_log(r"WARN tunnel .*server\.pem expires in [45] day\(s\): renew it")
+    srv.wait_log(r"WARN tunnel .*server\.key \(the private key\) is readable by every user "
+                 r"\(mode 644\)")
