@@ -667,6 +667,24 @@ static const char *ts_tls_reason(struct bufferevent *bev)
     return reason;
 }
 
+/* The alert OpenSSL queued for the peer when a handshake failed (unknown ca, handshake
+ * failure) waits in the socket layer's buffer, and freeing the session dropped it: the
+ * client learnt only "connection closed" and retried for ever instead of stopping at
+ * the reason. One non-blocking write of it (a few bytes, to a socket that has sent
+ * nothing else) before the close. */
+static void ts_tls_send_alert(struct bufferevent *bev)
+{
+    struct bufferevent *sock = tls_bev_socket(bev);
+    evutil_socket_t fd = bufferevent_getfd(sock);
+    struct evbuffer *out = bufferevent_get_output(sock);
+    if (sock == bev || fd < 0 || evbuffer_get_length(out) == 0)
+        return;
+    /* A socket bufferevent keeps its output's front frozen outside its own writes. */
+    evbuffer_unfreeze(out, 1);
+    (void)evbuffer_write(out, fd);
+    evbuffer_freeze(out, 1);
+}
+
 static void tsession_on_event(struct mux_conn *conn, short what, void *arg)
 {
     struct tsession *sess = arg;
@@ -685,6 +703,7 @@ static void tsession_on_event(struct mux_conn *conn, short what, void *arg)
                  sess->ts->srv->cfg->heartbeat_timeout);
     } else if (tls) {
         snprintf(reason, sizeof(reason), "TLS error: %s", tls);
+        ts_tls_send_alert(bev);
         if (!sess->authed) {
             sess->ts->srv->limits.tunnel_protocol_errors++;
             ts_peer_warn(sess, HELLO_LOG_TLS, "tunnel from %s closed: %s", sess->remote, reason);

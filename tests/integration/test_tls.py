@@ -175,8 +175,15 @@ def test_mutual_tls(server_factory, pki, http_backend, tmp_path, logs):
     assert "mutual" in srv.log_text().lower() or "client" in srv.log_text().lower()
     # No client certificate: refused.
     refused_client(srv, token, client_args(pki))
-    # A certificate from a CA the server does not trust: refused.
-    refused_client(srv, token, client_args(pki, cert="rogue_client"))
+    # A certificate from a CA the server does not trust: refused, and the client hears
+    # why (the server's alert) and stops with exit 2 rather than "connection closed".
+    r = refused_client(srv, token, client_args(pki, cert="rogue_client"))
+    err = r.stderr.decode(errors="replace")
+    assert r.returncode == 2 and "unknown ca" in err, (r.returncode, err)
+    # Without --no-reconnect too: a refusal is not retried.
+    r = run_once([CLIENT_BIN, "--server", f"127.0.0.1:{srv.tunnel_port}", "--token", token,
+                  "--connect-timeout", "3", *client_args(pki, cert="rogue_client")], timeout=20)
+    assert r.returncode == 2 and b"reconnecting" not in r.stderr, r
     # The server's own leaf is no client certificate either (wrong CA, serverAuth only).
     r = run_once([CLIENT_BIN, "--server", f"127.0.0.1:{srv.tunnel_port}", "--token", token,
                   "--no-reconnect", "--connect-timeout", "3", "--tls", "--ca", pki["ca"],
