@@ -1,11 +1,17 @@
 /* delayline: a TCP delay line for the latency bench (bench/latency.sh). Loopback only.
  *
- *   delayline -l [ADDR:]PORT -t ADDR:PORT -d MS [-m MIB] [-c CONNS] [-v]
+ *   delayline -l [ADDR:]PORT -t ADDR:PORT -d MS [-m MIB] [-r MBIT] [-c CONNS] [-v]
  *
  * Listens on ADDR:PORT (default 127.0.0.1), and for each connection dials the target and
  * relays both ways, holding every byte for MS milliseconds (one way) before it writes it
- * on: a connection through it sees a round trip of 2 × MS. No bandwidth cap: what arrives
- * is written out as soon as it is due, however much it is. The end of a stream (FIN) is
+ * on: a connection through it sees a round trip of 2 × MS. By default no bandwidth cap:
+ * what arrives is written out as soon as it is due, however much it is. With -r each
+ * direction of a connection is a link of MBIT megabits per second: bytes are serialised
+ * onto it one read after the other (a read of n bytes occupies the link n × 8 / rate,
+ * after the bytes before it), then travel MS; what waits for the link is the bottleneck's
+ * queue, bounded by -m like the rest. That is a WAN whose bandwidth, not the CPUs of the
+ * machine running the bench, is the limit, so it shows whether a path's windows reach
+ * bandwidth × delay. The end of a stream (FIN) is
  * delayed like the bytes before it. What the delay line does not delay: the TCP handshake
  * (the accept completes on loopback) and the kernel's acknowledgements (each side's TCP
  * talks to the delay line, not to the far end), so only flow control that travels in the
@@ -66,6 +72,7 @@ struct dl_dir {
     int eof_due; /* FIN mark due: shut `to` once ready is written */
     int shut;    /* shutdown(to, SHUT_WR) done */
     int paused;  /* reading stopped by the cap */
+    uint64_t link_free_us; /* -r: when the link has serialised what was read so far */
 };
 
 struct dl_conn {
@@ -84,6 +91,7 @@ struct dl {
     struct sockaddr_storage target;
     int target_len;
     uint64_t delay_us;
+    uint64_t rate_bps; /* -r in bits per second; 0: no cap */
     size_t cap;
     unsigned max_conns, nconns;
     struct dl_conn *conns;
@@ -294,7 +302,14 @@ static void dl_on_readable(evutil_socket_t fd, short what, void *arg)
         left -= take;
     }
     evbuffer_commit_space(d->q, vec, n > 0 ? nvec : 0);
-    uint64_t due = dl_now_us() + c->dl->delay_us;
+    uint64_t now = dl_now_us(), due = now + c->dl->delay_us;
+    if (c->dl->rate_bps) {
+        /* On the link once what came before is on it; n × 8 / rate seconds to send. */
+        uint64_t start = d->link_free_us > now ? d->link_free_us : now;
+        d->link_free_us = start + ((uint64_t)n * 8u * 1000000u + c->dl->rate_bps - 1) /
+                                      c->dl->rate_bps;
+        due = d->link_free_us + c->dl->delay_us;
+    }
     int was_idle = d->mlen == 0;
     if (n == 0) {
         d->eof_in = 1;
@@ -309,7 +324,7 @@ static void dl_on_readable(evutil_socket_t fd, short what, void *arg)
         return;
     }
     if (was_idle)
-        dl_dir_arm_timer(d, due - c->dl->delay_us);
+        dl_dir_arm_timer(d, now);
 }
 
 static int dl_dir_init(struct dl_conn *c, struct dl_dir *d, int from, int to)
@@ -409,11 +424,14 @@ static void dl_on_signal(evutil_socket_t sig, short what, void *arg)
 
 static void dl_usage(FILE *f)
 {
-    fprintf(f, "usage: delayline -l [ADDR:]PORT -t ADDR:PORT -d MS [-m MIB] [-c CONNS] [-v]\n"
+    fprintf(f, "usage: delayline -l [ADDR:]PORT -t ADDR:PORT -d MS [-m MIB] [-r MBIT] [-c CONNS] "
+               "[-v]\n"
                "  -l  listen address (default address 127.0.0.1)\n"
                "  -t  target (numeric IPv4 or [IPv6]:port)\n"
                "  -d  one-way delay in milliseconds, 0..60000 (round trip = 2 x MS)\n"
                "  -m  bytes held per direction of a connection, MiB (default 64, 1..4096)\n"
+               "  -r  bandwidth of each direction of a connection, Mbit/s (1..1000000; "
+               "default: no cap)\n"
                "  -c  connections at a time (default 128, 1..10000)\n"
                "  -v  print the settings at start and a summary at exit\n");
 }
@@ -438,7 +456,7 @@ int main(int argc, char **argv)
     int la_len = sizeof(la), opt, rc = 1;
     struct event_config *cfg = NULL;
 
-    while ((opt = getopt(argc, argv, "l:t:d:m:c:vh")) != -1) {
+    while ((opt = getopt(argc, argv, "l:t:d:m:r:c:vh")) != -1) {
         switch (opt) {
         case 'l': listen_arg = optarg; break;
         case 't': target_arg = optarg; break;
@@ -450,6 +468,11 @@ int main(int argc, char **argv)
             if (dl_parse_num(optarg, 1, 4096, &v) < 0)
                 goto bad;
             dl.cap = (size_t)v << 20;
+            break;
+        case 'r':
+            if (dl_parse_num(optarg, 1, 1000000, &v) < 0)
+                goto bad;
+            dl.rate_bps = (uint64_t)v * 1000000u;
             break;
         case 'c':
             if (dl_parse_num(optarg, 1, 10000, &v) < 0)
@@ -508,9 +531,13 @@ int main(int argc, char **argv)
     if (!dl.sig_int || !dl.sig_term || evsignal_add(dl.sig_int, NULL) < 0 ||
         evsignal_add(dl.sig_term, NULL) < 0)
         goto out;
-    if (dl.verbose)
-        printf("delayline: %s -> %s, %ld ms each way, %zu MiB per direction, %u connections\n",
-               listen_arg, target_arg, delay_ms, dl.cap >> 20, dl.max_conns);
+    if (dl.verbose) {
+        char bw[40] = "no bandwidth cap";
+        if (dl.rate_bps)
+            snprintf(bw, sizeof(bw), "%llu Mbit/s", (unsigned long long)(dl.rate_bps / 1000000u));
+        printf("delayline: %s -> %s, %ld ms each way, %zu MiB per direction, %u connections, %s\n",
+               listen_arg, target_arg, delay_ms, dl.cap >> 20, dl.max_conns, bw);
+    }
     fflush(stdout);
     event_base_dispatch(dl.base);
     rc = 0;

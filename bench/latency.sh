@@ -8,6 +8,9 @@
 #   bench/latency.sh --smoke    20 ms only, portmux and plain TCP, 1 rep, 1 s iperf3, 3 GETs:
 #                               checks that the delay line delays and every path works
 #   options: --rtt 20,100 (round trips, ms) --no-ssh
+#            --rate MBIT (or LAT_RATE_MBIT): each delay line is also a link of MBIT Mbit/s per
+#                               direction (delayline -r): a WAN whose bandwidth, not this
+#                               machine's CPUs, is the limit; results go to latency-MBITmbit/
 #   env:     LAT_T=8 (iperf3 seconds, after LAT_OMIT=2 s of ramp-up that are not counted)
 #            LAT_REPS=3 (throughput repetitions) LAT_TTFB_N=9 (GETs per path) LAT_PORT=19300
 #            (first of the ports it uses, up to +35) LAT_CAP_MB=64 (bytes the delay line holds
@@ -38,13 +41,13 @@ BENCH=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$BENCH")
 . "$BENCH/work_dir.sh"  # BENCH_WORK: ours, 0700
 export BENCH_WORK=${BENCH_WORK:-${TMPDIR:-/tmp}/portmux-bench}
-L=$BENCH_WORK/latency
-RUN=$L/run
-SMOKE=0 SSH=1 RTTS=""
+SMOKE=0 SSH=1 RTTS="" RATE=${LAT_RATE_MBIT:-}
 while [ $# -gt 0 ]; do
   case $1 in
     --smoke) SMOKE=1 ;;
     --no-ssh) SSH=0 ;;
+    --rate) RATE=${2:?--rate needs Mbit/s}; shift ;;
+    --rate=*) RATE=${1#--rate=} ;;
     --rtt) RTTS=${2:?--rtt needs a list}; shift ;;
     --rtt=*) RTTS=${1#--rtt=} ;;
     -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -60,6 +63,13 @@ else
   LAT_T=${LAT_T:-8} LAT_OMIT=${LAT_OMIT:-2} LAT_REPS=${LAT_REPS:-3} LAT_TTFB_N=${LAT_TTFB_N:-9}
 fi
 RTTS=${RTTS//,/ }
+case $RATE in
+  '') ;;
+  *[!0-9]*|0*) echo "latency.sh: --rate takes whole Mbit/s, 1..1000000: $RATE" >&2; exit 2 ;;
+  *) [ "$RATE" -le 1000000 ] || { echo "latency.sh: --rate $RATE: at most 1000000" >&2; exit 2; } ;;
+esac
+L=$BENCH_WORK/latency${RATE:+-${RATE}mbit}
+RUN=$L/run
 for r in $RTTS; do
   case $r in ''|*[!0-9]*) echo "latency.sh: --rtt takes whole milliseconds, even: $r" >&2; exit 2 ;; esac
   [ $((r % 2)) = 0 ] && [ "$r" -le 2000 ] || { echo "latency.sh: RTT $r: even, at most 2000 ms" >&2; exit 2; }
@@ -106,7 +116,8 @@ build_delayline() {
     -D_GNU_SOURCE ${DELAYLINE_CFLAGS:-} -o "$DELAYLINE.tmp" "$src" $flags && mv "$DELAYLINE.tmp" "$DELAYLINE"
 }
 start_delay() {  # start_delay LISTENPORT TARGETPORT ONEWAY_MS
-  "$DELAYLINE" -l "127.0.0.1:$1" -t "127.0.0.1:$2" -d "$3" -m "${LAT_CAP_MB:-64}" >>"$RUN/delayline.log" 2>&1 &
+  "$DELAYLINE" -l "127.0.0.1:$1" -t "127.0.0.1:$2" -d "$3" -m "${LAT_CAP_MB:-64}" ${RATE:+-r "$RATE"} \
+    >>"$RUN/delayline.log" 2>&1 &
   PIDS+=($!)
   wait_listen "$1" 10 $! || { log "ERROR: delay line on $1 did not listen (see $RUN/delayline.log)"; return 1; }
 }
@@ -298,13 +309,14 @@ rm -f "$TSV"
 printf 'rtt_ms\tmeasure\tpath\tvalues\n' > "$TSV"
 {
   echo "- date: $(date '+%F %T %Z'); load average at start: $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) CPUs; $(uname -sr)"
-  echo "- portmux: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null); knobs: RTTs '$RTTS' ms, LAT_CAP_MB=${LAT_CAP_MB:-64} LAT_TUNNEL_BUFFER_MB=$TUNNEL_BUFFER_MB LAT_T=$LAT_T LAT_OMIT=$LAT_OMIT LAT_REPS=$LAT_REPS LAT_TTFB_N=$LAT_TTFB_N"
+  echo "- portmux: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null); knobs: RTTs '$RTTS' ms, ${RATE:+link $RATE Mbit/s each way, }LAT_CAP_MB=${LAT_CAP_MB:-64} LAT_TUNNEL_BUFFER_MB=$TUNNEL_BUFFER_MB LAT_T=$LAT_T LAT_OMIT=$LAT_OMIT LAT_REPS=$LAT_REPS LAT_TTFB_N=$LAT_TTFB_N"
 } > "$L/machine.txt"
 T0=$SECONDS
 rc=0
 for r in $RTTS; do bench_rtt "$r" || rc=1; stop_all; done
 echo "- load average at the end: $(cut -d' ' -f1-3 /proc/loadavg); measurements took $((SECONDS - T0)) s" >> "$L/machine.txt"
-python3 "$BENCH/report.py" --latency "$TSV" --machine "$L/machine.txt" --check-latency > "$L/results.md"
+if [ -n "$RATE" ]; then rep_args=(--latency-link "$TSV" --link-rate "$RATE"); else rep_args=(--latency "$TSV"); fi
+python3 "$BENCH/report.py" "${rep_args[@]}" --machine "$L/machine.txt" --check-latency > "$L/results.md"
 prc=$?
 cat "$L/results.md"
 echo

@@ -6,12 +6,15 @@ run (met / missed), the control plane, and the latency bench (bench/latency.sh).
   report.py [--peers results-peers.tsv] [--control results-control.tsv] [--machine machine.txt]
             [--peers-only] [--check portmux-direct,portmux-tunnel]
             [--latency results-latency.tsv] [--check-latency]
+            [--latency-link latency-1000mbit/results-latency.tsv --link-rate 1000]
 
 --check: exit 1 when a listed forwarder (or the control plane, when given) is broken: a
 measurement missing, zero throughput, HTTP errors over 1 % of requests, held connections that
 did not all go through, a failed create/restore/client. --check-latency: exit 1 when a portmux
 path of the latency bench is broken (no throughput, a GET that failed) or the delay line does
-not delay (a time to first byte shorter than the round trip). Slowness never fails a check."""
+not delay (a time to first byte shorter than the round trip). --latency-link: the same tables
+for latency.sh --rate (the delay line is also a link of --link-rate Mbit/s), checked alike.
+Slowness never fails a check."""
 import argparse, csv, math, sys
 
 
@@ -245,7 +248,7 @@ def lat_cell(vals, nd):
     return cell
 
 
-def latency_report(lat):
+def latency_report(lat, where=""):
     """The latency table (medians, min–max) and its goals: one tunnel stream ≥ 90 % of plain
     TCP through the same delay line; tunnel time to first byte ≤ direct + 1 RTT. "tunnel" has
     a session buffer budget matched to the delay line's (LAT_TUNNEL_BUFFER_MB); the column
@@ -267,20 +270,20 @@ def latency_report(lat):
             q = tun / plain
             met = q >= 0.9
             ratio = f"{100 * q:.0f} % {'met' if met else 'MISSED'}"
-            goals.append((f"tunnel 1-stream ≥ 90 % of plain TCP @{rtt} ms", f"{fmt(tun, 1)} Mb/s",
+            goals.append((f"tunnel 1-stream ≥ 90 % of plain TCP @{rtt} ms{where}", f"{fmt(tun, 1)} Mb/s",
                           f"plain: {fmt(plain, 1)} Mb/s", f"{100 * q:.0f} %", "met" if met else "MISSED"))
         else:
-            goals.append((f"tunnel 1-stream ≥ 90 % of plain TCP @{rtt} ms", "n/a", "n/a", "", "no data"))
+            goals.append((f"tunnel 1-stream ≥ 90 % of plain TCP @{rtt} ms{where}", "n/a", "n/a", "", "no data"))
         direct, ttun = med(tf("direct") or []), med(tf("tunnel") or [])
         diff = "n/a"
         if direct is not None and ttun is not None:
             extra = ttun - direct
             met = extra <= rtt
             diff = f"{fmt(extra, 1)} ms = {extra / rtt:.2f} RTT {'met' if met else 'MISSED'}"
-            goals.append((f"tunnel TTFB ≤ direct + 1 RTT @{rtt} ms", f"{fmt(ttun, 1)} ms",
+            goals.append((f"tunnel TTFB ≤ direct + 1 RTT @{rtt} ms{where}", f"{fmt(ttun, 1)} ms",
                           f"direct: {fmt(direct, 1)} ms", f"+{extra / rtt:.2f} RTT", "met" if met else "MISSED"))
         else:
-            goals.append((f"tunnel TTFB ≤ direct + 1 RTT @{rtt} ms", "n/a", "n/a", "", "no data"))
+            goals.append((f"tunnel TTFB ≤ direct + 1 RTT @{rtt} ms{where}", "n/a", "n/a", "", "no data"))
         tdef = med(tp("tunnel-default") or [])
         ratio_def = f"{100 * tdef / plain:.0f} %" if plain and tdef is not None else "n/a"
         out.append("| " + " | ".join([f"{rtt} ms", lat_cell(tp("plain"), 0), lat_cell(tp("tunnel"), 0),
@@ -293,16 +296,16 @@ def latency_report(lat):
     return "\n".join(out), "\n".join(g), goals
 
 
-def check_latency(lat):
+def check_latency(lat, where=""):
     problems = []
     if not lat:
-        return ["latency: no results"]
+        return [f"latency{where}: no results"]
     for rtt, d in sorted(lat.items()):
         for measure, path in (("tput_mbps", "plain"), ("tput_mbps", "tunnel"),
                               ("tput_mbps", "tunnel-default"), ("ttfb_ms", "plain"),
                               ("ttfb_ms", "direct"), ("ttfb_ms", "tunnel")):
             vals = d.get((measure, path))
-            what = f"latency @{rtt} ms: {LAT_PATHS[path]} {'throughput' if measure == 'tput_mbps' else 'GET'}"
+            what = f"latency @{rtt} ms{where}: {LAT_PATHS[path]} {'throughput' if measure == 'tput_mbps' else 'GET'}"
             if vals is None:
                 problems.append(f"{what}: no results (did it start? see latency/run/)")
             elif any(v is None for v in vals) or (measure == "tput_mbps" and not all(vals)):
@@ -323,9 +326,12 @@ def main():
     ap.add_argument("--check")
     ap.add_argument("--latency")
     ap.add_argument("--check-latency", action="store_true")
+    ap.add_argument("--latency-link", help="latency.sh --rate's TSV: the same paths across a "
+                    "link of --link-rate Mbit/s")
+    ap.add_argument("--link-rate", type=int)
     a = ap.parse_args()
-    if not a.peers and not a.latency:
-        ap.error("--peers or --latency is needed")
+    if not a.peers and not a.latency and not a.latency_link:
+        ap.error("--peers, --latency or --latency-link is needed")
     rows, ctl = load_peers(a.peers) if a.peers else {}, load_control(a.control)
     if a.peers_only:
         print(peers_table(rows))
@@ -338,17 +344,26 @@ def main():
     rc = 0
     if a.peers:
         rc = peers_report(a, rows, ctl)
+    sections = []
     if a.latency:
-        lat = load_latency(a.latency)
-        table, goals, res = latency_report(lat)
-        print("\n### Latency: one stream and a new connection across a delay line (medians, min–max)\n")
+        sections.append((a.latency, "", "### Latency: one stream and a new connection across a "
+                         "delay line (no bandwidth cap; medians, min–max)"))
+    if a.latency_link:
+        rate = f"{a.link_rate} Mbit/s" if a.link_rate else "a capped"
+        sections.append((a.latency_link, f" over {rate}",
+                         f"### Latency across a {rate} link (delay line with a bandwidth cap: "
+                         "the WAN, not this machine's CPUs, is the limit; medians, min–max)"))
+    for path, where, title in sections:
+        lat = load_latency(path)
+        table, goals, res = latency_report(lat, where)
+        print("\n" + title + "\n")
         print(table + "\n")
         print(goals + "\n")
         met = sum(1 for r in res if r[4] == "met")
         missed = sum(1 for r in res if r[4] == "MISSED")
         print(f"{met} met, {missed} missed, {len(res) - met - missed} without data.")
         if a.check_latency:
-            probs = check_latency(lat)
+            probs = check_latency(lat, where)
             print()
             if probs:
                 print("LATENCY CHECK FAILED (something is broken, not slow):")

@@ -5,7 +5,9 @@
 #                              (nbthread 1), ssh -R (aes128-gcm) and no forwarder, in the same
 #                              run; then the control plane; then the latency bench
 #                              (bench/latency.sh: tunnel, ssh -R and plain TCP across a delay
-#                              line at 20 and 100 ms RTT); prints one table with the ratios
+#                              line at 20 and 100 ms RTT, then again with the delay line a
+#                              link of LAT_LINK_MBIT=1000 Mbit/s: the WAN, not the CPUs, as
+#                              the limit); prints one table with the ratios
 #   bench/run.sh --smoke       a few seconds: portmux direct + tunnel only, 1 rep, 1 s iperf3,
 #                              1 s wrk, 50 idle conns, 50 mappings, 20 tunnel clients, latency
 #                              at 20 ms only (latency.sh --smoke); exit 1 only if something is
@@ -16,7 +18,8 @@
 #   env:     PORTMUX_BUILD_DIR (default ./build, what `make bench` builds), BENCH_WORK
 #            (default /tmp/portmux-bench: configs, logs, results — nothing is written in the
 #            checkout), REPS IPERF_T WRK_D WRK_C NCONNS HOLD (see peers.sh), CP_MAPPINGS
-#            CP_CLIENTS CP_REPS, LAT_* (see latency.sh --help), BENCH_ARGS (options when
+#            CP_CLIENTS CP_REPS, LAT_* (see latency.sh --help; LAT_LINK_MBIT=0 skips the link
+#            pass), BENCH_ARGS (options when
 #            called without any, e.g. through `make bench BENCH_ARGS=--smoke`)
 #
 # Exit status: 0 when every measured portmux path worked, 1 when one is broken (a forwarder
@@ -156,6 +159,15 @@ if [ $LATENCY = 1 ]; then
   [ "$lat_rc" = 0 ] || echo "run.sh: latency.sh exited $lat_rc (see $WORK/results-latency.txt)" >&2
   sed -n 's/^- portmux: [^;]*; knobs: /- latency knobs: /p' "$WORK/latency/machine.txt" >> "$WORK/machine.txt" 2>/dev/null
   LAT_ARGS=(--latency "$WORK/latency/results-latency.tsv" --check-latency)
+  if [ $SMOKE = 0 ] && [ "${LAT_LINK_MBIT:-1000}" != 0 ]; then
+    link=${LAT_LINK_MBIT:-1000}
+    say "latency across a $link Mbit/s link; log: $WORK/results-latency-link.txt"
+    timeout -k 10 1500 "$BENCH/latency.sh" --rate "$link" > "$WORK/results-latency-link.txt" 2>&1
+    link_rc=$?
+    grep -E '^== |ERROR' "$WORK/results-latency-link.txt"
+    [ "$link_rc" = 0 ] || { echo "run.sh: latency.sh --rate $link exited $link_rc" >&2; lat_rc=$link_rc; }
+    LAT_ARGS+=(--latency-link "$WORK/latency-${link}mbit/results-latency.tsv" --link-rate "$link")
+  fi
 fi
 
 # ---- 6. the table ----
