@@ -281,7 +281,7 @@ def latency_report(lat, where=""):
             met = extra <= rtt
             diff = f"{fmt(extra, 1)} ms = {extra / rtt:.2f} RTT {'met' if met else 'MISSED'}"
             goals.append((f"tunnel TTFB ≤ direct + 1 RTT @{rtt} ms{where}", f"{fmt(ttun, 1)} ms",
-                          f"direct: {fmt(direct, 1)} ms", f"+{extra / rtt:.2f} RTT", "met" if met else "MISSED"))
+                          f"direct: {fmt(direct, 1)} ms", f"{extra / rtt:+.2f} RTT", "met" if met else "MISSED"))
         else:
             goals.append((f"tunnel TTFB ≤ direct + 1 RTT @{rtt} ms{where}", "n/a", "n/a", "", "no data"))
         tdef = med(tp("tunnel-default") or [])

@@ -166,6 +166,8 @@ if [ $LATENCY = 1 ]; then
     link_rc=$?
     grep -E '^== |ERROR' "$WORK/results-latency-link.txt"
     [ "$link_rc" = 0 ] || { echo "run.sh: latency.sh --rate $link exited $link_rc" >&2; lat_rc=$link_rc; }
+    sed -n 's/^- portmux: [^;]*; knobs: /- latency knobs (link pass): /p' "$WORK/latency-${link}mbit/machine.txt" \
+      >> "$WORK/machine.txt" 2>/dev/null
     LAT_ARGS+=(--latency-link "$WORK/latency-${link}mbit/results-latency.tsv" --link-rate "$link")
   fi
 fi
