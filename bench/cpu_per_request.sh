@@ -20,7 +20,7 @@ export PUB=${PUB:-19540} PORTMUX_API_PORT=${PORTMUX_API_PORT:-19543}
 export PORTMUX_TUNNEL_PORT=${PORTMUX_TUNNEL_PORT:-19544} BENCH_WORK=$W
 HTTP=${HTTP:-19541} HAPROXY=${HAPROXY:-19542}
 BUILD=${PORTMUX_BUILD_DIR:-$REPO/build}
-. "$BENCH/lib.sh"  # start_nginx_ok wait_listen stop_tree median
+. "$BENCH/lib.sh"  # start_nginx_ok wait_listen stop_tree median haproxy_tcp_cfg
 PIDS=()
 trap '[ ${#PIDS[@]} -gt 0 ] && stop_tree "${PIDS[@]}"' EXIT
 trap 'exit 130' INT TERM
@@ -32,10 +32,7 @@ done
 start_nginx_ok "$W" "$HTTP" "$W/nginx.log"
 PIDS+=("$NGINX_PID")
 wait_listen "$HTTP" 10 || { echo "cpu_per_request.sh: nginx did not listen" >&2; exit 2; }
-{ echo "global"; echo "  maxconn 4000"; echo "  nbthread 1"
-  printf 'defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 5m\n  timeout server 5m\n'
-  printf 'frontend fe\n  bind 127.0.0.1:%s\n  default_backend be\n' "$HAPROXY"
-  printf 'backend be\n  server s1 127.0.0.1:%s\n' "$HTTP"; } > "$W/haproxy.cfg"
+haproxy_tcp_cfg "$HAPROXY" "$HTTP" 4000 1 > "$W/haproxy.cfg"
 haproxy -db -f "$W/haproxy.cfg" > "$W/haproxy.log" 2>&1 &
 HAP=$!
 PIDS+=("$HAP")
@@ -53,12 +50,12 @@ done
 [ -n "$PM" ] || { echo "cpu_per_request.sh: no portmux-server under the wrapper" >&2; exit 2; }
 
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }  # utime stime, clock ticks
-one() {  # one NAME PID PORT -> "user_us sys_us rps"
+one() {  # one PID PORT -> "user_us sys_us rps"
   local a b out n hz
   hz=$(getconf CLK_TCK)
-  a=$(ticks "$2")
-  out=$(timeout $((D + 30)) wrk -t2 -c50 -d"${D}s" -H "Connection: close" "http://127.0.0.1:$3/" 2>&1)
-  b=$(ticks "$2")
+  a=$(ticks "$1")
+  out=$(timeout $((D + 30)) wrk -t2 -c50 -d"${D}s" -H "Connection: close" "http://127.0.0.1:$2/" 2>&1)
+  b=$(ticks "$1")
   n=$(printf '%s\n' "$out" | awk '/requests in/ {print $1}')
   [ -n "$n" ] && [ "$n" -gt 0 ] || { echo "NA NA NA"; return; }
   awk -v a="$a" -v b="$b" -v n="$n" -v hz="$hz" -v d="$D" 'BEGIN {
@@ -69,7 +66,7 @@ declare -A U S R
 for rep in $(seq "$REPS"); do
   order="portmux haproxy1"; [ $((rep % 2)) = 0 ] && order="haproxy1 portmux"
   for name in $order; do
-    if [ "$name" = portmux ]; then set -- $(one portmux "$PM" "$PUB"); else set -- $(one haproxy1 "$HAP" "$HAPROXY"); fi
+    if [ "$name" = portmux ]; then set -- $(one "$PM" "$PUB"); else set -- $(one "$HAP" "$HAPROXY"); fi
     printf 'rep %d %-8s user %6s us/req  system %6s us/req  %6s req/s\n' "$rep" "$name" "$1" "$2" "$3"
     U[$name]="${U[$name]:-} $1" S[$name]="${S[$name]:-} $2" R[$name]="${R[$name]:-} $3"
   done

@@ -11,11 +11,11 @@
  * after the bytes before it), then travel MS; what waits for the link is the bottleneck's
  * queue, bounded by -m like the rest. That is a WAN whose bandwidth, not the CPUs of the
  * machine running the bench, is the limit, so it shows whether a path's windows reach
- * bandwidth × delay. The end of a stream (FIN) is
- * delayed like the bytes before it. What the delay line does not delay: the TCP handshake
- * (the accept completes on loopback) and the kernel's acknowledgements (each side's TCP
- * talks to the delay line, not to the far end), so only flow control that travels in the
- * data, such as the tunnel's WindowUpdate or ssh's WINDOW_ADJUST, pays the round trip.
+ * bandwidth × delay. The end of a stream (FIN) is delayed like the bytes before it. What
+ * the delay line does not delay: the TCP handshake (the accept completes on loopback) and
+ * the kernel's acknowledgements (each side's TCP talks to the delay line, not to the far
+ * end), so only flow control that travels in the data, such as the tunnel's WindowUpdate or
+ * ssh's WINDOW_ADJUST, pays the round trip.
  *
  * Memory: each direction of a connection holds at most -m MiB (default 64) read but not yet
  * written; over that it stops reading (the sender's TCP window closes: backpressure) until

@@ -50,3 +50,11 @@ EOF
   nginx -p "$1/nginx" -e "$1/nginx-error.log" -c "$1/nginx.conf" >>"$3" 2>&1 &
   NGINX_PID=$!
 }
+
+haproxy_tcp_cfg() {  # haproxy_tcp_cfg PUB BACKEND MAXCONN [THREADS]: a TCP-mode haproxy
+  # config on stdout, 127.0.0.1:PUB -> 127.0.0.1:BACKEND (THREADS: nbthread; default haproxy's)
+  echo "global"; echo "  maxconn $3"; [ -n "${4:-}" ] && echo "  nbthread $4"
+  printf 'defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 5m\n  timeout server 5m\n'
+  printf 'frontend fe\n  bind 127.0.0.1:%s\n  default_backend be\n' "$1"
+  printf 'backend be\n  server s1 127.0.0.1:%s\n' "$2"
+}

@@ -120,10 +120,7 @@ start_fwd() {  # start_fwd NAME BACKENDPORT ; sets TARGET (port the client dials
   if listening $PUB; then log "ERROR: port $PUB already in use"; return 1; fi
   case $name in
     haproxy1|haproxy)
-      { echo "global"; echo "  maxconn $HAPROXY_MAXCONN"; [ $name = haproxy1 ] && echo "  nbthread 1"
-        printf 'defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 5m\n  timeout server 5m\n'
-        printf 'frontend fe\n  bind 127.0.0.1:%s\n  default_backend be\n' $PUB
-        printf 'backend be\n  server s1 127.0.0.1:%s\n' $BACKEND; } > "$RUN/haproxy.cfg"
+      haproxy_tcp_cfg $PUB $BACKEND $HAPROXY_MAXCONN $([ $name = haproxy1 ] && echo 1) > "$RUN/haproxy.cfg"
       cmd="exec haproxy -db -f $RUN/haproxy.cfg" ;;
     socat)
       cmd="exec socat TCP-LISTEN:$PUB,bind=127.0.0.1,fork,reuseaddr TCP:127.0.0.1:$BACKEND" ;;

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import SOURCE_DIR, Proc, free_port, run_once, wait_until, connect
+from conftest import SOURCE_DIR, Proc, _tcp_rows, connect, free_port, run_once, wait_until
 
 SOURCE = SOURCE_DIR / "bench/delayline.c"
 
@@ -101,16 +101,9 @@ def _send_through(delayline, tmp_path, size, *extra):
 
 
 def _port_bound(port):
-    """Whether something listens on 127.0.0.1:port, without connecting (a connection would
-    make the delay line dial the one-shot sink)."""
-    hexport = f"{port:04X}"
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            cols = line.split()
-            if cols[1].endswith(":" + hexport) and cols[3] == "0A":
-                return True
-    return False
+    """Whether something listens on port, without connecting (a connection would make the
+    delay line dial the one-shot sink)."""
+    return any(lport == port and state == "0A" for lport, _, state, _ in _tcp_rows())
 
 
 def test_delay_line_holds_every_byte_for_the_delay(delayline, tmp_path):
